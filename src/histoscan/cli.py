@@ -1,0 +1,176 @@
+"""The ``histoscan`` command: argument parsing only; every command calls a library function."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from histoscan import __version__
+from histoscan.errors import HistoscanError
+
+
+
+class _Group(TyperGroup):
+    """Turns HistoscanError into one red line on stderr and exit code 2: no traceback for user errors."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except HistoscanError as exc:
+            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            ctx.exit(2)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+                  help="histoscan: find metastatic cancer in histopathology patches.")
+download_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Download public datasets.")
+app.add_typer(download_app, name="download")
+
+
+def _console() -> Console:
+    return Console()
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int], Callable[[int], None]]]:
+    """A rich progress bar; yields ``start(total) -> advance(n)``."""
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
+        def start(total: int) -> Callable[[int], None]:
+            task = bar.add_task(label, total=total)
+            return lambda n: bar.advance(task, n)
+        yield start
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"histoscan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")) -> None:
+    """histoscan: find metastatic cancer in histopathology patches."""
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("histoscan-demo"), help="Folder for the demo's outputs (replaced)."),
+    n: int = typer.Option(600, help="Synthetic labelled patches to generate."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Run the main job on embedded synthetic data: generate, ingest, split."""
+    from histoscan.data.summary import report_summary
+    from histoscan.demo import run_demo
+
+    result = run_demo(workdir, n=n, seed=seed)
+    con = _console()
+    con.print(report_summary(result.report))
+    con.print(f"source (Kaggle layout): {result.source}")
+    con.print(f"packed store:           {result.store}")
+    con.print(f"split ({', '.join(f'{k} {v}' for k, v in result.split_sizes.items())}): {result.split_file}")
+
+
+@app.command()
+def ingest(
+    source: Path = typer.Argument(..., help="Kaggle folder, PCam folder, class folders, image folder or CSV manifest."),
+    out: Path = typer.Argument(..., help="Store folder to create."),
+    size: Optional[int] = typer.Option(None, help="Resize every image to SIZE x SIZE (default: the dominant size)."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes (default: one per core)."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+    layout: Optional[str] = typer.Option(None, help="Force a layout: kaggle, pcam, folders, grouped-folders, manifest, unlabelled."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated known class names (folders / manifest)."),
+) -> None:
+    """Check a labelled patch source and pack it into a memory-mapped store."""
+    from histoscan.data.ingest import ingest as run_ingest
+    from histoscan.data.summary import report_summary
+
+    with _progress("decoding") as start:
+        result = run_ingest(source, out, size=size, workers=workers, force=force, layout=layout,
+                            class_names=classes.split(",") if classes else None, progress=start)
+    con = _console()
+    con.print(report_summary(result.report))
+    con.print(f"store written to {result.store} (full report: {result.store / 'validation.json'})")
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="A packed store folder.")) -> None:
+    """Print what is in a store."""
+    from histoscan.data.store import PatchStore
+    from histoscan.data.summary import store_summary
+
+    _console().print(store_summary(PatchStore(store)))
+
+
+@app.command()
+def split(
+    store: Path = typer.Argument(..., help="A packed store folder."),
+    val: float = typer.Option(0.1, help="Validation fraction."),
+    test: float = typer.Option(0.1, help="Test fraction."),
+    seed: int = typer.Option(0, help="Random seed."),
+    folds: int = typer.Option(0, help="Also write K stratified (grouped) folds when K >= 2."),
+) -> None:
+    """Make (or reuse) a stratified, group-disjoint train/val/test split saved next to the store."""
+    from histoscan.data.splits import make_folds, save_split, split_store
+    from histoscan.data.store import PatchStore
+
+    s = PatchStore(store)
+    parts, path = split_store(s, val=val, test=test, seed=seed, use_source_split=False)
+    con = _console()
+    con.print(", ".join(f"{k}: {len(v)} {v.counts()}" for k, v in parts.items()))
+    con.print(f"split saved to {path}")
+    if folds >= 2:
+        assignment = make_folds(s.labels, s.groups, k=folds, seed=seed)
+        fpath = save_split(s, [f"fold{f}" for f in assignment], f"folds{folds}-seed{seed}")
+        con.print(f"{folds} folds saved to {fpath}")
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Folder to write."),
+    layout: str = typer.Option("kaggle", help="kaggle, pcam, folders, grouped-folders or manifest."),
+    n: int = typer.Option(200, help="Labelled patches."),
+    test: int = typer.Option(0, help="Unlabelled test patches (kaggle layout)."),
+    size: int = typer.Option(96, help="Patch side in pixels."),
+    noise: float = typer.Option(0.2, help="0 easy .. 1 hard."),
+    classes: int = typer.Option(2, help="Number of classes (folders / manifest)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Write synthetic H&E-like patches in any supported layout."""
+    from histoscan.data.synthetic import write_synthetic
+
+    try:
+        path = write_synthetic(out, layout, n, seed=seed, size=size, noise=noise, num_classes=classes, test=test)
+    except ValueError as exc:
+        raise HistoscanError(str(exc)) from exc
+    _console().print(f"wrote {n} synthetic patches ({layout}) to {path}")
+
+
+@download_app.command("pcam")
+def download_pcam(
+    dest: Path = typer.Argument(..., help="Folder to download into."),
+    splits: str = typer.Option("train,valid,test", help="Comma-separated splits."),
+    meta: bool = typer.Option(True, help="Also fetch the *_meta.csv files (slide of each patch)."),
+    base_url: str = typer.Option("https://zenodo.org/records/2546921/files/", help="Mirror to download from."),
+) -> None:
+    """Download PatchCamelyon (about 7.5 GB) with md5 checks."""
+    from histoscan.data.download import download_pcam as run_download
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
+        def start(name: str, total: int | None) -> Callable[[int], None]:
+            task = bar.add_task(name, total=total)
+            return lambda n: bar.advance(task, n)
+
+        files = run_download(dest, splits=splits.split(","), meta=meta, base_url=base_url, progress=start)
+    _console().print(f"{len(files)} files in {dest}; ingest with: histoscan ingest {dest} STORE")
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

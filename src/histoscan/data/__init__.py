@@ -1,0 +1,1 @@
+"""Data layer: source readers, validation, the packed store, splits, transforms, synthetic patches."""

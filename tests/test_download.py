@@ -1,0 +1,79 @@
+"""PCam download against a local HTTP server serving fixture files."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import shutil
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from histoscan.data.download import PCAM_FILES, RemoteFile, download_pcam
+from histoscan.data.ingest import ingest
+from histoscan.data.store import PatchStore
+from histoscan.errors import DataError
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def mirror(pcam_dir: Path, tmp_path: Path) -> Iterator[tuple[str, list[RemoteFile]]]:
+    """Gzipped fixture PCam files served on 127.0.0.1, with their real md5s."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    files = []
+    for f in PCAM_FILES:
+        plain = pcam_dir / f.name.removesuffix(".gz")
+        if f.name.endswith(".gz"):
+            with plain.open("rb") as a, gzip.open(root / f.name, "wb") as b:
+                shutil.copyfileobj(a, b)
+        else:
+            shutil.copy(plain, root / f.name)
+        files.append(RemoteFile(f.name, hashlib.md5((root / f.name).read_bytes()).hexdigest(), f.split))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", files
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_official_file_list_has_md5s() -> None:
+    assert len(PCAM_FILES) == 9 and all(len(f.md5) == 32 for f in PCAM_FILES)
+
+
+def test_download_then_ingest(mirror: tuple[str, list[RemoteFile]], tmp_path: Path) -> None:
+    url, files = mirror
+    got = download_pcam(tmp_path / "pcam", base_url=url, files=files)
+    assert len(got) == 9 and all(p.exists() for p in got)
+    assert not list((tmp_path / "pcam").glob("*.part"))
+    store = PatchStore(ingest(tmp_path / "pcam", tmp_path / "store").store)
+    assert len(store) == 100 and store.groups is not None
+    # a second call keeps verified files and downloads nothing
+    again = download_pcam(tmp_path / "pcam", base_url="http://127.0.0.1:9/", files=files)
+    assert again == got
+
+
+def test_md5_mismatch_is_an_error_and_leaves_nothing(mirror: tuple[str, list[RemoteFile]], tmp_path: Path) -> None:
+    url, files = mirror
+    wrong = [RemoteFile(f.name, "0" * 32, f.split) for f in files]
+    with pytest.raises(DataError, match="md5 mismatch"):
+        download_pcam(tmp_path / "pcam", base_url=url, files=wrong, splits=["valid"])
+    assert list((tmp_path / "pcam").iterdir()) == []
+
+
+def test_unreachable_server_and_bad_split(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="download failed"):
+        download_pcam(tmp_path / "p", base_url="http://127.0.0.1:9/", splits=["valid"])
+    with pytest.raises(DataError, match="unknown PCam split"):
+        download_pcam(tmp_path / "p", splits=["validation"])

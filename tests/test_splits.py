@@ -1,0 +1,85 @@
+"""Splits: stratified, group-disjoint, saved and reused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histoscan.data.ingest import ingest
+from histoscan.data.splits import make_folds, make_split, read_split, split_store
+from histoscan.data.store import PatchStore
+from histoscan.errors import DataError
+from tests.conftest import shared
+
+
+def test_stratified_split_keeps_class_ratio() -> None:
+    labels = np.array([0] * 700 + [1] * 300)
+    a = make_split(labels, val=0.1, test=0.2, seed=3)
+    for part, frac in (("train", 0.7), ("val", 0.1), ("test", 0.2)):
+        sel = a == part
+        assert abs(sel.mean() - frac) < 0.01
+        assert abs(labels[sel].mean() - 0.3) < 0.02
+    assert (make_split(labels, val=0.1, test=0.2, seed=3) == a).all()
+    assert not (make_split(labels, val=0.1, test=0.2, seed=4) == a).all()
+
+
+def test_grouped_split_is_disjoint_by_group() -> None:
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 40, 2000).astype(str)
+    labels = (rng.random(2000) < 0.3).astype(int)
+    a = make_split(labels, groups, val=0.1, test=0.1, seed=0)
+    parts = {p: set(groups[a == p]) for p in ("train", "val", "test")}
+    assert not (parts["train"] & parts["val"]) and not (parts["train"] & parts["test"]) and not (parts["val"] & parts["test"])
+    assert all(len(v) > 0 for v in parts.values())
+
+
+def test_folds_cover_everything_once_and_respect_groups() -> None:
+    rng = np.random.default_rng(1)
+    groups = rng.integers(0, 30, 600).astype(str)
+    labels = rng.integers(0, 2, 600)
+    folds = make_folds(labels, groups, k=5, seed=0)
+    assert set(folds) == set(range(5))
+    for g in np.unique(groups):
+        assert len(set(folds[groups == g])) == 1
+    plain = make_folds(labels, None, k=4)
+    assert np.bincount(plain).min() >= 149
+
+
+def test_bad_splits_are_clear_errors() -> None:
+    with pytest.raises(DataError, match="single class"):
+        make_split(np.zeros(10, int))
+    with pytest.raises(DataError, match="no label"):
+        make_split(np.array([0, 1, -1]))
+    with pytest.raises(DataError, match="sum below 1"):
+        make_split(np.array([0, 1] * 10), val=0.6, test=0.5)
+    with pytest.raises(DataError, match="only 3 groups"):
+        make_split(np.array([0, 1] * 30), np.array(["a", "b", "c"] * 20), test=0.1)
+
+
+def test_split_store_saves_and_reuses(kaggle_dir: Path, tmp_path: Path) -> None:
+    store = PatchStore(ingest(kaggle_dir, tmp_path / "s").store)
+    parts, path = split_store(store, seed=5)
+    assert path.is_file() and sum(len(p) for p in parts.values()) == len(store)
+    again, path2 = split_store(PatchStore(store.path), seed=5)
+    assert path2 == path and list(again["val"].ids) == list(parts["val"].ids)
+    assignment = read_split(path, store)
+    assert set(store.ids[assignment == "val"]) == set(parts["val"].ids)
+
+
+def test_pcam_source_split_is_used(pcam_dir: Path, tmp_path: Path) -> None:
+    store = PatchStore(ingest(pcam_dir, tmp_path / "s").store)
+    parts, path = split_store(store)
+    assert path.name == "source.csv"
+    assert all(i.startswith("val_") for i in parts["val"].ids)
+
+
+def test_real_idc_split_by_patient(tmp_path: Path) -> None:
+    root = shared("idc")
+    store = PatchStore(ingest(root, tmp_path / "s").store)
+    parts, _ = split_store(store, seed=0)
+    pats = {k: set(v.groups) for k, v in parts.items()}
+    assert not (pats["train"] & pats["test"]) and not (pats["train"] & pats["val"]) and not (pats["val"] & pats["test"])
+    for v in parts.values():
+        assert 0.1 < (v.labels == 1).mean() < 0.5  # both classes present in every part

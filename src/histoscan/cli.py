@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 from rich.console import Console
@@ -20,7 +21,7 @@ from histoscan.errors import HistoscanError
 class _Group(TyperGroup):
     """Turns HistoscanError into one red line on stderr and exit code 2: no traceback for user errors."""
 
-    def invoke(self, ctx: click.Context) -> object:
+    def invoke(self, ctx: Any) -> object:
         try:
             return super().invoke(ctx)
         except HistoscanError as exc:
@@ -169,6 +170,69 @@ def download_pcam(
 
         files = run_download(dest, splits=splits.split(","), meta=meta, base_url=base_url, progress=start)
     _console().print(f"{len(files)} files in {dest}; ingest with: histoscan ingest {dest} STORE")
+
+
+@app.command()
+def models(all_timm: bool = typer.Option(False, "--timm", help="Also list every timm model name.")) -> None:
+    """List the model names that --model accepts."""
+    from histoscan.models import list_models
+
+    for name in list_models(include_timm=all_timm):
+        typer.echo(name)
+
+
+# ---- train: options generated from TrainConfig, so the help text lives in one place ------------
+def _yaml_value(text: str, name: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise typer.BadParameter(f"not valid YAML: {exc}", param_hint=f"--{name.replace('_', '-')}") from exc
+
+
+def _train_parameter(f: "dataclasses.Field[Any]", help_text: str) -> inspect.Parameter:
+    flag = "--" + f.name.replace("_", "-")
+    hint = str(f.type)
+    if hint.startswith("bool"):
+        kind: Any = Optional[bool]
+        opt = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+    elif hint.startswith(("dict", "list")):
+        kind = Optional[str]
+        opt = typer.Option(None, flag, help=help_text + " YAML, e.g. '[1, 1.5]'.", metavar="YAML", show_default=False)
+    else:
+        kind = Optional[int] if hint.startswith("int") else Optional[float] if hint.startswith("float") else Optional[str]
+        opt = typer.Option(None, flag, help=help_text, show_default=False)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
+
+
+def train(config: Optional[str] = None, **values: Any) -> None:
+    """Train a model on a packed store and write a run folder (the model bundle)."""
+    from histoscan.training.config import TrainConfig, resolve_config_path, structured_fields
+    from histoscan.training.fit import train as run_train
+
+    overrides = {k: (_yaml_value(v, k) if k in structured_fields() else v) for k, v in values.items() if v is not None}
+    cfg = TrainConfig.from_yaml(resolve_config_path(config), overrides) if config else TrainConfig.from_dict(overrides, "options")
+    con = _console()
+    result = run_train(cfg, printer=con.print)
+    con.print(f"best val AUROC {result.best_val_auroc:.4f} at epoch {result.best_epoch}; "
+              f"{result.epochs} epochs in {result.seconds:.0f} s")
+    con.print(f"run folder: {result.run_dir}")
+
+
+def _register_train() -> None:
+    from histoscan.training.config import TrainConfig, field_help
+
+    helps = field_help()
+    config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+        None, "--config", metavar="FILE|NAME",
+        help="YAML config: a path, or a shipped name such as cpu-default. Options given here override it."))
+    params = [config] + [_train_parameter(f, helps[f.name]) for f in dataclasses.fields(TrainConfig)]
+    train.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    app.command("train")(train)
+
+
+_register_train()
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Inference: the one path that runs a trained model for prediction."""

@@ -1,0 +1,71 @@
+"""Preprocessing that travels with a model: stored once in ``model.json``, read by every consumer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from histoscan.data.transforms import center_crop, normalize, resize, to_float_nchw
+
+
+@dataclass
+class Preprocessing:
+    """uint8 images -> the model's input tensor.
+
+    Order: images of another size are first resized to ``image_size`` (the size the model
+    was trained on), then centre-cropped to ``crop`` (if set), resized to ``resize`` (if set),
+    and normalised with ``mean`` / ``std`` (on the [0, 1] scale).
+    """
+
+    image_size: list[int] = field(default_factory=lambda: [96, 96])
+    crop: int | None = None
+    resize: int | None = None
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+
+    @property
+    def input_size(self) -> int:
+        """Side of the tensor the network sees."""
+        if self.resize:
+            return int(self.resize)
+        if self.crop:
+            return int(self.crop)
+        return int(self.image_size[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "input_size": self.input_size}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def geometry(self, x: torch.Tensor) -> torch.Tensor:
+        """Size, crop and resize on float NCHW."""
+        h, w = self.image_size
+        if tuple(x.shape[-2:]) != (h, w):
+            x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False,
+                                                antialias=x.shape[-1] > w)
+        if self.crop:
+            x = center_crop(x, self.crop)
+        if self.resize:
+            x = resize(x, self.resize)
+        return x
+
+    def __call__(self, batch: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """uint8 NHWC batch -> normalised float NCHW on ``device``."""
+        x = to_float_nchw(batch, device)
+        return normalize(self.geometry(x), self.mean, self.std)
+
+
+def channel_stats(images: np.ndarray, max_images: int = 2000, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the [0, 1] scale from up to ``max_images`` random images."""
+    rng = np.random.default_rng(seed)
+    n = images.shape[0]
+    idx = np.sort(rng.choice(n, size=min(n, max_images), replace=False))
+    sample = np.asarray(images[idx], dtype=np.float32) / 255.0
+    mean = sample.mean(axis=(0, 1, 2))
+    std = sample.std(axis=(0, 1, 2)).clip(min=1e-3)
+    return [round(float(m), 5) for m in mean], [round(float(s), 5) for s in std]

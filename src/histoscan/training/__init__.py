@@ -1,0 +1,1 @@
+"""One training loop for every model (Lightning), driven by one config."""

@@ -1,0 +1,106 @@
+"""Callbacks: atomic last.ckpt, per-epoch summary line + metrics.csv + best weights."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
+
+from histoscan.bundle import LAST_CKPT, METRICS_FILE, WEIGHTS_FILE, save_weights
+
+MONITOR = "val_auroc"
+METRIC_COLUMNS = ["epoch", "train_loss", "train_auroc", "train_acc", "val_loss", "val_auroc", "val_acc", "val_f1",
+                  "lr", "images_per_s", "epoch_time_s", "best_val_auroc"]
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes ``last.ckpt`` (weights, optimiser, schedule, loop and callback state) after every epoch.
+
+    Written to a temporary file and renamed, so a kill at any moment leaves either the
+    previous checkpoint or the new one, never half of one.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LAST_CKPT
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        trainer.strategy.barrier()
+
+
+class EpochSummary(Checkpoint):
+    """After each epoch: keep the best weights (``best.safetensors``), append a row to ``metrics.csv``, print one line.
+
+    A ``Checkpoint`` subclass so Lightning runs it after the module's epoch-end logging.
+    Its best value is saved in ``last.ckpt``, so a resumed run keeps comparing against it.
+    """
+
+    def __init__(self, run_dir: Path, printer: Any = print) -> None:
+        self.run_dir = Path(run_dir)
+        self.printer = printer
+        self.best: float = -math.inf
+        self.best_epoch: int = -1
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        epoch = trainer.current_epoch
+        current = m.get(MONITOR, math.nan)
+        if not math.isnan(current) and current > self.best:
+            self.best, self.best_epoch = current, epoch
+            if trainer.is_global_zero:
+                save_weights(pl_module.model, self.run_dir / WEIGHTS_FILE)
+        row = {"epoch": epoch, "train_loss": m.get("train_loss_epoch", m.get("train_loss")),
+               "train_auroc": m.get("train_auroc"), "train_acc": m.get("train_acc"), "val_loss": m.get("val_loss"),
+               "val_auroc": current, "val_acc": m.get("val_acc"), "val_f1": m.get("val_f1"), "lr": m.get("lr"),
+               "images_per_s": m.get("images_per_s"), "epoch_time_s": round(time.perf_counter() - self._t0, 2),
+               "best_val_auroc": self.best}
+        if trainer.is_global_zero:
+            self._append(row)
+            self.printer(
+                f"epoch {epoch:3d}  loss {_f(row['train_loss'])}  val_loss {_f(row['val_loss'])}  "
+                f"val_auroc {_f(current)}  val_acc {_f(row['val_acc'])}  lr {_f(row['lr'], '.2e')}  "
+                f"{_f(row['images_per_s'], '.0f')} img/s  best {_f(self.best)} (epoch {self.best_epoch})"
+            )
+
+    def _append(self, row: dict[str, Any]) -> None:
+        """Append, replacing rows of this epoch and later (a resumed run redoes them)."""
+        path = self.run_dir / METRICS_FILE
+        rows: list[dict[str, Any]] = []
+        if path.is_file():
+            with path.open(newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < row["epoch"]]
+        rows.append(row)
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best", -math.inf)
+        self.best_epoch = state_dict.get("best_epoch", -1)
+
+
+def _f(value: Any, fmt: str = ".4f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)

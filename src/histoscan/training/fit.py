@@ -1,0 +1,210 @@
+"""Train a model: set up the run folder, data and model, fit with Lightning, and leave a model bundle.
+
+Reads top-down: ``train`` -> ``setup_run`` -> ``build_data`` -> ``build_model`` -> ``build_trainer`` -> fit -> ``finish``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from histoscan.bundle import CONFIG_FILE, LAST_CKPT, MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE, ModelBundle, read_bundle
+from histoscan.data.splits import split_store
+from histoscan.data.store import PatchStore
+from histoscan.errors import ConfigError, DataError
+from histoscan.models import create_model
+from histoscan.models.backbones import timm_data_config
+from histoscan.models.registry import count_parameters, list_models
+from histoscan.preprocessing import Preprocessing, channel_stats
+from histoscan.training.callbacks import MONITOR, EpochSummary, LastCheckpoint
+from histoscan.training.config import TrainConfig
+from histoscan.training.data import make_loader
+from histoscan.training.module import PatchClassifier
+
+RUN_NAME_ENV = "HISTOSCAN_RUN_NAME"
+
+
+@dataclass
+class TrainResult:
+    """Where the run is and how it went."""
+
+    run_dir: Path
+    best_val_auroc: float
+    best_epoch: int
+    epochs: int
+    seconds: float
+
+
+def train(cfg: TrainConfig, printer: Callable[[str], None] = print) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` and write the run folder (config, metrics, weights, model.json)."""
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    _set_threads(cfg)
+    run_dir, cfg = setup_run(cfg)
+    store, parts, split_path = build_data(cfg)
+    pre = _geometry(cfg, store)
+    model = create_model(cfg.model, store.num_classes, pretrained=cfg.pretrained, weights=cfg.weights,
+                         input_size=pre.input_size, **cfg.model_args)
+    pre.mean, pre.std = _normalisation(cfg, model, parts["train"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    module = PatchClassifier(model, cfg, pre, store.num_classes)
+    if _global_rank() == 0:
+        cfg.to_yaml(run_dir / CONFIG_FILE)
+        if split_path.resolve() != (run_dir / SPLIT_FILE).resolve():
+            shutil.copy(split_path, run_dir / SPLIT_FILE)
+        bundle = _bundle(cfg, store, pre, parts, model)
+        if not cfg.resume or not (run_dir / MODEL_FILE).is_file():
+            bundle.save(run_dir)
+    trainer, summary = build_trainer(cfg, run_dir, printer)
+    module.channels_last = bool(cfg.channels_last if cfg.channels_last is not None else trainer.accelerator.__class__.__name__ == "CUDAAccelerator")
+    if module.channels_last:
+        module.model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        module.model = torch.compile(module.model)  # type: ignore[assignment]
+    world = _world(trainer)
+    loaders = [make_loader(parts[s], cfg.batch_size, train=s == "train", seed=cfg.seed, num_workers=_workers(cfg, trainer),
+                           balanced=cfg.balanced_sampler and s == "train", rank=world[0], world_size=world[1])
+               for s in ("train", "val")]
+    ckpt = run_dir / LAST_CKPT if cfg.resume else None
+    os.environ[RUN_NAME_ENV] = run_dir.name  # DDP children re-run this command: same run folder
+    trainer.fit(module, *loaders, ckpt_path=str(ckpt) if ckpt else None)
+    return finish(cfg, run_dir, summary, trainer, started)
+
+
+# ---- set-up -----------------------------------------------------------------------
+def setup_run(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
+    """Name the run folder (created once data and model are known to be good); never overwrite a finished run."""
+    if not cfg.data:
+        raise ConfigError("no training data: give --data STORE (or 'data:' in the config)")
+    name = cfg.name or os.environ.get(RUN_NAME_ENV) if _global_rank() != 0 else cfg.name
+    if name is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("under torchrun every process must agree on the run folder: give --name")
+        name = f"{cfg.model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    cfg = cfg.replace(name=name)
+    run_dir = Path(cfg.out) / name
+    if cfg.resume:
+        if not (run_dir / LAST_CKPT).is_file():
+            raise ConfigError(f"{run_dir}: nothing to resume (no {LAST_CKPT})")
+    elif _global_rank() == 0 and (run_dir / MODEL_FILE).exists():
+        raise ConfigError(f"{run_dir}: a run with this name exists; pass --resume to continue it or choose another --name")
+    return run_dir, cfg
+
+
+def build_data(cfg: TrainConfig) -> tuple[PatchStore, dict[str, PatchStore], Path]:
+    """Open the store and split it (reusing a saved split of the same recipe)."""
+    store = PatchStore(cfg.data)
+    if not store.labelled:
+        raise DataError(f"{cfg.data}: the store has no labels; training needs a labelled store")
+    split_file = cfg.split_file
+    if cfg.resume and split_file is None:
+        saved = Path(cfg.out) / str(cfg.name) / SPLIT_FILE
+        split_file = str(saved) if saved.is_file() else None
+    parts, path = split_store(store, val=cfg.val, test=cfg.test, seed=cfg.seed, split_file=split_file)
+    for s in ("train", "val"):
+        if len(parts[s]) == 0:
+            raise DataError(f"{cfg.data}: the {s} split is empty (val={cfg.val}, test={cfg.test})")
+    return store, parts, path
+
+
+def _geometry(cfg: TrainConfig, store: PatchStore) -> Preprocessing:
+    h, w = store.image_size
+    if cfg.crop and cfg.crop > min(h, w):
+        raise ConfigError(f"crop {cfg.crop} is larger than the store's images ({h}x{w})")
+    return Preprocessing(image_size=[h, w], crop=cfg.crop, resize=cfg.resize)
+
+
+def _normalisation(cfg: TrainConfig, model: torch.nn.Module, train: PatchStore) -> tuple[list[float], list[float]]:
+    """ImageNet statistics for timm models (their weights expect them), the training split's for ours."""
+    if cfg.model not in list_models():
+        dc = timm_data_config(model)
+        return [float(v) for v in dc["mean"]], [float(v) for v in dc["std"]]
+    sample = train.batch(sorted(range(0, len(train), max(1, len(train) // 2000))))
+    return channel_stats(sample)
+
+
+def _bundle(cfg: TrainConfig, store: PatchStore, pre: Preprocessing, parts: dict[str, PatchStore],
+            model: torch.nn.Module) -> ModelBundle:
+    return ModelBundle(
+        architecture=cfg.model, classes=store.class_names, preprocessing=pre, model_args=dict(cfg.model_args),
+        split={"file": SPLIT_FILE, "sizes": {k: len(v) for k, v in parts.items()}, "seed": cfg.seed,
+               "val": cfg.val, "test": cfg.test},
+        training={"store": str(Path(cfg.data).resolve()), "parameters": count_parameters(model)},
+    )
+
+
+def build_trainer(cfg: TrainConfig, run_dir: Path, printer: Callable[[str], None]) -> tuple[L.Trainer, EpochSummary]:
+    """A Lightning Trainer with histoscan's callbacks and loggers."""
+    summary = EpochSummary(run_dir, printer)
+    callbacks: list[Any] = [summary, LastCheckpoint(run_dir)]  # summary first: its best value goes into last.ckpt
+    if cfg.early_stopping:
+        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping))
+    if cfg.progress:
+        callbacks.append(RichProgressBar(leave=False))
+    cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+    devices: Any = cfg.devices
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    limit = cfg.limit_train_batches
+    trainer = L.Trainer(
+        default_root_dir=run_dir, max_epochs=cfg.max_epochs,
+        max_time={"minutes": cfg.max_time} if cfg.max_time else None,
+        accelerator=cfg.accelerator, devices=devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+        precision=precision, gradient_clip_val=cfg.grad_clip, callbacks=callbacks,
+        logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
+        enable_progress_bar=cfg.progress, enable_model_summary=False, use_distributed_sampler=False,
+        num_sanity_val_steps=0, log_every_n_steps=10,
+        limit_train_batches=(int(limit) if limit and limit >= 1 else limit) if limit else None,
+    )
+    return trainer, summary
+
+
+def finish(cfg: TrainConfig, run_dir: Path, summary: EpochSummary, trainer: L.Trainer, started: float) -> TrainResult:
+    """Record the best metric and training time in model.json."""
+    seconds = time.perf_counter() - started
+    epochs = trainer.current_epoch
+    if trainer.is_global_zero:
+        if not (run_dir / WEIGHTS_FILE).is_file():
+            raise ConfigError(f"{run_dir}: training ended before any validation; no weights were saved")
+        bundle = read_bundle(run_dir)
+        bundle.best_metric = {"name": MONITOR, "value": summary.best, "epoch": summary.best_epoch}
+        bundle.training.update({"epochs": epochs, "seconds": round(seconds + bundle.training.get("seconds", 0.0), 1)})
+        bundle.save(run_dir)
+    return TrainResult(run_dir, summary.best, summary.best_epoch, epochs, seconds)
+
+
+# ---- environment ------------------------------------------------------------------------
+def _global_rank() -> int:
+    """0 on the main process; non-zero in DDP children (Lightning's launcher, torchrun or SLURM)."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return int(os.environ.get("LOCAL_RANK", "0")) + int(os.environ.get("NODE_RANK", "0"))
+
+
+def _world(trainer: L.Trainer) -> tuple[int, int]:
+    return trainer.global_rank, trainer.world_size
+
+
+def _workers(cfg: TrainConfig, trainer: L.Trainer) -> int:
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if trainer.accelerator.__class__.__name__ == "CUDAAccelerator":
+        return min(8, os.cpu_count() or 1)
+    return 0
+
+
+def _set_threads(cfg: TrainConfig) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)

@@ -1,0 +1,155 @@
+"""The LightningModule that trains any model of the factory: loss, metrics, optimisers, schedules."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from histoscan.data.transforms import build_augmentation
+from histoscan.models.registry import classifier_parameters
+from histoscan.preprocessing import Preprocessing
+from histoscan.training.config import TrainConfig
+
+
+def task_metrics(num_classes: int, prefix: str) -> torchmetrics.MetricCollection:
+    """AUROC (macro one-vs-rest for multi-class), accuracy and F1."""
+    if num_classes == 2:
+        m = {"auroc": torchmetrics.AUROC(task="binary"), "acc": torchmetrics.Accuracy(task="binary"),
+             "f1": torchmetrics.F1Score(task="binary")}
+    else:
+        m = {"auroc": torchmetrics.AUROC(task="multiclass", num_classes=num_classes, average="macro"),
+             "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes),
+             "f1": torchmetrics.F1Score(task="multiclass", num_classes=num_classes, average="macro")}
+    return torchmetrics.MetricCollection(m, prefix=prefix)
+
+
+class PatchClassifier(L.LightningModule):
+    """Wraps a model with its preprocessing, augmentation, loss and optimiser set-up."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, preprocessing: Preprocessing, num_classes: int) -> None:
+        super().__init__()
+        self.model, self.cfg, self.pre, self.num_classes = model, cfg, preprocessing, num_classes
+        self.binary = num_classes == 2
+        self.augment = build_augmentation(cfg.augment, cfg.augment_strength)
+        weights = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
+        if weights is not None and len(weights) != num_classes:
+            from histoscan.errors import ConfigError
+
+            raise ConfigError(f"class_weights has {len(weights)} values for {num_classes} classes")
+        self.register_buffer("class_weights", weights if weights is not None else torch.ones(num_classes), persistent=False)
+        self.val_metrics = task_metrics(num_classes, "val_")
+        self.train_metrics = task_metrics(num_classes, "train_")
+        self._epoch_start = 0.0
+        self._seen = 0
+        self.channels_last = False
+
+    # ---- forward and loss ------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        x = self.pre.geometry(images.permute(0, 3, 1, 2).float().div_(255.0))
+        if train:
+            gen = torch.Generator().manual_seed(int(self.cfg.seed * 1_000_003 + self.current_epoch * 10_007 + self.global_step))
+            x = self.augment(x, gen)
+        from histoscan.data.transforms import normalize
+
+        x = normalize(x, self.pre.mean, self.pre.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        eps = self.cfg.label_smoothing
+        if self.binary:
+            target = y.float() * (1 - eps) + 0.5 * eps
+            pos_weight = self.class_weights[1] / self.class_weights[0]
+            return F.binary_cross_entropy_with_logits(logits.squeeze(1), target, pos_weight=pos_weight) * self.class_weights[0]
+        return F.cross_entropy(logits, y, weight=self.class_weights, label_smoothing=eps)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(tumour) for binary tasks, class probabilities for multi-class."""
+        return torch.sigmoid(logits.float().squeeze(1)) if self.binary else torch.softmax(logits.float(), dim=1)
+
+    # ---- steps -----------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, y = batch
+        logits = self(self._inputs(images, train=True))
+        loss = self.loss(logits, y)
+        self.train_metrics.update(self.probabilities(logits.detach()), y)
+        self._seen += y.shape[0]
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0], sync_dist=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, y = batch
+        logits = self(self._inputs(images, train=False))
+        self.log("val_loss", self.loss(logits, y), on_epoch=True, batch_size=y.shape[0], sync_dist=True)
+        self.val_metrics.update(self.probabilities(logits), y)
+
+    def on_train_epoch_start(self) -> None:
+        torch.manual_seed(self.cfg.seed * 1009 + self.current_epoch)  # dropout: same after a resume
+        self._set_frozen(self.current_epoch < self.cfg.freeze_epochs)
+        self._epoch_start, self._seen = time.perf_counter(), 0
+
+    def on_train_epoch_end(self) -> None:
+        self.log_dict(self.train_metrics.compute(), sync_dist=True)
+        self.train_metrics.reset()
+        elapsed = max(time.perf_counter() - self._epoch_start, 1e-9)
+        self.log("images_per_s", self._seen * self.trainer.world_size / elapsed, sync_dist=False)
+        self.log("lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
+        self.val_metrics.reset()
+
+    # ---- transfer learning -----------------------------------------------------
+    def _set_frozen(self, frozen: bool) -> None:
+        if self.cfg.freeze_epochs <= 0:
+            return
+        head = {id(p) for p in classifier_parameters(self.model)}
+        for p in self.model.parameters():
+            if id(p) not in head:
+                p.requires_grad_(not frozen)
+
+    # ---- optimisation ----------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        cfg = self.cfg
+        head_ids = {id(p) for p in classifier_parameters(self.model)} if cfg.backbone_lr_mult != 1.0 else set()
+        head = [p for p in self.model.parameters() if id(p) in head_ids]
+        body = [p for p in self.model.parameters() if id(p) not in head_ids]
+        groups = [{"params": body, "lr": cfg.lr * cfg.backbone_lr_mult}]
+        if head:
+            groups.append({"params": head, "lr": cfg.lr})
+        if cfg.optimizer == "adamw":
+            opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+        if cfg.schedule == "constant":
+            return opt
+        if cfg.schedule == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_auroc", "interval": "epoch"}}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if cfg.schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total)
+        else:
+            steps_per_epoch = max(1, total // max(1, cfg.max_epochs))
+            warmup = int(cfg.warmup_epochs * steps_per_epoch)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, warmup, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.01) -> float:
+    """Linear warmup to 1, then cosine decay to ``floor`` at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

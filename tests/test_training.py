@@ -1,0 +1,170 @@
+"""Training end to end on generated and real patches: run files, reproducibility, resume, DDP, errors."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from histoscan.bundle import load_model, read_bundle
+from histoscan.cli import app
+from histoscan.data.ingest import ingest
+from histoscan.data.store import PatchStore
+from histoscan.data.synthetic import write_synthetic
+from histoscan.errors import ConfigError, DataError
+from histoscan.inference.batching import predict_batches, store_batches
+from histoscan.models import create_model
+from histoscan.training.config import TrainConfig, shipped_configs
+from histoscan.training.fit import train
+from tests.conftest import shared
+
+RUN_FILES = {"config.yaml", "metrics.csv", "best.safetensors", "last.ckpt", "model.json", "split.csv", "tensorboard"}
+
+
+def _quick(store: Path, out: Path, name: str, **kw: object) -> TrainConfig:
+    base = dict(data=str(store), out=str(out), name=name, model="simple_cnn", model_args={"batch_norm": True},
+                resize=48, batch_size=32, max_epochs=4, lr=3e-3, progress=False, early_stopping=None, threads=2)
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def _val_aurocs(run: Path) -> list[float]:
+    with (run / "metrics.csv").open() as fh:
+        return [float(r["val_auroc"]) for r in csv.DictReader(fh)]
+
+
+@pytest.fixture(scope="module")
+def train_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("trainsrc")
+    write_synthetic(root / "src", "kaggle", 400, seed=11, noise=0.3, test=16)
+    return ingest(root / "src", root / "store", workers=1).store
+
+
+@pytest.fixture(scope="module")
+def first_run(train_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    return train(_quick(train_store, out, "first")).run_dir
+
+
+def test_run_folder_is_complete_and_model_beats_chance(first_run: Path, train_store: Path) -> None:
+    assert RUN_FILES <= {p.name for p in first_run.iterdir()}
+    assert len(_val_aurocs(first_run)) == 4
+    model, bundle = load_model(first_run)
+    assert bundle.classes == ["normal", "tumor"] and bundle.preprocessing.input_size == 48
+    assert bundle.best_metric["name"] == "val_auroc" and bundle.best_metric["value"] == max(_val_aurocs(first_run))
+    store = PatchStore(train_store)
+    split = pd.read_csv(first_run / "split.csv", dtype=str)
+    test = store.subset(np.flatnonzero(split["split"].to_numpy() == "test"))
+    probs = predict_batches(model, bundle, store_batches(test, 64))
+    assert probs.shape == (len(test),) and 0 <= probs.min() and probs.max() <= 1
+    assert roc_auc_score(test.labels, probs) > 0.8
+
+
+def test_rerunning_the_saved_config_reproduces_the_run(first_run: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig.from_yaml(first_run / "config.yaml", {"out": str(tmp_path), "name": "again"})
+    again = train(cfg).run_dir
+    np.testing.assert_allclose(_val_aurocs(again), _val_aurocs(first_run), atol=1e-6)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(first_run: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig.from_yaml(first_run / "config.yaml", {"out": str(tmp_path), "name": "killed"})
+    cfg.to_yaml(tmp_path / "killed.yaml")
+    cmd = [sys.executable, "-m", "histoscan", "train", "--config", str(tmp_path / "killed.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2 and (tmp_path / "killed" / "last.ckpt").is_file():
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(_val_aurocs(tmp_path / "killed"))
+    assert done_before < 4
+    result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = _val_aurocs(tmp_path / "killed")
+    assert len(resumed) == 4
+    np.testing.assert_allclose(resumed, _val_aurocs(first_run), atol=0.02)
+
+
+def test_cli_train_with_shipped_config_and_overrides(train_store: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["train", "--config", "cpu-default", "--data", str(train_store), "--out", str(tmp_path),
+                                   "--name", "cli", "--max-epochs", "1", "--resize", "32", "--no-progress",
+                                   "--class-weights", "[1.0, 1.5]", "--model-args", "{batch_norm: false}"])
+    assert res.exit_code == 0, res.output
+    cfg = TrainConfig.from_yaml(tmp_path / "cli" / "config.yaml")
+    assert cfg.class_weights == [1.0, 1.5] and cfg.model_args == {"batch_norm": False} and cfg.max_epochs == 1
+    assert "run folder" in res.output
+
+
+def test_bad_training_inputs_are_clear_errors(train_store: Path, kaggle_dir: Path, tmp_path: Path) -> None:
+    unlabelled = ingest(kaggle_dir / "test", tmp_path / "unlabelled").store
+    with pytest.raises(DataError, match="no labels"):
+        train(_quick(unlabelled, tmp_path, "u"))
+    with pytest.raises(ConfigError, match="unknown model"):
+        train(_quick(train_store, tmp_path, "bad", model="resnet"))
+    assert not (tmp_path / "bad").exists()
+    (tmp_path / "c.yaml").write_text("model: simple_cnn\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['learning_rate'\]"):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(_quick(train_store, tmp_path, "never", resume=True))
+    res = CliRunner().invoke(app, ["train", "--data", str(train_store), "--optimizer", "rmsprop"])
+    assert res.exit_code == 2 and "optimizer 'rmsprop'" in res.output
+
+
+def test_existing_run_is_never_overwritten(first_run: Path, train_store: Path) -> None:
+    with pytest.raises(ConfigError, match="exists"):
+        train(_quick(train_store, first_run.parent, first_run.name))
+
+
+@pytest.mark.parametrize("name", sorted(shipped_configs()))
+def test_every_shipped_config_parses_and_builds(name: str) -> None:
+    cfg = TrainConfig.from_yaml(shipped_configs()[name])
+    model = create_model(cfg.model, 2, input_size=cfg.resize or 96, **cfg.model_args)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_ddp_with_two_cpu_processes(train_store: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "histoscan", "train", "--data", str(train_store), "--out", str(tmp_path),
+           "--name", "ddp", "--model", "simple_cnn", "--resize", "32", "--max-epochs", "2", "--batch-size", "32",
+           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-progress", "--threads", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "world_size=2" in result.stderr + result.stdout or "distributed_backend=gloo" in result.stderr + result.stdout
+    run = tmp_path / "ddp"
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    assert len(_val_aurocs(run)) == 2
+    load_model(run)
+
+
+def test_multiclass_on_real_lc25000(tmp_path: Path) -> None:
+    store = ingest(shared("lc25000-lung"), tmp_path / "store").store
+    result = train(_quick(store, tmp_path, "lung", resize=48, max_epochs=3, batch_size=32))
+    bundle = read_bundle(result.run_dir)
+    assert bundle.task == "multiclass" and bundle.classes == ["lung_aca", "lung_n", "lung_scc"] and bundle.num_outputs == 3
+    assert result.best_val_auroc > 0.8  # macro one-vs-rest AUROC
+
+
+def test_grouped_split_on_real_idc(tmp_path: Path) -> None:
+    store_path = ingest(shared("idc"), tmp_path / "store").store
+    result = train(_quick(store_path, tmp_path, "idc", resize=None, max_epochs=1, limit_train_batches=10))
+    split = pd.read_csv(result.run_dir / "split.csv", dtype=str)
+    store = PatchStore(store_path)
+    patients = {s: set(store.groups[(split["split"] == s).to_numpy()]) for s in ("train", "val", "test")}
+    assert not patients["train"] & patients["val"] and not patients["train"] & patients["test"]
+    assert not patients["val"] & patients["test"]

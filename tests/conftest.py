@@ -42,3 +42,18 @@ def grouped_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def manifest_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("manifest"), "manifest", 60, seed=5) / "manifest.csv"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(kaggle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small binary model trained for 2 epochs on the synthetic Kaggle fixture (about 10 s)."""
+    from histoscan.data.ingest import ingest
+    from histoscan.training.config import TrainConfig
+    from histoscan.training.fit import train
+
+    root = tmp_path_factory.mktemp("tinyrun")
+    store = ingest(kaggle_dir, root / "store", workers=1).store
+    cfg = TrainConfig(data=str(store), out=str(root / "runs"), name="tiny", model="simple_cnn",
+                      model_args={"batch_norm": True}, resize=48, batch_size=32, max_epochs=2, lr=3e-3,
+                      progress=False, early_stopping=None, val=0.2, test=0.1)
+    return train(cfg, printer=lambda *_: None).run_dir

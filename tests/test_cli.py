@@ -13,11 +13,14 @@ runner = CliRunner()
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    res = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--n", "120"])
+    res = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--n", "200", "--epochs", "2"])
     assert res.exit_code == 0, res.output
-    assert "packed store" in res.output
+    for word in ("packed store", "run folder", "ONNX model", "Kaggle submission", "AUROC"):
+        assert word in res.output
     meta = json.loads((tmp_path / "demo" / "store" / "meta.json").read_text())
-    assert meta["count"] == 120
+    assert meta["count"] == 200
+    sub = (tmp_path / "demo" / "submission.csv").read_text().splitlines()
+    assert sub[0] == "id,label" and len(sub) == 101
 
 
 def test_synth_ingest_info_split(tmp_path: Path) -> None:

@@ -175,3 +175,13 @@ def test_ingest_real_data(name: str, count: int, size: tuple[int, int], tmp_path
     if name == "idc":
         assert store.groups is not None and len(set(store.groups)) == 60
         assert res.report["conversions"].get("padded", 0) > 0  # edge patches padded, not stretched
+
+
+def test_store_pickles_without_its_images_and_reads_the_same(kaggle_dir: Path, tmp_path: Path) -> None:
+    import pickle
+
+    store = PatchStore(ingest(kaggle_dir, tmp_path / "s").store).subset(np.arange(5, 50))
+    blob = pickle.dumps(store)
+    assert len(blob) < 200_000  # the 120 x 96 x 96 x 3 image array does not travel to DataLoader workers
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again.batch([3, 0, 40]), store.batch([3, 0, 40]))

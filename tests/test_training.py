@@ -22,7 +22,7 @@ from histoscan.data.ingest import ingest
 from histoscan.data.store import PatchStore
 from histoscan.data.synthetic import write_synthetic
 from histoscan.errors import ConfigError, DataError
-from histoscan.inference.batching import predict_batches, store_batches
+from histoscan.inference.predictor import Predictor
 from histoscan.models import create_model
 from histoscan.training.config import TrainConfig, shipped_configs
 from histoscan.training.fit import train
@@ -65,7 +65,7 @@ def test_run_folder_is_complete_and_model_beats_chance(first_run: Path, train_st
     store = PatchStore(train_store)
     split = pd.read_csv(first_run / "split.csv", dtype=str)
     test = store.subset(np.flatnonzero(split["split"].to_numpy() == "test"))
-    probs = predict_batches(model, bundle, store_batches(test, 64))
+    probs = Predictor(first_run, backend="torch").predict_store(test).probabilities[:, 1]
     assert probs.shape == (len(test),) and 0 <= probs.min() and probs.max() <= 1
     assert roc_auc_score(test.labels, probs) > 0.8
 

@@ -44,7 +44,7 @@ def _progress(label: str) -> Iterator[Callable[[int], Callable[[int], None]]]:
     """A rich progress bar; yields ``start(total) -> advance(n)``."""
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
         def start(total: int) -> Callable[[int], None]:
-            task = bar.add_task(label, total=total)
+            task = bar.add_task(label, total=total or None)
             return lambda n: bar.advance(task, n)
         yield start
 
@@ -62,20 +62,20 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("histoscan-demo"), help="Folder for the demo's outputs (replaced)."),
+    workdir: Path = typer.Option(Path("histoscan-demo"), help="Folder for the demo's outputs (its contents are replaced)."),
     n: int = typer.Option(600, help="Synthetic labelled patches to generate."),
+    epochs: int = typer.Option(6, help="Training epochs."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
-    """Run the main job on embedded synthetic data: generate, ingest, split."""
-    from histoscan.data.summary import report_summary
+    """Run the whole job on embedded synthetic data: generate, ingest, train, evaluate, export, predict, submit."""
     from histoscan.demo import run_demo
 
-    result = run_demo(workdir, n=n, seed=seed)
     con = _console()
-    con.print(report_summary(result.report))
-    con.print(f"source (Kaggle layout): {result.source}")
-    con.print(f"packed store:           {result.store}")
-    con.print(f"split ({', '.join(f'{k} {v}' for k, v in result.split_sizes.items())}): {result.split_file}")
+    r = run_demo(workdir, n=n, seed=seed, epochs=epochs, printer=con.print)
+    con.print(f"\nheld-out test split ({r.split_sizes['test']} patches): AUROC {r.test_auroc:.3f}, accuracy {r.test_accuracy:.3f}")
+    for label, path in [("synthetic source (Kaggle layout)", r.source), ("packed store", r.store), ("run folder (model bundle)", r.run),
+                        ("ONNX model", r.onnx), ("predictions", r.predictions), ("Kaggle submission", r.submission)]:
+        con.print(f"{label:34s} {path}")
 
 
 @app.command()
@@ -179,6 +179,63 @@ def models(all_timm: bool = typer.Option(False, "--timm", help="Also list every 
 
     for name in list_models(include_timm=all_timm):
         typer.echo(name)
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="A run folder (the model bundle)."),
+    input: Path = typer.Argument(..., help="An image, a folder of images (recursive), a Kaggle test folder, a store, or PCam HDF5."),
+    out: Path = typer.Option(Path("predictions.csv"), help="CSV to write: id, prob_<class>..., predicted[, uncertainty]."),
+    submission: Optional[Path] = typer.Option(None, help="A Kaggle sample_submission.csv: also write submission.csv (id, tumour probability) in its order."),
+    submission_out: Path = typer.Option(Path("submission.csv"), help="Where the submission goes."),
+    tta: bool = typer.Option(False, help="Average the 8 flips/rotations; adds an uncertainty column."),
+    backend: str = typer.Option("auto", help="torch, onnx, or auto (onnx when model.onnx exists)."),
+    device: str = typer.Option("cpu", help="Torch device (cpu, cuda, cuda:1, mps)."),
+    batch_size: int = typer.Option(256, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes for folders (default: one per core)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the model (default: all cores)."),
+) -> None:
+    """Predict tumour probabilities for new patches (and write a Kaggle submission)."""
+    from histoscan.inference.predict import predict_input, write_predictions, write_submission
+    from histoscan.inference.predictor import Predictor
+
+    predictor = Predictor(run, backend=backend, device=device, batch_size=batch_size, threads=threads)
+    with _progress("predicting") as start:
+        table = predict_input(predictor, input, tta=tta, workers=workers, progress=start(0))
+    con = _console()
+    path, errors = write_predictions(table, out)
+    con.print(f"{len(table.ids)} predictions ({predictor.backend.name} backend) written to {path}")
+    if errors:
+        con.print(f"[yellow]{len(table.failures)} unreadable inputs listed in {errors}[/]")
+    if submission:
+        con.print(f"submission written to {write_submission(table, submission, submission_out)}")
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run folder."),
+    onnx: bool = typer.Option(True, "--onnx", help="Export to ONNX (the only format so far)."),
+    opset: int = typer.Option(18, help="ONNX opset."),
+    data: Optional[Path] = typer.Option(None, help="Store whose patches verify the export (default: the training store)."),
+) -> None:
+    """Export a run's model to ONNX and check it against PyTorch."""
+    from histoscan.inference.export import export_onnx
+
+    result = export_onnx(run, opset=opset, data=data)
+    _console().print(f"wrote {result.path}; max |p_onnx - p_torch| = {result.max_abs_diff:.2e} on "
+                     f"{result.checked} patches of {result.check_source}")
+
+
+@app.command()
+def calibrate(
+    run: Path = typer.Argument(..., help="A run folder."),
+    data: Optional[Path] = typer.Option(None, help="Store holding the run's validation patches (default: the training store)."),
+) -> None:
+    """Fit temperature scaling on the validation split and store it in model.json."""
+    from histoscan.inference.calibration import calibrate as run_calibrate
+
+    r = run_calibrate(run, data)
+    _console().print(f"temperature {r.temperature:.3f} on {r.count} validation patches: NLL {r.nll_before:.4f} -> {r.nll_after:.4f}")
 
 
 # ---- train: options generated from TrainConfig, so the help text lives in one place ------------

@@ -103,25 +103,11 @@ def write_synthetic(out: str | Path, layout: str = "kaggle", n: int = 200, *, se
     group_of = [f"slide{g:03d}" for g in rng.integers(0, max(1, groups), n)]
     classes = ["normal", "tumor"] if num_classes == 2 else [f"class{c}" for c in range(num_classes)]
     if layout == "kaggle":
-        import tifffile
-
-        (root / "train").mkdir(exist_ok=True)
-        for pid, img in zip(ids, images):
-            tifffile.imwrite(root / "train" / f"{pid}.tif", img, photometric="rgb")
-        with (root / "train_labels.csv").open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["id", "label"])
-            w.writerows(zip(ids, labels.tolist()))
+        _write_kaggle_part(root, "train", "train_labels.csv", ids, images, labels.tolist())
         if test:
             timgs, _ = synth_batch(test, seed + 7, size, noise)
             tids = [f"{rng.bytes(20).hex()}" for _ in range(test)]
-            (root / "test").mkdir(exist_ok=True)
-            for pid, img in zip(tids, timgs):
-                tifffile.imwrite(root / "test" / f"{pid}.tif", img, photometric="rgb")
-            with (root / "sample_submission.csv").open("w", newline="") as fh:
-                w = csv.writer(fh)
-                w.writerow(["id", "label"])
-                w.writerows((pid, 0) for pid in tids)
+            _write_kaggle_part(root, "test", "sample_submission.csv", tids, timgs, [0] * test)
     elif layout == "pcam":
         _write_pcam(root, images, labels, group_of)
     elif layout in ("folders", "grouped-folders"):
@@ -138,6 +124,19 @@ def write_synthetic(out: str | Path, layout: str = "kaggle", n: int = 200, *, se
                 Image.fromarray(img).save(root / "images" / f"{pid[:16]}.png")
                 w.writerow([f"images/{pid[:16]}.png", classes[lbl], grp])
     return root
+
+
+def _write_kaggle_part(root: Path, folder: str, table: str, ids: list[str], images: np.ndarray, labels: list[int]) -> None:
+    """``folder/<id>.tif`` plus an ``id,label`` table (the labels, or the sample submission's zeros)."""
+    import tifffile
+
+    (root / folder).mkdir(exist_ok=True)
+    for pid, img in zip(ids, images):
+        tifffile.imwrite(root / folder / f"{pid}.tif", img, photometric="rgb")
+    with (root / table).open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "label"])
+        w.writerows(zip(ids, labels))
 
 
 def _write_pcam(root: Path, images: np.ndarray, labels: np.ndarray, groups: list[str]) -> None:

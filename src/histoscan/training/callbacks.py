@@ -33,7 +33,7 @@ class LastCheckpoint(Checkpoint):
         if trainer.sanity_checking:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         trainer.strategy.barrier()

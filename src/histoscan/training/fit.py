@@ -48,6 +48,7 @@ class TrainResult:
 def train(cfg: TrainConfig, printer: Callable[[str], None] = print) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` and write the run folder (config, metrics, weights, model.json)."""
     started = time.perf_counter()
+    _quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _set_threads(cfg)
     run_dir, cfg = setup_run(cfg)
@@ -205,6 +206,37 @@ def _workers(cfg: TrainConfig, trainer: L.Trainer) -> int:
     return 0
 
 
+def _quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter and known-harmless warnings out of the user's terminal."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+
+
 def _set_threads(cfg: TrainConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed activation buffers (up to 32 MB each) instead of returning them to the OS.
+
+    Without this, every training step re-faults its large buffers and a third of CPU time goes
+    to the kernel (measured on 2 cores). No effect, and no error, off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or os.name != "posix":
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: the largest value glibc accepts
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass

@@ -46,7 +46,7 @@ class PatchClassifier(L.LightningModule):
         self.register_buffer("class_weights", weights if weights is not None else torch.ones(num_classes), persistent=False)
         self.val_metrics = task_metrics(num_classes, "val_")
         self.train_metrics = task_metrics(num_classes, "train_")
-        self._epoch_start = 0.0
+        self._epoch_start = self._last_batch_end = 0.0
         self._seen = 0
         self.channels_last = False
 
@@ -96,11 +96,15 @@ class PatchClassifier(L.LightningModule):
         torch.manual_seed(self.cfg.seed * 1009 + self.current_epoch)  # dropout: same after a resume
         self._set_frozen(self.current_epoch < self.cfg.freeze_epochs)
         self._epoch_start, self._seen = time.perf_counter(), 0
+        self._last_batch_end = self._epoch_start
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._last_batch_end = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.train_metrics.compute(), sync_dist=True)
         self.train_metrics.reset()
-        elapsed = max(time.perf_counter() - self._epoch_start, 1e-9)
+        elapsed = max(self._last_batch_end - self._epoch_start, 1e-9)  # training steps only, not validation
         self.log("images_per_s", self._seen * self.trainer.world_size / elapsed, sync_dist=False)
         self.log("lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
 

@@ -1,0 +1,66 @@
+"""Two ways to run a model on a preprocessed batch: PyTorch and ONNX Runtime, one interface."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from histoscan.bundle import load_model
+from histoscan.errors import ConfigError
+
+ONNX_FILE = "model.onnx"
+
+
+class Backend(Protocol):
+    """Runs float32 NCHW input to logits."""
+
+    name: str
+
+    def logits(self, x: torch.Tensor) -> np.ndarray: ...
+
+
+class TorchBackend:
+    """The run's ``best.safetensors`` in PyTorch."""
+
+    name = "torch"
+
+    def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model, self.bundle = load_model(run_dir, self.device)
+        self.channels_last = self.device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().cpu().numpy()
+
+
+class OnnxBackend:
+    """The run's ``model.onnx`` in ONNX Runtime (CUDA provider when present, else CPU)."""
+
+    name = "onnx"
+
+    def __init__(self, run_dir: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(run_dir) / ONNX_FILE
+        if not path.is_file():
+            raise ConfigError(f"{run_dir}: no {ONNX_FILE}; run 'histoscan export {run_dir}' first")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return np.asarray(self.session.run(None, {self.input_name: arr})[0], dtype=np.float32)

@@ -1,0 +1,127 @@
+"""Turn whatever the user points at (image, folder, store, PCam file) into id-labelled uint8 batches."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from histoscan.data.imageio import FastTiffReader, ImageReadError, is_image_file, resize_rgb
+from histoscan.data.sources.base import natural_key, unique_ids
+from histoscan.data.store import META_FILE, PatchStore
+from histoscan.errors import DataError
+
+
+@dataclass
+class Batch:
+    """Decoded images with their ids; files that failed are listed, not dropped."""
+
+    ids: list[str]
+    images: np.ndarray
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (id, path, reason)
+
+
+def list_images(path: Path) -> list[Path]:
+    """One image file, or every image file under a folder (recursively), in natural order."""
+    if path.is_file():
+        if not is_image_file(path):
+            raise DataError(f"{path}: not an image file this tool reads (tif, png, jpg, bmp)")
+        return [path]
+    files = sorted((p for p in path.rglob("*") if p.is_file() and is_image_file(p)), key=lambda p: natural_key(str(p)))
+    if not files:
+        raise DataError(f"{path}: no image files found (tif, png, jpg, bmp)")
+    return files
+
+
+_state: dict[str, Any] = {}
+
+
+def _init(size: tuple[int, int]) -> None:
+    _state["size"], _state["read"] = size, FastTiffReader()
+
+
+def _decode(chunk: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, list[tuple[str, str, str]]]:
+    size, read = _state["size"], _state["read"]
+    ids, images, failures = [], [], []
+    for pid, path in chunk:
+        try:
+            images.append(resize_rgb(read(path).pixels, size))
+            ids.append(pid)
+        except ImageReadError as exc:
+            failures.append((pid, path, str(exc)))
+    arr = np.stack(images) if images else np.zeros((0, size[0], size[1], 3), np.uint8)
+    return ids, arr, failures
+
+
+def file_batches(paths: list[Path], root: Path, size: tuple[int, int], batch_size: int, workers: int) -> Iterator[Batch]:
+    """Decode files in ``workers`` processes, ahead of the consumer, in order."""
+    ids = unique_ids(paths, root if root.is_dir() else root.parent)
+    items = [(i, str(p)) for i, p in zip(ids, paths)]
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    if workers <= 1:
+        _init(size)
+        for chunk in chunks:
+            yield Batch(*_decode(chunk))
+        return
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    with ctx.Pool(workers, initializer=_init, initargs=(size,)) as pool:
+        for ids_, arr, failures in pool.imap(_decode, chunks):
+            yield Batch(ids_, arr, failures)
+
+
+def store_input_batches(store: PatchStore, batch_size: int) -> Iterator[Batch]:
+    """Batches of a packed store, with its ids."""
+    ids = store.ids
+    for start in range(0, len(store), batch_size):
+        stop = min(len(store), start + batch_size)
+        yield Batch(list(ids[start:stop]), store.batch(np.arange(start, stop)))
+
+
+def h5_batches(path: Path, batch_size: int) -> Iterator[Batch]:
+    """A PCam ``*_x.h5`` (or .h5.gz) file's images, ids ``<stem>_<row>``."""
+    import h5py
+
+    if path.name.endswith(".gz"):
+        import gzip
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="histoscan-h5-") as tmp:
+            plain = Path(tmp) / path.name.removesuffix(".gz")
+            with gzip.open(path, "rb") as src, plain.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            yield from h5_batches(plain, batch_size)
+        return
+    stem = path.name.removesuffix(".h5")
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    with fh:
+        if "x" not in fh or fh["x"].ndim != 4 or fh["x"].shape[-1] != 3:
+            raise DataError(f"{path}: expected a dataset 'x' of N x H x W x 3 images")
+        xs = fh["x"]
+        for start in range(0, xs.shape[0], batch_size):
+            stop = min(xs.shape[0], start + batch_size)
+            yield Batch([f"{stem}_{i}" for i in range(start, stop)], np.asarray(xs[start:stop], dtype=np.uint8))
+
+
+def input_batches(path: str | Path, size: tuple[int, int], batch_size: int, workers: int) -> Iterator[Batch]:
+    """Batches for any supported input: a store, a PCam x file or folder, an image, a folder of images."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    if p.is_dir() and (p / META_FILE).is_file():
+        return store_input_batches(PatchStore(p), batch_size)
+    if p.is_file() and (p.name.endswith("_x.h5") or p.name.endswith("_x.h5.gz") or p.suffix == ".h5"):
+        return h5_batches(p, batch_size)
+    if p.is_dir():
+        from histoscan.data.sources.pcam import PCAM_PREFIX
+
+        xs = sorted(p.glob(f"{PCAM_PREFIX}*_x.h5")) or sorted(p.glob(f"{PCAM_PREFIX}*_x.h5.gz"))
+        if xs:
+            return (b for x in xs for b in h5_batches(x, batch_size))
+    return file_batches(list_images(p), p, size, batch_size, workers)

@@ -1,0 +1,168 @@
+"""The Predictor: the one inference path for predict, evaluate, serve and slide scanning.
+
+It reads preprocessing, temperature and threshold from the run's ``model.json`` and runs
+either backend, optionally with test-time augmentation over the dihedral group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from histoscan.bundle import ModelBundle, read_bundle
+from histoscan.data.imageio import resize_rgb
+from histoscan.data.transforms import dihedral, normalize, to_float_nchw
+from histoscan.errors import ConfigError
+from histoscan.inference.backends import ONNX_FILE, Backend, OnnxBackend, TorchBackend
+
+
+@dataclass
+class Prediction:
+    """Per-image class probabilities (N x C), predicted class index, and TTA spread when asked."""
+
+    probabilities: np.ndarray
+    predicted: np.ndarray
+    uncertainty: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.probabilities.shape[0])
+
+    @staticmethod
+    def concat(parts: Sequence["Prediction"], num_classes: int) -> "Prediction":
+        if not parts:
+            return Prediction(np.zeros((0, num_classes), np.float32), np.zeros(0, np.int64))
+        unc = [p.uncertainty for p in parts]
+        return Prediction(np.concatenate([p.probabilities for p in parts]), np.concatenate([p.predicted for p in parts]),
+                          np.concatenate(unc) if all(u is not None for u in unc) else None)  # type: ignore[arg-type]
+
+
+def parse_tta(tta: bool | Sequence[int] | None) -> list[int]:
+    """The dihedral elements to average: [0] without TTA, all 8 with ``True``, or a chosen subset."""
+    if not tta:
+        return [0]
+    if tta is True:
+        return list(range(8))
+    ks = sorted({int(k) for k in tta})  # type: ignore[union-attr]
+    if not ks or any(k < 0 or k > 7 for k in ks):
+        raise ConfigError(f"TTA elements must be in 0..7, got {list(tta)}")  # type: ignore[arg-type]
+    return ks
+
+
+class Predictor:
+    """Probabilities for uint8 RGB images of any size, from a run folder.
+
+    Args:
+        run_dir: a training run (the model bundle).
+        backend: ``torch``, ``onnx``, or ``auto`` (ONNX when ``model.onnx`` exists, else torch).
+        device: torch device for the torch backend.
+        batch_size: images per forward pass.
+        threads: CPU threads for either backend (default: all cores).
+    """
+
+    def __init__(self, run_dir: str | Path, backend: str = "auto", device: str = "cpu", batch_size: int = 256,
+                 threads: int | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.bundle: ModelBundle = read_bundle(run_dir)
+        if backend == "auto":
+            backend = "onnx" if (self.run_dir / ONNX_FILE).is_file() and device == "cpu" else "torch"
+        if threads:
+            torch.set_num_threads(threads)
+        if backend == "torch":
+            self.backend: Backend = TorchBackend(run_dir, device)
+        elif backend == "onnx":
+            self.backend = OnnxBackend(run_dir, threads)
+        else:
+            raise ConfigError(f"backend {backend!r} is not one of torch, onnx, auto")
+        self.batch_size = batch_size
+        self.device = torch.device(device if backend == "torch" else "cpu")
+
+    # ---- what the model is ---------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        return self.bundle.classes
+
+    @property
+    def threshold(self) -> float:
+        return self.bundle.threshold
+
+    # ---- the core: one batch -----------------------------------------------------------
+    def _to_batch(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """A uint8 NHWC batch at the model's stored image size (images of other sizes are resized)."""
+        size = tuple(self.bundle.preprocessing.image_size)
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            if images.shape[1:3] == size:
+                return images
+            images = list(images)
+        out = np.empty((len(images), size[0], size[1], 3), np.uint8)
+        for i, img in enumerate(images):
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise ConfigError(f"image {i}: expected uint8 HxWx3 RGB, got {img.dtype} {img.shape}")
+            out[i] = resize_rgb(img, size)  # type: ignore[arg-type]
+        return out
+
+    def probabilities_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        """Apply the stored temperature; binary logits become [P(neg), P(pos)]."""
+        z = logits / self.bundle.temperature
+        if self.bundle.task == "binary":
+            p = 1.0 / (1.0 + np.exp(-z[:, 0]))
+            return np.stack([1 - p, p], axis=1).astype(np.float32)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def classify(self, probabilities: np.ndarray) -> np.ndarray:
+        """Class index: P(positive) >= threshold for binary tasks, argmax otherwise."""
+        if self.bundle.task == "binary":
+            return (probabilities[:, 1] >= self.threshold).astype(np.int64)
+        return probabilities.argmax(axis=1)
+
+    def logits(self, images: np.ndarray | Sequence[np.ndarray], k: int = 0) -> np.ndarray:
+        """Raw logits of one batch under dihedral element ``k``."""
+        pre = self.bundle.preprocessing
+        x = pre.geometry(to_float_nchw(self._to_batch(images), self.device))
+        if k:
+            x = dihedral(x, k)
+        return self.backend.logits(normalize(x, pre.mean, pre.std))
+
+    def predict_batch(self, images: np.ndarray | Sequence[np.ndarray], tta: bool | Sequence[int] | None = None) -> Prediction:
+        """Predict one batch (any length; split internally by ``batch_size``)."""
+        ks = parse_tta(tta)
+        parts = []
+        n = len(images)
+        for start in range(0, n, self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            probs = np.stack([self.probabilities_from_logits(self.logits(chunk, k)) for k in ks])
+            mean = probs.mean(axis=0)
+            unc = None
+            if len(ks) > 1:
+                pred = self.classify(mean)
+                unc = probs[:, np.arange(len(pred)), pred].std(axis=0) if self.bundle.task != "binary" else probs[:, :, 1].std(axis=0)
+            parts.append(Prediction(mean, self.classify(mean), unc))
+        return Prediction.concat(parts, len(self.classes))
+
+    def predict_batches(self, batches: Iterable[np.ndarray | Sequence[np.ndarray]], tta: bool | Sequence[int] | None = None) -> Prediction:
+        """Predict a stream of batches."""
+        return Prediction.concat([self.predict_batch(b, tta) for b in batches], len(self.classes))
+
+    # ---- inputs ------------------------------------------------------------------------
+    def predict_store(self, store, tta: bool | Sequence[int] | None = None) -> Prediction:  # type: ignore[no-untyped-def]
+        """Every image of a PatchStore (or view), in order."""
+        return self.predict_batches(store_batches(store, self.batch_size), tta)
+
+
+def store_batches(store, batch_size: int) -> Iterator[np.ndarray]:  # type: ignore[no-untyped-def]
+    """Consecutive uint8 batches of a PatchStore view."""
+    for start in range(0, len(store), batch_size):
+        yield store.batch(np.arange(start, min(len(store), start + batch_size)))
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1

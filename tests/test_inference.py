@@ -162,3 +162,19 @@ def test_cli_predict_export_calibrate(tiny_run: Path, kaggle_dir: Path, tmp_path
     assert len(pd.read_csv(tmp_path / "s.csv")) == 20
     res = r.invoke(app, ["predict", str(run), str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "no such file" in res.output
+
+
+@pytest.mark.parametrize("model", ["simple_cnn_flatten", "custom_cnn", "nas_cnn", "resnet18", "efficientnet_b0", "densenet121"])
+def test_export_works_for_seed_cnns_and_timm_backbones(model: str, tiny_run: Path, tmp_path: Path) -> None:
+    from histoscan.training.config import TrainConfig
+    from histoscan.training.fit import train
+
+    store = read_bundle(tiny_run).training["store"]
+    cfg = TrainConfig(data=store, out=str(tmp_path), name=model, model=model, resize=64, batch_size=16, max_epochs=1,
+                      limit_train_batches=1, progress=False, early_stopping=None, val=0.2, test=0.1)
+    run = train(cfg, printer=lambda *_: None).run_dir
+    result = export_onnx(run, check=16)
+    assert result.max_abs_diff < 1e-4
+    a = Predictor(run, backend="onnx").predict_store(_store_of(run).subset(range(8)))
+    b = Predictor(run, backend="torch").predict_store(_store_of(run).subset(range(8)))
+    assert np.abs(a.probabilities - b.probabilities).max() < 1e-4

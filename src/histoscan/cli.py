@@ -238,6 +238,28 @@ def calibrate(
     _console().print(f"temperature {r.temperature:.3f} on {r.count} validation patches: NLL {r.nll_before:.4f} -> {r.nll_after:.4f}")
 
 
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., help="A run folder (the model bundle)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 in a container)."),
+    port: int = typer.Option(8000, help="Port."),
+    backend: str = typer.Option("auto", help="onnx, torch, or auto (onnx when model.onnx exists)."),
+    device: str = typer.Option("cpu", help="Torch device for the torch backend (cuda for a GPU)."),
+    workers: int = typer.Option(1, help="Server processes (each loads the model once)."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload (413 above)."),
+    max_batch_files: int = typer.Option(64, help="Most files in one /v1/predict/batch request."),
+    max_batch: int = typer.Option(64, help="Most single-image requests gathered into one model batch."),
+    max_wait_ms: float = typer.Option(5.0, help="Longest wait to fill a batch, in milliseconds."),
+) -> None:
+    """Serve a model over HTTP (API at /v1, docs at /docs, a web page at /). HISTOSCAN_API_KEY sets a key."""
+    from histoscan.serving.server import serve as run_server
+    from histoscan.serving.state import ServeSettings
+
+    settings = ServeSettings(str(run), backend=backend, device=device, max_upload_mb=max_upload_mb,
+                             max_batch_files=max_batch_files, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    run_server(settings, host=host, port=port, workers=workers)
+
+
 # ---- train: options generated from TrainConfig, so the help text lives in one place ------------
 def _yaml_value(text: str, name: str) -> Any:
     import yaml

@@ -219,33 +219,47 @@ def read_image(path: str | Path) -> DecodedImage:
     return DecodedImage(pixels=pixels, original_size=(int(pixels.shape[0]), int(pixels.shape[1])), conversions=conv)
 
 
-def decode_bytes(data: bytes, name: str = "upload") -> DecodedImage:
-    """Decode an in-memory image (an upload); same conversions as ``read_image``."""
+def decode_bytes(data: bytes, name: str = "upload", max_pixels: int | None = None) -> DecodedImage:
+    """Decode an in-memory image (an upload); same conversions as ``read_image``.
+
+    ``max_pixels`` is checked against the declared size before any pixel is decoded, so a
+    small file that claims huge dimensions (a decompression bomb) costs nothing.
+    """
     import io
 
     if not data:
-        raise ImageReadError("empty file (0 bytes)")
+        raise ImageReadError(f"{name}: empty file (0 bytes)")
+
+    def check(h: int, w: int) -> None:
+        if max_pixels is not None and h * w > max_pixels:
+            raise ImageReadError(f"{name}: image too large ({w}x{h} pixels; the limit is {max_pixels:,})")
+
     buf = io.BytesIO(data)
     try:
         if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
             try:
                 with tifffile.TiffFile(buf) as tif:
-                    pixels, conv = to_rgb8(tif.pages[0].asarray())
+                    page = tif.pages[0]
+                    check(int(page.imagelength), int(page.imagewidth))
+                    pixels, conv = to_rgb8(page.asarray())
                 return DecodedImage(pixels, (pixels.shape[0], pixels.shape[1]), conv)
+            except ImageReadError:
+                raise
             except Exception:  # noqa: BLE001 - fall back to Pillow
                 buf.seek(0)
         with Image.open(buf) as im:
+            check(im.size[1], im.size[0])
             im.load()
             arr = np.asarray(im.convert("RGBA") if im.mode in ("P", "PA") else im)
         pixels, conv = to_rgb8(arr)
     except ImageReadError:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageReadError(f"{name}: not an image file") from exc
+        raise ImageReadError(f"{name}: not an image file (TIFF, PNG or JPEG expected)") from exc
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{name}: image too large (decompression bomb guard)") from exc
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError) as exc:
-        raise ImageReadError(f"{name}: {type(exc).__name__}: {exc}") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, MemoryError) as exc:
+        raise ImageReadError(f"{name}: unreadable image ({type(exc).__name__}: {exc})") from exc
     return DecodedImage(pixels, (pixels.shape[0], pixels.shape[1]), conv)
 
 

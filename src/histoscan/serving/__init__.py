@@ -1,0 +1,1 @@
+"""Serve a model over HTTP: FastAPI routers, micro-batching, a web page."""

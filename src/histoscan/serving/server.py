@@ -1,0 +1,38 @@
+"""Run the app under uvicorn (one or several worker processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+from fastapi import FastAPI
+
+from histoscan.bundle import read_bundle
+from histoscan.serving.app import create_app
+from histoscan.serving.state import ServeSettings
+
+SETTINGS_ENV = "HISTOSCAN_SERVE_SETTINGS"
+API_KEY_ENV = "HISTOSCAN_API_KEY"
+
+
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn workers: settings from the environment."""
+    raw = os.environ.get(SETTINGS_ENV)
+    if not raw:
+        raise RuntimeError(f"{SETTINGS_ENV} is not set; start the server with 'histoscan serve RUN'")
+    settings = ServeSettings(**json.loads(raw))
+    settings.api_key = os.environ.get(API_KEY_ENV) or None
+    return create_app(settings)
+
+
+def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Check the run, then serve it until interrupted."""
+    import uvicorn
+
+    read_bundle(settings.run_dir)  # a bad run folder is a clear error before the server starts
+    public = asdict(settings)
+    public.pop("api_key", None)  # the key stays in its own variable, never in the settings blob
+    os.environ[SETTINGS_ENV] = json.dumps(public)
+    uvicorn.run("histoscan.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="info", timeout_graceful_shutdown=5)

@@ -1,0 +1,289 @@
+"""The HTTP service: every route, every bad upload, the API key, a live server under load, the web page."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import tifffile
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from histoscan.data.imageio import read_image
+from histoscan.inference.predictor import Predictor
+from histoscan.serving.app import create_app
+from histoscan.serving.state import ServeSettings
+from tests.conftest import shared
+
+
+def _tif_bytes(img: np.ndarray, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, img, **kw)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def patch_files(kaggle_dir: Path) -> list[Path]:
+    return sorted((kaggle_dir / "test").glob("*.tif"))[:6]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_run: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(ServeSettings(str(tiny_run), max_upload_mb=1.0, max_batch_files=4))) as c:
+        yield c
+
+
+def test_health_ready_and_model_card(client: TestClient, tiny_run: Path) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"ready": True}
+    card = client.get("/v1/model").json()
+    assert card["classes"] == ["normal", "tumor"] and card["architecture"] == "simple_cnn"
+    assert card["input_size"] == 48 and card["threshold"] == 0.5 and "temperature" in card["calibration"]
+    assert card["validation"]["name"] == "val_auroc" and card["model"] == tiny_run.name
+
+
+def test_predict_one_matches_the_predictor(client: TestClient, tiny_run: Path, patch_files: list[Path]) -> None:
+    f = patch_files[0]
+    r = client.post("/v1/predict", files={"file": (f.name, f.read_bytes(), "image/tiff")})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    want = Predictor(tiny_run, backend="torch").predict_batch([read_image(f).pixels])
+    assert j["probabilities"]["tumor"] == pytest.approx(float(want.probabilities[0, 1]), abs=1e-5)
+    assert j["label"] == ["normal", "tumor"][int(want.predicted[0])] and j["prediction"] == int(want.predicted[0])
+    assert j["confidence"] == pytest.approx(max(j["probabilities"].values()))
+    assert j["model"] == tiny_run.name and "uncertainty" not in j
+    j = client.post("/v1/predict?tta=true", files={"file": (f.name, f.read_bytes(), "image/tiff")}).json()
+    assert "uncertainty" in j and j["uncertainty"] >= 0
+
+
+def test_batch_keeps_order_and_reports_each_bad_file(client: TestClient, patch_files: list[Path]) -> None:
+    files = [("files", (patch_files[0].name, patch_files[0].read_bytes(), "image/tiff")),
+             ("files", ("junk.png", b"not an image", "image/png")),
+             ("files", (patch_files[1].name, patch_files[1].read_bytes(), "image/tiff"))]
+    r = client.post("/v1/predict/batch", files=files)
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert res[0]["file"] == patch_files[0].name and "label" in res[0]
+    assert res[1]["file"] == "junk.png" and "not an image" in res[1]["error"] and res[1]["status"] == 400
+    assert res[2]["file"] == patch_files[1].name and "label" in res[2]
+    too_many = [("files", (f"{i}.tif", patch_files[0].read_bytes(), "image/tiff")) for i in range(5)]
+    r = client.post("/v1/predict/batch", files=too_many)
+    assert r.status_code == 413 and "batch limit" in r.json()["error"]
+
+
+@pytest.mark.parametrize("name,payload,ctype,status,words", [
+    ("notes.png", b"hello, this is text", "image/png", 400, "not an image"),
+    ("empty.tif", b"", "image/tiff", 400, "empty"),
+    ("notes.txt", b"hello", "text/plain", 415, "unsupported type"),
+])
+def test_bad_uploads_get_clear_4xx(client: TestClient, name: str, payload: bytes, ctype: str, status: int, words: str) -> None:
+    r = client.post("/v1/predict", files={"file": (name, payload, ctype)})
+    assert r.status_code == status and words in r.json()["error"] and "Traceback" not in r.text
+
+
+def test_truncated_tiff_bomb_oversize_and_missing_field(client: TestClient, patch_files: list[Path]) -> None:
+    raw = patch_files[0].read_bytes()
+    r = client.post("/v1/predict", files={"file": ("cut.tif", raw[:300], "image/tiff")})
+    assert r.status_code == 400 and "cut.tif" in r.json()["error"]
+    bomb = _png_bytes(Image.new("1", (12000, 12000)))  # 144 M pixels in a tiny file
+    assert len(bomb) < 100_000
+    r = client.post("/v1/predict", files={"file": ("bomb.png", bomb, "image/png")})
+    assert r.status_code == 413 and "too large" in r.json()["error"]
+    big = np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)
+    r = client.post("/v1/predict", files={"file": ("big.tif", _tif_bytes(big), "image/tiff")})
+    assert r.status_code == 413 and "upload limit" in r.json()["error"]
+    r = client.post("/v1/predict", data={"other": "x"})
+    assert r.status_code == 422 and "file" in r.json()["error"]
+    r = client.post("/v1/predict", data={"file": "/etc/passwd"})  # a path string is never opened
+    assert r.status_code in (400, 422) and "root:" not in r.text
+    assert client.get("/health").status_code == 200  # still serving
+
+
+def test_grayscale_rgba_and_16_bit_are_converted(client: TestClient) -> None:
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 255, (96, 96), dtype=np.uint8)
+    rgba = rng.integers(0, 255, (96, 96, 4), dtype=np.uint8)
+    deep = rng.integers(0, 65535, (96, 96, 3), dtype=np.uint16)
+    for name, data in [("g.png", _png_bytes(Image.fromarray(gray))), ("a.png", _png_bytes(Image.fromarray(rgba, "RGBA"))),
+                       ("d.tif", _tif_bytes(deep, photometric="rgb"))]:
+        r = client.post("/v1/predict", files={"file": (name, data, "image/png" if name.endswith("png") else "image/tiff")})
+        assert r.status_code == 200, (name, r.text)
+
+
+def test_api_key(tiny_run: Path, patch_files: list[Path]) -> None:
+    with TestClient(create_app(ServeSettings(str(tiny_run), api_key="s3cret"))) as c:
+        assert c.get("/health").status_code == 200
+        for path in ("/ready", "/v1/model"):
+            assert c.get(path).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        f = patch_files[0]
+        r = c.post("/v1/predict", files={"file": (f.name, f.read_bytes(), "image/tiff")})
+        assert r.status_code == 401 and "API key" in r.json()["error"]
+        r = c.post("/v1/predict", files={"file": (f.name, f.read_bytes(), "image/tiff")}, headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200
+
+
+def test_page_and_openapi(client: TestClient) -> None:
+    r = client.get("/")
+    assert r.status_code == 200 and "<input id=\"pick\" type=\"file\"" in r.text
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/predict", "/v1/predict/batch", "/health", "/ready", "/v1/model"} <= set(paths)
+
+
+# ---- a real server process ---------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_run: Path) -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "histoscan", "serve", str(tiny_run), "--port", str(port), "--backend", "torch"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
+    else:
+        proc.kill()
+        raise RuntimeError("server did not become ready in 90 s")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_live_server_under_16_concurrent_clients(live_server: str, tiny_run: Path, patch_files: list[Path]) -> None:
+    import httpx
+
+    predictor = Predictor(tiny_run, backend="torch")
+    expected = {f.name: float(predictor.predict_batch([read_image(f).pixels]).probabilities[0, 1]) for f in patch_files}
+    uploads = [(f.name, f.read_bytes(), "image/tiff") for f in patch_files] + [("bad.png", b"garbage", "image/png")]
+    stop = time.time() + 20
+    counts = {"ok": 0, "4xx": 0, "5xx": 0, "mismatch": 0}
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=live_server, timeout=30) as c:
+            k = i
+            for _ in range(10_000):  # bounded in count as well as in time
+                if time.time() > stop:
+                    break
+                name, data, ctype = uploads[k % len(uploads)]
+                k += 1
+                r = c.post("/v1/predict", files={"file": (name, data, ctype)})
+                with lock:
+                    if r.status_code >= 500:
+                        counts["5xx"] += 1
+                    elif r.status_code >= 400:
+                        counts["4xx"] += 1
+                    else:
+                        counts["ok"] += 1
+                        if abs(r.json()["probabilities"]["tumor"] - expected[name]) > 1e-4:
+                            counts["mismatch"] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert counts["5xx"] == 0 and counts["mismatch"] == 0, counts
+    assert counts["ok"] > 50 and counts["4xx"] > 0, counts
+    assert httpx.get(live_server + "/health", timeout=5).status_code == 200
+
+
+def _chromedriver() -> tuple[str, str]:
+    chrome = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    if not chrome or not driver:
+        pytest.skip("headless Chromium and chromedriver are not installed (.ci/run installs Debian's chromium and chromium-driver)")
+    return chrome, driver
+
+
+def test_web_page_in_a_real_browser(live_server: str, tiny_run: Path) -> None:
+    chrome, driver_path = _chromedriver()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    patch = sorted((shared("hcd") / "train").glob("*.tif"))[0]
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chrome
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+        opts.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        browser.get(live_server + "/")
+        WebDriverWait(browser, 20).until(lambda d: "simple_cnn" in d.find_element(By.ID, "model").text)
+        browser.find_element(By.ID, "pick").send_keys(str(patch.resolve()))
+        label = WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".card .label")))
+        want = Predictor(tiny_run, backend="torch").predict_batch([read_image(patch).pixels])
+        assert label.text == ["normal", "tumor"][int(want.predicted[0])]
+        assert browser.find_element(By.CSS_SELECTOR, ".card b").text == patch.name
+    finally:
+        browser.quit()
+
+
+def test_container_entry_command_starts_the_server(tiny_run: Path, tmp_path: Path) -> None:
+    """The Dockerfile's CMD (histoscan serve /model --host 0.0.0.0 --port 8000), from a plain install."""
+    import httpx
+
+    cmd_line = next(line for line in (Path(__file__).resolve().parents[1] / "Dockerfile").read_text().splitlines()
+                    if line.startswith("CMD"))
+    import json
+
+    argv = json.loads(cmd_line[3:].strip())
+    port = str(_free_port())
+    argv = [a if a != "/model" else str(tiny_run) for a in argv]
+    argv[argv.index("--port") + 1] = port
+    argv[argv.index("--host") + 1] = "127.0.0.1"  # the test talks only to loopback
+    exe = shutil.which(argv[0], path=str(Path(sys.executable).parent)) or argv[0]
+    proc = subprocess.Popen([exe, *argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HISTOSCAN_API_KEY": ""})
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("the container's entry command did not bring up /health in 90 s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)

@@ -77,3 +77,15 @@ def test_unreachable_server_and_bad_split(tmp_path: Path) -> None:
         download_pcam(tmp_path / "p", base_url="http://127.0.0.1:9/", splits=["valid"])
     with pytest.raises(DataError, match="unknown PCam split"):
         download_pcam(tmp_path / "p", splits=["validation"])
+
+
+def test_cli_download_checks_md5_against_the_official_sums(mirror: tuple[str, list[RemoteFile]], tmp_path: Path) -> None:
+    """The fixture files are not the real PCam files, so the CLI (official md5s) must refuse them."""
+    from typer.testing import CliRunner
+
+    from histoscan.cli import app
+
+    url, _ = mirror
+    res = CliRunner().invoke(app, ["download", "pcam", str(tmp_path / "p"), "--base-url", url, "--splits", "valid"])
+    assert res.exit_code == 2 and "md5 mismatch" in res.output
+    assert not list((tmp_path / "p").glob("*.h5.gz"))

@@ -60,10 +60,15 @@ def export_onnx(run_dir: str | Path, *, opset: int = 18, data: str | Path | None
     dummy = torch.randn(2, 3, size, size)
     path = run / ONNX_FILE
     tmp = run / (ONNX_FILE + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"], output_names=["logits"], opset_version=opset,
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"], output_names=["logits"], opset_version=opset,
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; say which model and why
+        tmp.unlink(missing_ok=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{run}: ONNX export of {bundle.architecture} at {size} px failed: {first}") from exc
     proto = onnx.load(str(tmp))
     meta = {"histoscan": json.dumps(bundle.to_dict())}
     for key, value in meta.items():

@@ -90,13 +90,14 @@ def simple_cnn_flatten(num_outputs: int = 1, input_size: int = 96, dropout: floa
 @register_model
 def custom_cnn(num_outputs: int = 1, input_size: int = 96, dropout: float = 0.5, conv_dropout: float = 0.25) -> PatchCNN:
     """The seeds' deeper custom CNN (about 2.3 M parameters): three stages of three 3x3 convs with
-    32, 64 and 128 filters, batch norm, max-pool and dropout; pooled to 5x5, flattened; dense 512 and
-    256 with dropout 0.5. The pooling makes the parameter count independent of the input size."""
+    32, 64 and 128 filters, batch norm, max-pool and dropout; average-pooled to 4x4, flattened; dense
+    768 and 256 with dropout 0.5. The pooling keeps the parameter count independent of the input size
+    (for ONNX export the input side must be a multiple of 32: 32, 64, 96, 128, 192, 224 ...)."""
     blocks = [conv_block(3, 32, convs=3, batch_norm=True, dropout=conv_dropout),
               conv_block(32, 64, convs=3, batch_norm=True, dropout=conv_dropout),
               conv_block(64, 128, convs=3, batch_norm=True, dropout=conv_dropout)]
-    model = PatchCNN(blocks, 128, [512, 256], dropout, num_outputs, flatten_size=5)
-    model.pool = nn.AdaptiveAvgPool2d(5)
+    model = PatchCNN(blocks, 128, [768, 256], dropout, num_outputs, flatten_size=4)
+    model.pool = nn.AdaptiveAvgPool2d(4)
     return model
 
 

@@ -73,6 +73,9 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print) -> TrainResu
     if cfg.compile:
         module.model = torch.compile(module.model)  # type: ignore[assignment]
     world = _world(trainer)
+    if _global_rank() == 0:
+        printer(f"run {run_dir}: {cfg.model} on {len(parts['train'])} training / {len(parts['val'])} validation patches, "
+                f"input {pre.input_size} px, {trainer.world_size} process(es), precision {trainer.precision}")
     loaders = [make_loader(parts[s], cfg.batch_size, train=s == "train", seed=cfg.seed, num_workers=_workers(cfg, trainer),
                            balanced=cfg.balanced_sampler and s == "train", rank=world[0], world_size=world[1])
                for s in ("train", "val")]

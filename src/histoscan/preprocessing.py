@@ -54,10 +54,37 @@ class Preprocessing:
             x = resize(x, self.resize)
         return x
 
-    def __call__(self, batch: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-        """uint8 NHWC batch -> normalised float NCHW on ``device``."""
-        x = to_float_nchw(batch, device)
-        return normalize(self.geometry(x), self.mean, self.std)
+    def __call__(self, batch: np.ndarray | torch.Tensor, device: torch.device | str | None = None, k: int = 0) -> torch.Tensor:
+        """uint8 NHWC batch -> normalised float NCHW on ``device`` (under dihedral element ``k``).
+
+        Same result as ``normalize(geometry(x))``, done cheaply: the centre crop is a slice of
+        the uint8 batch before conversion, and scaling and normalisation are one fused step. The
+        result is channels-last in memory, which oneDNN convolutions run about 1.4x faster on CPU.
+        """
+        h, w = self.image_size
+        t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+        if tuple(t.shape[1:3]) != (h, w):
+            x = self.geometry(to_float_nchw(t, device))
+            return dihedral_k(normalize(x, self.mean, self.std), k)
+        if self.crop:
+            top, left = (h - self.crop) // 2, (w - self.crop) // 2
+            t = t[:, top:top + self.crop, left:left + self.crop]
+        if device is not None:
+            t = t.to(device, non_blocking=True)
+        x = t.permute(0, 3, 1, 2).float()
+        if self.resize:
+            x = resize(x, self.resize)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0
+        scale = 1.0 / (torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0)
+        x = x.sub_(mean).mul_(scale) if not self.resize else (x - mean) * scale
+        return dihedral_k(x.contiguous(memory_format=torch.channels_last), k)
+
+
+def dihedral_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``dihedral(x, k)``, or ``x`` itself for the identity."""
+    from histoscan.data.transforms import dihedral
+
+    return dihedral(x, k).contiguous(memory_format=torch.channels_last) if k else x
 
 
 def channel_stats(images: np.ndarray, max_images: int = 2000, seed: int = 0) -> tuple[list[float], list[float]]:

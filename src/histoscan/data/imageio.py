@@ -123,11 +123,16 @@ class TiffTemplate:
     def __init__(self, header: bytes, size: int, offset: int, shape: tuple[int, ...], ignore: list[tuple[int, int]]) -> None:
         self.size, self.offset, self.shape = size, offset, shape
         self.nbytes = int(np.prod(shape))
-        self._keep = np.ones(size, dtype=bool)
-        self._keep[offset:offset + self.nbytes] = False
-        for lo, hi in ignore:
-            self._keep[lo:hi] = False
-        self._reference = np.frombuffer(header, dtype=np.uint8)[self._keep]
+        # byte ranges that must match: everything but the pixel strip and the ignored values
+        skip = sorted([(offset, offset + self.nbytes), *ignore])
+        ranges, pos = [], 0
+        for lo, hi in skip:
+            if lo > pos:
+                ranges.append((pos, lo))
+            pos = max(pos, hi)
+        if pos < size:
+            ranges.append((pos, size))
+        self._ranges = [(lo, hi, header[lo:hi]) for lo, hi in ranges]
 
     @classmethod
     def learn(cls, path: Path, data: bytes) -> "TiffTemplate | None":
@@ -157,10 +162,11 @@ class TiffTemplate:
         """Pixels of ``data`` when it has the template's layout, else None."""
         if len(data) != self.size:
             return None
-        buf = np.frombuffer(data, dtype=np.uint8)
-        if not np.array_equal(buf[self._keep], self._reference):
-            return None
-        return buf[self.offset:self.offset + self.nbytes].reshape(self.shape).copy()
+        view = memoryview(data)
+        for lo, hi, ref in self._ranges:
+            if view[lo:hi] != ref:
+                return None
+        return np.frombuffer(data, dtype=np.uint8, count=self.nbytes, offset=self.offset).reshape(self.shape).copy()
 
 
 class FastTiffReader:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from histoscan.data.imageio import FastTiffReader, ImageReadError, is_image_file, resize_rgb
-from histoscan.data.sources.base import natural_key, unique_ids
+from histoscan.data.sources.base import unique_ids
 from histoscan.data.store import META_FILE, PatchStore
 from histoscan.errors import DataError
 
@@ -25,26 +28,21 @@ class Batch:
 
 
 def list_images(path: Path) -> list[Path]:
-    """One image file, or every image file under a folder (recursively), in natural order."""
+    """One image file, or every image file under a folder (recursively), in path order."""
     if path.is_file():
         if not is_image_file(path):
             raise DataError(f"{path}: not an image file this tool reads (tif, png, jpg, bmp)")
         return [path]
-    files = sorted((p for p in path.rglob("*") if p.is_file() and is_image_file(p)), key=lambda p: natural_key(str(p)))
+    files = []
+    for folder, _dirs, names in os.walk(path, followlinks=True):
+        files.extend(Path(folder) / n for n in names if is_image_file(Path(n)))
+    files.sort()
     if not files:
         raise DataError(f"{path}: no image files found (tif, png, jpg, bmp)")
     return files
 
 
-_state: dict[str, Any] = {}
-
-
-def _init(size: tuple[int, int]) -> None:
-    _state["size"], _state["read"] = size, FastTiffReader()
-
-
-def _decode(chunk: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, list[tuple[str, str, str]]]:
-    size, read = _state["size"], _state["read"]
+def _decode(chunk: list[tuple[str, str]], size: tuple[int, int], read: FastTiffReader) -> Batch:
     ids, images, failures = [], [], []
     for pid, path in chunk:
         try:
@@ -53,23 +51,38 @@ def _decode(chunk: list[tuple[str, str]]) -> tuple[list[str], np.ndarray, list[t
         except ImageReadError as exc:
             failures.append((pid, path, str(exc)))
     arr = np.stack(images) if images else np.zeros((0, size[0], size[1], 3), np.uint8)
-    return ids, arr, failures
+    return Batch(ids, arr, failures)
 
 
 def file_batches(paths: list[Path], root: Path, size: tuple[int, int], batch_size: int, workers: int) -> Iterator[Batch]:
-    """Decode files in ``workers`` processes, ahead of the consumer, in order."""
+    """Decode files in ``workers`` threads, a few batches ahead of the consumer, in order.
+
+    Threads, not processes: Pillow and file reads release the GIL, and decoded batches need no
+    pickling. At most ``workers + 1`` batches are in flight, so memory stays flat on any folder size.
+    """
     ids = unique_ids(paths, root if root.is_dir() else root.parent)
     items = [(i, str(p)) for i, p in zip(ids, paths)]
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    if workers <= 1:
-        _init(size)
-        for chunk in chunks:
-            yield Batch(*_decode(chunk))
-        return
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    with ctx.Pool(workers, initializer=_init, initargs=(size,)) as pool:
-        for ids_, arr, failures in pool.imap(_decode, chunks):
-            yield Batch(ids_, arr, failures)
+    local = threading.local()
+
+    def work(chunk: list[tuple[str, str]]) -> Batch:
+        if not hasattr(local, "read"):
+            local.read = FastTiffReader()
+        return _decode(chunk, size, local.read)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="histoscan-decode") as pool:
+        pending: deque[Future[Batch]] = deque()
+        queue = iter(chunks)
+        for chunk in queue:
+            pending.append(pool.submit(work, chunk))
+            if len(pending) > max(1, workers):
+                break
+        while pending:
+            batch = pending.popleft().result()
+            nxt = next(queue, None)
+            if nxt is not None:
+                pending.append(pool.submit(work, nxt))
+            yield batch
 
 
 def store_input_batches(store: PatchStore, batch_size: int) -> Iterator[Batch]:

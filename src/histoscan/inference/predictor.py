@@ -16,7 +16,6 @@ import torch
 
 from histoscan.bundle import ModelBundle, read_bundle
 from histoscan.data.imageio import resize_rgb
-from histoscan.data.transforms import dihedral, normalize, to_float_nchw
 from histoscan.errors import ConfigError
 from histoscan.inference.backends import ONNX_FILE, Backend, OnnxBackend, TorchBackend
 
@@ -123,11 +122,7 @@ class Predictor:
 
     def logits(self, images: np.ndarray | Sequence[np.ndarray], k: int = 0) -> np.ndarray:
         """Raw logits of one batch under dihedral element ``k``."""
-        pre = self.bundle.preprocessing
-        x = pre.geometry(to_float_nchw(self._to_batch(images), self.device))
-        if k:
-            x = dihedral(x, k)
-        return self.backend.logits(normalize(x, pre.mean, pre.std))
+        return self.backend.logits(self.bundle.preprocessing(self._to_batch(images), self.device, k))
 
     def predict_batch(self, images: np.ndarray | Sequence[np.ndarray], tta: bool | Sequence[int] | None = None) -> Prediction:
         """Predict one batch (any length; split internally by ``batch_size``)."""

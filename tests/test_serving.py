@@ -23,7 +23,7 @@ from histoscan.data.imageio import read_image
 from histoscan.inference.predictor import Predictor
 from histoscan.serving.app import create_app
 from histoscan.serving.state import ServeSettings
-from tests.conftest import shared
+from tests.conftest import headless_chrome, shared
 
 
 def _tif_bytes(img: np.ndarray, **kw: object) -> bytes:
@@ -223,30 +223,13 @@ def test_live_server_under_16_concurrent_clients(live_server: str, tiny_run: Pat
     assert httpx.get(live_server + "/health", timeout=5).status_code == 200
 
 
-def _chromedriver() -> tuple[str, str]:
-    chrome = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver = shutil.which("chromedriver")
-    if not chrome or not driver:
-        pytest.skip("headless Chromium and chromedriver are not installed (.ci/run installs Debian's chromium and chromium-driver)")
-    return chrome, driver
-
-
 def test_web_page_in_a_real_browser(live_server: str, tiny_run: Path) -> None:
-    chrome, driver_path = _chromedriver()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
     patch = sorted((shared("hcd") / "train").glob("*.tif"))[0]
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chrome
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
-        opts.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(driver_path), options=opts)
-    try:
+    with headless_chrome() as browser:
         browser.get(live_server + "/")
         WebDriverWait(browser, 20).until(lambda d: "simple_cnn" in d.find_element(By.ID, "model").text)
         browser.find_element(By.ID, "pick").send_keys(str(patch.resolve()))
@@ -254,8 +237,6 @@ def test_web_page_in_a_real_browser(live_server: str, tiny_run: Path) -> None:
         want = Predictor(tiny_run, backend="torch").predict_batch([read_image(patch).pixels])
         assert label.text == ["normal", "tumor"][int(want.predicted[0])]
         assert browser.find_element(By.CSS_SELECTOR, ".card b").text == patch.name
-    finally:
-        browser.quit()
 
 
 def test_container_entry_command_starts_the_server(tiny_run: Path, tmp_path: Path) -> None:

@@ -260,6 +260,107 @@ def serve(
     run_server(settings, host=host, port=port, workers=workers)
 
 
+@app.command()
+def eda(
+    store: Path = typer.Argument(..., help="A packed store folder."),
+    out: Path = typer.Argument(..., help="Folder for the figures, eda.json and report.html."),
+    sample: int = typer.Option(5000, help="Patches per class for mean images and histograms (quality checks cover all)."),
+    grid: int = typer.Option(16, help="Example patches per class in the sample grids."),
+    seed: int = typer.Option(0, help="Random seed for the samples."),
+) -> None:
+    """Explore a store: class balance, samples, mean images, colour histograms, quality checks (PNG + HTML)."""
+    from histoscan.eda.report import run_eda
+
+    with _progress("checking patches") as start:
+        r = run_eda(store, out, sample=sample, grid=grid, seed=seed, progress=start)
+    q = r.summary["quality"]
+    _console().print(f"{r.summary['patches']:,} patches {r.summary['counts']}; blank {q['blank']}, dark {q['dark']}, "
+                     f"blurry {q['blurry']}, duplicate groups {r.summary['duplicate_groups']}; {len(r.figures)} figures "
+                     f"in {r.seconds:.1f} s\nreport: {r.out / 'report.html'}")
+
+
+@app.command()
+def baselines(
+    store: Path = typer.Argument(..., help="A labelled packed store."),
+    out: Path = typer.Argument(Path("runs/baselines"), help="Folder for one run folder per baseline."),
+    models: str = typer.Option("logreg,rf", help="Comma-separated: logreg, rf."),
+    features: str = typer.Option("pixels,colour", help="Comma-separated: pixels (shrunk, flattened), colour (histograms, statistics, texture)."),
+    pixel_size: int = typer.Option(32, help="Side the images are shrunk to for pixel features."),
+    val: float = typer.Option(0.1, help="Validation fraction (same split recipe as 'histoscan train')."),
+    test: float = typer.Option(0.1, help="Test fraction."),
+    seed: int = typer.Option(0, help="Split and model seed."),
+    split_file: Optional[Path] = typer.Option(None, help="An id,split CSV (e.g. a CNN run's split.csv) instead of the recipe."),
+    force: bool = typer.Option(False, help="Replace existing baseline run folders."),
+) -> None:
+    """Fit logistic regression and random forests on pixels and colour features; write run folders."""
+    from histoscan.baselines.fit import run_baselines
+
+    con = _console()
+    run_baselines(store, out, models=models.split(","), features=features.split(","), val=val, test=test, seed=seed,
+                  split_file=split_file, pixel_size=pixel_size, force=force, printer=con.print)
+    con.print(f"baseline runs in {out}; rank them with: histoscan compare {out} runs/...")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="A run folder."),
+    data: Optional[Path] = typer.Option(None, help="Labelled store (default: the store the run trained on)."),
+    split: Optional[str] = typer.Option(None, help="test, val, train or all (default: test of the training store, all of another store)."),
+    tta: bool = typer.Option(False, help="Average the 8 flips/rotations."),
+    target_sensitivity: list[float] = typer.Option([0.95], help="Report the threshold reaching this sensitivity (repeatable)."),
+    save_threshold: Optional[str] = typer.Option(None, help="youden or sensitivity: choose a threshold on the validation split and save it in model.json."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/eval for the run's test split)."),
+    backend: str = typer.Option("auto", help="torch, onnx or auto."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the AUROC interval."),
+) -> None:
+    """Score a run: AUROC with 95% CI, report, thresholds, calibration, figures and an HTML report."""
+    from histoscan.evaluation.evaluate import evaluate_run
+    from histoscan.evaluation.report import headline
+
+    r = evaluate_run(run, data, split=split, tta=tta, target_sensitivities=target_sensitivity, save_threshold=save_threshold,
+                     out=out, backend=backend, n_boot=bootstrap)
+    con = _console()
+    if r.saved_threshold is not None:
+        con.print(f"threshold {r.saved_threshold:.4f} ({save_threshold}, chosen on the validation split) saved in {run / 'model.json'}")
+    con.print(f"{r.split} split of {r.store}:")
+    for k, v in headline(r.metrics).items():
+        con.print(f"  {k:20s} {v:.4f}" if isinstance(v, float) else f"  {k:20s} {v}")
+    con.print(f"report: {r.out / 'report.html'}")
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Run folders, or folders holding runs (runs/, a baselines folder, a study)."),
+    metric: str = typer.Option("auroc", help="auroc, average_precision, accuracy, balanced_accuracy, f1, brier or ece."),
+    out: Path = typer.Option(Path("leaderboard"), help="Folder for leaderboard.csv/.md/.html (and selection.json)."),
+    select: bool = typer.Option(False, "--select", help="Write which run is best and why (selection.json)."),
+    evaluate_missing: bool = typer.Option(True, help="Evaluate runs that have no eval/ yet on their test split."),
+) -> None:
+    """Rank runs (CNNs and baselines) in one leaderboard; --select names the best."""
+    from rich.table import Table
+
+    from histoscan.evaluation.leaderboard import build_leaderboard
+
+    con = _console()
+    if not con.is_terminal:
+        con = Console(width=200)  # a piped leaderboard keeps its columns whole
+    board = build_leaderboard(runs, metric, evaluate_missing, printer=con.print)
+    shown = board.display_rows()
+    t = Table(title=f"leaderboard by {metric}")
+    for c in shown.columns:
+        t.add_column(str(c))
+    for row in shown.itertuples(index=False):
+        t.add_row(*map(str, row))
+    con.print(t)
+    if not board.comparable:
+        con.print(f"[yellow]warning: {board.warning()}[/]")
+    paths = board.write(out)
+    con.print(f"written: {', '.join(str(p) for p in paths.values())}")
+    if select:
+        sel = board.select(out)
+        con.print(f"best: {sel['best_run']} - {sel['reason']}\nselection: {out / 'selection.json'}")
+
+
 # ---- train: options generated from TrainConfig, so the help text lives in one place ------------
 def _yaml_value(text: str, name: str) -> Any:
     import yaml

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import pandas as pd
 
 from histoscan.data.sources.kaggle import read_id_table
@@ -99,8 +98,3 @@ def write_submission(table: PredictionTable, sample: str | Path, out: str | Path
         w.writerow(["id", "label"])
         w.writerows((pid, f"{float(prob[pid]):.6f}") for pid, _, _ in rows)
     return out
-
-
-def labels_as_array(table: PredictionTable) -> np.ndarray:
-    """Predicted class indices (for callers that evaluate)."""
-    return table.prediction.predicted

@@ -1,0 +1,1 @@
+"""Exploratory data analysis of a packed store: statistics, figures and one HTML report."""

@@ -1,0 +1,1 @@
+"""Figures (PNG) and self-contained HTML reports shared by eda, evaluation, baselines and tuning."""

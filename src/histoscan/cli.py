@@ -36,7 +36,9 @@ app.add_typer(download_app, name="download")
 
 
 def _console() -> Console:
-    return Console()
+    """The terminal, or a wide console when output is piped (tables keep their columns)."""
+    con = Console()
+    return con if con.is_terminal else Console(width=160)
 
 
 @contextmanager
@@ -342,8 +344,6 @@ def compare(
     from histoscan.evaluation.leaderboard import build_leaderboard
 
     con = _console()
-    if not con.is_terminal:
-        con = Console(width=200)  # a piped leaderboard keeps its columns whole
     board = build_leaderboard(runs, metric, evaluate_missing, printer=con.print)
     shown = board.display_rows()
     t = Table(title=f"leaderboard by {metric}")
@@ -359,6 +359,53 @@ def compare(
     if select:
         sel = board.select(out)
         con.print(f"best: {sel['best_run']} - {sel['reason']}\nselection: {out / 'selection.json'}")
+
+
+@app.command()
+def tune(
+    data: Path = typer.Option(..., help="Labelled packed store to tune on."),
+    space: str = typer.Option("nas", help="Search space: a shipped name (nas, hparams, backbone) or a YAML file."),
+    trials: int = typer.Option(20, help="Finished trials the study should hold (a resumed study runs only the rest)."),
+    timeout: Optional[float] = typer.Option(None, help="Stop this worker after this many minutes."),
+    study: Optional[str] = typer.Option(None, help="Study name (default: the space's name)."),
+    out: Path = typer.Option(Path("studies"), help="Folder holding study folders (trials, study.db, plots, best.yaml)."),
+    storage: Optional[str] = typer.Option(None, help="Optuna RDB URL shared by many workers (default: SQLite in the study folder)."),
+    sampler: str = typer.Option("tpe", help="tpe or random."),
+    pruner: str = typer.Option("hyperband", help="hyperband, median or none."),
+    seed: int = typer.Option(0, help="Split seed of every trial, and the sampler's seed."),
+    resume: bool = typer.Option(False, help="Continue an existing study (or join it as another worker)."),
+    set_: list[str] = typer.Option([], "--set", help="Fix a training option for every trial, KEY=YAML (repeatable), e.g. max_epochs=4."),
+    retrain_best: bool = typer.Option(False, help="At the end, train the best configuration on train+val."),
+    retrain_epochs: Optional[int] = typer.Option(None, help="Epochs for --retrain-best (default: 1.5x the trials' max_epochs)."),
+) -> None:
+    """Search hyperparameters or CNN architectures with Optuna: pruned, resumable, many workers on one study."""
+    from rich.table import Table
+
+    from histoscan.tuning.study import TuneSettings
+    from histoscan.tuning.study import tune as run_tune
+
+    overrides = {}
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        overrides[key.strip()] = _yaml_value(value, "set")
+    con = _console()
+    r = run_tune(TuneSettings(data=str(data), space=space, trials=trials, timeout=timeout, study=study, out=str(out),
+                              storage=storage, sampler=sampler, pruner=pruner, seed=seed, resume=resume, overrides=overrides,
+                              retrain_best=retrain_best, retrain_epochs=retrain_epochs), printer=con.print)
+    t = Table(title=f"study {r.study_name}: {r.counts['complete']} complete, {r.counts['pruned']} pruned, {r.counts['fail']} failed")
+    shown = [c for c in r.table.columns if c not in ("run_dir", "error")]
+    for c in shown:
+        t.add_column(c.replace("param:", "").replace("model_args.", ""))
+    for _, row in r.table.iterrows():
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row[shown]])
+    con.print(t)
+    con.print(f"trials: {r.study_dir / 'trials.csv'}; plots: {', '.join(str(p) for p in r.plots.values()) or 'none yet'}")
+    if r.best_config is not None:
+        con.print(f"best val AUROC {r.best_value:.4f}; config: {r.best_config} (histoscan train --config {r.best_config} --data ...)")
+    if r.retrained is not None:
+        con.print(f"retrained on train+val: {r.retrained}")
 
 
 # ---- train: options generated from TrainConfig, so the help text lives in one place ------------
@@ -395,8 +442,9 @@ def train(config: Optional[str] = None, **values: Any) -> None:
     cfg = TrainConfig.from_yaml(resolve_config_path(config), overrides) if config else TrainConfig.from_dict(overrides, "options")
     con = _console()
     result = run_train(cfg, printer=con.print)
-    con.print(f"best val AUROC {result.best_val_auroc:.4f} at epoch {result.best_epoch}; "
-              f"{result.epochs} epochs in {result.seconds:.0f} s")
+    best = (f"best val AUROC {result.best_val_auroc:.4f} at epoch {result.best_epoch}" if result.best_val_auroc == result.best_val_auroc
+            else "no validation split: kept the last epoch's weights")
+    con.print(f"{best}; {result.epochs} epochs in {result.seconds:.0f} s")
     con.print(f"run folder: {result.run_dir}")
 
 

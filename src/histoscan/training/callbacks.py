@@ -46,9 +46,10 @@ class EpochSummary(Checkpoint):
     Its best value is saved in ``last.ckpt``, so a resumed run keeps comparing against it.
     """
 
-    def __init__(self, run_dir: Path, printer: Any = print) -> None:
+    def __init__(self, run_dir: Path, printer: Any = print, validate: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.printer = printer
+        self.validate = validate  # without validation the last epoch's weights are kept
         self.best: float = -math.inf
         self.best_epoch: int = -1
         self._t0 = time.perf_counter()
@@ -62,8 +63,8 @@ class EpochSummary(Checkpoint):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         epoch = trainer.current_epoch
         current = m.get(MONITOR, math.nan)
-        if not math.isnan(current) and current > self.best:
-            self.best, self.best_epoch = current, epoch
+        if (not math.isnan(current) and current > self.best) or not self.validate:
+            self.best, self.best_epoch = (current, epoch) if self.validate else (self.best, epoch)
             if trainer.is_global_zero:
                 save_weights(pl_module.model, self.run_dir / WEIGHTS_FILE)
         row = {"epoch": epoch, "train_loss": m.get("train_loss_epoch", m.get("train_loss")),
@@ -76,7 +77,8 @@ class EpochSummary(Checkpoint):
             self.printer(
                 f"epoch {epoch:3d}  loss {_f(row['train_loss'])}  val_loss {_f(row['val_loss'])}  "
                 f"val_auroc {_f(current)}  val_acc {_f(row['val_acc'])}  lr {_f(row['lr'], '.2e')}  "
-                f"{_f(row['images_per_s'], '.0f')} img/s  best {_f(self.best)} (epoch {self.best_epoch})"
+                f"{_f(row['images_per_s'], '.0f')} img/s  "
+                + (f"best {_f(self.best)} (epoch {self.best_epoch})" if self.validate else "no validation: keeping the last epoch")
             )
 
     def _append(self, row: dict[str, Any]) -> None:

@@ -71,6 +71,7 @@ class TrainConfig:
     progress: bool = doc("Show a progress bar.", True)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -94,6 +95,25 @@ class TrainConfig:
             raise ConfigError(f"crop must be at least 8 px, got {self.crop}")
         if self.freeze_epochs < 0:
             raise ConfigError("freeze_epochs cannot be negative")
+
+    def _check_types(self) -> None:
+        """Each value has its field's type (a YAML 'None' string or a quoted number is caught here, not mid-training)."""
+        kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list, tuple), "dict": (dict,)}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            names = [t.strip() for t in str(f.type).split("|")]
+            if value is None and "None" in names:
+                continue
+            if "float" in names and isinstance(value, str):
+                try:  # PyYAML reads 1e-3 (no dot) as a string
+                    value = float(value)
+                    setattr(self, f.name, value)
+                except ValueError:
+                    pass
+            allowed = tuple(t for n in names for t in kinds.get(n, ()))
+            if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+                want = " or ".join(n if n != "None" else "null" for n in names)
+                raise ConfigError(f"{f.name}: expected {want}, got {value!r}")
 
     # ---- (de)serialisation ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, RichProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from histoscan.bundle import CONFIG_FILE, LAST_CKPT, MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE, ModelBundle, read_bundle
@@ -45,8 +45,12 @@ class TrainResult:
     seconds: float
 
 
-def train(cfg: TrainConfig, printer: Callable[[str], None] = print) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.data`` and write the run folder (config, metrics, weights, model.json)."""
+def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data`` and write the run folder (config, metrics, weights, model.json).
+
+    ``callbacks`` are extra Lightning callbacks (the tuner's pruning hook). A split file with no
+    validation patches (train on train+val) trains for ``max_epochs`` and keeps the last weights.
+    """
     started = time.perf_counter()
     _quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -66,7 +70,8 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print) -> TrainResu
         bundle = _bundle(cfg, store, pre, parts, model)
         if not cfg.resume or not (run_dir / MODEL_FILE).is_file():
             bundle.save(run_dir)
-    trainer, summary = build_trainer(cfg, run_dir, printer)
+    validate = len(parts["val"]) > 0
+    trainer, summary = build_trainer(cfg, run_dir, printer, callbacks, validate)
     module.channels_last = bool(cfg.channels_last if cfg.channels_last is not None else trainer.accelerator.__class__.__name__ == "CUDAAccelerator")
     if module.channels_last:
         module.model.to(memory_format=torch.channels_last)
@@ -78,7 +83,7 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print) -> TrainResu
                 f"input {pre.input_size} px, {trainer.world_size} process(es), precision {trainer.precision}")
     loaders = [make_loader(parts[s], cfg.batch_size, train=s == "train", seed=cfg.seed, num_workers=_workers(cfg, trainer),
                            balanced=cfg.balanced_sampler and s == "train", rank=world[0], world_size=world[1])
-               for s in ("train", "val")]
+               for s in (("train", "val") if validate else ("train",))]
     ckpt = run_dir / LAST_CKPT if cfg.resume else None
     os.environ[RUN_NAME_ENV] = run_dir.name  # DDP children re-run this command: same run folder
     trainer.fit(module, *loaders, ckpt_path=str(ckpt) if ckpt else None)
@@ -115,9 +120,14 @@ def build_data(cfg: TrainConfig) -> tuple[PatchStore, dict[str, PatchStore], Pat
         saved = Path(cfg.out) / str(cfg.name) / SPLIT_FILE
         split_file = str(saved) if saved.is_file() else None
     parts, path = split_store(store, val=cfg.val, test=cfg.test, seed=cfg.seed, split_file=split_file)
-    for s in ("train", "val"):
-        if len(parts[s]) == 0:
-            raise DataError(f"{cfg.data}: the {s} split is empty (val={cfg.val}, test={cfg.test})")
+    if len(parts["train"]) == 0:
+        raise DataError(f"{cfg.data}: the train split is empty (val={cfg.val}, test={cfg.test})")
+    if len(parts["val"]) == 0:
+        if split_file is None:
+            raise DataError(f"{cfg.data}: the val split is empty (val={cfg.val}, test={cfg.test})")
+        if cfg.early_stopping or cfg.schedule == "plateau":
+            raise ConfigError(f"{split_file}: no validation patches, so early stopping and the plateau schedule cannot run; "
+                              "set early_stopping: null and another schedule to train on train+val")
     return store, parts, path
 
 
@@ -147,10 +157,11 @@ def _bundle(cfg: TrainConfig, store: PatchStore, pre: Preprocessing, parts: dict
     )
 
 
-def build_trainer(cfg: TrainConfig, run_dir: Path, printer: Callable[[str], None]) -> tuple[L.Trainer, EpochSummary]:
-    """A Lightning Trainer with histoscan's callbacks and loggers."""
-    summary = EpochSummary(run_dir, printer)
-    callbacks: list[Any] = [summary, LastCheckpoint(run_dir)]  # summary first: its best value goes into last.ckpt
+def build_trainer(cfg: TrainConfig, run_dir: Path, printer: Callable[[str], None], extra: Sequence[Callback] = (),
+                  validate: bool = True) -> tuple[L.Trainer, EpochSummary]:
+    """A Lightning Trainer with histoscan's callbacks (plus ``extra``) and loggers."""
+    summary = EpochSummary(run_dir, printer, validate)
+    callbacks: list[Any] = [summary, LastCheckpoint(run_dir), *extra]  # summary first: its best value goes into last.ckpt
     if cfg.early_stopping:
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping))
     if cfg.progress:
@@ -182,10 +193,11 @@ def finish(cfg: TrainConfig, run_dir: Path, summary: EpochSummary, trainer: L.Tr
         if not (run_dir / WEIGHTS_FILE).is_file():
             raise ConfigError(f"{run_dir}: training ended before any validation; no weights were saved")
         bundle = read_bundle(run_dir)
-        bundle.best_metric = {"name": MONITOR, "value": summary.best, "epoch": summary.best_epoch}
+        bundle.best_metric = ({"name": MONITOR, "value": summary.best, "epoch": summary.best_epoch} if summary.validate else
+                              {"name": "none (no validation split: the last epoch's weights)", "value": None, "epoch": summary.best_epoch})
         bundle.training.update({"epochs": epochs, "seconds": round(seconds + bundle.training.get("seconds", 0.0), 1)})
         bundle.save(run_dir)
-    return TrainResult(run_dir, summary.best, summary.best_epoch, epochs, seconds)
+    return TrainResult(run_dir, summary.best if summary.validate else float("nan"), summary.best_epoch, epochs, seconds)
 
 
 # ---- environment ------------------------------------------------------------------------
@@ -217,6 +229,7 @@ def _quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+    warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
 
 
 def _set_threads(cfg: TrainConfig) -> None:

@@ -1,0 +1,1 @@
+"""Hyperparameter and architecture search with Optuna: pruned, resumable, shared by many workers."""

@@ -1,0 +1,300 @@
+"""``histoscan tune``: an Optuna study whose every trial is a normal run folder.
+
+Reads top-down: ``tune`` -> ``open_study`` -> ``optimize`` (``objective`` + ``PruneOnValidation``)
+-> ``report`` (trials table, plots, best config) -> optional ``retrain_best``.
+The study lives in SQLite inside the study folder (or any Optuna RDB URL), so a stopped study
+resumes where it was, and many workers on many machines can share one study.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import optuna
+import pandas as pd
+import yaml
+
+from histoscan.bundle import CONFIG_FILE, SPLIT_FILE
+from histoscan.errors import ConfigError, HistoscanError
+from histoscan.training.callbacks import MONITOR
+from histoscan.training.config import TrainConfig
+from histoscan.training.fit import train
+from histoscan.tuning.space import SearchSpace, load_space
+
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("hyperband", "median", "none")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+STUDY_DB = "study.db"
+TRIALS_DIR = "trials"
+
+
+@dataclass
+class TuneSettings:
+    """What ``histoscan tune`` was asked to do."""
+
+    data: str
+    space: str = "nas"
+    trials: int = 20
+    timeout: float | None = None  # minutes, for this worker
+    study: str | None = None
+    out: str = "studies"
+    storage: str | None = None
+    sampler: str = "tpe"
+    pruner: str | optuna.pruners.BasePruner = "hyperband"  # from Python, any Optuna pruner object
+    seed: int = 0
+    resume: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    retrain_best: bool = False
+    retrain_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler {self.sampler!r} is not one of {list(SAMPLERS)}")
+        if isinstance(self.pruner, str) and self.pruner not in PRUNERS:
+            raise ConfigError(f"--pruner {self.pruner!r} is not one of {list(PRUNERS)}")
+        if self.trials < 1:
+            raise ConfigError(f"--trials must be at least 1, got {self.trials}")
+
+
+@dataclass
+class TuneResult:
+    """The study folder and what it holds."""
+
+    study_dir: Path
+    study_name: str
+    table: pd.DataFrame
+    best_value: float | None
+    best_params: dict[str, Any]
+    best_config: Path | None
+    best_run: Path | None
+    plots: dict[str, Path]
+    counts: dict[str, int]
+    retrained: Path | None = None
+
+
+class PruneOnValidation(L.Callback):
+    """Reports validation AUROC to the trial after every epoch; asks training to stop when Optuna prunes."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self.pruned_at: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(MONITOR)
+        if trainer.sanity_checking or value is None:
+            return
+        epoch = trainer.current_epoch
+        self.trial.report(float(value), step=epoch)
+        if self.trial.should_prune():
+            self.pruned_at = epoch
+            trainer.should_stop = True
+
+
+def tune(settings: TuneSettings, printer: Callable[[str], None] = print) -> TuneResult:
+    """Run (or resume, or join) a study until it holds ``settings.trials`` finished trials or time runs out."""
+    space = load_space(settings.space)
+    name = settings.study or space.name
+    study_dir = Path(settings.out) / name
+    study = open_study(settings, name, study_dir)
+    optimize(study, space, settings, study_dir, printer)
+    result = report(study, study_dir)
+    if settings.retrain_best and result.best_config is not None:
+        result.retrained = retrain_best(result.best_run, result.best_config, study_dir, settings.retrain_epochs, printer)  # type: ignore[arg-type]
+    return result
+
+
+def storage_url(settings: TuneSettings, study_dir: Path) -> str:
+    return settings.storage or f"sqlite:///{(study_dir / STUDY_DB).resolve()}"
+
+
+def open_study(settings: TuneSettings, name: str, study_dir: Path) -> optuna.Study:
+    """Create the study, or load it with ``resume`` (a shared storage URL is joined as it is)."""
+    url = storage_url(settings, study_dir)
+    local = settings.storage is None
+    if local:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+            # a trial whose worker died (no heartbeat for 60 s) is marked failed and its parameters retried once
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=20, grace_period=60,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except Exception as exc:  # bad URL, missing driver, unreachable server
+        raise ConfigError(f"--storage {url}: cannot open the study storage ({exc})") from exc
+    exists = name in optuna.study.get_all_study_names(storage)
+    if exists and not settings.resume:
+        raise ConfigError(f"study {name!r} already exists in {url}; pass --resume to continue it (or join it from "
+                          "another worker), or choose another --study")
+    sampler = (optuna.samplers.TPESampler(seed=_worker_seed(settings.seed), n_startup_trials=5) if settings.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=_worker_seed(settings.seed)))
+    pruner = settings.pruner if not isinstance(settings.pruner, str) else {
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+        "none": lambda: optuna.pruners.NopPruner(),
+    }[settings.pruner]()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize",
+                                load_if_exists=True)
+    study.set_user_attr("space", settings.space)
+    study.set_user_attr("data", str(Path(settings.data).resolve()))
+    return study
+
+
+def _worker_seed(seed: int) -> int:
+    """Workers of one study must not propose the same configurations: mix the process id into the sampler seed."""
+    return (seed * 1_000_003 + os.getpid()) % (2**31)
+
+
+def optimize(study: optuna.Study, space: SearchSpace, settings: TuneSettings, study_dir: Path,
+             printer: Callable[[str], None]) -> None:
+    """Run trials until the study holds ``settings.trials`` finished ones (or this worker's time is up)."""
+    done = _count(study)
+    if done >= settings.trials:
+        printer(f"study {study.study_name!r} already has {done} finished trials (asked for {settings.trials}); nothing to run")
+        return
+    trials_dir = study_dir / TRIALS_DIR
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = {**space.suggest(trial), **settings.overrides}
+        cfg = TrainConfig.from_dict({**overrides, "data": settings.data, "out": str(trials_dir),
+                                     "name": f"trial-{trial.number:04d}", "seed": settings.seed, "progress": False},
+                                    source=f"trial {trial.number}")
+        trial.set_user_attr("run_dir", str((trials_dir / cfg.name).resolve()))  # type: ignore[operator]
+        trial.set_user_attr("worker", worker)
+        hook = PruneOnValidation(trial)
+        try:
+            result = train(cfg, printer=lambda *_: None, callbacks=[hook])
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            raise
+        trial.set_user_attr("epochs", result.epochs)
+        if hook.pruned_at is not None:
+            raise optuna.TrialPruned(f"pruned after epoch {hook.pruned_at}")
+        return result.best_val_auroc
+
+    def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        try:
+            best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
+        except ValueError:
+            best = "-"
+        value = f"{trial.value:.4f}" if trial.value is not None else (
+            f"{max(trial.intermediate_values.values()):.4f}" if trial.intermediate_values else "-")
+        why = f"  {trial.user_attrs.get('error', '')}" if trial.state == optuna.trial.TrialState.FAIL else ""
+        printer(f"trial {trial.number:4d}  {trial.state.name.lower():8s}  val_auroc {value}  "
+                f"epochs {len(trial.intermediate_values):2d}  {trial.duration.total_seconds() if trial.duration else 0:6.0f} s  "
+                f"best {best}{why}")
+
+    pruner = settings.pruner if isinstance(settings.pruner, str) else type(settings.pruner).__name__
+    printer(f"study {study.study_name!r}: {done} finished trials, running up to {settings.trials - done} more "
+            f"({settings.sampler} sampler, {pruner} pruner) in {study_dir}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+        study.optimize(objective, n_trials=None, timeout=settings.timeout * 60 if settings.timeout else None,
+                       catch=(HistoscanError, RuntimeError, ValueError, MemoryError),
+                       callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED), progress])
+
+
+def _count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, value, epochs, duration, parameters, error."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        rows.append({"trial": t.number, "state": t.state.name.lower(), "val_auroc": t.value,
+                     "epochs": len(t.intermediate_values),
+                     "seconds": round(t.duration.total_seconds(), 1) if t.duration else None,
+                     **{f"param:{k}": v for k, v in t.params.items()},
+                     "error": t.user_attrs.get("error", ""), "run_dir": t.user_attrs.get("run_dir", "")})
+    return pd.DataFrame(rows)
+
+
+def report(study: optuna.Study, study_dir: Path) -> TuneResult:
+    """Write ``trials.csv``, the history and importance plots, and ``best.yaml``; return the summary."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    table = trials_table(study)
+    table.to_csv(study_dir / "trials.csv", index=False)
+    counts = {s: int((table["state"] == s).sum()) if len(table) else 0 for s in ("complete", "pruned", "fail", "running")}
+    plots = _plots(study, study_dir)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        return TuneResult(study_dir, study.study_name, table, None, {}, None, None, plots, counts)
+    best = study.best_trial
+    best_run = Path(best.user_attrs["run_dir"])
+    best_config = write_best_config(best_run, study_dir / "best.yaml")
+    return TuneResult(study_dir, study.study_name, table, best.value, dict(best.params), best_config, best_run, plots, counts)
+
+
+def write_best_config(run_dir: Path, path: Path) -> Path:
+    """The best trial's resolved config as a training config ('histoscan train --config' accepts it)."""
+    values = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
+    values.update({"name": None, "out": "runs", "resume": False, "progress": True})
+    TrainConfig.from_dict(values, source=str(path))  # still a valid config
+    path.write_text(f"# best trial of the study: {run_dir}\n" + yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def _plots(study: optuna.Study, study_dir: Path) -> dict[str, Path]:
+    """Optuna's optimisation history and parameter importance (when enough trials completed), as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    out: dict[str, Path] = {}
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    makers = {"history": ovm.plot_optimization_history, "importance": ovm.plot_param_importances,
+              "intermediate": ovm.plot_intermediate_values}
+    for name, make in makers.items():
+        if name == "importance" and len(complete) < 2:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ax = make(study)
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                plt.close("all")
+                continue  # e.g. no parameter varies yet
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(8, 5)
+        path = study_dir / f"{name}.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        out[name] = path
+    return out
+
+
+def retrain_best(best_run: Path, best_config: Path, study_dir: Path, epochs: int | None,
+                 printer: Callable[[str], None]) -> Path:
+    """Train the best configuration on train+val (the test split stays held out) for 1.5x its epochs (or ``epochs``)."""
+    values = yaml.safe_load(best_config.read_text())
+    split = pd.read_csv(best_run / SPLIT_FILE, dtype=str, keep_default_na=False)
+    split["split"] = split["split"].replace({"val": "train"})
+    merged = study_dir / "train+val-split.csv"
+    split.to_csv(merged, index=False)
+    max_epochs = epochs or int(math.ceil(values["max_epochs"] * 1.5))
+    values.update({"out": str(study_dir), "name": "best-retrained", "split_file": str(merged.resolve()), "max_epochs": max_epochs,
+                   "early_stopping": None, "schedule": "cosine" if values.get("schedule") == "plateau" else values.get("schedule"),
+                   "progress": False})
+    cfg = TrainConfig.from_dict(values, source=str(best_config))
+    if (study_dir / "best-retrained").exists():
+        shutil.rmtree(study_dir / "best-retrained")
+    printer(f"retraining the best configuration on train+val for {max_epochs} epochs")
+    started = time.perf_counter()
+    result = train(cfg, printer=printer)
+    printer(f"retrained in {time.perf_counter() - started:.0f} s: {result.run_dir}")
+    return result.run_dir

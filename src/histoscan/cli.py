@@ -51,6 +51,18 @@ def _progress(label: str) -> Iterator[Callable[[int], Callable[[int], None]]]:
         yield start
 
 
+def _table(title: str, frame: Any) -> Any:
+    """A rich table of a DataFrame (floats to 4 significant digits)."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in frame.columns:
+        t.add_column(str(c))
+    for row in frame.itertuples(index=False):
+        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    return t
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"histoscan {__version__}")
@@ -69,13 +81,14 @@ def demo(
     epochs: int = typer.Option(6, help="Training epochs."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
-    """Run the whole job on embedded synthetic data: generate, ingest, train, evaluate, export, predict, submit."""
+    """Run the whole job on embedded synthetic data: generate, ingest, explore, train, evaluate, export, predict, submit."""
     from histoscan.demo import run_demo
 
     con = _console()
     r = run_demo(workdir, n=n, seed=seed, epochs=epochs, printer=con.print)
     con.print(f"\nheld-out test split ({r.split_sizes['test']} patches): AUROC {r.test_auroc:.3f}, accuracy {r.test_accuracy:.3f}")
-    for label, path in [("synthetic source (Kaggle layout)", r.source), ("packed store", r.store), ("run folder (model bundle)", r.run),
+    for label, path in [("synthetic source (Kaggle layout)", r.source), ("packed store", r.store),
+                        ("data report", r.eda_report), ("run folder (model bundle)", r.run), ("evaluation report", r.eval_report),
                         ("ONNX model", r.onnx), ("predictions", r.predictions), ("Kaggle submission", r.submission)]:
         con.print(f"{label:34s} {path}")
 
@@ -339,19 +352,11 @@ def compare(
     evaluate_missing: bool = typer.Option(True, help="Evaluate runs that have no eval/ yet on their test split."),
 ) -> None:
     """Rank runs (CNNs and baselines) in one leaderboard; --select names the best."""
-    from rich.table import Table
-
     from histoscan.evaluation.leaderboard import build_leaderboard
 
     con = _console()
     board = build_leaderboard(runs, metric, evaluate_missing, printer=con.print)
-    shown = board.display_rows()
-    t = Table(title=f"leaderboard by {metric}")
-    for c in shown.columns:
-        t.add_column(str(c))
-    for row in shown.itertuples(index=False):
-        t.add_row(*map(str, row))
-    con.print(t)
+    con.print(_table(f"leaderboard by {metric}", board.display_rows()))
     if not board.comparable:
         con.print(f"[yellow]warning: {board.warning()}[/]")
     paths = board.write(out)
@@ -379,8 +384,6 @@ def tune(
     retrain_epochs: Optional[int] = typer.Option(None, help="Epochs for --retrain-best (default: 1.5x the trials' max_epochs)."),
 ) -> None:
     """Search hyperparameters or CNN architectures with Optuna: pruned, resumable, many workers on one study."""
-    from rich.table import Table
-
     from histoscan.tuning.study import TuneSettings
     from histoscan.tuning.study import tune as run_tune
 
@@ -394,13 +397,10 @@ def tune(
     r = run_tune(TuneSettings(data=str(data), space=space, trials=trials, timeout=timeout, study=study, out=str(out),
                               storage=storage, sampler=sampler, pruner=pruner, seed=seed, resume=resume, overrides=overrides,
                               retrain_best=retrain_best, retrain_epochs=retrain_epochs), printer=con.print)
-    t = Table(title=f"study {r.study_name}: {r.counts['complete']} complete, {r.counts['pruned']} pruned, {r.counts['fail']} failed")
-    shown = [c for c in r.table.columns if c not in ("run_dir", "error")]
-    for c in shown:
-        t.add_column(c.replace("param:", "").replace("model_args.", ""))
-    for _, row in r.table.iterrows():
-        t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row[shown]])
-    con.print(t)
+    shown = r.table.drop(columns=["run_dir", "error"], errors="ignore")
+    shown.columns = [c.replace("param:", "").replace("model_args.", "") for c in shown.columns]
+    con.print(_table(f"study {r.study_name}: {r.counts['complete']} complete, {r.counts['pruned']} pruned, "
+                     f"{r.counts['fail']} failed", shown))
     con.print(f"trials: {r.study_dir / 'trials.csv'}; plots: {', '.join(str(p) for p in r.plots.values()) or 'none yet'}")
     if r.best_config is not None:
         con.print(f"best val AUROC {r.best_value:.4f}; config: {r.best_config} (histoscan train --config {r.best_config} --data ...)")

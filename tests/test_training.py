@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -158,6 +159,16 @@ def test_multiclass_on_real_lc25000(tmp_path: Path) -> None:
     bundle = read_bundle(result.run_dir)
     assert bundle.task == "multiclass" and bundle.classes == ["lung_aca", "lung_n", "lung_scc"] and bundle.num_outputs == 3
     assert result.best_val_auroc > 0.8  # macro one-vs-rest AUROC
+    # and it evaluates as a multi-class model: per-class AUROC, 3x3 confusion matrix, figures
+    from histoscan.evaluation.evaluate import evaluate_run
+
+    ev = evaluate_run(result.run_dir, n_boot=50)
+    m = ev.metrics
+    assert m["task"] == "multiclass" and set(m["auroc_per_class"]) == set(bundle.classes)
+    assert np.asarray(m["confusion_matrix"]).shape == (3, 3) and np.asarray(m["confusion_matrix"]).sum() == m["count"]
+    assert m["auroc"] > 0.8 and "threshold" not in m
+    assert {"confusion_matrix", "roc", "pr", "reliability", "probabilities"} <= set(
+        json.loads((ev.out / "metrics.json").read_text())["figures"])
 
 
 def test_grouped_split_on_real_idc(tmp_path: Path) -> None:

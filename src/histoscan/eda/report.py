@@ -23,7 +23,6 @@ from histoscan.reports.html import HtmlReport
 
 EDA_JSON = "eda.json"
 REPORT_HTML = "report.html"
-_COLOURS = ("#d62728", "#2ca02c", "#1f77b4")
 
 
 @dataclass
@@ -98,7 +97,7 @@ def _counts_png(store: PatchStore, names: dict[int, str], path: Path) -> Path:
     counts = store.counts()
     fig, ax = new_figure((560, 400))
     a = ax[0, 0]
-    bars = a.bar(list(counts), list(counts.values()), color=[_COLOURS[i % 3] for i in range(len(counts))])
+    bars = a.bar(list(counts), list(counts.values()), color=[f"C{i}" for i in range(len(counts))])  # as in the other plots
     total = max(1, sum(counts.values()))
     for b, v in zip(bars, counts.values()):
         a.annotate(f"{v:,}\n{v / total:.1%}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)

@@ -45,7 +45,8 @@ def image_grid(images: np.ndarray, titles: Sequence[str], path: str | Path, *, c
         if i >= len(images):
             continue
         ax.imshow(images[i], interpolation="nearest")
-        ax.set_title(titles[i], fontsize=7)
+        title = titles[i] if len(titles[i]) <= 14 else titles[i][:12] + "…"  # Kaggle ids are 40-character hashes
+        ax.set_title(title, fontsize=7)
         if outline is not None:
             top, side = outline
             ax.add_patch(Rectangle((top - 0.5, top - 0.5), side, side, fill=False, edgecolor="lime", linewidth=1.2))

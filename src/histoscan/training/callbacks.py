@@ -63,8 +63,10 @@ class EpochSummary(Checkpoint):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         epoch = trainer.current_epoch
         current = m.get(MONITOR, math.nan)
-        if (not math.isnan(current) and current > self.best) or not self.validate:
-            self.best, self.best_epoch = (current, epoch) if self.validate else (self.best, epoch)
+        improved = not math.isnan(current) and current > self.best
+        if improved or not self.validate:  # without validation every epoch replaces the weights
+            self.best = current if improved else self.best
+            self.best_epoch = epoch
             if trainer.is_global_zero:
                 save_weights(pl_module.model, self.run_dir / WEIGHTS_FILE)
         row = {"epoch": epoch, "train_loss": m.get("train_loss_epoch", m.get("train_loss")),

@@ -179,6 +179,18 @@ def test_leaderboard_and_selection(evaluated_run: Path, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "lb" / "selection.json").read_text())["best_run"] == sel["best_run"]
     with pytest.raises(ConfigError, match="metric"):
         build_leaderboard([evaluated_run], "speed")
+    # in a folder of runs, a run that cannot be scored is left out with its reason; named alone, it is an error
+    folder = tmp_path / "runs"
+    shutil.copytree(evaluated_run, folder / "good")
+    shutil.copytree(evaluated_run, folder / "broken")
+    (folder / "broken" / "best.safetensors").unlink()
+    shutil.rmtree(folder / "broken" / "eval")
+    lines: list[str] = []
+    board = build_leaderboard([folder], printer=lines.append)
+    assert list(board.table["run"]) == ["good"] and "best.safetensors" in next(iter(board.skipped.values()))
+    assert any("left out" in line for line in lines)
+    with pytest.raises(ConfigError, match="best.safetensors"):
+        build_leaderboard([folder / "broken"], printer=lambda *_: None)
 
 
 def test_cli_evaluate_and_compare(evaluated_run: Path, tmp_path: Path) -> None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
 
 from histoscan.bundle import MODEL_FILE, WEIGHTS_FILE, read_bundle
-from histoscan.errors import ConfigError
+from histoscan.errors import ConfigError, HistoscanError
 from histoscan.evaluation.evaluate import EVAL_DIR, evaluate_run
 from histoscan.evaluation.report import METRICS_JSON
 from histoscan.reports.html import HtmlReport
@@ -33,6 +33,7 @@ class Leaderboard:
     table: pd.DataFrame
     metric: str
     comparable: bool
+    skipped: dict[str, str] = field(default_factory=dict)  # run folder -> why it is not in the table
 
     def write(self, out: str | Path) -> dict[str, Path]:
         """``leaderboard.csv``, ``leaderboard.md`` and ``leaderboard.html`` in ``out``."""
@@ -47,6 +48,8 @@ class Leaderboard:
         rep = HtmlReport("histoscan leaderboard", subtitle=f"sorted by {self.metric}")
         if not self.comparable:
             rep.paragraph(self.warning(), note=True)
+        for run, why in self.skipped.items():
+            rep.paragraph(f"left out {run}: {why}", note=True)
         rep.table(list(shown.columns), shown.values.tolist())
         rep.write(paths["html"])
         return paths
@@ -137,22 +140,21 @@ def run_row(run_dir: str | Path, evaluate_missing: bool = True, printer: Callabl
             "path": str(run_dir.resolve())}
 
 
-def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Run folders as given, plus the run folders inside any folder that holds runs (``runs/``, a study, baselines)."""
-    found: list[Path] = []
+def expand_runs(paths: Sequence[str | Path]) -> list[tuple[Path, bool]]:
+    """(run folder, named explicitly) for each run given and each run inside a folder of runs (``runs/``, a study)."""
+    found: list[tuple[Path, bool]] = []
     for p in map(Path, paths):
         if not p.is_dir():
             raise ConfigError(f"{p}: no such folder")
         if (p / MODEL_FILE).is_file() or (p / BASELINE_FILE).is_file():
-            found.append(p)
+            found.append((p.resolve(), True))
         else:
             inner = sorted(q.parent for q in [*p.glob(f"*/{MODEL_FILE}"), *p.glob(f"*/{BASELINE_FILE}"),
                                                *p.glob(f"*/*/{MODEL_FILE}")])
             if not inner:
                 raise ConfigError(f"{p}: not a run folder and holds no run folders")
-            found.extend(inner)
-    unique = list(dict.fromkeys(q.resolve() for q in found))
-    return unique
+            found.extend((q.resolve(), False) for q in inner)
+    return list(dict.fromkeys(found))
 
 
 def build_leaderboard(runs: Sequence[str | Path], metric: str = "auroc", evaluate_missing: bool = True,
@@ -160,10 +162,20 @@ def build_leaderboard(runs: Sequence[str | Path], metric: str = "auroc", evaluat
     """Rows for every run (folders of runs are expanded), sorted best first by ``metric``."""
     if metric not in RANK_METRICS:
         raise ConfigError(f"--metric {metric!r} is not one of {list(RANK_METRICS)}")
-    rows = [run_row(r, evaluate_missing, printer) for r in expand_runs(runs)]
+    rows, skipped = [], {}
+    for run, explicit in expand_runs(runs):
+        try:
+            rows.append(run_row(run, evaluate_missing, printer))
+        except HistoscanError as exc:
+            if explicit:
+                raise
+            skipped[str(run)] = str(exc)  # e.g. a trial that failed before its first epoch
+            printer(f"left out {run}: {exc}")
+    if not rows:
+        raise ConfigError("no run could be ranked: " + "; ".join(skipped.values()))
     col, higher = RANK_METRICS[metric]
     tie = "accuracy" if col != "accuracy" else "auroc"  # ties (common at AUROC 1.0) broken by a second metric
     table = (pd.DataFrame(rows, columns=COLUMNS).sort_values([col, tie], ascending=[not higher, False], kind="stable")
              .reset_index(drop=True))
     comparable = len(set(zip(table["evaluated_on"], table["patches"]))) == 1
-    return Leaderboard(table, metric, comparable)
+    return Leaderboard(table, metric, comparable, skipped)

@@ -61,8 +61,8 @@ def run_demo(workdir: str | Path = "histoscan-demo", *, n: int = 600, test: int 
 
         shutil.rmtree(run_dir)  # the demo folder is the demo's own; a rerun starts fresh
     trained = train(cfg, printer=printer)
-    printer("4/5 evaluating on the held-out test split and exporting to ONNX")
-    evaluation = evaluate_run(trained.run_dir, backend="torch", n_boot=200)
+    printer("4/5 choosing the threshold on validation, evaluating on the held-out test split, exporting to ONNX")
+    evaluation = evaluate_run(trained.run_dir, backend="torch", n_boot=200, save_threshold="youden")  # threshold from validation
     onnx = export_onnx(trained.run_dir).path
     printer("5/5 predicting the unlabelled test folder (ONNX backend) into a submission")
     table = predict_input(Predictor(trained.run_dir, backend="onnx"), source / "test")

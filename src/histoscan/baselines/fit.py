@@ -28,7 +28,7 @@ from sklearn.preprocessing import StandardScaler
 from histoscan import __version__
 from histoscan.baselines.features import FEATURES, extract
 from histoscan.bundle import CONFIG_FILE, METRICS_FILE, SPLIT_FILE
-from histoscan.data.splits import split_store
+from histoscan.data.splits import SPLIT_NAMES as SPLITS, split_store
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.evaluate import EVAL_DIR
@@ -116,8 +116,6 @@ def run_baselines(data: str | Path, out: str | Path, *, models: Sequence[str] = 
                                          split_file=str(split_file) if split_file else None), n_boot, printer))
     return results
 
-
-SPLITS = ("train", "val", "test")
 
 
 def _fit_one(name: str, model_name: str, kind: str, store: PatchStore, parts: dict[str, PatchStore],

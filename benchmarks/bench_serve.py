@@ -1,25 +1,33 @@
 """Serving speed: requests/s and latency with 1 and 16 concurrent clients, against the Predictor.
 
-Same run and model throughout (the cpu-default architecture, exported to ONNX, served with the
-default backend). Clients post real 96x96 TIFF patches from ../shared/data/hcd to /v1/predict on a
-server process on 127.0.0.1 for a bounded time each. The Predictor's batch throughput is measured on
-the same decoded images in this process. Target: with 16 clients, served images/s >= 0.7 of the Predictor's.
+For each model (by default the cpu-default CNN and a ResNet18), a briefly trained run is exported
+to ONNX and served by ``histoscan serve`` with its defaults, in a process on 127.0.0.1. Clients
+post real 96x96 TIFF patches from ../shared/data/hcd to /v1/predict as multipart uploads, for a
+bounded time each, over keep-alive connections. The Predictor's batch throughput is measured on the
+same decoded images in this process, before and after the server runs (the mean is the reference).
+Target: with 16 clients, served images/s >= 0.7 of the Predictor's.
 
-Run: python benchmarks/bench_serve.py [--seconds 15]
+The clients are asyncio sockets, each request prepared once, so they cost the shared CPU little
+(an httpx client thread per connection took about as much CPU as the server itself). The CPU each
+process used is printed too: on a small machine the server, the model and the clients share the
+same cores, which the Predictor alone has to itself.
+
+Run: python benchmarks/bench_serve.py [--seconds 15] [--models cpu-default resnet18]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import uuid
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,88 +41,163 @@ from histoscan.training.config import TrainConfig, resolve_config_path  # noqa: 
 from histoscan.training.fit import train  # noqa: E402
 
 
+def make_run(store: Path, out: Path, model: str) -> Path:
+    """A run of ``model`` (a shipped config name or an architecture) trained for a few steps, exported to ONNX."""
+    quick = {"data": str(store), "out": str(out), "name": model, "max_epochs": 1, "limit_train_batches": 5,
+             "progress": False, "early_stopping": None}
+    try:
+        cfg = TrainConfig.from_yaml(resolve_config_path(model), quick)
+    except Exception:  # noqa: BLE001 - not a config name: an architecture from scratch
+        cfg = TrainConfig(model=model, pretrained=False, **quick)  # type: ignore[arg-type]
+    run = train(cfg, printer=lambda *_: None).run_dir
+    export_onnx(run)
+    return run
+
+
+def predictor_rate(predictor: Predictor, images: list[np.ndarray], seconds: float) -> float:
+    """Images/s of ``predict_batch`` on all ``images`` (after a warm-up at the same batch shapes)."""
+    predictor.predict_batch(images)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        predictor.predict_batch(images)
+        n += len(images)
+    return n / (time.perf_counter() - start)
+
+
+# ---- a light HTTP/1.1 client ---------------------------------------------------------------
+def multipart_request(port: int, name: str, data: bytes) -> bytes:
+    """The bytes of one POST /v1/predict with ``data`` as the multipart field ``file``."""
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: image/tiff\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+async def _client(port: int, requests: list[bytes], first: int, stop: float, latencies: list[float], statuses: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    k = first
+    try:
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            writer.write(requests[k % len(requests)])
+            k += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), None)
+            if length is None:
+                raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
+            await reader.readexactly(length)
+            latencies.append(time.perf_counter() - t)
+            statuses.append(int(head[9:12]))
+    finally:
+        writer.close()
+
+
+def load(port: int, requests: list[bytes], clients: int, seconds: float) -> tuple[float, list[float], int]:
+    """Requests/s, latencies (s) and non-200 count for ``clients`` connections posting for ``seconds``."""
+    latencies: list[float] = []
+    statuses: list[int] = []
+
+    async def run() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(_client(port, requests, i * 7, start + seconds, latencies, statuses) for i in range(clients)))
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(run())
+    return len(latencies) / elapsed, latencies, sum(s != 200 for s in statuses)
+
+
+# ---- CPU used per process (Linux /proc) -------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids = (task / "children").read_text().split()
+        out += [int(k) for k in kids]
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def load(url: str, files: list[tuple[str, bytes]], clients: int, seconds: float) -> tuple[float, list[float], int]:
-    """Requests/s, latencies (s) and non-200 count for ``clients`` threads posting for ``seconds``."""
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-    stop = time.perf_counter() + seconds
+def start_server(run: Path, port: int) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen([sys.executable, "-m", "histoscan", "serve", str(run), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(f"GET /ready HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+                if b'"ready":true' in s.recv(4096) + s.recv(4096):
+                    return server
+        except OSError:
+            time.sleep(0.3)
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode}")
+    server.kill()
+    raise RuntimeError("the server was not ready in 120 s")
 
-    def worker(i: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
-            for k in range(i, i + 100_000):  # bounded in count and in time
-                if time.perf_counter() > stop:
-                    return
-                name, data = files[k % len(files)]
-                t = time.perf_counter()
-                r = c.post("/v1/predict", files={"file": (name, data, "image/tiff")})
-                dt = time.perf_counter() - t
-                with lock:
-                    latencies.append(dt)
-                    errors[0] += r.status_code != 200
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(latencies) / (time.perf_counter() - start), latencies, errors[0]
+def bench_model(run: Path, paths: list[Path], seconds: float) -> None:
+    images = [read_image(p).pixels for p in paths]
+    predictor = Predictor(run)  # the same default backend the server picks
+    before = predictor_rate(predictor, images, seconds / 3)
+    port = free_port()
+    requests = [multipart_request(port, p.name, p.read_bytes()) for p in paths]
+    server = start_server(run, port)
+    lines = []
+    try:
+        load(port, requests[:16], 4, 2.0)  # warm-up
+        for clients in (1, 16):
+            pids = {"server": server.pid, "model process": children(server.pid)[0]}
+            cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+            client0, wall0 = time.process_time(), time.perf_counter()
+            rate, lat, errors = load(port, requests, clients, seconds)
+            wall = time.perf_counter() - wall0
+            used = {k: (cpu_seconds(p) - cpu0[k]) / wall for k, p in pids.items()}
+            used["clients"] = (time.process_time() - client0) / wall
+            p50, p99 = np.percentile(lat, [50, 99]) * 1000
+            cpu = ", ".join(f"{k} {v:.2f}" for k, v in used.items())
+            lines.append((clients, rate, p50, p99, errors, cpu))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    after = predictor_rate(predictor, images, seconds / 3)
+    reference = (before + after) / 2
+    print(f"{run.name} ({predictor.backend.name}): Predictor {reference:,.0f} img/s on {len(images)} patches "
+          f"(before {before:,.0f}, after {after:,.0f})")
+    for clients, rate, p50, p99, errors, cpu in lines:
+        line = f"  {clients:2d} client(s): {rate:7.1f} req/s (= img/s), p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, {errors} errors"
+        if clients == 16:
+            line += f"; served / Predictor = {rate / reference:.2f} (target >= 0.7)"
+        print(line + f"\n      CPU cores busy: {cpu}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=15.0)
-    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--n", type=int, default=512, help="Patches posted (and given to the Predictor).")
+    ap.add_argument("--models", nargs="*", default=["cpu-default", "resnet18"],
+                    help="Shipped config names or architectures.")
     args = ap.parse_args()
     hcd = shared_or_exit("hcd")
+    print(f"{os.cpu_count()} CPU cores")
     with tempfile.TemporaryDirectory(prefix="histoscan-bench-serve-") as tmp:
         work = Path(tmp)
         store = ingest(hcd, work / "store").store
-        cfg = TrainConfig.from_yaml(resolve_config_path("cpu-default"), {
-            "data": str(store), "out": str(work / "runs"), "name": "bench", "max_epochs": 1, "limit_train_batches": 20,
-            "progress": False})
-        run = train(cfg, printer=lambda *_: None).run_dir
-        export_onnx(run)
         paths = sorted((hcd / "train").glob("*.tif"))[: args.n]
-        files = [(p.name, p.read_bytes()) for p in paths]
-        images = [read_image(p).pixels for p in paths]
-        predictor = Predictor(run)  # same default backend the server picks
-        predictor.predict_batch(images[:64])
-        t = time.perf_counter()
-        for _ in range(3):
-            predictor.predict_batch(images)
-        batch_rate = 3 * len(images) / (time.perf_counter() - t)
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "histoscan", "serve", str(run), "--port", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(300):
-                try:
-                    if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
-            load(url, files[:16], 4, 2.0)  # warm-up
-            print(f"backend {predictor.backend.name}; Predictor batch throughput {batch_rate:,.0f} img/s on {len(images)} patches")
-            for clients in (1, 16):
-                rate, lat, errors = load(url, files, clients, args.seconds)
-                p50, p99 = np.percentile(lat, [50, 99]) * 1000
-                line = (f"{clients:2d} client(s): {rate:7.1f} req/s (= img/s), p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, "
-                        f"{errors} errors")
-                if clients == 16:
-                    line += f"; served / Predictor = {rate / batch_rate:.2f} (target >= 0.7)"
-                print(line)
-        finally:
-            server.terminate()
-            server.wait(timeout=15)
+        for model in args.models:
+            bench_model(make_run(store, work / "runs", model), paths, args.seconds)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -143,8 +144,31 @@ def test_api_key(tiny_run: Path, patch_files: list[Path]) -> None:
 def test_page_and_openapi(client: TestClient) -> None:
     r = client.get("/")
     assert r.status_code == 200 and "<input id=\"pick\" type=\"file\"" in r.text
-    paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/predict", "/v1/predict/batch", "/health", "/ready", "/v1/model"} <= set(paths)
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/predict/batch", "/health", "/ready", "/v1/model"} <= set(spec["paths"])
+    answer = spec["components"]["schemas"]["PatchPrediction"]["properties"]
+    assert {"label", "prediction", "confidence", "probabilities", "model", "uncertainty"} <= set(answer)
+
+
+def test_in_process_model_answers_the_same(client: TestClient, tiny_run: Path, patch_files: list[Path]) -> None:
+    f = patch_files[2]
+    upload = {"file": (f.name, f.read_bytes(), "image/tiff")}
+    with TestClient(create_app(ServeSettings(str(tiny_run), model_process=False))) as c:
+        assert c.get("/v1/model").json()["backend"] == client.get("/v1/model").json()["backend"]
+        assert c.post("/v1/predict", files=upload).json() == client.post("/v1/predict", files=upload).json()
+
+
+def test_a_dead_model_process_is_reported_then_restarted(tiny_run: Path, patch_files: list[Path]) -> None:
+    f = patch_files[0]
+    with TestClient(create_app(ServeSettings(str(tiny_run)))) as c:
+        os.kill(c.app.state.histoscan.model._proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        deadline = time.time() + 20
+        while c.get("/ready").json()["ready"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert c.get("/ready").json() == {"ready": False} and c.get("/health").status_code == 200
+        r = c.post("/v1/predict", files={"file": (f.name, f.read_bytes(), "image/tiff")})
+        assert r.status_code == 200, r.text
+        assert c.get("/ready").json() == {"ready": True}
 
 
 # ---- a real server process ---------------------------------------------------------------

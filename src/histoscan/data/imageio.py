@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 
 
 class ImageReadError(Exception):
@@ -135,8 +136,8 @@ class TiffTemplate:
         self._ranges = [(lo, hi, header[lo:hi]) for lo, hi in ranges]
 
     @classmethod
-    def learn(cls, path: Path, data: bytes) -> "TiffTemplate | None":
-        """A template from ``path`` when it qualifies, else None."""
+    def learn(cls, data: bytes) -> "TiffTemplate | None":
+        """A template from the bytes of one TIFF when it qualifies, else None."""
         import io
 
         try:
@@ -162,9 +163,8 @@ class TiffTemplate:
         """Pixels of ``data`` when it has the template's layout, else None."""
         if len(data) != self.size:
             return None
-        view = memoryview(data)
         for lo, hi, ref in self._ranges:
-            if view[lo:hi] != ref:
+            if data[lo:hi] != ref:
                 return None
         return np.frombuffer(data, dtype=np.uint8, count=self.nbytes, offset=self.offset).reshape(self.shape).copy()
 
@@ -190,7 +190,7 @@ class FastTiffReader:
                 self.hits += 1
                 return DecodedImage(px, (px.shape[0], px.shape[1]), [])
         img = read_image(p)
-        self.template = TiffTemplate.learn(p, data) or self.template
+        self.template = TiffTemplate.learn(data) or self.template
         return img
 
 
@@ -242,7 +242,7 @@ def decode_bytes(data: bytes, name: str = "upload", max_pixels: int | None = Non
 
     buf = io.BytesIO(data)
     try:
-        if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        if data[:4] in TIFF_MAGICS:
             try:
                 with tifffile.TiffFile(buf) as tif:
                     page = tif.pages[0]

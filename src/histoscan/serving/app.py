@@ -11,9 +11,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from histoscan import __version__
+from histoscan.bundle import read_bundle
 from histoscan.inference.predictor import Predictor
 from histoscan.serving import page, routes_health, routes_predict
 from histoscan.serving.batcher import MicroBatcher
+from histoscan.serving.model_process import ModelProcess, ModelRunner, ModelThread, ModelUnavailable
 from histoscan.serving.state import ServeSettings, ServeState
 from histoscan.serving.uploads import UploadError
 
@@ -23,14 +25,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        predictor = Predictor(settings.run_dir, backend=settings.backend, device=settings.device)
-        batcher = MicroBatcher(predictor, settings.max_batch, settings.max_wait_ms)
+        model = load_model_runner(settings)
+        await model.start()
+        batcher = MicroBatcher(model, settings.max_batch, settings.max_wait_ms, settings.max_in_flight)
         await batcher.start()
-        app.state.histoscan = ServeState(settings, predictor, batcher)
+        app.state.histoscan = ServeState(settings, read_bundle(settings.run_dir), model, batcher)
         try:
             yield
         finally:
             await batcher.stop()
+            await model.stop()
             app.state.histoscan = None
 
     app = FastAPI(title="histoscan", version=__version__, lifespan=lifespan,
@@ -44,6 +48,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @app.exception_handler(UploadError)
     async def upload_error(_: Request, exc: UploadError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content={"error": exc.message})
+
+    @app.exception_handler(ModelUnavailable)
+    async def model_down(_: Request, exc: ModelUnavailable) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"error": str(exc)})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -59,3 +67,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return JSONResponse(status_code=500, content={"error": f"internal error ({type(exc).__name__})"})
 
     return app
+
+
+def load_model_runner(settings: ServeSettings) -> ModelRunner:
+    """The model in a child process (``histoscan serve``), or in a thread of this one."""
+    if settings.model_process:
+        return ModelProcess(settings.run_dir, settings.backend, settings.device, settings.threads)
+    return ModelThread(Predictor(settings.run_dir, backend=settings.backend, device=settings.device,
+                                 threads=settings.threads))

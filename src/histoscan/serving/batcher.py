@@ -1,85 +1,106 @@
-"""Gather concurrent single-image requests into batches for the Predictor."""
+"""Gather concurrent single-image requests into batches for the model."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from histoscan.inference.predictor import Prediction, Predictor
+from histoscan.inference.predictor import Prediction
+from histoscan.serving.model_process import ModelRunner
+
+Result = tuple[np.ndarray, int, "float | None"]
 
 
 @dataclass
 class _Item:
     image: np.ndarray
     tta: bool
-    future: "asyncio.Future[tuple[np.ndarray, int, float | None]]"
+    future: "asyncio.Future[Result]"
 
 
 class MicroBatcher:
-    """A queue drained by one task: up to ``max_batch`` images or ``max_wait_ms``, whichever comes first.
+    """Continuous batching: a waiting request joins the next batch sent to the model.
 
-    The model runs in a worker thread so the event loop keeps accepting requests meanwhile.
+    While up to ``max_in_flight`` batches are with the model, new requests wait; when one
+    comes back, everything waiting (up to ``max_batch``) goes as the next batch. Under load
+    batches grow by themselves and an idle model answers a lone request at once. With
+    ``max_wait_ms`` > 0 a batch smaller than ``max_batch`` waits that long for company first.
     """
 
-    def __init__(self, predictor: Predictor, max_batch: int = 64, max_wait_ms: float = 5.0) -> None:
-        self.predictor, self.max_batch, self.max_wait = predictor, max_batch, max_wait_ms / 1000.0
-        self._queue: asyncio.Queue[_Item] | None = None
-        self._task: asyncio.Task[None] | None = None
+    def __init__(self, model: ModelRunner, max_batch: int = 64, max_wait_ms: float = 0.0, max_in_flight: int = 2) -> None:
+        if max_batch < 1 or max_wait_ms < 0 or max_in_flight < 1:
+            raise ValueError(f"need max_batch >= 1, max_wait_ms >= 0, max_in_flight >= 1; got "
+                             f"{max_batch}, {max_wait_ms}, {max_in_flight}")
+        self.model, self.max_batch, self.max_wait = model, max_batch, max_wait_ms / 1000.0
+        self.max_in_flight = max_in_flight
+        self._pending: deque[_Item] = deque()
+        self._slots: asyncio.Semaphore | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self.batches = 0
+        self.images = 0
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._run())
+        self._slots = asyncio.Semaphore(self.max_in_flight)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in [self._dispatcher, *self._running]:
+            if task is not None:
+                task.cancel()
+        self._dispatcher = None
 
-    async def predict(self, image: np.ndarray, tta: bool = False) -> tuple[np.ndarray, int, float | None]:
+    async def predict(self, image: np.ndarray, tta: bool = False) -> Result:
         """Probabilities, predicted class and (with TTA) uncertainty for one image."""
-        assert self._queue is not None, "MicroBatcher.start() was not called"
-        fut: asyncio.Future[tuple[np.ndarray, int, float | None]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(image, tta, fut))
-        return await fut
+        if self._slots is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Item(image, tta, future))
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.create_task(self._dispatch())
+        return await future
 
     async def predict_many(self, images: Sequence[np.ndarray], tta: bool = False) -> Prediction:
-        """A whole batch request goes straight to the Predictor (it is a batch already)."""
-        return await asyncio.to_thread(self.predictor.predict_batch, list(images), tta)
+        """A whole batch request goes straight to the model (it is a batch already)."""
+        return await self.model.predict(images, tta)
 
-    async def _run(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            items = [await self._queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(items) < self.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    items.append(await asyncio.wait_for(self._queue.get(), timeout))
-                except asyncio.TimeoutError:
-                    break
+    async def _dispatch(self) -> None:
+        assert self._slots is not None
+        while self._pending:
+            await self._slots.acquire()
+            if self.max_wait > 0 and len(self._pending) < self.max_batch:
+                await asyncio.sleep(self.max_wait)
+            items = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+            items = [it for it in items if not it.future.done()]  # clients that went away
+            if not items:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(items))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, items: list[_Item]) -> None:
+        assert self._slots is not None
+        try:
             for tta in (False, True):
                 group = [it for it in items if it.tta == tta]
                 if not group:
                     continue
                 try:
-                    pred = await asyncio.to_thread(self.predictor.predict_batch, [it.image for it in group], tta)
-                except Exception as exc:  # noqa: BLE001 - hand the error to each waiting request
+                    pred = await self.model.predict([it.image for it in group], tta)
+                except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
                     for it in group:
                         if not it.future.done():
                             it.future.set_exception(exc)
                     continue
                 self.batches += 1
+                self.images += len(group)
                 for k, it in enumerate(group):
                     if not it.future.done():
                         unc = None if pred.uncertainty is None else float(pred.uncertainty[k])
                         it.future.set_result((pred.probabilities[k], int(pred.predicted[k]), unc))
+        finally:
+            self._slots.release()

@@ -21,18 +21,18 @@ def health() -> dict[str, str]:
 @router.get("/ready", dependencies=[Depends(require_key)])
 def ready(request: Request) -> dict[str, Any]:
     """The model is loaded and can answer."""
-    loaded = getattr(request.app.state, "histoscan", None) is not None
-    return {"ready": loaded}
+    state = getattr(request.app.state, "histoscan", None)
+    return {"ready": state is not None and state.model.alive}
 
 
 @router.get("/v1/model", dependencies=[Depends(require_key)])
 def model_card(state: ServeState = Depends(get_state)) -> dict[str, Any]:
     """Architecture, classes, input size, threshold, calibration, validation metric, versions."""
-    b = state.predictor.bundle
+    b = state.bundle
     return {
         "model": state.run_name, "architecture": b.architecture, "model_args": b.model_args, "task": b.task,
         "classes": b.classes, "input_size": b.preprocessing.input_size, "image_size": b.preprocessing.image_size,
         "preprocessing": b.preprocessing.to_dict(), "threshold": b.threshold,
         "calibration": {"temperature": b.temperature}, "validation": b.best_metric,
-        "backend": state.predictor.backend.name, "trained_with": b.histoscan_version, "histoscan_version": __version__,
+        "backend": state.model.backend, "trained_with": b.histoscan_version, "histoscan_version": __version__,
     }

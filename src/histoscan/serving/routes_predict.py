@@ -5,24 +5,56 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, UploadFile
+from pydantic import BaseModel, Field
 
 from histoscan.serving.state import ServeState, get_state, require_key
-from histoscan.serving.uploads import UploadError, check_size, decode_upload
+from histoscan.serving.uploads import UploadError, check_size
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_key)])
 
 
+class PatchPrediction(BaseModel):
+    """The answer for one image."""
+
+    label: str = Field(description="Predicted class name.", examples=["tumor"])
+    prediction: int = Field(description="Predicted class index.", examples=[1])
+    confidence: float = Field(description="Probability of the predicted class.", examples=[0.93])
+    probabilities: dict[str, float] = Field(description="Probability of every class.",
+                                            examples=[{"normal": 0.07, "tumor": 0.93}])
+    model: str = Field(description="The served run.")
+    uncertainty: float | None = Field(None, description="Spread of the probability over the 8 TTA views (with ?tta=true).")
+
+
+class BatchEntry(BaseModel):
+    """One file of a batch: a prediction, or the reason the file could not be read."""
+
+    file: str | None = None
+    label: str | None = None
+    prediction: int | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] | None = None
+    model: str | None = None
+    uncertainty: float | None = None
+    error: str | None = Field(None, description="Why this file was refused (the others are still answered).")
+    status: int | None = Field(None, description="The HTTP status this file alone would have got.")
+
+
+class BatchPrediction(BaseModel):
+    """Results in the order the files were sent."""
+
+    results: list[BatchEntry]
+    model: str
+
+
 def answer(state: ServeState, probs: np.ndarray, predicted: int, uncertainty: float | None) -> dict[str, Any]:
-    """The JSON for one image."""
-    classes = state.predictor.classes
-    out: dict[str, Any] = {
+    """The fields of one image's answer."""
+    classes = state.bundle.classes
+    return {
         "label": classes[predicted], "prediction": predicted, "confidence": round(float(probs[predicted]), 6),
         "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs)}, "model": state.run_name,
+        "uncertainty": None if uncertainty is None else round(uncertainty, 6),
     }
-    if uncertainty is not None:
-        out["uncertainty"] = round(uncertainty, 6)
-    return out
 
 
 async def _read(upload: UploadFile, state: ServeState) -> bytes:
@@ -32,34 +64,34 @@ async def _read(upload: UploadFile, state: ServeState) -> bytes:
     return data
 
 
-@router.post("/predict")
-async def predict_one(request: Request, file: UploadFile = File(..., description="A TIFF, PNG or JPEG patch."),
+@router.post("/predict", response_model=PatchPrediction, response_model_exclude_none=True)
+async def predict_one(file: UploadFile = File(..., description="A TIFF, PNG or JPEG patch."),
                       tta: bool = Query(False, description="Average the 8 flips/rotations; adds an uncertainty."),
-                      state: ServeState = Depends(get_state)) -> dict[str, Any]:
+                      state: ServeState = Depends(get_state)) -> PatchPrediction:
     """Classify one patch."""
     data = await _read(file, state)
-    image = decode_upload(data, file.filename or "file", file.content_type)
+    image = state.decode(data, file.filename or "file", file.content_type)
     probs, predicted, unc = await state.batcher.predict(image, tta)
-    return answer(state, probs, predicted, unc)
+    return PatchPrediction(**answer(state, probs, predicted, unc))
 
 
-@router.post("/predict/batch")
+@router.post("/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True)
 async def predict_batch(files: list[UploadFile] = File(..., description="Several patches."),
-                        tta: bool = Query(False), state: ServeState = Depends(get_state)) -> dict[str, Any]:
+                        tta: bool = Query(False), state: ServeState = Depends(get_state)) -> BatchPrediction:
     """Classify many patches; results in the same order, each with its own error if that file was bad."""
     if len(files) > state.settings.max_batch_files:
         raise UploadError(413, f"{len(files)} files is over the batch limit of {state.settings.max_batch_files}")
-    results: list[dict[str, Any]] = [{} for _ in files]
+    results: list[BatchEntry] = [BatchEntry() for _ in files]
     good: list[tuple[int, np.ndarray]] = []
     for i, f in enumerate(files):
         name = f.filename or f"file {i}"
         try:
-            good.append((i, decode_upload(await _read(f, state), name, f.content_type)))
+            good.append((i, state.decode(await _read(f, state), name, f.content_type)))
         except UploadError as exc:
-            results[i] = {"file": name, "error": exc.message, "status": exc.status}
+            results[i] = BatchEntry(file=name, error=exc.message, status=exc.status)
     if good:
         pred = await state.batcher.predict_many([img for _, img in good], tta)
         for k, (i, _) in enumerate(good):
             unc = None if pred.uncertainty is None else float(pred.uncertainty[k])
-            results[i] = {"file": files[i].filename, **answer(state, pred.probabilities[k], int(pred.predicted[k]), unc)}
-    return {"results": results, "model": state.run_name}
+            results[i] = BatchEntry(file=files[i].filename, **answer(state, pred.probabilities[k], int(pred.predicted[k]), unc))
+    return BatchPrediction(results=results, model=state.run_name)

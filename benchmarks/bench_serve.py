@@ -159,7 +159,7 @@ def bench_model(run: Path, paths: list[Path], seconds: float) -> None:
     try:
         load(port, requests[:16], 4, 2.0)  # warm-up
         for clients in (1, 16):
-            pids = {"server": server.pid, "model process": children(server.pid)[0]}
+            pids = {"server": server.pid, **{"model process": pid for pid in children(server.pid)[:1]}}
             cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
             client0, wall0 = time.process_time(), time.perf_counter()
             rate, lat, errors = load(port, requests, clients, seconds)

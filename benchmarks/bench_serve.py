@@ -130,8 +130,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(run: Path, port: int) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen([sys.executable, "-m", "histoscan", "serve", str(run), "--port", str(port)],
+def start_server(run: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen([sys.executable, "-m", "histoscan", "serve", str(run), "--port", str(port), *options],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -148,17 +148,14 @@ def start_server(run: Path, port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError("the server was not ready in 120 s")
 
 
-def bench_model(run: Path, paths: list[Path], seconds: float) -> None:
-    images = [read_image(p).pixels for p in paths]
-    predictor = Predictor(run)  # the same default backend the server picks
-    before = predictor_rate(predictor, images, seconds / 3)
-    port = free_port()
-    requests = [multipart_request(port, p.name, p.read_bytes()) for p in paths]
-    server = start_server(run, port)
-    lines = []
+def serve_and_load(run: Path, port: int, requests: list[bytes], seconds: float, clients_list: tuple[int, ...],
+                   *options: str) -> list[tuple[object, float, float, float, int, str]]:
+    """Start the server, post with each number of clients, stop it; one line of figures per load."""
+    server = start_server(run, port, *options)
+    lines: list[tuple[object, float, float, float, int, str]] = []
     try:
         load(port, requests[:16], 4, 2.0)  # warm-up
-        for clients in (1, 16):
+        for clients in clients_list:
             pids = {"server": server.pid, **{"model process": pid for pid in children(server.pid)[:1]}}
             cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
             client0, wall0 = time.process_time(), time.perf_counter()
@@ -167,18 +164,30 @@ def bench_model(run: Path, paths: list[Path], seconds: float) -> None:
             used = {k: (cpu_seconds(p) - cpu0[k]) / wall for k, p in pids.items()}
             used["clients"] = (time.process_time() - client0) / wall
             p50, p99 = np.percentile(lat, [50, 99]) * 1000
-            cpu = ", ".join(f"{k} {v:.2f}" for k, v in used.items())
-            lines.append((clients, rate, p50, p99, errors, cpu))
+            lines.append((clients, rate, float(p50), float(p99), errors, ", ".join(f"{k} {v:.2f}" for k, v in used.items())))
     finally:
         server.terminate()
         server.wait(timeout=30)
+    return lines
+
+
+def bench_model(run: Path, paths: list[Path], seconds: float, in_process: bool) -> None:
+    images = [read_image(p).pixels for p in paths]
+    predictor = Predictor(run)  # the same default backend the server picks
+    before = predictor_rate(predictor, images, seconds / 3)
+    port = free_port()
+    requests = [multipart_request(port, p.name, p.read_bytes()) for p in paths]
+    lines = serve_and_load(run, port, requests, seconds, (1, 16))
+    if in_process:  # the same server with the model in a thread of its own process
+        lines += [("in-process", *line[1:]) for line in serve_and_load(run, port, requests, seconds, (16,), "--in-process")]
     after = predictor_rate(predictor, images, seconds / 3)
     reference = (before + after) / 2
     print(f"{run.name} ({predictor.backend.name}): Predictor {reference:,.0f} img/s on {len(images)} patches "
           f"(before {before:,.0f}, after {after:,.0f})")
     for clients, rate, p50, p99, errors, cpu in lines:
-        line = f"  {clients:2d} client(s): {rate:7.1f} req/s (= img/s), p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, {errors} errors"
-        if clients == 16:
+        who = f"{clients:2d} client(s)" if clients != "in-process" else "16 clients, --in-process"
+        line = f"  {who}: {rate:7.1f} req/s (= img/s), p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, {errors} errors"
+        if clients != 1:
             line += f"; served / Predictor = {rate / reference:.2f} (target >= 0.7)"
         print(line + f"\n      CPU cores busy: {cpu}")
 
@@ -189,6 +198,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512, help="Patches posted (and given to the Predictor).")
     ap.add_argument("--models", nargs="*", default=["cpu-default", "resnet18"],
                     help="Shipped config names or architectures.")
+    ap.add_argument("--no-in-process", action="store_true", help="Skip the 16-client run with --in-process.")
     args = ap.parse_args()
     hcd = shared_or_exit("hcd")
     print(f"{os.cpu_count()} CPU cores")
@@ -197,7 +207,7 @@ def main() -> None:
         store = ingest(hcd, work / "store").store
         paths = sorted((hcd / "train").glob("*.tif"))[: args.n]
         for model in args.models:
-            bench_model(make_run(store, work / "runs", model), paths, args.seconds)
+            bench_model(make_run(store, work / "runs", model), paths, args.seconds, not args.no_in_process)
 
 
 if __name__ == "__main__":

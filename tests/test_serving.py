@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -178,14 +179,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def live_server(tiny_run: Path) -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "histoscan", "serve", str(tiny_run), "--port", str(port), "--backend", "torch"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+@contextmanager
+def _server(run: Path, *options: str) -> Iterator[str]:
+    """``histoscan serve RUN OPTIONS`` as a real process on a free port, until the block ends."""
     import httpx
 
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "histoscan", "serve", str(run), "--port", str(port), *options],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
@@ -206,6 +208,24 @@ def live_server(tiny_run: Path) -> Iterator[str]:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_run: Path) -> Iterator[str]:
+    with _server(tiny_run, "--backend", "torch") as url:
+        yield url
+
+
+def test_serve_options_reach_the_server(tiny_run: Path, patch_files: list[Path]) -> None:
+    import httpx
+
+    f = patch_files[3]
+    want = Predictor(tiny_run, backend="torch").predict_batch([read_image(f).pixels])
+    with _server(tiny_run, "--backend", "torch", "--in-process", "--no-access-log", "--max-wait-ms", "2",
+                 "--max-batch", "4", "--threads", "1") as url:
+        r = httpx.post(url + "/v1/predict", files={"file": (f.name, f.read_bytes(), "image/tiff")}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["probabilities"]["tumor"] == pytest.approx(float(want.probabilities[0, 1]), abs=1e-5)
 
 
 def test_live_server_under_16_concurrent_clients(live_server: str, tiny_run: Path, patch_files: list[Path]) -> None:

@@ -164,7 +164,7 @@ class ModelProcess:
         return self._proc is not None and self._proc.returncode is None
 
     async def start(self) -> None:
-        """Start the child and wait until its model is loaded (ConfigError-like RuntimeError if it cannot)."""
+        """Start the child and wait until its model is loaded (ModelUnavailable, with the reason, if it cannot)."""
         cmd = [sys.executable, "-m", "histoscan.serving.model_process", self.run_dir, "--backend", self.backend_choice,
                "--device", self.device, "--threads", str(self.threads or 0)]
         self._proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE,

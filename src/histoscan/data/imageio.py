@@ -176,6 +176,20 @@ class FastTiffReader:
         self.template: TiffTemplate | None = None
         self.hits = 0
 
+    def fast(self, data: bytes) -> np.ndarray | None:
+        """Pixels of ``data`` when it is a TIFF laid out like the learned one, else None."""
+        if self.template is None or data[:4] not in TIFF_MAGICS:
+            return None
+        pixels = self.template.match(data)
+        if pixels is not None:
+            self.hits += 1
+        return pixels
+
+    def learn(self, data: bytes) -> None:
+        """Take ``data``'s layout as the template when it qualifies (else keep the current one)."""
+        if data[:4] in TIFF_MAGICS:
+            self.template = TiffTemplate.learn(data) or self.template
+
     def __call__(self, path: str | Path) -> DecodedImage:
         p = Path(path)
         if p.suffix.lower() not in TIFF_SUFFIXES:
@@ -184,13 +198,11 @@ class FastTiffReader:
             data = p.read_bytes()
         except OSError as exc:
             raise ImageReadError(f"{type(exc).__name__}: {exc}") from exc
-        if self.template is not None:
-            px = self.template.match(data)
-            if px is not None:
-                self.hits += 1
-                return DecodedImage(px, (px.shape[0], px.shape[1]), [])
+        px = self.fast(data)
+        if px is not None:
+            return DecodedImage(px, (px.shape[0], px.shape[1]), [])
         img = read_image(p)
-        self.template = TiffTemplate.learn(data) or self.template
+        self.learn(data)
         return img
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from histoscan.data.imageio import TIFF_MAGICS, ImageReadError, TiffTemplate, decode_bytes
+from histoscan.data.imageio import FastTiffReader, ImageReadError, decode_bytes
 
 ALLOWED_TYPES = ("image/tiff", "image/png", "image/jpeg", "image/jpg", "image/x-tiff", "application/octet-stream", "")
 MAX_PIXELS = 50_000_000  # a patch service has no use for gigapixel uploads (decompression-bomb guard)
@@ -44,7 +44,7 @@ def check_type(name: str, content_type: str | None) -> None:
 
 
 class UploadDecoder:
-    """``decode_upload`` with a fast path for TIFFs laid out like the last one it learned.
+    """``decode_upload`` with a fast path for TIFFs laid out like the last one it decoded in full.
 
     Clients of one dataset send TIFFs written by one program (every Kaggle HCD patch has the
     same 27 kB layout): once such a file has been decoded fully, the next ones whose every
@@ -53,18 +53,16 @@ class UploadDecoder:
     """
 
     def __init__(self) -> None:
-        self.template: TiffTemplate | None = None
-        self.hits = 0
+        self.tiffs = FastTiffReader()
+
+    @property
+    def hits(self) -> int:
+        return self.tiffs.hits
 
     def __call__(self, data: bytes, name: str, content_type: str | None) -> np.ndarray:
-        template = self.template
-        if template is not None and data[:4] in TIFF_MAGICS:
-            check_type(name, content_type)
-            pixels = template.match(data)
-            if pixels is not None:
-                self.hits += 1
-                return pixels
-        pixels = decode_upload(data, name, content_type)
-        if data[:4] in TIFF_MAGICS:
-            self.template = TiffTemplate.learn(data) or self.template
+        check_type(name, content_type)
+        pixels = self.tiffs.fast(data)
+        if pixels is None:
+            pixels = decode_upload(data, name, content_type)
+            self.tiffs.learn(data)
         return pixels

@@ -41,8 +41,6 @@ class MicroBatcher:
         self._slots: asyncio.Semaphore | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self.batches = 0
-        self.images = 0
 
     async def start(self) -> None:
         self._slots = asyncio.Semaphore(self.max_in_flight)
@@ -96,8 +94,6 @@ class MicroBatcher:
                         if not it.future.done():
                             it.future.set_exception(exc)
                     continue
-                self.batches += 1
-                self.images += len(group)
                 for k, it in enumerate(group):
                     if not it.future.done():
                         unc = None if pred.uncertainty is None else float(pred.uncertainty[k])

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import rss_mb  # noqa: E402
-
-from histoscan.data.synthetic import write_synthetic_store  # noqa: E402
-from histoscan.eda.report import run_eda  # noqa: E402
+from _common import rss_mb
+from histoscan.data.synthetic import write_synthetic_store
+from histoscan.eda.report import run_eda
 
 
 def main() -> None:
@@ -37,13 +36,16 @@ def main() -> None:
         def progress(total: int):  # sample RSS while the per-patch pass streams the store
             def advance(n: int) -> None:
                 peak[0] = max(peak[0], rss_mb())
+
             return advance
 
         r = run_eda(store, Path(tmp) / "eda", sample=args.sample, progress=progress)
         peak[0] = max(peak[0], rss_mb())
-        print(f"eda on {args.n:,} patches: {r.seconds:.1f} s (aim < 60 s), {len(r.figures)} figures; "
-              f"RSS growth {peak[0] - before:.0f} MB at the peak of the per-patch pass, {rss_mb() - before:.0f} MB at the end "
-              f"(aim < 500 MB)")
+        print(
+            f"eda on {args.n:,} patches: {r.seconds:.1f} s (aim < 60 s), {len(r.figures)} figures; "
+            f"RSS growth {peak[0] - before:.0f} MB at the peak of the per-patch pass, {rss_mb() - before:.0f} MB at the end "
+            f"(aim < 500 MB)"
+        )
         print(f"quality: {r.summary['quality']}, counts {r.summary['counts']}")
 
 

@@ -23,12 +23,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import rss_mb, shared_or_exit  # noqa: E402
-
-from histoscan.data.ingest import default_workers, ingest  # noqa: E402
-from histoscan.data.store import PatchStore  # noqa: E402
-from histoscan.data.synthetic import write_synthetic_store  # noqa: E402
-from histoscan.data.transforms import ColorJitter, RandomDihedral, to_float_nchw  # noqa: E402
+from _common import rss_mb, shared_or_exit
+from histoscan.data.ingest import default_workers, ingest
+from histoscan.data.store import PatchStore
+from histoscan.data.synthetic import write_synthetic_store
+from histoscan.data.transforms import ColorJitter, RandomDihedral, to_float_nchw
 
 
 def pillow_loop(paths: list[Path]) -> list[np.ndarray]:
@@ -52,8 +51,10 @@ def bench_ingest(repeats: int, work: Path) -> None:
         ours.append(res.report["stored"] / (time.perf_counter() - t))
         shutil.rmtree(out)
     b, o = max(base), max(ours)
-    print(f"ingest hcd ({len(paths)} tif, {default_workers()} workers): {o:,.0f} img/s; "
-          f"Pillow loop: {b:,.0f} img/s; ratio {o / b:.2f} (target >= 1.6)")
+    print(
+        f"ingest hcd ({len(paths)} tif, {default_workers()} workers): {o:,.0f} img/s; "
+        f"Pillow loop: {b:,.0f} img/s; ratio {o / b:.2f} (target >= 1.6)"
+    )
 
 
 def bench_stream(n: int, work: Path, seconds: float) -> None:
@@ -75,13 +76,15 @@ def bench_stream(n: int, work: Path, seconds: float) -> None:
     while time.perf_counter() - t < seconds or pos < 256 * 20:
         if pos + 256 > n:
             perm, pos = rng.permutation(n), 0
-        x = colour(dihedral(to_float_nchw(store.batch(perm[pos:pos + 256])), gen), gen)
+        x = colour(dihedral(to_float_nchw(store.batch(perm[pos : pos + 256])), gen), gen)
         pos += 256
         done += x.shape[0]
         peak = max(peak, rss_mb())
     dt = time.perf_counter() - t
-    print(f"random batches of 256 + dihedral + colour jitter: {done / dt:,.0f} img/s over {done:,} images "
-          f"({torch.get_num_threads()} torch threads; target >= 5,000); RSS growth {peak - rss0:.0f} MB (target < 300 MB)")
+    print(
+        f"random batches of 256 + dihedral + colour jitter: {done / dt:,.0f} img/s over {done:,} images "
+        f"({torch.get_num_threads()} torch threads; target >= 5,000); RSS growth {peak - rss0:.0f} MB (target < 300 MB)"
+    )
 
 
 def main() -> None:

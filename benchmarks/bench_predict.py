@@ -21,14 +21,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit  # noqa: E402
-
-from histoscan.data.ingest import ingest  # noqa: E402
-from histoscan.inference.export import export_onnx  # noqa: E402
-from histoscan.inference.predict import predict_input, write_predictions  # noqa: E402
-from histoscan.inference.predictor import Predictor  # noqa: E402
-from histoscan.training.config import TrainConfig, resolve_config_path  # noqa: E402
-from histoscan.training.fit import train  # noqa: E402
+from _common import shared_or_exit
+from histoscan.data.ingest import ingest
+from histoscan.inference.export import export_onnx
+from histoscan.inference.predict import predict_input, write_predictions
+from histoscan.inference.predictor import Predictor
+from histoscan.training.config import TrainConfig, resolve_config_path
+from histoscan.training.fit import train
 
 
 def backend_alone(predictor: Predictor, tensors: list[torch.Tensor]) -> float:
@@ -56,9 +55,17 @@ def main() -> None:
             (folder / f.name).symlink_to(f.resolve())
             f.read_bytes()  # page cache warm for every contender
         store = ingest(hcd, work / "store").store
-        cfg = TrainConfig.from_yaml(resolve_config_path("cpu-default"), {
-            "data": str(store), "out": str(work / "runs"), "name": "bench", "max_epochs": 1, "limit_train_batches": 20,
-            "progress": False})
+        cfg = TrainConfig.from_yaml(
+            resolve_config_path("cpu-default"),
+            {
+                "data": str(store),
+                "out": str(work / "runs"),
+                "name": "bench",
+                "max_epochs": 1,
+                "limit_train_batches": 20,
+                "progress": False,
+            },
+        )
         run = train(cfg, printer=lambda *_: None).run_dir
         export_onnx(run)
         torch_p = Predictor(run, backend="torch", batch_size=args.batch)
@@ -67,9 +74,11 @@ def main() -> None:
 
         images = np.concatenate([b.images for b in file_batches(files, folder, (96, 96), args.batch, 1)])
         pre = torch_p.bundle.preprocessing
-        tensors = [pre(images[i:i + args.batch]) for i in range(0, len(images), args.batch)]
-        print(f"{len(files)} patches, model {cfg.model} {cfg.model_args} crop {cfg.crop}, batch {args.batch}, "
-              f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+        tensors = [pre(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
+        print(
+            f"{len(files)} patches, model {cfg.model} {cfg.model_args} crop {cfg.crop}, batch {args.batch}, "
+            f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+        )
         for name, predictor in (("torch", torch_p), ("onnx", onnx_p)):
             alone, e2e = [], []
             for _ in range(args.repeats):
@@ -79,7 +88,9 @@ def main() -> None:
                 write_predictions(table, work / f"{name}.csv")
                 e2e.append(len(table.ids) / (time.perf_counter() - t))
             a, e = max(alone), max(e2e)
-            print(f"(a) {name:5s}: end to end over the folder {e:7.0f} img/s; backend alone {a:7.0f} img/s; ratio {e / a:.2f} (target >= 0.8)")
+            print(
+                f"(a) {name:5s}: end to end over the folder {e:7.0f} img/s; backend alone {a:7.0f} img/s; ratio {e / a:.2f} (target >= 0.8)"
+            )
             if name == "torch":
                 torch_alone = a
             else:

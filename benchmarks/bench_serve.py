@@ -31,23 +31,29 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit  # noqa: E402
-
-from histoscan.data.imageio import read_image  # noqa: E402
-from histoscan.data.ingest import ingest  # noqa: E402
-from histoscan.inference.export import export_onnx  # noqa: E402
-from histoscan.inference.predictor import Predictor  # noqa: E402
-from histoscan.training.config import TrainConfig, resolve_config_path  # noqa: E402
-from histoscan.training.fit import train  # noqa: E402
+from _common import shared_or_exit
+from histoscan.data.imageio import read_image
+from histoscan.data.ingest import ingest
+from histoscan.inference.export import export_onnx
+from histoscan.inference.predictor import Predictor
+from histoscan.training.config import TrainConfig, resolve_config_path
+from histoscan.training.fit import train
 
 
 def make_run(store: Path, out: Path, model: str) -> Path:
     """A run of ``model`` (a shipped config name or an architecture) trained for a few steps, exported to ONNX."""
-    quick = {"data": str(store), "out": str(out), "name": model, "max_epochs": 1, "limit_train_batches": 5,
-             "progress": False, "early_stopping": None}
+    quick = {
+        "data": str(store),
+        "out": str(out),
+        "name": model,
+        "max_epochs": 1,
+        "limit_train_batches": 5,
+        "progress": False,
+        "early_stopping": None,
+    }
     try:
         cfg = TrainConfig.from_yaml(resolve_config_path(model), quick)
-    except Exception:  # noqa: BLE001 - not a config name: an architecture from scratch
+    except Exception:
         cfg = TrainConfig(model=model, pretrained=False, **quick)  # type: ignore[arg-type]
     run = train(cfg, printer=lambda *_: None).run_dir
     export_onnx(run)
@@ -68,14 +74,24 @@ def predictor_rate(predictor: Predictor, images: list[np.ndarray], seconds: floa
 def multipart_request(port: int, name: str, data: bytes) -> bytes:
     """The bytes of one POST /v1/predict with ``data`` as the multipart field ``file``."""
     boundary = uuid.uuid4().hex
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-            f"Content-Type: image/tiff\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: image/tiff\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
-async def _client(port: int, requests: list[bytes], first: int, stop: float, latencies: list[float], statuses: list[int]) -> None:
+async def _client(
+    port: int, requests: list[bytes], first: int, stop: float, latencies: list[float], statuses: list[int]
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     k = first
     try:
@@ -84,8 +100,14 @@ async def _client(port: int, requests: list[bytes], first: int, stop: float, lat
             writer.write(requests[k % len(requests)])
             k += 1
             head = await reader.readuntil(b"\r\n\r\n")
-            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), None)
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                None,
+            )
             if length is None:
                 raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
             await reader.readexactly(length)
@@ -102,7 +124,9 @@ def load(port: int, requests: list[bytes], clients: int, seconds: float) -> tupl
 
     async def run() -> float:
         start = time.perf_counter()
-        await asyncio.gather(*(_client(port, requests, i * 7, start + seconds, latencies, statuses) for i in range(clients)))
+        await asyncio.gather(
+            *(_client(port, requests, i * 7, start + seconds, latencies, statuses) for i in range(clients))
+        )
         return time.perf_counter() - start
 
     elapsed = asyncio.run(run())
@@ -131,8 +155,11 @@ def free_port() -> int:
 
 
 def start_server(run: Path, port: int, *options: str) -> subprocess.Popen[bytes]:
-    server = subprocess.Popen([sys.executable, "-m", "histoscan", "serve", str(run), "--port", str(port), *options],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "histoscan", "serve", str(run), "--port", str(port), *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -148,15 +175,17 @@ def start_server(run: Path, port: int, *options: str) -> subprocess.Popen[bytes]
     raise RuntimeError("the server was not ready in 120 s")
 
 
-def serve_and_load(run: Path, port: int, requests: list[bytes], seconds: float, clients_list: tuple[int, ...],
-                   *options: str) -> list[tuple[object, float, float, float, int, str]]:
+def serve_and_load(
+    run: Path, port: int, requests: list[bytes], seconds: float, clients_list: tuple[int, ...], *options: str
+) -> list[tuple[object, float, float, float, int, str]]:
     """Start the server, post with each number of clients, stop it; one line of figures per load."""
     server = start_server(run, port, *options)
     lines: list[tuple[object, float, float, float, int, str]] = []
     try:
         load(port, requests[:16], 4, 2.0)  # warm-up
         for clients in clients_list:
-            pids = {"server": server.pid, **{"model process": pid for pid in children(server.pid)[:1]}}
+            kids = children(server.pid)[:1]
+            pids = {"server": server.pid, **({"model process": kids[0]} if kids else {})}
             cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
             client0, wall0 = time.process_time(), time.perf_counter()
             rate, lat, errors = load(port, requests, clients, seconds)
@@ -164,7 +193,9 @@ def serve_and_load(run: Path, port: int, requests: list[bytes], seconds: float, 
             used = {k: (cpu_seconds(p) - cpu0[k]) / wall for k, p in pids.items()}
             used["clients"] = (time.process_time() - client0) / wall
             p50, p99 = np.percentile(lat, [50, 99]) * 1000
-            lines.append((clients, rate, float(p50), float(p99), errors, ", ".join(f"{k} {v:.2f}" for k, v in used.items())))
+            lines.append(
+                (clients, rate, float(p50), float(p99), errors, ", ".join(f"{k} {v:.2f}" for k, v in used.items()))
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -179,11 +210,15 @@ def bench_model(run: Path, paths: list[Path], seconds: float, in_process: bool) 
     requests = [multipart_request(port, p.name, p.read_bytes()) for p in paths]
     lines = serve_and_load(run, port, requests, seconds, (1, 16))
     if in_process:  # the same server with the model in a thread of its own process
-        lines += [("in-process", *line[1:]) for line in serve_and_load(run, port, requests, seconds, (16,), "--in-process")]
+        lines += [
+            ("in-process", *line[1:]) for line in serve_and_load(run, port, requests, seconds, (16,), "--in-process")
+        ]
     after = predictor_rate(predictor, images, seconds / 3)
     reference = (before + after) / 2
-    print(f"{run.name} ({predictor.backend.name}): Predictor {reference:,.0f} img/s on {len(images)} patches "
-          f"(before {before:,.0f}, after {after:,.0f})")
+    print(
+        f"{run.name} ({predictor.backend.name}): Predictor {reference:,.0f} img/s on {len(images)} patches "
+        f"(before {before:,.0f}, after {after:,.0f})"
+    )
     for clients, rate, p50, p99, errors, cpu in lines:
         who = f"{clients:2d} client(s)" if clients != "in-process" else "16 clients, --in-process"
         line = f"  {who}: {rate:7.1f} req/s (= img/s), p50 {p50:6.1f} ms, p99 {p99:6.1f} ms, {errors} errors"
@@ -196,8 +231,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--n", type=int, default=512, help="Patches posted (and given to the Predictor).")
-    ap.add_argument("--models", nargs="*", default=["cpu-default", "resnet18"],
-                    help="Shipped config names or architectures.")
+    ap.add_argument(
+        "--models", nargs="*", default=["cpu-default", "resnet18"], help="Shipped config names or architectures."
+    )
     ap.add_argument("--no-in-process", action="store_true", help="Skip the 16-client run with --in-process.")
     args = ap.parse_args()
     hcd = shared_or_exit("hcd")

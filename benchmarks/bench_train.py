@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from histoscan.data.synthetic import write_synthetic_store  # noqa: E402
-from histoscan.models import create_model  # noqa: E402
-from histoscan.training.config import TrainConfig  # noqa: E402
-from histoscan.training.fit import keep_freed_memory, train  # noqa: E402
+from histoscan.data.synthetic import write_synthetic_store
+from histoscan.models import create_model
+from histoscan.training.config import TrainConfig
+from histoscan.training.fit import keep_freed_memory, train
 
 
 def bare_loop(model_name: str, batch: int, steps: int, size: int) -> float:
@@ -50,9 +50,21 @@ def bare_loop(model_name: str, batch: int, steps: int, size: int) -> float:
 
 def full_pipeline(model_name: str, store: Path, out: Path, batch: int, steps: int, tag: str) -> float:
     """Images/s of histoscan's training steps (as logged in metrics.csv: steps only, not validation)."""
-    cfg = TrainConfig(data=str(store), out=str(out), name=f"{model_name}-{tag}", model=model_name, batch_size=batch,
-                      max_epochs=2, limit_train_batches=steps, val=0.02, test=0.0, augment="light",
-                      early_stopping=None, progress=False, schedule="constant")
+    cfg = TrainConfig(
+        data=str(store),
+        out=str(out),
+        name=f"{model_name}-{tag}",
+        model=model_name,
+        batch_size=batch,
+        max_epochs=2,
+        limit_train_batches=steps,
+        val=0.02,
+        test=0.0,
+        augment="light",
+        early_stopping=None,
+        progress=False,
+        schedule="constant",
+    )
     run = train(cfg, printer=lambda *_: None).run_dir
     with (run / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
@@ -76,7 +88,9 @@ def main() -> None:
                 bare.append(bare_loop(name, args.batch, args.steps, 96))
                 full.append(full_pipeline(name, store, Path(tmp) / "runs", args.batch, args.steps, f"r{r}"))
             b, f = max(bare), max(full)
-            print(f"{name:12s} full pipeline {f:7.1f} img/s   bare loop {b:7.1f} img/s   ratio {f / b:.2f} (target >= 0.9)")
+            print(
+                f"{name:12s} full pipeline {f:7.1f} img/s   bare loop {b:7.1f} img/s   ratio {f / b:.2f} (target >= 0.9)"
+            )
 
 
 if __name__ == "__main__":

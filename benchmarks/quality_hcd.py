@@ -22,14 +22,13 @@ import yaml
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit  # noqa: E402
-
-from histoscan.data.ingest import ingest  # noqa: E402
-from histoscan.data.splits import read_split  # noqa: E402
-from histoscan.data.store import PatchStore  # noqa: E402
-from histoscan.inference.predictor import Predictor  # noqa: E402
-from histoscan.training.config import TrainConfig, resolve_config_path  # noqa: E402
-from histoscan.training.fit import train  # noqa: E402
+from _common import shared_or_exit
+from histoscan.data.ingest import ingest
+from histoscan.data.splits import read_split
+from histoscan.data.store import PatchStore
+from histoscan.inference.predictor import Predictor
+from histoscan.training.config import TrainConfig, resolve_config_path
+from histoscan.training.fit import train
 
 
 def main() -> None:
@@ -44,9 +43,16 @@ def main() -> None:
     work = Path(args.out or tmp.name)
     store_path = Path(args.store) if args.store else ingest(shared_or_exit("hcd"), work / "store").store
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    overrides.update(data=str(store_path), out=str(work / "runs"), name=f"quality-{int(time.time())}", seed=0,
-                     val=0.1, test=0.1, max_time=args.minutes,
-                     progress=False)
+    overrides.update(
+        data=str(store_path),
+        out=str(work / "runs"),
+        name=f"quality-{int(time.time())}",
+        seed=0,
+        val=0.1,
+        test=0.1,
+        max_time=args.minutes,
+        progress=False,
+    )
     cfg = TrainConfig.from_yaml(resolve_config_path(args.config), overrides)
     print(f"config: {args.config} + {overrides}")
     result = train(cfg)
@@ -57,11 +63,17 @@ def main() -> None:
     split = read_split(result.run_dir / "split.csv", store)
     test = store.subset(np.flatnonzero(split == "test"))
     probs = Predictor(result.run_dir, backend="torch").predict_store(test).probabilities[:, 1]
-    print(f"epochs: {len(rows)} in {result.seconds / 60:.1f} min; mean train throughput "
-          f"{np.mean([float(r['images_per_s']) for r in rows]):.0f} img/s")
-    print(f"best epoch {best['epoch']}: val AUROC {float(best['val_auroc']):.4f}, val accuracy {float(best['val_acc']):.4f}")
-    print(f"test (held out, {len(test)} patches): AUROC {roc_auc_score(test.labels, probs):.4f}, "
-          f"accuracy {accuracy_score(test.labels, probs >= 0.5):.4f}")
+    print(
+        f"epochs: {len(rows)} in {result.seconds / 60:.1f} min; mean train throughput "
+        f"{np.mean([float(r['images_per_s']) for r in rows]):.0f} img/s"
+    )
+    print(
+        f"best epoch {best['epoch']}: val AUROC {float(best['val_auroc']):.4f}, val accuracy {float(best['val_acc']):.4f}"
+    )
+    print(
+        f"test (held out, {len(test)} patches): AUROC {roc_auc_score(test.labels, probs):.4f}, "
+        f"accuracy {accuracy_score(test.labels, probs >= 0.5):.4f}"
+    )
     print(f"run folder: {result.run_dir}")
 
 

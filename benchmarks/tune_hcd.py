@@ -18,10 +18,9 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit  # noqa: E402
-
-from histoscan.data.ingest import ingest  # noqa: E402
-from histoscan.tuning.study import TuneSettings, tune  # noqa: E402
+from _common import shared_or_exit
+from histoscan.data.ingest import ingest
+from histoscan.tuning.study import TuneSettings, tune
 
 
 def main() -> None:
@@ -37,16 +36,32 @@ def main() -> None:
         root = Path(args.out or tmp)
         store = Path(args.store) if args.store else ingest(shared_or_exit("hcd"), root / "hcd-store", force=True).store
         rows = []
-        for label, sampler, pruner in (("TPE + Hyperband", "tpe", "hyperband"), ("random, no pruning", "random", "none")):
+        for label, sampler, pruner in (
+            ("TPE + Hyperband", "tpe", "hyperband"),
+            ("random, no pruning", "random", "none"),
+        ):
             started = time.perf_counter()
-            r = tune(TuneSettings(data=str(store), space=args.space, trials=10_000, timeout=args.minutes,
-                                  study=f"{sampler}-{pruner}", out=str(root / "studies"), sampler=sampler, pruner=pruner,
-                                  overrides=overrides), printer=print)
+            r = tune(
+                TuneSettings(
+                    data=str(store),
+                    space=args.space,
+                    trials=10_000,
+                    timeout=args.minutes,
+                    study=f"{sampler}-{pruner}",
+                    out=str(root / "studies"),
+                    sampler=sampler,
+                    pruner=pruner,
+                    overrides=overrides,
+                ),
+                printer=print,
+            )
             rows.append((label, r, time.perf_counter() - started))
         print(f"\n{args.space} space on {store} ({args.minutes:g} minutes each, 2 cores):")
         for label, r, seconds in rows:
-            print(f"  {label:20s} complete {r.counts['complete']:3d}  pruned {r.counts['pruned']:3d}  failed {r.counts['fail']:2d}  "
-                  f"best val AUROC {r.best_value if r.best_value is not None else float('nan'):.4f}  ({seconds / 60:.1f} min)")
+            print(
+                f"  {label:20s} complete {r.counts['complete']:3d}  pruned {r.counts['pruned']:3d}  failed {r.counts['fail']:2d}  "
+                f"best val AUROC {r.best_value if r.best_value is not None else float('nan'):.4f}  ({seconds / 60:.1f} min)"
+            )
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -56,9 +57,21 @@ def tiny_run(kaggle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
     root = tmp_path_factory.mktemp("tinyrun")
     store = ingest(kaggle_dir, root / "store", workers=1).store
-    cfg = TrainConfig(data=str(store), out=str(root / "runs"), name="tiny", model="simple_cnn",
-                      model_args={"batch_norm": True}, resize=48, batch_size=32, max_epochs=2, lr=3e-3,
-                      progress=False, early_stopping=None, val=0.2, test=0.1)
+    cfg = TrainConfig(
+        data=str(store),
+        out=str(root / "runs"),
+        name="tiny",
+        model="simple_cnn",
+        model_args={"batch_norm": True},
+        resize=48,
+        batch_size=32,
+        max_epochs=2,
+        lr=3e-3,
+        progress=False,
+        early_stopping=None,
+        val=0.2,
+        test=0.1,
+    )
     return train(cfg, printer=lambda *_: None).run_dir
 
 
@@ -68,14 +81,25 @@ def headless_chrome() -> Iterator[Any]:
     chrome = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     driver = shutil.which("chromedriver")
     if not chrome or not driver:
-        pytest.skip("headless Chromium and chromedriver are not installed (.ci/run installs Debian's chromium and chromium-driver)")
+        pytest.skip(
+            "headless Chromium and chromedriver are not installed (.ci/run installs Debian's chromium and chromium-driver)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = chrome
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ):
         opts.add_argument(flag)
     browser = webdriver.Chrome(service=Service(driver), options=opts)
     try:
@@ -87,7 +111,6 @@ def headless_chrome() -> Iterator[Any]:
 def assert_images_load(browser: Any, html_file: Path, expected: int) -> None:
     """Open a local HTML report and check every <img> decoded (naturalWidth > 0)."""
     browser.get(html_file.resolve().as_uri())
-    widths = browser.execute_script(
-        "return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);")
+    widths = browser.execute_script("return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0);")
     assert len(widths) == expected, f"{html_file}: {len(widths)} images, expected {expected}"
     assert all(w > 0 for w in widths), f"{html_file}: some figures did not load: {widths}"

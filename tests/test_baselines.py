@@ -60,8 +60,9 @@ def test_baselines_on_real_hcd_beat_chance(tmp_path: Path) -> None:
     store = ingest(shared("hcd"), tmp_path / "hcd", workers=2).store
     view = PatchStore(store)
     assert extract(view.subset(np.arange(10)), "colour").shape == (10, 83)
-    res = CliRunner().invoke(app, ["baselines", str(store), str(tmp_path / "b"), "--models", "logreg,rf",
-                                   "--features", "colour"])
+    res = CliRunner().invoke(
+        app, ["baselines", str(store), str(tmp_path / "b"), "--models", "logreg,rf", "--features", "colour"]
+    )
     assert res.exit_code == 0, res.output
     for name in ("logreg-colour", "rf-colour"):
         m = json.loads((tmp_path / "b" / name / "eval" / "metrics.json").read_text())["metrics"]

@@ -15,7 +15,15 @@ runner = CliRunner()
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     res = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--n", "200", "--epochs", "2"])
     assert res.exit_code == 0, res.output
-    for word in ("packed store", "data report", "run folder", "evaluation report", "ONNX model", "Kaggle submission", "AUROC"):
+    for word in (
+        "packed store",
+        "data report",
+        "run folder",
+        "evaluation report",
+        "ONNX model",
+        "Kaggle submission",
+        "AUROC",
+    ):
         assert word in res.output
     assert (tmp_path / "demo" / "eda" / "report.html").is_file()
     assert (tmp_path / "demo" / "runs" / "demo-0" / "eval" / "report.html").is_file()

@@ -7,9 +7,9 @@ import gzip
 import hashlib
 import shutil
 import threading
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -79,7 +79,9 @@ def test_unreachable_server_and_bad_split(tmp_path: Path) -> None:
         download_pcam(tmp_path / "p", splits=["validation"])
 
 
-def test_cli_download_checks_md5_against_the_official_sums(mirror: tuple[str, list[RemoteFile]], tmp_path: Path) -> None:
+def test_cli_download_checks_md5_against_the_official_sums(
+    mirror: tuple[str, list[RemoteFile]], tmp_path: Path
+) -> None:
     """The fixture files are not the real PCam files, so the CLI (official md5s) must refuse them."""
     from typer.testing import CliRunner
 

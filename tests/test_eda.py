@@ -48,7 +48,7 @@ def test_patch_stats_find_planted_problems(odd_store: Path) -> None:
     store = PatchStore(odd_store)
     s = st.patch_stats(store)
     ids = list(store.ids)
-    order = sorted((p for p in (odd_store.parent / "src" / "train").glob("*.tif")))
+    order = sorted(p for p in (odd_store.parent / "src" / "train").glob("*.tif"))
     blank, dark, blurry = (ids.index(order[i].stem) for i in range(3))
     assert s.blank[blank] and not s.blank[dark]
     assert s.dark[dark] and s.brightness[dark] == pytest.approx(20, abs=0.5)
@@ -73,10 +73,23 @@ def test_class_sample_mean_image_and_histograms(odd_store: Path) -> None:
 def test_eda_report(odd_store: Path, tmp_path: Path) -> None:
     r = run_eda(odd_store, tmp_path / "eda", sample=50, grid=8)
     s = r.summary
-    assert s["patches"] == 80 and s["quality"]["blank"] == 1 and s["quality"]["dark"] == 1 and s["quality"]["blurry"] >= 1
+    assert (
+        s["patches"] == 80 and s["quality"]["blank"] == 1 and s["quality"]["dark"] == 1 and s["quality"]["blurry"] >= 1
+    )
     assert s["duplicate_groups"] == 1
-    for name in ("class_counts", "samples_normal", "samples_tumor", "mean_images", "rgb_histograms", "intensity", "sizes",
-                 "blank_examples", "dark_examples", "blurry_examples", "duplicates"):
+    for name in (
+        "class_counts",
+        "samples_normal",
+        "samples_tumor",
+        "mean_images",
+        "rgb_histograms",
+        "intensity",
+        "sizes",
+        "blank_examples",
+        "dark_examples",
+        "blurry_examples",
+        "duplicates",
+    ):
         assert name in r.figures, name
         w, h = _valid_png(r.figures[name])
         assert w >= 200 and h >= 100

@@ -17,8 +17,13 @@ from histoscan.cli import app
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.evaluate import evaluate_run
 from histoscan.evaluation.leaderboard import build_leaderboard
-from histoscan.evaluation.metrics import (bootstrap_interval, compute_metrics, expected_calibration_error,
-                                          threshold_for_sensitivity, youden_threshold)
+from histoscan.evaluation.metrics import (
+    bootstrap_interval,
+    compute_metrics,
+    expected_calibration_error,
+    threshold_for_sensitivity,
+    youden_threshold,
+)
 from histoscan.evaluation.report import write_evaluation
 from tests.conftest import assert_images_load, headless_chrome
 
@@ -109,10 +114,17 @@ def test_evaluation_report_writes_figures_of_the_expected_size(tmp_path: Path) -
     y, p = _binary(200)
     m = compute_metrics(y, p, ["normal", "tumor"], n_boot=50)
     imgs = np.random.default_rng(0).integers(0, 255, (200, 96, 96, 3), dtype=np.uint8)
-    write_evaluation(tmp_path, y, p, ["normal", "tumor"], m, title="t", info={"split": "test"}, images=lambda i: imgs[i])
+    write_evaluation(
+        tmp_path, y, p, ["normal", "tumor"], m, title="t", info={"split": "test"}, images=lambda i: imgs[i]
+    )
     record = json.loads((tmp_path / "metrics.json").read_text())
-    expected = {"confusion_matrix": (560, 520), "roc": (560, 520), "pr": (560, 520), "reliability": (560, 620),
-                "probabilities": (640, 420)}
+    expected = {
+        "confusion_matrix": (560, 520),
+        "roc": (560, 520),
+        "pr": (560, 520),
+        "reliability": (560, 620),
+        "probabilities": (640, 420),
+    }
     for name, size in expected.items():
         assert _png_size(tmp_path / record["figures"][name]) == size
     assert {"false_positives", "false_negatives"} <= set(record["figures"])
@@ -189,7 +201,7 @@ def test_leaderboard_and_selection(evaluated_run: Path, tmp_path: Path) -> None:
     board = build_leaderboard([folder], printer=lines.append)
     assert list(board.table["run"]) == ["good"] and "best.safetensors" in next(iter(board.skipped.values()))
     assert any("left out" in line for line in lines)
-    with pytest.raises(ConfigError, match="best.safetensors"):
+    with pytest.raises(ConfigError, match=r"best\.safetensors"):
         build_leaderboard([folder / "broken"], printer=lambda *_: None)
 
 

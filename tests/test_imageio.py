@@ -46,7 +46,7 @@ def test_rgba_is_composited_on_white(tmp_path: Path) -> None:
 @pytest.mark.parametrize("suffix", [".tif", ".png"])
 def test_16_bit_is_scaled_to_8_bit(tmp_path: Path, suffix: str) -> None:
     if suffix == ".tif":
-        data = (RGB.astype(np.uint16) * 257)
+        data = RGB.astype(np.uint16) * 257
         tifffile.imwrite(tmp_path / f"s{suffix}", data, photometric="rgb")
     else:
         data = RGB[:, :, 0].astype(np.uint16) * 257

@@ -54,7 +54,9 @@ def test_onnx_file_carries_the_preprocessing(exported_run: Path) -> None:
     assert json.loads(meta["histoscan"])["preprocessing"]["input_size"] == 48
 
 
-def test_export_fails_loudly_and_writes_nothing(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_fails_loudly_and_writes_nothing(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     monkeypatch.setattr(export_mod, "PARITY_TOLERANCE", 0.0)
@@ -93,7 +95,9 @@ def test_images_of_other_sizes_are_resized_like_the_store(tiny_run: Path) -> Non
     assert abs(a.probabilities[0, 1] - b.probabilities[0, 1]) < 0.05
 
 
-def test_submission_keeps_sample_order_and_writes_probabilities(tiny_run: Path, kaggle_dir: Path, tmp_path: Path) -> None:
+def test_submission_keeps_sample_order_and_writes_probabilities(
+    tiny_run: Path, kaggle_dir: Path, tmp_path: Path
+) -> None:
     p = Predictor(tiny_run, backend="torch")
     table = predict_input(p, kaggle_dir / "test", workers=1)
     out = write_submission(table, kaggle_dir / "sample_submission.csv", tmp_path / "submission.csv")
@@ -154,8 +158,21 @@ def test_cli_predict_export_calibrate(tiny_run: Path, kaggle_dir: Path, tmp_path
     assert res.exit_code == 0 and "max |p_onnx - p_torch|" in res.output, res.output
     res = r.invoke(app, ["calibrate", str(run)])
     assert res.exit_code == 0 and "temperature" in res.output, res.output
-    res = r.invoke(app, ["predict", str(run), str(kaggle_dir / "test"), "--out", str(tmp_path / "p.csv"), "--tta",
-                         "--submission", str(kaggle_dir / "sample_submission.csv"), "--submission-out", str(tmp_path / "s.csv")])
+    res = r.invoke(
+        app,
+        [
+            "predict",
+            str(run),
+            str(kaggle_dir / "test"),
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--tta",
+            "--submission",
+            str(kaggle_dir / "sample_submission.csv"),
+            "--submission-out",
+            str(tmp_path / "s.csv"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     preds = pd.read_csv(tmp_path / "p.csv")
     assert list(preds.columns) == ["id", "prob_normal", "prob_tumor", "predicted", "uncertainty"] and len(preds) == 20
@@ -164,14 +181,28 @@ def test_cli_predict_export_calibrate(tiny_run: Path, kaggle_dir: Path, tmp_path
     assert res.exit_code == 2 and "no such file" in res.output
 
 
-@pytest.mark.parametrize("model", ["simple_cnn_flatten", "custom_cnn", "nas_cnn", "resnet18", "efficientnet_b0", "densenet121"])
+@pytest.mark.parametrize(
+    "model", ["simple_cnn_flatten", "custom_cnn", "nas_cnn", "resnet18", "efficientnet_b0", "densenet121"]
+)
 def test_export_works_for_seed_cnns_and_timm_backbones(model: str, tiny_run: Path, tmp_path: Path) -> None:
     from histoscan.training.config import TrainConfig
     from histoscan.training.fit import train
 
     store = read_bundle(tiny_run).training["store"]
-    cfg = TrainConfig(data=store, out=str(tmp_path), name=model, model=model, resize=64, batch_size=16, max_epochs=1,
-                      limit_train_batches=1, progress=False, early_stopping=None, val=0.2, test=0.1)
+    cfg = TrainConfig(
+        data=store,
+        out=str(tmp_path),
+        name=model,
+        model=model,
+        resize=64,
+        batch_size=16,
+        max_epochs=1,
+        limit_train_batches=1,
+        progress=False,
+        early_stopping=None,
+        val=0.2,
+        test=0.1,
+    )
     run = train(cfg, printer=lambda *_: None).run_dir
     result = export_onnx(run, check=16)
     assert result.max_abs_diff < 1e-4

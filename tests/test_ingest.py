@@ -64,7 +64,9 @@ def test_report_lists_every_problem(kaggle_dir: Path, tmp_path: Path) -> None:
     files[1].write_bytes(b"")  # empty
     gray = np.asarray(Image.open(files[2]))[:, :, 0]
     tifffile.imwrite(files[2], gray)  # grayscale
-    tifffile.imwrite(files[3], np.dstack([np.asarray(Image.open(files[3])), np.full((96, 96), 255, np.uint8)]), photometric="rgb")  # RGBA
+    tifffile.imwrite(
+        files[3], np.dstack([np.asarray(Image.open(files[3])), np.full((96, 96), 255, np.uint8)]), photometric="rgb"
+    )  # RGBA
     tifffile.imwrite(files[4], (np.asarray(Image.open(files[4])).astype(np.uint16) * 257), photometric="rgb")  # 16-bit
     shutil.copy(files[6], files[5])  # same pixels under two ids
     tifffile.imwrite(train / "orphan.tif", np.zeros((96, 96, 3), np.uint8), photometric="rgb")  # no label
@@ -79,12 +81,15 @@ def test_report_lists_every_problem(kaggle_dir: Path, tmp_path: Path) -> None:
     bad = {u["id"] for u in rep["unreadable"]}
     assert bad == {files[0].stem, files[1].stem}
     assert all(u["reason"] for u in rep["unreadable"])
-    assert rep["conversions"]["grayscale"] == 1 and rep["conversions"]["rgba"] == 1 and rep["conversions"]["16-bit"] == 1
+    assert (
+        rep["conversions"]["grayscale"] == 1 and rep["conversions"]["rgba"] == 1 and rep["conversions"]["16-bit"] == 1
+    )
     assert rep["images_without_label"] == ["orphan"]
     assert rep["labels_without_image"] == ["doesnotexist"]
     assert rep["duplicate_ids"] == [rows[8][0]]
-    assert [files[5].stem, files[6].stem] in [sorted(g) for g in rep["duplicate_content"]] or \
-        sorted([files[5].stem, files[6].stem]) in [sorted(g) for g in rep["duplicate_content"]]
+    assert [files[5].stem, files[6].stem] in [sorted(g) for g in rep["duplicate_content"]] or sorted(
+        [files[5].stem, files[6].stem]
+    ) in [sorted(g) for g in rep["duplicate_content"]]
     store = PatchStore(res.store)
     assert len(store) == 120 - 2 and files[0].stem not in set(store.ids)
 
@@ -114,7 +119,7 @@ def test_bad_label_names_file_and_line(kaggle_dir: Path, tmp_path: Path) -> None
 def test_zero_readable_images_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "src" / "x").mkdir(parents=True)
     (tmp_path / "src" / "x" / "a.png").write_bytes(b"nope")
-    with pytest.raises(DataError, match="zero readable images.*a.png"):
+    with pytest.raises(DataError, match=r"zero readable images.*a\.png"):
         ingest(tmp_path / "src", tmp_path / "store")
     assert not (tmp_path / "store").exists()
     assert not list(tmp_path.glob(".store.partial-*"))
@@ -137,6 +142,7 @@ def test_interrupted_ingest_leaves_no_store(kaggle_dir: Path, tmp_path: Path) ->
     def start(total: int):
         def tick(n: int) -> None:
             raise KeyboardInterrupt  # the user pressed Ctrl-C mid-decode
+
         return tick
 
     with pytest.raises(KeyboardInterrupt):
@@ -165,7 +171,9 @@ def test_store_subset_and_batch(kaggle_dir: Path, tmp_path: Path) -> None:
     assert sum(view.counts().values()) == 3
 
 
-@pytest.mark.parametrize("name,count,size", [("hcd", 6911, (96, 96)), ("lc25000-lung", 900, (224, 224)), ("idc", 2551, (50, 50))])
+@pytest.mark.parametrize(
+    "name,count,size", [("hcd", 6911, (96, 96)), ("lc25000-lung", 900, (224, 224)), ("idc", 2551, (50, 50))]
+)
 def test_ingest_real_data(name: str, count: int, size: tuple[int, int], tmp_path: Path) -> None:
     root = shared(name)
     res = ingest(root, tmp_path / "store")

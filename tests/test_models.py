@@ -34,7 +34,9 @@ def test_custom_cnn_has_about_2_3_million_parameters() -> None:
 
 
 def test_nas_cnn_follows_its_config() -> None:
-    m = create_model("nas_cnn", 2, num_blocks=3, filter_mult=2, kernel_sizes=[5, 3, 3], batch_norm=True, dense_units=[256])
+    m = create_model(
+        "nas_cnn", 2, num_blocks=3, filter_mult=2, kernel_sizes=[5, 3, 3], batch_norm=True, dense_units=[256]
+    )
     convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)]
     assert len(convs) == 6 and convs[0].kernel_size == (5, 5) and convs[-1].out_channels == 64
     assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())
@@ -58,7 +60,7 @@ def test_local_safetensors_and_pth_weights(tmp_path: Path) -> None:
 
 
 def test_bad_models_and_weights_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown model 'resnet'.*did you mean"):
+    with pytest.raises(ConfigError, match=r"unknown model 'resnet'.*did you mean"):
         create_model("resnet", 2)
     with pytest.raises(ConfigError, match="weights file not found"):
         create_model("simple_cnn", 2, weights=tmp_path / "missing.pth")

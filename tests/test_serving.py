@@ -11,9 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -75,9 +75,11 @@ def test_predict_one_matches_the_predictor(client: TestClient, tiny_run: Path, p
 
 
 def test_batch_keeps_order_and_reports_each_bad_file(client: TestClient, patch_files: list[Path]) -> None:
-    files = [("files", (patch_files[0].name, patch_files[0].read_bytes(), "image/tiff")),
-             ("files", ("junk.png", b"not an image", "image/png")),
-             ("files", (patch_files[1].name, patch_files[1].read_bytes(), "image/tiff"))]
+    files = [
+        ("files", (patch_files[0].name, patch_files[0].read_bytes(), "image/tiff")),
+        ("files", ("junk.png", b"not an image", "image/png")),
+        ("files", (patch_files[1].name, patch_files[1].read_bytes(), "image/tiff")),
+    ]
     r = client.post("/v1/predict/batch", files=files)
     assert r.status_code == 200
     res = r.json()["results"]
@@ -89,12 +91,17 @@ def test_batch_keeps_order_and_reports_each_bad_file(client: TestClient, patch_f
     assert r.status_code == 413 and "batch limit" in r.json()["error"]
 
 
-@pytest.mark.parametrize("name,payload,ctype,status,words", [
-    ("notes.png", b"hello, this is text", "image/png", 400, "not an image"),
-    ("empty.tif", b"", "image/tiff", 400, "empty"),
-    ("notes.txt", b"hello", "text/plain", 415, "unsupported type"),
-])
-def test_bad_uploads_get_clear_4xx(client: TestClient, name: str, payload: bytes, ctype: str, status: int, words: str) -> None:
+@pytest.mark.parametrize(
+    "name,payload,ctype,status,words",
+    [
+        ("notes.png", b"hello, this is text", "image/png", 400, "not an image"),
+        ("empty.tif", b"", "image/tiff", 400, "empty"),
+        ("notes.txt", b"hello", "text/plain", 415, "unsupported type"),
+    ],
+)
+def test_bad_uploads_get_clear_4xx(
+    client: TestClient, name: str, payload: bytes, ctype: str, status: int, words: str
+) -> None:
     r = client.post("/v1/predict", files={"file": (name, payload, ctype)})
     assert r.status_code == status and words in r.json()["error"] and "Traceback" not in r.text
 
@@ -122,9 +129,14 @@ def test_grayscale_rgba_and_16_bit_are_converted(client: TestClient) -> None:
     gray = rng.integers(0, 255, (96, 96), dtype=np.uint8)
     rgba = rng.integers(0, 255, (96, 96, 4), dtype=np.uint8)
     deep = rng.integers(0, 65535, (96, 96, 3), dtype=np.uint16)
-    for name, data in [("g.png", _png_bytes(Image.fromarray(gray))), ("a.png", _png_bytes(Image.fromarray(rgba, "RGBA"))),
-                       ("d.tif", _tif_bytes(deep, photometric="rgb"))]:
-        r = client.post("/v1/predict", files={"file": (name, data, "image/png" if name.endswith("png") else "image/tiff")})
+    for name, data in [
+        ("g.png", _png_bytes(Image.fromarray(gray))),
+        ("a.png", _png_bytes(Image.fromarray(rgba, "RGBA"))),
+        ("d.tif", _tif_bytes(deep, photometric="rgb")),
+    ]:
+        r = client.post(
+            "/v1/predict", files={"file": (name, data, "image/png" if name.endswith("png") else "image/tiff")}
+        )
         assert r.status_code == 200, (name, r.text)
 
 
@@ -138,13 +150,17 @@ def test_api_key(tiny_run: Path, patch_files: list[Path]) -> None:
         f = patch_files[0]
         r = c.post("/v1/predict", files={"file": (f.name, f.read_bytes(), "image/tiff")})
         assert r.status_code == 401 and "API key" in r.json()["error"]
-        r = c.post("/v1/predict", files={"file": (f.name, f.read_bytes(), "image/tiff")}, headers={"Authorization": "Bearer s3cret"})
+        r = c.post(
+            "/v1/predict",
+            files={"file": (f.name, f.read_bytes(), "image/tiff")},
+            headers={"Authorization": "Bearer s3cret"},
+        )
         assert r.status_code == 200
 
 
 def test_page_and_openapi(client: TestClient) -> None:
     r = client.get("/")
-    assert r.status_code == 200 and "<input id=\"pick\" type=\"file\"" in r.text
+    assert r.status_code == 200 and '<input id="pick" type="file"' in r.text
     spec = client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/predict/batch", "/health", "/ready", "/v1/model"} <= set(spec["paths"])
     answer = spec["components"]["schemas"]["PatchPrediction"]["properties"]
@@ -185,8 +201,12 @@ def _server(run: Path, *options: str) -> Iterator[str]:
     import httpx
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "histoscan", "serve", str(run), "--port", str(port), *options],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "histoscan", "serve", str(run), "--port", str(port), *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -221,8 +241,19 @@ def test_serve_options_reach_the_server(tiny_run: Path, patch_files: list[Path])
 
     f = patch_files[3]
     want = Predictor(tiny_run, backend="torch").predict_batch([read_image(f).pixels])
-    with _server(tiny_run, "--backend", "torch", "--in-process", "--no-access-log", "--max-wait-ms", "2",
-                 "--max-batch", "4", "--threads", "1") as url:
+    with _server(
+        tiny_run,
+        "--backend",
+        "torch",
+        "--in-process",
+        "--no-access-log",
+        "--max-wait-ms",
+        "2",
+        "--max-batch",
+        "4",
+        "--threads",
+        "1",
+    ) as url:
         r = httpx.post(url + "/v1/predict", files={"file": (f.name, f.read_bytes(), "image/tiff")}, timeout=30)
         assert r.status_code == 200, r.text
         assert r.json()["probabilities"]["tumor"] == pytest.approx(float(want.probabilities[0, 1]), abs=1e-5)
@@ -287,8 +318,11 @@ def test_container_entry_command_starts_the_server(tiny_run: Path, tmp_path: Pat
     """The Dockerfile's CMD (histoscan serve /model --host 0.0.0.0 --port 8000), from a plain install."""
     import httpx
 
-    cmd_line = next(line for line in (Path(__file__).resolve().parents[1] / "Dockerfile").read_text().splitlines()
-                    if line.startswith("CMD"))
+    cmd_line = next(
+        line
+        for line in (Path(__file__).resolve().parents[1] / "Dockerfile").read_text().splitlines()
+        if line.startswith("CMD")
+    )
     import json
 
     argv = json.loads(cmd_line[3:].strip())
@@ -297,8 +331,12 @@ def test_container_entry_command_starts_the_server(tiny_run: Path, tmp_path: Pat
     argv[argv.index("--port") + 1] = port
     argv[argv.index("--host") + 1] = "127.0.0.1"  # the test talks only to loopback
     exe = shutil.which(argv[0], path=str(Path(sys.executable).parent)) or argv[0]
-    proc = subprocess.Popen([exe, *argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HISTOSCAN_API_KEY": ""})
+    proc = subprocess.Popen(
+        [exe, *argv[1:]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HISTOSCAN_API_KEY": ""},
+    )
     try:
         deadline = time.time() + 90
         while time.time() < deadline:

@@ -6,8 +6,8 @@ import asyncio
 import io
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
@@ -16,8 +16,14 @@ import tifffile
 from histoscan.data.imageio import read_image
 from histoscan.inference.predictor import Prediction, Predictor
 from histoscan.serving.batcher import MicroBatcher
-from histoscan.serving.model_process import (ModelProcess, ModelUnavailable, pack_job, pack_prediction, unpack_job,
-                                             unpack_prediction)
+from histoscan.serving.model_process import (
+    ModelProcess,
+    ModelUnavailable,
+    pack_job,
+    pack_prediction,
+    unpack_job,
+    unpack_prediction,
+)
 from histoscan.serving.uploads import UploadDecoder, UploadError, decode_upload
 
 
@@ -88,13 +94,15 @@ def test_protocol_round_trip() -> None:
     meta_len, data_len = np.frombuffer(msg[:4], "<u4")[0], np.frombuffer(msg[4:12], "<u8")[0]
     import json
 
-    meta = json.loads(msg[12:12 + meta_len])
-    back, tta = unpack_job(meta, msg[12 + meta_len:12 + meta_len + data_len])
+    meta = json.loads(msg[12 : 12 + meta_len])
+    back, tta = unpack_job(meta, msg[12 + meta_len : 12 + meta_len + data_len])
     assert tta and all(np.array_equal(a, b) for a, b in zip(images, back))
-    pred = Prediction(np.array([[0.2, 0.8], [0.9, 0.1]], np.float32), np.array([1, 0]), np.array([0.01, 0.02], np.float32))
+    pred = Prediction(
+        np.array([[0.2, 0.8], [0.9, 0.1]], np.float32), np.array([1, 0]), np.array([0.01, 0.02], np.float32)
+    )
     msg = pack_prediction(pred)
     meta_len = int(np.frombuffer(msg[:4], "<u4")[0])
-    got = unpack_prediction(json.loads(msg[12:12 + meta_len]), msg[12 + meta_len:])
+    got = unpack_prediction(json.loads(msg[12 : 12 + meta_len]), msg[12 + meta_len :])
     assert np.array_equal(got.probabilities, pred.probabilities) and got.predicted.tolist() == [1, 0]
     assert got.uncertainty is not None and np.allclose(got.uncertainty, [0.01, 0.02])
 
@@ -129,7 +137,7 @@ def test_model_process_that_cannot_load_says_why(tmp_path: Path) -> None:
     async def go() -> None:
         await ModelProcess(str(tmp_path / "missing-run")).start()
 
-    with pytest.raises(ModelUnavailable, match="could not load .*missing-run"):
+    with pytest.raises(ModelUnavailable, match=r"could not load .*missing-run"):
         asyncio.run(go())
 
 

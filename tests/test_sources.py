@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gzip
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,7 +70,7 @@ def test_pcam_bad_shapes_are_named(tmp_path: Path) -> None:
         f["x"] = np.zeros((4, 96, 96), np.uint8)
     with h5py.File(tmp_path / "camelyonpatch_level_2_split_valid_y.h5", "w") as f:
         f["y"] = np.zeros((4, 1, 1, 1), np.uint8)
-    with pytest.raises(DataError, match="valid_x.h5.*expected N x H x W x 3"):
+    with pytest.raises(DataError, match=r"valid_x\.h5.*expected N x H x W x 3"):
         open_source(tmp_path).scan()
 
 

@@ -31,7 +31,11 @@ def test_grouped_split_is_disjoint_by_group() -> None:
     labels = (rng.random(2000) < 0.3).astype(int)
     a = make_split(labels, groups, val=0.1, test=0.1, seed=0)
     parts = {p: set(groups[a == p]) for p in ("train", "val", "test")}
-    assert not (parts["train"] & parts["val"]) and not (parts["train"] & parts["test"]) and not (parts["val"] & parts["test"])
+    assert (
+        not (parts["train"] & parts["val"])
+        and not (parts["train"] & parts["test"])
+        and not (parts["val"] & parts["test"])
+    )
     assert all(len(v) > 0 for v in parts.values())
 
 

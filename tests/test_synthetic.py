@@ -21,7 +21,7 @@ def test_tumour_centres_are_darker_and_more_purple() -> None:
     assert bright[y == 1].mean() < bright[y == 0].mean() - 15
     border_mean = x[:, :16].astype(float).mean(axis=(1, 2, 3))
     assert abs(border_mean[y == 1].mean() - border_mean[y == 0].mean()) < 10  # outside the centre they look alike
-    assert (x[..., 0].astype(float).mean() > x[..., 1].astype(float).mean())  # pink/purple: red above green
+    assert x[..., 0].astype(float).mean() > x[..., 1].astype(float).mean()  # pink/purple: red above green
 
 
 def test_multiclass_and_sizes() -> None:

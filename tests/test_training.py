@@ -33,8 +33,20 @@ RUN_FILES = {"config.yaml", "metrics.csv", "best.safetensors", "last.ckpt", "mod
 
 
 def _quick(store: Path, out: Path, name: str, **kw: object) -> TrainConfig:
-    base = dict(data=str(store), out=str(out), name=name, model="simple_cnn", model_args={"batch_norm": True},
-                resize=48, batch_size=32, max_epochs=4, lr=3e-3, progress=False, early_stopping=None, threads=2)
+    base = dict(
+        data=str(store),
+        out=str(out),
+        name=name,
+        model="simple_cnn",
+        model_args={"batch_norm": True},
+        resize=48,
+        batch_size=32,
+        max_epochs=4,
+        lr=3e-3,
+        progress=False,
+        early_stopping=None,
+        threads=2,
+    )
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
 
@@ -58,16 +70,16 @@ def first_run(train_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_run_folder_is_complete_and_model_beats_chance(first_run: Path, train_store: Path) -> None:
-    assert RUN_FILES <= {p.name for p in first_run.iterdir()}
+    assert {p.name for p in first_run.iterdir()} >= RUN_FILES
     assert len(_val_aurocs(first_run)) == 4
-    model, bundle = load_model(first_run)
+    _model, bundle = load_model(first_run)
     assert bundle.classes == ["normal", "tumor"] and bundle.preprocessing.input_size == 48
     assert bundle.best_metric["name"] == "val_auroc" and bundle.best_metric["value"] == max(_val_aurocs(first_run))
     store = PatchStore(train_store)
     split = pd.read_csv(first_run / "split.csv", dtype=str)
     test = store.subset(np.flatnonzero(split["split"].to_numpy() == "test"))
     probs = Predictor(first_run, backend="torch").predict_store(test).probabilities[:, 1]
-    assert probs.shape == (len(test),) and 0 <= probs.min() and probs.max() <= 1
+    assert probs.shape == (len(test),) and probs.min() >= 0 and probs.max() <= 1
     assert roc_auc_score(test.labels, probs) > 0.8
 
 
@@ -85,7 +97,11 @@ def test_resume_after_kill_matches_uninterrupted_run(first_run: Path, tmp_path: 
     metrics = tmp_path / "killed" / "metrics.csv"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2 and (tmp_path / "killed" / "last.ckpt").is_file():
+        if (
+            metrics.is_file()
+            and len(metrics.read_text().splitlines()) >= 2
+            and (tmp_path / "killed" / "last.ckpt").is_file()
+        ):
             break
         time.sleep(0.05)
     time.sleep(0.3)  # into the next epoch
@@ -94,7 +110,7 @@ def test_resume_after_kill_matches_uninterrupted_run(first_run: Path, tmp_path: 
     proc.wait()
     done_before = len(_val_aurocs(tmp_path / "killed"))
     assert done_before < 4
-    result = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     resumed = _val_aurocs(tmp_path / "killed")
     assert len(resumed) == 4
@@ -102,9 +118,29 @@ def test_resume_after_kill_matches_uninterrupted_run(first_run: Path, tmp_path: 
 
 
 def test_cli_train_with_shipped_config_and_overrides(train_store: Path, tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["train", "--config", "cpu-default", "--data", str(train_store), "--out", str(tmp_path),
-                                   "--name", "cli", "--max-epochs", "1", "--resize", "32", "--no-progress",
-                                   "--class-weights", "[1.0, 1.5]", "--model-args", "{batch_norm: false}"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--config",
+            "cpu-default",
+            "--data",
+            str(train_store),
+            "--out",
+            str(tmp_path),
+            "--name",
+            "cli",
+            "--max-epochs",
+            "1",
+            "--resize",
+            "32",
+            "--no-progress",
+            "--class-weights",
+            "[1.0, 1.5]",
+            "--model-args",
+            "{batch_norm: false}",
+        ],
+    )
     assert res.exit_code == 0, res.output
     cfg = TrainConfig.from_yaml(tmp_path / "cli" / "config.yaml")
     assert cfg.class_weights == [1.0, 1.5] and cfg.model_args == {"batch_norm": False} and cfg.max_epochs == 1
@@ -140,15 +176,41 @@ def test_every_shipped_config_parses_and_builds(name: str) -> None:
 
 
 def test_ddp_with_two_cpu_processes(train_store: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "histoscan", "train", "--data", str(train_store), "--out", str(tmp_path),
-           "--name", "ddp", "--model", "simple_cnn", "--resize", "32", "--max-epochs", "2", "--batch-size", "32",
-           "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--no-progress", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "histoscan",
+        "train",
+        "--data",
+        str(train_store),
+        "--out",
+        str(tmp_path),
+        "--name",
+        "ddp",
+        "--model",
+        "simple_cnn",
+        "--resize",
+        "32",
+        "--max-epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     run = tmp_path / "ddp"
-    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    assert {p.name for p in run.iterdir()} >= RUN_FILES
     assert len(_val_aurocs(run)) == 2
     load_model(run)
 
@@ -157,7 +219,9 @@ def test_multiclass_on_real_lc25000(tmp_path: Path) -> None:
     store = ingest(shared("lc25000-lung"), tmp_path / "store").store
     result = train(_quick(store, tmp_path, "lung", resize=48, max_epochs=3, batch_size=32))
     bundle = read_bundle(result.run_dir)
-    assert bundle.task == "multiclass" and bundle.classes == ["lung_aca", "lung_n", "lung_scc"] and bundle.num_outputs == 3
+    assert (
+        bundle.task == "multiclass" and bundle.classes == ["lung_aca", "lung_n", "lung_scc"] and bundle.num_outputs == 3
+    )
     assert result.best_val_auroc > 0.8  # macro one-vs-rest AUROC
     # and it evaluates as a multi-class model: per-class AUROC, 3x3 confusion matrix, figures
     from histoscan.evaluation.evaluate import evaluate_run
@@ -168,7 +232,8 @@ def test_multiclass_on_real_lc25000(tmp_path: Path) -> None:
     assert np.asarray(m["confusion_matrix"]).shape == (3, 3) and np.asarray(m["confusion_matrix"]).sum() == m["count"]
     assert m["auroc"] > 0.8 and "threshold" not in m
     assert {"confusion_matrix", "roc", "pr", "reliability", "probabilities"} <= set(
-        json.loads((ev.out / "metrics.json").read_text())["figures"])
+        json.loads((ev.out / "metrics.json").read_text())["figures"]
+    )
 
 
 def test_grouped_split_on_real_idc(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ def _marked_batch(n: int = 16, size: int = 96) -> torch.Tensor:
     """Patches whose centre 32x32 is 1 and the rest 0, plus a corner mark to see orientation."""
     x = torch.zeros(n, 3, size, size)
     c0 = (size - 32) // 2
-    x[:, :, c0:c0 + 32, c0:c0 + 32] = 1.0
+    x[:, :, c0 : c0 + 32, c0 : c0 + 32] = 1.0
     x[:, 0, 0:5, 0:10] = 0.5
     return x
 
@@ -46,10 +46,13 @@ def test_random_dihedral_keeps_the_centre() -> None:
     gen = torch.Generator().manual_seed(0)
     y = RandomDihedral()(x, gen)
     for i in range(64):
-        assert any(torch.equal(y[i], dihedral(x[i:i + 1], k)[0]) for k in range(8))
+        assert any(torch.equal(y[i], dihedral(x[i : i + 1], k)[0]) for k in range(8))
     # the centre region's content stays in the centre
-    assert torch.allclose(center_crop(y, 32).sum(dim=(2, 3)).sort(dim=0).values,
-                          center_crop(x, 32).sum(dim=(2, 3)).sort(dim=0).values, atol=1e-3)
+    assert torch.allclose(
+        center_crop(y, 32).sum(dim=(2, 3)).sort(dim=0).values,
+        center_crop(x, 32).sum(dim=(2, 3)).sort(dim=0).values,
+        atol=1e-3,
+    )
 
 
 @pytest.mark.parametrize("size", [33, 64, 80, 96])
@@ -73,7 +76,7 @@ def test_colour_and_stain_jitter_stay_in_range_and_move_no_pixel() -> None:
 def test_presets_and_preprocessing() -> None:
     batch = (np.random.default_rng(0).random((4, 96, 96, 3)) * 255).astype(np.uint8)
     x = to_float_nchw(batch)
-    assert x.shape == (4, 3, 96, 96) and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (4, 3, 96, 96) and x.min() >= 0 and x.max() <= 1
     for name in AUGMENTATION_PRESETS:
         y = build_augmentation(name, crop=80)(x, torch.Generator().manual_seed(0))
         assert y.shape == (4, 3, 80, 80)

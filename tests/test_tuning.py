@@ -24,8 +24,9 @@ FAST = {"max_epochs": 2, "early_stopping": None, "batch_size": 32, "resize": 32,
 
 def _space(tmp_path: Path, params: dict, base: dict | None = None) -> Path:
     path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump({"base": base or {"model": "simple_cnn", "model_args": {"batch_norm": True}},
-                                    "params": params}))
+    path.write_text(
+        yaml.safe_dump({"base": base or {"model": "simple_cnn", "model_args": {"batch_norm": True}}, "params": params})
+    )
     return path
 
 
@@ -52,17 +53,20 @@ def test_shipped_spaces_parse() -> None:
     assert 1e-5 <= overrides["lr"] <= 1e-3
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"model_args.depth": {"int": [1, 3]}}, "has no argument 'depth'"),
-    ({"learning_rate": {"float": [0.1, 1.0]}}, "unknown parameter 'learning_rate'"),
-    ({"lr": {"float": [0.1, 0.01]}}, "low must be below high"),
-    ({"lr": {"float": [0.0, 0.1], "log": True}}, "log range must be positive"),
-    ({"lr": {"float": [0.1]}}, "range \\[low, high\\]"),
-    ({"lr": {"uniform": [0.1, 1.0]}}, "exactly one of"),
-    ({"lr": {"float": [0.1, 1.0], "scale": 2}}, "unknown option"),
-    ({"batch_size": {"choice": []}}, "non-empty list"),
-    ({"model_args.dropout": {"choice": [0.1], "per": "lr"}}, "'per' must name an int parameter"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"model_args.depth": {"int": [1, 3]}}, "has no argument 'depth'"),
+        ({"learning_rate": {"float": [0.1, 1.0]}}, "unknown parameter 'learning_rate'"),
+        ({"lr": {"float": [0.1, 0.01]}}, "low must be below high"),
+        ({"lr": {"float": [0.0, 0.1], "log": True}}, "log range must be positive"),
+        ({"lr": {"float": [0.1]}}, "range \\[low, high\\]"),
+        ({"lr": {"uniform": [0.1, 1.0]}}, "exactly one of"),
+        ({"lr": {"float": [0.1, 1.0], "scale": 2}}, "unknown option"),
+        ({"batch_size": {"choice": []}}, "non-empty list"),
+        ({"model_args.dropout": {"choice": [0.1], "per": "lr"}}, "'per' must name an int parameter"),
+    ],
+)
 def test_bad_space_files_are_clear_errors(tmp_path: Path, params: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_space(_space(tmp_path, params))
@@ -73,14 +77,32 @@ def test_study_prunes_records_failures_and_writes_the_best_config(tune_store: Pa
     # enqueue known trials: a good one, one that cannot learn (lr 10 kills every ReLU: AUROC 0.5),
     # and one with an invalid dropout (fails)
     (tmp_path / "s").mkdir()
-    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}", direction="maximize")
-    for params in ({"lr": 3.0e-3, "model_args.dropout": 0.2}, {"lr": 10.0, "model_args.dropout": 0.2},
-                   {"lr": 1.0e-2, "model_args.dropout": 7.0}):
+    study = optuna.create_study(
+        study_name="s", storage=f"sqlite:///{tmp_path / 's' / 'study.db'}", direction="maximize"
+    )
+    for params in (
+        {"lr": 3.0e-3, "model_args.dropout": 0.2},
+        {"lr": 10.0, "model_args.dropout": 0.2},
+        {"lr": 1.0e-2, "model_args.dropout": 7.0},
+    ):
         study.enqueue_trial(params)
     lines: list[str] = []
     aggressive = optuna.pruners.PercentilePruner(50.0, n_startup_trials=1, n_warmup_steps=0)
-    r = tune(TuneSettings(data=str(tune_store), space=str(space), trials=3, study="s", out=str(tmp_path), resume=True,
-                          pruner=aggressive, overrides=FAST, retrain_best=True, retrain_epochs=1), printer=lines.append)
+    r = tune(
+        TuneSettings(
+            data=str(tune_store),
+            space=str(space),
+            trials=3,
+            study="s",
+            out=str(tmp_path),
+            resume=True,
+            pruner=aggressive,
+            overrides=FAST,
+            retrain_best=True,
+            retrain_epochs=1,
+        ),
+        printer=lines.append,
+    )
     states = dict(zip(r.table["trial"], r.table["state"]))
     assert states == {0: "complete", 1: "pruned", 2: "fail"}, r.table
     assert "dropout" in r.table.loc[2, "error"]
@@ -94,8 +116,21 @@ def test_study_prunes_records_failures_and_writes_the_best_config(tune_store: Pa
     split = (r.retrained / "split.csv").read_text()  # type: ignore[operator]
     assert ",val" not in split and ",test" in split
     # 'histoscan train --config best.yaml' accepts the best configuration
-    res = CliRunner().invoke(app, ["train", "--config", str(r.best_config), "--out", str(tmp_path / "runs"), "--name", "b",
-                                   "--max-epochs", "1", "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(r.best_config),
+            "--out",
+            str(tmp_path / "runs"),
+            "--name",
+            "b",
+            "--max-epochs",
+            "1",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     best = yaml.safe_load(r.best_config.read_text())  # type: ignore[union-attr]
     assert best["lr"] == 3.0e-3 and best["model_args"]["dropout"] == 0.2
@@ -103,7 +138,9 @@ def test_study_prunes_records_failures_and_writes_the_best_config(tune_store: Pa
 
 def test_existing_study_needs_resume(tune_store: Path, tmp_path: Path) -> None:
     space = _space(tmp_path, {"lr": {"float": [1e-3, 1e-2], "log": True}})
-    settings = TuneSettings(data=str(tune_store), space=str(space), trials=1, study="again", out=str(tmp_path), overrides=FAST)
+    settings = TuneSettings(
+        data=str(tune_store), space=str(space), trials=1, study="again", out=str(tmp_path), overrides=FAST
+    )
     tune(settings, printer=lambda *_: None)
     with pytest.raises(ConfigError, match="--resume"):
         tune(settings, printer=lambda *_: None)
@@ -114,14 +151,33 @@ def test_existing_study_needs_resume(tune_store: Path, tmp_path: Path) -> None:
 
 
 def _tune_cmd(store: Path, space: Path, root: Path, name: str, trials: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "histoscan", "tune", "--data", str(store), "--space", str(space), "--trials", str(trials),
-            "--study", name, "--out", str(root), "--pruner", "none", *[a for k, v in FAST.items() for a in ("--set", f"{k}={'null' if v is None else v}")],
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "histoscan",
+        "tune",
+        "--data",
+        str(store),
+        "--space",
+        str(space),
+        "--trials",
+        str(trials),
+        "--study",
+        name,
+        "--out",
+        str(root),
+        "--pruner",
+        "none",
+        *[a for k, v in FAST.items() for a in ("--set", f"{k}={'null' if v is None else v}")],
+        *extra,
+    ]
 
 
 def test_killed_study_resumes_without_repeating_finished_trials(tune_store: Path, tmp_path: Path) -> None:
     space = _space(tmp_path, {"lr": {"float": [1e-3, 1e-2], "log": True}})
-    proc = subprocess.Popen(_tune_cmd(tune_store, space, tmp_path, "k", 3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _tune_cmd(tune_store, space, tmp_path, "k", 3), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 240
     done: list[optuna.trial.FrozenTrial] = []
     while time.time() < deadline and proc.poll() is None:
@@ -136,9 +192,22 @@ def test_killed_study_resumes_without_repeating_finished_trials(tune_store: Path
     assert done, f"no trial completed before the kill: {proc.stderr.read().decode() if proc.poll() is not None else ''}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {t.number: (t.value, (Path(t.user_attrs["run_dir"]) / "best.safetensors").stat().st_mtime_ns) for t in done}
-    r = tune(TuneSettings(data=str(tune_store), space=str(space), trials=3, study="k", out=str(tmp_path), resume=True,
-                          pruner="none", overrides=FAST), printer=lambda *_: None)
+    before = {
+        t.number: (t.value, (Path(t.user_attrs["run_dir"]) / "best.safetensors").stat().st_mtime_ns) for t in done
+    }
+    r = tune(
+        TuneSettings(
+            data=str(tune_store),
+            space=str(space),
+            trials=3,
+            study="k",
+            out=str(tmp_path),
+            resume=True,
+            pruner="none",
+            overrides=FAST,
+        ),
+        printer=lambda *_: None,
+    )
     complete = r.table[r.table["state"] == "complete"]
     assert len(complete) == 3
     for number, (value, mtime) in before.items():  # finished trials kept, not run again
@@ -152,8 +221,14 @@ def test_two_workers_share_one_sqlite_study(tune_store: Path, tmp_path: Path) ->
     space = _space(tmp_path, {"lr": {"float": [1e-3, 1e-2], "log": True}})
     (tmp_path / "w").mkdir()
     optuna.create_study(study_name="w", storage=f"sqlite:///{tmp_path / 'w' / 'study.db'}", direction="maximize")
-    procs = [subprocess.Popen(_tune_cmd(tune_store, space, tmp_path, "w", 4, "--resume", "--seed", "0"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            _tune_cmd(tune_store, space, tmp_path, "w", 4, "--resume", "--seed", "0"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=400)
         assert p.returncode == 0, err.decode()[-2000:]

@@ -50,17 +50,26 @@ class ModelBundle:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["preprocessing"] = self.preprocessing.to_dict()
-        return {"format": BUNDLE_FORMAT, "task": self.task, "num_outputs": self.num_outputs,
-                "calibration": {"temperature": self.temperature}, **{k: v for k, v in d.items() if k != "temperature"}}
+        return {
+            "format": BUNDLE_FORMAT,
+            "task": self.task,
+            "num_outputs": self.num_outputs,
+            "calibration": {"temperature": self.temperature},
+            **{k: v for k, v in d.items() if k != "temperature"},
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelBundle":
+    def from_dict(cls, d: dict[str, Any]) -> ModelBundle:
         return cls(
-            architecture=d["architecture"], classes=list(d["classes"]),
-            preprocessing=Preprocessing.from_dict(d["preprocessing"]), model_args=d.get("model_args", {}),
+            architecture=d["architecture"],
+            classes=list(d["classes"]),
+            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            model_args=d.get("model_args", {}),
             threshold=float(d.get("threshold", 0.5)),
             temperature=float(d.get("calibration", {}).get("temperature", 1.0)),
-            best_metric=d.get("best_metric", {}), split=d.get("split", {}), training=d.get("training", {}),
+            best_metric=d.get("best_metric", {}),
+            split=d.get("split", {}),
+            training=d.get("training", {}),
             histoscan_version=d.get("histoscan_version", "unknown"),
         )
 
@@ -112,7 +121,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     weights = Path(run_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise ConfigError(f"{run_dir}: no {WEIGHTS_FILE} (did training finish an epoch?)")
-    model = create_model(bundle.architecture, len(bundle.classes), input_size=bundle.preprocessing.input_size,
-                         **bundle.model_args)
+    model = create_model(
+        bundle.architecture, len(bundle.classes), input_size=bundle.preprocessing.input_size, **bundle.model_args
+    )
     model.load_state_dict(load_file(str(weights)))
     return model.to(device).eval(), bundle

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from histoscan.bundle import read_bundle
 from histoscan.data.ingest import ingest
 from histoscan.data.synthetic import write_synthetic
 from histoscan.eda.report import run_eda
 from histoscan.evaluation.evaluate import evaluate_run
-from histoscan.bundle import read_bundle
 from histoscan.inference.export import export_onnx
 from histoscan.inference.predict import predict_input, write_predictions, write_submission
 from histoscan.inference.predictor import Predictor
@@ -36,8 +37,15 @@ class DemoResult:
     split_sizes: dict[str, int] = field(default_factory=dict)
 
 
-def run_demo(workdir: str | Path = "histoscan-demo", *, n: int = 600, test: int = 100, seed: int = 0,
-             epochs: int = 6, printer: Callable[[str], None] = print) -> DemoResult:
+def run_demo(
+    workdir: str | Path = "histoscan-demo",
+    *,
+    n: int = 600,
+    test: int = 100,
+    seed: int = 0,
+    epochs: int = 6,
+    printer: Callable[[str], None] = print,
+) -> DemoResult:
     """Generate synthetic Kaggle-layout patches and take them through the whole flow.
 
     The store is explored (an HTML data report); the CPU default model (``cpu-default`` config)
@@ -52,9 +60,17 @@ def run_demo(workdir: str | Path = "histoscan-demo", *, n: int = 600, test: int 
     result = ingest(source, root / "store", force=True)
     eda = run_eda(result.store, root / "eda", sample=1000)
     printer(f"3/5 training the CPU default for {epochs} epochs")
-    cfg = TrainConfig.from_yaml(resolve_config_path("cpu-default"), {
-        "data": str(result.store), "out": str(root / "runs"), "name": f"demo-{seed}", "max_epochs": epochs,
-        "seed": seed, "progress": False})
+    cfg = TrainConfig.from_yaml(
+        resolve_config_path("cpu-default"),
+        {
+            "data": str(result.store),
+            "out": str(root / "runs"),
+            "name": f"demo-{seed}",
+            "max_epochs": epochs,
+            "seed": seed,
+            "progress": False,
+        },
+    )
     run_dir = root / "runs" / f"demo-{seed}"
     if run_dir.exists():
         import shutil
@@ -62,12 +78,25 @@ def run_demo(workdir: str | Path = "histoscan-demo", *, n: int = 600, test: int 
         shutil.rmtree(run_dir)  # the demo folder is the demo's own; a rerun starts fresh
     trained = train(cfg, printer=printer)
     printer("4/5 choosing the threshold on validation, evaluating on the held-out test split, exporting to ONNX")
-    evaluation = evaluate_run(trained.run_dir, backend="torch", n_boot=200, save_threshold="youden")  # threshold from validation
+    evaluation = evaluate_run(
+        trained.run_dir, backend="torch", n_boot=200, save_threshold="youden"
+    )  # threshold from validation
     onnx = export_onnx(trained.run_dir).path
     printer("5/5 predicting the unlabelled test folder (ONNX backend) into a submission")
     table = predict_input(Predictor(trained.run_dir, backend="onnx"), source / "test")
     preds, _ = write_predictions(table, root / "predictions.csv")
     submission = write_submission(table, source / "sample_submission.csv", root / "submission.csv")
-    return DemoResult(source, result.store, result.report, trained.run_dir, evaluation.metrics["auroc"],
-                      evaluation.metrics["accuracy"], onnx, preds, submission, eda.out / "report.html",
-                      evaluation.out / "report.html", dict(read_bundle(trained.run_dir).split.get("sizes", {})))
+    return DemoResult(
+        source,
+        result.store,
+        result.report,
+        trained.run_dir,
+        evaluation.metrics["auroc"],
+        evaluation.metrics["accuracy"],
+        onnx,
+        preds,
+        submission,
+        eda.out / "report.html",
+        evaluation.out / "report.html",
+        dict(read_bundle(trained.run_dir).split.get("sizes", {})),
+    )

@@ -39,22 +39,25 @@ class Preprocessing:
         return {**asdict(self), "input_size": self.input_size}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def geometry(self, x: torch.Tensor) -> torch.Tensor:
         """Size, crop and resize on float NCHW."""
         h, w = self.image_size
         if tuple(x.shape[-2:]) != (h, w):
-            x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False,
-                                                antialias=x.shape[-1] > w)
+            x = torch.nn.functional.interpolate(
+                x, size=(h, w), mode="bilinear", align_corners=False, antialias=x.shape[-1] > w
+            )
         if self.crop:
             x = center_crop(x, self.crop)
         if self.resize:
             x = resize(x, self.resize)
         return x
 
-    def __call__(self, batch: np.ndarray | torch.Tensor, device: torch.device | str | None = None, k: int = 0) -> torch.Tensor:
+    def __call__(
+        self, batch: np.ndarray | torch.Tensor, device: torch.device | str | None = None, k: int = 0
+    ) -> torch.Tensor:
         """uint8 NHWC batch -> normalised float NCHW on ``device`` (under dihedral element ``k``).
 
         Same result as ``normalize(geometry(x))``, done cheaply: the centre crop is a slice of
@@ -68,7 +71,7 @@ class Preprocessing:
             return dihedral_k(normalize(x, self.mean, self.std), k)
         if self.crop:
             top, left = (h - self.crop) // 2, (w - self.crop) // 2
-            t = t[:, top:top + self.crop, left:left + self.crop]
+            t = t[:, top : top + self.crop, left : left + self.crop]
         if device is not None:
             t = t.to(device, non_blocking=True)
         x = t.permute(0, 3, 1, 2).float()

@@ -8,7 +8,7 @@ seeds' flattened-pixel baselines; full 96 px would be 27,648 features for a line
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -44,29 +44,39 @@ def _histograms(images: np.ndarray) -> np.ndarray:
     offsets = np.arange(n)[:, None] * HIST_BINS
     for c in range(3):
         counts = np.bincount((bins[:, :, c] + offsets).ravel(), minlength=n * HIST_BINS).reshape(n, HIST_BINS)
-        out[:, c * HIST_BINS:(c + 1) * HIST_BINS] = counts / bins.shape[1]
+        out[:, c * HIST_BINS : (c + 1) * HIST_BINS] = counts / bins.shape[1]
     return out
 
 
 def _texture(grey: np.ndarray) -> np.ndarray:
     """Laplacian variance (focus), gradient magnitude mean/std, dark and white pixel fractions."""
-    lap = (grey[:, 1:-1, 1:-1] * 4 - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:])
+    lap = grey[:, 1:-1, 1:-1] * 4 - grey[:, :-2, 1:-1] - grey[:, 2:, 1:-1] - grey[:, 1:-1, :-2] - grey[:, 1:-1, 2:]
     gy = np.abs(np.diff(grey, axis=1))[:, :, :-1]
     gx = np.abs(np.diff(grey, axis=2))[:, :-1, :]
     mag = gx + gy
     n = len(grey)
     flat = grey.reshape(n, -1)
-    return np.stack([lap.reshape(n, -1).var(axis=1), mag.reshape(n, -1).mean(axis=1), mag.reshape(n, -1).std(axis=1),
-                     (flat < 0.4).mean(axis=1), (flat > 0.85).mean(axis=1)], axis=1)
+    return np.stack(
+        [
+            lap.reshape(n, -1).var(axis=1),
+            mag.reshape(n, -1).mean(axis=1),
+            mag.reshape(n, -1).std(axis=1),
+            (flat < 0.4).mean(axis=1),
+            (flat > 0.85).mean(axis=1),
+        ],
+        axis=1,
+    )
 
 
 def colour_features(images: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> N x 83 colour and texture features."""
     x = images.astype(np.float32) / 255.0
     h, w = x.shape[1:3]
-    centre = x[:, h // 3:h - h // 3, w // 3:w - w // 3]
+    centre = x[:, h // 3 : h - h // 3, w // 3 : w - w // 3]
     grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.concatenate([_histograms(images), _region_stats(x), _region_stats(centre), _texture(grey)], axis=1).astype(np.float32)
+    return np.concatenate(
+        [_histograms(images), _region_stats(x), _region_stats(centre), _texture(grey)], axis=1
+    ).astype(np.float32)
 
 
 FEATURES: dict[str, Callable[..., np.ndarray]] = {"pixels": pixel_features, "colour": colour_features}

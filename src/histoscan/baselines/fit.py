@@ -12,10 +12,11 @@ import json
 import pickle
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -28,7 +29,8 @@ from sklearn.preprocessing import StandardScaler
 from histoscan import __version__
 from histoscan.baselines.features import FEATURES, extract
 from histoscan.bundle import CONFIG_FILE, METRICS_FILE, SPLIT_FILE
-from histoscan.data.splits import SPLIT_NAMES as SPLITS, split_store
+from histoscan.data.splits import SPLIT_NAMES as SPLITS
+from histoscan.data.splits import split_store
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.evaluate import EVAL_DIR
@@ -76,10 +78,21 @@ def _proba(model: ClassifierMixin, x: np.ndarray, num_classes: int) -> np.ndarra
     return out
 
 
-def run_baselines(data: str | Path, out: str | Path, *, models: Sequence[str] = ("logreg", "rf"),
-                  features: Sequence[str] = ("pixels", "colour"), val: float = 0.1, test: float = 0.1, seed: int = 0,
-                  split_file: str | Path | None = None, pixel_size: int = 32, n_boot: int = 1000, force: bool = False,
-                  printer: Callable[[str], None] = print) -> list[BaselineResult]:
+def run_baselines(
+    data: str | Path,
+    out: str | Path,
+    *,
+    models: Sequence[str] = ("logreg", "rf"),
+    features: Sequence[str] = ("pixels", "colour"),
+    val: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    split_file: str | Path | None = None,
+    pixel_size: int = 32,
+    n_boot: int = 1000,
+    force: bool = False,
+    printer: Callable[[str], None] = print,
+) -> list[BaselineResult]:
     """Fit every ``model`` on every ``features`` set on the train split; score val and test; write run folders.
 
     The split is the one CNN runs with the same ``seed``/``val``/``test`` use (saved next to the store),
@@ -111,16 +124,46 @@ def run_baselines(data: str | Path, out: str | Path, *, models: Sequence[str] = 
         printer(f"{kind} features: {x['train'].shape[1]} per patch, {per_image * 1e3:.2f} ms per patch")
         for m in models:
             name = f"{m}-{kind}"
-            results.append(_fit_one(name, m, kind, store, parts, x, per_image, out / name, split_path,
-                                    dict(data=str(store.path.resolve()), val=val, test=test, seed=seed, pixel_size=pixel_size,
-                                         split_file=str(split_file) if split_file else None), n_boot, printer))
+            results.append(
+                _fit_one(
+                    name,
+                    m,
+                    kind,
+                    store,
+                    parts,
+                    x,
+                    per_image,
+                    out / name,
+                    split_path,
+                    dict(
+                        data=str(store.path.resolve()),
+                        val=val,
+                        test=test,
+                        seed=seed,
+                        pixel_size=pixel_size,
+                        split_file=str(split_file) if split_file else None,
+                    ),
+                    n_boot,
+                    printer,
+                )
+            )
     return results
 
 
-
-def _fit_one(name: str, model_name: str, kind: str, store: PatchStore, parts: dict[str, PatchStore],
-             x: dict[str, np.ndarray], per_image: float, run_dir: Path, split_path: Path, settings: dict[str, Any],
-             n_boot: int, printer: Callable[[str], None]) -> BaselineResult:
+def _fit_one(
+    name: str,
+    model_name: str,
+    kind: str,
+    store: PatchStore,
+    parts: dict[str, PatchStore],
+    x: dict[str, np.ndarray],
+    per_image: float,
+    run_dir: Path,
+    split_path: Path,
+    settings: dict[str, Any],
+    n_boot: int,
+    printer: Callable[[str], None],
+) -> BaselineResult:
     k, classes = store.num_classes, store.class_names
     y = {s: parts[s].labels for s in SPLITS}
     model = MODELS[model_name](settings["seed"])
@@ -137,31 +180,71 @@ def _fit_one(name: str, model_name: str, kind: str, store: PatchStore, parts: di
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     params, nbytes = _size(model)
-    (run_dir / CONFIG_FILE).write_text(yaml.safe_dump({"baseline": model_name, "features": kind, **settings}, sort_keys=False))
+    (run_dir / CONFIG_FILE).write_text(
+        yaml.safe_dump({"baseline": model_name, "features": kind, **settings}, sort_keys=False)
+    )
     shutil.copy(split_path, run_dir / SPLIT_FILE)
-    card = {"format": "histoscan-baseline", "model": name, "estimator": repr(model), "features": kind,
-            "feature_count": int(x["train"].shape[1]), "classes": classes, "parameters": params, "model_bytes": nbytes,
-            "seconds": round(fit_seconds, 2), "split": {s: len(parts[s]) for s in SPLITS},
-            "val": {"auroc": scores["val"]["auroc"], "accuracy": scores["val"]["accuracy"], "f1": scores["val"]["f1"]},
-            "histoscan_version": __version__}
+    card = {
+        "format": "histoscan-baseline",
+        "model": name,
+        "estimator": repr(model),
+        "features": kind,
+        "feature_count": int(x["train"].shape[1]),
+        "classes": classes,
+        "parameters": params,
+        "model_bytes": nbytes,
+        "seconds": round(fit_seconds, 2),
+        "split": {s: len(parts[s]) for s in SPLITS},
+        "val": {"auroc": scores["val"]["auroc"], "accuracy": scores["val"]["accuracy"], "f1": scores["val"]["f1"]},
+        "histoscan_version": __version__,
+    }
     (run_dir / BASELINE_FILE).write_text(json.dumps(card, indent=2))
     _metrics_row(run_dir / METRICS_FILE, scores, len(parts["train"]) / max(fit_seconds, 1e-9), fit_seconds)
-    info = {"run": name, "model": name, "store": str(store.path.resolve()), "split": "test", "tta": False,
-            "backend": "scikit-learn", "inference_images_per_s": round(infer_rate, 1),
-            "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "histoscan_version": __version__}
-    write_evaluation(run_dir / EVAL_DIR, y["test"], probs["test"], classes, test_metrics, title=f"Evaluation of {name} (test split)",
-                     info=info, images=parts["test"].batch, image_size=store.image_size)
-    printer(f"{name:16s} val AUROC {scores['val']['auroc']:.4f} acc {scores['val']['accuracy']:.4f} | "
-            f"test AUROC {test_metrics['auroc']:.4f} acc {test_metrics['accuracy']:.4f}  ({fit_seconds:.1f} s)")
+    info = {
+        "run": name,
+        "model": name,
+        "store": str(store.path.resolve()),
+        "split": "test",
+        "tta": False,
+        "backend": "scikit-learn",
+        "inference_images_per_s": round(infer_rate, 1),
+        "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "histoscan_version": __version__,
+    }
+    write_evaluation(
+        run_dir / EVAL_DIR,
+        y["test"],
+        probs["test"],
+        classes,
+        test_metrics,
+        title=f"Evaluation of {name} (test split)",
+        info=info,
+        images=parts["test"].batch,
+        image_size=store.image_size,
+    )
+    printer(
+        f"{name:16s} val AUROC {scores['val']['auroc']:.4f} acc {scores['val']['accuracy']:.4f} | "
+        f"test AUROC {test_metrics['auroc']:.4f} acc {test_metrics['accuracy']:.4f}  ({fit_seconds:.1f} s)"
+    )
     return BaselineResult(name, run_dir, scores["val"]["auroc"], test_metrics)
 
 
 def _metrics_row(path: Path, scores: dict[str, dict[str, Any]], rate: float, seconds: float) -> None:
     """One row in the CNN runs' ``metrics.csv`` format (a baseline has one 'epoch')."""
-    row = {"epoch": 0, "train_loss": scores["train"]["log_loss"], "train_auroc": scores["train"]["auroc"],
-           "train_acc": scores["train"]["accuracy"], "val_loss": scores["val"]["log_loss"], "val_auroc": scores["val"]["auroc"],
-           "val_acc": scores["val"]["accuracy"], "val_f1": scores["val"]["f1"], "lr": "", "images_per_s": round(rate, 1),
-           "epoch_time_s": round(seconds, 2), "best_val_auroc": scores["val"]["auroc"]}
+    row = {
+        "epoch": 0,
+        "train_loss": scores["train"]["log_loss"],
+        "train_auroc": scores["train"]["auroc"],
+        "train_acc": scores["train"]["accuracy"],
+        "val_loss": scores["val"]["log_loss"],
+        "val_auroc": scores["val"]["auroc"],
+        "val_acc": scores["val"]["accuracy"],
+        "val_f1": scores["val"]["f1"],
+        "lr": "",
+        "images_per_s": round(rate, 1),
+        "epoch_time_s": round(seconds, 2),
+        "best_val_auroc": scores["val"]["auroc"],
+    }
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
         w.writeheader()

@@ -6,9 +6,9 @@ import hashlib
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from histoscan.errors import DataError
 
@@ -53,7 +53,7 @@ def fetch(url: str, dest: Path, md5: str, progress: ProgressFactory | None = Non
     """Download ``url`` to ``dest`` via a ``.part`` file; keep it only when its md5 matches."""
     part = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, part.open("wb") as out:  # noqa: S310 - https/http only
+        with urllib.request.urlopen(url, timeout=timeout) as resp, part.open("wb") as out:
             total = resp.headers.get("Content-Length")
             tick = progress(dest.name, int(total) if total else None) if progress else None
             while block := resp.read(1 << 20):

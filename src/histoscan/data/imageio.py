@@ -121,7 +121,9 @@ class TiffTemplate:
     Anything else returns None and goes through tifffile.
     """
 
-    def __init__(self, header: bytes, size: int, offset: int, shape: tuple[int, ...], ignore: list[tuple[int, int]]) -> None:
+    def __init__(
+        self, header: bytes, size: int, offset: int, shape: tuple[int, ...], ignore: list[tuple[int, int]]
+    ) -> None:
         self.size, self.offset, self.shape = size, offset, shape
         self.nbytes = int(np.prod(shape))
         # byte ranges that must match: everything but the pixel strip and the ignored values
@@ -136,7 +138,7 @@ class TiffTemplate:
         self._ranges = [(lo, hi, header[lo:hi]) for lo, hi in ranges]
 
     @classmethod
-    def learn(cls, data: bytes) -> "TiffTemplate | None":
+    def learn(cls, data: bytes) -> TiffTemplate | None:
         """A template from the bytes of one TIFF when it qualifies, else None."""
         import io
 
@@ -145,8 +147,14 @@ class TiffTemplate:
                 if len(tif.pages) != 1:
                     return None
                 page = tif.pages[0]
-                if (page.compression != 1 or page.dtype != np.uint8 or len(page.dataoffsets) != 1
-                        or page.planarconfig != 1 or page.shape[-1:] not in ((3,),) or page.photometric != 2):
+                if (
+                    page.compression != 1
+                    or page.dtype != np.uint8
+                    or len(page.dataoffsets) != 1
+                    or page.planarconfig != 1
+                    or page.shape[-1:] not in ((3,),)
+                    or page.photometric != 2
+                ):
                     return None
                 offset, count = int(page.dataoffsets[0]), int(page.databytecounts[0])
                 if count != int(np.prod(page.shape)):
@@ -156,7 +164,7 @@ class TiffTemplate:
                 if tag is not None:
                     ignore.append((int(tag.valueoffset), int(tag.valueoffset) + int(tag.count)))
                 return cls(data, len(data), offset, tuple(page.shape), ignore)
-        except Exception:  # noqa: BLE001 - not a template candidate; the normal path reports errors
+        except Exception:
             return None
 
     def match(self, data: bytes) -> np.ndarray | None:
@@ -217,10 +225,10 @@ def read_image(path: str | Path) -> DecodedImage:
                 pixels, conv = _read_tiff(p)
             except ImageReadError:
                 raise
-            except Exception as tiff_exc:  # noqa: BLE001 - fall back to Pillow, keep the first reason
+            except Exception as tiff_exc:
                 try:
                     pixels, conv = _read_pillow(p)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     raise ImageReadError(f"unreadable TIFF: {tiff_exc}") from tiff_exc
         else:
             pixels, conv = _read_pillow(p)
@@ -263,7 +271,7 @@ def decode_bytes(data: bytes, name: str = "upload", max_pixels: int | None = Non
                 return DecodedImage(pixels, (pixels.shape[0], pixels.shape[1]), conv)
             except ImageReadError:
                 raise
-            except Exception:  # noqa: BLE001 - fall back to Pillow
+            except Exception:
                 buf.seek(0)
         with Image.open(buf) as im:
             check(im.size[1], im.size[0])
@@ -310,5 +318,5 @@ def probe_size(path: str | Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             return int(im.size[1]), int(im.size[0])
-    except Exception:  # noqa: BLE001 - a probe failure is reported later by the decoder
+    except Exception:
         return None

@@ -6,9 +6,10 @@ import hashlib
 import multiprocessing as mp
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -94,10 +95,11 @@ def _decode_into(items: list[tuple[int, str]]) -> list[DecodeResult]:
     return out
 
 
-def _decode_files(entries: list[Entry], images_path: Path, size: tuple[int, int], workers: int,
-                  progress: ProgressFn | None) -> list[DecodeResult]:
+def _decode_files(
+    entries: list[Entry], images_path: Path, size: tuple[int, int], workers: int, progress: ProgressFn | None
+) -> list[DecodeResult]:
     items = [(i, e.ref) for i, e in enumerate(entries)]
-    chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)]
+    chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
     results: list[DecodeResult] = []
     if workers <= 1:
         _init_worker(str(images_path), size)
@@ -118,12 +120,13 @@ def _decode_files(entries: list[Entry], images_path: Path, size: tuple[int, int]
     return results
 
 
-def _decode_arrays(source: Source, entries: list[Entry], images: np.ndarray, size: tuple[int, int],
-                   progress: ProgressFn | None) -> list[DecodeResult]:
+def _decode_arrays(
+    source: Source, entries: list[Entry], images: np.ndarray, size: tuple[int, int], progress: ProgressFn | None
+) -> list[DecodeResult]:
     results = []
     block = 1024
     for start in range(0, len(entries), block):
-        part = entries[start:start + block]
+        part = entries[start : start + block]
         for k, img in enumerate(source.load_block(part)):
             px, conv = img.pixels, list(img.conversions)
             digest = hashlib.blake2b(px.tobytes(), digest_size=16).hexdigest()
@@ -138,7 +141,9 @@ def _decode_arrays(source: Source, entries: list[Entry], images: np.ndarray, siz
 
 
 # ---- the report ----------------------------------------------------------------
-def build_report(source: Source, entries: list[Entry], results: list[DecodeResult], size: tuple[int, int]) -> dict[str, Any]:
+def build_report(
+    source: Source, entries: list[Entry], results: list[DecodeResult], size: tuple[int, int]
+) -> dict[str, Any]:
     """The validation report: counts, sizes, conversions, unreadable files, duplicates, label mismatches."""
     listing = source.listing
     ok = [r for r in results if r.ok]
@@ -158,7 +163,9 @@ def build_report(source: Source, entries: list[Entry], results: list[DecodeResul
         "counts_per_class": {c: per_class.get(c, 0) for c in listing.class_names} if listing.labelled else {},
         "sizes_seen": dict(sizes.most_common()),
         "conversions": dict(conversions),
-        "unreadable": [{"id": entries[r.pos].id, "path": entries[r.pos].ref, "reason": r.error} for r in results if not r.ok],
+        "unreadable": [
+            {"id": entries[r.pos].id, "path": entries[r.pos].ref, "reason": r.error} for r in results if not r.ok
+        ],
         "duplicate_ids": listing.duplicate_ids,
         "labels_without_image": listing.labels_without_image,
         "images_without_label": listing.images_without_label,
@@ -168,12 +175,14 @@ def build_report(source: Source, entries: list[Entry], results: list[DecodeResul
 
 def _index_frame(entries: list[Entry], keep: np.ndarray) -> pd.DataFrame:
     rows = [e for e, k in zip(entries, keep) if k]
-    df = pd.DataFrame({
-        "id": [e.id for e in rows],
-        "label": pd.array([e.label for e in rows], dtype="Int64"),
-        "group": [e.group or "" for e in rows],
-        "source": [e.ref for e in rows],
-    })
+    df = pd.DataFrame(
+        {
+            "id": [e.id for e in rows],
+            "label": pd.array([e.label for e in rows], dtype="Int64"),
+            "group": [e.group or "" for e in rows],
+            "source": [e.ref for e in rows],
+        }
+    )
     if any(e.source_split for e in rows):
         df["source_split"] = [e.source_split or "" for e in rows]
     return df
@@ -221,7 +230,9 @@ def ingest(
             report = build_report(source, entries, results, target)
             if not keep.any():
                 first = report["unreadable"][0]
-                raise DataError(f"{source_path}: zero readable images (first failure: {first['path']}: {first['reason']})")
+                raise DataError(
+                    f"{source_path}: zero readable images (first failure: {first['path']}: {first['reason']})"
+                )
             index = _index_frame(entries, keep)
             kept_labels = [e.label for e, k in zip(entries, keep) if k]
             meta = {

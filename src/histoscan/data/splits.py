@@ -21,9 +21,11 @@ def _check_labels(labels: np.ndarray) -> None:
         raise DataError("cannot split: the store holds a single class")
 
 
-def _grouped_holdout(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _grouped_holdout(
+    idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, frac: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Hold out about ``frac`` of ``idx`` by whole groups, keeping classes as balanced as groups allow."""
-    n_splits = max(2, int(round(1.0 / frac)))
+    n_splits = max(2, round(1.0 / frac))
     n_groups = len(np.unique(groups[idx]))
     if n_groups < n_splits:
         raise DataError(f"cannot hold out {frac:.0%} by group: only {n_groups} groups (need at least {n_splits})")
@@ -32,8 +34,9 @@ def _grouped_holdout(idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fr
     return idx[keep], idx[held]
 
 
-def make_split(labels: np.ndarray, groups: np.ndarray | None = None, *, val: float = 0.1, test: float = 0.1,
-               seed: int = 0) -> np.ndarray:
+def make_split(
+    labels: np.ndarray, groups: np.ndarray | None = None, *, val: float = 0.1, test: float = 0.1, seed: int = 0
+) -> np.ndarray:
     """Assign each patch to "train", "val" or "test", stratified by label and disjoint by group."""
     labels = np.asarray(labels)
     _check_labels(labels)
@@ -115,8 +118,15 @@ def read_split(path: str | Path, store: PatchStore) -> np.ndarray:
     return out
 
 
-def split_store(store: PatchStore, *, val: float = 0.1, test: float = 0.1, seed: int = 0,
-                split_file: str | Path | None = None, use_source_split: bool = True) -> tuple[dict[str, PatchStore], Path]:
+def split_store(
+    store: PatchStore,
+    *,
+    val: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    split_file: str | Path | None = None,
+    use_source_split: bool = True,
+) -> tuple[dict[str, PatchStore], Path]:
     """Split a store into views by name, saving (or reusing) the assignment so a run can repeat it.
 
     Order of precedence: an explicit ``split_file``; the source's own split (PCam) when it has

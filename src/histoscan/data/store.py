@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,9 +49,13 @@ class PatchStore:
             self._images = np.load(self.path / IMAGES_FILE, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise DataError(f"{self.path / IMAGES_FILE}: unreadable ({exc})") from exc
-        self._index = pd.read_csv(self.path / INDEX_FILE, dtype={"id": str, "group": str, "source_split": str}, keep_default_na=False)
+        self._index = pd.read_csv(
+            self.path / INDEX_FILE, dtype={"id": str, "group": str, "source_split": str}, keep_default_na=False
+        )
         if len(self._index) != self._images.shape[0]:
-            raise DataError(f"{self.path}: {INDEX_FILE} has {len(self._index)} rows but {IMAGES_FILE} holds {self._images.shape[0]} images")
+            raise DataError(
+                f"{self.path}: {INDEX_FILE} has {len(self._index)} rows but {IMAGES_FILE} holds {self._images.shape[0]} images"
+            )
         self._full = indices is None
         self._indices = np.arange(len(self._index)) if indices is None else np.asarray(indices, dtype=np.int64)
 
@@ -134,7 +139,7 @@ class PatchStore:
                 end += 1
             first = int(sorted_rows[start])
             if end - start > 1:
-                target = flat[order[start]:order[start] + (end - start)]
+                target = flat[order[start] : order[start] + (end - start)]
                 n = os.preadv(fd, [memoryview(target).cast("B")], base + first * row_bytes)
             else:
                 n = os.preadv(fd, [memoryview(flat[order[start]]).cast("B")], base + first * row_bytes)
@@ -164,14 +169,18 @@ class PatchStore:
         row = int(self._indices[pos])
         label = int(self.labels[pos])
         groups = self.groups
-        return Sample(str(self._index["id"].iat[row]), np.asarray(self._images[row]), label if label >= 0 else None,
-                      str(groups[pos]) if groups is not None else None)
+        return Sample(
+            str(self._index["id"].iat[row]),
+            np.asarray(self._images[row]),
+            label if label >= 0 else None,
+            str(groups[pos]) if groups is not None else None,
+        )
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):
             yield self[i]
 
-    def subset(self, positions: Sequence[int] | np.ndarray) -> "PatchStore":
+    def subset(self, positions: Sequence[int] | np.ndarray) -> PatchStore:
         """A view on some positions of this view, sharing the memory map."""
         view = object.__new__(PatchStore)
         view.path, view.meta, view._images, view._index = self.path, self.meta, self._images, self._index
@@ -213,7 +222,9 @@ class StoreWriter:
         self.tmp.mkdir()
         self.count, self.size = count, size
         self.images_path = self.tmp / IMAGES_FILE
-        self.images = np.lib.format.open_memmap(self.images_path, mode="w+", dtype=np.uint8, shape=(max(count, 1), size[0], size[1], 3))
+        self.images = np.lib.format.open_memmap(
+            self.images_path, mode="w+", dtype=np.uint8, shape=(max(count, 1), size[0], size[1], 3)
+        )
 
     def commit(self, keep: np.ndarray, index: pd.DataFrame, meta: dict[str, Any], report: dict[str, Any]) -> Path:
         """Drop rows not in ``keep``, write index, meta and report, and move the store into place."""
@@ -221,11 +232,13 @@ class StoreWriter:
         n = int(keep.sum())
         self.images.flush()
         if n != self.images.shape[0]:
-            compact = np.lib.format.open_memmap(self.tmp / (IMAGES_FILE + ".compact"), mode="w+", dtype=np.uint8, shape=(n, *self.images.shape[1:]))
+            compact = np.lib.format.open_memmap(
+                self.tmp / (IMAGES_FILE + ".compact"), mode="w+", dtype=np.uint8, shape=(n, *self.images.shape[1:])
+            )
             rows = np.flatnonzero(keep)
             for start in range(0, n, 4096):
-                chunk = rows[start:start + 4096]
-                compact[start:start + len(chunk)] = self.images[chunk]
+                chunk = rows[start : start + 4096]
+                compact[start : start + len(chunk)] = self.images[chunk]
             compact.flush()
             del compact
             del self.images

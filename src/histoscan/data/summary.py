@@ -35,7 +35,11 @@ def report_summary(report: dict[str, Any]) -> Group:
         ("duplicate_ids", report["duplicate_ids"], "first kept"),
         ("labels_without_image", report["labels_without_image"], "not stored"),
         ("images_without_label", report["images_without_label"], "not stored"),
-        ("duplicate_content", [" = ".join(g) for g in report["duplicate_content"]], "kept; beware of leakage across splits"),
+        (
+            "duplicate_content",
+            [" = ".join(g) for g in report["duplicate_content"]],
+            "kept; beware of leakage across splits",
+        ),
     ]
     for key, items, action in checks:
         if items:

@@ -24,8 +24,17 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(Image.fromarray(small, mode="F").resize((size, size), Image.BILINEAR))
 
 
-def _blob(img: np.ndarray, rng: np.random.Generator, cy: float, cx: float, ry: float, rx: float,
-          color: np.ndarray, irregular: float, alpha: float) -> None:
+def _blob(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    cy: float,
+    cx: float,
+    ry: float,
+    rx: float,
+    color: np.ndarray,
+    irregular: float,
+    alpha: float,
+) -> None:
     """Paint one irregular ellipse in place."""
     h, w = img.shape[:2]
     r = int(max(ry, rx) * (1 + irregular)) + 2
@@ -44,8 +53,9 @@ def _blob(img: np.ndarray, rng: np.random.Generator, cy: float, cx: float, ry: f
     img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - mask) + color * mask
 
 
-def synth_patch(rng: np.random.Generator, label: int = 0, size: int = 96, noise: float = 0.2,
-                severity: float | None = None) -> np.ndarray:
+def synth_patch(
+    rng: np.random.Generator, label: int = 0, size: int = 96, noise: float = 0.2, severity: float | None = None
+) -> np.ndarray:
     """One uint8 size x size x 3 patch; ``label`` 1 (or ``severity`` > 0) puts tumour-like nuclei in the centre."""
     sev = float(label > 0) if severity is None else float(severity)
     sev = np.clip(sev + rng.normal(0, 0.35 * noise), 0.0, 1.0) if sev > 0 else 0.0
@@ -56,25 +66,53 @@ def synth_patch(rng: np.random.Generator, label: int = 0, size: int = 96, noise:
     img += fib[..., None] * np.array([6.0, 16.0, 10.0])
     scale = size / 96.0
     for _ in range(rng.integers(1, 4)):  # white gaps (fat, lumen)
-        _blob(img, rng, rng.uniform(0, size), rng.uniform(0, size), rng.uniform(4, 14) * scale,
-              rng.uniform(4, 14) * scale, _GAP, 0.15, 0.9)
+        _blob(
+            img,
+            rng,
+            rng.uniform(0, size),
+            rng.uniform(0, size),
+            rng.uniform(4, 14) * scale,
+            rng.uniform(4, 14) * scale,
+            _GAP,
+            0.15,
+            0.9,
+        )
     n_bg = int(rng.integers(14, 26) * scale * scale)
     for _ in range(n_bg):  # ordinary small round nuclei
         r = rng.uniform(1.6, 2.6) * scale
-        _blob(img, rng, rng.uniform(0, size), rng.uniform(0, size), r, r * rng.uniform(0.8, 1.2),
-              _NUCLEUS * rng.uniform(1.05, 1.3), 0.05, rng.uniform(0.6, 0.85))
+        _blob(
+            img,
+            rng,
+            rng.uniform(0, size),
+            rng.uniform(0, size),
+            r,
+            r * rng.uniform(0.8, 1.2),
+            _NUCLEUS * rng.uniform(1.05, 1.3),
+            0.05,
+            rng.uniform(0.6, 0.85),
+        )
     if sev > 0:
         c0, c1 = size * 0.3, size * 0.7  # slightly wider than the labelled centre third
         for _ in range(int((10 + 14 * sev) * scale * scale)):  # tumour nuclei: big, dark, irregular, crowded
             r = rng.uniform(2.8, 4.5) * scale * (0.8 + 0.4 * sev)
-            _blob(img, rng, rng.uniform(c0, c1), rng.uniform(c0, c1), r, r * rng.uniform(0.6, 1.3),
-                  _NUCLEUS * rng.uniform(0.55, 0.8), 0.15 + 0.2 * sev, 0.9)
+            _blob(
+                img,
+                rng,
+                rng.uniform(c0, c1),
+                rng.uniform(c0, c1),
+                r,
+                r * rng.uniform(0.6, 1.3),
+                _NUCLEUS * rng.uniform(0.55, 0.8),
+                0.15 + 0.2 * sev,
+                0.9,
+            )
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(3 + 10 * noise)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def synth_batch(n: int, seed: int = 0, size: int = 96, noise: float = 0.2, positive: float = 0.4,
-                num_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def synth_batch(
+    n: int, seed: int = 0, size: int = 96, noise: float = 0.2, positive: float = 0.4, num_classes: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
     """``n`` patches and their labels; with ``num_classes`` > 2 the class sets the tumour severity."""
     rng = np.random.default_rng(seed)
     if num_classes == 2:
@@ -88,8 +126,18 @@ def synth_batch(n: int, seed: int = 0, size: int = 96, noise: float = 0.2, posit
     return images, labels
 
 
-def write_synthetic(out: str | Path, layout: str = "kaggle", n: int = 200, *, seed: int = 0, size: int = 96,
-                    noise: float = 0.2, num_classes: int = 2, groups: int = 8, test: int = 0) -> Path:
+def write_synthetic(
+    out: str | Path,
+    layout: str = "kaggle",
+    n: int = 200,
+    *,
+    seed: int = 0,
+    size: int = 96,
+    noise: float = 0.2,
+    num_classes: int = 2,
+    groups: int = 8,
+    test: int = 0,
+) -> Path:
     """Write ``n`` synthetic labelled patches in ``layout`` under ``out`` (and ``test`` unlabelled ones for kaggle)."""
     if layout not in SYNTH_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {list(SYNTH_LAYOUTS)}")
@@ -126,7 +174,9 @@ def write_synthetic(out: str | Path, layout: str = "kaggle", n: int = 200, *, se
     return root
 
 
-def _write_kaggle_part(root: Path, folder: str, table: str, ids: list[str], images: np.ndarray, labels: list[int]) -> None:
+def _write_kaggle_part(
+    root: Path, folder: str, table: str, ids: list[str], images: np.ndarray, labels: list[int]
+) -> None:
     """``folder/<id>.tif`` plus an ``id,label`` table (the labels, or the sample submission's zeros)."""
     import tifffile
 
@@ -149,7 +199,9 @@ def _write_pcam(root: Path, images: np.ndarray, labels: np.ndarray, groups: list
         lo, hi = cut[k], cut[k + 1]
         stem = f"camelyonpatch_level_2_split_{split}"
         with h5py.File(root / f"{stem}_x.h5", "w") as f:
-            f.create_dataset("x", data=images[lo:hi], chunks=(min(max(hi - lo, 1), 32), *images.shape[1:]), compression="gzip")
+            f.create_dataset(
+                "x", data=images[lo:hi], chunks=(min(max(hi - lo, 1), 32), *images.shape[1:]), compression="gzip"
+            )
         with h5py.File(root / f"{stem}_y.h5", "w") as f:
             f.create_dataset("y", data=labels[lo:hi].astype(np.uint8).reshape(-1, 1, 1, 1))
         with (root / f"{stem}_meta.csv").open("w", newline="") as fh:
@@ -159,8 +211,9 @@ def _write_pcam(root: Path, images: np.ndarray, labels: np.ndarray, groups: list
                 w.writerow([i - lo, 0, 0, bool(labels[i]), bool(labels[i]), f"{split}_{groups[i]}"])
 
 
-def write_synthetic_store(out: str | Path, n: int, *, seed: int = 0, size: int = 96, pool: int = 2000,
-                          noise: float = 0.2, force: bool = False) -> Path:
+def write_synthetic_store(
+    out: str | Path, n: int, *, seed: int = 0, size: int = 96, pool: int = 2000, noise: float = 0.2, force: bool = False
+) -> Path:
     """A large synthetic store made quickly: ``pool`` generated patches, each reused under random flips/rotations.
 
     Meant for speed and memory benchmarks, where content matters less than volume.
@@ -180,14 +233,33 @@ def write_synthetic_store(out: str | Path, n: int, *, seed: int = 0, size: int =
                 img = images[pick[i]]
                 img = np.rot90(img[:, ::-1] if ops[i] >= 4 else img, ops[i] % 4)
                 writer.images[i] = img
-        index = pd.DataFrame({"id": [f"syn{i:07d}" for i in range(n)], "label": labels[pick],
-                              "group": "", "source": "synthetic"})
+        index = pd.DataFrame(
+            {"id": [f"syn{i:07d}" for i in range(n)], "label": labels[pick], "group": "", "source": "synthetic"}
+        )
         counts = {"normal": int((labels[pick] == 0).sum()), "tumor": int((labels[pick] == 1).sum())}
-        meta = {"classes": ["normal", "tumor"], "labelled": True, "has_groups": False, "counts_per_class": counts,
-                "layout": "synthetic", "source": "synthetic"}
-        report = {"source": "synthetic", "layout": "synthetic", "listed": n, "stored": n, "image_size": [size, size],
-                  "counts_per_class": counts, "sizes_seen": {f"{size}x{size}": n}, "conversions": {}, "unreadable": [],
-                  "duplicate_ids": [], "labels_without_image": [], "images_without_label": [], "duplicate_content": []}
+        meta = {
+            "classes": ["normal", "tumor"],
+            "labelled": True,
+            "has_groups": False,
+            "counts_per_class": counts,
+            "layout": "synthetic",
+            "source": "synthetic",
+        }
+        report = {
+            "source": "synthetic",
+            "layout": "synthetic",
+            "listed": n,
+            "stored": n,
+            "image_size": [size, size],
+            "counts_per_class": counts,
+            "sizes_seen": {f"{size}x{size}": n},
+            "conversions": {},
+            "unreadable": [],
+            "duplicate_ids": [],
+            "labels_without_image": [],
+            "images_without_label": [],
+            "duplicate_content": [],
+        }
         return writer.commit(np.ones(n, bool), index, meta, report)
     except BaseException:
         writer.abort()

@@ -8,8 +8,8 @@ centre ``keep`` x ``keep`` region inside the crop.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,8 +59,11 @@ class RandomDihedral:
         if key not in self._perms:
             base = torch.arange(h * w).view(1, h, w)
             ks = range(8) if h == w else (0, 2, 4, 6)
-            table = torch.stack([dihedral(base, k).reshape(-1) for k in ks]) if h == w else \
-                torch.stack([dihedral(base, k).reshape(-1) if k in ks else base.reshape(-1) for k in range(8)])
+            table = (
+                torch.stack([dihedral(base, k).reshape(-1) for k in ks])
+                if h == w
+                else torch.stack([dihedral(base, k).reshape(-1) if k in ks else base.reshape(-1) for k in range(8)])
+            )
             self._perms[key] = table.to(device)
         return self._perms[key]
 
@@ -150,7 +153,7 @@ class CenterSafeCrop:
         n = x.shape[0]
         ys = torch.randint(lo_y, hi_y + 1, (n,), generator=gen).tolist() if hi_y >= lo_y else [oy] * n
         xs = torch.randint(lo_x, hi_x + 1, (n,), generator=gen).tolist() if hi_x >= lo_x else [ox] * n
-        return torch.stack([x[i, :, y:y + self.size, c:c + self.size] for i, (y, c) in enumerate(zip(ys, xs))])
+        return torch.stack([x[i, :, y : y + self.size, c : c + self.size] for i, (y, c) in enumerate(zip(ys, xs))])
 
 
 def center_crop(x: Tensor, size: int) -> Tensor:
@@ -159,7 +162,7 @@ def center_crop(x: Tensor, size: int) -> Tensor:
     if size > min(h, w):
         raise ValueError(f"centre crop {size} is larger than the image {h}x{w}")
     top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top:top + size, left:left + size]
+    return x[..., top : top + size, left : left + size]
 
 
 def resize(x: Tensor, size: int) -> Tensor:
@@ -196,7 +199,9 @@ class Augment:
 AUGMENTATION_PRESETS = ("none", "flips", "light", "strong")
 
 
-def build_augmentation(preset: str = "light", strength: float = 1.0, crop: int | None = None, keep: int = 32) -> Augment:
+def build_augmentation(
+    preset: str = "light", strength: float = 1.0, crop: int | None = None, keep: int = 32
+) -> Augment:
     """An augmentation preset by name, scaled by ``strength``.
 
     - ``none``: nothing.

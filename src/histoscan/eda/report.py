@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +36,15 @@ class EdaResult:
     seconds: float
 
 
-def run_eda(store_path: str | Path, out: str | Path, *, sample: int = 5000, grid: int = 16, seed: int = 0,
-            progress: Callable[[int], Callable[[int], None]] | None = None) -> EdaResult:
+def run_eda(
+    store_path: str | Path,
+    out: str | Path,
+    *,
+    sample: int = 5000,
+    grid: int = 16,
+    seed: int = 0,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
+) -> EdaResult:
     """Explore ``store_path`` and write ``out/report.html``, ``out/eda.json`` and the PNG figures.
 
     Args:
@@ -58,21 +66,31 @@ def run_eda(store_path: str | Path, out: str | Path, *, sample: int = 5000, grid
     figures: dict[str, Path] = {"class_counts": _counts_png(store, names, out / "class_counts.png")}
     for c, pos in picks.items():
         show = np.sort(rng.choice(pos, size=min(grid, len(pos)), replace=False))
-        figures[f"samples_{names[c]}"] = image_grid(store.batch(show), [str(i) for i in store.ids[show]],
-                                                    out / f"samples_{_safe(names[c])}.png", suptitle=f"{names[c]}: random patches"
-                                                    + (" (labelled centre 32x32 outlined)" if outline else ""), outline=outline)
+        figures[f"samples_{names[c]}"] = image_grid(
+            store.batch(show),
+            [str(i) for i in store.ids[show]],
+            out / f"samples_{_safe(names[c])}.png",
+            suptitle=f"{names[c]}: random patches" + (" (labelled centre 32x32 outlined)" if outline else ""),
+            outline=outline,
+        )
     figures["mean_images"] = _mean_images_png(samples, names, out / "mean_images.png")
     figures["rgb_histograms"] = _rgb_png(samples, names, out / "rgb_histograms.png")
     figures["intensity"] = _intensity_png(samples, stats, labels, names, out / "intensity.png")
     report = store.report() or {}
-    figures["sizes"] = _sizes_png(report.get("sizes_seen") or {"x".join(map(str, store.image_size)): len(store)}, out / "sizes.png")
+    figures["sizes"] = _sizes_png(
+        report.get("sizes_seen") or {"x".join(map(str, store.image_size)): len(store)}, out / "sizes.png"
+    )
     quality = {"blank": stats.blank, "dark": stats.dark, "blurry": stats.blurry}
     for kind, mask in quality.items():
         idx = np.flatnonzero(mask)
         if len(idx):
             show = np.sort(rng.choice(idx, size=min(16, len(idx)), replace=False))
-            figures[f"{kind}_examples"] = image_grid(store.batch(show), [f"{store.ids[i]}" for i in show], out / f"{kind}_examples.png",
-                                                     suptitle=f"{kind} patches ({len(idx)} in the store)")
+            figures[f"{kind}_examples"] = image_grid(
+                store.batch(show),
+                [f"{store.ids[i]}" for i in show],
+                out / f"{kind}_examples.png",
+                suptitle=f"{kind} patches ({len(idx)} in the store)",
+            )
     dup_groups = report.get("duplicate_content") or []
     if dup_groups:
         figures["duplicates"] = _duplicates_png(store, dup_groups, out / "duplicates.png")
@@ -97,10 +115,18 @@ def _counts_png(store: PatchStore, names: dict[int, str], path: Path) -> Path:
     counts = store.counts()
     fig, ax = new_figure((560, 400))
     a = ax[0, 0]
-    bars = a.bar(list(counts), list(counts.values()), color=[f"C{i}" for i in range(len(counts))])  # as in the other plots
+    bars = a.bar(
+        list(counts), list(counts.values()), color=[f"C{i}" for i in range(len(counts))]
+    )  # as in the other plots
     total = max(1, sum(counts.values()))
     for b, v in zip(bars, counts.values()):
-        a.annotate(f"{v:,}\n{v / total:.1%}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+        a.annotate(
+            f"{v:,}\n{v / total:.1%}",
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     a.set(ylabel="patches", title=f"class balance ({total:,} patches)")
     a.margins(y=0.2)
     return save_png(fig, path)
@@ -135,12 +161,15 @@ def _rgb_png(samples: dict[int, st.ClassSample], names: dict[int, str], path: Pa
     return save_png(fig, path)
 
 
-def _intensity_png(samples: dict[int, st.ClassSample], stats: st.PatchStats, labels: np.ndarray, names: dict[int, str],
-                   path: Path) -> Path:
+def _intensity_png(
+    samples: dict[int, st.ClassSample], stats: st.PatchStats, labels: np.ndarray, names: dict[int, str], path: Path
+) -> Path:
     fig, ax = new_figure((960, 340), 1, 2)
     for c in sorted(samples):
         ax[0, 0].plot(np.arange(256), samples[c].grey_density, label=names[c])
-        ax[0, 1].hist(stats.brightness[labels == c], bins=np.linspace(0, 255, 52), alpha=0.55, density=True, label=names[c])
+        ax[0, 1].hist(
+            stats.brightness[labels == c], bins=np.linspace(0, 255, 52), alpha=0.55, density=True, label=names[c]
+        )
     ax[0, 0].set(title="pixel intensity (grey)", xlabel="grey level", ylabel="density", xlim=(0, 255))
     ax[0, 1].axvline(st.BLANK_MEAN, ls=":", color="grey")
     ax[0, 1].axvline(st.DARK_MEAN, ls=":", color="grey")
@@ -162,8 +191,13 @@ def _duplicates_png(store: PatchStore, dup_groups: list[list[str]], path: Path) 
     where = {pid: i for i, pid in enumerate(store.ids)}
     pairs = [[where[p] for p in g[:2] if p in where] for g in dup_groups[:8]]
     pos = [p for pair in pairs if len(pair) == 2 for p in pair]
-    return image_grid(store.batch(np.array(pos, dtype=np.int64)), [str(store.ids[p]) for p in pos], path, cols=8,
-                      suptitle=f"exact duplicates, shown in pairs ({len(dup_groups)} groups)")
+    return image_grid(
+        store.batch(np.array(pos, dtype=np.int64)),
+        [str(store.ids[p]) for p in pos],
+        path,
+        cols=8,
+        suptitle=f"exact duplicates, shown in pairs ({len(dup_groups)} groups)",
+    )
 
 
 def _groups_png(groups: np.ndarray, labels: np.ndarray, names: dict[int, str], path: Path, top: int = 40) -> Path:
@@ -182,44 +216,74 @@ def _groups_png(groups: np.ndarray, labels: np.ndarray, names: dict[int, str], p
     return save_png(fig, path)
 
 
-def _summary(store: PatchStore, names: dict[int, str], stats: st.PatchStats, quality: dict[str, np.ndarray],
-             dup_groups: list[list[str]], samples: dict[int, st.ClassSample], groups: np.ndarray | None) -> dict[str, Any]:
+def _summary(
+    store: PatchStore,
+    names: dict[int, str],
+    stats: st.PatchStats,
+    quality: dict[str, np.ndarray],
+    dup_groups: list[list[str]],
+    samples: dict[int, st.ClassSample],
+    groups: np.ndarray | None,
+) -> dict[str, Any]:
     counts = store.counts()
     nonzero = [v for v in counts.values() if v]
     out: dict[str, Any] = {
-        "store": str(store.path.resolve()), "patches": len(store), "image_size": list(store.image_size),
-        "classes": store.class_names, "counts": counts,
+        "store": str(store.path.resolve()),
+        "patches": len(store),
+        "image_size": list(store.image_size),
+        "classes": store.class_names,
+        "counts": counts,
         "imbalance_ratio": round(max(nonzero) / min(nonzero), 3) if nonzero else None,
         "layout": store.meta.get("layout"),
         "quality": {k: int(v.sum()) for k, v in quality.items()},
-        "quality_rules": {"blank": f"mean grey >= {st.BLANK_MEAN:g} and std <= {st.BLANK_STD:g}",
-                          "dark": f"mean grey <= {st.DARK_MEAN:g}",
-                          "blurry": f"Laplacian variance < {st.BLURRY_SHARPNESS:g} (and not blank)"},
+        "quality_rules": {
+            "blank": f"mean grey >= {st.BLANK_MEAN:g} and std <= {st.BLANK_STD:g}",
+            "dark": f"mean grey <= {st.DARK_MEAN:g}",
+            "blurry": f"Laplacian variance < {st.BLURRY_SHARPNESS:g} (and not blank)",
+        },
         "duplicate_groups": len(dup_groups),
         "sampled_per_class": {names[c]: s.count for c, s in samples.items()},
-        "brightness_mean_per_class": {names[int(c)]: round(float(stats.brightness[store.labels == c].mean()), 2)
-                                      for c in np.unique(store.labels)},
+        "brightness_mean_per_class": {
+            names[int(c)]: round(float(stats.brightness[store.labels == c].mean()), 2) for c in np.unique(store.labels)
+        },
     }
     if groups is not None:
         _, per = np.unique(groups, return_counts=True)
-        out["groups"] = {"count": int(len(per)), "patches_min": int(per.min()), "patches_median": float(np.median(per)),
-                         "patches_max": int(per.max())}
+        out["groups"] = {
+            "count": len(per),
+            "patches_min": int(per.min()),
+            "patches_median": float(np.median(per)),
+            "patches_max": int(per.max()),
+        }
     return out
 
 
 def _html(path: Path, store: PatchStore, summary: dict[str, Any], figures: dict[str, Path]) -> Path:
-    rep = HtmlReport(f"Data report: {store.path.name}", subtitle=f"{summary['patches']:,} patches, "
-                     f"{'x'.join(map(str, summary['image_size']))} px, layout {summary['layout']}")
+    rep = HtmlReport(
+        f"Data report: {store.path.name}",
+        subtitle=f"{summary['patches']:,} patches, "
+        f"{'x'.join(map(str, summary['image_size']))} px, layout {summary['layout']}",
+    )
     rep.heading("Summary")
-    rep.key_values({"patches": summary["patches"], **{f"class {k}": v for k, v in summary["counts"].items()},
-                    "imbalance ratio (largest / smallest class)": summary["imbalance_ratio"],
-                    "exact-duplicate groups": summary["duplicate_groups"],
-                    **({"groups": summary["groups"]["count"]} if "groups" in summary else {})})
+    rep.key_values(
+        {
+            "patches": summary["patches"],
+            **{f"class {k}": v for k, v in summary["counts"].items()},
+            "imbalance ratio (largest / smallest class)": summary["imbalance_ratio"],
+            "exact-duplicate groups": summary["duplicate_groups"],
+            **({"groups": summary["groups"]["count"]} if "groups" in summary else {}),
+        }
+    )
     rep.heading("Patch quality (every patch checked)")
-    rep.table(["check", "patches", "rule"], [[k, v, summary["quality_rules"][k]] for k, v in summary["quality"].items()])
+    rep.table(
+        ["check", "patches", "rule"], [[k, v, summary["quality_rules"][k]] for k, v in summary["quality"].items()]
+    )
     if summary["imbalance_ratio"] and summary["imbalance_ratio"] > 1.5:
-        rep.paragraph(f"Classes are imbalanced ({summary['imbalance_ratio']:.2f}:1): judge models by AUROC or balanced "
-                      "accuracy, and consider class weights or a balanced sampler.", note=True)
+        rep.paragraph(
+            f"Classes are imbalanced ({summary['imbalance_ratio']:.2f}:1): judge models by AUROC or balanced "
+            "accuracy, and consider class weights or a balanced sampler.",
+            note=True,
+        )
     if summary["duplicate_groups"]:
         rep.paragraph("Exact duplicates can land on both sides of a split and inflate validation scores.", note=True)
     rep.heading("Figures")

@@ -6,8 +6,8 @@ blank, dark and blurry patches); mean images and colour histograms use a sample 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -85,15 +85,19 @@ def class_sample(store: PatchStore, positions: np.ndarray) -> ClassSample:
     rgb = np.zeros((3, 256), np.int64)
     grey = np.zeros(256, np.int64)
     for start in range(0, len(positions), CHUNK):
-        batch = store.batch(positions[start:start + CHUNK])
+        batch = store.batch(positions[start : start + CHUNK])
         total += batch.sum(axis=0, dtype=np.float64)
         for c in range(3):
             rgb[c] += np.bincount(batch[..., c].ravel(), minlength=256)
         g = _grey(batch).round_().clamp_(0, 255).to(torch.uint8).numpy()
         grey += np.bincount(g.ravel(), minlength=256)
     n = max(1, len(positions))
-    return ClassSample(len(positions), (total / n).round().astype(np.uint8),
-                       rgb / np.maximum(rgb.sum(axis=1, keepdims=True), 1), grey / max(1, grey.sum()))
+    return ClassSample(
+        len(positions),
+        (total / n).round().astype(np.uint8),
+        rgb / np.maximum(rgb.sum(axis=1, keepdims=True), 1),
+        grey / max(1, grey.sum()),
+    )
 
 
 def sample_positions(labels: np.ndarray, per_class: int, seed: int = 0) -> dict[int, np.ndarray]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,8 +52,10 @@ def select_patches(run_dir: str | Path, store_path: str | Path, split: str | Non
     elif store.source_splits is not None:
         assignment = np.asarray(store.source_splits, dtype=object)
     else:
-        raise DataError(f"{store.path}: not the store {run_dir} trained on and it has no splits of its own; "
-                        "use --split all to score every patch")
+        raise DataError(
+            f"{store.path}: not the store {run_dir} trained on and it has no splits of its own; "
+            "use --split all to score every patch"
+        )
     part = store.subset(np.flatnonzero(assignment == split))
     if len(part) == 0:
         raise DataError(f"{store.path}: the {split!r} split is empty")
@@ -74,10 +77,20 @@ def choose_threshold(predictor: Predictor, run_dir: Path, store_path: Path, rule
     return float(chosen["threshold"])
 
 
-def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *, split: str | None = None,
-                 tta: bool = False, target_sensitivities: Sequence[float] = (0.95,), save_threshold: str | None = None,
-                 out: str | Path | None = None, backend: str = "auto", batch_size: int = 256, n_boot: int = 1000,
-                 seed: int = 0) -> EvaluationResult:
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    *,
+    split: str | None = None,
+    tta: bool = False,
+    target_sensitivities: Sequence[float] = (0.95,),
+    save_threshold: str | None = None,
+    out: str | Path | None = None,
+    backend: str = "auto",
+    batch_size: int = 256,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> EvaluationResult:
     """Score ``run_dir`` on ``split`` of ``data`` (default: the test split of the store it trained on).
 
     Writes ``metrics.json``, figures and ``report.html`` to ``out`` (default ``RUN/eval`` for the run's
@@ -94,22 +107,55 @@ def evaluate_run(run_dir: str | Path, data: str | Path | None = None, *, split: 
     predictor = Predictor(run_dir, backend=backend, batch_size=batch_size)
     saved = None
     if save_threshold:
-        saved = choose_threshold(predictor, run_dir, Path(bundle.training.get("store", store_path)), save_threshold,
-                                 target_sensitivities[0] if target_sensitivities else 0.95)
+        saved = choose_threshold(
+            predictor,
+            run_dir,
+            Path(bundle.training.get("store", store_path)),
+            save_threshold,
+            target_sensitivities[0] if target_sensitivities else 0.95,
+        )
         bundle.threshold = saved
         bundle.save(run_dir)
     started = time.perf_counter()
     pred = predictor.predict_store(part, tta)
     seconds = time.perf_counter() - started
-    metrics = compute_metrics(part.labels, pred.probabilities, bundle.classes, threshold=bundle.threshold,
-                              target_sensitivities=target_sensitivities, n_boot=n_boot, seed=seed)
+    metrics = compute_metrics(
+        part.labels,
+        pred.probabilities,
+        bundle.classes,
+        threshold=bundle.threshold,
+        target_sensitivities=target_sensitivities,
+        n_boot=n_boot,
+        seed=seed,
+    )
     own = split_name == "test" and part.path.resolve() == Path(bundle.training.get("store", "")).resolve()
-    out = Path(out) if out else run_dir / (EVAL_DIR if own and not tta else f"eval-{part.path.name}-{split_name}" + ("-tta" if tta else ""))
-    info = {"run": run_dir.name, "model": bundle.architecture, "store": str(part.path.resolve()), "split": split_name,
-            "tta": bool(tta), "backend": predictor.backend.name,
-            "inference_images_per_s": round(len(part) / max(seconds, 1e-9), 1),
-            "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "histoscan_version": __version__}
-    write_evaluation(out, part.labels, pred.probabilities, bundle.classes, metrics,
-                     title=f"Evaluation of {run_dir.name} ({split_name} split)", info=info, images=part.batch,
-                     image_size=part.image_size, metrics_csv=run_dir / METRICS_FILE)
+    out = (
+        Path(out)
+        if out
+        else run_dir
+        / (EVAL_DIR if own and not tta else f"eval-{part.path.name}-{split_name}" + ("-tta" if tta else ""))
+    )
+    info = {
+        "run": run_dir.name,
+        "model": bundle.architecture,
+        "store": str(part.path.resolve()),
+        "split": split_name,
+        "tta": bool(tta),
+        "backend": predictor.backend.name,
+        "inference_images_per_s": round(len(part) / max(seconds, 1e-9), 1),
+        "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "histoscan_version": __version__,
+    }
+    write_evaluation(
+        out,
+        part.labels,
+        pred.probabilities,
+        bundle.classes,
+        metrics,
+        title=f"Evaluation of {run_dir.name} ({split_name} split)",
+        info=info,
+        images=part.batch,
+        image_size=part.image_size,
+        metrics_csv=run_dir / METRICS_FILE,
+    )
     return EvaluationResult(out, metrics, split_name, part.path, saved)

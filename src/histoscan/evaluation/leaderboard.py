@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -18,12 +19,35 @@ from histoscan.reports.html import HtmlReport
 BASELINE_FILE = "baseline.json"
 # metric name -> (column, higher is better)
 RANK_METRICS: dict[str, tuple[str, bool]] = {
-    "auroc": ("auroc", True), "average_precision": ("average_precision", True), "accuracy": ("accuracy", True),
-    "balanced_accuracy": ("balanced_accuracy", True), "f1": ("f1", True), "brier": ("brier", False), "ece": ("ece", False),
+    "auroc": ("auroc", True),
+    "average_precision": ("average_precision", True),
+    "accuracy": ("accuracy", True),
+    "balanced_accuracy": ("balanced_accuracy", True),
+    "f1": ("f1", True),
+    "brier": ("brier", False),
+    "ece": ("ece", False),
 }
-COLUMNS = ["run", "kind", "model", "evaluated_on", "patches", "auroc", "auroc_lo", "auroc_hi", "average_precision",
-           "accuracy", "balanced_accuracy", "f1", "brier", "ece", "parameters", "weights_mb", "train_seconds",
-           "inference_images_per_s", "path"]
+COLUMNS = [
+    "run",
+    "kind",
+    "model",
+    "evaluated_on",
+    "patches",
+    "auroc",
+    "auroc_lo",
+    "auroc_hi",
+    "average_precision",
+    "accuracy",
+    "balanced_accuracy",
+    "f1",
+    "brier",
+    "ece",
+    "parameters",
+    "weights_mb",
+    "train_seconds",
+    "inference_images_per_s",
+    "path",
+]
 
 
 @dataclass
@@ -57,33 +81,49 @@ class Leaderboard:
     def display_rows(self) -> pd.DataFrame:
         """Rounded, human-readable columns (the terminal, Markdown and HTML tables)."""
         t = self.table
-        return pd.DataFrame({
-            "rank": range(1, len(t) + 1), "run": t["run"], "model": t["model"],
-            "AUROC [95% CI]": [f"{a:.4f} [{lo:.4f}, {hi:.4f}]" for a, lo, hi in zip(t["auroc"], t["auroc_lo"], t["auroc_hi"])],
-            "accuracy": t["accuracy"].map("{:.4f}".format), "F1": t["f1"].map("{:.4f}".format),
-            "parameters": t["parameters"].map(_count), "weights MB": t["weights_mb"].map("{:.2f}".format),
-            "train s": t["train_seconds"].map("{:.0f}".format), "infer img/s": t["inference_images_per_s"].map("{:.0f}".format),
-            "evaluated on": t["evaluated_on"],
-        })
+        return pd.DataFrame(
+            {
+                "rank": range(1, len(t) + 1),
+                "run": t["run"],
+                "model": t["model"],
+                "AUROC [95% CI]": [
+                    f"{a:.4f} [{lo:.4f}, {hi:.4f}]" for a, lo, hi in zip(t["auroc"], t["auroc_lo"], t["auroc_hi"])
+                ],
+                "accuracy": t["accuracy"].map("{:.4f}".format),
+                "F1": t["f1"].map("{:.4f}".format),
+                "parameters": t["parameters"].map(_count),
+                "weights MB": t["weights_mb"].map("{:.2f}".format),
+                "train s": t["train_seconds"].map("{:.0f}".format),
+                "infer img/s": t["inference_images_per_s"].map("{:.0f}".format),
+                "evaluated on": t["evaluated_on"],
+            }
+        )
 
     def warning(self) -> str:
-        return ("runs were evaluated on different patches (" + "; ".join(sorted(set(self.table["evaluated_on"]))) +
-                "): their metrics are not directly comparable")
+        return (
+            "runs were evaluated on different patches ("
+            + "; ".join(sorted(set(self.table["evaluated_on"])))
+            + "): their metrics are not directly comparable"
+        )
 
     def select(self, out: str | Path | None = None) -> dict[str, Any]:
         """Name the best run and say why; written to ``out/selection.json`` when ``out`` is given."""
         t = self.table
         col, higher = RANK_METRICS[self.metric]
         best = t.iloc[0]
-        reason = [f"{best['run']} has the {'highest' if higher else 'lowest'} {self.metric} ({best[col]:.4f}) "
-                  f"of {len(t)} runs on {best['evaluated_on']}"]
+        reason = [
+            f"{best['run']} has the {'highest' if higher else 'lowest'} {self.metric} ({best[col]:.4f}) "
+            f"of {len(t)} runs on {best['evaluated_on']}"
+        ]
         close: list[str] = []
         if self.metric == "auroc":
             close = [r["run"] for _, r in t.iloc[1:].iterrows() if r["auroc_hi"] >= best["auroc_lo"]]
             if close:
-                reason.append(f"its 95% interval [{best['auroc_lo']:.4f}, {best['auroc_hi']:.4f}] overlaps those of "
-                              f"{', '.join(close)}: the difference may be noise; prefer the simpler or faster of them "
-                              "if that matters more")
+                reason.append(
+                    f"its 95% interval [{best['auroc_lo']:.4f}, {best['auroc_hi']:.4f}] overlaps those of "
+                    f"{', '.join(close)}: the difference may be noise; prefer the simpler or faster of them "
+                    "if that matters more"
+                )
             else:
                 reason.append("its 95% interval lies above every other run's")
         if len(t) > 1:
@@ -91,10 +131,17 @@ class Leaderboard:
             reason.append(f"runner-up {second['run']} ({second[col]:.4f})")
         if not self.comparable:
             reason.append("warning: " + self.warning())
-        selection = {"best_run": str(best["run"]), "path": str(best["path"]), "model": str(best["model"]),
-                     "metric": self.metric, "value": float(best[col]),
-                     "auroc_ci95": [float(best["auroc_lo"]), float(best["auroc_hi"])],
-                     "within_interval": close, "comparable": self.comparable, "reason": "; ".join(reason) + "."}
+        selection = {
+            "best_run": str(best["run"]),
+            "path": str(best["path"]),
+            "model": str(best["model"]),
+            "metric": self.metric,
+            "value": float(best[col]),
+            "auroc_ci95": [float(best["auroc_lo"]), float(best["auroc_hi"])],
+            "within_interval": close,
+            "comparable": self.comparable,
+            "reason": "; ".join(reason) + ".",
+        }
         if out is not None:
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / "selection.json").write_text(json.dumps(selection, indent=2))
@@ -108,7 +155,9 @@ def _count(n: Any) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else f"{n:.0f}"
 
 
-def run_row(run_dir: str | Path, evaluate_missing: bool = True, printer: Callable[[str], None] = print) -> dict[str, Any]:
+def run_row(
+    run_dir: str | Path, evaluate_missing: bool = True, printer: Callable[[str], None] = print
+) -> dict[str, Any]:
     """The leaderboard row of one run folder, evaluating a CNN run on its test split when it has no ``eval/``."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / EVAL_DIR / METRICS_JSON
@@ -117,7 +166,9 @@ def run_row(run_dir: str | Path, evaluate_missing: bool = True, printer: Callabl
         raise ConfigError(f"{run_dir}: not a run folder (no {MODEL_FILE} or {BASELINE_FILE})")
     if not metrics_path.is_file():
         if not (is_model and evaluate_missing):
-            raise ConfigError(f"{run_dir}: not evaluated yet (no {EVAL_DIR}/{METRICS_JSON}); run 'histoscan evaluate {run_dir}'")
+            raise ConfigError(
+                f"{run_dir}: not evaluated yet (no {EVAL_DIR}/{METRICS_JSON}); run 'histoscan evaluate {run_dir}'"
+            )
         printer(f"evaluating {run_dir} on its test split")
         evaluate_run(run_dir)
     record = json.loads(metrics_path.read_text())
@@ -131,13 +182,27 @@ def run_row(run_dir: str | Path, evaluate_missing: bool = True, printer: Callabl
         card = json.loads((run_dir / BASELINE_FILE).read_text())
         params, size, seconds, model = card["parameters"], card["model_bytes"], card["seconds"], card["model"]
     lo, hi = m["auroc_ci95"]
-    return {"run": run_dir.name, "kind": "cnn" if is_model else "baseline", "model": model,
-            "evaluated_on": f"{Path(record['store']).name}:{record['split']}", "patches": m["count"],
-            "auroc": m["auroc"], "auroc_lo": lo, "auroc_hi": hi, "average_precision": m["average_precision"],
-            "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"], "f1": m["f1"], "brier": m["brier"],
-            "ece": m["ece"], "parameters": params, "weights_mb": size / 1e6 if size == size else size,
-            "train_seconds": seconds, "inference_images_per_s": record.get("inference_images_per_s"),
-            "path": str(run_dir.resolve())}
+    return {
+        "run": run_dir.name,
+        "kind": "cnn" if is_model else "baseline",
+        "model": model,
+        "evaluated_on": f"{Path(record['store']).name}:{record['split']}",
+        "patches": m["count"],
+        "auroc": m["auroc"],
+        "auroc_lo": lo,
+        "auroc_hi": hi,
+        "average_precision": m["average_precision"],
+        "accuracy": m["accuracy"],
+        "balanced_accuracy": m["balanced_accuracy"],
+        "f1": m["f1"],
+        "brier": m["brier"],
+        "ece": m["ece"],
+        "parameters": params,
+        "weights_mb": size / 1e6 if size == size else size,
+        "train_seconds": seconds,
+        "inference_images_per_s": record.get("inference_images_per_s"),
+        "path": str(run_dir.resolve()),
+    }
 
 
 def expand_runs(paths: Sequence[str | Path]) -> list[tuple[Path, bool]]:
@@ -149,16 +214,22 @@ def expand_runs(paths: Sequence[str | Path]) -> list[tuple[Path, bool]]:
         if (p / MODEL_FILE).is_file() or (p / BASELINE_FILE).is_file():
             found.append((p.resolve(), True))
         else:
-            inner = sorted(q.parent for q in [*p.glob(f"*/{MODEL_FILE}"), *p.glob(f"*/{BASELINE_FILE}"),
-                                               *p.glob(f"*/*/{MODEL_FILE}")])
+            inner = sorted(
+                q.parent
+                for q in [*p.glob(f"*/{MODEL_FILE}"), *p.glob(f"*/{BASELINE_FILE}"), *p.glob(f"*/*/{MODEL_FILE}")]
+            )
             if not inner:
                 raise ConfigError(f"{p}: not a run folder and holds no run folders")
             found.extend((q.resolve(), False) for q in inner)
     return list(dict.fromkeys(found))
 
 
-def build_leaderboard(runs: Sequence[str | Path], metric: str = "auroc", evaluate_missing: bool = True,
-                      printer: Callable[[str], None] = print) -> Leaderboard:
+def build_leaderboard(
+    runs: Sequence[str | Path],
+    metric: str = "auroc",
+    evaluate_missing: bool = True,
+    printer: Callable[[str], None] = print,
+) -> Leaderboard:
     """Rows for every run (folders of runs are expanded), sorted best first by ``metric``."""
     if metric not in RANK_METRICS:
         raise ConfigError(f"--metric {metric!r} is not one of {list(RANK_METRICS)}")
@@ -175,7 +246,10 @@ def build_leaderboard(runs: Sequence[str | Path], metric: str = "auroc", evaluat
         raise ConfigError("no run could be ranked: " + "; ".join(skipped.values()))
     col, higher = RANK_METRICS[metric]
     tie = "accuracy" if col != "accuracy" else "auroc"  # ties (common at AUROC 1.0) broken by a second metric
-    table = (pd.DataFrame(rows, columns=COLUMNS).sort_values([col, tie], ascending=[not higher, False], kind="stable")
-             .reset_index(drop=True))
+    table = (
+        pd.DataFrame(rows, columns=COLUMNS)
+        .sort_values([col, tie], ascending=[not higher, False], kind="stable")
+        .reset_index(drop=True)
+    )
     comparable = len(set(zip(table["evaluated_on"], table["patches"]))) == 1
     return Leaderboard(table, metric, comparable, skipped)

@@ -6,7 +6,8 @@ rows summing to 1): the same function scores CNN runs, classical baselines and t
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
@@ -28,8 +29,10 @@ def check_inputs(labels: np.ndarray, probabilities: np.ndarray, classes: Sequenc
         raise DataError("some patches have no label (or an unknown one): evaluation needs a labelled split")
     present = np.unique(labels)
     if len(present) < 2:
-        raise DataError(f"the split holds a single class ({classes[int(present[0])]!r}, {len(labels)} patches): "
-                        "AUROC and sensitivity/specificity need both positives and negatives")
+        raise DataError(
+            f"the split holds a single class ({classes[int(present[0])]!r}, {len(labels)} patches): "
+            "AUROC and sensitivity/specificity need both positives and negatives"
+        )
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -48,12 +51,16 @@ def auroc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     """Binary AUROC of P(class 1), or macro one-vs-rest AUROC for multi-class."""
     if probabilities.shape[1] == 2:
         return float(skm.roc_auc_score(labels, probabilities[:, 1]))
-    return float(skm.roc_auc_score(labels, probabilities, multi_class="ovr", average="macro",
-                                   labels=np.arange(probabilities.shape[1])))
+    return float(
+        skm.roc_auc_score(
+            labels, probabilities, multi_class="ovr", average="macro", labels=np.arange(probabilities.shape[1])
+        )
+    )
 
 
-def bootstrap_interval(labels: np.ndarray, probabilities: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    labels: np.ndarray, probabilities: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the AUROC (resamples lacking a class are drawn again)."""
     if n_boot <= 0:
         return float("nan"), float("nan")
@@ -78,8 +85,12 @@ def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]
     """The threshold maximising sensitivity + specificity - 1 (Youden's J)."""
     fpr, tpr, thr = skm.roc_curve(labels, scores, drop_intermediate=False)
     i = int(np.argmax(tpr - fpr))
-    return {"threshold": _finite(thr[i]), "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]),
-            "j": float(tpr[i] - fpr[i])}
+    return {
+        "threshold": _finite(thr[i]),
+        "sensitivity": float(tpr[i]),
+        "specificity": float(1 - fpr[i]),
+        "j": float(tpr[i] - fpr[i]),
+    }
 
 
 def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> dict[str, float]:
@@ -88,8 +99,12 @@ def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, target: fl
         raise DataError(f"target sensitivity must be in (0, 1], got {target}")
     fpr, tpr, thr = skm.roc_curve(labels, scores, drop_intermediate=False)
     i = int(np.flatnonzero(tpr >= target)[0])
-    return {"target_sensitivity": target, "threshold": _finite(thr[i]), "sensitivity": float(tpr[i]),
-            "specificity": float(1 - fpr[i])}
+    return {
+        "target_sensitivity": target,
+        "threshold": _finite(thr[i]),
+        "sensitivity": float(tpr[i]),
+        "specificity": float(1 - fpr[i]),
+    }
 
 
 def _finite(t: float) -> float:
@@ -110,8 +125,16 @@ def classify(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return probabilities.argmax(axis=1)
 
 
-def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], *, threshold: float = 0.5,
-                    target_sensitivities: Sequence[float] = (0.95,), n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def compute_metrics(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    *,
+    threshold: float = 0.5,
+    target_sensitivities: Sequence[float] = (0.95,),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Every metric of the evaluation report, as a JSON-ready dict.
 
     Binary: AUROC with a bootstrap 95% interval, average precision, accuracy, balanced accuracy,
@@ -126,12 +149,13 @@ def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: Sequ
     pred = classify(probabilities, threshold)
     lo, hi = bootstrap_interval(labels, probabilities, n_boot, seed)
     onehot = np.eye(k)[labels]
-    report = skm.classification_report(labels, pred, labels=np.arange(k), target_names=list(classes),
-                                       output_dict=True, zero_division=0)
+    report = skm.classification_report(
+        labels, pred, labels=np.arange(k), target_names=list(classes), output_dict=True, zero_division=0
+    )
     out: dict[str, Any] = {
         "task": "binary" if k == 2 else "multiclass",
         "classes": list(classes),
-        "count": int(len(labels)),
+        "count": len(labels),
         "counts": {c: int((labels == i).sum()) for i, c in enumerate(classes)},
         "auroc": auroc(labels, probabilities),
         "auroc_ci95": [lo, hi],
@@ -146,24 +170,30 @@ def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: Sequ
     if k == 2:
         scores = probabilities[:, 1]
         tn, fp, fn, tp = (int(v) for v in np.asarray(out["confusion_matrix"]).ravel())
-        out.update({
-            "threshold": float(threshold),
-            "average_precision": float(skm.average_precision_score(labels, scores)),
-            "f1": float(skm.f1_score(labels, pred, zero_division=0)),
-            "sensitivity": tp / max(1, tp + fn),
-            "specificity": tn / max(1, tn + fp),
-            "ece": expected_calibration_error(scores, labels.astype(float)),
-            "youden": youden_threshold(labels, scores),
-            "target_sensitivity": [threshold_for_sensitivity(labels, scores, t) for t in target_sensitivities],
-        })
+        out.update(
+            {
+                "threshold": float(threshold),
+                "average_precision": float(skm.average_precision_score(labels, scores)),
+                "f1": float(skm.f1_score(labels, pred, zero_division=0)),
+                "sensitivity": tp / max(1, tp + fn),
+                "specificity": tn / max(1, tn + fp),
+                "ece": expected_calibration_error(scores, labels.astype(float)),
+                "youden": youden_threshold(labels, scores),
+                "target_sensitivity": [threshold_for_sensitivity(labels, scores, t) for t in target_sensitivities],
+            }
+        )
     else:
         per_class = skm.roc_auc_score(onehot, probabilities, average=None)
-        out.update({
-            "auroc_weighted": float(skm.roc_auc_score(labels, probabilities, multi_class="ovr", average="weighted")),
-            "auroc_per_class": {c: float(v) for c, v in zip(classes, per_class)},
-            "average_precision": float(skm.average_precision_score(onehot, probabilities, average="macro")),
-            "f1": float(skm.f1_score(labels, pred, average="macro", zero_division=0)),
-            "f1_weighted": float(skm.f1_score(labels, pred, average="weighted", zero_division=0)),
-            "ece": expected_calibration_error(probabilities.max(axis=1), (pred == labels).astype(float)),
-        })
+        out.update(
+            {
+                "auroc_weighted": float(
+                    skm.roc_auc_score(labels, probabilities, multi_class="ovr", average="weighted")
+                ),
+                "auroc_per_class": {c: float(v) for c, v in zip(classes, per_class)},
+                "average_precision": float(skm.average_precision_score(onehot, probabilities, average="macro")),
+                "f1": float(skm.f1_score(labels, pred, average="macro", zero_division=0)),
+                "f1_weighted": float(skm.f1_score(labels, pred, average="weighted", zero_division=0)),
+                "ece": expected_calibration_error(probabilities.max(axis=1), (pred == labels).astype(float)),
+            }
+        )
     return out

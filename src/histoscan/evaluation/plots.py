@@ -3,8 +3,8 @@ learning curves and a grid of the most confident mistakes. Each function writes 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,8 +24,15 @@ def confusion_matrix_png(cm: Sequence[Sequence[int]], classes: Sequence[str], pa
     a.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
-            a.text(j, i, f"{int(m[i, j])}\n{share[i, j]:.1%}", ha="center", va="center", fontsize=9,
-                   color="white" if share[i, j] > 0.6 else "black")
+            a.text(
+                j,
+                i,
+                f"{int(m[i, j])}\n{share[i, j]:.1%}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if share[i, j] > 0.6 else "black",
+            )
     a.set_xticks(range(len(classes)), classes, rotation=30)
     a.set_yticks(range(len(classes)), classes)
     a.set_xlabel("predicted")
@@ -34,15 +41,22 @@ def confusion_matrix_png(cm: Sequence[Sequence[int]], classes: Sequence[str], pa
     return save_png(fig, path)
 
 
-def _one_vs_rest(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def _one_vs_rest(
+    labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, binary truth, score) per curve: the positive class for binary tasks, every class otherwise."""
     if probabilities.shape[1] == 2:
         return [(classes[1], labels == 1, probabilities[:, 1])]
     return [(c, labels == i, probabilities[:, i]) for i, c in enumerate(classes)]
 
 
-def roc_png(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], path: Path,
-            marks: dict[str, tuple[float, float]] | None = None) -> Path:
+def roc_png(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    path: Path,
+    marks: dict[str, tuple[float, float]] | None = None,
+) -> Path:
     """ROC curve(s), AUROC in the legend; ``marks`` puts named (fpr, tpr) operating points on it."""
     fig, ax = new_figure(SQUARE)
     a = ax[0, 0]
@@ -52,8 +66,13 @@ def roc_png(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str
     for name, (x, y) in (marks or {}).items():
         a.plot([x], [y], "o", label=name)
     a.plot([0, 1], [0, 1], ":", color="grey")
-    a.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)", title="ROC",
-          xlim=(0, 1), ylim=(0, 1.01))
+    a.set(
+        xlabel="false positive rate (1 - specificity)",
+        ylabel="true positive rate (sensitivity)",
+        title="ROC",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     a.legend(loc="lower right", fontsize=8)
     return save_png(fig, path)
 
@@ -64,14 +83,16 @@ def pr_png(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]
     a = ax[0, 0]
     for name, truth, score in _one_vs_rest(labels, probabilities, classes):
         prec, rec, _ = skm.precision_recall_curve(truth, score)
-        line, = a.plot(rec, prec, label=f"{name} (AP {skm.average_precision_score(truth, score):.3f})")
+        (line,) = a.plot(rec, prec, label=f"{name} (AP {skm.average_precision_score(truth, score):.3f})")
         a.axhline(truth.mean(), ls=":", color=line.get_color(), lw=0.8)
     a.set(xlabel="recall", ylabel="precision", title="precision-recall", xlim=(0, 1), ylim=(0, 1.01))
     a.legend(loc="lower left", fontsize=8)
     return save_png(fig, path)
 
 
-def reliability_png(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], path: Path, bins: int = 15) -> Path:
+def reliability_png(
+    labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], path: Path, bins: int = 15
+) -> Path:
     """Observed frequency against mean predicted probability per bin (P(positive), or top-label confidence)."""
     if probabilities.shape[1] == 2:
         conf, hit, what = probabilities[:, 1], (labels == 1).astype(float), f"P({classes[1]})"
@@ -91,7 +112,13 @@ def reliability_png(labels: np.ndarray, probabilities: np.ndarray, classes: Sequ
     a, h = ax[0, 0], ax[1, 0]
     a.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
     a.plot(xs, ys, "o-", label="model")
-    a.set(xlabel=f"mean predicted {what}", ylabel="observed frequency", title="reliability diagram", xlim=(0, 1), ylim=(0, 1))
+    a.set(
+        xlabel=f"mean predicted {what}",
+        ylabel="observed frequency",
+        title="reliability diagram",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     a.legend(loc="upper left", fontsize=8)
     h.hist(conf, bins=edges, color="grey")
     h.set(xlabel=what, ylabel="patches", xlim=(0, 1))
@@ -99,8 +126,9 @@ def reliability_png(labels: np.ndarray, probabilities: np.ndarray, classes: Sequ
     return save_png(fig, path)
 
 
-def probability_histogram_png(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], path: Path,
-                              threshold: float | None = None) -> Path:
+def probability_histogram_png(
+    labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], path: Path, threshold: float | None = None
+) -> Path:
     """Histogram of P(positive) per true class (binary), or of P(true class) per class (multi-class)."""
     fig, ax = new_figure((640, 420))
     a = ax[0, 0]
@@ -112,7 +140,11 @@ def probability_histogram_png(labels: np.ndarray, probabilities: np.ndarray, cla
         a.hist(values, bins=edges, alpha=0.55, density=True, label=f"true {c} ({int(m.sum())})")
     if binary and threshold is not None:
         a.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:.3f}")
-    a.set(xlabel=f"P({classes[1]})" if binary else "P(true class)", ylabel="density", title="predicted probabilities per class")
+    a.set(
+        xlabel=f"P({classes[1]})" if binary else "P(true class)",
+        ylabel="density",
+        title="predicted probabilities per class",
+    )
     a.legend(fontsize=8)
     return save_png(fig, path)
 
@@ -122,8 +154,14 @@ def learning_curves_png(metrics: pd.DataFrame, path: Path) -> Path | None:
     if metrics.empty or "epoch" not in metrics:
         return None
     fig, ax = new_figure((960, 340), 1, 3)
-    for a, (what, cols) in zip(ax[0], [("loss", ("train_loss", "val_loss")), ("AUROC", ("train_auroc", "val_auroc")),
-                                       ("accuracy", ("train_acc", "val_acc"))]):
+    for a, (what, cols) in zip(
+        ax[0],
+        [
+            ("loss", ("train_loss", "val_loss")),
+            ("AUROC", ("train_auroc", "val_auroc")),
+            ("accuracy", ("train_acc", "val_acc")),
+        ],
+    ):
         for col in cols:
             if col in metrics and metrics[col].notna().any():
                 a.plot(metrics["epoch"], metrics[col], "o-", ms=3, label=col.split("_")[0])
@@ -132,13 +170,16 @@ def learning_curves_png(metrics: pd.DataFrame, path: Path) -> Path | None:
     return save_png(fig, path)
 
 
-def mistakes_png(images: np.ndarray, titles: list[str], path: Path, title: str, outline: tuple[int, int] | None) -> Path:
+def mistakes_png(
+    images: np.ndarray, titles: list[str], path: Path, title: str, outline: tuple[int, int] | None
+) -> Path:
     """A grid of mistaken patches (most confident first)."""
     return image_grid(images, titles, path, cols=8, suptitle=title, outline=outline)
 
 
-def confident_mistakes(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], threshold: float,
-                       per_kind: int = 8) -> dict[str, list[tuple[int, str]]]:
+def confident_mistakes(
+    labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], threshold: float, per_kind: int = 8
+) -> dict[str, list[tuple[int, str]]]:
     """Positions of the most confident errors with a caption each.
 
     Binary: false positives (highest P(positive) among negatives) and false negatives (lowest among
@@ -155,8 +196,10 @@ def confident_mistakes(labels: np.ndarray, probabilities: np.ndarray, classes: S
         pred = probabilities.argmax(axis=1)
         wrong = np.flatnonzero(pred != labels)
         conf = probabilities[wrong, pred[wrong]]
-        out["confident errors"] = [(int(i), f"{classes[labels[i]]}->{classes[pred[i]]} {probabilities[i, pred[i]]:.2f}")
-                                   for i in wrong[np.argsort(-conf)][:per_kind * 2]]
+        out["confident errors"] = [
+            (int(i), f"{classes[labels[i]]}->{classes[pred[i]]} {probabilities[i, pred[i]]:.2f}")
+            for i in wrong[np.argsort(-conf)][: per_kind * 2]
+        ]
     return out
 
 
@@ -178,4 +221,3 @@ def figure_captions() -> dict[str, str]:
         "probabilities": "Predicted probabilities by true class.",
         "learning_curves": "Learning curves from metrics.csv.",
     }
-

@@ -7,8 +7,9 @@ reported, and read back by the leaderboard, in the same format.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,9 +24,19 @@ FIGURES_DIR = "figures"
 ImageLoader = Callable[[np.ndarray], np.ndarray]
 
 
-def write_evaluation(out: str | Path, labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
-                     metrics: dict[str, Any], *, title: str, info: dict[str, Any], images: ImageLoader | None = None,
-                     image_size: Sequence[int] = (96, 96), metrics_csv: str | Path | None = None) -> Path:
+def write_evaluation(
+    out: str | Path,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    classes: Sequence[str],
+    metrics: dict[str, Any],
+    *,
+    title: str,
+    info: dict[str, Any],
+    images: ImageLoader | None = None,
+    image_size: Sequence[int] = (96, 96),
+    metrics_csv: str | Path | None = None,
+) -> Path:
     """Write ``out/metrics.json`` (``metrics`` plus ``info``), ``out/figures/*.png`` and ``out/report.html``.
 
     Args:
@@ -37,12 +48,15 @@ def write_evaluation(out: str | Path, labels: np.ndarray, probabilities: np.ndar
     fig_dir.mkdir(parents=True, exist_ok=True)
     threshold = float(metrics.get("threshold", 0.5))
     figures: dict[str, Path] = {
-        "confusion_matrix": plots.confusion_matrix_png(metrics["confusion_matrix"], classes, fig_dir / "confusion_matrix.png"),
+        "confusion_matrix": plots.confusion_matrix_png(
+            metrics["confusion_matrix"], classes, fig_dir / "confusion_matrix.png"
+        ),
         "roc": plots.roc_png(labels, probabilities, classes, fig_dir / "roc.png", _operating_points(metrics)),
         "pr": plots.pr_png(labels, probabilities, classes, fig_dir / "pr.png"),
         "reliability": plots.reliability_png(labels, probabilities, classes, fig_dir / "reliability.png"),
-        "probabilities": plots.probability_histogram_png(labels, probabilities, classes, fig_dir / "probabilities.png",
-                                                         threshold if len(classes) == 2 else None),
+        "probabilities": plots.probability_histogram_png(
+            labels, probabilities, classes, fig_dir / "probabilities.png", threshold if len(classes) == 2 else None
+        ),
     }
     if metrics_csv is not None and Path(metrics_csv).is_file():
         curves = plots.learning_curves_png(pd.read_csv(metrics_csv), fig_dir / "learning_curves.png")
@@ -52,9 +66,13 @@ def write_evaluation(out: str | Path, labels: np.ndarray, probabilities: np.ndar
         for kind, items in plots.confident_mistakes(labels, probabilities, classes, threshold).items():
             if items:
                 name = kind.replace(" ", "_")
-                figures[name] = plots.mistakes_png(images(np.array([i for i, _ in items])), [t for _, t in items],
-                                                   fig_dir / f"{name}.png", f"most confident {kind}",
-                                                   plots.centre_outline(image_size))
+                figures[name] = plots.mistakes_png(
+                    images(np.array([i for i, _ in items])),
+                    [t for _, t in items],
+                    fig_dir / f"{name}.png",
+                    f"most confident {kind}",
+                    plots.centre_outline(image_size),
+                )
     record = {**info, "metrics": metrics, "figures": {k: str(v.relative_to(out)) for k, v in figures.items()}}
     (out / METRICS_JSON).write_text(json.dumps(record, indent=2))
     _html(out / REPORT_HTML, title, info, metrics, figures)
@@ -64,47 +82,80 @@ def write_evaluation(out: str | Path, labels: np.ndarray, probabilities: np.ndar
 def _operating_points(metrics: dict[str, Any]) -> dict[str, tuple[float, float]]:
     if metrics.get("task") != "binary":
         return {}
-    points = {f"threshold {metrics['threshold']:.3f}": (1 - metrics["specificity"], metrics["sensitivity"]),
-              f"Youden {metrics['youden']['threshold']:.3f}": (1 - metrics["youden"]["specificity"], metrics["youden"]["sensitivity"])}
+    points = {
+        f"threshold {metrics['threshold']:.3f}": (1 - metrics["specificity"], metrics["sensitivity"]),
+        f"Youden {metrics['youden']['threshold']:.3f}": (
+            1 - metrics["youden"]["specificity"],
+            metrics["youden"]["sensitivity"],
+        ),
+    }
     return points
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The few numbers a reader wants first."""
     lo, hi = metrics["auroc_ci95"]
-    head: dict[str, Any] = {"patches": metrics["count"], "AUROC": metrics["auroc"], "AUROC 95% CI": f"[{lo:.4f}, {hi:.4f}]",
-                            "average precision": metrics["average_precision"], "accuracy": metrics["accuracy"],
-                            "balanced accuracy": metrics["balanced_accuracy"], "F1": metrics["f1"],
-                            "Brier score": metrics["brier"], "ECE": metrics["ece"], "log loss": metrics["log_loss"]}
+    head: dict[str, Any] = {
+        "patches": metrics["count"],
+        "AUROC": metrics["auroc"],
+        "AUROC 95% CI": f"[{lo:.4f}, {hi:.4f}]",
+        "average precision": metrics["average_precision"],
+        "accuracy": metrics["accuracy"],
+        "balanced accuracy": metrics["balanced_accuracy"],
+        "F1": metrics["f1"],
+        "Brier score": metrics["brier"],
+        "ECE": metrics["ece"],
+        "log loss": metrics["log_loss"],
+    }
     if metrics["task"] == "binary":
-        head.update({"threshold": metrics["threshold"], "sensitivity": metrics["sensitivity"],
-                     "specificity": metrics["specificity"]})
+        head.update(
+            {
+                "threshold": metrics["threshold"],
+                "sensitivity": metrics["sensitivity"],
+                "specificity": metrics["specificity"],
+            }
+        )
     else:
         head["AUROC (weighted)"] = metrics["auroc_weighted"]
     return head
 
 
 def _html(path: Path, title: str, info: dict[str, Any], metrics: dict[str, Any], figures: dict[str, Path]) -> Path:
-    rep = HtmlReport(title, subtitle=", ".join(f"{k}: {v}" for k, v in info.items() if isinstance(v, (str, int, float))))
+    rep = HtmlReport(
+        title, subtitle=", ".join(f"{k}: {v}" for k, v in info.items() if isinstance(v, (str, int, float)))
+    )
     rep.heading("Summary")
     rep.key_values(headline(metrics))
     rep.heading("Per class")
     cr = metrics["classification_report"]
-    rows = [[c, cr[c]["precision"], cr[c]["recall"], cr[c]["f1-score"], int(cr[c]["support"])] for c in metrics["classes"]]
+    rows = [
+        [c, cr[c]["precision"], cr[c]["recall"], cr[c]["f1-score"], int(cr[c]["support"])] for c in metrics["classes"]
+    ]
     if metrics["task"] == "multiclass":
-        rows = [r + [metrics["auroc_per_class"][r[0]]] for r in rows]
-    rep.table(["class", "precision", "recall", "F1", "support"] + (["AUROC (one-vs-rest)"] if metrics["task"] == "multiclass" else []), rows)
+        rows = [[*r, metrics["auroc_per_class"][r[0]]] for r in rows]
+    rep.table(
+        ["class", "precision", "recall", "F1", "support"]
+        + (["AUROC (one-vs-rest)"] if metrics["task"] == "multiclass" else []),
+        rows,
+    )
     if metrics["task"] == "binary":
         rep.heading("Thresholds")
         y = metrics["youden"]
-        t_rows = [["stored", metrics["threshold"], metrics["sensitivity"], metrics["specificity"]],
-                  ["Youden's J", y["threshold"], y["sensitivity"], y["specificity"]]]
-        t_rows += [[f"sensitivity >= {t['target_sensitivity']:g}", t["threshold"], t["sensitivity"], t["specificity"]]
-                   for t in metrics["target_sensitivity"]]
+        t_rows = [
+            ["stored", metrics["threshold"], metrics["sensitivity"], metrics["specificity"]],
+            ["Youden's J", y["threshold"], y["sensitivity"], y["specificity"]],
+        ]
+        t_rows += [
+            [f"sensitivity >= {t['target_sensitivity']:g}", t["threshold"], t["sensitivity"], t["specificity"]]
+            for t in metrics["target_sensitivity"]
+        ]
         rep.table(["threshold", "value", "sensitivity", "specificity"], t_rows)
         if info.get("split") == "test":
-            rep.paragraph("Thresholds chosen on the test split are for reading only; save one chosen on the "
-                          "validation split with 'histoscan evaluate --save-threshold'.", note=True)
+            rep.paragraph(
+                "Thresholds chosen on the test split are for reading only; save one chosen on the "
+                "validation split with 'histoscan evaluate --save-threshold'.",
+                note=True,
+            )
     rep.heading("Figures")
     captions = plots.figure_captions()
     for name, png in figures.items():

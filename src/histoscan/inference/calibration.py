@@ -45,7 +45,11 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     def closure() -> torch.Tensor:
         opt.zero_grad()
         scaled = z / log_t.exp()
-        loss = F.binary_cross_entropy_with_logits(scaled[:, 0], y.double()) if z.shape[1] == 1 else F.cross_entropy(scaled, y)
+        loss = (
+            F.binary_cross_entropy_with_logits(scaled[:, 0], y.double())
+            if z.shape[1] == 1
+            else F.cross_entropy(scaled, y)
+        )
         loss.backward()
         return loss
 

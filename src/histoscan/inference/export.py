@@ -49,7 +49,9 @@ def _check_images(run_dir: Path, data: str | Path | None, n: int) -> tuple[np.nd
     return synth_batch(n, seed=0, size=h)[0], "synthetic patches (no store found)"
 
 
-def export_onnx(run_dir: str | Path, *, opset: int = 18, data: str | Path | None = None, check: int = 64) -> ExportResult:
+def export_onnx(
+    run_dir: str | Path, *, opset: int = 18, data: str | Path | None = None, check: int = 64
+) -> ExportResult:
     """Write ``model.onnx`` into the run and verify it; a mismatch removes the file and raises ExportError."""
     import onnx
     import onnxruntime as ort
@@ -63,9 +65,17 @@ def export_onnx(run_dir: str | Path, *, opset: int = 18, data: str | Path | None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"], output_names=["logits"], opset_version=opset,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; say which model and why
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(tmp),
+                input_names=["input"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                dynamo=False,
+            )
+    except Exception as exc:
         tmp.unlink(missing_ok=True)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{run}: ONNX export of {bundle.architecture} at {size} px failed: {first}") from exc
@@ -83,11 +93,17 @@ def export_onnx(run_dir: str | Path, *, opset: int = 18, data: str | Path | None
         want = model(x).float().numpy()
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": x.numpy()})[0]
-    to_prob = (lambda z: 1 / (1 + np.exp(-z))) if bundle.task == "binary" else (lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    to_prob = (
+        (lambda z: 1 / (1 + np.exp(-z)))
+        if bundle.task == "binary"
+        else (lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    )
     diff = float(np.abs(to_prob(got) - to_prob(want)).max())
     if not np.isfinite(diff) or diff >= PARITY_TOLERANCE:
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"{run}: ONNX probabilities differ from PyTorch by {diff:.2e} (limit {PARITY_TOLERANCE:g}) on "
-                          f"{len(images)} patches of {source}; nothing was written")
+        raise ExportError(
+            f"{run}: ONNX probabilities differ from PyTorch by {diff:.2e} (limit {PARITY_TOLERANCE:g}) on "
+            f"{len(images)} patches of {source}; nothing was written"
+        )
     os.replace(tmp, path)
     return ExportResult(path, diff, len(images), source)

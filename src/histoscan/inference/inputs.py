@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -54,7 +54,9 @@ def _decode(chunk: list[tuple[str, str]], size: tuple[int, int], read: FastTiffR
     return Batch(ids, arr, failures)
 
 
-def file_batches(paths: list[Path], root: Path, size: tuple[int, int], batch_size: int, workers: int) -> Iterator[Batch]:
+def file_batches(
+    paths: list[Path], root: Path, size: tuple[int, int], batch_size: int, workers: int
+) -> Iterator[Batch]:
     """Decode files in ``workers`` threads, a few batches ahead of the consumer, in order.
 
     Threads, not processes: Pillow and file reads release the GIL, and decoded batches need no
@@ -62,7 +64,7 @@ def file_batches(paths: list[Path], root: Path, size: tuple[int, int], batch_siz
     """
     ids = unique_ids(paths, root if root.is_dir() else root.parent)
     items = [(i, str(p)) for i, p in zip(ids, paths)]
-    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     local = threading.local()
 
     def work(chunk: list[tuple[str, str]]) -> Batch:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pandas as pd
 
@@ -36,10 +36,20 @@ class PredictionTable:
         return df
 
 
-def predict_input(predictor: Predictor, path: str | Path, *, tta: bool | Sequence[int] | None = None,
-                  workers: int | None = None, progress: Callable[[int], None] | None = None) -> PredictionTable:
+def predict_input(
+    predictor: Predictor,
+    path: str | Path,
+    *,
+    tta: bool | Sequence[int] | None = None,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PredictionTable:
     """Predict every image of ``path`` (image, folder, Kaggle test folder, store, PCam file or folder)."""
-    workers = workers if workers is not None else max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    workers = (
+        workers
+        if workers is not None
+        else max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    )
     size = tuple(predictor.bundle.preprocessing.image_size)
     ids: list[str] = []
     parts: list[Prediction] = []
@@ -89,8 +99,9 @@ def write_submission(table: PredictionTable, sample: str | Path, out: str | Path
     if missing:
         unreadable = {f[0] for f in table.failures}
         why = [f"{m} ({'unreadable' if m in unreadable else 'no image'})" for m in missing[:5]]
-        raise DataError(f"{sample}: {len(missing)} ids have no prediction: {', '.join(why)}"
-                        + (" ..." if len(missing) > 5 else ""))
+        raise DataError(
+            f"{sample}: {len(missing)} ids have no prediction: {', '.join(why)}" + (" ..." if len(missing) > 5 else "")
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:

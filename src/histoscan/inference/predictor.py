@@ -7,9 +7,9 @@ either backend, optionally with test-time augmentation over the dihedral group.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,12 +32,15 @@ class Prediction:
         return int(self.probabilities.shape[0])
 
     @staticmethod
-    def concat(parts: Sequence["Prediction"], num_classes: int) -> "Prediction":
+    def concat(parts: Sequence[Prediction], num_classes: int) -> Prediction:
         if not parts:
             return Prediction(np.zeros((0, num_classes), np.float32), np.zeros(0, np.int64))
         unc = [p.uncertainty for p in parts]
-        return Prediction(np.concatenate([p.probabilities for p in parts]), np.concatenate([p.predicted for p in parts]),
-                          np.concatenate(unc) if all(u is not None for u in unc) else None)  # type: ignore[arg-type]
+        return Prediction(
+            np.concatenate([p.probabilities for p in parts]),
+            np.concatenate([p.predicted for p in parts]),
+            np.concatenate(unc) if all(u is not None for u in unc) else None,
+        )  # type: ignore[arg-type]
 
 
 def parse_tta(tta: bool | Sequence[int] | None) -> list[int]:
@@ -63,8 +66,14 @@ class Predictor:
         threads: CPU threads for either backend (default: all cores).
     """
 
-    def __init__(self, run_dir: str | Path, backend: str = "auto", device: str = "cpu", batch_size: int = 256,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        backend: str = "auto",
+        device: str = "cpu",
+        batch_size: int = 256,
+        threads: int | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.bundle: ModelBundle = read_bundle(run_dir)
         if backend == "auto":
@@ -124,23 +133,31 @@ class Predictor:
         """Raw logits of one batch under dihedral element ``k``."""
         return self.backend.logits(self.bundle.preprocessing(self._to_batch(images), self.device, k))
 
-    def predict_batch(self, images: np.ndarray | Sequence[np.ndarray], tta: bool | Sequence[int] | None = None) -> Prediction:
+    def predict_batch(
+        self, images: np.ndarray | Sequence[np.ndarray], tta: bool | Sequence[int] | None = None
+    ) -> Prediction:
         """Predict one batch (any length; split internally by ``batch_size``)."""
         ks = parse_tta(tta)
         parts = []
         n = len(images)
         for start in range(0, n, self.batch_size):
-            chunk = images[start:start + self.batch_size]
+            chunk = images[start : start + self.batch_size]
             probs = np.stack([self.probabilities_from_logits(self.logits(chunk, k)) for k in ks])
             mean = probs.mean(axis=0)
             unc = None
             if len(ks) > 1:
                 pred = self.classify(mean)
-                unc = probs[:, np.arange(len(pred)), pred].std(axis=0) if self.bundle.task != "binary" else probs[:, :, 1].std(axis=0)
+                unc = (
+                    probs[:, np.arange(len(pred)), pred].std(axis=0)
+                    if self.bundle.task != "binary"
+                    else probs[:, :, 1].std(axis=0)
+                )
             parts.append(Prediction(mean, self.classify(mean), unc))
         return Prediction.concat(parts, len(self.classes))
 
-    def predict_batches(self, batches: Iterable[np.ndarray | Sequence[np.ndarray]], tta: bool | Sequence[int] | None = None) -> Prediction:
+    def predict_batches(
+        self, batches: Iterable[np.ndarray | Sequence[np.ndarray]], tta: bool | Sequence[int] | None = None
+    ) -> Prediction:
         """Predict a stream of batches."""
         return Prediction.concat([self.predict_batch(b, tta) for b in batches], len(self.classes))
 

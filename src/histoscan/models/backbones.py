@@ -9,14 +9,17 @@ from torch import nn
 from histoscan.errors import ConfigError
 
 
-def create_timm_model(name: str, num_outputs: int, *, pretrained: bool = False, input_size: int = 96,
-                      **kwargs: Any) -> nn.Module:
+def create_timm_model(
+    name: str, num_outputs: int, *, pretrained: bool = False, input_size: int = 96, **kwargs: Any
+) -> nn.Module:
     """``timm.create_model`` with our output count; ViT-style models get ``img_size`` = input size."""
     import timm
 
     try:
         try:
-            return timm.create_model(name, pretrained=pretrained, num_classes=num_outputs, img_size=input_size, **kwargs)
+            return timm.create_model(
+                name, pretrained=pretrained, num_classes=num_outputs, img_size=input_size, **kwargs
+            )
         except TypeError:  # CNNs take no img_size
             return timm.create_model(name, pretrained=pretrained, num_classes=num_outputs, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:

@@ -7,7 +7,7 @@ They follow timm's split: ``forward_features`` (the conv trunk), ``forward_head`
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -15,8 +15,9 @@ from torch import nn
 from histoscan.models.registry import register_model
 
 
-def conv_block(cin: int, cout: int, kernel: int = 3, convs: int = 1, batch_norm: bool = False,
-               dropout: float = 0.0) -> nn.Sequential:
+def conv_block(
+    cin: int, cout: int, kernel: int = 3, convs: int = 1, batch_norm: bool = False, dropout: float = 0.0
+) -> nn.Sequential:
     """``convs`` x (conv k x k, [BN], ReLU), then 2x2 max-pool and optional dropout."""
     layers: list[nn.Module] = []
     for i in range(convs):
@@ -30,7 +31,9 @@ def conv_block(cin: int, cout: int, kernel: int = 3, convs: int = 1, batch_norm:
     return nn.Sequential(*layers)
 
 
-def dense_head(in_features: int, units: Sequence[int], dropout: float, num_outputs: int) -> tuple[nn.Sequential, nn.Linear]:
+def dense_head(
+    in_features: int, units: Sequence[int], dropout: float, num_outputs: int
+) -> tuple[nn.Sequential, nn.Linear]:
     """Dense layers (ReLU, dropout after each) and the final classifier."""
     layers: list[nn.Module] = []
     prev = in_features
@@ -44,8 +47,15 @@ def dense_head(in_features: int, units: Sequence[int], dropout: float, num_outpu
 class PatchCNN(nn.Module):
     """A conv trunk plus a pooled or flattened dense head."""
 
-    def __init__(self, blocks: list[nn.Sequential], channels: int, units: Sequence[int], dropout: float,
-                 num_outputs: int, flatten_size: int | None = None) -> None:
+    def __init__(
+        self,
+        blocks: list[nn.Sequential],
+        channels: int,
+        units: Sequence[int],
+        dropout: float,
+        num_outputs: int,
+        flatten_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(*blocks)
         self.flatten_size = flatten_size
@@ -75,8 +85,11 @@ class PatchCNN(nn.Module):
 @register_model
 def simple_cnn(num_outputs: int = 1, input_size: int = 96, dropout: float = 0.5, batch_norm: bool = False) -> PatchCNN:
     """The seeds' 3-block baseline CNN: conv 32/64/128 (3x3, ReLU, 2x2 max-pool), global average pool, dense 128, dropout."""
-    blocks = [conv_block(3, 32, batch_norm=batch_norm), conv_block(32, 64, batch_norm=batch_norm),
-              conv_block(64, 128, batch_norm=batch_norm)]
+    blocks = [
+        conv_block(3, 32, batch_norm=batch_norm),
+        conv_block(32, 64, batch_norm=batch_norm),
+        conv_block(64, 128, batch_norm=batch_norm),
+    ]
     return PatchCNN(blocks, 128, [128], dropout, num_outputs)
 
 
@@ -88,23 +101,35 @@ def simple_cnn_flatten(num_outputs: int = 1, input_size: int = 96, dropout: floa
 
 
 @register_model
-def custom_cnn(num_outputs: int = 1, input_size: int = 96, dropout: float = 0.5, conv_dropout: float = 0.25) -> PatchCNN:
+def custom_cnn(
+    num_outputs: int = 1, input_size: int = 96, dropout: float = 0.5, conv_dropout: float = 0.25
+) -> PatchCNN:
     """The seeds' deeper custom CNN (about 2.3 M parameters): three stages of three 3x3 convs with
     32, 64 and 128 filters, batch norm, max-pool and dropout; average-pooled to 4x4, flattened; dense
     768 and 256 with dropout 0.5. The pooling keeps the parameter count independent of the input size
     (for ONNX export the input side must be a multiple of 32: 32, 64, 96, 128, 192, 224 ...)."""
-    blocks = [conv_block(3, 32, convs=3, batch_norm=True, dropout=conv_dropout),
-              conv_block(32, 64, convs=3, batch_norm=True, dropout=conv_dropout),
-              conv_block(64, 128, convs=3, batch_norm=True, dropout=conv_dropout)]
+    blocks = [
+        conv_block(3, 32, convs=3, batch_norm=True, dropout=conv_dropout),
+        conv_block(32, 64, convs=3, batch_norm=True, dropout=conv_dropout),
+        conv_block(64, 128, convs=3, batch_norm=True, dropout=conv_dropout),
+    ]
     model = PatchCNN(blocks, 128, [768, 256], dropout, num_outputs, flatten_size=4)
     model.pool = nn.AdaptiveAvgPool2d(4)
     return model
 
 
 @register_model
-def nas_cnn(num_outputs: int = 1, input_size: int = 96, num_blocks: int = 4, filter_mult: int = 4,
-            kernel_sizes: Sequence[int] = (3, 3, 5, 3), batch_norm: bool = False, conv_dropout: float = 0.2,
-            dense_units: Sequence[int] = (512, 256), dense_dropout: float = 0.4) -> PatchCNN:
+def nas_cnn(
+    num_outputs: int = 1,
+    input_size: int = 96,
+    num_blocks: int = 4,
+    filter_mult: int = 4,
+    kernel_sizes: Sequence[int] = (3, 3, 5, 3),
+    batch_norm: bool = False,
+    conv_dropout: float = 0.2,
+    dense_units: Sequence[int] = (512, 256),
+    dense_dropout: float = 0.4,
+) -> PatchCNN:
     """A CNN from the architecture-search space (the seeds' NAS): ``num_blocks`` (3-5) stages of two
     k x k convs with ``8 * filter_mult * 2**i`` filters (capped at 512), optional batch norm, max-pool
     and conv dropout; global average pool; dense layers ``dense_units`` with ``dense_dropout``.

@@ -8,8 +8,9 @@ is built by timm, with ImageNet weights when asked and reachable, or from a loca
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,8 +60,15 @@ def is_model(name: str) -> bool:
     return timm.is_model(name)
 
 
-def create_model(name: str, num_classes: int, *, pretrained: bool = False, weights: str | Path | None = None,
-                 input_size: int = 96, **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    input_size: int = 96,
+    **kwargs: Any,
+) -> nn.Module:
     """Build a model by name with the right number of outputs.
 
     Args:
@@ -75,15 +83,17 @@ def create_model(name: str, num_classes: int, *, pretrained: bool = False, weigh
     outputs = num_outputs_for(num_classes)
     if name in _REGISTRY:
         if pretrained:
-            raise ConfigError(f"model {name!r} is trained from scratch; it has no pretrained weights (use --weights FILE)")
+            raise ConfigError(
+                f"model {name!r} is trained from scratch; it has no pretrained weights (use --weights FILE)"
+            )
         try:
             model = _REGISTRY[name](num_outputs=outputs, input_size=input_size, **kwargs)
         except TypeError as exc:
             raise ConfigError(f"bad arguments for model {name!r}: {exc}") from exc
     else:
-        from histoscan.models.backbones import create_timm_model
-
         import timm
+
+        from histoscan.models.backbones import create_timm_model
 
         if not timm.is_model(name):
             close = difflib.get_close_matches(name, list_models() + timm.list_models(), n=3)

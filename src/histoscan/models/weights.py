@@ -26,7 +26,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ConfigError(f"{p}: unsupported weights format {p.suffix!r}; use .safetensors, .pth or .pt")
     except ConfigError:
         raise
-    except Exception as exc:  # noqa: BLE001 - many libraries, many error types
+    except Exception as exc:
         raise ConfigError(f"{p}: not a readable weights file ({type(exc).__name__}: {exc})") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -55,10 +55,14 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     wrong = [k for k, v in state.items() if k in own and k not in skipped and v.shape != own[k].shape]
     if wrong:
         k = wrong[0]
-        raise ConfigError(f"{path}: weights do not fit {type(model).__name__}: {k} has shape "
-                          f"{tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}")
+        raise ConfigError(
+            f"{path}: weights do not fit {type(model).__name__}: {k} has shape "
+            f"{tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}"
+        )
     if missing:
-        raise ConfigError(f"{path}: weights do not fit {type(model).__name__}: {len(missing)} tensors missing "
-                          f"(e.g. {', '.join(missing[:3])})")
+        raise ConfigError(
+            f"{path}: weights do not fit {type(model).__name__}: {len(missing)} tensors missing "
+            f"(e.g. {', '.join(missing[:3])})"
+        )
     model.load_state_dict(usable, strict=False)
     return skipped

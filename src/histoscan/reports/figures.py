@@ -7,8 +7,8 @@ opens a window and works on a headless server. ``save_png`` writes it at exactly
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -32,8 +32,16 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     return p
 
 
-def image_grid(images: np.ndarray, titles: Sequence[str], path: str | Path, *, cols: int = 8,
-               suptitle: str = "", outline: tuple[int, int] | None = None, cell: int = 110) -> Path:
+def image_grid(
+    images: np.ndarray,
+    titles: Sequence[str],
+    path: str | Path,
+    *,
+    cols: int = 8,
+    suptitle: str = "",
+    outline: tuple[int, int] | None = None,
+    cell: int = 110,
+) -> Path:
     """A grid of uint8 RGB images with a title under each; ``outline=(top, side)`` draws a centre box."""
     from matplotlib.patches import Rectangle
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
@@ -62,8 +63,10 @@ class HtmlReport:
 
     def render(self) -> str:
         sub = f'<p class="sub">{html.escape(self.subtitle)}</p>' if self.subtitle else ""
-        return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}</title>"
-                f"<style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>{sub}{''.join(self.parts)}</body></html>")
+        return (
+            f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>{sub}{''.join(self.parts)}</body></html>"
+        )
 
     def write(self, path: str | Path) -> Path:
         p = Path(path)

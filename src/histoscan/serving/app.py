@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,8 +37,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
             await model.stop()
             app.state.histoscan = None
 
-    app = FastAPI(title="histoscan", version=__version__, lifespan=lifespan,
-                  description="Tumour probability for histopathology patches.")
+    app = FastAPI(
+        title="histoscan",
+        version=__version__,
+        lifespan=lifespan,
+        description="Tumour probability for histopathology patches.",
+    )
     app.state.settings = settings
     app.state.histoscan = None
     app.include_router(routes_health.router)
@@ -55,7 +59,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            status_code=exc.status_code, content={"error": str(exc.detail)}, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -73,5 +79,6 @@ def load_model_runner(settings: ServeSettings) -> ModelRunner:
     """The model in a child process (``histoscan serve``), or in a thread of this one."""
     if settings.model_process:
         return ModelProcess(settings.run_dir, settings.backend, settings.device, settings.threads)
-    return ModelThread(Predictor(settings.run_dir, backend=settings.backend, device=settings.device,
-                                 threads=settings.threads))
+    return ModelThread(
+        Predictor(settings.run_dir, backend=settings.backend, device=settings.device, threads=settings.threads)
+    )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ Result = tuple[np.ndarray, int, "float | None"]
 class _Item:
     image: np.ndarray
     tta: bool
-    future: "asyncio.Future[Result]"
+    future: asyncio.Future[Result]
 
 
 class MicroBatcher:
@@ -31,10 +31,14 @@ class MicroBatcher:
     ``max_wait_ms`` > 0 a batch smaller than ``max_batch`` waits that long for company first.
     """
 
-    def __init__(self, model: ModelRunner, max_batch: int = 64, max_wait_ms: float = 0.0, max_in_flight: int = 2) -> None:
+    def __init__(
+        self, model: ModelRunner, max_batch: int = 64, max_wait_ms: float = 0.0, max_in_flight: int = 2
+    ) -> None:
         if max_batch < 1 or max_wait_ms < 0 or max_in_flight < 1:
-            raise ValueError(f"need max_batch >= 1, max_wait_ms >= 0, max_in_flight >= 1; got "
-                             f"{max_batch}, {max_wait_ms}, {max_in_flight}")
+            raise ValueError(
+                f"need max_batch >= 1, max_wait_ms >= 0, max_in_flight >= 1; got "
+                f"{max_batch}, {max_wait_ms}, {max_in_flight}"
+            )
         self.model, self.max_batch, self.max_wait = model, max_batch, max_wait_ms / 1000.0
         self.max_in_flight = max_in_flight
         self._pending: deque[_Item] = deque()
@@ -89,7 +93,7 @@ class MicroBatcher:
                     continue
                 try:
                     pred = await self.model.predict([it.image for it in group], tta)
-                except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
+                except Exception as exc:
                     for it in group:
                         if not it.future.done():
                             it.future.set_exception(exc)

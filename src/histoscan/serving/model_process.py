@@ -21,8 +21,9 @@ import signal
 import struct
 import sys
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol, Sequence
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -121,7 +122,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
             # torch only preprocesses here: one thread keeps its OpenMP workers from spinning
             # against ONNX Runtime's (a batch of 16: 1,975 -> 2,553 img/s on 2 cores)
             torch.set_num_threads(1)
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+    except Exception as exc:
         out.write(frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
         return 1
     out.write(frame({"ok": True, "backend": predictor.backend.name}))
@@ -136,7 +137,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         try:
             images, tta = unpack_job(json.loads(body[:meta_len]), body[meta_len:])
             reply = pack_prediction(predictor.predict_batch(images, tta))
-        except Exception as exc:  # noqa: BLE001 - one bad job must not end the process
+        except Exception as exc:
             reply = frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         out.write(reply)
 
@@ -165,10 +166,21 @@ class ModelProcess:
 
     async def start(self) -> None:
         """Start the child and wait until its model is loaded (ModelUnavailable, with the reason, if it cannot)."""
-        cmd = [sys.executable, "-m", "histoscan.serving.model_process", self.run_dir, "--backend", self.backend_choice,
-               "--device", self.device, "--threads", str(self.threads or 0)]
-        self._proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE,
-                                                          stdout=asyncio.subprocess.PIPE)
+        cmd = [
+            sys.executable,
+            "-m",
+            "histoscan.serving.model_process",
+            self.run_dir,
+            "--backend",
+            self.backend_choice,
+            "--device",
+            self.device,
+            "--threads",
+            str(self.threads or 0),
+        ]
+        self._proc = await asyncio.create_subprocess_exec(
+            *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
         try:
             meta, _ = await asyncio.wait_for(self._read_message(), self.start_timeout_s)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:

@@ -30,9 +30,18 @@ def model_card(state: ServeState = Depends(get_state)) -> dict[str, Any]:
     """Architecture, classes, input size, threshold, calibration, validation metric, versions."""
     b = state.bundle
     return {
-        "model": state.run_name, "architecture": b.architecture, "model_args": b.model_args, "task": b.task,
-        "classes": b.classes, "input_size": b.preprocessing.input_size, "image_size": b.preprocessing.image_size,
-        "preprocessing": b.preprocessing.to_dict(), "threshold": b.threshold,
-        "calibration": {"temperature": b.temperature}, "validation": b.best_metric,
-        "backend": state.model.backend, "trained_with": b.histoscan_version, "histoscan_version": __version__,
+        "model": state.run_name,
+        "architecture": b.architecture,
+        "model_args": b.model_args,
+        "task": b.task,
+        "classes": b.classes,
+        "input_size": b.preprocessing.input_size,
+        "image_size": b.preprocessing.image_size,
+        "preprocessing": b.preprocessing.to_dict(),
+        "threshold": b.threshold,
+        "calibration": {"temperature": b.temperature},
+        "validation": b.best_metric,
+        "backend": state.model.backend,
+        "trained_with": b.histoscan_version,
+        "histoscan_version": __version__,
     }

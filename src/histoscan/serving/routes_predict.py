@@ -20,10 +20,13 @@ class PatchPrediction(BaseModel):
     label: str = Field(description="Predicted class name.", examples=["tumor"])
     prediction: int = Field(description="Predicted class index.", examples=[1])
     confidence: float = Field(description="Probability of the predicted class.", examples=[0.93])
-    probabilities: dict[str, float] = Field(description="Probability of every class.",
-                                            examples=[{"normal": 0.07, "tumor": 0.93}])
+    probabilities: dict[str, float] = Field(
+        description="Probability of every class.", examples=[{"normal": 0.07, "tumor": 0.93}]
+    )
     model: str = Field(description="The served run.")
-    uncertainty: float | None = Field(None, description="Spread of the probability over the 8 TTA views (with ?tta=true).")
+    uncertainty: float | None = Field(
+        None, description="Spread of the probability over the 8 TTA views (with ?tta=true)."
+    )
 
 
 class BatchEntry(BaseModel):
@@ -51,8 +54,11 @@ def answer(state: ServeState, probs: np.ndarray, predicted: int, uncertainty: fl
     """The fields of one image's answer."""
     classes = state.bundle.classes
     return {
-        "label": classes[predicted], "prediction": predicted, "confidence": round(float(probs[predicted]), 6),
-        "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs)}, "model": state.run_name,
+        "label": classes[predicted],
+        "prediction": predicted,
+        "confidence": round(float(probs[predicted]), 6),
+        "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs)},
+        "model": state.run_name,
         "uncertainty": None if uncertainty is None else round(uncertainty, 6),
     }
 
@@ -65,9 +71,11 @@ async def _read(upload: UploadFile, state: ServeState) -> bytes:
 
 
 @router.post("/predict", response_model=PatchPrediction, response_model_exclude_none=True)
-async def predict_one(file: UploadFile = File(..., description="A TIFF, PNG or JPEG patch."),
-                      tta: bool = Query(False, description="Average the 8 flips/rotations; adds an uncertainty."),
-                      state: ServeState = Depends(get_state)) -> PatchPrediction:
+async def predict_one(
+    file: UploadFile = File(..., description="A TIFF, PNG or JPEG patch."),
+    tta: bool = Query(False, description="Average the 8 flips/rotations; adds an uncertainty."),
+    state: ServeState = Depends(get_state),
+) -> PatchPrediction:
     """Classify one patch."""
     data = await _read(file, state)
     image = state.decode(data, file.filename or "file", file.content_type)
@@ -76,8 +84,11 @@ async def predict_one(file: UploadFile = File(..., description="A TIFF, PNG or J
 
 
 @router.post("/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True)
-async def predict_batch(files: list[UploadFile] = File(..., description="Several patches."),
-                        tta: bool = Query(False), state: ServeState = Depends(get_state)) -> BatchPrediction:
+async def predict_batch(
+    files: list[UploadFile] = File(..., description="Several patches."),
+    tta: bool = Query(False),
+    state: ServeState = Depends(get_state),
+) -> BatchPrediction:
     """Classify many patches; results in the same order, each with its own error if that file was bad."""
     if len(files) > state.settings.max_batch_files:
         raise UploadError(413, f"{len(files)} files is over the batch limit of {state.settings.max_batch_files}")
@@ -93,5 +104,7 @@ async def predict_batch(files: list[UploadFile] = File(..., description="Several
         pred = await state.batcher.predict_many([img for _, img in good], tta)
         for k, (i, _) in enumerate(good):
             unc = None if pred.uncertainty is None else float(pred.uncertainty[k])
-            results[i] = BatchEntry(file=files[i].filename, **answer(state, pred.probabilities[k], int(pred.predicted[k]), unc))
+            results[i] = BatchEntry(
+                file=files[i].filename, **answer(state, pred.probabilities[k], int(pred.predicted[k]), unc)
+            )
     return BatchPrediction(results=results, model=state.run_name)

@@ -26,8 +26,9 @@ def app_from_env() -> FastAPI:
     return create_app(settings)
 
 
-def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          access_log: bool = True) -> None:
+def serve(
+    settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, access_log: bool = True
+) -> None:
     """Check the run, then serve it until interrupted."""
     import uvicorn
 
@@ -35,5 +36,13 @@ def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, wo
     public = asdict(settings)
     public.pop("api_key", None)  # the key stays in its own variable, never in the settings blob
     os.environ[SETTINGS_ENV] = json.dumps(public)
-    uvicorn.run("histoscan.serving.server:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level="info", timeout_graceful_shutdown=5, access_log=access_log)
+    uvicorn.run(
+        "histoscan.serving.server:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+        access_log=access_log,
+    )

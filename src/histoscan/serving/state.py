@@ -61,5 +61,8 @@ async def require_key(request: Request) -> None:
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-        raise HTTPException(status_code=401, detail="missing or wrong API key (send 'Authorization: Bearer <key>')",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            status_code=401,
+            detail="missing or wrong API key (send 'Authorization: Bearer <key>')",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

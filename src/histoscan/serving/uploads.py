@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from histoscan.data.imageio import FastTiffReader, ImageReadError, decode_bytes
 
 ALLOWED_TYPES = ("image/tiff", "image/png", "image/jpeg", "image/jpg", "image/x-tiff", "application/octet-stream", "")

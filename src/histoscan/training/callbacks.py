@@ -15,8 +15,20 @@ from lightning.pytorch.callbacks import Checkpoint
 from histoscan.bundle import LAST_CKPT, METRICS_FILE, WEIGHTS_FILE, save_weights
 
 MONITOR = "val_auroc"
-METRIC_COLUMNS = ["epoch", "train_loss", "train_auroc", "train_acc", "val_loss", "val_auroc", "val_acc", "val_f1",
-                  "lr", "images_per_s", "epoch_time_s", "best_val_auroc"]
+METRIC_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "train_auroc",
+    "train_acc",
+    "val_loss",
+    "val_auroc",
+    "val_acc",
+    "val_f1",
+    "lr",
+    "images_per_s",
+    "epoch_time_s",
+    "best_val_auroc",
+]
 
 
 class LastCheckpoint(Checkpoint):
@@ -69,18 +81,31 @@ class EpochSummary(Checkpoint):
             self.best_epoch = epoch
             if trainer.is_global_zero:
                 save_weights(pl_module.model, self.run_dir / WEIGHTS_FILE)
-        row = {"epoch": epoch, "train_loss": m.get("train_loss_epoch", m.get("train_loss")),
-               "train_auroc": m.get("train_auroc"), "train_acc": m.get("train_acc"), "val_loss": m.get("val_loss"),
-               "val_auroc": current, "val_acc": m.get("val_acc"), "val_f1": m.get("val_f1"), "lr": m.get("lr"),
-               "images_per_s": m.get("images_per_s"), "epoch_time_s": round(time.perf_counter() - self._t0, 2),
-               "best_val_auroc": self.best}
+        row = {
+            "epoch": epoch,
+            "train_loss": m.get("train_loss_epoch", m.get("train_loss")),
+            "train_auroc": m.get("train_auroc"),
+            "train_acc": m.get("train_acc"),
+            "val_loss": m.get("val_loss"),
+            "val_auroc": current,
+            "val_acc": m.get("val_acc"),
+            "val_f1": m.get("val_f1"),
+            "lr": m.get("lr"),
+            "images_per_s": m.get("images_per_s"),
+            "epoch_time_s": round(time.perf_counter() - self._t0, 2),
+            "best_val_auroc": self.best,
+        }
         if trainer.is_global_zero:
             self._append(row)
             self.printer(
                 f"epoch {epoch:3d}  loss {_f(row['train_loss'])}  val_loss {_f(row['val_loss'])}  "
                 f"val_auroc {_f(current)}  val_acc {_f(row['val_acc'])}  lr {_f(row['lr'], '.2e')}  "
                 f"{_f(row['images_per_s'], '.0f')} img/s  "
-                + (f"best {_f(self.best)} (epoch {self.best_epoch})" if self.validate else "no validation: keeping the last epoch")
+                + (
+                    f"best {_f(self.best)} (epoch {self.best_epoch})"
+                    if self.validate
+                    else "no validation: keeping the last epoch"
+                )
             )
 
     def _append(self, row: dict[str, Any]) -> None:

@@ -27,7 +27,9 @@ class TrainConfig:
     """Everything a training run needs; saved resolved as the run's ``config.yaml``."""
 
     data: str = doc("Packed store to train on (from 'histoscan ingest').", "")
-    model: str = doc("Model name: a histoscan CNN (simple_cnn, custom_cnn, nas_cnn, ...) or any timm model.", "simple_cnn")
+    model: str = doc(
+        "Model name: a histoscan CNN (simple_cnn, custom_cnn, nas_cnn, ...) or any timm model.", "simple_cnn"
+    )
     model_args: dict = doc("Architecture arguments of the model (e.g. nas_cnn's num_blocks).", {})
     pretrained: bool = doc("Start from ImageNet weights through timm (needs the Hugging Face hub).", False)
     weights: str | None = doc("Local weights file (.safetensors, .pth, .pt) to start from.", None)
@@ -67,7 +69,9 @@ class TrainConfig:
     num_workers: int | None = doc("DataLoader workers (default: 0 on CPU, one per core up to 8 on GPU).", None)
     threads: int | None = doc("Torch CPU threads (default: one per core).", None)
     resume: bool = doc("Resume the named run from its last.ckpt.", False)
-    limit_train_batches: float | None = doc("Use only this many (int) or this fraction (float) of training batches per epoch.", None)
+    limit_train_batches: float | None = doc(
+        "Use only this many (int) or this fraction (float) of training batches per epoch.", None
+    )
     progress: bool = doc("Show a progress bar.", True)
 
     def __post_init__(self) -> None:
@@ -98,7 +102,14 @@ class TrainConfig:
 
     def _check_types(self) -> None:
         """Each value has its field's type (a YAML 'None' string or a quoted number is caught here, not mid-training)."""
-        kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list, tuple), "dict": (dict,)}
+        kinds = {
+            "int": (int,),
+            "float": (int, float),
+            "str": (str,),
+            "bool": (bool,),
+            "list": (list, tuple),
+            "dict": (dict,),
+        }
         for f in fields(self):
             value = getattr(self, f.name)
             names = [t.strip() for t in str(f.type).split("|")]
@@ -125,7 +136,7 @@ class TrainConfig:
         return p
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -136,7 +147,7 @@ class TrainConfig:
             raise ConfigError(f"{source}: {exc}") from exc
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """Read a YAML config; ``overrides`` (e.g. from the command line) win."""
         p = Path(path)
         if not p.is_file():
@@ -150,7 +161,7 @@ class TrainConfig:
         values.update(overrides or {})
         return cls.from_dict(values, source=str(p))
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -33,8 +33,18 @@ class EpochBatchSampler(Sampler[list[int]]):
     uninterrupted one. ``weights`` draws with replacement (a class-balanced sampler).
     """
 
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                 weights: np.ndarray | None = None, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        weights: np.ndarray | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.weights, self.rank, self.world_size = drop_last, weights, rank, world_size
         self.epoch = 0
@@ -57,25 +67,48 @@ class EpochBatchSampler(Sampler[list[int]]):
         order = self._order()
         per_rank = self._per_rank()
         if self.world_size > 1:  # pad by wrapping so every rank gets the same number of samples
-            order = np.resize(order, per_rank * self.world_size)[self.rank::self.world_size]
+            order = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size]
         stop = len(order) - (len(order) % self.batch_size if self.drop_last else 0)
         for start in range(0, stop, self.batch_size):
-            yield order[start:start + self.batch_size].tolist()
+            yield order[start : start + self.batch_size].tolist()
 
     def __len__(self) -> int:
         per_rank = self._per_rank()
         return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
 
 
-def make_loader(store: PatchStore, batch_size: int, *, train: bool, seed: int, num_workers: int,
-                balanced: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
+def make_loader(
+    store: PatchStore,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int,
+    num_workers: int,
+    balanced: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
     """A DataLoader whose items are whole batches read from the store."""
     weights = None
     if train and balanced:
         labels = store.labels
         counts = np.bincount(labels, minlength=labels.max() + 1).astype(np.float64)
         weights = 1.0 / counts[labels]
-    sampler = EpochBatchSampler(len(store), batch_size, shuffle=train, seed=seed, drop_last=train and len(store) > batch_size,
-                                weights=weights, rank=rank, world_size=world_size)
-    return DataLoader(StoreBatches(store), batch_size=None, sampler=sampler, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+    sampler = EpochBatchSampler(
+        len(store),
+        batch_size,
+        shuffle=train,
+        seed=seed,
+        drop_last=train and len(store) > batch_size,
+        weights=weights,
+        rank=rank,
+        world_size=world_size,
+    )
+    return DataLoader(
+        StoreBatches(store),
+        batch_size=None,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )

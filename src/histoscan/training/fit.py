@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -58,8 +59,14 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
     run_dir, cfg = setup_run(cfg)
     store, parts, split_path = build_data(cfg)
     pre = _geometry(cfg, store)
-    model = create_model(cfg.model, store.num_classes, pretrained=cfg.pretrained, weights=cfg.weights,
-                         input_size=pre.input_size, **cfg.model_args)
+    model = create_model(
+        cfg.model,
+        store.num_classes,
+        pretrained=cfg.pretrained,
+        weights=cfg.weights,
+        input_size=pre.input_size,
+        **cfg.model_args,
+    )
     pre.mean, pre.std = _normalisation(cfg, model, parts["train"])
     run_dir.mkdir(parents=True, exist_ok=True)
     module = PatchClassifier(model, cfg, pre, store.num_classes)
@@ -72,18 +79,34 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
             bundle.save(run_dir)
     validate = len(parts["val"]) > 0
     trainer, summary = build_trainer(cfg, run_dir, printer, callbacks, validate)
-    module.channels_last = bool(cfg.channels_last if cfg.channels_last is not None else trainer.accelerator.__class__.__name__ == "CUDAAccelerator")
+    module.channels_last = bool(
+        cfg.channels_last
+        if cfg.channels_last is not None
+        else trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+    )
     if module.channels_last:
         module.model.to(memory_format=torch.channels_last)
     if cfg.compile:
         module.model = torch.compile(module.model)  # type: ignore[assignment]
     world = _world(trainer)
     if _global_rank() == 0:
-        printer(f"run {run_dir}: {cfg.model} on {len(parts['train'])} training / {len(parts['val'])} validation patches, "
-                f"input {pre.input_size} px, {trainer.world_size} process(es), precision {trainer.precision}")
-    loaders = [make_loader(parts[s], cfg.batch_size, train=s == "train", seed=cfg.seed, num_workers=_workers(cfg, trainer),
-                           balanced=cfg.balanced_sampler and s == "train", rank=world[0], world_size=world[1])
-               for s in (("train", "val") if validate else ("train",))]
+        printer(
+            f"run {run_dir}: {cfg.model} on {len(parts['train'])} training / {len(parts['val'])} validation patches, "
+            f"input {pre.input_size} px, {trainer.world_size} process(es), precision {trainer.precision}"
+        )
+    loaders = [
+        make_loader(
+            parts[s],
+            cfg.batch_size,
+            train=s == "train",
+            seed=cfg.seed,
+            num_workers=_workers(cfg, trainer),
+            balanced=cfg.balanced_sampler and s == "train",
+            rank=world[0],
+            world_size=world[1],
+        )
+        for s in (("train", "val") if validate else ("train",))
+    ]
     ckpt = run_dir / LAST_CKPT if cfg.resume else None
     os.environ[RUN_NAME_ENV] = run_dir.name  # DDP children re-run this command: same run folder
     trainer.fit(module, *loaders, ckpt_path=str(ckpt) if ckpt else None)
@@ -106,7 +129,9 @@ def setup_run(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
         if not (run_dir / LAST_CKPT).is_file():
             raise ConfigError(f"{run_dir}: nothing to resume (no {LAST_CKPT})")
     elif _global_rank() == 0 and (run_dir / MODEL_FILE).exists():
-        raise ConfigError(f"{run_dir}: a run with this name exists; pass --resume to continue it or choose another --name")
+        raise ConfigError(
+            f"{run_dir}: a run with this name exists; pass --resume to continue it or choose another --name"
+        )
     return run_dir, cfg
 
 
@@ -126,8 +151,10 @@ def build_data(cfg: TrainConfig) -> tuple[PatchStore, dict[str, PatchStore], Pat
         if split_file is None:
             raise DataError(f"{cfg.data}: the val split is empty (val={cfg.val}, test={cfg.test})")
         if cfg.early_stopping or cfg.schedule == "plateau":
-            raise ConfigError(f"{split_file}: no validation patches, so early stopping and the plateau schedule cannot run; "
-                              "set early_stopping: null and another schedule to train on train+val")
+            raise ConfigError(
+                f"{split_file}: no validation patches, so early stopping and the plateau schedule cannot run; "
+                "set early_stopping: null and another schedule to train on train+val"
+            )
     return store, parts, path
 
 
@@ -147,21 +174,39 @@ def _normalisation(cfg: TrainConfig, model: torch.nn.Module, train: PatchStore) 
     return channel_stats(sample)
 
 
-def _bundle(cfg: TrainConfig, store: PatchStore, pre: Preprocessing, parts: dict[str, PatchStore],
-            model: torch.nn.Module) -> ModelBundle:
+def _bundle(
+    cfg: TrainConfig, store: PatchStore, pre: Preprocessing, parts: dict[str, PatchStore], model: torch.nn.Module
+) -> ModelBundle:
     return ModelBundle(
-        architecture=cfg.model, classes=store.class_names, preprocessing=pre, model_args=dict(cfg.model_args),
-        split={"file": SPLIT_FILE, "sizes": {k: len(v) for k, v in parts.items()}, "seed": cfg.seed,
-               "val": cfg.val, "test": cfg.test},
+        architecture=cfg.model,
+        classes=store.class_names,
+        preprocessing=pre,
+        model_args=dict(cfg.model_args),
+        split={
+            "file": SPLIT_FILE,
+            "sizes": {k: len(v) for k, v in parts.items()},
+            "seed": cfg.seed,
+            "val": cfg.val,
+            "test": cfg.test,
+        },
         training={"store": str(Path(cfg.data).resolve()), "parameters": count_parameters(model)},
     )
 
 
-def build_trainer(cfg: TrainConfig, run_dir: Path, printer: Callable[[str], None], extra: Sequence[Callback] = (),
-                  validate: bool = True) -> tuple[L.Trainer, EpochSummary]:
+def build_trainer(
+    cfg: TrainConfig,
+    run_dir: Path,
+    printer: Callable[[str], None],
+    extra: Sequence[Callback] = (),
+    validate: bool = True,
+) -> tuple[L.Trainer, EpochSummary]:
     """A Lightning Trainer with histoscan's callbacks (plus ``extra``) and loggers."""
     summary = EpochSummary(run_dir, printer, validate)
-    callbacks: list[Any] = [summary, LastCheckpoint(run_dir), *extra]  # summary first: its best value goes into last.ckpt
+    callbacks: list[Any] = [
+        summary,
+        LastCheckpoint(run_dir),
+        *extra,
+    ]  # summary first: its best value goes into last.ckpt
     if cfg.early_stopping:
         callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.early_stopping))
     if cfg.progress:
@@ -173,13 +218,22 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, printer: Callable[[str], None
         devices = int(devices)
     limit = cfg.limit_train_batches
     trainer = L.Trainer(
-        default_root_dir=run_dir, max_epochs=cfg.max_epochs,
+        default_root_dir=run_dir,
+        max_epochs=cfg.max_epochs,
         max_time={"minutes": cfg.max_time} if cfg.max_time else None,
-        accelerator=cfg.accelerator, devices=devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
-        precision=precision, gradient_clip_val=cfg.grad_clip, callbacks=callbacks,
+        accelerator=cfg.accelerator,
+        devices=devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=precision,
+        gradient_clip_val=cfg.grad_clip,
+        callbacks=callbacks,
         logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
-        enable_progress_bar=cfg.progress, enable_model_summary=False, use_distributed_sampler=False,
-        num_sanity_val_steps=0, log_every_n_steps=10,
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
         limit_train_batches=(int(limit) if limit and limit >= 1 else limit) if limit else None,
     )
     return trainer, summary
@@ -193,8 +247,15 @@ def finish(cfg: TrainConfig, run_dir: Path, summary: EpochSummary, trainer: L.Tr
         if not (run_dir / WEIGHTS_FILE).is_file():
             raise ConfigError(f"{run_dir}: training ended before any validation; no weights were saved")
         bundle = read_bundle(run_dir)
-        bundle.best_metric = ({"name": MONITOR, "value": summary.best, "epoch": summary.best_epoch} if summary.validate else
-                              {"name": "none (no validation split: the last epoch's weights)", "value": None, "epoch": summary.best_epoch})
+        bundle.best_metric = (
+            {"name": MONITOR, "value": summary.best, "epoch": summary.best_epoch}
+            if summary.validate
+            else {
+                "name": "none (no validation split: the last epoch's weights)",
+                "value": None,
+                "epoch": summary.best_epoch,
+            }
+        )
         bundle.training.update({"epochs": epochs, "seconds": round(seconds + bundle.training.get("seconds", 0.0), 1)})
         bundle.save(run_dir)
     return TrainResult(run_dir, summary.best if summary.validate else float("nan"), summary.best_epoch, epochs, seconds)

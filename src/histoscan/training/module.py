@@ -21,12 +21,17 @@ from histoscan.training.config import TrainConfig
 def task_metrics(num_classes: int, prefix: str) -> torchmetrics.MetricCollection:
     """AUROC (macro one-vs-rest for multi-class), accuracy and F1."""
     if num_classes == 2:
-        m = {"auroc": torchmetrics.AUROC(task="binary"), "acc": torchmetrics.Accuracy(task="binary"),
-             "f1": torchmetrics.F1Score(task="binary")}
+        m = {
+            "auroc": torchmetrics.AUROC(task="binary"),
+            "acc": torchmetrics.Accuracy(task="binary"),
+            "f1": torchmetrics.F1Score(task="binary"),
+        }
     else:
-        m = {"auroc": torchmetrics.AUROC(task="multiclass", num_classes=num_classes, average="macro"),
-             "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes),
-             "f1": torchmetrics.F1Score(task="multiclass", num_classes=num_classes, average="macro")}
+        m = {
+            "auroc": torchmetrics.AUROC(task="multiclass", num_classes=num_classes, average="macro"),
+            "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes),
+            "f1": torchmetrics.F1Score(task="multiclass", num_classes=num_classes, average="macro"),
+        }
     return torchmetrics.MetricCollection(m, prefix=prefix)
 
 
@@ -43,7 +48,9 @@ class PatchClassifier(L.LightningModule):
             from histoscan.errors import ConfigError
 
             raise ConfigError(f"class_weights has {len(weights)} values for {num_classes} classes")
-        self.register_buffer("class_weights", weights if weights is not None else torch.ones(num_classes), persistent=False)
+        self.register_buffer(
+            "class_weights", weights if weights is not None else torch.ones(num_classes), persistent=False
+        )
         self.val_metrics = task_metrics(num_classes, "val_")
         self.train_metrics = task_metrics(num_classes, "train_")
         self._epoch_start = self._last_batch_end = 0.0
@@ -57,7 +64,9 @@ class PatchClassifier(L.LightningModule):
     def _inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         x = self.pre.geometry(images.permute(0, 3, 1, 2).float().div_(255.0))
         if train:
-            gen = torch.Generator().manual_seed(int(self.cfg.seed * 1_000_003 + self.current_epoch * 10_007 + self.global_step))
+            gen = torch.Generator().manual_seed(
+                int(self.cfg.seed * 1_000_003 + self.current_epoch * 10_007 + self.global_step)
+            )
             x = self.augment(x, gen)
         from histoscan.data.transforms import normalize
 
@@ -69,7 +78,10 @@ class PatchClassifier(L.LightningModule):
         if self.binary:
             target = y.float() * (1 - eps) + 0.5 * eps
             pos_weight = self.class_weights[1] / self.class_weights[0]
-            return F.binary_cross_entropy_with_logits(logits.squeeze(1), target, pos_weight=pos_weight) * self.class_weights[0]
+            return (
+                F.binary_cross_entropy_with_logits(logits.squeeze(1), target, pos_weight=pos_weight)
+                * self.class_weights[0]
+            )
         return F.cross_entropy(logits, y, weight=self.class_weights, label_smoothing=eps)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -135,7 +147,9 @@ class PatchClassifier(L.LightningModule):
         elif cfg.optimizer == "adam":
             opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+            opt = torch.optim.SGD(
+                groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+            )
         if cfg.schedule == "constant":
             return opt
         if cfg.schedule == "plateau":

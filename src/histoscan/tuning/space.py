@@ -130,13 +130,19 @@ def _param(path: Path, name: str, spec: Any) -> Param:
     kind = kinds[0]
     extra = sorted(set(spec) - {kind} - OPTIONS[kind])
     if extra:
-        raise ConfigError(f"{where}: unknown option(s) {extra} for a {kind} parameter (allowed: {sorted(OPTIONS[kind])})")
+        raise ConfigError(
+            f"{where}: unknown option(s) {extra} for a {kind} parameter (allowed: {sorted(OPTIONS[kind])})"
+        )
     value = spec[kind]
     if kind == "choice":
         if not isinstance(value, list) or not value:
             raise ConfigError(f"{where}: 'choice' needs a non-empty list")
         return Param(name, kind, choices=value, per=spec.get("per"))
-    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
         raise ConfigError(f"{where}: '{kind}' needs a range [low, high] of numbers, got {value!r}")
     low, high = value
     if kind == "int" and not all(float(v).is_integer() for v in value):
@@ -162,14 +168,20 @@ def _check_names(path: Path, base: dict[str, Any], params: list[Param]) -> None:
         if p.name.startswith("model_args."):
             arg = p.name.split(".", 1)[1]
             if model_args is not None and not searched_model and arg not in model_args:
-                raise ConfigError(f"{path}: parameter {p.name!r}: model {base.get('model')!r} has no argument {arg!r} "
-                                  f"(it takes {sorted(model_args)})")
+                raise ConfigError(
+                    f"{path}: parameter {p.name!r}: model {base.get('model')!r} has no argument {arg!r} "
+                    f"(it takes {sorted(model_args)})"
+                )
         elif p.name not in options or p.name in ("data", "out", "name", "resume"):
-            raise ConfigError(f"{path}: unknown parameter {p.name!r}: not a training option (see 'histoscan train --help')")
+            raise ConfigError(
+                f"{path}: unknown parameter {p.name!r}: not a training option (see 'histoscan train --help')"
+            )
         if p.per is not None:
             ref = seen.get(p.per)
             if ref is None or ref.kind != "int":
-                raise ConfigError(f"{path}: parameter {p.name!r}: 'per' must name an int parameter listed before it, got {p.per!r}")
+                raise ConfigError(
+                    f"{path}: parameter {p.name!r}: 'per' must name an int parameter listed before it, got {p.per!r}"
+                )
         seen[p.name] = p
 
 

@@ -14,9 +14,10 @@ import shutil
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import optuna
@@ -108,7 +109,9 @@ def tune(settings: TuneSettings, printer: Callable[[str], None] = print) -> Tune
     optimize(study, space, settings, study_dir, printer)
     result = report(study, study_dir)
     if settings.retrain_best and result.best_config is not None:
-        result.retrained = retrain_best(result.best_run, result.best_config, study_dir, settings.retrain_epochs, printer)  # type: ignore[arg-type]
+        result.retrained = retrain_best(
+            result.best_run, result.best_config, study_dir, settings.retrain_epochs, printer
+        )  # type: ignore[arg-type]
     return result
 
 
@@ -128,24 +131,38 @@ def open_study(settings: TuneSettings, name: str, study_dir: Path) -> optuna.Stu
             warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
             # a trial whose worker died (no heartbeat for 60 s) is marked failed and its parameters retried once
             storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=20, grace_period=60,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=20,
+                grace_period=60,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
     except Exception as exc:  # bad URL, missing driver, unreachable server
         raise ConfigError(f"--storage {url}: cannot open the study storage ({exc})") from exc
     exists = name in optuna.study.get_all_study_names(storage)
     if exists and not settings.resume:
-        raise ConfigError(f"study {name!r} already exists in {url}; pass --resume to continue it (or join it from "
-                          "another worker), or choose another --study")
-    sampler = (optuna.samplers.TPESampler(seed=_worker_seed(settings.seed), n_startup_trials=5) if settings.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=_worker_seed(settings.seed)))
-    pruner = settings.pruner if not isinstance(settings.pruner, str) else {
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-        "none": lambda: optuna.pruners.NopPruner(),
-    }[settings.pruner]()
+        raise ConfigError(
+            f"study {name!r} already exists in {url}; pass --resume to continue it (or join it from "
+            "another worker), or choose another --study"
+        )
+    sampler = (
+        optuna.samplers.TPESampler(seed=_worker_seed(settings.seed), n_startup_trials=5)
+        if settings.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=_worker_seed(settings.seed))
+    )
+    pruner = (
+        settings.pruner
+        if not isinstance(settings.pruner, str)
+        else {
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
+            "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+            "none": lambda: optuna.pruners.NopPruner(),
+        }[settings.pruner]()
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize",
-                                load_if_exists=True)
+    study = optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True
+    )
     study.set_user_attr("space", settings.space)
     study.set_user_attr("data", str(Path(settings.data).resolve()))
     return study
@@ -156,21 +173,32 @@ def _worker_seed(seed: int) -> int:
     return (seed * 1_000_003 + os.getpid()) % (2**31)
 
 
-def optimize(study: optuna.Study, space: SearchSpace, settings: TuneSettings, study_dir: Path,
-             printer: Callable[[str], None]) -> None:
+def optimize(
+    study: optuna.Study, space: SearchSpace, settings: TuneSettings, study_dir: Path, printer: Callable[[str], None]
+) -> None:
     """Run trials until the study holds ``settings.trials`` finished ones (or this worker's time is up)."""
     done = _count(study)
     if done >= settings.trials:
-        printer(f"study {study.study_name!r} already has {done} finished trials (asked for {settings.trials}); nothing to run")
+        printer(
+            f"study {study.study_name!r} already has {done} finished trials (asked for {settings.trials}); nothing to run"
+        )
         return
     trials_dir = study_dir / TRIALS_DIR
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def objective(trial: optuna.Trial) -> float:
         overrides = {**space.suggest(trial), **settings.overrides}
-        cfg = TrainConfig.from_dict({**overrides, "data": settings.data, "out": str(trials_dir),
-                                     "name": f"trial-{trial.number:04d}", "seed": settings.seed, "progress": False},
-                                    source=f"trial {trial.number}")
+        cfg = TrainConfig.from_dict(
+            {
+                **overrides,
+                "data": settings.data,
+                "out": str(trials_dir),
+                "name": f"trial-{trial.number:04d}",
+                "seed": settings.seed,
+                "progress": False,
+            },
+            source=f"trial {trial.number}",
+        )
         trial.set_user_attr("run_dir", str((trials_dir / cfg.name).resolve()))  # type: ignore[operator]
         trial.set_user_attr("worker", worker)
         hook = PruneOnValidation(trial)
@@ -189,21 +217,32 @@ def optimize(study: optuna.Study, space: SearchSpace, settings: TuneSettings, st
             best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
         except ValueError:
             best = "-"
-        value = f"{trial.value:.4f}" if trial.value is not None else (
-            f"{max(trial.intermediate_values.values()):.4f}" if trial.intermediate_values else "-")
+        value = (
+            f"{trial.value:.4f}"
+            if trial.value is not None
+            else (f"{max(trial.intermediate_values.values()):.4f}" if trial.intermediate_values else "-")
+        )
         why = f"  {trial.user_attrs.get('error', '')}" if trial.state == optuna.trial.TrialState.FAIL else ""
-        printer(f"trial {trial.number:4d}  {trial.state.name.lower():8s}  val_auroc {value}  "
-                f"epochs {len(trial.intermediate_values):2d}  {trial.duration.total_seconds() if trial.duration else 0:6.0f} s  "
-                f"best {best}{why}")
+        printer(
+            f"trial {trial.number:4d}  {trial.state.name.lower():8s}  val_auroc {value}  "
+            f"epochs {len(trial.intermediate_values):2d}  {trial.duration.total_seconds() if trial.duration else 0:6.0f} s  "
+            f"best {best}{why}"
+        )
 
     pruner = settings.pruner if isinstance(settings.pruner, str) else type(settings.pruner).__name__
-    printer(f"study {study.study_name!r}: {done} finished trials, running up to {settings.trials - done} more "
-            f"({settings.sampler} sampler, {pruner} pruner) in {study_dir}")
+    printer(
+        f"study {study.study_name!r}: {done} finished trials, running up to {settings.trials - done} more "
+        f"({settings.sampler} sampler, {pruner} pruner) in {study_dir}"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
-        study.optimize(objective, n_trials=None, timeout=settings.timeout * 60 if settings.timeout else None,
-                       catch=(HistoscanError, RuntimeError, ValueError, MemoryError),
-                       callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED), progress])
+        study.optimize(
+            objective,
+            n_trials=None,
+            timeout=settings.timeout * 60 if settings.timeout else None,
+            catch=(HistoscanError, RuntimeError, ValueError, MemoryError),
+            callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED), progress],
+        )
 
 
 def _count(study: optuna.Study) -> int:
@@ -214,11 +253,18 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, value, epochs, duration, parameters, error."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "val_auroc": t.value,
-                     "epochs": len(t.intermediate_values),
-                     "seconds": round(t.duration.total_seconds(), 1) if t.duration else None,
-                     **{f"param:{k}": v for k, v in t.params.items()},
-                     "error": t.user_attrs.get("error", ""), "run_dir": t.user_attrs.get("run_dir", "")})
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name.lower(),
+                "val_auroc": t.value,
+                "epochs": len(t.intermediate_values),
+                "seconds": round(t.duration.total_seconds(), 1) if t.duration else None,
+                **{f"param:{k}": v for k, v in t.params.items()},
+                "error": t.user_attrs.get("error", ""),
+                "run_dir": t.user_attrs.get("run_dir", ""),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -227,7 +273,9 @@ def report(study: optuna.Study, study_dir: Path) -> TuneResult:
     study_dir.mkdir(parents=True, exist_ok=True)
     table = trials_table(study)
     table.to_csv(study_dir / "trials.csv", index=False)
-    counts = {s: int((table["state"] == s).sum()) if len(table) else 0 for s in ("complete", "pruned", "fail", "running")}
+    counts = {
+        s: int((table["state"] == s).sum()) if len(table) else 0 for s in ("complete", "pruned", "fail", "running")
+    }
     plots = _plots(study, study_dir)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
@@ -235,7 +283,9 @@ def report(study: optuna.Study, study_dir: Path) -> TuneResult:
     best = study.best_trial
     best_run = Path(best.user_attrs["run_dir"])
     best_config = write_best_config(best_run, study_dir / "best.yaml")
-    return TuneResult(study_dir, study.study_name, table, best.value, dict(best.params), best_config, best_run, plots, counts)
+    return TuneResult(
+        study_dir, study.study_name, table, best.value, dict(best.params), best_config, best_run, plots, counts
+    )
 
 
 def write_best_config(run_dir: Path, path: Path) -> Path:
@@ -257,8 +307,11 @@ def _plots(study: optuna.Study, study_dir: Path) -> dict[str, Path]:
 
     out: dict[str, Path] = {}
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    makers = {"history": ovm.plot_optimization_history, "importance": ovm.plot_param_importances,
-              "intermediate": ovm.plot_intermediate_values}
+    makers = {
+        "history": ovm.plot_optimization_history,
+        "importance": ovm.plot_param_importances,
+        "intermediate": ovm.plot_intermediate_values,
+    }
     for name, make in makers.items():
         if name == "importance" and len(complete) < 2:
             continue
@@ -278,18 +331,27 @@ def _plots(study: optuna.Study, study_dir: Path) -> dict[str, Path]:
     return out
 
 
-def retrain_best(best_run: Path, best_config: Path, study_dir: Path, epochs: int | None,
-                 printer: Callable[[str], None]) -> Path:
+def retrain_best(
+    best_run: Path, best_config: Path, study_dir: Path, epochs: int | None, printer: Callable[[str], None]
+) -> Path:
     """Train the best configuration on train+val (the test split stays held out) for 1.5x its epochs (or ``epochs``)."""
     values = yaml.safe_load(best_config.read_text())
     split = pd.read_csv(best_run / SPLIT_FILE, dtype=str, keep_default_na=False)
     split["split"] = split["split"].replace({"val": "train"})
     merged = study_dir / "train+val-split.csv"
     split.to_csv(merged, index=False)
-    max_epochs = epochs or int(math.ceil(values["max_epochs"] * 1.5))
-    values.update({"out": str(study_dir), "name": "best-retrained", "split_file": str(merged.resolve()), "max_epochs": max_epochs,
-                   "early_stopping": None, "schedule": "cosine" if values.get("schedule") == "plateau" else values.get("schedule"),
-                   "progress": False})
+    max_epochs = epochs or math.ceil(values["max_epochs"] * 1.5)
+    values.update(
+        {
+            "out": str(study_dir),
+            "name": "best-retrained",
+            "split_file": str(merged.resolve()),
+            "max_epochs": max_epochs,
+            "early_stopping": None,
+            "schedule": "cosine" if values.get("schedule") == "plateau" else values.get("schedule"),
+            "progress": False,
+        }
+    )
     cfg = TrainConfig.from_dict(values, source=str(best_config))
     if (study_dir / "best-retrained").exists():
         shutil.rmtree(study_dir / "best-retrained")

@@ -22,9 +22,20 @@ LAYOUTS = {
 }
 
 __all__ = [
-    "BINARY_CLASSES", "LAYOUTS", "Entry", "Listing", "Sample", "Source", "detect_layout", "open_source",
-    "ClassFolderSource", "GroupedClassFolderSource", "KaggleSource", "ManifestSource", "PCamSource",
+    "BINARY_CLASSES",
+    "LAYOUTS",
+    "ClassFolderSource",
+    "Entry",
+    "GroupedClassFolderSource",
+    "KaggleSource",
+    "Listing",
+    "ManifestSource",
+    "PCamSource",
+    "Sample",
+    "Source",
     "UnlabelledFolderSource",
+    "detect_layout",
+    "open_source",
 ]
 
 

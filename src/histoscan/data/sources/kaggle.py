@@ -106,7 +106,9 @@ class UnlabelledFolderSource(Source):
         from histoscan.data.imageio import is_image_file
         from histoscan.data.sources.base import natural_key
 
-        files = sorted((p for p in self.root.iterdir() if p.is_file() and is_image_file(p)), key=lambda p: natural_key(p.name))
+        files = sorted(
+            (p for p in self.root.iterdir() if p.is_file() and is_image_file(p)), key=lambda p: natural_key(p.name)
+        )
         by_stem = {p.stem: p for p in files}
         if self.order_file is None:
             entries = [Entry(p.stem, str(p), None) for p in files]

@@ -45,8 +45,12 @@ class ManifestSource(Source):
                 rows.append((path, label, group, line))
         if not rows and not missing:
             raise DataError(f"{self.csv_path}: manifest lists no files")
-        classes = list(self.class_names) if self.class_names else sorted({r[1] for r in rows if r[1] is not None}, key=natural_key)
-        for path, label, _g, line in rows:
+        classes = (
+            list(self.class_names)
+            if self.class_names
+            else sorted({r[1] for r in rows if r[1] is not None}, key=natural_key)
+        )
+        for _path, label, _g, line in rows:
             if label is not None and label not in classes:
                 raise DataError(f"{self.csv_path}:{line}: label {label!r} is not a known class {classes}")
         ids = unique_ids([r[0] for r in rows], base) if rows else []

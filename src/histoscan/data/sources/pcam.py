@@ -26,7 +26,9 @@ def pcam_file(split: str, kind: str) -> str:
 
 def find_pcam_splits(root: Path) -> list[str]:
     """Official split names whose x file is present (plain or gzipped)."""
-    return [s for s in PCAM_SPLITS if (root / pcam_file(s, "x")).exists() or (root / (pcam_file(s, "x") + ".gz")).exists()]
+    return [
+        s for s in PCAM_SPLITS if (root / pcam_file(s, "x")).exists() or (root / (pcam_file(s, "x") + ".gz")).exists()
+    ]
 
 
 class PCamSource(Source):
@@ -108,7 +110,7 @@ class PCamSource(Source):
             return None
         try:
             df = pd.read_csv(meta)
-        except Exception as exc:  # noqa: BLE001 - pandas raises many types
+        except Exception as exc:
             raise DataError(f"{meta}: unreadable CSV ({exc})") from exc
         if "wsi" not in df.columns:
             raise DataError(f"{meta}: no 'wsi' column (columns: {list(df.columns)})")

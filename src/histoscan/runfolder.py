@@ -249,9 +249,10 @@ def _one_line(source: str, exc: ValidationError) -> ConfigError:
         problem = "missing"
     elif first["type"] == "extra_forbidden":
         problem = "not a field of this schema"
+    elif first["type"] == "value_error":  # our own validators: the message already shows the values
+        problem = first["msg"].removeprefix("Value error, ")
     else:
-        shown = repr(first.get("input"))
-        problem = f"{first['msg'].removeprefix('Value error, ')} (got {shown[:60]})"
+        problem = f"{first['msg'].replace(' after validation', '')} (got {repr(first.get('input'))[:60]})"
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return ConfigError(f"{source}: {_where(tuple(loc))}: {problem}{more}")
 

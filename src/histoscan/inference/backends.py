@@ -7,6 +7,7 @@ and an output width that does not match the classes are one ConfigError line nam
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -71,7 +72,8 @@ class OnnxBackend:
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no public base class
-            raise ConfigError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
+            reason = re.sub(r"Load model from \S+ failed: ?", "", first_line(exc))  # the path is said once already
+            raise ConfigError(f"{path}: not a readable ONNX model ({reason})") from None
         self.input_name = self.session.get_inputs()[0].name
         self._check_contract(path)
 

@@ -224,3 +224,22 @@ def test_export_works_for_seed_cnns_and_timm_backbones(model: str, tiny_run: Pat
     a = Predictor(run, backend="onnx").predict_store(_store_of(run).subset(range(8)))
     b = Predictor(run, backend="torch").predict_store(_store_of(run).subset(range(8)))
     assert np.abs(a.probabilities - b.probabilities).max() < 1e-4
+
+
+def test_probabilities_are_defined_once_for_numpy_and_torch() -> None:
+    from histoscan.errors import ConfigError
+    from histoscan.inference.probabilities import probabilities
+
+    z = np.array([[-2.0], [0.0], [3.0]], np.float32)
+    p = probabilities(z, 2.0)
+    pos = 1 / (1 + np.exp(-z[:, 0] / 2.0))
+    assert isinstance(p, np.ndarray) and p.dtype == np.float32
+    np.testing.assert_allclose(p, np.stack([1 - pos, pos], axis=1), atol=1e-6)
+    t = probabilities(torch.from_numpy(z), 2.0)
+    assert isinstance(t, torch.Tensor) and torch.allclose(t, torch.from_numpy(p))
+    m = np.random.default_rng(0).normal(size=(5, 3))
+    e = np.exp(m / 0.5)
+    np.testing.assert_allclose(probabilities(m, 0.5), e / e.sum(axis=1, keepdims=True), rtol=1e-5)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="temperature"):
+            probabilities(z, bad)

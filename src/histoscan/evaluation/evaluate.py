@@ -17,7 +17,7 @@ from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitivity, youden_threshold
 from histoscan.evaluation.report import write_evaluation
 from histoscan.inference.predictor import Predictor
-from histoscan.runfolder import RunFolder
+from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
 
 THRESHOLD_RULES = ("youden", "sensitivity")
 

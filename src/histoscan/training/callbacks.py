@@ -12,7 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
 from histoscan.bundle import save_weights
-from histoscan.runfolder import RunFolder
+from histoscan.runfolder import METRIC_COLUMNS, RunFolder  # noqa: F401  (METRIC_COLUMNS: imported from here before)
 
 MONITOR = "val_auroc"
 

@@ -58,16 +58,22 @@ def main() -> None:
         old = root / "v1"
         old.mkdir()
         shutil.copy(FIXTURE, old / "model.json")
-        print(f"read_bundle, version-1 model.json (upgraded in memory): {median_ms(lambda: read_bundle(old), args.repeats):.2f} ms")
+        print(
+            f"read_bundle, version-1 model.json (upgraded in memory): {median_ms(lambda: read_bundle(old), args.repeats):.2f} ms"
+        )
         for arch, size in (("simple_cnn", 96), ("resnet50", 224)):
-            run = make_run(root, arch, size)
-            mb = RunFolder(run).weights_path.stat().st_size / 1e6
-            print(f"{arch} ({mb:.1f} MB of weights):")
-            print(f"  read_bundle (validated model.json)  {median_ms(lambda: read_bundle(run), args.repeats):8.2f} ms")
-            reps = max(3, args.repeats // 4)
-            print(f"  load_model (every check)            {median_ms(lambda: load_model(run), reps):8.1f} ms")
-            print(f"  check_model, torch backend          {median_ms(lambda: check_model(run, 'torch'), reps):8.1f} ms")
-            print(f"  check_model, onnx backend           {median_ms(lambda: check_model(run, 'onnx'), reps):8.1f} ms")
+            report(make_run(root, arch, size), arch, args.repeats)
+
+
+def report(run: Path, arch: str, repeats: int) -> None:
+    """Print the three costs for one run folder."""
+    mb = RunFolder(run).weights_path.stat().st_size / 1e6
+    reps = max(3, repeats // 4)
+    print(f"{arch} ({mb:.1f} MB of weights):")
+    print(f"  read_bundle (validated model.json)  {median_ms(lambda: read_bundle(run), repeats):8.2f} ms")
+    print(f"  load_model (every check)            {median_ms(lambda: load_model(run), reps):8.1f} ms")
+    print(f"  check_model, torch backend          {median_ms(lambda: check_model(run, 'torch'), reps):8.1f} ms")
+    print(f"  check_model, onnx backend           {median_ms(lambda: check_model(run, 'onnx'), reps):8.1f} ms")
 
 
 if __name__ == "__main__":

@@ -217,7 +217,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
 
 def _classifier_names(model: nn.Module) -> set[str]:
     """State-dict names of the final classifier's tensors (empty when the model exposes none)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
     if not isinstance(head, nn.Module):
         return set()
     ids = {id(t) for t in head.state_dict(keep_vars=True).values()}

@@ -35,7 +35,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import numpy as np
 from pydantic import (
@@ -66,8 +66,8 @@ METRICS_JSON = "metrics.json"
 REPORT_HTML = "report.html"
 FIGURES_DIR = "figures"
 
-MODEL_FORMAT = "histoscan-model"
-SCHEMA_VERSION = 2
+MODEL_FORMAT: Final = "histoscan-model"
+SCHEMA_VERSION: Final = 2
 # model.onnx carries only this marker in its metadata (never a copy of model.json, which 'calibrate' would make stale)
 ONNX_CONTRACT_KEY = "histoscan_onnx_contract"
 ONNX_CONTRACT_VERSION = "1"

@@ -6,10 +6,11 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
+from torch import nn
 
 from histoscan.bundle import save_weights
 from histoscan.runfolder import METRIC_COLUMNS, RunFolder  # noqa: F401  (METRIC_COLUMNS: imported from here before)
@@ -66,7 +67,7 @@ class EpochSummary(Checkpoint):
             self.best = current if improved else self.best
             self.best_epoch = epoch
             if trainer.is_global_zero:
-                save_weights(pl_module.model, self.run.weights_path)
+                save_weights(cast(nn.Module, pl_module.model), self.run.weights_path)
         row = {
             "epoch": epoch,
             "train_loss": m.get("train_loss_epoch", m.get("train_loss")),

@@ -298,17 +298,31 @@ def _empty(path: Path) -> Path:
 
 @pytest.mark.parametrize("backend,lie,expected", [m[1:] for m in MODEL_LIES], ids=[m[0] for m in MODEL_LIES])
 def test_model_files_that_lie_are_one_line_at_load_time(
-    backend: str, lie: Callable[[Path], Path], expected: str, exported: Path, images: Path, tmp_path: Path
+    backend: str,
+    lie: Callable[[Path], Path],
+    expected: str,
+    exported: Path,
+    images: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import uvicorn
+
+    def no_server(*_: Any, **__: Any) -> None:
+        raise AssertionError("the server must not start for a run that lies")
+
+    monkeypatch.setattr(uvicorn, "run", no_server)
     run = _copy(exported, tmp_path)
     path = lie(run)
     with pytest.raises(ConfigError) as exc:
         Predictor(run, backend=backend)
     _one_line_naming(exc, path, expected)
-    res = CliRunner().invoke(
-        app, ["predict", str(run), str(images), "--backend", backend, "--out", str(tmp_path / "p.csv")]
-    )
-    assert res.exit_code == 2 and expected in res.output and "Traceback" not in res.output, res.output
+    for command in (
+        ["predict", str(run), str(images), "--backend", backend, "--out", str(tmp_path / "p.csv")],
+        ["serve", str(run), "--backend", backend],
+    ):
+        res = CliRunner().invoke(app, command)
+        assert res.exit_code == 2 and expected in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "p.csv").exists()
 
 

@@ -23,6 +23,7 @@ from histoscan.runfolder import (  # noqa: F401  (file names re-exported for mod
     METRICS_FILE,
     MODEL_FILE,
     MODEL_FORMAT,
+    SCHEMA_VERSION,
     SPLIT_FILE,
     WEIGHTS_FILE,
     InferencePolicy,
@@ -75,7 +76,7 @@ class ModelBundle:
         return parse_model(
             {
                 "format": MODEL_FORMAT,
-                "schema_version": ModelDocument.model_fields["schema_version"].default,
+                "schema_version": SCHEMA_VERSION,
                 "kind": "model",
                 "architecture": self.architecture,
                 "model_args": self.model_args,

@@ -1,7 +1,8 @@
 """What the checks on a run folder cost: reading and validating model.json, and loading a model with every check.
 
 (a) ``read_bundle``: decode + schema validation (+ the in-memory upgrade for a version-1 file).
-(b) ``load_model``: build the network, read best.safetensors, check every tensor's shape, load it.
+(b) ``load_model``: build the network, read best.safetensors, check every tensor's shape, load it
+    (and the shape check alone).
 (c) ``check_model``: what ``histoscan serve`` does before starting (torch and ONNX backends).
 
 Models: simple_cnn at 96 px and resnet50 at 224 px, untrained (no training needed: files are what is read).
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from histoscan.bundle import ModelBundle, load_model, read_bundle, save_weights
+from histoscan.bundle import ModelBundle, check_state, load_model, read_bundle, read_weights, save_weights
 from histoscan.inference.backends import check_model
 from histoscan.inference.export import export_onnx
 from histoscan.models import create_model
@@ -72,6 +73,10 @@ def report(run: Path, arch: str, repeats: int) -> None:
     print(f"{arch} ({mb:.1f} MB of weights):")
     print(f"  read_bundle (validated model.json)  {median_ms(lambda: read_bundle(run), repeats):8.2f} ms")
     print(f"  load_model (every check)            {median_ms(lambda: load_model(run), reps):8.1f} ms")
+    model, bundle = load_model(run)
+    state = read_weights(RunFolder(run).weights_path)
+    shapes = median_ms(lambda: check_state(model, state, "w", bundle), repeats)
+    print(f"    of which the shape check          {shapes:8.2f} ms")
     print(f"  check_model, torch backend          {median_ms(lambda: check_model(run, 'torch'), reps):8.1f} ms")
     print(f"  check_model, onnx backend           {median_ms(lambda: check_model(run, 'onnx'), reps):8.1f} ms")
 

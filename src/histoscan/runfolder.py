@@ -368,9 +368,11 @@ class RunFolder:
     def eval_dir(self, store: str | Path | None = None, split: str = "test", tta: bool = False) -> Path:
         """Where an evaluation goes: ``eval/`` for the run's own test split without TTA, else
         ``eval-<store>-<split>[-tta]``. ``store`` None means the store the run trained on."""
+        own_test = split == "test" and not tta
+        if own_test and store is None:
+            return self.path / EVAL_DIR  # without reading model.json: a baseline's folder has none
         own_store = self.training_store() if self.is_model else None
-        own = store is None or (own_store is not None and Path(store).resolve() == own_store.resolve())
-        if own and split == "test" and not tta:
+        if own_test and own_store is not None and Path(str(store)).resolve() == own_store.resolve():
             return self.path / EVAL_DIR
         name = Path(store).name if store is not None else own_store.name if own_store else "store"
         return self.path / (f"eval-{name}-{split}" + ("-tta" if tta else ""))

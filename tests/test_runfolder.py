@@ -120,6 +120,14 @@ def test_todays_model_json_keeps_loading(tmp_path: Path) -> None:
     assert p.probabilities.shape == (2, 2) and np.allclose(p.probabilities.sum(1), 1)
 
 
+def test_a_version_1_multiclass_file_keeps_its_classes_and_width() -> None:
+    old = _v1()
+    old.update(classes=["lung_aca", "lung_n", "lung_scc"], task="multiclass", num_outputs=3)
+    b = ModelBundle.from_dict(old)
+    assert b.task == "multiclass" and b.num_outputs == 3 and b.classes == ["lung_aca", "lung_n", "lung_scc"]
+    assert "num_outputs" not in b.to_dict() and b.to_dict()["schema_version"] == 2
+
+
 def test_saving_upgrades_to_the_current_schema_without_derived_copies(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()

@@ -45,13 +45,28 @@ def test_torch_and_onnx_backends_agree(exported_run: Path) -> None:
     assert (a.predicted == b.predicted).mean() > 0.99
 
 
-def test_onnx_file_carries_the_preprocessing(exported_run: Path) -> None:
-    import json
-
+def test_onnx_file_carries_a_contract_marker_not_a_copy_of_model_json(exported_run: Path) -> None:
     import onnx
 
-    meta = {p.key: p.value for p in onnx.load(str(exported_run / "model.onnx")).metadata_props}
-    assert json.loads(meta["histoscan"])["preprocessing"]["input_size"] == 48
+    proto = onnx.load(str(exported_run / "model.onnx"))
+    assert {p.key: p.value for p in proto.metadata_props} == {"histoscan_onnx_contract": "1"}
+    dims = [
+        [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+        for v in (*proto.graph.input, *proto.graph.output)
+    ]
+    assert dims == [["batch", 3, 48, 48], ["batch", 1]]  # preprocessed 48 px input -> one binary logit
+
+
+def test_calibration_after_export_reaches_the_onnx_backend(exported_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run)
+    before = Predictor(run, backend="onnx").predict_store(_store_of(run)).probabilities[:, 1]
+    bundle = read_bundle(run)
+    bundle.temperature = 3.0
+    bundle.save(run)
+    after = Predictor(run, backend="onnx").predict_store(_store_of(run)).probabilities[:, 1]
+    logit = np.log(before / (1 - before))
+    np.testing.assert_allclose(after, 1 / (1 + np.exp(-logit / 3.0)), atol=1e-5)  # model.json's temperature applies
 
 
 def test_export_fails_loudly_and_writes_nothing(
@@ -209,3 +224,22 @@ def test_export_works_for_seed_cnns_and_timm_backbones(model: str, tiny_run: Pat
     a = Predictor(run, backend="onnx").predict_store(_store_of(run).subset(range(8)))
     b = Predictor(run, backend="torch").predict_store(_store_of(run).subset(range(8)))
     assert np.abs(a.probabilities - b.probabilities).max() < 1e-4
+
+
+def test_probabilities_are_defined_once_for_numpy_and_torch() -> None:
+    from histoscan.errors import ConfigError
+    from histoscan.inference.probabilities import probabilities
+
+    z = np.array([[-2.0], [0.0], [3.0]], np.float32)
+    p = probabilities(z, 2.0)
+    pos = 1 / (1 + np.exp(-z[:, 0] / 2.0))
+    assert isinstance(p, np.ndarray) and p.dtype == np.float32
+    np.testing.assert_allclose(p, np.stack([1 - pos, pos], axis=1), atol=1e-6)
+    t = probabilities(torch.from_numpy(z), 2.0)
+    assert isinstance(t, torch.Tensor) and torch.allclose(t, torch.from_numpy(p))
+    m = np.random.default_rng(0).normal(size=(5, 3))
+    e = np.exp(m / 0.5)
+    np.testing.assert_allclose(probabilities(m, 0.5), e / e.sum(axis=1, keepdims=True), rtol=1e-5)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="temperature"):
+            probabilities(z, bad)

@@ -1,8 +1,11 @@
-"""The model bundle: a run folder that every consumer loads (``model.json`` + ``best.safetensors``)."""
+"""The model bundle: the Python side of a run folder's ``model.json`` and ``best.safetensors``.
+
+``read_bundle`` and ``load_model`` are the public API; the file names and the ``model.json``
+schema belong to ``histoscan.runfolder``.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,16 +15,27 @@ import torch
 from torch import nn
 
 from histoscan import __version__
-from histoscan.errors import ConfigError
+from histoscan.errors import ConfigError, HistoscanError
 from histoscan.preprocessing import Preprocessing
+from histoscan.runfolder import (  # noqa: F401  (file names re-exported for modules that still import them here)
+    CONFIG_FILE,
+    LAST_CKPT,
+    METRICS_FILE,
+    MODEL_FILE,
+    MODEL_FORMAT,
+    SCHEMA_VERSION,
+    SPLIT_FILE,
+    WEIGHTS_FILE,
+    InferencePolicy,
+    ModelDocument,
+    PreprocessingSpec,
+    RunFolder,
+    TrustPolicy,
+    parse_model,
+    training_store,
+)
 
-MODEL_FILE = "model.json"
-WEIGHTS_FILE = "best.safetensors"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.csv"
-LAST_CKPT = "last.ckpt"
-SPLIT_FILE = "split.csv"
-BUNDLE_FORMAT = "histoscan-model"
+BUNDLE_FORMAT = MODEL_FORMAT
 
 
 @dataclass
@@ -38,65 +52,84 @@ class ModelBundle:
     split: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     histoscan_version: str = __version__
+    inference: InferencePolicy = field(default_factory=InferencePolicy)
+    trust: TrustPolicy = field(default_factory=TrustPolicy)
 
     @property
     def task(self) -> str:
+        """``binary`` for two classes (one output logit), else ``multiclass``."""
         return "binary" if len(self.classes) == 2 else "multiclass"
 
     @property
     def num_outputs(self) -> int:
+        """Width of the model's output: 1 logit for binary tasks, one per class otherwise."""
         return 1 if self.task == "binary" else len(self.classes)
 
+    @property
+    def training_store(self) -> Path | None:
+        """The store the model trained on (None when model.json names none)."""
+        return training_store(self.training)
+
+    def to_document(self, source: str | Path = MODEL_FILE) -> ModelDocument:
+        """The ``model.json`` document (current schema), validated (ConfigError naming ``source``)."""
+        pre = asdict(self.preprocessing)
+        return parse_model(
+            {
+                "format": MODEL_FORMAT,
+                "schema_version": SCHEMA_VERSION,
+                "kind": "model",
+                "architecture": self.architecture,
+                "model_args": self.model_args,
+                "classes": list(self.classes),
+                "preprocessing": {name: pre[name] for name in PreprocessingSpec.model_fields if name in pre},
+                "threshold": self.threshold,
+                "calibration": {"temperature": self.temperature},
+                "inference": self.inference.model_dump(mode="json"),
+                "trust": self.trust.model_dump(mode="json"),
+                "best_metric": self.best_metric,
+                "split": self.split,
+                "training": self.training,
+                "histoscan_version": self.histoscan_version,
+            },
+            str(source),
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["preprocessing"] = self.preprocessing.to_dict()
-        return {
-            "format": BUNDLE_FORMAT,
-            "task": self.task,
-            "num_outputs": self.num_outputs,
-            "calibration": {"temperature": self.temperature},
-            **{k: v for k, v in d.items() if k != "temperature"},
-        }
+        """``model.json`` as a plain dict."""
+        return self.to_document().model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelBundle:
+    def from_document(cls, doc: ModelDocument) -> ModelBundle:
+        """The bundle a validated ``model.json`` describes."""
         return cls(
-            architecture=d["architecture"],
-            classes=list(d["classes"]),
-            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
-            model_args=d.get("model_args", {}),
-            threshold=float(d.get("threshold", 0.5)),
-            temperature=float(d.get("calibration", {}).get("temperature", 1.0)),
-            best_metric=d.get("best_metric", {}),
-            split=d.get("split", {}),
-            training=d.get("training", {}),
-            histoscan_version=d.get("histoscan_version", "unknown"),
+            architecture=doc.architecture,
+            classes=list(doc.classes),
+            preprocessing=Preprocessing(**doc.preprocessing.model_dump()),
+            model_args=dict(doc.model_args),
+            threshold=doc.threshold,
+            temperature=doc.calibration.temperature,
+            best_metric=dict(doc.best_metric),
+            split=dict(doc.split),
+            training=dict(doc.training),
+            histoscan_version=doc.histoscan_version,
+            inference=doc.inference,
+            trust=doc.trust,
         )
+
+    @classmethod
+    def from_dict(cls, d: object, source: str = MODEL_FILE) -> ModelBundle:
+        """Validate a decoded ``model.json`` (any schema version) and build the bundle."""
+        return cls.from_document(parse_model(d, source))
 
     def save(self, run_dir: str | Path) -> Path:
         """Write ``model.json`` atomically."""
-        path = Path(run_dir) / MODEL_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(tmp, path)
-        return path
+        run = RunFolder(run_dir)
+        return run.write_model_json(self.to_document(run.model_json))
 
 
 def read_bundle(run_dir: str | Path) -> ModelBundle:
-    """Read ``model.json`` of a run folder."""
-    path = Path(run_dir) / MODEL_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a histoscan run (no {MODEL_FILE})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON ({exc})") from exc
-    if data.get("format") != BUNDLE_FORMAT:
-        raise ConfigError(f"{path}: not a histoscan model file")
-    try:
-        return ModelBundle.from_dict(data)
-    except (KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: missing or malformed field {exc}") from exc
+    """Read and validate ``model.json`` of a run folder."""
+    return ModelBundle.from_document(RunFolder(run_dir).read_model_json())
 
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
@@ -111,18 +144,89 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     return p
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelBundle]:
-    """Rebuild the model of a run folder from the folder alone, in eval mode."""
-    from safetensors.torch import load_file
-
+def build_model(bundle: ModelBundle, source: str | Path = MODEL_FILE) -> nn.Module:
+    """The untrained network ``model.json`` describes; ConfigError naming ``source`` when it cannot be built."""
     from histoscan.models import create_model
 
+    try:
+        return create_model(
+            bundle.architecture,
+            len(bundle.classes),
+            input_size=bundle.preprocessing.input_size,
+            **bundle.model_args,
+        )
+    except (HistoscanError, TypeError, ValueError, RuntimeError) as exc:  # timm raises the builtin kinds
+        raise ConfigError(
+            f"{source}: architecture {bundle.architecture!r} with model_args {bundle.model_args} "
+            f"cannot be built: {first_line(exc)}"
+        ) from None
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file; ConfigError naming it when it is missing, truncated or not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p.parent}: no {p.name} (did training finish an epoch?)")
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{p}: not a readable safetensors file ({first_line(exc)})") from None
+
+
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, bundle: ModelBundle) -> None:
+    """ConfigError naming ``path`` unless ``state`` has exactly the model's tensors at the model's shapes.
+
+    A classifier of another width gets its own message: model.json's classes do not match the weights.
+    """
+    own = model.state_dict()
+    head = _classifier_names(model)
+    for name, tensor in own.items():
+        if name not in state:
+            raise ConfigError(f"{path}: no tensor {name!r}, which {bundle.architecture} needs")
+        got, want = tuple(state[name].shape), tuple(tensor.shape)
+        if got == want:
+            continue
+        if name in head and got[:1] != want[:1]:
+            raise ConfigError(
+                f"{path}: the weights give {got[0]} output(s), but the {len(bundle.classes)} classes in "
+                f"{MODEL_FILE} ({', '.join(bundle.classes)}) need {bundle.num_outputs}"
+            )
+        raise ConfigError(f"{path}: tensor {name!r} has shape {list(got)}; {bundle.architecture} needs {list(want)}")
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise ConfigError(f"{path}: tensor {extra[0]!r} is not part of {bundle.architecture} ({len(extra)} such)")
+
+
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelBundle]:
+    """Rebuild the model of a run folder from the folder alone, in eval mode.
+
+    Every lie is one ConfigError line naming the file: a model.json that fails its schema, model_args the
+    architecture does not take, unreadable weights, or weights of another shape (such as classes that
+    do not match the model's output width).
+    """
+    run = RunFolder(run_dir)
     bundle = read_bundle(run_dir)
-    weights = Path(run_dir) / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ConfigError(f"{run_dir}: no {WEIGHTS_FILE} (did training finish an epoch?)")
-    model = create_model(
-        bundle.architecture, len(bundle.classes), input_size=bundle.preprocessing.input_size, **bundle.model_args
-    )
-    model.load_state_dict(load_file(str(weights)))
+    model = build_model(bundle, run.model_json)
+    state = read_weights(run.weights_path)
+    check_state(model, state, run.weights_path, bundle)
+    model.load_state_dict(state)
     return model.to(device).eval(), bundle
+
+
+def _classifier_names(model: nn.Module) -> set[str]:
+    """State-dict names of the final classifier's tensors (empty when the model exposes none)."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        return set()
+    ids = {id(t) for t in head.state_dict(keep_vars=True).values()}
+    return {name for name, t in model.state_dict(keep_vars=True).items() if id(t) in ids}
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

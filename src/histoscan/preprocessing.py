@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,10 +21,14 @@ class Preprocessing:
     """
 
     image_size: list[int] = field(default_factory=lambda: [96, 96])
+    fit: Literal["pad-edges", "resize"] = "resize"
     crop: int | None = None
     resize: int | None = None
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    mpp: float | None = None
+    label_size: int | None = None
+    stain: dict | None = None
 
     @property
     def input_size(self) -> int:

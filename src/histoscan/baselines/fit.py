@@ -7,8 +7,6 @@ ranks baselines and CNNs in one table.
 
 from __future__ import annotations
 
-import csv
-import json
 import pickle
 import shutil
 import time
@@ -28,16 +26,13 @@ from sklearn.preprocessing import StandardScaler
 
 from histoscan import __version__
 from histoscan.baselines.features import FEATURES, extract
-from histoscan.bundle import CONFIG_FILE, METRICS_FILE, SPLIT_FILE
 from histoscan.data.splits import SPLIT_NAMES as SPLITS
 from histoscan.data.splits import split_store
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
-from histoscan.evaluation.evaluate import EVAL_DIR
-from histoscan.evaluation.leaderboard import BASELINE_FILE
 from histoscan.evaluation.metrics import compute_metrics
 from histoscan.evaluation.report import write_evaluation
-from histoscan.training.callbacks import METRIC_COLUMNS
+from histoscan.runfolder import RunFolder
 
 
 def _logreg(seed: int) -> ClassifierMixin:
@@ -179,11 +174,10 @@ def _fit_one(
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
+    run = RunFolder(run_dir)
     params, nbytes = _size(model)
-    (run_dir / CONFIG_FILE).write_text(
-        yaml.safe_dump({"baseline": model_name, "features": kind, **settings}, sort_keys=False)
-    )
-    shutil.copy(split_path, run_dir / SPLIT_FILE)
+    run.config_path.write_text(yaml.safe_dump({"baseline": model_name, "features": kind, **settings}, sort_keys=False))
+    shutil.copy(split_path, run.split_path)
     card = {
         "format": "histoscan-baseline",
         "model": name,
@@ -198,8 +192,8 @@ def _fit_one(
         "val": {"auroc": scores["val"]["auroc"], "accuracy": scores["val"]["accuracy"], "f1": scores["val"]["f1"]},
         "histoscan_version": __version__,
     }
-    (run_dir / BASELINE_FILE).write_text(json.dumps(card, indent=2))
-    _metrics_row(run_dir / METRICS_FILE, scores, len(parts["train"]) / max(fit_seconds, 1e-9), fit_seconds)
+    run.write_baseline(card)
+    run.append_metrics(_metrics_row(scores, len(parts["train"]) / max(fit_seconds, 1e-9), fit_seconds))
     info = {
         "run": name,
         "model": name,
@@ -212,7 +206,7 @@ def _fit_one(
         "histoscan_version": __version__,
     }
     write_evaluation(
-        run_dir / EVAL_DIR,
+        run.eval_dir(),
         y["test"],
         probs["test"],
         classes,
@@ -229,9 +223,9 @@ def _fit_one(
     return BaselineResult(name, run_dir, scores["val"]["auroc"], test_metrics)
 
 
-def _metrics_row(path: Path, scores: dict[str, dict[str, Any]], rate: float, seconds: float) -> None:
+def _metrics_row(scores: dict[str, dict[str, Any]], rate: float, seconds: float) -> dict[str, Any]:
     """One row in the CNN runs' ``metrics.csv`` format (a baseline has one 'epoch')."""
-    row = {
+    return {
         "epoch": 0,
         "train_loss": scores["train"]["log_loss"],
         "train_auroc": scores["train"]["auroc"],
@@ -245,7 +239,3 @@ def _metrics_row(path: Path, scores: dict[str, dict[str, Any]], rate: float, sec
         "epoch_time_s": round(seconds, 2),
         "best_val_auroc": scores["val"]["auroc"],
     }
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
-        w.writeheader()
-        w.writerow(row)

@@ -12,16 +12,14 @@ from typing import Any
 import numpy as np
 
 from histoscan import __version__
-from histoscan.bundle import METRICS_FILE, SPLIT_FILE, read_bundle
-from histoscan.data.splits import read_split
-from histoscan.data.store import PatchStore
+from histoscan.bundle import read_bundle
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitivity, youden_threshold
 from histoscan.evaluation.report import write_evaluation
 from histoscan.inference.predictor import Predictor
+from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
 
 THRESHOLD_RULES = ("youden", "sensitivity")
-EVAL_DIR = "eval"
 
 
 @dataclass
@@ -35,40 +33,13 @@ class EvaluationResult:
     saved_threshold: float | None = None
 
 
-def select_patches(run_dir: str | Path, store_path: str | Path, split: str | None) -> tuple[PatchStore, str]:
-    """The patches to score: a split of the run's own ``split.csv`` when ``store_path`` is the training store,
-    else the whole store (``all``) or its source split (PCam's ``test``)."""
-    store = PatchStore(store_path)
-    trained_on = read_bundle(run_dir).training.get("store")
-    own = trained_on is not None and Path(trained_on).resolve() == store.path.resolve()
-    split = split or ("test" if own else "all")
-    if split == "all":
-        return store, split
-    if own:
-        split_file = Path(run_dir) / SPLIT_FILE
-        if not split_file.is_file():
-            raise DataError(f"{run_dir}: no {SPLIT_FILE}; cannot tell which patches are {split!r}")
-        assignment = read_split(split_file, store)
-    elif store.source_splits is not None:
-        assignment = np.asarray(store.source_splits, dtype=object)
-    else:
-        raise DataError(
-            f"{store.path}: not the store {run_dir} trained on and it has no splits of its own; "
-            "use --split all to score every patch"
-        )
-    part = store.subset(np.flatnonzero(assignment == split))
-    if len(part) == 0:
-        raise DataError(f"{store.path}: the {split!r} split is empty")
-    return part, split
-
-
 def choose_threshold(predictor: Predictor, run_dir: Path, store_path: Path, rule: str, target: float) -> float:
     """A decision threshold chosen on the run's validation split (never on the split being reported)."""
     if rule not in THRESHOLD_RULES:
         raise ConfigError(f"--save-threshold {rule!r} is not one of {list(THRESHOLD_RULES)}")
     if predictor.bundle.task != "binary":
         raise ConfigError("a decision threshold applies to binary models; multi-class models predict the argmax")
-    val, _ = select_patches(run_dir, store_path, "val")
+    val, _ = RunFolder(run_dir).select_patches(store_path, "val")
     scores = predictor.predict_store(val).probabilities[:, 1]
     labels = val.labels
     if len(np.unique(labels)) < 2:
@@ -99,18 +70,18 @@ def evaluate_run(
     written into ``model.json`` and the report uses it.
     """
     run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     bundle = read_bundle(run_dir)
-    store_path = Path(data) if data else Path(bundle.training.get("store", ""))
-    part, split_name = select_patches(run_dir, store_path, split)
+    part, split_name = run.select_patches(run.data_store(data), split)
     if not part.labelled or (part.labels < 0).any():
-        raise DataError(f"{store_path}: the store has no labels; evaluation needs labelled patches")
+        raise DataError(f"{part.path}: the store has no labels; evaluation needs labelled patches")
     predictor = Predictor(run_dir, backend=backend, batch_size=batch_size)
     saved = None
     if save_threshold:
         saved = choose_threshold(
             predictor,
             run_dir,
-            Path(bundle.training.get("store", store_path)),
+            bundle.training_store or part.path,
             save_threshold,
             target_sensitivities[0] if target_sensitivities else 0.95,
         )
@@ -128,13 +99,7 @@ def evaluate_run(
         n_boot=n_boot,
         seed=seed,
     )
-    own = split_name == "test" and part.path.resolve() == Path(bundle.training.get("store", "")).resolve()
-    out = (
-        Path(out)
-        if out
-        else run_dir
-        / (EVAL_DIR if own and not tta else f"eval-{part.path.name}-{split_name}" + ("-tta" if tta else ""))
-    )
+    out = Path(out) if out else run.eval_dir(part.path, split_name, bool(tta))
     info = {
         "run": run_dir.name,
         "model": bundle.architecture,
@@ -156,6 +121,6 @@ def evaluate_run(
         info=info,
         images=part.batch,
         image_size=part.image_size,
-        metrics_csv=run_dir / METRICS_FILE,
+        metrics_csv=run.metrics_path,
     )
     return EvaluationResult(out, metrics, split_name, part.path, saved)

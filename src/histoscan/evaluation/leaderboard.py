@@ -10,13 +10,12 @@ from typing import Any
 
 import pandas as pd
 
-from histoscan.bundle import MODEL_FILE, WEIGHTS_FILE, read_bundle
+from histoscan.bundle import read_bundle
 from histoscan.errors import ConfigError, HistoscanError
-from histoscan.evaluation.evaluate import EVAL_DIR, evaluate_run
-from histoscan.evaluation.report import METRICS_JSON
+from histoscan.evaluation.evaluate import evaluate_run
 from histoscan.reports.html import HtmlReport
+from histoscan.runfolder import BASELINE_FILE, EVAL_DIR, METRICS_JSON, MODEL_FILE, RunFolder
 
-BASELINE_FILE = "baseline.json"
 # metric name -> (column, higher is better)
 RANK_METRICS: dict[str, tuple[str, bool]] = {
     "auroc": ("auroc", True),
@@ -160,9 +159,10 @@ def run_row(
 ) -> dict[str, Any]:
     """The leaderboard row of one run folder, evaluating a CNN run on its test split when it has no ``eval/``."""
     run_dir = Path(run_dir)
-    metrics_path = run_dir / EVAL_DIR / METRICS_JSON
-    is_model = (run_dir / MODEL_FILE).is_file()
-    if not is_model and not (run_dir / BASELINE_FILE).is_file():
+    run = RunFolder(run_dir)
+    metrics_path = run.eval_dir() / METRICS_JSON
+    is_model = run.is_model
+    if not is_model and not run.is_baseline:
         raise ConfigError(f"{run_dir}: not a run folder (no {MODEL_FILE} or {BASELINE_FILE})")
     if not metrics_path.is_file():
         if not (is_model and evaluate_missing):
@@ -175,11 +175,11 @@ def run_row(
     m = record["metrics"]
     if is_model:
         bundle = read_bundle(run_dir)
-        weights = run_dir / WEIGHTS_FILE
+        weights = run.weights_path
         params, size = bundle.training.get("parameters"), weights.stat().st_size if weights.is_file() else float("nan")
         seconds, model = bundle.training.get("seconds"), bundle.architecture
     else:
-        card = json.loads((run_dir / BASELINE_FILE).read_text())
+        card = run.read_baseline()
         params, size, seconds, model = card["parameters"], card["model_bytes"], card["seconds"], card["model"]
     lo, hi = m["auroc_ci95"]
     return {
@@ -211,7 +211,7 @@ def expand_runs(paths: Sequence[str | Path]) -> list[tuple[Path, bool]]:
     for p in map(Path, paths):
         if not p.is_dir():
             raise ConfigError(f"{p}: no such folder")
-        if (p / MODEL_FILE).is_file() or (p / BASELINE_FILE).is_file():
+        if RunFolder(p).is_model or RunFolder(p).is_baseline:
             found.append((p.resolve(), True))
         else:
             inner = sorted(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from sklearn import metrics as skm
 
 from histoscan.reports.figures import image_grid, new_figure, save_png
@@ -122,7 +123,9 @@ def reliability_png(
     a.legend(loc="upper left", fontsize=8)
     h.hist(conf, bins=edges, color="grey")
     h.set(xlabel=what, ylabel="patches", xlim=(0, 1))
-    fig.get_layout_engine().set(h_pad=0.1)
+    engine = fig.get_layout_engine()
+    if isinstance(engine, ConstrainedLayoutEngine):
+        engine.set(h_pad=0.1)
     return save_png(fig, path)
 
 

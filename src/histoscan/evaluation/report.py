@@ -16,10 +16,7 @@ import pandas as pd
 
 from histoscan.evaluation import plots
 from histoscan.reports.html import HtmlReport
-
-METRICS_JSON = "metrics.json"
-REPORT_HTML = "report.html"
-FIGURES_DIR = "figures"
+from histoscan.runfolder import FIGURES_DIR, METRICS_JSON, REPORT_HTML
 
 ImageLoader = Callable[[np.ndarray], np.ndarray]
 

@@ -1,18 +1,24 @@
-"""Two ways to run a model on a preprocessed batch: PyTorch and ONNX Runtime, one interface."""
+"""Two ways to run a model on a preprocessed batch: PyTorch and ONNX Runtime, one interface.
+
+Both check, when they load, that the model's files agree with ``model.json``: unreadable files
+and an output width that does not match the classes are one ConfigError line naming the file.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from histoscan.bundle import load_model
+from histoscan.bundle import ModelBundle, first_line, load_model, read_bundle
 from histoscan.errors import ConfigError
+from histoscan.runfolder import MODEL_FILE, ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, ONNX_FILE, RunFolder
 
-ONNX_FILE = "model.onnx"
+BACKENDS = ("torch", "onnx", "auto")
 
 
 class Backend(Protocol):
@@ -41,14 +47,20 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """The run's ``model.onnx`` in ONNX Runtime (CUDA provider when present, else CPU)."""
+    """The run's ``model.onnx`` in ONNX Runtime (CUDA provider when present, else CPU).
+
+    The graph's contract (see ``histoscan.inference.export``): a preprocessed float32 N x 3 x S x S
+    tensor in, N x K logits out.
+    """
 
     name = "onnx"
 
     def __init__(self, run_dir: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        path = Path(run_dir) / ONNX_FILE
+        run = RunFolder(run_dir)
+        self.bundle: ModelBundle = read_bundle(run_dir)
+        path = run.onnx_path
         if not path.is_file():
             raise ConfigError(f"{run_dir}: no {ONNX_FILE}; run 'histoscan export {run_dir}' first")
         opts = ort.SessionOptions()
@@ -57,9 +69,58 @@ class OnnxBackend:
         # no busy-waiting between runs: decoding and preprocessing share these cores
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no public base class
+            reason = re.sub(r"Load model from \S+ failed: ?", "", first_line(exc))  # the path is said once already
+            raise ConfigError(f"{path}: not a readable ONNX model ({reason})") from None
         self.input_name = self.session.get_inputs()[0].name
+        self._check_contract(path)
+
+    def _check_contract(self, path: Path) -> None:
+        """The graph's marker, input size and output width against model.json."""
+        marker = self.session.get_modelmeta().custom_metadata_map.get(ONNX_CONTRACT_KEY)
+        if marker is not None and marker != ONNX_CONTRACT_VERSION:
+            raise ConfigError(
+                f"{path}: ONNX contract version {marker} was written by a newer histoscan; "
+                f"this one reads {ONNX_CONTRACT_VERSION}"
+            )
+        b = self.bundle
+        shape = self.session.get_inputs()[0].shape
+        side = b.preprocessing.input_size
+        if len(shape) != 4 or any(isinstance(d, int) and d != want for d, want in zip(shape[1:], (3, side, side))):
+            raise ConfigError(
+                f"{path}: the graph takes input of shape {shape}; preprocessing in {MODEL_FILE} gives N x 3 x {side} x {side}"
+            )
+        width = self.session.get_outputs()[0].shape[-1]
+        if not isinstance(width, int):  # a symbolic width: run one image to learn it
+            width = self.logits(torch.zeros(1, 3, side, side)).shape[-1]
+        if width != b.num_outputs:
+            raise ConfigError(
+                f"{path}: the graph gives {width} output(s), but the {len(b.classes)} classes in {MODEL_FILE} "
+                f"({', '.join(b.classes)}) need {b.num_outputs}"
+            )
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         return np.asarray(self.session.run(None, {self.input_name: arr})[0], dtype=np.float32)
+
+
+def resolve_backend(run_dir: str | Path, backend: str = "auto", device: str = "cpu") -> str:
+    """``torch`` or ``onnx``: ``auto`` is ONNX when the run has ``model.onnx`` and the device is the CPU."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "onnx" if RunFolder(run_dir).onnx_path.is_file() and device == "cpu" else "torch"
+    return backend
+
+
+def check_model(run_dir: str | Path, backend: str = "auto", device: str = "cpu") -> ModelBundle:
+    """Load the run's model once on the CPU, with every check, and let it go.
+
+    For commands that load the model elsewhere later (``serve`` loads it in a child process):
+    a file that lies stops them here, with one ConfigError line, before anything starts.
+    """
+    if resolve_backend(run_dir, backend, device) == "onnx":
+        return OnnxBackend(run_dir, threads=1).bundle
+    return TorchBackend(run_dir, "cpu").bundle

@@ -9,11 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from histoscan.bundle import SPLIT_FILE, read_bundle
-from histoscan.data.splits import read_split
-from histoscan.data.store import PatchStore
+from histoscan.bundle import read_bundle
 from histoscan.errors import DataError
 from histoscan.inference.predictor import Predictor, store_batches
+from histoscan.runfolder import RunFolder
 
 
 @dataclass
@@ -59,15 +58,11 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def calibrate(run_dir: str | Path, data: str | Path | None = None, split: str = "val") -> CalibrationResult:
     """Fit the temperature on the run's ``split`` of ``data`` (default: the store it trained on) and save it."""
+    run = RunFolder(run_dir)
     bundle = read_bundle(run_dir)
-    store_path = Path(data) if data else Path(bundle.training.get("store", ""))
-    store = PatchStore(store_path)
-    split_file = Path(run_dir) / SPLIT_FILE
-    if not split_file.is_file():
-        raise DataError(f"{run_dir}: no {SPLIT_FILE}; cannot tell which patches are validation")
-    part = store.subset(np.flatnonzero(read_split(split_file, store) == split))
-    if len(part) == 0 or (part.labels < 0).any():
-        raise DataError(f"{store_path}: the {split!r} split is empty or unlabelled")
+    part, _ = run.select_patches(run.data_store(data), split)
+    if not part.labelled or (part.labels < 0).any():
+        raise DataError(f"{part.path}: the {split!r} split is unlabelled; calibration needs labels")
     predictor = Predictor(run_dir, backend="torch")
     logits = np.concatenate([predictor.logits(b) for b in store_batches(part, predictor.batch_size)])
     labels = part.labels

@@ -1,8 +1,20 @@
-"""ONNX export with a dynamic batch axis, the preprocessing embedded, and a parity check against PyTorch."""
+"""ONNX export with a dynamic batch axis and a parity check against PyTorch.
+
+The graph's contract, fixed once (marker ``histoscan_onnx_contract = "1"`` in the file's metadata):
+
+- in: ``input``, float32, N x 3 x S x S, already preprocessed: fitted to ``image_size``, cropped or
+  resized to S = ``preprocessing.input_size`` and normalised with ``preprocessing.mean``/``std`` of
+  ``model.json`` (the Predictor's ``Preprocessing`` does all of it);
+- out: ``logits``, float32, N x 1 for a binary model, N x C for C classes.
+
+Preprocessing is not in the graph, and temperature, sigmoid/softmax and the threshold stay in the
+Predictor, read from ``model.json``: so the file carries no copy of ``model.json``, and
+``histoscan calibrate`` or ``evaluate --save-threshold`` never make it stale. A consumer outside
+histoscan reads ``model.json`` beside it for those.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -11,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histoscan.bundle import load_model
+from histoscan.bundle import ModelBundle, first_line, load_model
 from histoscan.data.store import PatchStore
 from histoscan.errors import HistoscanError
-from histoscan.inference.backends import ONNX_FILE
+from histoscan.inference.probabilities import probabilities
+from histoscan.runfolder import ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, RunFolder
 
 PARITY_TOLERANCE = 1e-4
 
@@ -33,13 +46,10 @@ class ExportResult:
     check_source: str
 
 
-def _check_images(run_dir: Path, data: str | Path | None, n: int) -> tuple[np.ndarray, str]:
+def _check_images(bundle: ModelBundle, data: str | Path | None, n: int) -> tuple[np.ndarray, str]:
     """Real patches for the parity check: ``data``, else the store the run trained on, else synthetic ones."""
-    from histoscan.bundle import read_bundle
-
-    bundle = read_bundle(run_dir)
-    candidate = Path(data) if data else Path(bundle.training.get("store", ""))
-    if candidate and (candidate / "meta.json").is_file():
+    candidate = Path(data) if data else bundle.training_store
+    if candidate is not None and (candidate / "meta.json").is_file():
         store = PatchStore(candidate)
         idx = np.linspace(0, len(store) - 1, num=min(n, len(store))).astype(int)
         return store.batch(idx), str(candidate)
@@ -60,8 +70,8 @@ def export_onnx(
     model, bundle = load_model(run)
     size = bundle.preprocessing.input_size
     dummy = torch.randn(2, 3, size, size)
-    path = run / ONNX_FILE
-    tmp = run / (ONNX_FILE + ".tmp")
+    path = RunFolder(run).onnx_path
+    tmp = path.with_name(path.name + ".tmp")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -77,28 +87,23 @@ def export_onnx(
             )
     except Exception as exc:
         tmp.unlink(missing_ok=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"{run}: ONNX export of {bundle.architecture} at {size} px failed: {first}") from exc
+        raise ExportError(
+            f"{run}: ONNX export of {bundle.architecture} at {size} px failed: {first_line(exc)}"
+        ) from exc
     proto = onnx.load(str(tmp))
-    meta = {"histoscan": json.dumps(bundle.to_dict())}
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    entry = proto.metadata_props.add()  # a marker of the contract above, never a copy of model.json
+    entry.key, entry.value = ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION
+    proto.doc_string = "histoscan: preprocessed float32 N x 3 x S x S 'input' -> N x K 'logits'; see model.json"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
 
-    images, source = _check_images(run, data, check)
+    images, source = _check_images(bundle, data, check)
     x = bundle.preprocessing(images)
     with torch.inference_mode():
         want = model(x).float().numpy()
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": x.numpy()})[0]
-    to_prob = (
-        (lambda z: 1 / (1 + np.exp(-z)))
-        if bundle.task == "binary"
-        else (lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
-    )
-    diff = float(np.abs(to_prob(got) - to_prob(want)).max())
+    diff = float(np.abs(probabilities(got) - probabilities(want)).max())
     if not np.isfinite(diff) or diff >= PARITY_TOLERANCE:
         tmp.unlink(missing_ok=True)
         raise ExportError(

@@ -17,7 +17,8 @@ import torch
 from histoscan.bundle import ModelBundle, read_bundle
 from histoscan.data.imageio import resize_rgb
 from histoscan.errors import ConfigError
-from histoscan.inference.backends import ONNX_FILE, Backend, OnnxBackend, TorchBackend
+from histoscan.inference.backends import Backend, OnnxBackend, TorchBackend, resolve_backend
+from histoscan.inference.probabilities import probabilities
 
 
 @dataclass
@@ -76,8 +77,7 @@ class Predictor:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.bundle: ModelBundle = read_bundle(run_dir)
-        if backend == "auto":
-            backend = "onnx" if (self.run_dir / ONNX_FILE).is_file() and device == "cpu" else "torch"
+        backend = resolve_backend(run_dir, backend, device)
         if threads:
             torch.set_num_threads(threads)
         if backend == "torch":
@@ -115,13 +115,7 @@ class Predictor:
 
     def probabilities_from_logits(self, logits: np.ndarray) -> np.ndarray:
         """Apply the stored temperature; binary logits become [P(neg), P(pos)]."""
-        z = logits / self.bundle.temperature
-        if self.bundle.task == "binary":
-            p = 1.0 / (1.0 + np.exp(-z[:, 0]))
-            return np.stack([1 - p, p], axis=1).astype(np.float32)
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        return probabilities(logits, self.bundle.temperature)
 
     def classify(self, probabilities: np.ndarray) -> np.ndarray:
         """Class index: P(positive) >= threshold for binary tasks, argmax otherwise."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ConfigDict, ValidationError, validate_call
 from torch import nn
 
 from histoscan.errors import ConfigError
@@ -86,10 +87,15 @@ def create_model(
             raise ConfigError(
                 f"model {name!r} is trained from scratch; it has no pretrained weights (use --weights FILE)"
             )
+        build = validate_call(config=ConfigDict(strict=True))(_REGISTRY[name])  # "yes" for a bool is an error
         try:
-            model = _REGISTRY[name](num_outputs=outputs, input_size=input_size, **kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"bad arguments for model {name!r}: {exc}") from exc
+            model = build(num_outputs=outputs, input_size=input_size, **kwargs)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ConfigError(
+                f"bad arguments for model {name!r}: {where}: {err['msg']} (got {err['input']!r})"
+            ) from None
     else:
         import timm
 

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from fastapi import FastAPI
 
-from histoscan.bundle import read_bundle
+from histoscan.inference.backends import check_model
 from histoscan.serving.app import create_app
 from histoscan.serving.state import ServeSettings
 
@@ -32,7 +32,7 @@ def serve(
     """Check the run, then serve it until interrupted."""
     import uvicorn
 
-    read_bundle(settings.run_dir)  # a bad run folder is a clear error before the server starts
+    check_model(settings.run_dir, settings.backend, settings.device)  # a file that lies: one line, before starting
     public = asdict(settings)
     public.pop("api_key", None)  # the key stays in its own variable, never in the settings blob
     os.environ[SETTINGS_ENV] = json.dumps(public)

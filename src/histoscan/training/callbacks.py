@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
+from torch import nn
 
-from histoscan.bundle import LAST_CKPT, METRICS_FILE, WEIGHTS_FILE, save_weights
+from histoscan.bundle import save_weights
+from histoscan.runfolder import METRIC_COLUMNS, RunFolder  # noqa: F401  (METRIC_COLUMNS: imported from here before)
 
 MONITOR = "val_auroc"
-METRIC_COLUMNS = [
-    "epoch",
-    "train_loss",
-    "train_auroc",
-    "train_acc",
-    "val_loss",
-    "val_auroc",
-    "val_acc",
-    "val_f1",
-    "lr",
-    "images_per_s",
-    "epoch_time_s",
-    "best_val_auroc",
-]
 
 
 class LastCheckpoint(Checkpoint):
@@ -39,7 +26,7 @@ class LastCheckpoint(Checkpoint):
     """
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LAST_CKPT
+        self.path = RunFolder(run_dir).last_ckpt
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -59,7 +46,7 @@ class EpochSummary(Checkpoint):
     """
 
     def __init__(self, run_dir: Path, printer: Any = print, validate: bool = True) -> None:
-        self.run_dir = Path(run_dir)
+        self.run = RunFolder(run_dir)
         self.printer = printer
         self.validate = validate  # without validation the last epoch's weights are kept
         self.best: float = -math.inf
@@ -80,7 +67,7 @@ class EpochSummary(Checkpoint):
             self.best = current if improved else self.best
             self.best_epoch = epoch
             if trainer.is_global_zero:
-                save_weights(pl_module.model, self.run_dir / WEIGHTS_FILE)
+                save_weights(cast(nn.Module, pl_module.model), self.run.weights_path)
         row = {
             "epoch": epoch,
             "train_loss": m.get("train_loss_epoch", m.get("train_loss")),
@@ -96,7 +83,7 @@ class EpochSummary(Checkpoint):
             "best_val_auroc": self.best,
         }
         if trainer.is_global_zero:
-            self._append(row)
+            self.run.append_metrics(row)
             self.printer(
                 f"epoch {epoch:3d}  loss {_f(row['train_loss'])}  val_loss {_f(row['val_loss'])}  "
                 f"val_auroc {_f(current)}  val_acc {_f(row['val_acc'])}  lr {_f(row['lr'], '.2e')}  "
@@ -107,21 +94,6 @@ class EpochSummary(Checkpoint):
                     else "no validation: keeping the last epoch"
                 )
             )
-
-    def _append(self, row: dict[str, Any]) -> None:
-        """Append, replacing rows of this epoch and later (a resumed run redoes them)."""
-        path = self.run_dir / METRICS_FILE
-        rows: list[dict[str, Any]] = []
-        if path.is_file():
-            with path.open(newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) < row["epoch"]]
-        rows.append(row)
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch}

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from histoscan.bundle import CONFIG_FILE, LAST_CKPT, MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE, ModelBundle, read_bundle
+from histoscan.bundle import ModelBundle, read_bundle
 from histoscan.data.splits import split_store
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
@@ -27,6 +27,7 @@ from histoscan.models import create_model
 from histoscan.models.backbones import timm_data_config
 from histoscan.models.registry import count_parameters, list_models
 from histoscan.preprocessing import Preprocessing, channel_stats
+from histoscan.runfolder import CONFIG_FILE, LAST_CKPT, MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE
 from histoscan.training.callbacks import MONITOR, EpochSummary, LastCheckpoint
 from histoscan.training.config import TrainConfig
 from histoscan.training.data import make_loader

@@ -13,6 +13,7 @@ import torchmetrics
 from torch import nn
 
 from histoscan.data.transforms import build_augmentation
+from histoscan.inference.probabilities import probabilities
 from histoscan.models.registry import classifier_parameters
 from histoscan.preprocessing import Preprocessing
 from histoscan.training.config import TrainConfig
@@ -86,7 +87,8 @@ class PatchClassifier(L.LightningModule):
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """P(tumour) for binary tasks, class probabilities for multi-class."""
-        return torch.sigmoid(logits.float().squeeze(1)) if self.binary else torch.softmax(logits.float(), dim=1)
+        p = probabilities(logits)
+        return p[:, 1] if self.binary else p
 
     # ---- steps -----------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -24,8 +24,8 @@ import optuna
 import pandas as pd
 import yaml
 
-from histoscan.bundle import CONFIG_FILE, SPLIT_FILE
 from histoscan.errors import ConfigError, HistoscanError
+from histoscan.runfolder import CONFIG_FILE, SPLIT_FILE
 from histoscan.training.callbacks import MONITOR
 from histoscan.training.config import TrainConfig
 from histoscan.training.fit import train

@@ -1,0 +1,483 @@
+"""The run folder: its file names, the ``model.json`` schema, and the readers and writers of a run's files.
+
+A run folder is what ``histoscan train`` (or ``histoscan baselines``) leaves behind::
+
+    model.json          what the model is (schema below)
+    best.safetensors    the best weights (safetensors: no pickle)
+    last.ckpt           Lightning's checkpoint, for --resume
+    config.yaml         the resolved training config
+    metrics.csv         one row per epoch (``METRIC_COLUMNS``)
+    split.csv           ``id,split`` over the store it trained on
+    model.onnx          the exported graph (``histoscan export``)
+    baseline.json       a classical baseline's card (instead of model.json and weights)
+    eval/               the evaluation of its own test split: metrics.json, figures/, report.html
+
+No other module spells these names: they ask ``RunFolder``.
+
+``model.json`` (schema version 2) is validated with pydantic whenever a run is read, so a file
+that lies (classes as a string, a temperature of 0, a missing mean) is one ``ConfigError`` line
+naming the file and the field. Files written before the schema had a version (no
+``schema_version``) are version 1 and are upgraded in memory when read. ``kind`` tells a single
+model (``"model"``) from an ensemble of runs (``"ensemble"``: schema only so far).
+
+Where later fields go (each is an optional slot of the schema, not a free-form ``extra``):
+physical resolution ``preprocessing.mpp``; stain target ``preprocessing.stain``; label geometry
+``preprocessing.label_size``; numeric precision and the default TTA ``inference.precision`` /
+``inference.tta``; referral band and tissue check ``trust.referral_band`` / ``trust.tissue_check``.
+A new field is added here, with a default, and ``SCHEMA_VERSION`` goes up only when an old file
+would be read differently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from histoscan.data.store import PatchStore
+from histoscan.errors import ConfigError, DataError
+
+MODEL_FILE = "model.json"
+WEIGHTS_FILE = "best.safetensors"
+LAST_CKPT = "last.ckpt"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+SPLIT_FILE = "split.csv"
+ONNX_FILE = "model.onnx"
+BASELINE_FILE = "baseline.json"
+EVAL_DIR = "eval"
+# inside an evaluation folder (eval/ or any --out of 'histoscan evaluate')
+METRICS_JSON = "metrics.json"
+REPORT_HTML = "report.html"
+FIGURES_DIR = "figures"
+
+MODEL_FORMAT: Final = "histoscan-model"
+SCHEMA_VERSION: Final = 2
+# model.onnx carries only this marker in its metadata (never a copy of model.json, which 'calibrate' would make stale)
+ONNX_CONTRACT_KEY = "histoscan_onnx_contract"
+ONNX_CONTRACT_VERSION = "1"
+
+METRIC_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "train_auroc",
+    "train_acc",
+    "val_loss",
+    "val_auroc",
+    "val_acc",
+    "val_f1",
+    "lr",
+    "images_per_s",
+    "epoch_time_s",
+    "best_val_auroc",
+]
+
+# ---- the model.json schema -------------------------------------------------------------------
+# strict: no "0.5" for 0.5, no true for 1, no string for a list; extra="forbid": a misspelt field is an error
+_STRICT = ConfigDict(strict=True, extra="forbid")
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Side = Annotated[int, Field(gt=0)]
+Name = Annotated[str, Field(min_length=1)]
+
+
+def _unique(classes: list[str]) -> list[str]:
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"class names repeat: {classes}")
+    return classes
+
+
+ClassNames = Annotated[list[Name], Field(min_length=2), AfterValidator(_unique)]
+
+
+class PreprocessingSpec(BaseModel):
+    """``preprocessing``: the fields of ``histoscan.preprocessing.Preprocessing``, checked."""
+
+    model_config = _STRICT
+    image_size: list[Side] = Field(min_length=2, max_length=2)
+    fit: Literal["pad-edges", "resize"] = "resize"
+    crop: Side | None = None
+    resize: Side | None = None
+    mean: list[Finite] = Field(min_length=3, max_length=3)
+    std: list[Positive] = Field(min_length=3, max_length=3)
+    mpp: Positive | None = None
+    label_size: Side | None = None
+    stain: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _inside_the_image(self) -> PreprocessingSpec:
+        side = min(self.image_size)
+        for name in ("crop", "label_size"):
+            value = getattr(self, name)
+            if value is not None and value > side:
+                raise ValueError(f"{name} {value} is larger than the image ({self.image_size[0]}x{self.image_size[1]})")
+        return self
+
+
+class Calibration(BaseModel):
+    """``calibration``: temperature scaling fitted by ``histoscan calibrate``."""
+
+    model_config = _STRICT
+    temperature: Positive = 1.0
+
+
+class InferencePolicy(BaseModel):
+    """``inference``: how the model is meant to be run (slots for later issues; None = the caller decides)."""
+
+    model_config = _STRICT
+    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    tta: list[Annotated[int, Field(ge=0, le=7)]] | None = None  # dihedral elements averaged by default
+
+
+class TrustPolicy(BaseModel):
+    """``trust``: when to refer an image instead of answering (slots for the trust issue)."""
+
+    model_config = _STRICT
+    referral_band: list[Probability] | None = Field(default=None, min_length=2, max_length=2)
+    tissue_check: dict[str, Any] | None = None
+
+    @field_validator("referral_band")
+    @classmethod
+    def _ordered(cls, band: list[float] | None) -> list[float] | None:
+        if band is not None and band[0] > band[1]:
+            raise ValueError(f"the band's low end {band[0]} is above its high end {band[1]}")
+        return band
+
+
+class ModelDocument(BaseModel):
+    """``model.json`` of a single model (``kind: "model"``)."""
+
+    model_config = _STRICT
+    format: Literal["histoscan-model"] = MODEL_FORMAT
+    schema_version: Literal[2] = SCHEMA_VERSION
+    kind: Literal["model"] = "model"
+    architecture: Name
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    classes: ClassNames
+    preprocessing: PreprocessingSpec
+    threshold: Probability = 0.5
+    calibration: Calibration = Field(default_factory=Calibration)
+    inference: InferencePolicy = Field(default_factory=InferencePolicy)
+    trust: TrustPolicy = Field(default_factory=TrustPolicy)
+    best_metric: dict[str, Any] = Field(default_factory=dict)
+    split: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)  # what it trained on and how long: a record, not read back
+    histoscan_version: str = "unknown"
+
+    @field_validator("training")
+    @classmethod
+    def _store_is_a_path(cls, training: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(training.get("store", ""), str):
+            raise ValueError("training.store must be the path of the store, a string")
+        return training
+
+
+class EnsembleMember(BaseModel):
+    """One run of an ensemble: its folder (relative to the ensemble's folder, or absolute) and weight."""
+
+    model_config = _STRICT
+    run: Name
+    weight: Positive = 1.0
+
+
+class EnsembleDocument(BaseModel):
+    """``model.json`` of an ensemble (``kind: "ensemble"``): the schema only; nothing predicts with it yet."""
+
+    model_config = _STRICT
+    format: Literal["histoscan-model"] = MODEL_FORMAT
+    schema_version: Literal[2] = SCHEMA_VERSION
+    kind: Literal["ensemble"] = "ensemble"
+    members: list[EnsembleMember] = Field(min_length=2)
+    classes: ClassNames
+    combine: Literal["mean"] = "mean"
+    threshold: Probability = 0.5
+    histoscan_version: str = "unknown"
+
+
+Document = Annotated[ModelDocument | EnsembleDocument, Field(discriminator="kind")]
+_DOCUMENT: TypeAdapter[ModelDocument | EnsembleDocument] = TypeAdapter(Document)
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (no ``schema_version``) -> 2: drop the derived copies, add ``kind`` and ``preprocessing.fit``."""
+    out = {k: v for k, v in data.items() if k not in ("task", "num_outputs")}  # both follow from classes
+    pre = out.get("preprocessing")
+    if isinstance(pre, dict):
+        pre = {k: v for k, v in pre.items() if k != "input_size"}  # follows from image_size, crop and resize
+        # version-1 runs trained on stores whose ingest white-padded short edge patches (imageio.fit_to_size)
+        pre.setdefault("fit", "pad-edges")
+        out["preprocessing"] = pre
+    out.setdefault("kind", "model")
+    out["schema_version"] = 2
+    return out
+
+
+_UPGRADES = {1: _upgrade_v1}
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "the document"
+
+
+def _one_line(source: str, exc: ValidationError) -> ConfigError:
+    """The first schema violation as one line naming the file and the field."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = first["loc"][1:] if first["loc"] and first["loc"][0] in ("model", "ensemble") else first["loc"]
+    if first["type"] in ("union_tag_not_found", "union_tag_invalid"):
+        loc, problem = ("kind",), f'must be "model" or "ensemble" (got {first.get("input", {}).get("kind")!r})'
+    elif first["type"] == "missing":
+        problem = "missing"
+    elif first["type"] == "extra_forbidden":
+        problem = "not a field of this schema"
+    elif first["type"] == "value_error":  # our own validators: the message already shows the values
+        problem = first["msg"].removeprefix("Value error, ")
+    else:
+        problem = f"{first['msg'].replace(' after validation', '')} (got {repr(first.get('input'))[:60]})"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return ConfigError(f"{source}: {_where(tuple(loc))}: {problem}{more}")
+
+
+def parse_document(data: object, source: str = MODEL_FILE) -> ModelDocument | EnsembleDocument:
+    """Validate a decoded ``model.json`` (upgrading older schema versions); ConfigError names ``source`` and the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the document is a JSON {type(data).__name__}, not an object")
+    if data.get("format") != MODEL_FORMAT:
+        raise ConfigError(f"{source}: not a histoscan model file (format {data.get('format')!r}, not {MODEL_FORMAT!r})")
+    version = data.get("schema_version", 1)  # files written before the schema had a version are version 1
+    if type(version) is not int or version < 1:
+        raise ConfigError(f"{source}: schema_version: not a positive whole number (got {version!r})")
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"{source}: schema_version {version} was written by a newer histoscan; this one reads 1 to {SCHEMA_VERSION}"
+        )
+    while version < SCHEMA_VERSION:
+        data = _UPGRADES[version](data)
+        version = data["schema_version"]
+    try:
+        return _DOCUMENT.validate_python(data)
+    except ValidationError as exc:
+        raise _one_line(source, exc) from None
+
+
+def parse_model(data: object, source: str = MODEL_FILE) -> ModelDocument:
+    """``parse_document`` where a single model is needed: an ensemble is a clear error."""
+    return single_model(parse_document(data, source), source)
+
+
+def single_model(doc: ModelDocument | EnsembleDocument, source: str = MODEL_FILE) -> ModelDocument:
+    """``doc`` itself when it describes one model; ConfigError for an ensemble."""
+    if isinstance(doc, EnsembleDocument):
+        raise ConfigError(
+            f"{source}: kind: an ensemble of {len(doc.members)} runs, but a single model is needed here "
+            "(ensembles cannot predict yet: use one member's run folder)"
+        )
+    return doc
+
+
+def training_store(training: Mapping[str, Any]) -> Path | None:
+    """The store a run trained on, from model.json's ``training`` record (None when it names none)."""
+    store = training.get("store")
+    return Path(store) if store else None
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` and rename it: readers see the old file or the new one."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
+
+
+# ---- the folder ------------------------------------------------------------------------------
+class RunFolder:
+    """One run folder: where each file is, and how to read and write them."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # ---- where things are
+    @property
+    def model_json(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / ONNX_FILE
+
+    @property
+    def last_ckpt(self) -> Path:
+        return self.path / LAST_CKPT
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def split_path(self) -> Path:
+        return self.path / SPLIT_FILE
+
+    @property
+    def baseline_path(self) -> Path:
+        return self.path / BASELINE_FILE
+
+    @property
+    def is_model(self) -> bool:
+        """A trained model's run (it has model.json)."""
+        return self.model_json.is_file()
+
+    @property
+    def is_baseline(self) -> bool:
+        """A classical baseline's run (it has baseline.json)."""
+        return self.baseline_path.is_file()
+
+    def eval_dir(self, store: str | Path | None = None, split: str = "test", tta: bool = False) -> Path:
+        """Where an evaluation goes: ``eval/`` for the run's own test split without TTA, else
+        ``eval-<store>-<split>[-tta]``. ``store`` None means the store the run trained on."""
+        own_test = split == "test" and not tta
+        if own_test and store is None:
+            return self.path / EVAL_DIR  # without reading model.json: a baseline's folder has none
+        own_store = self.training_store() if self.is_model else None
+        if own_test and own_store is not None and Path(str(store)).resolve() == own_store.resolve():
+            return self.path / EVAL_DIR
+        name = Path(store).name if store is not None else own_store.name if own_store else "store"
+        return self.path / (f"eval-{name}-{split}" + ("-tta" if tta else ""))
+
+    # ---- model.json
+    def read_document(self) -> ModelDocument | EnsembleDocument:
+        """``model.json``, validated (and upgraded from older schema versions)."""
+        path = self.model_json
+        if not path.is_file():
+            raise ConfigError(f"{self.path}: not a histoscan run (no {MODEL_FILE})")
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ConfigError(f"{path}: not readable JSON ({exc})") from None
+        return parse_document(data, str(path))
+
+    def read_model_json(self) -> ModelDocument:
+        """``model.json`` of a single model (an ensemble is a ConfigError)."""
+        return single_model(self.read_document(), str(self.model_json))
+
+    def write_model_json(self, doc: ModelDocument | EnsembleDocument | Mapping[str, Any]) -> Path:
+        """Validate and write ``model.json`` atomically (a document that would not read back is never written)."""
+        data = doc.model_dump(mode="json") if isinstance(doc, BaseModel) else dict(doc)
+        checked = parse_document(json.loads(json.dumps(data)), str(self.model_json))
+        return atomic_write_text(self.model_json, json.dumps(checked.model_dump(mode="json"), indent=2) + "\n")
+
+    def training_store(self) -> Path | None:
+        """The store this run trained on, as model.json records it."""
+        return training_store(self.read_model_json().training)
+
+    def data_store(self, data: str | Path | None = None) -> Path:
+        """``data`` when given, else the store the run trained on (DataError when model.json names none)."""
+        if data:
+            return Path(data)
+        store = self.training_store()
+        if store is None:
+            raise DataError(f"{self.model_json}: training.store names no store; give the store to use (--data)")
+        return store
+
+    # ---- metrics.csv
+    def read_metrics(self) -> list[dict[str, str]]:
+        """The rows of ``metrics.csv`` (empty when there is none yet)."""
+        if not self.metrics_path.is_file():
+            return []
+        with self.metrics_path.open(newline="") as fh:
+            return list(csv.DictReader(fh))
+
+    def append_metrics(self, row: Mapping[str, Any]) -> Path:
+        """Add one epoch's row, replacing rows of that epoch and later (a resumed run redoes them); atomic."""
+        unknown = set(row) - set(METRIC_COLUMNS)
+        if unknown:
+            raise ValueError(f"not columns of {METRICS_FILE}: {sorted(unknown)}")
+        rows: list[Mapping[str, Any]] = [r for r in self.read_metrics() if int(r["epoch"]) < int(row["epoch"])]
+        rows.append(row)
+        tmp = self.metrics_path.with_name(f".{METRICS_FILE}.{os.getpid()}.tmp")
+        with tmp.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.metrics_path)
+        return self.metrics_path
+
+    # ---- baseline.json
+    def read_baseline(self) -> dict[str, Any]:
+        """A classical baseline's card."""
+        try:
+            card = json.loads(self.baseline_path.read_text())
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{self.baseline_path}: not readable JSON ({exc})") from None
+        if not isinstance(card, dict):
+            raise ConfigError(f"{self.baseline_path}: the document is a JSON {type(card).__name__}, not an object")
+        return card
+
+    def write_baseline(self, card: Mapping[str, Any]) -> Path:
+        """Write a classical baseline's card atomically."""
+        return atomic_write_text(self.baseline_path, json.dumps(dict(card), indent=2) + "\n")
+
+    # ---- split.csv
+    def select_patches(self, store_path: str | Path, split: str | None) -> tuple[PatchStore, str]:
+        """The patches of ``split`` in a store, and the split's name.
+
+        On the store the run trained on, splits come from the run's ``split.csv`` (default ``test``);
+        on another store, from the store's own source splits (PCam's ``test``), or the whole store
+        (``all``, the default there).
+        """
+        from histoscan.data.splits import read_split  # brings scikit-learn: imported when needed
+
+        store = PatchStore(store_path)
+        trained_on = self.training_store()
+        own = trained_on is not None and trained_on.resolve() == store.path.resolve()
+        split = split or ("test" if own else "all")
+        if split == "all":
+            return store, split
+        if own:
+            if not self.split_path.is_file():
+                raise DataError(f"{self.path}: no {SPLIT_FILE}; cannot tell which patches are {split!r}")
+            assignment = read_split(self.split_path, store)
+        elif store.source_splits is not None:
+            assignment = np.asarray(store.source_splits, dtype=object)
+        else:
+            raise DataError(
+                f"{store.path}: not the store {self.path} trained on and it has no splits of its own; "
+                "use --split all to score every patch"
+            )
+        part = store.subset(np.flatnonzero(assignment == split))
+        if len(part) == 0:
+            raise DataError(f"{store.path}: the {split!r} split is empty")
+        return part, split

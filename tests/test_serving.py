@@ -180,9 +180,10 @@ def test_a_dead_model_process_is_reported_then_restarted(tiny_run: Path, patch_f
     with TestClient(create_app(ServeSettings(str(tiny_run)))) as c:
         os.kill(c.app.state.histoscan.model._proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
         deadline = time.time() + 20
-        while c.get("/ready").json()["ready"] and time.time() < deadline:
+        while c.get("/ready").status_code == 200 and time.time() < deadline:
             time.sleep(0.1)
-        assert c.get("/ready").json() == {"ready": False} and c.get("/health").status_code == 200
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json()["ready"] is False and c.get("/health").status_code == 200
         r = c.post("/v1/predict", files={"file": (f.name, f.read_bytes(), "image/tiff")})
         assert r.status_code == 200, r.text
         assert c.get("/ready").json() == {"ready": True}

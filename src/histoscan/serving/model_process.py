@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -339,10 +340,8 @@ class ModelProcess:
                 self._problem = "the model process stopped answering"
                 proc.kill()  # ends a stopped (SIGSTOP) child too, which unblocks a writer waiting on its pipe
                 self._fail_waiting(ModelUnavailable("the model process stopped answering"))
-            try:
+            with contextlib.suppress(ModelUnavailable):  # the back-off is recorded in status()
                 await self._ensure_running()
-            except ModelUnavailable:
-                pass
 
     async def predict(self, images: Sequence[np.ndarray], tta: bool) -> Prediction:
         """Send one job; the answer comes back in order (ModelUnavailable after ``timeout_s``)."""

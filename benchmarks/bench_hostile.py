@@ -145,6 +145,12 @@ def phase(url: str, port: int, pid: int, requests: list[bytes], seconds: float, 
     return {"rate": rate, "non200": non200, "sampler": sampler, "hostile": hostile, "p99": np.percentile(lat, 99)}
 
 
+def _watch(pid: int, peak: list[float], done: threading.Event) -> None:
+    while not done.is_set():
+        peak.append(tree_rss_mb(pid))
+        time.sleep(0.005)
+
+
 def one_by_one(url: str, pid: int, good: bytes) -> list[tuple[str, int, float]]:
     """Each hostile case alone: (name, status, rise of the tree's RSS over its idle value in MB)."""
     import httpx
@@ -154,15 +160,8 @@ def one_by_one(url: str, pid: int, good: bytes) -> list[tuple[str, int, float]]:
         for case in image_corpus(good):
             time.sleep(0.5)
             idle = tree_rss_mb(pid)
-            peak = [idle]
-            done = threading.Event()
-
-            def watch() -> None:
-                while not done.is_set():
-                    peak.append(tree_rss_mb(pid))
-                    time.sleep(0.005)
-
-            w = threading.Thread(target=watch, daemon=True)
+            peak, done = [idle], threading.Event()
+            w = threading.Thread(target=_watch, args=(pid, peak, done), daemon=True)
             w.start()
             r = c.post("/v1/predict", files={"file": (case.name, case.data, case.content_type)})
             time.sleep(0.1)

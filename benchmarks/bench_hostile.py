@@ -31,26 +31,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.hostile_corpus import image_corpus, malformed_multipart
+from tests.hostile_corpus import image_corpus, malformed_multipart, tree_rss_mb
 
 from _common import shared_or_exit
 from bench_serve import free_port, load, make_run, multipart_request, start_server
 from histoscan.data.ingest import ingest
-
-
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and all its descendants, in MB (Linux /proc)."""
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as fh:
-                total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
-            for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, StopIteration):
-            continue
-    return total
 
 
 class Sampler(threading.Thread):
@@ -62,13 +47,13 @@ class Sampler(threading.Thread):
         self.health: list[float] = []
         self.rss: list[float] = []
         self.health_errors = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         import httpx
 
         with httpx.Client(base_url=self.url, timeout=10) as c:
-            while not self._stop.is_set() and len(self.rss) < self.limit:
+            while not self._halt.is_set() and len(self.rss) < self.limit:
                 self.rss.append(tree_rss_mb(self.pid))
                 t0 = time.perf_counter()
                 try:
@@ -80,7 +65,7 @@ class Sampler(threading.Thread):
                 time.sleep(self.period)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=15)
 
 
@@ -93,7 +78,7 @@ class Hostile(threading.Thread):
         self.cases = [c for c in image_corpus(good) if c.name != "good.tif"]
         self.statuses: Counter[int] = Counter()
         self.missing_retry_after = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def one(self, c: object, k: int) -> None:
         import httpx
@@ -119,7 +104,7 @@ class Hostile(threading.Thread):
 
         with httpx.Client(base_url=self.url, timeout=60) as c:
             for k in range(self.limit):
-                if self._stop.is_set():
+                if self._halt.is_set():
                     break
                 try:
                     self.one(c, k)
@@ -127,7 +112,7 @@ class Hostile(threading.Thread):
                     self.statuses[0] += 1  # connection closed by the server (e.g. after a 413 mid-body)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=90)
 
 

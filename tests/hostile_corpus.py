@@ -3,7 +3,7 @@
 Every case is a file an attacker or a careless client might upload, with the status the
 service documents for it. The bombs are real files (a decoder that trusted them would
 allocate what they declare), written tile by tile or row by row so that generating them
-never holds the decoded image. Used by tests/test_hostile.py and benchmarks/bench_hostile.py.
+never holds the decoded image. ``tree_rss_mb`` measures what a server process tree holds. Used by tests/test_hostile.py and benchmarks/bench_hostile.py.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tifffile
@@ -148,3 +149,18 @@ def malformed_multipart() -> list[tuple[str, dict[str, str], bytes]]:
         ("no disposition", {"content-type": "multipart/form-data; boundary=XX"}, b"--XX\r\n\r\nabc\r\n--XX--\r\n"),
         ("garbage", {"content-type": "multipart/form-data; boundary=XX"}, bytes(range(256)) * 4),
     ]
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants (model process, workers), in MB (Linux /proc)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration):
+            continue
+    return total

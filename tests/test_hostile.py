@@ -28,53 +28,17 @@ from typer.testing import CliRunner
 from histoscan.cli import app as cli
 from histoscan.data.imageio import decode_bytes, fit_to_size, resize_rgb
 from tests.conftest import shared
-from tests.hostile_corpus import image_corpus, jpeg_bytes, malformed_multipart
+from tests.hostile_corpus import image_corpus, jpeg_bytes, malformed_multipart, tree_rss_mb
+from tests.test_serving import server_process
 
 KEY = "hostile-test-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def _serve(run: Path, key: str | None = None, *options: str) -> Iterator[tuple[str, int, subprocess.Popen[str]]]:
-    """``histoscan serve RUN`` as a real process on a free loopback port (url, port, process)."""
-    import httpx
-
-    port = _free_port()
-    env = {**os.environ, "HISTOSCAN_API_KEY": key or ""}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "histoscan", "serve", str(run), "--port", str(port), "--no-access-log", *options],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/ready", headers=headers, timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-        else:
-            raise RuntimeError("server did not become ready in 120 s")
-        yield url, port, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """``histoscan serve RUN`` on a free loopback port, without access log: (url, port, process)."""
+    with server_process(run, "--no-access-log", *options, key=key) as (url, proc):
+        yield url, int(url.rsplit(":", 1)[1]), proc
 
 
 @pytest.fixture(scope="module")
@@ -185,21 +149,6 @@ def test_oversized_bodies_are_refused_before_they_are_read(server: tuple[str, in
         assert status == 413
 
 
-def _tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (Linux /proc), in MB."""
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as fh:
-                total += next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
-            with open(f"/proc/{p}/task/{p}/children") as fh:
-                todo += [int(c) for c in fh.read().split()]
-        except (OSError, StopIteration):
-            continue
-    return total
-
-
 def test_health_answers_while_large_uploads_decode(server: tuple[str, int, subprocess.Popen[str]]) -> None:
     """Four 4000x4000 PNGs decode in the worker pool while /health keeps answering (today: seconds of stall)."""
     import httpx
@@ -211,7 +160,7 @@ def test_health_answers_while_large_uploads_decode(server: tuple[str, int, subpr
     Image.fromarray(smooth).save(buf, format="PNG", compress_level=1)
     big = buf.getvalue()  # about 18 MB: under the 20 MB upload limit, 48 MB once decoded (about 1 s each)
     assert len(big) < 20_000_000
-    before = _tree_rss_mb(proc.pid)
+    before = tree_rss_mb(proc.pid)
     peak = {"rss": before}
     statuses: list[int] = []
 
@@ -228,7 +177,7 @@ def test_health_answers_while_large_uploads_decode(server: tuple[str, int, subpr
             t0 = time.perf_counter()
             assert c.get("/health").status_code == 200
             waits.append(time.perf_counter() - t0)
-            peak["rss"] = max(peak["rss"], _tree_rss_mb(proc.pid))
+            peak["rss"] = max(peak["rss"], tree_rss_mb(proc.pid))
             time.sleep(0.02)
     for t in threads:
         t.join(timeout=120)

@@ -6,7 +6,8 @@ baseline). Phase 2: the same, while a ninth client sends tests/hostile_corpus.py
 (decompression bombs, truncated and looping files, NaN floats, malformed multipart) in a
 loop. Meanwhile /health is polled every 20 ms and the RSS of the whole server process tree
 (server, model process, decode threads) is sampled every 20 ms. Phase 3: each hostile case
-alone, the tree's RSS sampled during it, so the rise caused by one request is known.
+alone, then two large uploads just inside the limits (an 18 MB PNG and a JPEG, both 4000x4000),
+the tree's RSS sampled every 5 ms during each, so the rise caused by one request is known.
 
 Figures: good-request throughput with / without the hostile client (target >= 0.8), /health
 p99 (target <= 100 ms), peak RSS and the largest rise caused by one request under the upload
@@ -31,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.hostile_corpus import image_corpus, malformed_multipart, tree_rss_mb
+from tests.hostile_corpus import image_corpus, large_allowed, malformed_multipart, tree_rss_mb
 
 from _common import shared_or_exit
 from bench_serve import free_port, load, make_run, multipart_request, start_server
@@ -142,7 +143,7 @@ def one_by_one(url: str, pid: int, good: bytes) -> list[tuple[str, int, float]]:
 
     out = []
     with httpx.Client(base_url=url, timeout=60) as c:
-        for case in image_corpus(good):
+        for case in [*image_corpus(good), *large_allowed()]:
             time.sleep(0.5)
             idle = tree_rss_mb(pid)
             peak, done = [idle], threading.Event()

@@ -132,6 +132,21 @@ def image_corpus(good_patch: bytes) -> list[Case]:
     ]
 
 
+def large_allowed() -> list[Case]:
+    """Large uploads just inside the default limits (18 MB PNG and a JPEG of 4000x4000): each must get 200."""
+    from histoscan.data.imageio import resize_rgb
+
+    rng = np.random.default_rng(3)
+    smooth = resize_rgb(rng.integers(0, 255, (400, 400, 3), dtype=np.uint8), (4000, 4000)) // 4 * 4
+    buf = io.BytesIO()
+    Image.fromarray(smooth).save(buf, format="PNG", compress_level=1)
+    png = buf.getvalue()  # about 18 MB, 48 MB once decoded (about 1 s to decode)
+    return [
+        Case("large.png", png, "image/png", (200,)),
+        Case("large.jpg", jpeg_bytes(smooth, quality=95), "image/jpeg", (200,)),
+    ]
+
+
 def _gif() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="GIF")

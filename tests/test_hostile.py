@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from histoscan.cli import app as cli
 from histoscan.data.imageio import decode_bytes, fit_to_size, resize_rgb
 from tests.conftest import shared
-from tests.hostile_corpus import image_corpus, jpeg_bytes, malformed_multipart, tree_rss_mb
+from tests.hostile_corpus import image_corpus, jpeg_bytes, large_allowed, malformed_multipart, tree_rss_mb
 from tests.test_serving import server_process
 
 KEY = "hostile-test-key"
@@ -154,11 +154,7 @@ def test_health_answers_while_large_uploads_decode(server: tuple[str, int, subpr
     import httpx
 
     url, _, proc = server
-    rng = np.random.default_rng(3)
-    smooth = resize_rgb(rng.integers(0, 255, (400, 400, 3), dtype=np.uint8), (4000, 4000)) // 4 * 4
-    buf = io.BytesIO()
-    Image.fromarray(smooth).save(buf, format="PNG", compress_level=1)
-    big = buf.getvalue()  # about 18 MB: under the 20 MB upload limit, 48 MB once decoded (about 1 s each)
+    big = large_allowed()[0].data
     assert len(big) < 20_000_000
     before = tree_rss_mb(proc.pid)
     peak = {"rss": before}

@@ -223,6 +223,7 @@ class ModelProcess:
 
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> ModelProcess:
+        """The model process ``histoscan serve`` runs with these settings (the one place its options are read)."""
         s = settings
         return cls(
             s.run_dir, s.backend, s.device, s.threads, s.model_timeout_s, s.heartbeat_timeout_s, s.restart_backoff_s

@@ -383,16 +383,17 @@ def _decode_pillow(buf: Any, name: str, budget: DecodeBudget, target: tuple[int,
         per_pixel = _MODE_BYTES.get(im.mode, 2 * len(im.getbands()) if "16" in im.mode else 4)
         budget.check(name, full[0], full[1], im.size[0] * im.size[1] * per_pixel, len(im.getbands()), frames)
         im.load()  # raises on truncated data instead of padding with grey
+        out: Image.Image = im
         if im.mode in ("P", "PA"):
-            im = im.convert("RGBA")
+            out = im.convert("RGBA")
         elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-            im = im.convert("RGB")
-        if im.mode.startswith("I;16"):
-            arr = np.asarray(im, dtype=np.uint16)
-        elif im.mode == "I":
-            arr = np.asarray(im, dtype=np.int32).clip(0, 65535).astype(np.uint16)
+            out = im.convert("RGB")
+        if out.mode.startswith("I;16"):
+            arr = np.asarray(out, dtype=np.uint16)
+        elif out.mode == "I":
+            arr = np.asarray(out, dtype=np.int32).clip(0, 65535).astype(np.uint16)
         else:
-            arr = np.asarray(im)
+            arr = np.asarray(out)
     try:
         pixels, more = to_rgb8(arr)
     except ImageReadError as exc:

@@ -87,7 +87,7 @@ def unpack_job(meta: dict[str, Any], data: bytes) -> tuple[list[np.ndarray], boo
 
 
 def pack_prediction(pred: Prediction) -> bytes:
-    arrays = [pred.probabilities.astype(np.float32), pred.predicted.astype(np.int64)]
+    arrays: list[np.ndarray] = [pred.probabilities.astype(np.float32), pred.predicted.astype(np.int64)]
     if pred.uncertainty is not None:
         arrays.append(pred.uncertainty.astype(np.float32))
     n, c = pred.probabilities.shape

@@ -40,8 +40,8 @@ class BatchEntry(BaseModel):
     probabilities: dict[str, float] | None = None
     model: str | None = None
     uncertainty: float | None = None
-    error: str | None = Field(None, description="Why this file was refused (the others are still answered).")
-    status: int | None = Field(None, description="The HTTP status this file alone would have got.")
+    error: str | None = Field(default=None, description="Why this file was refused (the others are still answered).")
+    status: int | None = Field(default=None, description="The HTTP status this file alone would have got.")
 
 
 class BatchPrediction(BaseModel):

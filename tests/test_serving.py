@@ -180,9 +180,10 @@ def test_a_dead_model_process_is_reported_then_restarted(tiny_run: Path, patch_f
     with TestClient(create_app(ServeSettings(str(tiny_run)))) as c:
         os.kill(c.app.state.histoscan.model._proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
         deadline = time.time() + 20
-        while c.get("/ready").json()["ready"] and time.time() < deadline:
+        while c.get("/ready").status_code == 200 and time.time() < deadline:
             time.sleep(0.1)
-        assert c.get("/ready").json() == {"ready": False} and c.get("/health").status_code == 200
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json()["ready"] is False and c.get("/health").status_code == 200
         r = c.post("/v1/predict", files={"file": (f.name, f.read_bytes(), "image/tiff")})
         assert r.status_code == 200, r.text
         assert c.get("/ready").json() == {"ready": True}
@@ -196,8 +197,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _server(run: Path, *options: str) -> Iterator[str]:
-    """``histoscan serve RUN OPTIONS`` as a real process on a free port, until the block ends."""
+def server_process(run: Path, *options: str, key: str | None = None) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``histoscan serve RUN OPTIONS`` as a real process on a free loopback port: (url, process), until the block ends.
+
+    ``key`` becomes HISTOSCAN_API_KEY (none by default).
+    """
     import httpx
 
     port = _free_port()
@@ -206,12 +210,14 @@ def _server(run: Path, *options: str) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "HISTOSCAN_API_KEY": key or ""},
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+            if httpx.get(url + "/ready", headers=headers, timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
             time.sleep(0.3)
@@ -219,15 +225,23 @@ def _server(run: Path, *options: str) -> Iterator[str]:
             raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
     else:
         proc.kill()
-        raise RuntimeError("server did not become ready in 90 s")
+        raise RuntimeError("server did not become ready in 120 s")
     try:
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def _server(run: Path, *options: str) -> Iterator[str]:
+    """The url of ``server_process``."""
+    with server_process(run, *options) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from histoscan.data.imageio import read_image
+from histoscan.data.imageio import DecodeBudget, read_image
 from histoscan.inference.predictor import Prediction, Predictor
 from histoscan.serving.batcher import MicroBatcher
 from histoscan.serving.model_process import (
@@ -24,6 +24,7 @@ from histoscan.serving.model_process import (
     unpack_job,
     unpack_prediction,
 )
+from histoscan.serving.state import ServeSettings
 from histoscan.serving.uploads import UploadDecoder, UploadError, decode_upload
 
 
@@ -113,7 +114,7 @@ def test_model_process_answers_like_the_predictor_and_restarts_after_dying(tiny_
     want = Predictor(tiny_run, backend="torch").predict_batch(images)
 
     async def go() -> tuple[Prediction, Prediction, bool]:
-        proc = ModelProcess(str(tiny_run), "torch")
+        proc = ModelProcess.from_settings(ServeSettings(str(tiny_run), backend="torch"))
         await proc.start()
         try:
             first = await proc.predict(images, tta=False)
@@ -133,12 +134,14 @@ def test_model_process_answers_like_the_predictor_and_restarts_after_dying(tiny_
         assert got.predicted.tolist() == want.predicted.tolist()
 
 
-def test_model_process_that_cannot_load_says_why(tmp_path: Path) -> None:
+def test_model_process_that_cannot_load_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def go() -> None:
-        await ModelProcess(str(tmp_path / "missing-run")).start()
+        await ModelProcess.from_settings(ServeSettings(str(tmp_path / "missing-run"))).start()
 
-    with pytest.raises(ModelUnavailable, match=r"could not load .*missing-run"):
+    with pytest.raises(ModelUnavailable, match=r"could not be loaded") as info:
         asyncio.run(go())
+    assert str(tmp_path) not in str(info.value)  # the message reaches clients: no server path in it
+    assert any("missing-run" in r.getMessage() for r in caplog.records)  # the detail is in the log
 
 
 def _tif(img: np.ndarray, **kw: object) -> bytes:
@@ -150,7 +153,7 @@ def _tif(img: np.ndarray, **kw: object) -> bytes:
 def test_upload_decoder_reads_same_layout_tiffs_from_their_strip_and_others_in_full() -> None:
     rng = np.random.default_rng(0)
     a, b = (rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(2))
-    decode = UploadDecoder()
+    decode = UploadDecoder(DecodeBudget(), lambda pixels: pixels, (96, 96))
     assert np.array_equal(decode(_tif(a), "a.tif", "image/tiff"), a) and decode.hits == 0
     assert np.array_equal(decode(_tif(b), "b.tif", "image/tiff"), b) and decode.hits == 1
     # a file of the template's size whose header bytes differ is not trusted to the fast path
@@ -169,4 +172,4 @@ def test_upload_decoder_reads_same_layout_tiffs_from_their_strip_and_others_in_f
         decode(_tif(a), "a.txt", "text/plain")
     with pytest.raises(UploadError, match="empty"):
         decode(b"", "e.tif", "image/tiff")
-    assert np.array_equal(decode_upload(_tif(a), "a.tif", None), a)
+    assert np.array_equal(decode_upload(_tif(a), "a.tif", None, DecodeBudget()), a)

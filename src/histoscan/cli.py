@@ -245,21 +245,25 @@ def predict(
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     workers: int | None = typer.Option(None, help="Decoding processes for folders (default: one per core)."),
     threads: int | None = typer.Option(None, help="CPU threads for the model (default: all cores)."),
+    force: bool = typer.Option(False, help="Replace an existing --out / --submission-out (never an input)."),
 ) -> None:
     """Predict tumour probabilities for new patches (and write a Kaggle submission)."""
-    from histoscan.inference.predict import predict_input, write_predictions, write_submission
+    from histoscan.inference.predict import check_output, predict_input, write_predictions, write_submission
     from histoscan.inference.predictor import Predictor
 
+    check_output(out, force, [input, run])  # before the work, not after it
     predictor = Predictor(run, backend=backend, device=device, batch_size=batch_size, threads=threads)
     with _progress("predicting") as start:
         table = predict_input(predictor, input, tta=tta, workers=workers, progress=start(0))
     con = _console()
-    path, errors = write_predictions(table, out)
+    path, errors = write_predictions(table, out, force=force, inputs=[input, run])
     con.print(f"{len(table.ids)} predictions ({predictor.backend.name} backend) written to {path}")
     if errors:
         con.print(f"[yellow]{len(table.failures)} unreadable inputs listed in {errors}[/]")
     if submission:
-        con.print(f"submission written to {write_submission(table, submission, submission_out)}")
+        con.print(
+            f"submission written to {write_submission(table, submission, submission_out, force=force, inputs=[input, run])}"
+        )
 
 
 @app.command()

@@ -45,13 +45,8 @@ class PatchStore:
             raise DataError(f"{meta_path}: invalid JSON ({exc})") from exc
         if self.meta.get("format") != STORE_FORMAT:
             raise DataError(f"{meta_path}: not a histoscan store meta file")
-        try:
-            self._images = np.load(self.path / IMAGES_FILE, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{self.path / IMAGES_FILE}: unreadable ({exc})") from exc
-        self._index = pd.read_csv(
-            self.path / INDEX_FILE, dtype={"id": str, "group": str, "source_split": str}, keep_default_na=False
-        )
+        self._images = _open_images(self.path / IMAGES_FILE, self.meta, meta_path)
+        self._index = _read_index(self.path / INDEX_FILE)
         if len(self._index) != self._images.shape[0]:
             raise DataError(
                 f"{self.path}: {INDEX_FILE} has {len(self._index)} rows but {IMAGES_FILE} holds {self._images.shape[0]} images"
@@ -202,11 +197,73 @@ class PatchStore:
         return json.loads(p.read_text()) if p.is_file() else None
 
 
+def _open_images(path: Path, meta: dict[str, Any], meta_path: Path) -> np.ndarray:
+    """The memory map of images.npy, checked against meta.json (dtype, shape, image size)."""
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{meta_path}: 'classes' must be a non-empty list of class names, got {classes!r}")
+    size = meta.get("image_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise DataError(f"{meta_path}: 'image_size' must be [height, width], got {size!r}")
+    if not path.is_file():
+        raise DataError(f"{path}: missing (the store is incomplete; run 'histoscan ingest' again)")
+    try:
+        images = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable ({type(exc).__name__})") from exc
+    want = (size[0], size[1], 3)
+    if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != want:
+        raise DataError(
+            f"{path}: holds {images.dtype} images of shape {tuple(images.shape[1:])}, but {META_FILE} says uint8 "
+            f"{want[0]}x{want[1]}x3"
+        )
+    return images
+
+
+def _read_index(path: Path) -> pd.DataFrame:
+    """index.csv, with the columns every reader needs."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing (the store is incomplete; run 'histoscan ingest' again)")
+    try:
+        index = pd.read_csv(path, dtype={"id": str, "group": str, "source_split": str}, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"{path}: unreadable CSV ({type(exc).__name__})") from exc
+    missing = [c for c in ("id", "label") if c not in index.columns]
+    if missing:
+        raise DataError(f"{path}: no {' or '.join(repr(c) for c in missing)} column")
+    return index
+
+
+def clean_stale_partials(out: Path) -> list[Path]:
+    """Remove ``.<name>.partial-PID`` / ``.old-PID`` folders left next to ``out`` by processes that are gone."""
+    removed = []
+    for tmp in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = tmp.name[len(out.name) + 2 :].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or not tmp.is_dir() or _alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftover from an earlier, failed attempt in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 class StoreWriter:
     """Writes a store into a temporary folder and renames it into place on ``commit``.
 
-    An interrupted ingest leaves only a ``.<name>.partial-*`` folder that no
-    reader accepts; an existing store is replaced only when ``force`` is set.
+    An interrupted ingest leaves only a ``.<name>.partial-PID`` folder that no
+    reader accepts, removed by the next ingest to the same place once that process is
+    gone; an existing store is replaced only when ``force`` is set.
     """
 
     def __init__(self, out: str | Path, count: int, size: tuple[int, int], force: bool = False) -> None:
@@ -216,9 +273,8 @@ class StoreWriter:
         if self.out.exists() and not (self.out / META_FILE).is_file() and any(self.out.iterdir()):
             raise DataError(f"{self.out}: exists and is not a histoscan store; refusing to replace it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_partials(self.out)  # what an interrupted ingest left behind
         self.tmp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
         self.tmp.mkdir()
         self.count, self.size = count, size
         self.images_path = self.tmp / IMAGES_FILE

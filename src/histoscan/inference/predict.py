@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import pandas as pd
 
+from histoscan.bundle import MODEL_FILE
 from histoscan.data.sources.kaggle import read_id_table
+from histoscan.data.store import META_FILE as STORE_META
 from histoscan.errors import DataError
 from histoscan.inference.inputs import input_batches
 from histoscan.inference.predictor import Prediction, Predictor
@@ -67,22 +71,78 @@ def predict_input(
     return PredictionTable(ids, Prediction.concat(parts, len(predictor.classes)), predictor.classes, failures)
 
 
-def write_predictions(table: PredictionTable, out: str | Path) -> tuple[Path, Path | None]:
-    """Write the CSV, and ``<out>.errors.csv`` listing unreadable inputs when there are any."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.frame().to_csv(out, index=False)
-    errors = None
+def check_output(out: str | Path, force: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
+    """``out`` when writing it destroys nothing, else DataError saying why.
+
+    Never an input (the file itself, or an existing file inside an input folder), never an
+    existing file of a packed store or a run folder (even with ``force``), and an existing
+    output only with ``force``.
+    """
+    target = Path(out).resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if target == src or (target.exists() and src.is_dir() and src in target.parents):
+            raise DataError(f"{out}: is an input of this command; choose another --out")
+    if target.exists():
+        folder = target.parent
+        if (folder / STORE_META).is_file() or (folder / MODEL_FILE).is_file():
+            what = "a packed store" if (folder / STORE_META).is_file() else "a run folder"
+            raise DataError(f"{out}: is a file of {what} ({folder}); choose another --out")
+        if not force:
+            raise DataError(f"{out}: already exists; pass --force to replace it")
+        if target.is_dir():
+            raise DataError(f"{out}: is a folder; --out names a CSV file")
+    return target
+
+
+def write_predictions(
+    table: PredictionTable, out: str | Path, *, force: bool = False, inputs: Sequence[str | Path] = ()
+) -> tuple[Path, Path | None]:
+    """Write the CSV, and ``<out>.errors.csv`` listing unreadable inputs when there are any.
+
+    Both are written atomically (a temporary file renamed into place); an errors file left by an
+    earlier run is removed when this run has none, so it always describes the CSV beside it.
+    """
+    out = check_output(out, force, inputs)
+    errors = out.with_name(out.stem + ".errors.csv")
     if table.failures:
-        errors = out.with_name(out.stem + ".errors.csv")
-        with errors.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["id", "path", "reason"])
-            w.writerows(table.failures)
+        check_output(errors, True, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, lambda fh: table.frame().to_csv(fh, index=False))
+    if not table.failures:
+        errors.unlink(missing_ok=True)
+        return out, None
+
+    def write_errors(fh: TextIO) -> None:
+        w = csv.writer(fh)
+        w.writerow(["id", "path", "reason"])
+        w.writerows(table.failures)
+
+    _atomic_write(errors, write_errors)
     return out, errors
 
 
-def write_submission(table: PredictionTable, sample: str | Path, out: str | Path, positive: str | None = None) -> Path:
+def _atomic_write(path: Path, write: Callable[[TextIO], object]) -> None:
+    """Write through ``write`` into a temporary file beside ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_submission(
+    table: PredictionTable,
+    sample: str | Path,
+    out: str | Path,
+    positive: str | None = None,
+    *,
+    force: bool = False,
+    inputs: Sequence[str | Path] = (),
+) -> Path:
     """Kaggle ``id,label`` in the sample file's order, where label is the tumour PROBABILITY.
 
     The competition ranks by AUROC; hard 0/1 labels would throw the ranking away. Every id of the
@@ -102,10 +162,13 @@ def write_submission(table: PredictionTable, sample: str | Path, out: str | Path
         raise DataError(
             f"{sample}: {len(missing)} ids have no prediction: {', '.join(why)}" + (" ..." if len(missing) > 5 else "")
         )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
+    target = check_output(out, force, [*inputs, sample])
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(fh: TextIO) -> None:
         w = csv.writer(fh)
         w.writerow(["id", "label"])
         w.writerows((pid, f"{float(prob[pid]):.6f}") for pid, _, _ in rows)
-    return out
+
+    _atomic_write(target, write)
+    return Path(out)

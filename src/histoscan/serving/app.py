@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,27 +15,34 @@ from histoscan import __version__
 from histoscan.bundle import read_bundle
 from histoscan.inference.predictor import Predictor
 from histoscan.serving import page, routes_health, routes_predict
-from histoscan.serving.batcher import MicroBatcher
+from histoscan.serving.batcher import MicroBatcher, Overloaded
+from histoscan.serving.guard import RequestGuard, request_id
 from histoscan.serving.model_process import ModelProcess, ModelRunner, ModelThread, ModelUnavailable
 from histoscan.serving.state import ServeSettings, ServeState
 from histoscan.serving.uploads import UploadError
 
+log = logging.getLogger("histoscan.serve")
+
 
 def create_app(settings: ServeSettings) -> FastAPI:
-    """An app serving ``settings.run_dir``; nothing is loaded until the server starts."""
+    """An app serving ``settings.run_dir``, behind the RequestGuard; nothing is loaded until the server starts."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = load_model_runner(settings)
         await model.start()
-        batcher = MicroBatcher(model, settings.max_batch, settings.max_wait_ms, settings.max_in_flight)
+        batcher = MicroBatcher(
+            model, settings.max_batch, settings.max_wait_ms, settings.max_in_flight, settings.max_queue
+        )
         await batcher.start()
-        app.state.histoscan = ServeState(settings, read_bundle(settings.run_dir), model, batcher)
+        state = ServeState(settings, read_bundle(settings.run_dir), model, batcher)
+        app.state.histoscan = state
         try:
             yield
         finally:
             await batcher.stop()
             await model.stop()
+            state.pool.close()
             app.state.histoscan = None
 
     app = FastAPI(
@@ -54,11 +62,17 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return JSONResponse(status_code=exc.status, content={"error": exc.message})
 
     @app.exception_handler(ModelUnavailable)
-    async def model_down(_: Request, exc: ModelUnavailable) -> JSONResponse:
-        return JSONResponse(status_code=503, content={"error": str(exc)})
+    async def model_down(request: Request, exc: ModelUnavailable) -> JSONResponse:
+        return server_error(request, 503, f"model unavailable: {exc}", exc, {"Retry-After": "5"})
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return server_error(request, 503, str(exc), None, {"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code >= 500:
+            return server_error(request, exc.status_code, "service unavailable", exc, getattr(exc, "headers", None))
         return JSONResponse(
             status_code=exc.status_code, content={"error": str(exc.detail)}, headers=getattr(exc, "headers", None)
         )
@@ -69,16 +83,31 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return JSONResponse(status_code=422, content={"error": f"bad request: {problems}"})
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:  # never a stack trace to the client
-        return JSONResponse(status_code=500, content={"error": f"internal error ({type(exc).__name__})"})
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return server_error(request, 500, "internal error", exc)
 
+    app.add_middleware(RequestGuard, settings=settings)  # type: ignore[arg-type]
     return app
+
+
+def server_error(
+    request: Request, status: int, message: str, exc: BaseException | None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """A 5xx answer: a short message and the request id for the client, the detail in the server log only.
+
+    Neither server paths nor library error text reach the client; the id finds the log line.
+    """
+    rid = request_id(request.scope)
+    if exc is not None and status == 500:
+        log.error("request %s %s failed", rid, request.url.path, exc_info=(type(exc), exc, exc.__traceback__))
+    elif exc is not None:
+        log.warning("request %s %s: %s (%s)", rid, request.url.path, message, exc.__cause__ or exc)
+    return JSONResponse(status_code=status, content={"error": message, "request_id": rid}, headers=headers)
 
 
 def load_model_runner(settings: ServeSettings) -> ModelRunner:
     """The model in a child process (``histoscan serve``), or in a thread of this one."""
     if settings.model_process:
-        return ModelProcess(settings.run_dir, settings.backend, settings.device, settings.threads)
-    return ModelThread(
-        Predictor(settings.run_dir, backend=settings.backend, device=settings.device, threads=settings.threads)
-    )
+        return ModelProcess.from_settings(settings)
+    predictor = Predictor(settings.run_dir, backend=settings.backend, device=settings.device, threads=settings.threads)
+    return ModelThread(predictor, settings.model_timeout_s)

@@ -15,6 +15,14 @@ from histoscan.serving.model_process import ModelRunner
 Result = tuple[np.ndarray, int, "float | None"]
 
 
+class Overloaded(RuntimeError):
+    """The queue for the model is full: the client should retry after ``retry_after`` seconds (503)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass
 class _Item:
     image: np.ndarray
@@ -29,18 +37,26 @@ class MicroBatcher:
     comes back, everything waiting (up to ``max_batch``) goes as the next batch. Under load
     batches grow by themselves and an idle model answers a lone request at once. With
     ``max_wait_ms`` > 0 a batch smaller than ``max_batch`` waits that long for company first.
+    At most ``max_queue`` images wait (single requests and batch requests together); beyond
+    that a request is refused at once with Overloaded instead of the queue growing.
     """
 
     def __init__(
-        self, model: ModelRunner, max_batch: int = 64, max_wait_ms: float = 0.0, max_in_flight: int = 2
+        self,
+        model: ModelRunner,
+        max_batch: int = 64,
+        max_wait_ms: float = 0.0,
+        max_in_flight: int = 2,
+        max_queue: int = 512,
     ) -> None:
-        if max_batch < 1 or max_wait_ms < 0 or max_in_flight < 1:
+        if max_batch < 1 or max_wait_ms < 0 or max_in_flight < 1 or max_queue < 1:
             raise ValueError(
-                f"need max_batch >= 1, max_wait_ms >= 0, max_in_flight >= 1; got "
-                f"{max_batch}, {max_wait_ms}, {max_in_flight}"
+                f"need max_batch >= 1, max_wait_ms >= 0, max_in_flight >= 1, max_queue >= 1; got "
+                f"{max_batch}, {max_wait_ms}, {max_in_flight}, {max_queue}"
             )
         self.model, self.max_batch, self.max_wait = model, max_batch, max_wait_ms / 1000.0
-        self.max_in_flight = max_in_flight
+        self.max_in_flight, self.max_queue = max_in_flight, max_queue
+        self.queued = 0  # images waiting for or with the model
         self._pending: deque[_Item] = deque()
         self._slots: asyncio.Semaphore | None = None
         self._dispatcher: asyncio.Task[None] | None = None
@@ -59,15 +75,28 @@ class MicroBatcher:
         """Probabilities, predicted class and (with TTA) uncertainty for one image."""
         if self._slots is None:
             raise RuntimeError("MicroBatcher.start() was not called")
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(image, tta, future))
-        if self._dispatcher is None or self._dispatcher.done():
-            self._dispatcher = asyncio.create_task(self._dispatch())
-        return await future
+        self._admit(1)
+        try:
+            future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+            self._pending.append(_Item(image, tta, future))
+            if self._dispatcher is None or self._dispatcher.done():
+                self._dispatcher = asyncio.create_task(self._dispatch())
+            return await future
+        finally:
+            self.queued -= 1
 
     async def predict_many(self, images: Sequence[np.ndarray], tta: bool = False) -> Prediction:
         """A whole batch request goes straight to the model (it is a batch already)."""
-        return await self.model.predict(images, tta)
+        self._admit(len(images))
+        try:
+            return await self.model.predict(images, tta)
+        finally:
+            self.queued -= len(images)
+
+    def _admit(self, n: int) -> None:
+        if self.queued + n > self.max_queue:
+            raise Overloaded(f"server busy: {self.queued} images are waiting for the model (limit {self.max_queue})")
+        self.queued += n
 
     async def _dispatch(self) -> None:
         assert self._slots is not None

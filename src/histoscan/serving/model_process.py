@@ -15,25 +15,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import signal
 import struct
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 import numpy as np
 
 from histoscan.inference.predictor import Prediction, Predictor
 
+if TYPE_CHECKING:
+    from histoscan.serving.state import ServeSettings
+
 _HEADER = struct.Struct("<IQ")
+log = logging.getLogger("histoscan.serve")
 
 
 class ModelUnavailable(RuntimeError):
-    """The model process is not running (it failed to start or exited)."""
+    """The model cannot answer now (its process failed to start, exited, hung or timed out); a 503.
+
+    The message is short and holds no path: it goes to the client.
+    """
 
 
 class ModelRunner(Protocol):
@@ -43,6 +54,8 @@ class ModelRunner(Protocol):
 
     @property
     def alive(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
 
     async def start(self) -> None: ...
 
@@ -74,7 +87,7 @@ def unpack_job(meta: dict[str, Any], data: bytes) -> tuple[list[np.ndarray], boo
 
 
 def pack_prediction(pred: Prediction) -> bytes:
-    arrays = [pred.probabilities.astype(np.float32), pred.predicted.astype(np.int64)]
+    arrays: list[np.ndarray] = [pred.probabilities.astype(np.float32), pred.predicted.astype(np.int64)]
     if pred.uncertainty is not None:
         arrays.append(pred.uncertainty.astype(np.float32))
     n, c = pred.probabilities.shape
@@ -90,6 +103,9 @@ def unpack_prediction(meta: dict[str, Any], data: bytes) -> Prediction:
 
 
 # ---- the child -------------------------------------------------------------------------
+HEARTBEAT_S = 0.5  # the child's heartbeat period
+
+
 def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
     chunks, got = [], 0
     while got < n:
@@ -101,17 +117,43 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
+class _Writer:
+    """The child's side of the pipe: whole messages, from the main thread and the heartbeat thread."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out, self.lock = out, threading.Lock()
+
+    def write(self, message: bytes) -> None:
+        with self.lock:
+            self.out.write(message)
+
+    def beat(self, period: float) -> None:
+        """Send a heartbeat every ``period`` s until the pipe closes (daemon thread).
+
+        The beat comes from its own thread, so a long batch (TTA on a big model) keeps the
+        heartbeat going, while a stopped or wedged process (SIGSTOP, a deadlock holding the
+        GIL) falls silent and the parent restarts it.
+        """
+        beat = frame({"hb": True})
+        while True:
+            time.sleep(period)
+            try:
+                self.write(beat)
+            except (OSError, ValueError):
+                return
+
+
 def child_main(argv: Sequence[str] | None = None) -> int:
     """Load the Predictor, say ready, then answer jobs until stdin closes."""
     ap = argparse.ArgumentParser(prog="python -m histoscan.serving.model_process")
     ap.add_argument("run_dir")
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--backend", required=True)
+    ap.add_argument("--device", required=True)
+    ap.add_argument("--threads", type=int, required=True)
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the server, which closes our stdin
     # the protocol owns the original stdout; anything printed by libraries goes to stderr
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    out = _Writer(os.fdopen(os.dup(1), "wb", buffering=0))
     os.dup2(2, 1)
     inp = sys.stdin.buffer
     try:
@@ -126,6 +168,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         out.write(frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
         return 1
     out.write(frame({"ok": True, "backend": predictor.backend.name}))
+    threading.Thread(target=out.beat, args=(HEARTBEAT_S,), daemon=True, name="heartbeat").start()
     while True:
         header = _read_exact(inp, _HEADER.size)
         if header is None:
@@ -143,29 +186,73 @@ def child_main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---- the parent ------------------------------------------------------------------------
+MAX_BACKOFF_S = 60.0
+
+
 @dataclass
 class ModelProcess:
-    """The parent's handle on the child: send jobs, await answers in order, restart if it died."""
+    """The parent's handle on the child: send jobs, await answers in order, restart it when it dies or hangs.
+
+    A watchdog task restarts a child that exited or whose heartbeat fell silent for
+    ``heartbeat_timeout_s``. A child that fails to start is retried after a back-off that
+    doubles up to a minute; meanwhile every request is answered ModelUnavailable at once
+    and ``status()`` says why. Each answer is awaited at most ``timeout_s``.
+    """
 
     run_dir: str
-    backend_choice: str = "auto"
-    device: str = "cpu"
-    threads: int | None = None
+    backend_choice: str
+    device: str
+    threads: int | None
+    timeout_s: float
+    heartbeat_timeout_s: float
+    backoff_s: float
     start_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         self.backend = self.backend_choice
+        self.starts = 0  # child processes launched (tests and /ready read it)
         self._proc: asyncio.subprocess.Process | None = None
         self._waiting: deque[asyncio.Future[Prediction]] = deque()
         self._reader: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._last_beat = 0.0
+        self._failures = 0
+        self._retry_at = 0.0
+        self._problem: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: ServeSettings) -> ModelProcess:
+        """The model process ``histoscan serve`` runs with these settings (the one place its options are read)."""
+        s = settings
+        return cls(
+            s.run_dir, s.backend, s.device, s.threads, s.model_timeout_s, s.heartbeat_timeout_s, s.restart_backoff_s
+        )
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
+        """The child runs and its heartbeat is fresh."""
+        return self._proc is not None and self._proc.returncode is None and not self._silent()
+
+    def _silent(self) -> bool:
+        return time.monotonic() - self._last_beat > self.heartbeat_timeout_s
+
+    def status(self) -> dict[str, Any]:
+        """Readiness and, when not ready, the reason and the seconds until the next restart."""
+        if self.alive:
+            return {"ready": True}
+        out: dict[str, Any] = {"ready": False, "reason": self._problem or "the model process is not running"}
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            out["retry_in_s"] = round(wait, 1)
+        return out
 
     async def start(self) -> None:
         """Start the child and wait until its model is loaded (ModelUnavailable, with the reason, if it cannot)."""
+        await self._launch()
+        self._watchdog = asyncio.create_task(self._watch())
+
+    async def _launch(self) -> None:
         cmd = [
             sys.executable,
             "-m",
@@ -178,42 +265,91 @@ class ModelProcess:
             "--threads",
             str(self.threads or 0),
         ]
+        self.starts += 1
         self._proc = await asyncio.create_subprocess_exec(
             *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
         )
         try:
             meta, _ = await asyncio.wait_for(self._read_message(), self.start_timeout_s)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
-            await self.stop()
-            raise ModelUnavailable(f"the model process for {self.run_dir} did not start (see its error above)") from exc
+            await self._halt(kill=True)
+            self._failed("the model process did not start")
+            log.error("the model process for %s did not start (see its error above)", self.run_dir)
+            raise ModelUnavailable("the model process did not start") from exc
         if not meta.get("ok"):
-            await self.stop()
-            raise ModelUnavailable(f"the model process could not load {self.run_dir}: {meta.get('error')}")
+            await self._halt(kill=True)
+            self._failed("the model could not be loaded")
+            log.error("the model process could not load %s: %s", self.run_dir, meta.get("error"))
+            raise ModelUnavailable("the model could not be loaded")
         self.backend = str(meta["backend"])
+        self._failures, self._retry_at, self._problem = 0, 0.0, None
+        self._last_beat = time.monotonic()
         self._reader = asyncio.create_task(self._read_answers())
 
+    def _failed(self, problem: str) -> None:
+        self._failures += 1
+        wait = min(MAX_BACKOFF_S, self.backoff_s * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + wait
+        self._problem = f"{problem}; next attempt in {wait:g} s"
+
+    async def _ensure_running(self) -> None:
+        """Restart a dead or hung child, unless a restart failed and its back-off has not passed."""
+        async with self._lock:
+            if self.alive:
+                return
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:
+                raise ModelUnavailable(f"{self._problem or 'the model is restarting'} (retry in {wait:.0f} s)")
+            if self._proc is not None:
+                hung = self._proc.returncode is None
+                log.warning("the model process %s; restarting it", "stopped answering" if hung else "exited")
+                await self._halt(kill=hung)
+            await self._launch()
+
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        await self._halt(kill=False)
+
+    async def _halt(self, kill: bool) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             assert proc.stdin is not None
             proc.stdin.close()
             try:
+                if kill:
+                    raise asyncio.TimeoutError
                 await asyncio.wait_for(proc.wait(), 10)
             except asyncio.TimeoutError:
-                proc.kill()
+                proc.kill()  # also ends a stopped (SIGSTOP) process
                 await proc.wait()
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
         self._fail_waiting(ModelUnavailable("the model process stopped"))
 
+    async def _watch(self) -> None:
+        """Restart a child that exited or fell silent (with back-off when restarts fail)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.heartbeat_timeout_s / 4))
+            if self.alive:
+                continue
+            proc = self._proc
+            if proc is not None and proc.returncode is None and self._silent():
+                log.warning("the model process (pid %d) stopped answering; killing and restarting it", proc.pid)
+                self._problem = "the model process stopped answering"
+                proc.kill()  # ends a stopped (SIGSTOP) child too, which unblocks a writer waiting on its pipe
+                self._fail_waiting(ModelUnavailable("the model process stopped answering"))
+            with contextlib.suppress(ModelUnavailable):  # the back-off is recorded in status()
+                await self._ensure_running()
+
     async def predict(self, images: Sequence[np.ndarray], tta: bool) -> Prediction:
-        """Send one job; the answer comes back in order. A dead child is restarted once."""
-        async with self._lock:  # one writer at a time, and a restart happens once
-            if not self.alive:
-                await self.stop()
-                await self.start()
-            assert self._proc is not None and self._proc.stdin is not None
+        """Send one job; the answer comes back in order (ModelUnavailable after ``timeout_s``)."""
+        await self._ensure_running()
+        async with self._lock:  # one writer at a time
+            if self._proc is None or self._proc.stdin is None:
+                raise ModelUnavailable("the model process is restarting")
             future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
             self._waiting.append(future)
             self._proc.stdin.write(pack_job(images, tta))
@@ -221,19 +357,27 @@ class ModelProcess:
                 await self._proc.stdin.drain()
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise ModelUnavailable("the model process exited") from exc
-        return await future
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise ModelUnavailable(f"the model did not answer within {self.timeout_s:g} s") from None
 
     async def _read_message(self) -> tuple[dict[str, Any], bytes]:
         assert self._proc is not None and self._proc.stdout is not None
         stdout = self._proc.stdout
-        meta_len, data_len = _HEADER.unpack(await stdout.readexactly(_HEADER.size))
-        body = await stdout.readexactly(meta_len + data_len)
-        return json.loads(body[:meta_len]), body[meta_len:]
+        while True:
+            meta_len, data_len = _HEADER.unpack(await stdout.readexactly(_HEADER.size))
+            body = await stdout.readexactly(meta_len + data_len)
+            meta = json.loads(body[:meta_len])
+            if not meta.get("hb"):
+                return meta, body[meta_len:]
+            self._last_beat = time.monotonic()
 
     async def _read_answers(self) -> None:
         try:
             while True:
                 meta, data = await self._read_message()
+                self._last_beat = time.monotonic()
                 future = self._waiting.popleft()
                 if future.done():
                     continue
@@ -243,7 +387,8 @@ class ModelProcess:
                     future.set_exception(RuntimeError(f"model process: {meta.get('error')}"))
         except asyncio.IncompleteReadError:
             code = None if self._proc is None else await self._proc.wait()
-            self._fail_waiting(ModelUnavailable(f"the model process exited (code {code})"))
+            log.warning("the model process exited (code %s)", code)
+            self._fail_waiting(ModelUnavailable("the model process exited"))
 
     def _fail_waiting(self, exc: BaseException) -> None:
         while self._waiting:
@@ -255,13 +400,16 @@ class ModelProcess:
 class ModelThread:
     """The model in a worker thread of this process: no start-up cost (used by tests and embedding)."""
 
-    def __init__(self, predictor: Predictor) -> None:
-        self.predictor = predictor
+    def __init__(self, predictor: Predictor, timeout_s: float = 30.0) -> None:
+        self.predictor, self.timeout_s = predictor, timeout_s
         self.backend = predictor.backend.name
 
     @property
     def alive(self) -> bool:
         return True
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": True}
 
     async def start(self) -> None:
         return None
@@ -270,7 +418,12 @@ class ModelThread:
         return None
 
     async def predict(self, images: Sequence[np.ndarray], tta: bool) -> Prediction:
-        return await asyncio.to_thread(self.predictor.predict_batch, list(images), tta)
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(self.predictor.predict_batch, list(images), tta), self.timeout_s
+            )
+        except asyncio.TimeoutError:
+            raise ModelUnavailable(f"the model did not answer within {self.timeout_s:g} s") from None
 
 
 if __name__ == "__main__":

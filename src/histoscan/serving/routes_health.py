@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from histoscan import __version__
 from histoscan.serving.state import ServeState, get_state, require_key
@@ -18,11 +19,12 @@ def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", dependencies=[Depends(require_key)])
-def ready(request: Request) -> dict[str, Any]:
-    """The model is loaded and can answer."""
+@router.get("/ready", dependencies=[Depends(require_key)], responses={503: {"description": "Not ready (and why)."}})
+def ready(request: Request) -> JSONResponse:
+    """200 when the model is loaded and answering; 503 with the reason when not (probes read the status)."""
     state = getattr(request.app.state, "histoscan", None)
-    return {"ready": state is not None and state.model.alive}
+    status = {"ready": False, "reason": "the model is not loaded yet"} if state is None else state.model.status()
+    return JSONResponse(status_code=200 if status["ready"] else 503, content=status)
 
 
 @router.get("/v1/model", dependencies=[Depends(require_key)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -39,8 +40,8 @@ class BatchEntry(BaseModel):
     probabilities: dict[str, float] | None = None
     model: str | None = None
     uncertainty: float | None = None
-    error: str | None = Field(None, description="Why this file was refused (the others are still answered).")
-    status: int | None = Field(None, description="The HTTP status this file alone would have got.")
+    error: str | None = Field(default=None, description="Why this file was refused (the others are still answered).")
+    status: int | None = Field(default=None, description="The HTTP status this file alone would have got.")
 
 
 class BatchPrediction(BaseModel):
@@ -63,11 +64,12 @@ def answer(state: ServeState, probs: np.ndarray, predicted: int, uncertainty: fl
     }
 
 
-async def _read(upload: UploadFile, state: ServeState) -> bytes:
-    limit = int(state.settings.max_upload_mb * 1024 * 1024)
+async def _decode(upload: UploadFile, name: str, state: ServeState) -> np.ndarray:
+    """Read one uploaded file (at most the limit + 1 byte) and decode it in the pool, at the model's size."""
+    limit = state.settings.upload_limit
     data = await upload.read(limit + 1)
-    check_size(data, upload.filename or "file", limit)
-    return data
+    check_size(data, name, limit)
+    return await state.pool.decode(data, name, upload.content_type)
 
 
 @router.post("/predict", response_model=PatchPrediction, response_model_exclude_none=True)
@@ -77,8 +79,7 @@ async def predict_one(
     state: ServeState = Depends(get_state),
 ) -> PatchPrediction:
     """Classify one patch."""
-    data = await _read(file, state)
-    image = state.decode(data, file.filename or "file", file.content_type)
+    image = await _decode(file, file.filename or "file", state)
     probs, predicted, unc = await state.batcher.predict(image, tta)
     return PatchPrediction(**answer(state, probs, predicted, unc))
 
@@ -94,12 +95,16 @@ async def predict_batch(
         raise UploadError(413, f"{len(files)} files is over the batch limit of {state.settings.max_batch_files}")
     results: list[BatchEntry] = [BatchEntry() for _ in files]
     good: list[tuple[int, np.ndarray]] = []
-    for i, f in enumerate(files):
+
+    async def one(i: int, f: UploadFile) -> None:
         name = f.filename or f"file {i}"
         try:
-            good.append((i, state.decode(await _read(f, state), name, f.content_type)))
+            good.append((i, await _decode(f, name, state)))
         except UploadError as exc:
             results[i] = BatchEntry(file=name, error=exc.message, status=exc.status)
+
+    await asyncio.gather(*(one(i, f) for i, f in enumerate(files)))  # the pool bounds how many decode at once
+    good.sort(key=lambda item: item[0])
     if good:
         pred = await state.batcher.predict_many([img for _, img in good], tta)
         for k, (i, _) in enumerate(good):

@@ -9,9 +9,13 @@ from pathlib import Path
 from fastapi import HTTPException, Request
 
 from histoscan.bundle import ModelBundle
+from histoscan.data.imageio import DecodeBudget
+from histoscan.errors import ConfigError
 from histoscan.serving.batcher import MicroBatcher
 from histoscan.serving.model_process import ModelRunner
-from histoscan.serving.uploads import UploadDecoder
+from histoscan.serving.uploads import DecodePool, UploadDecoder, model_fit
+
+MB = 1_000_000  # every limit and message uses decimal megabytes
 
 
 @dataclass
@@ -29,21 +33,106 @@ class ServeSettings:
     max_in_flight: int = 2
     model_process: bool = True
     api_key: str | None = None
+    # ---- limits (issue 13): each becomes a ``histoscan serve`` option through its help text ----
+    max_request_mb: float = field(
+        default=64.0,
+        metadata={
+            "help": "Largest request body of /v1/predict/batch in MB (1 MB = 1,000,000 bytes); 413 above, "
+            "checked from Content-Length before the body is read."
+        },
+    )
+    max_pixels: int = field(
+        default=16_000_000,
+        metadata={"help": "Most pixels (height x width) an uploaded image may declare; 413 above, before decoding."},
+    )
+    max_decoded_mb: float = field(
+        default=64.0,
+        metadata={
+            "help": "Most memory one uploaded image may need once decoded (pixels x samples x bytes per "
+            "sample), in MB; 413 above, before decoding."
+        },
+    )
+    max_pages: int = field(default=8, metadata={"help": "Most pages (TIFF) an uploaded file may hold; 413 above."})
+    decode_workers: int = field(
+        default=2, metadata={"help": "Threads that decode uploads, off the event loop (each decodes one image)."}
+    )
+    max_inflight_mb: float = field(
+        default=256.0,
+        metadata={
+            "help": "Most request-body bytes being received or decoded at once, in MB; 503 with Retry-After above."
+        },
+    )
+    max_queue: int = field(
+        default=512,
+        metadata={"help": "Most images waiting for the model; 503 with Retry-After above (backpressure)."},
+    )
+    model_timeout_s: float = field(
+        default=30.0, metadata={"help": "Longest wait for the model's answer to one batch, in s; 503 after."}
+    )
+    heartbeat_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "A model process whose heartbeat is silent this long (s) is hung: /ready turns 503 and "
+            "it is restarted."
+        },
+    )
+    restart_backoff_s: float = field(
+        default=1.0,
+        metadata={
+            "help": "First wait before restarting a model process that failed to start, in s; doubles on "
+            "each failure up to 60 s (no restart storm)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_upload_mb",
+            "max_request_mb",
+            "max_pixels",
+            "max_decoded_mb",
+            "max_pages",
+            "decode_workers",
+            "max_inflight_mb",
+            "max_queue",
+            "model_timeout_s",
+            "heartbeat_timeout_s",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"serve option {name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+
+    @property
+    def upload_limit(self) -> int:
+        """Largest single upload in bytes."""
+        return int(self.max_upload_mb * MB)
+
+    @property
+    def request_limit(self) -> int:
+        """Largest batch request body in bytes."""
+        return int(self.max_request_mb * MB)
 
 
 @dataclass
 class ServeState:
-    """The loaded model and its batcher (created in the lifespan handler)."""
+    """The loaded model, its batcher and the upload decoders (created in the lifespan handler)."""
 
     settings: ServeSettings
     bundle: ModelBundle
     model: ModelRunner
     batcher: MicroBatcher
-    decode: UploadDecoder = field(default_factory=UploadDecoder)
     run_name: str = ""
+    decoder: UploadDecoder = field(init=False)
+    pool: DecodePool = field(init=False)
 
     def __post_init__(self) -> None:
         self.run_name = self.run_name or Path(self.settings.run_dir).resolve().name
+        s, pre = self.settings, self.bundle.preprocessing
+        budget = DecodeBudget(
+            max_pixels=s.max_pixels, max_decoded_bytes=int(s.max_decoded_mb * MB), max_pages=s.max_pages
+        )
+        target = (int(pre.image_size[0]), int(pre.image_size[1]))
+        self.decoder = UploadDecoder(budget, model_fit(pre), target)
+        self.pool = DecodePool(self.decoder, s.decode_workers)
 
 
 async def get_state(request: Request) -> ServeState:

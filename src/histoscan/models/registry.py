@@ -22,8 +22,19 @@ _REGISTRY: dict[str, ModelFn] = {}
 
 
 def register_model(fn: ModelFn) -> ModelFn:
-    """Decorator: register a builder under its function name."""
-    _REGISTRY[fn.__name__] = fn
+    """Decorator: register a builder under its function name.
+
+    Raises:
+        ConfigError: when another builder already has that name (a second one would silently replace it).
+    """
+    name = fn.__name__
+    if name in _REGISTRY and _REGISTRY[name] is not fn:
+        known = _REGISTRY[name]
+        raise ConfigError(
+            f"model {name!r} is already registered by {known.__module__}.{known.__qualname__}; "
+            f"rename {fn.__module__}.{fn.__qualname__}"
+        )
+    _REGISTRY[name] = fn
     return fn
 
 

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -19,7 +18,7 @@ from histoscan.progress import progress_bar
 
 # Commands whose options are generated from a settings dataclass are built when first asked for, so
 # 'histoscan info' does not import the server or Optuna just to know the options of 'serve' and 'tune'.
-_LAZY: dict[str, Callable[[], click.Command]] = {}
+_LAZY: dict[str, Callable[[], Any]] = {}  # name -> builder of the (Typer-vendored) click command
 
 
 class _Group(TyperGroup):
@@ -30,12 +29,12 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except HistoscanError as exc:
             Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            ctx.exit(2)
+            raise typer.Exit(2) from None
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: Any) -> list[str]:
         return [*super().list_commands(ctx), *(n for n in _LAZY if n not in self.commands)]
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
         if cmd_name not in self.commands and cmd_name in _LAZY:
             self.commands[cmd_name] = _LAZY[cmd_name]()
         return super().get_command(ctx, cmd_name)
@@ -54,7 +53,7 @@ app.add_typer(download_app, name="download")
 def _generated(name: str, fn: Callable[..., None], params: Callable[[], list[inspect.Parameter]]) -> None:
     """Register ``fn(**values)`` as command ``name``, its options from ``params()`` when first needed."""
 
-    def build() -> click.Command:
+    def build() -> Any:
         single = typer.Typer(add_completion=False)
         single.command(name)(with_parameters(fn, params()))
         return typer.main.get_command(single)

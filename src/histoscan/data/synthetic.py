@@ -23,7 +23,7 @@ _GAP = np.array([246.0, 242.0, 246.0])
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     small = rng.standard_normal((cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(small, mode="F").resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(small, mode="F").resize((size, size), Image.Resampling.BILINEAR))
 
 
 def _blob(

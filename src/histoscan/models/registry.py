@@ -125,7 +125,8 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 def classifier_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     """Parameters of the final classifier (timm's ``get_classifier``)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
     if not isinstance(head, nn.Module):
         raise ConfigError(f"{type(model).__name__} exposes no classifier; cannot freeze its backbone")
     return list(head.parameters())

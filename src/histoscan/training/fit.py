@@ -11,7 +11,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +230,7 @@ def build_trainer(
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=cfg.max_epochs,
-        max_time={"seconds": cfg.max_time_seconds} if cfg.max_time else None,
+        max_time=timedelta(seconds=cfg.max_time_seconds) if cfg.max_time_seconds else None,
         accelerator=cfg.accelerator,
         devices=devices,
         num_nodes=cfg.num_nodes,

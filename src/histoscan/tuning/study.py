@@ -183,18 +183,19 @@ def optimize(
 
     def objective(trial: optuna.Trial) -> float:
         overrides = {**space.suggest(trial), **settings.overrides}
+        name = f"trial-{trial.number:04d}"
         cfg = TrainConfig.from_dict(
             {
                 **overrides,
                 "data": settings.data,
                 "out": str(trials_dir),
-                "name": f"trial-{trial.number:04d}",
+                "name": name,
                 "seed": settings.seed,
                 "progress": False,
             },
             source=f"trial {trial.number}",
         )
-        trial.set_user_attr("run_dir", str((trials_dir / cfg.name).resolve()))  # type: ignore[operator]
+        trial.set_user_attr("run_dir", str((trials_dir / name).resolve()))
         trial.set_user_attr("worker", worker)
         hook = PruneOnValidation(trial)
         try:
@@ -302,7 +303,7 @@ def _plots(study: optuna.Study, study_dir: Path) -> dict[str, Path]:
 
     out: dict[str, Path] = {}
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    makers = {
+    makers: dict[str, Callable[[optuna.Study], Any]] = {
         "history": ovm.plot_optimization_history,
         "importance": ovm.plot_param_importances,
         "intermediate": ovm.plot_intermediate_values,

@@ -2,7 +2,8 @@
 
 Builds everything from synthetic data (``histoscan.demo.run_demo``) in a temporary folder, serves the demo's
 model on 127.0.0.1, and writes small PNGs to ``docs/images/``. Needs chromium and chromedriver
-(Debian: ``apt-get install chromium chromium-driver``) and the dev extra (selenium).
+(Debian: ``apt-get install chromium chromium-driver``) and the dev extra (selenium, pytest: the browser is
+started by the tests' ``headless_chrome``).
 
 Run: python docs/screenshots.py [--out docs/images] [--width 1100]
 """
@@ -10,7 +11,6 @@ Run: python docs/screenshots.py [--out docs/images] [--width 1100]
 from __future__ import annotations
 
 import argparse
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,31 +24,13 @@ from typing import Any
 import httpx
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.conftest
+
+from tests.conftest import headless_chrome
+
 from histoscan.demo import run_demo
 
 MAX_BYTES = 200_000
-
-
-@contextmanager
-def chromium(width: int, height: int) -> Iterator[Any]:
-    """A headless Chromium window of the given size (driven by Selenium)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chrome = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver = shutil.which("chromedriver")
-    if not chrome or not driver:
-        sys.exit("screenshots need chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chrome
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars"):
-        opts.add_argument(flag)
-    opts.add_argument(f"--window-size={width},{height}")
-    browser = webdriver.Chrome(service=Service(driver), options=opts)
-    try:
-        yield browser
-    finally:
-        browser.quit()
 
 
 def save_small(png: bytes, path: Path, width: int) -> Path:
@@ -146,7 +128,7 @@ def main() -> None:
         print("building the demo on synthetic data (about a minute)")
         demo = run_demo(Path(tmp) / "demo", n=300, epochs=3, printer=lambda *_: None)
         patches = example_patches(demo.source, Path(tmp) / "patches")
-        with chromium(1280, 1000) as browser:
+        with headless_chrome(window=(1280, 1000)) as browser:
             shots = [
                 shoot_page(browser, demo.eda_report.resolve().as_uri(), args.out / "eda-report.png", args.width),
                 shoot_page(

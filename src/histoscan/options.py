@@ -56,11 +56,6 @@ def field_type(hint: Any) -> FieldType:
     return FieldType(scalar, (), optional)
 
 
-def literal_values(hint: Any) -> tuple[str, ...]:
-    """The allowed values of a ``Literal`` (or ``Literal | None``) annotation."""
-    return field_type(hint).choices
-
-
 def documented_fields(cls: type) -> list[dataclasses.Field[Any]]:
     """The fields of a dataclass that carry help text and are not hidden from the command line."""
     return [f for f in dataclasses.fields(cls) if f.metadata.get("help") and f.metadata.get("cli", True)]

@@ -50,7 +50,7 @@ def main() -> None:
         seed=0,
         val=0.1,
         test=0.1,
-        max_time=args.minutes,
+        max_time=f"{args.minutes:g}m",
         progress=False,
     )
     cfg = TrainConfig.from_yaml(resolve_config_path(args.config), overrides)

@@ -46,7 +46,7 @@ def main() -> None:
                     data=str(store),
                     space=args.space,
                     trials=10_000,
-                    timeout=args.minutes,
+                    timeout=f"{args.minutes:g}m",
                     study=f"{sampler}-{pruner}",
                     out=str(root / "studies"),
                     sampler=sampler,

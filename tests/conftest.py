@@ -76,8 +76,8 @@ def tiny_run(kaggle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @contextmanager
-def headless_chrome() -> Iterator[Any]:
-    """A headless Chromium driven by Selenium, or skip saying what is missing."""
+def headless_chrome(window: tuple[int, int] | None = None) -> Iterator[Any]:
+    """A headless Chromium driven by Selenium (``window``: width, height in px), or skip saying what is missing."""
     chrome = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     driver = shutil.which("chromedriver")
     if not chrome or not driver:
@@ -101,6 +101,8 @@ def headless_chrome() -> Iterator[Any]:
         "--disable-sync",
     ):
         opts.add_argument(flag)
+    if window is not None:
+        opts.add_argument(f"--window-size={window[0]},{window[1]}")
     browser = webdriver.Chrome(service=Service(driver), options=opts)
     try:
         yield browser

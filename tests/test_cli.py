@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any, Literal
 
+import pandas as pd
+import typer
 from typer.testing import CliRunner
 
 from histoscan.cli import app
+from histoscan.options import dataclass_options, doc, given_values, with_parameters
 
 runner = CliRunner()
 
@@ -43,7 +48,39 @@ def test_synth_ingest_info_split(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "patches" in res.output and "80" in res.output
     res = runner.invoke(app, ["split", str(tmp_path / "store"), "--val", "0.2", "--test", "0.2", "--folds", "3"])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "store" / "splits" / "folds3-seed0.csv").is_file()
+    folds = tmp_path / "store" / "splits" / "folds3-seed0-val0.2-test0.2-grouped.csv"
+    assert folds.read_text().startswith("id,fold\n")
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tmp_path / "store"),
+            "--split-file",
+            str(folds),
+            "--fold",
+            "1",
+            "--out",
+            str(tmp_path / "runs"),
+            "--name",
+            "fold1",
+            "--max-epochs",
+            "1",
+            "--max-time",
+            "10m",
+            "--resize",
+            "32",
+            "--batch-size",
+            "16",
+            "--early-stopping",
+            "0",
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    used = pd.read_csv(tmp_path / "runs" / "fold1" / "split.csv", dtype=str)
+    fold = pd.read_csv(folds, dtype=str)
+    assert list(used["split"]) == ["val" if f == "1" else "test" if f == "test" else "train" for f in fold["fold"]]
 
 
 def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
@@ -56,6 +93,50 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "unknown layout" in res.output
 
 
+def test_serve_options_come_from_serve_settings() -> None:
+    from histoscan.options import documented_fields
+    from histoscan.serving.state import ServeSettings
+
+    res = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for f in documented_fields(ServeSettings):
+        if not f.metadata.get("argument"):
+            assert "--" + f.name.replace("_", "-") in res.output, f.name
+    assert all(f.metadata.get("help") for f in dataclasses.fields(ServeSettings))  # every field is documented
+    assert "--in-process" in res.output and "--api-key" not in res.output  # the key comes from the environment
+    res = runner.invoke(app, ["serve", "run", "--backend", "tensorrt"])
+    assert res.exit_code == 2 and "tensorrt" in res.output and "onnx" in res.output
+
+
 def test_version() -> None:
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.startswith("histoscan ")
+
+
+def test_any_documented_dataclass_becomes_options() -> None:
+    """A field added later with field(metadata={"help": ...}) shows up without touching cli.py."""
+
+    @dataclasses.dataclass
+    class Limits:
+        max_queue: int = dataclasses.field(default=8, metadata={"help": "Requests waiting at most."})
+        mode: Literal["fast", "safe"] = doc("How to run.", "safe")
+        strict: bool = doc("Refuse odd inputs.", True)
+        sizes: list = doc("Allowed sizes.", [96])
+        hidden: str = "x"  # no help text: not an option
+
+    got: list[Limits] = []
+
+    def command(**values: Any) -> None:
+        got.append(Limits(**given_values(Limits, values)))
+
+    one = typer.Typer()
+    one.command()(with_parameters(command, dataclass_options(Limits)))
+    res = CliRunner().invoke(one, ["--max-queue", "3", "--no-strict", "--sizes", "[32, 64]"])
+    assert res.exit_code == 0, res.output
+    assert got[-1] == Limits(max_queue=3, mode="safe", strict=False, sizes=[32, 64])
+    res = CliRunner().invoke(one, ["--mode", "quick"])
+    assert res.exit_code == 2 and "fast" in res.output and "safe" in res.output
+    res = CliRunner().invoke(one, ["--hidden", "y"])
+    assert res.exit_code == 2
+    res = CliRunner().invoke(one, ["--help"], env={"COLUMNS": "200"})
+    assert "Requests waiting at most." in res.output and "default: 8" in res.output

@@ -48,8 +48,16 @@ def mirror(pcam_dir: Path, tmp_path: Path) -> Iterator[tuple[str, list[RemoteFil
         server.server_close()
 
 
-def test_official_file_list_has_md5s() -> None:
-    assert len(PCAM_FILES) == 9 and all(len(f.md5) == 32 for f in PCAM_FILES)
+def test_only_the_asked_splits_and_meta_files_are_fetched(mirror: tuple[str, list[RemoteFile]], tmp_path: Path) -> None:
+    url, files = mirror
+    got = download_pcam(tmp_path / "a", base_url=url, files=files, splits=["valid"], meta=False)
+    assert sorted(p.name for p in got) == [
+        "camelyonpatch_level_2_split_valid_x.h5.gz",
+        "camelyonpatch_level_2_split_valid_y.h5.gz",
+    ]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(p.name for p in got)  # nothing else
+    got = download_pcam(tmp_path / "b", base_url=url, files=files, splits=["test", "valid"])
+    assert len(got) == 6 and {p.name.split("_split_")[1].split("_")[0] for p in got} == {"test", "valid"}
 
 
 def test_download_then_ingest(mirror: tuple[str, list[RemoteFile]], tmp_path: Path) -> None:

@@ -96,6 +96,7 @@ def test_eda_report(odd_store: Path, tmp_path: Path) -> None:
     assert _valid_png(r.figures["class_counts"]) == (560, 400)
     assert _valid_png(r.figures["rgb_histograms"]) == (960, 320)
     assert json.loads((r.out / "eda.json").read_text())["counts"] == PatchStore(odd_store).counts()
+    assert s["duplicate_groups"] == 1  # the one planted copy
     with headless_chrome() as browser:
         assert_images_load(browser, r.out / "report.html", expected=len(r.figures))
 
@@ -109,7 +110,7 @@ def test_eda_on_real_grouped_multiclass_stores(tmp_path: Path) -> None:
     r = run_eda(lung, tmp_path / "lung-eda", sample=100, grid=4)
     assert set(r.summary["counts"]) == {"lung_aca", "lung_n", "lung_scc"}
     assert all(f"samples_{c}" in r.figures for c in r.summary["counts"])
-    assert "duplicates" not in r.figures or r.summary["duplicate_groups"] > 0
+    assert r.summary["duplicate_groups"] == 4 and "duplicates" in r.figures  # this LC25000 subset holds 4 exact copies
 
 
 def test_cli_eda(odd_store: Path, tmp_path: Path) -> None:

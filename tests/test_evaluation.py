@@ -181,8 +181,14 @@ def test_leaderboard_and_selection(evaluated_run: Path, tmp_path: Path) -> None:
     second = tmp_path / "second"
     shutil.copytree(evaluated_run, second)
     shutil.rmtree(second / "eval", ignore_errors=True)  # compare evaluates it
-    board = build_leaderboard([evaluated_run, second], "auroc", printer=lambda *_: None)
-    assert list(board.table["run"]) == ["tiny", "second"] or list(board.table["run"]) == ["second", "tiny"]
+    worse = tmp_path / "worse"
+    shutil.copytree(evaluated_run, worse)
+    record = json.loads((worse / "eval" / "metrics.json").read_text())
+    record["metrics"]["auroc"] -= 0.2  # the same run, scored lower: it must rank last though given first
+    (worse / "eval" / "metrics.json").write_text(json.dumps(record))
+    board = build_leaderboard([worse, evaluated_run, second], "auroc", printer=lambda *_: None)
+    assert list(board.table["run"]) == ["tiny", "second", "worse"]  # best first; the tied copies keep their order
+    assert board.table["auroc"][0] == board.table["auroc"][1] > board.table["auroc"][2]
     assert board.comparable and (second / "eval" / "metrics.json").is_file()
     paths = board.write(tmp_path / "lb")
     assert "| rank |" in paths["md"].read_text() and paths["csv"].is_file()

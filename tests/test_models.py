@@ -91,3 +91,17 @@ def test_pretrained_without_hub_names_the_local_file_option(monkeypatch: pytest.
     with pytest.raises(ConfigError, match=r"could not fetch ImageNet weights for 'resnet18'.*--weights PATH"):
         create_model("resnet18", 2, pretrained=True)
     assert create_model("resnet18", 2).get_classifier().out_features == 1
+
+
+def test_registering_a_taken_name_raises() -> None:
+    from torch import nn
+
+    from histoscan.models.registry import register_model
+
+    def simple_cnn(num_outputs: int = 1, input_size: int = 96) -> nn.Module:
+        return nn.Linear(1, num_outputs)
+
+    list_models()  # the built-in models are registered
+    with pytest.raises(ConfigError, match=r"'simple_cnn' is already registered by histoscan\.models\.cnn"):
+        register_model(simple_cnn)
+    assert create_model("simple_cnn", 2).__class__.__name__ != "Linear"  # the original builder is still there

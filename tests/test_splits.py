@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from histoscan.data.ingest import ingest
-from histoscan.data.splits import make_folds, make_split, read_split, split_store
+from histoscan.data.splits import fold_assignment, make_folds, make_split, read_split, split_store, write_splits
 from histoscan.data.store import PatchStore
 from histoscan.errors import DataError
 from tests.conftest import shared
@@ -87,3 +87,57 @@ def test_real_idc_split_by_patient(tmp_path: Path) -> None:
     assert not (pats["train"] & pats["test"]) and not (pats["train"] & pats["val"]) and not (pats["val"] & pats["test"])
     for v in parts.values():
         assert 0.1 < (v.labels == 1).mean() < 0.5  # both classes present in every part
+
+
+def test_folds_leave_the_test_rows_alone_and_read_back_as_splits(grouped_dir: Path, tmp_path: Path) -> None:
+    store = PatchStore(ingest(grouped_dir, tmp_path / "s", workers=1).store)
+    parts, _ = split_store(store, val=0.2, test=0.2, seed=3)
+    folds, name = fold_assignment(store, 3, val=0.2, test=0.2, seed=3)
+    assert name == "folds3-seed3-val0.2-test0.2-grouped"
+    assert set(store.ids[folds == "test"]) == set(parts["test"].ids)  # the same test rows as the split, never folded
+    assert set(folds) == {"0", "1", "2", "test"}
+    for g in np.unique(store.groups):
+        assert len(set(folds[store.groups == g])) == 1  # a group (patient) sits in one fold only
+
+    written = write_splits(store, val=0.2, test=0.2, seed=3, folds=3)
+    assert written.folds_path is not None and written.folds_path.read_text().startswith("id,fold\n")
+    for k in range(3):
+        assignment = read_split(written.folds_path, store, fold=k)
+        assert set(store.ids[assignment == "val"]) == set(store.ids[folds == str(k)])
+        assert set(store.ids[assignment == "test"]) == set(parts["test"].ids)
+        assert set(store.ids[assignment == "train"]) == set(store.ids[(folds != str(k)) & (folds != "test")])
+
+
+def test_a_fold_through_split_store_is_saved_as_a_plain_split(grouped_dir: Path, tmp_path: Path) -> None:
+    store = PatchStore(ingest(grouped_dir, tmp_path / "s", workers=1).store)
+    path = write_splits(store, folds=4).folds_path
+    parts, saved = split_store(store, split_file=path, fold=2)
+    assert saved.name == f"{path.stem}-fold2.csv" and saved.read_text().startswith("id,split\n")
+    assert list(read_split(saved, store)) == list(read_split(path, store, fold=2))
+    assert sum(len(p) for p in parts.values()) == len(store)
+
+
+def test_fold_errors_are_clear(grouped_dir: Path, tmp_path: Path) -> None:
+    store = PatchStore(ingest(grouped_dir, tmp_path / "s", workers=1).store)
+    written = write_splits(store, folds=3)
+    with pytest.raises(DataError, match=r"a folds file \(3 folds\); choose the validation fold with --fold 0\.\.2"):
+        read_split(written.folds_path, store)
+    with pytest.raises(DataError, match="no fold 5"):
+        read_split(written.folds_path, store, fold=5)
+    with pytest.raises(DataError, match="has no folds"):
+        read_split(written.path, store, fold=0)
+    with pytest.raises(DataError, match="--fold needs --split-file"):
+        split_store(store, fold=0)
+    with pytest.raises(DataError, match="at least 2"):
+        write_splits(store, folds=1)
+
+
+def test_pcam_split_command_and_train_use_the_same_source_split(pcam_dir: Path, tmp_path: Path) -> None:
+    store = PatchStore(ingest(pcam_dir, tmp_path / "s").store)
+    written = write_splits(store, val=0.3, test=0.3, seed=1, folds=2)
+    trained_on, path = split_store(store, val=0.3, test=0.3, seed=1)  # what 'histoscan train' calls
+    assert written.source and written.path == path and path.name == "source.csv"
+    assert any("source's own split" in line for line in written.lines())
+    assert list(written.parts["val"].ids) == list(trained_on["val"].ids)
+    folds = read_split(written.folds_path, store, fold=0)
+    assert all(i.startswith("test_") for i in store.ids[folds == "test"])  # the official test file stays test

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,7 +162,52 @@ def test_bad_training_inputs_are_clear_errors(train_store: Path, kaggle_dir: Pat
     with pytest.raises(ConfigError, match="nothing to resume"):
         train(_quick(train_store, tmp_path, "never", resume=True))
     res = CliRunner().invoke(app, ["train", "--data", str(train_store), "--optimizer", "rmsprop"])
-    assert res.exit_code == 2 and "optimizer 'rmsprop'" in res.output
+    assert res.exit_code == 2 and "rmsprop" in res.output
+    assert all(name in res.output for name in ("adamw", "adam", "sgd"))  # the allowed values are listed
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"optimizer": "rmsprop"}, "optimizer: 'rmsprop' is not one of adamw, adam, sgd"),
+        ({"schedule": "step"}, "schedule: 'step' is not one of cosine, onecycle, plateau, constant"),
+        ({"augment": "heavy"}, "augment: 'heavy' is not one of none, flips, light, strong"),
+        ({"precision": "8"}, "precision: '8' is not one of auto, 32"),
+        ({"accelerator": "tpu"}, "accelerator: 'tpu' is not one of auto, cpu"),
+        ({"max_time": 1200}, "max_time: '1200' has no unit"),
+        ({"max_time": "20 minutes"}, "max_time: '20 minutes' is not a duration"),
+        ({"fold": 1}, "fold needs a folds file"),
+    ],
+)
+def test_config_rejects_bad_values_in_yaml_naming_the_allowed_ones(tmp_path: Path, values: dict, message: str) -> None:
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_config_durations_take_units_and_yaml_numbers_for_precision(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("max_time: 1h30m\nprecision: 32\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert cfg.max_time_seconds == 5400.0 and cfg.precision == "32"
+    assert TrainConfig(max_time="90s").max_time_seconds == 90.0
+    assert TrainConfig(max_time="20m").max_time_seconds == 1200.0
+    assert TrainConfig().max_time_seconds is None
+
+
+def test_config_bare_number_on_the_command_line_asks_for_a_unit(train_store: Path) -> None:
+    res = CliRunner().invoke(app, ["train", "--data", str(train_store), "--max-time", "1200"])
+    assert res.exit_code == 2 and "has no unit" in res.output and "Traceback" not in res.output
+
+
+def test_config_help_names_every_field_the_duration_unit_and_choices() -> None:
+    res = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for field in dataclasses.fields(TrainConfig):
+        assert "--" + field.name.replace("_", "-") in res.output
+    assert "90s, 20m, 1h" in res.output and "adamw|adam|sgd" in res.output
+    assert "seeds" not in res.output
 
 
 def test_existing_run_is_never_overwritten(first_run: Path, train_store: Path) -> None:

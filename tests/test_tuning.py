@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from histoscan.cli import app
 from histoscan.errors import ConfigError
+from histoscan.tuning.settings import TuneSettings, parse_overrides
 from histoscan.tuning.space import load_space, shipped_spaces
-from histoscan.tuning.study import TuneSettings, tune
+from histoscan.tuning.study import tune
 
 FAST = {"max_epochs": 2, "early_stopping": None, "batch_size": 32, "resize": 32, "val": 0.25, "test": 0.15}
 
@@ -243,4 +244,18 @@ def test_cli_tune_bad_input(tune_store: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["tune", "--data", str(tune_store), "--space", "nope", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "not a shipped space" in res.output
     res = CliRunner().invoke(app, ["tune", "--data", str(tune_store), "--pruner", "fast", "--out", str(tmp_path)])
-    assert res.exit_code == 2 and "--pruner" in res.output
+    assert res.exit_code == 2 and "fast" in res.output and all(p in res.output for p in ("hyperband", "median"))
+    res = CliRunner().invoke(app, ["tune", "--data", str(tune_store), "--timeout", "600", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "has no unit" in res.output
+    res = CliRunner().invoke(app, ["tune", "--data", str(tune_store), "--set", "max_epochs", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "expected KEY=VALUE" in res.output
+
+
+def test_tune_settings_durations_and_choices() -> None:
+    assert TuneSettings(data="s", timeout="1h30m").timeout_seconds == 5400.0
+    assert TuneSettings(data="s").timeout_seconds is None
+    with pytest.raises(ConfigError, match="timeout: '600' has no unit"):
+        TuneSettings(data="s", timeout=600)
+    with pytest.raises(ConfigError, match="sampler: 'grid' is not one of tpe, random"):
+        TuneSettings(data="s", sampler="grid")
+    assert parse_overrides(["max_epochs=4", "class_weights=[1, 2]"]) == {"max_epochs": 4, "class_weights": [1, 2]}

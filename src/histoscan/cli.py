@@ -2,31 +2,42 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from typer.core import TyperGroup
 
 from histoscan import __version__
 from histoscan.errors import HistoscanError
+from histoscan.options import dataclass_options, given_values, with_parameters
+from histoscan.progress import progress_bar
+
+# Commands whose options are generated from a settings dataclass are built when first asked for, so
+# 'histoscan info' does not import the server or Optuna just to know the options of 'serve' and 'tune'.
+_LAZY: dict[str, Callable[[], Any]] = {}  # name -> builder of the (Typer-vendored) click command
 
 
 class _Group(TyperGroup):
-    """Turns HistoscanError into one red line on stderr and exit code 2: no traceback for user errors."""
+    """Turns HistoscanError into one red line on stderr and exit code 2; builds generated commands on demand."""
 
     def invoke(self, ctx: Any) -> object:
         try:
             return super().invoke(ctx)
         except HistoscanError as exc:
             Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            ctx.exit(2)
+            raise typer.Exit(2) from None
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*super().list_commands(ctx), *(n for n in _LAZY if n not in self.commands)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in self.commands and cmd_name in _LAZY:
+            self.commands[cmd_name] = _LAZY[cmd_name]()
+        return super().get_command(ctx, cmd_name)
 
 
 app = typer.Typer(
@@ -39,22 +50,21 @@ download_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Download publ
 app.add_typer(download_app, name="download")
 
 
+def _generated(name: str, fn: Callable[..., None], params: Callable[[], list[inspect.Parameter]]) -> None:
+    """Register ``fn(**values)`` as command ``name``, its options from ``params()`` when first needed."""
+
+    def build() -> Any:
+        single = typer.Typer(add_completion=False)
+        single.command(name)(with_parameters(fn, params()))
+        return typer.main.get_command(single)
+
+    _LAZY[name] = build
+
+
 def _console() -> Console:
     """The terminal, or a wide console when output is piped (tables keep their columns)."""
     con = Console()
     return con if con.is_terminal else Console(width=160)
-
-
-@contextmanager
-def _progress(label: str) -> Iterator[Callable[[int], Callable[[int], None]]]:
-    """A rich progress bar; yields ``start(total) -> advance(n)``."""
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
-
-        def start(total: int) -> Callable[[int], None]:
-            task = bar.add_task(label, total=total or None)
-            return lambda n: bar.advance(task, n)
-
-        yield start
 
 
 def _table(title: str, frame: Any) -> Any:
@@ -70,6 +80,7 @@ def _table(title: str, frame: Any) -> Any:
 
 
 def _version(value: bool) -> None:
+    """Print the version and stop (``--version``)."""
     if value:
         typer.echo(f"histoscan {__version__}")
         raise typer.Exit()
@@ -128,7 +139,7 @@ def ingest(
     from histoscan.data.ingest import ingest as run_ingest
     from histoscan.data.summary import report_summary
 
-    with _progress("decoding") as start:
+    with progress_bar("decoding") as start:
         result = run_ingest(
             source,
             out,
@@ -156,24 +167,21 @@ def info(store: Path = typer.Argument(..., help="A packed store folder.")) -> No
 @app.command()
 def split(
     store: Path = typer.Argument(..., help="A packed store folder."),
-    val: float = typer.Option(0.1, help="Validation fraction."),
-    test: float = typer.Option(0.1, help="Test fraction."),
+    val: float = typer.Option(0.1, help="Validation fraction (ignored where the source has its own split)."),
+    test: float = typer.Option(0.1, help="Test fraction (ignored where the source has its own split)."),
     seed: int = typer.Option(0, help="Random seed."),
-    folds: int = typer.Option(0, help="Also write K stratified (grouped) folds when K >= 2."),
+    folds: int = typer.Option(
+        0, help="Also write K >= 2 stratified (grouped) folds of the train+val rows, as id,fold (test rows: test)."
+    ),
 ) -> None:
-    """Make (or reuse) a stratified, group-disjoint train/val/test split saved next to the store."""
-    from histoscan.data.splits import make_folds, save_split, split_store
+    """Make (or reuse) the train/val/test split that 'histoscan train' uses with the same options, saved next to the store."""
+    from histoscan.data.splits import write_splits
     from histoscan.data.store import PatchStore
 
-    s = PatchStore(store)
-    parts, path = split_store(s, val=val, test=test, seed=seed, use_source_split=False)
+    result = write_splits(PatchStore(store), val=val, test=test, seed=seed, folds=folds)
     con = _console()
-    con.print(", ".join(f"{k}: {len(v)} {v.counts()}" for k, v in parts.items()))
-    con.print(f"split saved to {path}")
-    if folds >= 2:
-        assignment = make_folds(s.labels, s.groups, k=folds, seed=seed)
-        fpath = save_split(s, [f"fold{f}" for f in assignment], f"folds{folds}-seed{seed}")
-        con.print(f"{folds} folds saved to {fpath}")
+    for line in result.lines():
+        con.print(line)
 
 
 @app.command()
@@ -190,10 +198,7 @@ def synth(
     """Write synthetic H&E-like patches in any supported layout."""
     from histoscan.data.synthetic import write_synthetic
 
-    try:
-        path = write_synthetic(out, layout, n, seed=seed, size=size, noise=noise, num_classes=classes, test=test)
-    except ValueError as exc:
-        raise HistoscanError(str(exc)) from exc
+    path = write_synthetic(out, layout, n, seed=seed, size=size, noise=noise, num_classes=classes, test=test)
     _console().print(f"wrote {n} synthetic patches ({layout}) to {path}")
 
 
@@ -207,13 +212,14 @@ def download_pcam(
     """Download PatchCamelyon (about 7.5 GB) with md5 checks."""
     from histoscan.data.download import download_pcam as run_download
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
-
-        def start(name: str, total: int | None) -> Callable[[int], None]:
-            task = bar.add_task(name, total=total)
-            return lambda n: bar.advance(task, n)
-
-        files = run_download(dest, splits=splits.split(","), meta=meta, base_url=base_url, progress=start)
+    with progress_bar("downloading", count_bytes=True) as start:
+        files = run_download(
+            dest,
+            splits=splits.split(","),
+            meta=meta,
+            base_url=base_url,
+            progress=lambda name, total: start(total, name),
+        )
     _console().print(f"{len(files)} files in {dest}; ingest with: histoscan ingest {dest} STORE")
 
 
@@ -253,7 +259,7 @@ def predict(
 
     check_output(out, force, [input, run])  # before the work, not after it
     predictor = Predictor(run, backend=backend, device=device, batch_size=batch_size, threads=threads)
-    with _progress("predicting") as start:
+    with progress_bar("predicting") as start:
         table = predict_input(predictor, input, tta=tta, workers=workers, progress=start(0))
     con = _console()
     path, errors = write_predictions(table, out, force=force, inputs=[input, run])
@@ -299,44 +305,22 @@ def calibrate(
     )
 
 
-@app.command()
-def serve(
-    run: Path = typer.Argument(..., help="A run folder (the model bundle)."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 in a container)."),
-    port: int = typer.Option(8000, help="Port."),
-    backend: str = typer.Option("auto", help="onnx, torch, or auto (onnx when model.onnx exists)."),
-    device: str = typer.Option("cpu", help="Torch device for the torch backend (cuda for a GPU)."),
-    workers: int = typer.Option(1, help="Server processes (each loads the model once)."),
-    threads: int | None = typer.Option(None, help="CPU threads for the model in each process (default: all cores)."),
-    max_upload_mb: float = typer.Option(20.0, help="Largest accepted upload (413 above)."),
-    max_batch_files: int = typer.Option(64, help="Most files in one /v1/predict/batch request."),
-    max_batch: int = typer.Option(64, help="Most single-image requests gathered into one model batch."),
-    max_wait_ms: float = typer.Option(
-        0.0, help="How long a batch smaller than --max-batch waits for more requests, in ms."
-    ),
-    access_log: bool = typer.Option(True, help="Log every request (about 8% of throughput on 2 cores)."),
-    in_process: bool = typer.Option(
-        False,
-        help="Run the model in a thread of the server process, not a child process "
-        "(no extra process, but slower under load: the two share one GIL).",
-    ),
-) -> None:
+def serve(**values: Any) -> None:
     """Serve a model over HTTP (API at /v1, docs at /docs, a web page at /). HISTOSCAN_API_KEY sets a key."""
     from histoscan.serving.server import serve as run_server
     from histoscan.serving.state import ServeSettings
 
-    settings = ServeSettings(
-        str(run),
-        backend=backend,
-        device=device,
-        threads=threads,
-        max_upload_mb=max_upload_mb,
-        max_batch_files=max_batch_files,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        model_process=not in_process,
-    )
-    run_server(settings, host=host, port=port, workers=workers, access_log=access_log)
+    s = ServeSettings(**given_values(ServeSettings, values))
+    run_server(s, host=s.host, port=s.port, workers=s.workers, access_log=s.access_log)
+
+
+def _serve_options() -> list[inspect.Parameter]:
+    from histoscan.serving.state import ServeSettings
+
+    return dataclass_options(ServeSettings)
+
+
+_generated("serve", serve, _serve_options)
 
 
 @app.command()
@@ -352,7 +336,7 @@ def eda(
     """Explore a store: class balance, samples, mean images, colour histograms, quality checks (PNG + HTML)."""
     from histoscan.eda.report import run_eda
 
-    with _progress("checking patches") as start:
+    with progress_bar("checking patches") as start:
         r = run_eda(store, out, sample=sample, grid=grid, seed=seed, progress=start)
     q = r.summary["quality"]
     _console().print(
@@ -470,149 +454,61 @@ def compare(
         con.print(f"best: {sel['best_run']} - {sel['reason']}\nselection: {out / 'selection.json'}")
 
 
-@app.command()
-def tune(
-    data: Path = typer.Option(..., help="Labelled packed store to tune on."),
-    space: str = typer.Option("nas", help="Search space: a shipped name (nas, hparams, backbone) or a YAML file."),
-    trials: int = typer.Option(20, help="Finished trials the study should hold (a resumed study runs only the rest)."),
-    timeout: float | None = typer.Option(None, help="Stop this worker after this many minutes."),
-    study: str | None = typer.Option(None, help="Study name (default: the space's name)."),
-    out: Path = typer.Option(
-        Path("studies"), help="Folder holding study folders (trials, study.db, plots, best.yaml)."
-    ),
-    storage: str | None = typer.Option(
-        None, help="Optuna RDB URL shared by many workers (default: SQLite in the study folder)."
-    ),
-    sampler: str = typer.Option("tpe", help="tpe or random."),
-    pruner: str = typer.Option("hyperband", help="hyperband, median or none."),
-    seed: int = typer.Option(0, help="Split seed of every trial, and the sampler's seed."),
-    resume: bool = typer.Option(False, help="Continue an existing study (or join it as another worker)."),
-    set_: list[str] = typer.Option(
-        [], "--set", help="Fix a training option for every trial, KEY=YAML (repeatable), e.g. max_epochs=4."
-    ),
-    retrain_best: bool = typer.Option(False, help="At the end, train the best configuration on train+val."),
-    retrain_epochs: int | None = typer.Option(
-        None, help="Epochs for --retrain-best (default: 1.5x the trials' max_epochs)."
-    ),
-) -> None:
+def tune(set_: list[str], **values: Any) -> None:
     """Search hyperparameters or CNN architectures with Optuna: pruned, resumable, many workers on one study."""
-    from histoscan.tuning.study import TuneSettings
+    from histoscan.tuning.settings import TuneSettings, parse_overrides
     from histoscan.tuning.study import tune as run_tune
 
-    overrides = {}
-    for item in set_:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        overrides[key.strip()] = _yaml_value(value, "set")
+    settings = TuneSettings(**given_values(TuneSettings, values), overrides=parse_overrides(set_))
     con = _console()
-    r = run_tune(
-        TuneSettings(
-            data=str(data),
-            space=space,
-            trials=trials,
-            timeout=timeout,
-            study=study,
-            out=str(out),
-            storage=storage,
-            sampler=sampler,
-            pruner=pruner,
-            seed=seed,
-            resume=resume,
-            overrides=overrides,
-            retrain_best=retrain_best,
-            retrain_epochs=retrain_epochs,
-        ),
-        printer=con.print,
+    r = run_tune(settings, printer=con.print)
+    con.print(_table(r.title(), r.display_table()))
+    for line in r.summary_lines():
+        con.print(line)
+
+
+def _tune_options() -> list[inspect.Parameter]:
+    from histoscan.tuning.settings import TuneSettings
+
+    set_ = typer.Option(
+        [], "--set", help="Fix a training option for every trial, KEY=YAML (repeatable), e.g. max_epochs=4."
     )
-    shown = r.table.drop(columns=["run_dir", "error"], errors="ignore")
-    shown.columns = [c.replace("param:", "").replace("model_args.", "") for c in shown.columns]
-    con.print(
-        _table(
-            f"study {r.study_name}: {r.counts['complete']} complete, {r.counts['pruned']} pruned, "
-            f"{r.counts['fail']} failed",
-            shown,
-        )
-    )
-    con.print(
-        f"trials: {r.study_dir / 'trials.csv'}; plots: {', '.join(str(p) for p in r.plots.values()) or 'none yet'}"
-    )
-    if r.best_config is not None:
-        con.print(
-            f"best val AUROC {r.best_value:.4f}; config: {r.best_config} (histoscan train --config {r.best_config} --data ...)"
-        )
-    if r.retrained is not None:
-        con.print(f"retrained on train+val: {r.retrained}")
+    return [
+        *dataclass_options(TuneSettings),
+        inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=set_, annotation=list[str]),
+    ]
 
 
-# ---- train: options generated from TrainConfig, so the help text lives in one place ------------
-def _yaml_value(text: str, name: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise typer.BadParameter(f"not valid YAML: {exc}", param_hint=f"--{name.replace('_', '-')}") from exc
+_generated("tune", tune, _tune_options)
 
 
-def _train_parameter(f: dataclasses.Field[Any], help_text: str) -> inspect.Parameter:
-    flag = "--" + f.name.replace("_", "-")
-    hint = str(f.type)
-    if hint.startswith("bool"):
-        kind: Any = bool | None
-        opt = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
-    elif hint.startswith(("dict", "list")):
-        kind = str | None
-        opt = typer.Option(None, flag, help=help_text + " YAML, e.g. '[1, 1.5]'.", metavar="YAML", show_default=False)
-    else:
-        kind = int | None if hint.startswith("int") else float | None if hint.startswith("float") else str | None
-        opt = typer.Option(None, flag, help=help_text, show_default=False)
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
-
-
-def train(config: str | None = None, **values: Any) -> None:
+def train(config: str | None, **values: Any) -> None:
     """Train a model on a packed store and write a run folder (the model bundle)."""
-    from histoscan.training.config import TrainConfig, resolve_config_path, structured_fields
+    from histoscan.training.config import TrainConfig
     from histoscan.training.fit import train as run_train
 
-    overrides = {k: (_yaml_value(v, k) if k in structured_fields() else v) for k, v in values.items() if v is not None}
-    cfg = (
-        TrainConfig.from_yaml(resolve_config_path(config), overrides)
-        if config
-        else TrainConfig.from_dict(overrides, "options")
-    )
+    cfg = TrainConfig.load(config, given_values(TrainConfig, values))
     con = _console()
-    result = run_train(cfg, printer=con.print)
-    best = (
-        f"best val AUROC {result.best_val_auroc:.4f} at epoch {result.best_epoch}"
-        if result.best_val_auroc == result.best_val_auroc
-        else "no validation split: kept the last epoch's weights"
+    for line in run_train(cfg, printer=con.print).summary_lines():
+        con.print(line)
+
+
+def _train_options() -> list[inspect.Parameter]:
+    from histoscan.training.config import TrainConfig
+
+    config = typer.Option(
+        None,
+        "--config",
+        metavar="FILE|NAME",
+        help="YAML config: a path, or a shipped name such as cpu-default. Options given here override it.",
     )
-    con.print(f"{best}; {result.epochs} epochs in {result.seconds:.0f} s")
-    con.print(f"run folder: {result.run_dir}")
+    return [
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=str | None),
+        *dataclass_options(TrainConfig, defaults=False),
+    ]
 
 
-def _register_train() -> None:
-    from histoscan.training.config import TrainConfig, field_help
-
-    helps = field_help()
-    config = inspect.Parameter(
-        "config",
-        inspect.Parameter.KEYWORD_ONLY,
-        annotation=str | None,
-        default=typer.Option(
-            None,
-            "--config",
-            metavar="FILE|NAME",
-            help="YAML config: a path, or a shipped name such as cpu-default. Options given here override it.",
-        ),
-    )
-    params = [config] + [_train_parameter(f, helps[f.name]) for f in dataclasses.fields(TrainConfig)]
-    train.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    app.command("train")(train)
-
-
-_register_train()
+_generated("train", train, _train_options)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,34 +89,77 @@ def split_name(val: float, test: float, seed: int) -> str:
     return f"seed{seed}-val{val:g}-test{test:g}"
 
 
-def save_split(store: PatchStore, assignment: np.ndarray, name: str) -> Path:
-    """Write ``splits/<name>.csv`` (id, split) next to the store's images."""
+def save_split(store: PatchStore, assignment: np.ndarray, name: str, column: str = "split") -> Path:
+    """Write ``splits/<name>.csv`` (``id,split``, or ``id,fold`` for folds) next to the store's images."""
     folder = store.path / SPLITS_DIR
     folder.mkdir(exist_ok=True)
     path = folder / f"{name}.csv"
     tmp = path.with_suffix(".csv.tmp")
-    pd.DataFrame({"id": store.ids, "split": assignment}).to_csv(tmp, index=False)
+    pd.DataFrame({"id": store.ids, column: assignment}).to_csv(tmp, index=False)
     tmp.replace(path)
     return path
 
 
-def read_split(path: str | Path, store: PatchStore) -> np.ndarray:
-    """Read an (id, split) CSV and align it with the store's rows."""
+def read_split(path: str | Path, store: PatchStore, fold: int | None = None) -> np.ndarray:
+    """Read a split CSV and align it with the store's rows: "train", "val" or "test" per patch.
+
+    Two layouts: ``id,split`` (train/val/test), or ``id,fold`` (a fold number, or ``test``) as written by
+    ``histoscan split --folds K``; a folds file needs ``fold``: that fold becomes val, the other folds train,
+    and the test rows stay test.
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: split file not found")
-    df = pd.read_csv(p, dtype={"id": str, "split": str}, keep_default_na=False)
-    if list(df.columns[:2]) != ["id", "split"]:
-        raise DataError(f"{p}: expected columns id,split, found {list(df.columns)}")
-    by_id = dict(zip(df["id"], df["split"]))
+    df = pd.read_csv(p, dtype=str, keep_default_na=False)
+    column = df.columns[1] if len(df.columns) >= 2 and df.columns[0] == "id" else None
+    if column not in ("split", "fold"):
+        raise DataError(f"{p}: expected columns id,split or id,fold, found {list(df.columns)}")
+    by_id = dict(zip(df["id"], df[column]))
     missing = [i for i in store.ids if i not in by_id]
     if missing:
-        raise DataError(f"{p}: no split for {len(missing)} patches of {store.path} (first: {missing[0]!r})")
-    out = np.array([by_id[i] for i in store.ids], dtype=object)
-    bad = sorted(set(out) - set(SPLIT_NAMES))
+        raise DataError(f"{p}: no {column} for {len(missing)} patches of {store.path} (first: {missing[0]!r})")
+    values = np.array([by_id[i] for i in store.ids], dtype=object)
+    if column == "fold":
+        return _fold_to_split(p, values, fold)
+    if fold is not None:
+        raise DataError(f"{p}: a train/val/test split file has no folds; --fold needs a folds file (id,fold)")
+    bad = sorted(set(values) - set(SPLIT_NAMES))
     if bad:
         raise DataError(f"{p}: unknown split names {bad}; use {list(SPLIT_NAMES)}")
+    return values
+
+
+def _fold_to_split(path: Path, values: np.ndarray, fold: int | None) -> np.ndarray:
+    """Fold ``fold`` -> val, other folds -> train, ``test`` -> test."""
+    names = set(values) - {"test"}
+    bad = sorted(v for v in names if not v.isdigit())
+    if bad:
+        raise DataError(f"{path}: fold values must be fold numbers or 'test', found {bad[:5]}")
+    k = len(names)
+    if fold is None:
+        raise DataError(f"{path}: a folds file ({k} folds); choose the validation fold with --fold 0..{k - 1}")
+    if str(fold) not in names:
+        raise DataError(f"{path}: no fold {fold}; the file has folds {sorted(int(v) for v in names)}")
+    out = np.where(values == "test", "test", np.where(values == str(fold), "val", "train")).astype(object)
     return out
+
+
+def _base_split(
+    store: PatchStore, val: float, test: float, seed: int, use_source_split: bool
+) -> tuple[np.ndarray, str]:
+    """The recipe's train/val/test assignment (the source's own split when it has one) and its name."""
+    if use_source_split and has_source_split(store):
+        return np.asarray(store.source_splits, dtype=object), "source"
+    name = split_name(val, test, seed) + ("-grouped" if store.groups is not None else "")
+    path = store.path / SPLITS_DIR / f"{name}.csv"
+    if path.is_file():
+        return read_split(path, store), name
+    return make_split(store.labels, store.groups, val=val, test=test, seed=seed), name
+
+
+def has_source_split(store: PatchStore) -> bool:
+    """True when the source came with its own train and val parts (PCam's official files)."""
+    return store.source_splits is not None and set(store.source_splits) >= {"train", "val"}
 
 
 def split_store(
@@ -125,28 +169,80 @@ def split_store(
     test: float = 0.1,
     seed: int = 0,
     split_file: str | Path | None = None,
+    fold: int | None = None,
     use_source_split: bool = True,
 ) -> tuple[dict[str, PatchStore], Path]:
     """Split a store into views by name, saving (or reusing) the assignment so a run can repeat it.
 
-    Order of precedence: an explicit ``split_file``; the source's own split (PCam) when it has
-    train, val and test; else a saved split of the same recipe; else a new one, saved.
+    Order of precedence: an explicit ``split_file`` (with ``fold`` when it is a folds file: the resolved
+    split is saved as ``splits/<file>-fold<I>.csv``); the source's own split (PCam) when it has train, val
+    and test; else a saved split of the same recipe; else a new one, saved.
     """
-    folder = store.path / SPLITS_DIR
     if split_file is not None:
-        assignment, path = read_split(split_file, store), Path(split_file)
-    elif use_source_split and store.source_splits is not None and set(store.source_splits) >= {"train", "val"}:
-        assignment = np.asarray(store.source_splits, dtype=object)
-        path = folder / "source.csv"
-        if not path.is_file():
-            path = save_split(store, assignment, "source")
+        assignment, path = read_split(split_file, store, fold), Path(split_file)
+        if fold is not None:
+            path = save_split(store, assignment, f"{path.stem}-fold{fold}")
+    elif fold is not None:
+        raise DataError(
+            f"{store.path}: --fold needs --split-file FOLDS.csv (write one with 'histoscan split --folds K')"
+        )
     else:
-        name = split_name(val, test, seed) + ("-grouped" if store.groups is not None else "")
-        path = folder / f"{name}.csv"
-        if path.is_file():
-            assignment = read_split(path, store)
-        else:
-            assignment = make_split(store.labels, store.groups, val=val, test=test, seed=seed)
+        assignment, name = _base_split(store, val, test, seed, use_source_split)
+        path = store.path / SPLITS_DIR / f"{name}.csv"
+        if not path.is_file():
             path = save_split(store, assignment, name)
     parts = {s: store.subset(np.flatnonzero(assignment == s)) for s in SPLIT_NAMES}
     return parts, path
+
+
+def fold_assignment(
+    store: PatchStore, k: int, *, val: float = 0.1, test: float = 0.1, seed: int = 0, use_source_split: bool = True
+) -> tuple[np.ndarray, str]:
+    """K stratified (and grouped) folds of the rows outside the test part: a fold number per row, or "test".
+
+    The test part is the one ``split_store`` makes with the same arguments (PCam: the official test file),
+    so it never enters a fold; train and val rows are folded together. Returns the assignment and the
+    name it is saved under (``folds<K>-<split name>``).
+    """
+    base, name = _base_split(store, val, test, seed, use_source_split)
+    pool = np.flatnonzero(base != "test")
+    groups = store.groups[pool] if store.groups is not None else None
+    folds = make_folds(store.labels[pool], groups, k=k, seed=seed)
+    out = np.full(len(store), "test", dtype=object)
+    out[pool] = folds.astype(str)
+    return out, f"folds{k}-{name}"
+
+
+@dataclass
+class StoreSplits:
+    """What ``histoscan split`` wrote: the train/val/test split and, when asked, the folds."""
+
+    parts: dict[str, PatchStore]
+    path: Path
+    source: bool
+    folds_path: Path | None = None
+    folds: int = 0
+
+    def lines(self) -> list[str]:
+        """A human summary, one line per fact."""
+        out = [", ".join(f"{k}: {len(v)} {v.counts()}" for k, v in self.parts.items())]
+        how = "the source's own split (as 'histoscan train' uses it)" if self.source else "split"
+        out.append(f"{how} saved to {self.path}")
+        if self.folds_path is not None:
+            out.append(
+                f"{self.folds} folds of the train+val rows (test rows marked test) saved to {self.folds_path}; "
+                f"train on fold I with: histoscan train --split-file {self.folds_path} --fold I"
+            )
+        return out
+
+
+def write_splits(
+    store: PatchStore, *, val: float = 0.1, test: float = 0.1, seed: int = 0, folds: int = 0
+) -> StoreSplits:
+    """Make (or reuse) the split ``histoscan train`` would use with the same arguments, and ``folds`` folds."""
+    parts, path = split_store(store, val=val, test=test, seed=seed)
+    result = StoreSplits(parts, path, source=path.stem == "source" and has_source_split(store))
+    if folds:
+        assignment, name = fold_assignment(store, folds, val=val, test=test, seed=seed)
+        result.folds_path, result.folds = save_split(store, assignment, name, column="fold"), folds
+    return result

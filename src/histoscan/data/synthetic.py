@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from histoscan.errors import ConfigError
+
 SYNTH_LAYOUTS = ("kaggle", "pcam", "folders", "grouped-folders", "manifest")
 _STROMA = np.array([236.0, 176.0, 206.0])
 _NUCLEUS = np.array([92.0, 52.0, 138.0])
@@ -21,7 +23,7 @@ _GAP = np.array([246.0, 242.0, 246.0])
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     small = rng.standard_normal((cells, cells)).astype(np.float32)
-    return np.asarray(Image.fromarray(small, mode="F").resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(small, mode="F").resize((size, size), Image.Resampling.BILINEAR))
 
 
 def _blob(
@@ -140,9 +142,9 @@ def write_synthetic(
 ) -> Path:
     """Write ``n`` synthetic labelled patches in ``layout`` under ``out`` (and ``test`` unlabelled ones for kaggle)."""
     if layout not in SYNTH_LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {list(SYNTH_LAYOUTS)}")
+        raise ConfigError(f"unknown layout {layout!r}; choose one of {list(SYNTH_LAYOUTS)}")
     if layout in ("kaggle", "pcam") and num_classes != 2:
-        raise ValueError(f"the {layout} layout is binary; num_classes must be 2")
+        raise ConfigError(f"the {layout} layout is binary; num_classes must be 2")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     images, labels = synth_batch(n, seed, size, noise, num_classes=num_classes)

@@ -23,8 +23,19 @@ _REGISTRY: dict[str, ModelFn] = {}
 
 
 def register_model(fn: ModelFn) -> ModelFn:
-    """Decorator: register a builder under its function name."""
-    _REGISTRY[fn.__name__] = fn
+    """Decorator: register a builder under its function name.
+
+    Raises:
+        ConfigError: when another builder already has that name (a second one would silently replace it).
+    """
+    name = fn.__name__
+    if name in _REGISTRY and _REGISTRY[name] is not fn:
+        known = _REGISTRY[name]
+        raise ConfigError(
+            f"model {name!r} is already registered by {known.__module__}.{known.__qualname__}; "
+            f"rename {fn.__module__}.{fn.__qualname__}"
+        )
+    _REGISTRY[name] = fn
     return fn
 
 
@@ -120,7 +131,8 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 def classifier_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     """Parameters of the final classifier (timm's ``get_classifier``)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
     if not isinstance(head, nn.Module):
         raise ConfigError(f"{type(model).__name__} exposes no classifier; cannot freeze its backbone")
     return list(head.parameters())

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
+from histoscan.duration import DURATION_HELP, parse_duration
 from histoscan.errors import ConfigError
+from histoscan.options import check_choices, doc, field_type
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("cosine", "onecycle", "plateau", "constant")
-
-
-def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    """A dataclass field with its help text."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text}, **kw)
+Optimizer = Literal["adamw", "adam", "sgd"]
+Schedule = Literal["cosine", "onecycle", "plateau", "constant"]
+AugmentPreset = Literal["none", "flips", "light", "strong"]
+Precision = Literal["auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64"]
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 
 
 @dataclass
@@ -38,31 +36,40 @@ class TrainConfig:
     seed: int = doc("Random seed for split, initialisation, sampling and augmentation.", 0)
     val: float = doc("Validation fraction of the split.", 0.1)
     test: float = doc("Test fraction of the split.", 0.1)
-    split_file: str | None = doc("An id,split CSV to use instead of making a split.", None)
+    split_file: str | None = doc(
+        "A split CSV to use instead of the recipe: id,split (train/val/test), or id,fold from "
+        "'histoscan split --folds K' together with --fold.",
+        None,
+    )
+    fold: int | None = doc("With a folds file as --split-file: this fold is validation, the other folds train.", None)
     batch_size: int = doc("Images per training step (per device).", 128)
     max_epochs: int = doc("Maximum epochs.", 10)
-    max_time: float | None = doc("Wall-clock limit in minutes; training stops after the epoch in progress.", None)
-    optimizer: str = doc("adamw, adam or sgd.", "adamw")
+    max_time: str | None = doc(
+        f"Wall-clock limit {DURATION_HELP}; training stops after the epoch in progress.", None, metavar="DURATION"
+    )
+    optimizer: Optimizer = doc("Optimizer.", "adamw")
     lr: float = doc("Peak learning rate.", 1e-3)
     weight_decay: float = doc("Weight decay.", 1e-4)
     momentum: float = doc("SGD momentum.", 0.9)
-    schedule: str = doc("cosine (with warmup), onecycle, plateau or constant.", "cosine")
+    schedule: Schedule = doc("Learning-rate schedule (cosine has a linear warmup).", "cosine")
     warmup_epochs: float = doc("Linear warmup length in epochs (cosine).", 0.0)
     label_smoothing: float = doc("Label smoothing (0 = off).", 0.0)
-    class_weights: list | None = doc("Loss weight per class, e.g. [1.0, 1.5] (seeds: tumour 1.5).", None)
+    class_weights: list | None = doc(
+        "Loss weight per class, e.g. [1.0, 1.5] (the reference notebooks' transfer recipe weights tumour 1.5).", None
+    )
     balanced_sampler: bool = doc("Sample classes equally often instead of weighting the loss.", False)
     grad_clip: float | None = doc("Clip gradient norm to this value.", None)
-    augment: str = doc("Augmentation preset: none, flips, light or strong.", "light")
+    augment: AugmentPreset = doc("Augmentation preset.", "light")
     augment_strength: float = doc("Scale of colour / stain jitter.", 1.0)
     crop: int | None = doc("Centre crop side before the network (e.g. 32: the labelled centre only).", None)
     resize: int | None = doc("Resize side before the network (e.g. 192 to upscale 96 px patches).", None)
     freeze_epochs: int = doc("Train only the classifier for this many epochs, then unfreeze (transfer learning).", 0)
     backbone_lr_mult: float = doc("Backbone learning rate as a fraction of lr (discriminative learning rates).", 1.0)
     early_stopping: int | None = doc("Stop after this many epochs without a better validation AUROC (None: off).", 5)
-    precision: str = doc("auto (bf16-mixed on GPU, 32 on CPU), 32, bf16-mixed or 16-mixed.", "auto")
+    precision: Precision = doc("Numeric precision; auto: bf16-mixed on GPU, 32 on CPU.", "auto")
     channels_last: bool | None = doc("Channels-last memory format (default: on GPU only).", None)
     compile: bool = doc("torch.compile the model.", False)
-    accelerator: str = doc("auto, cpu, gpu or mps.", "auto")
+    accelerator: Accelerator = doc("Hardware to train on.", "auto")
     devices: str = doc("Devices per node: auto, a count, or a list like 0,1.", "auto")
     num_nodes: int = doc("Nodes for multi-node DDP.", 1)
     strategy: str = doc("Lightning strategy: auto, ddp, ddp_spawn, ...", "auto")
@@ -75,15 +82,12 @@ class TrainConfig:
     progress: bool = doc("Show a progress bar.", True)
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_time, (int, float)) and not isinstance(self.max_time, bool):
+            self.max_time = str(self.max_time)  # refused below with a message asking for a unit
         self._check_types()
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule {self.schedule!r} is not one of {list(SCHEDULES)}")
-        from histoscan.data.transforms import AUGMENTATION_PRESETS
-
-        if self.augment not in AUGMENTATION_PRESETS:
-            raise ConfigError(f"augment {self.augment!r} is not one of {list(AUGMENTATION_PRESETS)}")
+        check_choices(self)
+        if self.max_time is not None:
+            parse_duration(self.max_time, "max_time")
         for name in ("batch_size", "max_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -99,44 +103,51 @@ class TrainConfig:
             raise ConfigError(f"crop must be at least 8 px, got {self.crop}")
         if self.freeze_epochs < 0:
             raise ConfigError("freeze_epochs cannot be negative")
+        if self.fold is not None and (self.split_file is None or self.fold < 0):
+            raise ConfigError("fold needs a folds file as split_file (from 'histoscan split --folds K') and fold >= 0")
+
+    @property
+    def max_time_seconds(self) -> float | None:
+        """The wall-clock limit in seconds (None: no limit)."""
+        return parse_duration(self.max_time, "max_time") if self.max_time is not None else None
 
     def _check_types(self) -> None:
         """Each value has its field's type (a YAML 'None' string or a quoted number is caught here, not mid-training)."""
-        kinds = {
-            "int": (int,),
-            "float": (int, float),
-            "str": (str,),
-            "bool": (bool,),
-            "list": (list, tuple),
-            "dict": (dict,),
-        }
+        hints = get_type_hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
-            names = [t.strip() for t in str(f.type).split("|")]
-            if value is None and "None" in names:
+            kind = field_type(hints[f.name])
+            if value is None and kind.optional:
                 continue
-            if "float" in names and isinstance(value, str):
+            if kind.choices:
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in kind.choices:
+                    setattr(self, f.name, str(value))  # YAML reads precision: 32 as a number
+                continue  # the allowed values are checked by check_choices
+            if kind.scalar is float and isinstance(value, str):
                 try:  # PyYAML reads 1e-3 (no dot) as a string
                     value = float(value)
                     setattr(self, f.name, value)
                 except ValueError:
                     pass
-            allowed = tuple(t for n in names for t in kinds.get(n, ()))
-            if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
-                want = " or ".join(n if n != "None" else "null" for n in names)
-                raise ConfigError(f"{f.name}: expected {want}, got {value!r}")
+            allowed = _ALLOWED[kind.scalar] if not kind.structured else (list, tuple, dict)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                want = f"{kind.scalar.__name__ if not kind.structured else 'a list or mapping'}"
+                raise ConfigError(f"{f.name}: expected {want}{' or null' if kind.optional else ''}, got {value!r}")
 
     # ---- (de)serialisation ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain values."""
         return dataclasses.asdict(self)
 
     def to_yaml(self, path: str | Path) -> Path:
+        """Write the config as YAML (``histoscan train --config`` reads it back)."""
         p = Path(path)
         p.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         return p
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping; ``source`` names where it came from in errors."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -161,18 +172,19 @@ class TrainConfig:
         values.update(overrides or {})
         return cls.from_dict(values, source=str(p))
 
+    @classmethod
+    def load(cls, config: str | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """A config file or shipped config name with ``overrides`` on top, or the overrides alone."""
+        if config:
+            return cls.from_yaml(resolve_config_path(config), overrides)
+        return cls.from_dict(overrides or {}, "options")
+
     def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (checked again)."""
         return dataclasses.replace(self, **changes)
 
 
-def structured_fields() -> set[str]:
-    """Fields whose values are lists or mappings (given as YAML on the command line)."""
-    return {f.name for f in fields(TrainConfig) if str(f.type).startswith(("dict", "list"))}
-
-
-def field_help() -> dict[str, str]:
-    """Help text per field (for the CLI)."""
-    return {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
+_ALLOWED: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
 
 
 def shipped_configs() -> dict[str, Path]:

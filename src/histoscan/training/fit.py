@@ -5,12 +5,13 @@ Reads top-down: ``train`` -> ``setup_run`` -> ``build_data`` -> ``build_model`` 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,15 @@ class TrainResult:
     best_epoch: int
     epochs: int
     seconds: float
+
+    def summary_lines(self) -> list[str]:
+        """What a person wants to know: the best validation AUROC (or that there was no validation), where the run is."""
+        best = (
+            f"best val AUROC {self.best_val_auroc:.4f} at epoch {self.best_epoch}"
+            if not math.isnan(self.best_val_auroc)
+            else "no validation split: kept the last epoch's weights"
+        )
+        return [f"{best}; {self.epochs} epochs in {self.seconds:.0f} s", f"run folder: {self.run_dir}"]
 
 
 def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -145,7 +155,7 @@ def build_data(cfg: TrainConfig) -> tuple[PatchStore, dict[str, PatchStore], Pat
     if cfg.resume and split_file is None:
         saved = Path(cfg.out) / str(cfg.name) / SPLIT_FILE
         split_file = str(saved) if saved.is_file() else None
-    parts, path = split_store(store, val=cfg.val, test=cfg.test, seed=cfg.seed, split_file=split_file)
+    parts, path = split_store(store, val=cfg.val, test=cfg.test, seed=cfg.seed, split_file=split_file, fold=cfg.fold)
     if len(parts["train"]) == 0:
         raise DataError(f"{cfg.data}: the train split is empty (val={cfg.val}, test={cfg.test})")
     if len(parts["val"]) == 0:
@@ -221,7 +231,7 @@ def build_trainer(
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=cfg.max_epochs,
-        max_time={"minutes": cfg.max_time} if cfg.max_time else None,
+        max_time=timedelta(seconds=cfg.max_time_seconds) if cfg.max_time_seconds else None,
         accelerator=cfg.accelerator,
         devices=devices,
         num_nodes=cfg.num_nodes,

@@ -47,10 +47,12 @@ class Param:
         return self._one(trial, self.name)
 
     def _one(self, trial: Any, name: str) -> Any:
-        if self.kind == "int":
-            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)  # type: ignore[arg-type]
-        if self.kind == "float":
-            return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)  # type: ignore[arg-type]
+        if self.kind in ("int", "float"):
+            if self.low is None or self.high is None:
+                raise ConfigError(f"parameter {self.name}: a {self.kind} range needs [low, high]")
+            if self.kind == "int":
+                return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+            return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)
         if all(isinstance(c, (bool, int, float, str)) or c is None for c in self.choices):
             return trial.suggest_categorical(name, self.choices)
         labels = [yaml.safe_dump(c, default_flow_style=True).strip() for c in self.choices]  # Optuna wants scalars

@@ -15,7 +15,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,41 +29,12 @@ from histoscan.runfolder import CONFIG_FILE, SPLIT_FILE
 from histoscan.training.callbacks import MONITOR
 from histoscan.training.config import TrainConfig
 from histoscan.training.fit import train
+from histoscan.tuning.settings import TuneSettings
 from histoscan.tuning.space import SearchSpace, load_space
 
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("hyperband", "median", "none")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 STUDY_DB = "study.db"
 TRIALS_DIR = "trials"
-
-
-@dataclass
-class TuneSettings:
-    """What ``histoscan tune`` was asked to do."""
-
-    data: str
-    space: str = "nas"
-    trials: int = 20
-    timeout: float | None = None  # minutes, for this worker
-    study: str | None = None
-    out: str = "studies"
-    storage: str | None = None
-    sampler: str = "tpe"
-    pruner: str | optuna.pruners.BasePruner = "hyperband"  # from Python, any Optuna pruner object
-    seed: int = 0
-    resume: bool = False
-    overrides: dict[str, Any] = field(default_factory=dict)
-    retrain_best: bool = False
-    retrain_epochs: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"--sampler {self.sampler!r} is not one of {list(SAMPLERS)}")
-        if isinstance(self.pruner, str) and self.pruner not in PRUNERS:
-            raise ConfigError(f"--pruner {self.pruner!r} is not one of {list(PRUNERS)}")
-        if self.trials < 1:
-            raise ConfigError(f"--trials must be at least 1, got {self.trials}")
 
 
 @dataclass
@@ -80,6 +51,30 @@ class TuneResult:
     plots: dict[str, Path]
     counts: dict[str, int]
     retrained: Path | None = None
+
+    def display_table(self) -> pd.DataFrame:
+        """The trials table as shown to a person: no paths or error texts, parameters by their short names."""
+        shown = self.table.drop(columns=["run_dir", "error"], errors="ignore")
+        shown.columns = [c.replace("param:", "").replace("model_args.", "") for c in shown.columns]
+        return shown
+
+    def title(self) -> str:
+        """One line: the study and how its trials ended."""
+        c = self.counts
+        return f"study {self.study_name}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed"
+
+    def summary_lines(self) -> list[str]:
+        """Where the trials and plots are, the best value and config, and the retrained run."""
+        plots = ", ".join(str(p) for p in self.plots.values()) or "none yet"
+        lines = [f"trials: {self.study_dir / 'trials.csv'}; plots: {plots}"]
+        if self.best_config is not None and self.best_value is not None:
+            lines.append(
+                f"best val AUROC {self.best_value:.4f}; config: {self.best_config} "
+                f"(histoscan train --config {self.best_config} --data ...)"
+            )
+        if self.retrained is not None:
+            lines.append(f"retrained on train+val: {self.retrained}")
+        return lines
 
 
 class PruneOnValidation(L.Callback):
@@ -108,10 +103,10 @@ def tune(settings: TuneSettings, printer: Callable[[str], None] = print) -> Tune
     study = open_study(settings, name, study_dir)
     optimize(study, space, settings, study_dir, printer)
     result = report(study, study_dir)
-    if settings.retrain_best and result.best_config is not None:
+    if settings.retrain_best and result.best_config is not None and result.best_run is not None:
         result.retrained = retrain_best(
             result.best_run, result.best_config, study_dir, settings.retrain_epochs, printer
-        )  # type: ignore[arg-type]
+        )
     return result
 
 
@@ -188,18 +183,19 @@ def optimize(
 
     def objective(trial: optuna.Trial) -> float:
         overrides = {**space.suggest(trial), **settings.overrides}
+        name = f"trial-{trial.number:04d}"
         cfg = TrainConfig.from_dict(
             {
                 **overrides,
                 "data": settings.data,
                 "out": str(trials_dir),
-                "name": f"trial-{trial.number:04d}",
+                "name": name,
                 "seed": settings.seed,
                 "progress": False,
             },
             source=f"trial {trial.number}",
         )
-        trial.set_user_attr("run_dir", str((trials_dir / cfg.name).resolve()))  # type: ignore[operator]
+        trial.set_user_attr("run_dir", str((trials_dir / name).resolve()))
         trial.set_user_attr("worker", worker)
         hook = PruneOnValidation(trial)
         try:
@@ -239,7 +235,7 @@ def optimize(
         study.optimize(
             objective,
             n_trials=None,
-            timeout=settings.timeout * 60 if settings.timeout else None,
+            timeout=settings.timeout_seconds,
             catch=(HistoscanError, RuntimeError, ValueError, MemoryError),
             callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=FINISHED), progress],
         )
@@ -307,7 +303,7 @@ def _plots(study: optuna.Study, study_dir: Path) -> dict[str, Path]:
 
     out: dict[str, Path] = {}
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    makers = {
+    makers: dict[str, Callable[[optuna.Study], Any]] = {
         "history": ovm.plot_optimization_history,
         "importance": ovm.plot_param_importances,
         "intermediate": ovm.plot_intermediate_values,

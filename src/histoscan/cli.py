@@ -310,8 +310,7 @@ def serve(**values: Any) -> None:
     from histoscan.serving.server import serve as run_server
     from histoscan.serving.state import ServeSettings
 
-    s = ServeSettings(**given_values(ServeSettings, values))
-    run_server(s, host=s.host, port=s.port, workers=s.workers, access_log=s.access_log)
+    run_server(ServeSettings(**given_values(ServeSettings, values)))
 
 
 def _serve_options() -> list[inspect.Parameter]:

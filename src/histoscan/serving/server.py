@@ -26,9 +26,7 @@ def app_from_env() -> FastAPI:
     return create_app(settings)
 
 
-def serve(
-    settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, access_log: bool = True
-) -> None:
+def serve(settings: ServeSettings) -> None:
     """Check the run, then serve it until interrupted."""
     import uvicorn
 
@@ -39,10 +37,10 @@ def serve(
     uvicorn.run(
         "histoscan.serving.server:app_from_env",
         factory=True,
-        host=host,
-        port=port,
-        workers=workers,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
         log_level="info",
         timeout_graceful_shutdown=5,
-        access_log=access_log,
+        access_log=settings.access_log,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -11,6 +10,7 @@ import torch
 
 from histoscan.bundle import load_model
 from histoscan.errors import ConfigError
+from histoscan.system import available_cores
 
 ONNX_FILE = "model.onnx"
 
@@ -52,7 +52,7 @@ class OnnxBackend:
         if not path.is_file():
             raise ConfigError(f"{run_dir}: no {ONNX_FILE}; run 'histoscan export {run_dir}' first")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)
+        opts.intra_op_num_threads = threads or available_cores()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # no busy-waiting between runs: decoding and preprocessing share these cores
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

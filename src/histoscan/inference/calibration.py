@@ -13,7 +13,8 @@ from histoscan.bundle import SPLIT_FILE, read_bundle
 from histoscan.data.splits import read_split
 from histoscan.data.store import PatchStore
 from histoscan.errors import DataError
-from histoscan.inference.predictor import Predictor, store_batches
+from histoscan.inference.inputs import store_input_batches
+from histoscan.inference.predictor import Predictor
 
 
 @dataclass
@@ -69,7 +70,7 @@ def calibrate(run_dir: str | Path, data: str | Path | None = None, split: str = 
     if len(part) == 0 or (part.labels < 0).any():
         raise DataError(f"{store_path}: the {split!r} split is empty or unlabelled")
     predictor = Predictor(run_dir, backend="torch")
-    logits = np.concatenate([predictor.logits(b) for b in store_batches(part, predictor.batch_size)])
+    logits = np.concatenate([predictor.logits(b.images) for b in store_input_batches(part, predictor.batch_size)])
     labels = part.labels
     t = fit_temperature(logits, labels)
     result = CalibrationResult(t, nll(logits, labels), nll(logits, labels, t), len(part))

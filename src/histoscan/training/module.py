@@ -42,7 +42,7 @@ class PatchClassifier(L.LightningModule):
         super().__init__()
         self.model, self.cfg, self.pre, self.num_classes = model, cfg, preprocessing, num_classes
         self.binary = num_classes == 2
-        self.augment = build_augmentation(cfg.augment, cfg.augment_strength)
+        self.augment = build_augmentation(cfg.augment, cfg.augment_strength, keep=preprocessing.label_size)
         weights = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
         if weights is not None and len(weights) != num_classes:
             from histoscan.errors import ConfigError
@@ -62,16 +62,20 @@ class PatchClassifier(L.LightningModule):
         return self.model(x)
 
     def _inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        x = self.pre.geometry(images.permute(0, 3, 1, 2).float().div_(255.0))
-        if train:
+        """uint8 NHWC batch -> model input through the model's stored ``Preprocessing``.
+
+        Without augmentation this is the Predictor's own call; with it, the augmentation runs
+        between the stored stages, on the fitted, stain-normalised full patch (``to_float``) and
+        before the crop / resize and mean / std (``finish``).
+        """
+        if train and self.augment.ops:
             gen = torch.Generator().manual_seed(
                 int(self.cfg.seed * 1_000_003 + self.current_epoch * 10_007 + self.global_step)
             )
-            x = self.augment(x, gen)
-        from histoscan.data.transforms import normalize
-
-        x = normalize(x, self.pre.mean, self.pre.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+            x = self.pre.finish(self.augment(self.pre.to_float(images), gen))
+        else:
+            x = self.pre(images)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         eps = self.cfg.label_smoothing

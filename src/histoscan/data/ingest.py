@@ -164,9 +164,9 @@ def label_geometry(
         raise ConfigError(f"label_size {label_size} must lie between 1 and the image side {min(source_size)} px")
     user_scale = target[0] / source_size[0]
     layout_scale = target[0] / source.native_size if source.native_size else 1.0
-    out_mpp = mpp / user_scale if mpp is not None else (source.mpp / layout_scale if source.mpp else None)
+    out_mpp: float | None = mpp / user_scale if mpp is not None else (source.mpp / layout_scale if source.mpp else None)
     if label_size is not None:
-        out_label: int | None = label_size * user_scale
+        out_label: float | None = label_size * user_scale
     else:
         out_label = source.label_size * layout_scale if source.label_size else None
     return (
@@ -188,7 +188,8 @@ def build_report(
     for r in ok:
         by_digest.setdefault(r.digest or "", []).append(entries[r.pos].id)
     dup_groups = [ids for ids in by_digest.values() if len(ids) > 1]
-    per_class = Counter(listing.class_names[entries[r.pos].label] for r in ok if entries[r.pos].label is not None)
+    labels = [entries[r.pos].label for r in ok]
+    per_class = Counter(listing.class_names[label] for label in labels if label is not None)
     return {
         "source": str(source.root.resolve()),
         "layout": source.layout,

@@ -133,7 +133,7 @@ class PatchStore:
 
     @property
     def images(self) -> np.ndarray:
-        """The images of this view: the memory map itself for a full store, else a lazy gather."""
+        """The images of this view: the memory map itself for a full store, else a copy read at once."""
         if self._full:
             return self._images
         return self.batch(np.arange(len(self)))

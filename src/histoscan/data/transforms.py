@@ -1,4 +1,4 @@
-"""Batch transforms on uint8 images, run on whatever device the batch lives on.
+"""Batch transforms on float NCHW image tensors, run on whatever device the batch lives on.
 
 Every augmentation here keeps the labelled centre of a patch in view: the
 dihedral group rotates and flips about the centre, colour and stain jitter

@@ -34,7 +34,7 @@ def list_images(path: Path) -> list[Path]:
         if not is_image_file(path):
             raise DataError(f"{path}: not an image file this tool reads (tif, png, jpg, bmp)")
         return [path]
-    files = []
+    files: list[Path] = []
     for folder, _dirs, names in os.walk(path, followlinks=True):
         files.extend(Path(folder) / n for n in names if is_image_file(Path(n)))
     files.sort()

@@ -20,6 +20,7 @@ from histoscan.training.config import TrainConfig
 
 def task_metrics(num_classes: int, prefix: str) -> torchmetrics.MetricCollection:
     """AUROC (macro one-vs-rest for multi-class), accuracy and F1."""
+    m: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection]
     if num_classes == 2:
         m = {
             "auroc": torchmetrics.AUROC(task="binary"),
@@ -48,6 +49,7 @@ class PatchClassifier(L.LightningModule):
             from histoscan.errors import ConfigError
 
             raise ConfigError(f"class_weights has {len(weights)} values for {num_classes} classes")
+        self.class_weights: torch.Tensor
         self.register_buffer(
             "class_weights", weights if weights is not None else torch.ones(num_classes), persistent=False
         )
@@ -157,11 +159,16 @@ class PatchClassifier(L.LightningModule):
         if cfg.schedule == "constant":
             return opt
         if cfg.schedule == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_auroc", "interval": "epoch"}}
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": plateau, "monitor": "val_auroc", "interval": "epoch"},
+            }
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched: torch.optim.lr_scheduler.LRScheduler
         if cfg.schedule == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total)
+            max_lr = [cfg.lr * cfg.backbone_lr_mult] + ([cfg.lr] if head else [])  # one per parameter group
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total)
         else:
             steps_per_epoch = max(1, total // max(1, cfg.max_epochs))
             warmup = int(cfg.warmup_epochs * steps_per_epoch)

@@ -20,8 +20,9 @@ from histoscan.errors import ConfigError
 from histoscan.inference.predictor import Predictor
 from histoscan.preprocessing import Preprocessing
 from histoscan.training.config import TrainConfig, resolve_config_path
-from histoscan.training.fit import _geometry, train
+from histoscan.training.fit import _geometry
 from tests.conftest import shared
+from tests.test_preprocessing_parity import tiny_train
 
 
 def test_kaggle_and_pcam_stores_record_pcam_geometry(kaggle_dir: Path, pcam_dir: Path, tmp_path: Path) -> None:
@@ -81,23 +82,7 @@ def test_cpu_default_crop_does_not_cut_whole_image_labels(lc25000_like: Path, tm
     assert (pre.crop, pre.resize, pre.input_size) == (None, 64, 64)  # the whole image, at the chosen input size
     assert len(notes) == 1 and "centre crop 64 is not applied" in notes[0]
     # end to end: the run's model sees the whole image, downscaled
-    run = train(
-        TrainConfig(
-            data=str(store.path),
-            out=str(tmp_path / "runs"),
-            name="lc",
-            model="simple_cnn",
-            crop=64,
-            batch_size=16,
-            max_epochs=1,
-            limit_train_batches=1,
-            progress=False,
-            early_stopping=None,
-            val=0.25,
-            test=0.0,
-        ),
-        printer=lambda *_: None,
-    ).run_dir
+    run = tiny_train(store.path, tmp_path / "runs", "lc", crop=64)
     pre = read_bundle(run).preprocessing
     assert (pre.crop, pre.resize, pre.label_size) == (None, 64, None)
     images = store.batch(np.arange(4))

@@ -29,7 +29,8 @@ from histoscan.training.fit import train
 from histoscan.training.module import PatchClassifier
 
 
-def _train(store: Path, out: Path, name: str, **kw: object) -> Path:
+def tiny_train(store: Path, out: Path, name: str, **kw: object) -> Path:
+    """A simple_cnn run of two fp32 CPU steps on ``store`` (settings in ``kw``)."""
     cfg = TrainConfig(
         data=str(store),
         out=str(out),
@@ -94,7 +95,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_training_and_predictor_give_the_same_input_and_logits(
     stores: dict[str, Path], tmp_path: Path, store_name: str, settings: dict[str, int]
 ) -> None:
-    run = _train(stores[store_name], tmp_path / "runs", store_name, **settings)
+    run = tiny_train(stores[store_name], tmp_path / "runs", store_name, **settings)
     pre = read_bundle(run).preprocessing
     assert (pre.crop, pre.resize) == (settings.get("crop"), settings.get("resize"))
     batch = PatchStore(stores[store_name]).batch(np.arange(12))
@@ -117,7 +118,7 @@ def test_an_edge_patch_reaches_the_model_the_same_through_ingest_and_the_predict
     stored = store.batch([row])
     assert np.array_equal(stored[0, :, :38], edge) and (stored[0, :, 38:] == 255).all()
 
-    run = _train(store.path, tmp_path / "runs", "edge", crop=40)
+    run = tiny_train(store.path, tmp_path / "runs", "edge", crop=40)
     assert read_bundle(run).preprocessing.fit == "pad-edges"
     module, predictor = _training_module(run), Predictor(run, backend="torch")
     with torch.inference_mode():

@@ -35,12 +35,12 @@ class Prediction:
     def concat(parts: Sequence[Prediction], num_classes: int) -> Prediction:
         if not parts:
             return Prediction(np.zeros((0, num_classes), np.float32), np.zeros(0, np.int64))
-        unc = [p.uncertainty for p in parts if p.uncertainty is not None]
+        unc = [p.uncertainty for p in parts]
         return Prediction(
             np.concatenate([p.probabilities for p in parts]),
             np.concatenate([p.predicted for p in parts]),
-            np.concatenate(unc) if len(unc) == len(parts) else None,
-        )
+            np.concatenate(unc) if all(u is not None for u in unc) else None,
+        )  # type: ignore[arg-type]
 
 
 def parse_tta(tta: bool | Sequence[int] | None) -> list[int]:

@@ -24,10 +24,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import rss_mb, shared_or_exit
-from histoscan.data.ingest import default_workers, ingest
+from histoscan.data.ingest import ingest
 from histoscan.data.store import PatchStore
 from histoscan.data.synthetic import write_synthetic_store
 from histoscan.data.transforms import ColorJitter, RandomDihedral, to_float_nchw
+from histoscan.system import available_cores
 
 
 def pillow_loop(paths: list[Path]) -> list[np.ndarray]:
@@ -47,12 +48,12 @@ def bench_ingest(repeats: int, work: Path) -> None:
         del imgs
         out = work / f"store{r}"
         t = time.perf_counter()
-        res = ingest(root, out, workers=default_workers())
+        res = ingest(root, out, workers=available_cores())
         ours.append(res.report["stored"] / (time.perf_counter() - t))
         shutil.rmtree(out)
     b, o = max(base), max(ours)
     print(
-        f"ingest hcd ({len(paths)} tif, {default_workers()} workers): {o:,.0f} img/s; "
+        f"ingest hcd ({len(paths)} tif, {available_cores()} workers): {o:,.0f} img/s; "
         f"Pillow loop: {b:,.0f} img/s; ratio {o / b:.2f} (target >= 1.6)"
     )
 

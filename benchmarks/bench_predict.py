@@ -72,7 +72,9 @@ def main() -> None:
         onnx_p = Predictor(run, backend="onnx", batch_size=args.batch)
         from histoscan.inference.inputs import file_batches
 
-        images = np.concatenate([b.images for b in file_batches(files, folder, (96, 96), args.batch, 1)])
+        images = np.concatenate(
+            [b.images for b in file_batches(files, folder, torch_p.bundle.preprocessing.fit_image, args.batch, 1)]
+        )
         pre = torch_p.bundle.preprocessing
         tensors = [pre(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
         print(

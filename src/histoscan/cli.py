@@ -134,6 +134,8 @@ def ingest(
         None, help="Force a layout: kaggle, pcam, folders, grouped-folders, manifest, unlabelled."
     ),
     classes: str | None = typer.Option(None, help="Comma-separated known class names (folders / manifest)."),
+    mpp: float | None = typer.Option(None, help="Source um/px (kaggle, pcam: 0.972)."),
+    label_size: int | None = typer.Option(None, help="Labelled centre side, px (kaggle, pcam: 32)."),
 ) -> None:
     """Check a labelled patch source and pack it into a memory-mapped store."""
     from histoscan.data.ingest import ingest as run_ingest
@@ -148,6 +150,8 @@ def ingest(
             force=force,
             layout=layout,
             class_names=classes.split(",") if classes else None,
+            mpp=mpp,
+            label_size=label_size,
             progress=start,
         )
     con = _console()

@@ -1,34 +1,65 @@
-"""Preprocessing that travels with a model: stored once in ``model.json``, read by every consumer."""
+"""Preprocessing that travels with a model: stored once in ``model.json``, read by every consumer.
+
+The stages, in this order, for training and prediction alike:
+
+1. fit to size (uint8): ``fit_image`` brings an image of any size to ``image_size`` under the
+   ``fit`` policy (the one fit function, ``data.imageio.fit_to_size``; ingest uses it too);
+2. stain normalisation of the full patch (``stain``; a placeholder until it is implemented);
+3. training only: augmentation on float [0, 1] NCHW of the full patch (``PatchClassifier``);
+4. centre crop to ``crop`` and / or resize to ``resize``;
+5. mean / std normalisation.
+
+Prediction runs 1, 2, 4 and 5 fused in ``__call__``; training calls the same ``__call__`` when it
+does not augment, and ``to_float`` (1-2) then ``finish`` (4-5) around its augmentation when it does.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from histoscan.data.transforms import center_crop, normalize, resize, to_float_nchw
+from histoscan.data.imageio import FIT_POLICIES, FitPolicy, fit_to_size
+from histoscan.data.transforms import center_crop, dihedral, normalize, resize
+from histoscan.errors import ConfigError
+
+Images = np.ndarray | torch.Tensor | Sequence[np.ndarray]
 
 
 @dataclass
 class Preprocessing:
-    """uint8 images -> the model's input tensor.
+    """uint8 images -> the model's input tensor, with every parameter stored in ``model.json``.
 
-    Order: images of another size are first resized to ``image_size`` (the size the model
-    was trained on), then centre-cropped to ``crop`` (if set), resized to ``resize`` (if set),
-    and normalised with ``mean`` / ``std`` (on the [0, 1] scale).
+    Attributes:
+        image_size: (height, width) the model was trained on; every image is first fitted to it.
+        fit: ``pad-edges`` white-pads an edge patch (full in one direction, short in the other) and
+            resizes anything else; ``resize`` always resizes (bilinear, antialiased when shrinking).
+        crop: centre crop side (at ``image_size``) before the network, or None.
+        resize: side the (cropped) image is resized to, or None.
+        mean: per-channel mean on the [0, 1] scale.
+        std: per-channel standard deviation on the [0, 1] scale.
+        mpp: micrometres per pixel of the training patches (at ``image_size``), or None when unknown.
+        label_size: side in px (at ``image_size``) of the centred square the label describes
+            (32 for Kaggle / PCam 96 px patches); None when the label describes the whole image.
+        stain: stain normalisation parameters; None (no normalisation) is the only value this version runs.
     """
 
     image_size: list[int] = field(default_factory=lambda: [96, 96])
-    fit: Literal["pad-edges", "resize"] = "resize"
+    fit: FitPolicy = "resize"
     crop: int | None = None
     resize: int | None = None
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     mpp: float | None = None
     label_size: int | None = None
-    stain: dict | None = None
+    stain: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.fit not in FIT_POLICIES:
+            raise ConfigError(f"preprocessing.fit {self.fit!r} is not one of {list(FIT_POLICIES)}")
 
     @property
     def input_size(self) -> int:
@@ -40,44 +71,91 @@ class Preprocessing:
         return int(self.image_size[0])
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``preprocessing`` entry of ``model.json``."""
         return {**asdict(self), "input_size": self.input_size}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        """Read the ``preprocessing`` entry of ``model.json`` (fields it lacks take their defaults)."""
+        d = dict(d)
+        # A model.json without "fit" was written before the policy was stored. That version's ingest
+        # white-padded the edge patches of its training data (imageio.fit_to_size), so its models were
+        # trained on padded edge patches: "pad-edges" is what they saw.
+        d.setdefault("fit", "pad-edges")
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
-    def geometry(self, x: torch.Tensor) -> torch.Tensor:
-        """Size, crop and resize on float NCHW."""
+    # ---- stage 1: fit to size (uint8) ------------------------------------------------
+    def fit_image(self, img: np.ndarray) -> np.ndarray:
+        """uint8 HxWx3 of any size -> uint8 at ``image_size``, under the ``fit`` policy."""
+        if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            got = f"{img.dtype} {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+            raise ConfigError(f"expected a uint8 HxWx3 RGB image, got {got}")
         h, w = self.image_size
-        if tuple(x.shape[-2:]) != (h, w):
-            x = torch.nn.functional.interpolate(
-                x, size=(h, w), mode="bilinear", align_corners=False, antialias=x.shape[-1] > w
-            )
+        return fit_to_size(img, (int(h), int(w)), self.fit)[0]
+
+    def fit_batch(self, images: Images) -> np.ndarray:
+        """A uint8 NHWC batch at ``image_size`` from a batch or a list of images of any sizes."""
+        h, w = (int(v) for v in self.image_size)
+        if isinstance(images, torch.Tensor):
+            images = images.cpu().numpy()
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            if images.shape[1:3] == (h, w):
+                return images
+            images = list(images)
+        out = np.empty((len(images), h, w, 3), np.uint8)
+        for i, img in enumerate(images):
+            try:
+                out[i] = self.fit_image(img)
+            except ConfigError as exc:
+                raise ConfigError(f"image {i}: {exc}") from exc
+        return out
+
+    # ---- stage 2: stain normalisation (uint8, full patch) -------------------------------
+    def normalize_stain(self, batch: torch.Tensor) -> torch.Tensor:
+        """The uint8 NHWC batch after stain normalisation: the batch itself while ``stain`` is None."""
+        if self.stain is None:
+            return batch
+        raise ConfigError("preprocessing.stain is set, but this version of histoscan cannot normalise stains")
+
+    def _fitted(self, batch: Images, device: torch.device | str | None) -> torch.Tensor:
+        """Stages 1-2: a uint8 NHWC tensor at ``image_size`` on ``device``."""
+        h, w = (int(v) for v in self.image_size)
+        if not isinstance(batch, torch.Tensor) or tuple(batch.shape[1:3]) != (h, w):
+            batch = torch.from_numpy(np.ascontiguousarray(self.fit_batch(batch)))
+        if device is not None:
+            batch = batch.to(device, non_blocking=True)
+        return self.normalize_stain(batch)
+
+    # ---- the training path around augmentation ------------------------------------------
+    def to_float(self, batch: Images, device: torch.device | str | None = None) -> torch.Tensor:
+        """Stages 1-2, then float [0, 1] NCHW of the full patch: what training augmentation works on."""
+        return self._fitted(batch, device).permute(0, 3, 1, 2).float().div_(255.0)
+
+    def geometry(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage 4 on float NCHW at ``image_size``: centre crop, then resize."""
         if self.crop:
             x = center_crop(x, self.crop)
         if self.resize:
             x = resize(x, self.resize)
         return x
 
-    def __call__(
-        self, batch: np.ndarray | torch.Tensor, device: torch.device | str | None = None, k: int = 0
-    ) -> torch.Tensor:
-        """uint8 NHWC batch -> normalised float NCHW on ``device`` (under dihedral element ``k``).
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Stages 4-5 on float [0, 1] NCHW at ``image_size``: crop / resize, then mean / std."""
+        return normalize(self.geometry(x), self.mean, self.std)
 
-        Same result as ``normalize(geometry(x))``, done cheaply: the centre crop is a slice of
+    # ---- the fused path (prediction, and training without augmentation) ------------------
+    def __call__(self, batch: Images, device: torch.device | str | None = None, k: int = 0) -> torch.Tensor:
+        """Images -> normalised float NCHW on ``device`` (under dihedral element ``k``): every stage but augmentation.
+
+        Same result as ``finish(to_float(batch))``, done cheaply: the centre crop is a slice of
         the uint8 batch before conversion, and scaling and normalisation are one fused step. The
         result is channels-last in memory, which oneDNN convolutions run about 1.4x faster on CPU.
         """
-        h, w = self.image_size
-        t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
-        if tuple(t.shape[1:3]) != (h, w):
-            x = self.geometry(to_float_nchw(t, device))
-            return dihedral_k(normalize(x, self.mean, self.std), k)
+        t = self._fitted(batch, device)
         if self.crop:
+            h, w = (int(v) for v in self.image_size)
             top, left = (h - self.crop) // 2, (w - self.crop) // 2
             t = t[:, top : top + self.crop, left : left + self.crop]
-        if device is not None:
-            t = t.to(device, non_blocking=True)
         x = t.permute(0, 3, 1, 2).float()
         if self.resize:
             x = resize(x, self.resize)
@@ -89,8 +167,6 @@ class Preprocessing:
 
 def dihedral_k(x: torch.Tensor, k: int) -> torch.Tensor:
     """``dihedral(x, k)``, or ``x`` itself for the identity."""
-    from histoscan.data.transforms import dihedral
-
     return dihedral(x, k).contiguous(memory_format=torch.channels_last) if k else x
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tifffile
@@ -408,23 +408,35 @@ def _checked(pixels: np.ndarray, full: tuple[int, int], conv: list[str], name: s
 
 
 def resize_rgb(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize uint8 HxWx3 to (height, width) with antialiased bilinear filtering."""
+    """Resize uint8 HxWx3 to (height, width) with Pillow's bilinear filter (antialiased when shrinking)."""
     h, w = size
     if pixels.shape[0] == h and pixels.shape[1] == w:
         return pixels
     return np.asarray(Image.fromarray(pixels).resize((w, h), Image.BILINEAR))
 
 
-def fit_to_size(pixels: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, str | None]:
-    """Bring an image to ``size``: white-pad an edge patch (one side full, the other short), else resize.
+FitPolicy = Literal["pad-edges", "resize"]
+FIT_POLICIES: tuple[FitPolicy, ...] = ("pad-edges", "resize")
 
-    Returns the pixels and "padded", "resized" or None.
+
+def fit_to_size(pixels: np.ndarray, size: tuple[int, int], policy: str = "pad-edges") -> tuple[np.ndarray, str | None]:
+    """Bring an image to ``size`` under a fit policy; the one fit function of the project.
+
+    ``pad-edges``: an edge patch (full in one direction, short in the other, as where a slide
+    tiling runs off the slide) is padded with white on its bottom/right, anything else is resized.
+    ``resize``: always resize (``resize_rgb``: bilinear, antialiased when shrinking).
+
+    Returns the pixels and "padded", "resized" or None (already at ``size``).
     """
+    if policy not in FIT_POLICIES:
+        from histoscan.errors import ConfigError  # imported here: the decoders above need no errors module
+
+        raise ConfigError(f"fit policy {policy!r} is not one of {list(FIT_POLICIES)}")
     h, w = pixels.shape[:2]
     th, tw = size
     if (h, w) == (th, tw):
         return pixels, None
-    if h <= th and w <= tw and (h == th or w == tw):
+    if policy == "pad-edges" and h <= th and w <= tw and (h == th or w == tw):
         out = np.full((th, tw, 3), 255, dtype=np.uint8)
         out[:h, :w] = pixels
         return out, "padded"

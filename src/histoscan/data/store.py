@@ -12,12 +12,13 @@ import shutil
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 
 from histoscan import __version__
+from histoscan.data.imageio import FIT_POLICIES, FitPolicy
 from histoscan.data.sources.base import Sample
 from histoscan.errors import DataError
 
@@ -72,6 +73,27 @@ class PatchStore:
         return int(h), int(w)
 
     @property
+    def fit(self) -> FitPolicy:
+        """How ingest brought images of another size to ``image_size`` (``Preprocessing.fit``)."""
+        # Stores written before ingest recorded its policy were white-padded at the edges: "pad-edges".
+        value = self.meta.get("fit", "pad-edges")
+        if value not in FIT_POLICIES:
+            raise DataError(f"{self.path / META_FILE}: fit {value!r} is not one of {list(FIT_POLICIES)}")
+        return cast(FitPolicy, value)
+
+    @property
+    def mpp(self) -> float | None:
+        """Micrometres per pixel of the stored patches, or None when the source did not say."""
+        value = self.meta.get("mpp")
+        return float(value) if value is not None else None
+
+    @property
+    def label_size(self) -> int | None:
+        """Side (px) of the centred square each label describes; None when a label is about the whole image."""
+        value = self.meta.get("label_size")
+        return int(value) if value is not None else None
+
+    @property
     def indices(self) -> np.ndarray:
         """Rows of the full store that this view covers."""
         return self._indices
@@ -106,7 +128,7 @@ class PatchStore:
 
     @property
     def images(self) -> np.ndarray:
-        """The images of this view: the memory map itself for a full store, else a lazy gather."""
+        """The images of this view: the memory map itself for a full store, else a copy read at once."""
         if self._full:
             return self._images
         return self.batch(np.arange(len(self)))

@@ -246,6 +246,7 @@ def write_synthetic_store(
             "counts_per_class": counts,
             "layout": "synthetic",
             "source": "synthetic",
+            "label_size": round(size / 3),  # the label is about the centre third, as in PCam
         }
         report = {
             "source": "synthetic",

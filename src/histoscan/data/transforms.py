@@ -1,9 +1,9 @@
-"""Batch transforms on uint8 images, run on whatever device the batch lives on.
+"""Batch transforms on float NCHW image tensors, run on whatever device the batch lives on.
 
 Every augmentation here keeps the labelled centre of a patch in view: the
 dihedral group rotates and flips about the centre, colour and stain jitter
 move no pixel, and ``CenterSafeCrop`` only shifts by as much as leaves the
-centre ``keep`` x ``keep`` region inside the crop.
+centre ``keep`` x ``keep`` region (the store's ``label_size``) inside the crop.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from histoscan.errors import ConfigError
+
 Tensor = torch.Tensor
-ImageNetMean = (0.485, 0.456, 0.406)
-ImageNetStd = (0.229, 0.224, 0.225)
 
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB), as in scikit-image's rgb_from_hed.
 _RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float32)
@@ -135,21 +135,27 @@ class HEDJitter:
 class CenterSafeCrop:
     """Random crop of ``size`` whose offset never moves the centre ``keep`` x ``keep`` region out of view.
 
-    With 96 px patches, ``keep=32`` (the Kaggle label region) and ``size=80``, the crop
-    can shift by up to 8 px either way from the centred position.
+    ``keep`` is the labelled region (``Preprocessing.label_size``); None means the label is
+    about the whole image, so no crop smaller than the image keeps it. With 96 px patches,
+    ``keep=32`` (the Kaggle / PCam label region) and ``size=80``, the crop can shift by up to
+    8 px either way from the centred position.
     """
 
     size: int
-    keep: int = 32
+    keep: int | None = 32
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
         h, w = x.shape[-2:]
-        if self.size > min(h, w) or self.size < self.keep:
-            raise ValueError(f"crop size {self.size} must lie between keep={self.keep} and the image size {h}x{w}")
+        keep = self.keep if self.keep is not None else max(h, w)
+        if self.size > min(h, w) or self.size < keep:
+            what = (
+                f"the labelled centre {self.keep}" if self.keep is not None else "the whole image (the label's extent)"
+            )
+            raise ConfigError(f"random crop {self.size} must lie between {what} and the image size {h}x{w}")
         oy, ox = (h - self.size) // 2, (w - self.size) // 2
         # offsets o with o <= (h - keep)//2 and o + size >= (h + keep)//2 keep the centre in view
-        lo_y, hi_y = max(0, (h + self.keep) // 2 - self.size), min(h - self.size, (h - self.keep) // 2)
-        lo_x, hi_x = max(0, (w + self.keep) // 2 - self.size), min(w - self.size, (w - self.keep) // 2)
+        lo_y, hi_y = max(0, (h + keep) // 2 - self.size), min(h - self.size, (h - keep) // 2)
+        lo_x, hi_x = max(0, (w + keep) // 2 - self.size), min(w - self.size, (w - keep) // 2)
         n = x.shape[0]
         ys = torch.randint(lo_y, hi_y + 1, (n,), generator=gen).tolist() if hi_y >= lo_y else [oy] * n
         xs = torch.randint(lo_x, hi_x + 1, (n,), generator=gen).tolist() if hi_x >= lo_x else [ox] * n
@@ -200,7 +206,7 @@ AUGMENTATION_PRESETS = ("none", "flips", "light", "strong")
 
 
 def build_augmentation(
-    preset: str = "light", strength: float = 1.0, crop: int | None = None, keep: int = 32
+    preset: str = "light", strength: float = 1.0, crop: int | None = None, keep: int | None = 32
 ) -> Augment:
     """An augmentation preset by name, scaled by ``strength``.
 
@@ -209,7 +215,8 @@ def build_augmentation(
     - ``light``: flips + brightness/contrast/saturation jitter.
     - ``strong``: light + H&E stain jitter, with stronger colour changes.
 
-    ``crop`` adds a centre-safe random crop to that size (before any resize).
+    ``crop`` adds a centre-safe random crop to that size (before any resize) that keeps the
+    centre ``keep`` px (the label's extent; None: the whole image) in view.
     """
     if preset not in AUGMENTATION_PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {list(AUGMENTATION_PRESETS)}")

@@ -6,7 +6,6 @@ and an output width that does not match the classes are one ConfigError line nam
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +16,7 @@ import torch
 from histoscan.bundle import ModelBundle, first_line, load_model, read_bundle
 from histoscan.errors import ConfigError
 from histoscan.runfolder import MODEL_FILE, ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, ONNX_FILE, RunFolder
+from histoscan.system import available_cores
 
 BACKENDS = ("torch", "onnx", "auto")
 
@@ -64,7 +64,7 @@ class OnnxBackend:
         if not path.is_file():
             raise ConfigError(f"{run_dir}: no {ONNX_FILE}; run 'histoscan export {run_dir}' first")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)
+        opts.intra_op_num_threads = threads or available_cores()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # no busy-waiting between runs: decoding and preprocessing share these cores
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

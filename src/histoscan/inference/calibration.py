@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from histoscan.bundle import read_bundle
 from histoscan.errors import DataError
-from histoscan.inference.predictor import Predictor, store_batches
+from histoscan.inference.inputs import store_input_batches
+from histoscan.inference.predictor import Predictor
 from histoscan.runfolder import RunFolder
 
 
@@ -64,7 +65,7 @@ def calibrate(run_dir: str | Path, data: str | Path | None = None, split: str = 
     if not part.labelled or (part.labels < 0).any():
         raise DataError(f"{part.path}: the {split!r} split is unlabelled; calibration needs labels")
     predictor = Predictor(run_dir, backend="torch")
-    logits = np.concatenate([predictor.logits(b) for b in store_batches(part, predictor.batch_size)])
+    logits = np.concatenate([predictor.logits(b.images) for b in store_input_batches(part, predictor.batch_size)])
     labels = part.labels
     t = fit_temperature(logits, labels)
     result = CalibrationResult(t, nll(logits, labels), nll(logits, labels, t), len(part))

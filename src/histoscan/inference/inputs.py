@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from histoscan.data.imageio import FastTiffReader, ImageReadError, is_image_file, resize_rgb
+from histoscan.data.imageio import FastTiffReader, ImageReadError, is_image_file
 from histoscan.data.sources.base import unique_ids
 from histoscan.data.store import META_FILE, PatchStore
 from histoscan.errors import DataError
+from histoscan.preprocessing import Preprocessing
 
 
 @dataclass
@@ -33,7 +34,7 @@ def list_images(path: Path) -> list[Path]:
         if not is_image_file(path):
             raise DataError(f"{path}: not an image file this tool reads (tif, png, jpg, bmp)")
         return [path]
-    files = []
+    files: list[Path] = []
     for folder, _dirs, names in os.walk(path, followlinks=True):
         files.extend(Path(folder) / n for n in names if is_image_file(Path(n)))
     files.sort()
@@ -42,22 +43,27 @@ def list_images(path: Path) -> list[Path]:
     return files
 
 
-def _decode(chunk: list[tuple[str, str]], size: tuple[int, int], read: FastTiffReader) -> Batch:
+FitFn = Callable[[np.ndarray], np.ndarray]
+
+
+def _decode(chunk: list[tuple[str, str]], fit: FitFn, read: FastTiffReader) -> Batch:
     ids, images, failures = [], [], []
     for pid, path in chunk:
         try:
-            images.append(resize_rgb(read(path).pixels, size))
+            images.append(fit(read(path).pixels))
             ids.append(pid)
         except ImageReadError as exc:
             failures.append((pid, path, str(exc)))
-    arr = np.stack(images) if images else np.zeros((0, size[0], size[1], 3), np.uint8)
-    return Batch(ids, arr, failures)
+    if not images:
+        return Batch(ids, np.zeros((0, 0, 0, 3), np.uint8), failures)
+    return Batch(ids, np.stack(images), failures)
 
 
-def file_batches(
-    paths: list[Path], root: Path, size: tuple[int, int], batch_size: int, workers: int
-) -> Iterator[Batch]:
+def file_batches(paths: list[Path], root: Path, fit: FitFn, batch_size: int, workers: int) -> Iterator[Batch]:
     """Decode files in ``workers`` threads, a few batches ahead of the consumer, in order.
+
+    ``fit`` brings each decoded image to the model's size (``Preprocessing.fit_image``), so a
+    folder of mixed sizes is fitted exactly as the model's training data was.
 
     Threads, not processes: Pillow and file reads release the GIL, and decoded batches need no
     pickling. At most ``workers + 1`` batches are in flight, so memory stays flat on any folder size.
@@ -70,7 +76,7 @@ def file_batches(
     def work(chunk: list[tuple[str, str]]) -> Batch:
         if not hasattr(local, "read"):
             local.read = FastTiffReader()
-        return _decode(chunk, size, local.read)
+        return _decode(chunk, fit, local.read)
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="histoscan-decode") as pool:
         pending: deque[Future[Batch]] = deque()
@@ -88,7 +94,7 @@ def file_batches(
 
 
 def store_input_batches(store: PatchStore, batch_size: int) -> Iterator[Batch]:
-    """Batches of a packed store, with its ids."""
+    """Consecutive batches of a packed store (or view), in order, with their ids."""
     ids = store.ids
     for start in range(0, len(store), batch_size):
         stop = min(len(store), start + batch_size)
@@ -124,8 +130,12 @@ def h5_batches(path: Path, batch_size: int) -> Iterator[Batch]:
             yield Batch([f"{stem}_{i}" for i in range(start, stop)], np.asarray(xs[start:stop], dtype=np.uint8))
 
 
-def input_batches(path: str | Path, size: tuple[int, int], batch_size: int, workers: int) -> Iterator[Batch]:
-    """Batches for any supported input: a store, a PCam x file or folder, an image, a folder of images."""
+def input_batches(path: str | Path, pre: Preprocessing, batch_size: int, workers: int) -> Iterator[Batch]:
+    """Batches for any supported input: a store, a PCam x file or folder, an image, a folder of images.
+
+    Decoded files are fitted to the model's size here (``pre.fit_image``); batches of stores and
+    PCam files keep their own size and are fitted by the Predictor.
+    """
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
@@ -139,4 +149,4 @@ def input_batches(path: str | Path, size: tuple[int, int], batch_size: int, work
         xs = sorted(p.glob(f"{PCAM_PREFIX}*_x.h5")) or sorted(p.glob(f"{PCAM_PREFIX}*_x.h5.gz"))
         if xs:
             return (b for x in xs for b in h5_batches(x, batch_size))
-    return file_batches(list_images(p), p, size, batch_size, workers)
+    return file_batches(list_images(p), p, pre.fit_image, batch_size, workers)

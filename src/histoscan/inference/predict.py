@@ -18,6 +18,7 @@ from histoscan.data.store import META_FILE as STORE_META
 from histoscan.errors import DataError
 from histoscan.inference.inputs import input_batches
 from histoscan.inference.predictor import Prediction, Predictor
+from histoscan.system import available_cores
 
 
 @dataclass
@@ -49,16 +50,11 @@ def predict_input(
     progress: Callable[[int], None] | None = None,
 ) -> PredictionTable:
     """Predict every image of ``path`` (image, folder, Kaggle test folder, store, PCam file or folder)."""
-    workers = (
-        workers
-        if workers is not None
-        else max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
-    )
-    size = tuple(predictor.bundle.preprocessing.image_size)
+    workers = workers if workers is not None else available_cores()
     ids: list[str] = []
     parts: list[Prediction] = []
     failures: list[tuple[str, str, str]] = []
-    for batch in input_batches(path, size, predictor.batch_size, workers):  # type: ignore[arg-type]
+    for batch in input_batches(path, predictor.bundle.preprocessing, predictor.batch_size, workers):
         failures.extend(batch.failures)
         if len(batch.ids):
             parts.append(predictor.predict_batch(batch.images, tta))

@@ -1,4 +1,4 @@
-"""The Predictor: the one inference path for predict, evaluate, serve and slide scanning.
+"""The Predictor: the one inference path for predict, evaluate, calibrate and serve.
 
 It reads preprocessing, temperature and threshold from the run's ``model.json`` and runs
 either backend, optionally with test-time augmentation over the dihedral group.
@@ -6,8 +6,7 @@ either backend, optionally with test-time augmentation over the dihedral group.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +14,10 @@ import numpy as np
 import torch
 
 from histoscan.bundle import ModelBundle, read_bundle
-from histoscan.data.imageio import resize_rgb
+from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError
 from histoscan.inference.backends import Backend, OnnxBackend, TorchBackend, resolve_backend
+from histoscan.inference.inputs import store_input_batches
 from histoscan.inference.probabilities import probabilities
 
 
@@ -100,18 +100,8 @@ class Predictor:
 
     # ---- the core: one batch -----------------------------------------------------------
     def _to_batch(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """A uint8 NHWC batch at the model's stored image size (images of other sizes are resized)."""
-        size = tuple(self.bundle.preprocessing.image_size)
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            if images.shape[1:3] == size:
-                return images
-            images = list(images)
-        out = np.empty((len(images), size[0], size[1], 3), np.uint8)
-        for i, img in enumerate(images):
-            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                raise ConfigError(f"image {i}: expected uint8 HxWx3 RGB, got {img.dtype} {img.shape}")
-            out[i] = resize_rgb(img, size)  # type: ignore[arg-type]
-        return out
+        """A uint8 NHWC batch at the model's stored image size, fitted by its stored ``fit`` policy."""
+        return self.bundle.preprocessing.fit_batch(images)
 
     def probabilities_from_logits(self, logits: np.ndarray) -> np.ndarray:
         """Apply the stored temperature; binary logits become [P(neg), P(pos)]."""
@@ -156,19 +146,6 @@ class Predictor:
         return Prediction.concat([self.predict_batch(b, tta) for b in batches], len(self.classes))
 
     # ---- inputs ------------------------------------------------------------------------
-    def predict_store(self, store, tta: bool | Sequence[int] | None = None) -> Prediction:  # type: ignore[no-untyped-def]
+    def predict_store(self, store: PatchStore, tta: bool | Sequence[int] | None = None) -> Prediction:
         """Every image of a PatchStore (or view), in order."""
-        return self.predict_batches(store_batches(store, self.batch_size), tta)
-
-
-def store_batches(store, batch_size: int) -> Iterator[np.ndarray]:  # type: ignore[no-untyped-def]
-    """Consecutive uint8 batches of a PatchStore view."""
-    for start in range(0, len(store), batch_size):
-        yield store.batch(np.arange(start, min(len(store), start + batch_size)))
-
-
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
+        return self.predict_batches((b.images for b in store_input_batches(store, self.batch_size)), tta)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from histoscan.data.imageio import DecodeBudget, FastTiffReader, ImageReadError, ImageTooLarge, decode_bytes, resize_rgb
+from histoscan.data.imageio import DecodeBudget, FastTiffReader, ImageReadError, ImageTooLarge, decode_bytes
 from histoscan.preprocessing import Preprocessing
 
 ALLOWED_TYPES = ("image/tiff", "image/png", "image/jpeg", "image/jpg", "image/x-tiff", "application/octet-stream", "")
@@ -65,17 +65,8 @@ def decode_upload(
 
 
 def model_fit(preprocessing: Preprocessing) -> Callable[[np.ndarray], np.ndarray]:
-    """The shared fit-to-size of the model's preprocessing (``Preprocessing.fit_image``).
-
-    Until that method is on this branch (it comes with the shared-preprocessing change), the
-    Predictor's own step is used: ``resize_rgb`` to ``image_size``, so served and batch
-    predictions stay the same.
-    """
-    fit = getattr(preprocessing, "fit_image", None)
-    if fit is not None:
-        return fit  # type: ignore[no-any-return]
-    size = (int(preprocessing.image_size[0]), int(preprocessing.image_size[1]))
-    return lambda pixels: resize_rgb(pixels, size)
+    """The shared fit-to-size of the model's preprocessing, so served and batch predictions agree."""
+    return preprocessing.fit_image
 
 
 class UploadDecoder:

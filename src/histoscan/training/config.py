@@ -63,6 +63,7 @@ class TrainConfig:
     augment_strength: float = doc("Scale of colour / stain jitter.", 1.0)
     crop: int | None = doc("Centre crop side before the network (e.g. 32: the labelled centre only).", None)
     resize: int | None = doc("Resize side before the network (e.g. 192 to upscale 96 px patches).", None)
+    mpp: float | None = doc("Micrometres per pixel of the training patches (default: what the store recorded).", None)
     freeze_epochs: int = doc("Train only the classifier for this many epochs, then unfreeze (transfer learning).", 0)
     backbone_lr_mult: float = doc("Backbone learning rate as a fraction of lr (discriminative learning rates).", 1.0)
     early_stopping: int | None = doc("Stop after this many epochs without a better validation AUROC (None: off).", 5)

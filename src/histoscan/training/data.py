@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     def _per_rank(self) -> int:
         return math.ceil(self.n / self.world_size)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         order = self._order()
         per_rank = self._per_rank()
         if self.world_size > 1:  # pad by wrapping so every rank gets the same number of samples

@@ -29,6 +29,7 @@ from histoscan.models.backbones import timm_data_config
 from histoscan.models.registry import count_parameters, list_models
 from histoscan.preprocessing import Preprocessing, channel_stats
 from histoscan.runfolder import CONFIG_FILE, LAST_CKPT, MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE
+from histoscan.system import available_cores
 from histoscan.training.callbacks import MONITOR, EpochSummary, LastCheckpoint
 from histoscan.training.config import TrainConfig
 from histoscan.training.data import make_loader
@@ -69,7 +70,7 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
     _set_threads(cfg)
     run_dir, cfg = setup_run(cfg)
     store, parts, split_path = build_data(cfg)
-    pre = _geometry(cfg, store)
+    pre = _geometry(cfg, store, printer if _global_rank() == 0 else lambda _: None)
     model = create_model(
         cfg.model,
         store.num_classes,
@@ -169,11 +170,32 @@ def build_data(cfg: TrainConfig) -> tuple[PatchStore, dict[str, PatchStore], Pat
     return store, parts, path
 
 
-def _geometry(cfg: TrainConfig, store: PatchStore) -> Preprocessing:
+def _geometry(cfg: TrainConfig, store: PatchStore, printer: Callable[[str], None] = print) -> Preprocessing:
+    """The stored preprocessing's geometry: the store's size, fit policy, label geometry and resolution, and the crop.
+
+    A centre crop applies only where the label is about the centre (the store records a
+    ``label_size``). Where the label describes the whole image (``label_size`` None: LC25000,
+    IDC, class folders), a centre crop would cut labelled tissue away, so the crop side becomes
+    a resize to that side instead: the network sees the whole image at the input size the
+    config chose (e.g. the cpu-default's 64 px), and a note says so.
+    """
     h, w = store.image_size
-    if cfg.crop and cfg.crop > min(h, w):
-        raise ConfigError(f"crop {cfg.crop} is larger than the store's images ({h}x{w})")
-    return Preprocessing(image_size=[h, w], crop=cfg.crop, resize=cfg.resize)
+    crop, size = cfg.crop, cfg.resize
+    label = store.label_size
+    if crop and label is None:
+        printer(
+            f"note: {cfg.data} records no labelled centre (its labels describe whole images), so the centre "
+            f"crop {crop} is not applied; the whole image is resized to {size or crop} px instead"
+        )
+        crop, size = None, size or crop
+    if crop and crop > min(h, w):
+        raise ConfigError(f"crop {crop} is larger than the store's images ({h}x{w})")
+    if crop and label and crop < label:
+        raise ConfigError(f"crop {crop} would cut into the labelled centre ({label} px) of {cfg.data}'s patches")
+    mpp = cfg.mpp if cfg.mpp is not None else store.mpp
+    if mpp is not None and not mpp > 0:
+        raise ConfigError(f"mpp must be a positive number of micrometres per pixel, got {mpp}")
+    return Preprocessing(image_size=[h, w], fit=store.fit, crop=crop, resize=size, mpp=mpp, label_size=label)
 
 
 def _normalisation(cfg: TrainConfig, model: torch.nn.Module, train: PatchStore) -> tuple[list[float], list[float]]:
@@ -289,7 +311,7 @@ def _workers(cfg: TrainConfig, trainer: L.Trainer) -> int:
     if cfg.num_workers is not None:
         return cfg.num_workers
     if trainer.accelerator.__class__.__name__ == "CUDAAccelerator":
-        return min(8, os.cpu_count() or 1)
+        return min(8, available_cores())
     return 0
 
 

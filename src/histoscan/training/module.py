@@ -21,6 +21,7 @@ from histoscan.training.config import TrainConfig
 
 def task_metrics(num_classes: int, prefix: str) -> torchmetrics.MetricCollection:
     """AUROC (macro one-vs-rest for multi-class), accuracy and F1."""
+    m: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection]
     if num_classes == 2:
         m = {
             "auroc": torchmetrics.AUROC(task="binary"),
@@ -43,12 +44,13 @@ class PatchClassifier(L.LightningModule):
         super().__init__()
         self.model, self.cfg, self.pre, self.num_classes = model, cfg, preprocessing, num_classes
         self.binary = num_classes == 2
-        self.augment = build_augmentation(cfg.augment, cfg.augment_strength)
+        self.augment = build_augmentation(cfg.augment, cfg.augment_strength, keep=preprocessing.label_size)
         weights = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
         if weights is not None and len(weights) != num_classes:
             from histoscan.errors import ConfigError
 
             raise ConfigError(f"class_weights has {len(weights)} values for {num_classes} classes")
+        self.class_weights: torch.Tensor
         self.register_buffer(
             "class_weights", weights if weights is not None else torch.ones(num_classes), persistent=False
         )
@@ -63,16 +65,20 @@ class PatchClassifier(L.LightningModule):
         return self.model(x)
 
     def _inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        x = self.pre.geometry(images.permute(0, 3, 1, 2).float().div_(255.0))
-        if train:
+        """uint8 NHWC batch -> model input through the model's stored ``Preprocessing``.
+
+        Without augmentation this is the Predictor's own call; with it, the augmentation runs
+        between the stored stages, on the fitted, stain-normalised full patch (``to_float``) and
+        before the crop / resize and mean / std (``finish``).
+        """
+        if train and self.augment.ops:
             gen = torch.Generator().manual_seed(
                 int(self.cfg.seed * 1_000_003 + self.current_epoch * 10_007 + self.global_step)
             )
-            x = self.augment(x, gen)
-        from histoscan.data.transforms import normalize
-
-        x = normalize(x, self.pre.mean, self.pre.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+            x = self.pre.finish(self.augment(self.pre.to_float(images), gen))
+        else:
+            x = self.pre(images)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         eps = self.cfg.label_smoothing
@@ -155,11 +161,16 @@ class PatchClassifier(L.LightningModule):
         if cfg.schedule == "constant":
             return opt
         if cfg.schedule == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_auroc", "interval": "epoch"}}
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=2)
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": plateau, "monitor": "val_auroc", "interval": "epoch"},
+            }
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched: torch.optim.lr_scheduler.LRScheduler
         if cfg.schedule == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=total)
+            max_lr = [cfg.lr * cfg.backbone_lr_mult] + ([cfg.lr] if head else [])  # one per parameter group
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total)
         else:
             steps_per_epoch = max(1, total // max(1, cfg.max_epochs))
             warmup = int(cfg.warmup_epochs * steps_per_epoch)

@@ -60,6 +60,12 @@ class Source:
     layout: str = "unknown"
     #: True when each entry is an image file that worker processes can decode independently.
     decodes_files: bool = True
+    #: The patch side (px) at which the layout's ``label_size`` and ``mpp`` hold; None when it declares neither.
+    native_size: int | None = None
+    #: Side (px, at ``native_size``) of the centred square a label describes; None: the label is about the whole image.
+    label_size: int | None = None
+    #: Micrometres per pixel at ``native_size``; None when the layout does not say.
+    mpp: float | None = None
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)

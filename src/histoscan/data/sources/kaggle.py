@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 from histoscan.data.sources.base import BINARY_CLASSES, Entry, Listing, Source
+from histoscan.data.sources.pcam import PCAM_LABEL_SIZE, PCAM_MPP, PCAM_SIZE
 from histoscan.errors import DataError
 
 LABELS_FILE = "train_labels.csv"
@@ -60,6 +61,7 @@ class KaggleSource(Source):
     """The competition's training folder with its labels (binary: normal / tumor)."""
 
     layout = "kaggle"
+    native_size, label_size, mpp = PCAM_SIZE, PCAM_LABEL_SIZE, PCAM_MPP  # PCam's patches: see sources/pcam.py
 
     def __init__(self, root: str | Path, labels: str | Path | None = None, images: str = "train") -> None:
         super().__init__(root)

@@ -17,6 +17,14 @@ from histoscan.errors import DataError
 
 PCAM_PREFIX = "camelyonpatch_level_2_split_"
 PCAM_SPLITS = {"train": "train", "valid": "val", "test": "test"}
+# PCam patches are 96 x 96 px and their label is about the centre 32 x 32 px. The Camelyon16 slides
+# they come from were scanned with a 40x objective at 0.243 um/px and undersampled to 10x for the
+# patches (https://github.com/basveeling/pcam, README "Patch selection"; Veeling et al., "Rotation
+# Equivariant CNNs for Digital Pathology", MICCAI 2018), so a patch pixel is 4 x 0.243 = 0.972 um.
+# The Kaggle HCD patches are PCam's (duplicates removed) and share this geometry.
+PCAM_SIZE = 96
+PCAM_LABEL_SIZE = 32
+PCAM_MPP = 0.972
 
 
 def pcam_file(split: str, kind: str) -> str:
@@ -36,6 +44,7 @@ class PCamSource(Source):
 
     layout = "pcam"
     decodes_files = False
+    native_size, label_size, mpp = PCAM_SIZE, PCAM_LABEL_SIZE, PCAM_MPP
 
     def __init__(self, root: str | Path, workdir: str | Path | None = None) -> None:
         super().__init__(root)

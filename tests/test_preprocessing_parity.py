@@ -161,6 +161,7 @@ def test_todays_model_json_loads_and_predicts_as_before(tiny_run: Path, tmp_path
     data = json.loads((old / MODEL_FILE).read_text())
     for key in ("fit", "mpp", "label_size", "stain"):
         data["preprocessing"].pop(key, None)
+    data.pop("schema_version", None)  # files of that time had no schema version (read as version 1)
     (old / MODEL_FILE).write_text(json.dumps(data))
     pre = read_bundle(old).preprocessing
     assert (pre.fit, pre.mpp, pre.label_size, pre.stain) == ("pad-edges", None, None, None)

@@ -25,6 +25,8 @@ class Preprocessing:
     resize: int | None = None
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    mpp: float | None = None
+    label_size: int | None = None
 
     @property
     def input_size(self) -> int:

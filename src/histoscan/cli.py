@@ -11,7 +11,16 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 from typer.core import TyperGroup
 
 from histoscan import __version__
@@ -412,11 +421,21 @@ def evaluate(
     out: Path | None = typer.Option(None, help="Output folder (default: RUN/eval for the run's test split)."),
     backend: str = typer.Option("auto", help="torch, onnx or auto."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the AUROC interval."),
+    labels: Path | None = typer.Option(
+        None, help="With a slides.csv (from 'histoscan slide') as RUN: a slide,label CSV; prints slide-level AUROC."
+    ),
 ) -> None:
     """Score a run: AUROC with 95% CI, report, thresholds, calibration, figures and an HTML report."""
     from histoscan.evaluation.evaluate import evaluate_run
     from histoscan.evaluation.report import headline
 
+    if labels is not None:
+        from histoscan.wsi.evaluate import evaluate_slides
+
+        s = evaluate_slides(run, labels)
+        for score, value in s.auroc.items():
+            _console().print(f"slide-level AUROC ({score}, {s.slides} slides, {s.positives} tumour): {value:.4f}")
+        return
     r = evaluate_run(
         run,
         data,
@@ -588,6 +607,73 @@ def train(config: str | None = None, **values: Any) -> None:
     con.print(f"run folder: {result.run_dir}")
 
 
+class _Rate(ProgressColumn):
+    """Tiles per second of a progress task."""
+
+    def render(self, task: Any) -> Text:
+        return Text(f"{task.speed:,.0f} tiles/s" if task.speed else "")
+
+
+def slide(run: Path, slides: list[Path] | None, out: Path, **values: Any) -> None:
+    """Scan whole-slide images into heatmaps, probability grids, tiles.csv and QuPath GeoJSON regions."""
+    from histoscan.inference.predictor import Predictor
+    from histoscan.wsi.batch import run_slides
+    from histoscan.wsi.scan import ScanSettings
+
+    settings = ScanSettings(**{k: v for k, v in values.items() if v is not None})
+    con = _console()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeRemainingColumn())
+    with Progress(*columns, console=con, transient=True) as bar:
+
+        def progress(name: str) -> Callable[[int], Callable[[int], None]]:
+            def start(total: int) -> Callable[[int], None]:
+                task = bar.add_task(name, total=total)
+                return lambda n: bar.advance(task, n)
+
+            return start
+
+        def predictor() -> Predictor:
+            return Predictor(
+                run, settings.backend, settings.device, batch_size=settings.batch_size, threads=settings.threads
+            )
+
+        r = run_slides(predictor, slides or [], out, settings, progress=progress, printer=con.print)
+    con.print(f"{len(r.scanned)} scanned, {len(r.skipped)} already done (--force redoes them), {len(r.failed)} failed")
+    for name, error in r.failed.items():
+        con.print(f"[red]{name}: {error}[/]", highlight=False)
+    if r.slides_csv is not None:
+        con.print(f"slides: {r.slides_csv}")
+    else:
+        con.print(f"shard done; gather slides.csv once all shards finish: histoscan slide {run} --out {out}")
+
+
+def _register_slide() -> None:
+    from histoscan.wsi.scan import ScanSettings
+
+    head = [
+        inspect.Parameter(
+            "run", inspect.Parameter.KEYWORD_ONLY, annotation=Path, default=typer.Argument(..., help="A run folder.")
+        ),
+        inspect.Parameter(
+            "slides",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=list[Path] | None,
+            default=typer.Argument(
+                None, help="Slide files and folders (none: only gather OUT/slides.csv from finished shards)."
+            ),
+        ),
+        inspect.Parameter(
+            "out",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Path,
+            default=typer.Option(..., "--out", help="Output folder: OUT/<slide>/ per slide and OUT/slides.csv."),
+        ),
+    ]
+    params = head + [_train_parameter(f, f.metadata["help"]) for f in dataclasses.fields(ScanSettings)]
+    slide.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    app.command("slide")(slide)
+
+
 def _register_train() -> None:
     from histoscan.training.config import TrainConfig, field_help
 
@@ -609,6 +695,7 @@ def _register_train() -> None:
 
 
 _register_train()
+_register_slide()
 
 
 def main() -> None:

@@ -103,7 +103,7 @@ def regions_geojson(
     xs, ys = xs - b.x, ys - b.y
     frame = box(0, 0, b.width, b.height)
     above = np.nan_to_num(probs, nan=0.0) >= threshold
-    labels, n = ndimage.label(above)  # 4-connected: each component's cells union to one polygon
+    labels, _ = ndimage.label(above)  # 4-connected: each component's cells union to one polygon
     mpp2 = grid.slide_mpp**2
     features = []
     for k, where in enumerate(ndimage.find_objects(labels), start=1):

@@ -137,10 +137,11 @@ def _mask_from_geojson(path: Path, reader: SlideReader, max_side: int) -> Tissue
 
     try:
         data = json.loads(path.read_text())
-        features = data["features"] if data.get("type") == "FeatureCollection" else [data]
-        if isinstance(data, list):
+        if isinstance(data, list):  # QuPath exports a bare list of features
             features = data
-        geoms = [shape(f["geometry"] if "geometry" in f else f) for f in features]
+        else:
+            features = data["features"] if data.get("type") == "FeatureCollection" else [data]
+        geoms = [shape(f.get("geometry", f)) for f in features]
     except Exception as exc:  # malformed JSON or geometry
         raise DataError(f"{path}: not a GeoJSON region ({type(exc).__name__}: {exc})") from exc
     w, h = reader.dimensions

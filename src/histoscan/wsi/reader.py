@@ -65,7 +65,7 @@ def mpp_from_tiff_tags(xres: str | None, unit: str | None) -> float | None:
     if value <= 0 or unit in ("", "none", "1"):
         return None
     if unit in ("inch", "2"):
-        if any(abs(value - d) < 1e-6 for d in _DEFAULT_DPI):
+        if any(abs(value - d) < 0.5 for d in _DEFAULT_DPI):  # PNG stores dots per metre: 72 dpi reads back as 72.009
             return None
         return 25400.0 / value
     if unit in ("centimeter", "3"):

@@ -188,3 +188,11 @@ def test_user_masks_png_and_geojson(run: Path, slides: Path, tmp_path: Path) -> 
     r = scan_slide(predictor, slide, tmp_path / "o3", ScanSettings(mask=str(gj)))
     tiles = pd.read_csv(r.folder / "tiles.csv")
     assert len(tiles) == 4 * 3 and tiles.x.min() == 64 and tiles.y.min() == 64
+
+
+def test_demo_slide_step(run: Path, tmp_path: Path) -> None:
+    from histoscan.demo import demo_slide
+
+    folder = demo_slide(run, tmp_path)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["tiles"] > 300 and (folder / "heatmap.png").is_file()

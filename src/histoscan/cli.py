@@ -117,6 +117,7 @@ def demo(
         ("ONNX model", r.onnx),
         ("predictions", r.predictions),
         ("Kaggle submission", r.submission),
+        ("slide scan (heatmap, GeoJSON)", r.slide),
     ]:
         con.print(f"{label:34s} {path}")
 

@@ -132,10 +132,10 @@ def regions_geojson(
                 )
             )
     if tiles is not None:
-        for row in tiles.itertuples(index=False):
-            x0, y0 = row.x - b.x, row.y - b.y
-            geom = mapping(box(x0, y0, x0 + row.width, y0 + row.height))
-            features.append(_feature(geom, "tile", None, {"probability": float(row.probability)}))
+        cells = tiles[["x", "y", "width", "height", "probability"]].to_numpy(np.float64)
+        for x, y, w, h, p_tile in cells:
+            geom = mapping(box(x - b.x, y - b.y, x - b.x + w, y - b.y + h))
+            features.append(_feature(geom, "tile", None, {"probability": float(p_tile)}))
     return {"type": "FeatureCollection", "features": features}
 
 

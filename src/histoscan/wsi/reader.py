@@ -108,8 +108,8 @@ class OpenSlideReader:
         except openslide.OpenSlideError as exc:
             raise SlideError(f"{path}: corrupt or truncated slide ({exc})") from exc
         props = self._slide.properties
-        self.dimensions = tuple(self._slide.dimensions)  # type: ignore[assignment]
-        self.level_dimensions = [tuple(d) for d in self._slide.level_dimensions]  # type: ignore[misc]
+        self.dimensions: tuple[int, int] = (int(self._slide.dimensions[0]), int(self._slide.dimensions[1]))
+        self.level_dimensions: list[tuple[int, int]] = [(int(w), int(h)) for w, h in self._slide.level_dimensions]
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
         self.mpp = _slide_mpp(props)
         w, h = self.dimensions
@@ -141,7 +141,7 @@ class OpenSlideReader:
         else:
             img = self.read(0, 0, level, lw, lh)
         if img.shape[:2] != (th, tw):
-            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.BILINEAR))
+            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BILINEAR))
         return img
 
     def close(self) -> None:
@@ -217,7 +217,7 @@ class ImageReader:
         w, h = self.dimensions
         scale = max(1.0, max(w, h) / max_side)
         size = (max(1, round(w / scale)), max(1, round(h / scale)))
-        return np.asarray(Image.fromarray(self._pixels).resize(size, Image.BILINEAR))
+        return np.asarray(Image.fromarray(self._pixels).resize(size, Image.Resampling.BILINEAR))
 
     def close(self) -> None:
         self._pixels = np.zeros((0, 0, 3), np.uint8)

@@ -36,7 +36,11 @@ class ScanSettings:
     """How slides are scanned; every field is a ``histoscan slide`` option (the text is its help)."""
 
     min_tissue: float = doc("Scan a tile when its labelled centre holds at least this fraction of tissue.", 0.5)
-    mask: str | None = doc("Tissue mask instead of detection: a PNG (slide's aspect ratio) or a QuPath GeoJSON.", None)
+    mask: str | None = doc(
+        "Tissue mask instead of detection: a PNG (slide's aspect ratio) or QuPath GeoJSON, or a folder of "
+        "<slide>.png / <slide>.geojson for many slides.",
+        None,
+    )
     model_mpp: float | None = doc("The model's resolution in um/px when model.json does not state it.", None)
     slide_mpp: float | None = doc("The slides' level-0 resolution in um/px when their metadata lacks it.", None)
     tile: int | None = doc("Tile side in model px (must be the model's input size; default: that size).", None)
@@ -103,8 +107,19 @@ def tissue_mask(reader: SlideReader, grid: SlideGrid, settings: ScanSettings) ->
     side = int(min(outputs_max_side(), max(1024, 4 * max(w, h) / grid.cell_px)))
     thumb = reader.thumbnail(side)
     if settings.mask:
-        return load_mask(settings.mask, reader, side), thumb
+        return load_mask(mask_for(settings.mask, reader.path), reader, side), thumb
     return detect_tissue(reader, grid.slide_mpp, side, thumb), thumb
+
+
+def mask_for(mask: str | Path, slide: Path) -> Path:
+    """The mask file for a slide: ``mask`` itself, or ``<mask>/<slide stem>.geojson|.png`` for a folder."""
+    m = Path(mask)
+    if not m.is_dir():
+        return m
+    for suffix in (".geojson", ".json", ".png"):
+        if (m / f"{slide.stem}{suffix}").is_file():
+            return m / f"{slide.stem}{suffix}"
+    raise SlideError(f"{m}: no mask for {slide.name} (expected {slide.stem}.geojson or {slide.stem}.png)")
 
 
 def outputs_max_side() -> int:
@@ -119,7 +134,7 @@ def _read_block(reader: SlideReader, grid: SlideGrid, block: tuple[int, int, int
     x, y, lw, lh, mw, mh = grid.block_region(*block)
     img = reader.read(x, y, grid.level.level, lw, lh)
     if (lw, lh) != (mw, mh):  # Pillow's resize filters with the scale's support, so shrinking is antialiased
-        img = np.asarray(Image.fromarray(img).resize((mw, mh), Image.BILINEAR))
+        img = np.asarray(Image.fromarray(img).resize((mw, mh), Image.Resampling.BILINEAR))
     return img
 
 

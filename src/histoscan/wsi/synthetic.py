@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -46,7 +47,7 @@ def write_tiled_pyramid(
     with tifffile.TiffWriter(path, bigtiff=h0 * w0 * 3 > 2**31) as tw:
         for k, d in enumerate(downsamples):
             h, w = max(1, h0 // d), max(1, w0 // d)
-            res = {}
+            res: dict[str, Any] = {}
             if mpp is not None:
                 ppcm = 1e4 / (mpp * d)
                 res = {"resolution": (ppcm, ppcm), "resolutionunit": "CENTIMETER"}
@@ -76,7 +77,9 @@ def write_slide(
     levels = {1: image}
     for d in downsamples:
         if d != 1:
-            levels[d] = np.asarray(Image.fromarray(image).resize((max(1, w // d), max(1, h // d)), Image.BOX))
+            levels[d] = np.asarray(
+                Image.fromarray(image).resize((max(1, w // d), max(1, h // d)), Image.Resampling.BOX)
+            )
 
     def fn(d: float, y: int, x: int, th: int, tw_: int) -> np.ndarray:
         return levels[int(d)][y : y + th, x : x + tw_]
@@ -160,3 +163,42 @@ def tumour_slide(
         img = img.repeat(upsample, axis=0).repeat(upsample, axis=1)
     downs = sorted({1, upsample, 2 * upsample, 4 * upsample})
     return write_slide(path, img, mpp, downs), truth
+
+
+def sparse_tissue_slide(
+    path: str | Path,
+    side: int = 100_000,
+    mpp: float = 0.25,
+    tissue: float = 0.10,
+    seed: int = 0,
+    downsamples: Sequence[int] = (1, 4, 16, 64),
+    compression: str = "jpeg",
+) -> Path:
+    """A large square slide with about ``tissue`` of its area covered by a few tissue blobs, the rest glass.
+
+    Made tile by tile (never held whole): glass tiles are one repeated array, tissue tiles a repeated
+    synthetic texture, so a 100,000 px slide takes a few minutes and compresses to little.
+    """
+    tile = 256
+    n = -(-side // tile)
+    rng = np.random.default_rng(seed)
+    blobs = np.zeros((n, n), bool)
+    yy, xx = np.ogrid[0:n, 0:n]
+    while blobs.mean() < tissue:
+        cy, cx = rng.uniform(0.15, 0.85, 2) * n
+        ry, rx = rng.uniform(0.04, 0.1, 2) * n
+        blobs |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    labels = (rng.random((16, 16)) < 0.3).astype(np.int64)
+    texture = mosaic(labels, crop_pool(20, seed + 1), seed + 2)  # 512 x 512
+    glass = np.full((tile, tile, 3), 243, np.uint8)
+
+    def fn(d: float, y: int, x: int, th: int, tw: int) -> np.ndarray:
+        rows = np.minimum(((y + np.arange(th)) * int(d)) // tile, n - 1)
+        cols = np.minimum(((x + np.arange(tw)) * int(d)) // tile, n - 1)
+        m = blobs[np.ix_(rows, cols)]
+        if not m.any():
+            return glass[:th, :tw]
+        tex = texture[np.ix_((y + np.arange(th)) % 512, (x + np.arange(tw)) % 512)]
+        return np.where(m[..., None], tex, glass[:th, :tw])
+
+    return write_tiled_pyramid(path, (side, side), fn, mpp, downsamples, tile, compression)

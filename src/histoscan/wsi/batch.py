@@ -129,7 +129,8 @@ def run_slides(
         _clear_failure(out, name)
         result.scanned.append(r)
         printer(
-            f"  {r.summary['tiles']} tiles in {r.summary['seconds']:.1f} s, max P {r.summary['max_probability']:.3f}"
+            f"  read {r.summary['resolution']}; {r.summary['tiles']} tiles in {r.summary['seconds']:.1f} s, "
+            f"max P {r.summary['max_probability']:.3f}"
         )
     if shard is None and (slides or out.exists()):
         result.slides_csv = collect(out)

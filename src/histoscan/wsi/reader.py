@@ -74,15 +74,21 @@ def mpp_from_tiff_tags(xres: str | None, unit: str | None) -> float | None:
 
 
 def composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
-    """RGBA (not premultiplied, as openslide-python returns it) over a background colour -> RGB uint8."""
+    """RGBA (not premultiplied, as openslide-python returns it) over a background colour -> RGB uint8.
+
+    Only pixels that are not opaque are blended (usually none, or the strip past a slide's edge).
+    """
     if rgba.shape[2] == 3:
         return rgba
-    alpha = rgba[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgba[..., :3])
-    a = alpha.astype(np.float32) / 255.0
-    out = rgba[..., :3].astype(np.float32) * a + np.asarray(background, np.float32) * (1.0 - a)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    alpha = rgba[..., 3]
+    partial = alpha != 255
+    if not partial.any():
+        return rgb
+    a = alpha[partial].astype(np.float32)[:, None] / 255.0
+    bg = np.asarray(background, np.float32)
+    rgb[partial] = np.clip(rgb[partial].astype(np.float32) * a + bg * (1.0 - a) + 0.5, 0, 255).astype(np.uint8)
+    return rgb
 
 
 def _hex_colour(text: str | None) -> tuple[int, int, int]:

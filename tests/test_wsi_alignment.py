@@ -14,7 +14,7 @@ from shapely.geometry import box, shape
 from shapely.ops import unary_union
 
 from histoscan.wsi import scan as scan_module
-from histoscan.wsi.reader import Bounds, ImageReader, open_slide
+from histoscan.wsi.reader import Bounds, ImageReader, SlideError, open_slide
 from histoscan.wsi.scan import ScanSettings, scan_slide
 from histoscan.wsi.synthetic import write_slide
 from tests.wsi_helpers import CoordinatePredictor, coordinate_image
@@ -165,3 +165,16 @@ def test_offset_slide_writes_qupath_coordinates(tmp_path: Path, monkeypatch: pyt
     (region,) = _regions(r.folder / "regions.geojson")
     # cells start at 64 + 32 k and 32 + 32 k; the hot ones are level-0 [256, 384) x [160, 288)
     assert shape(region["geometry"]).bounds == (256 - 64, 160 - 32, 384 - 64, 288 - 32)
+
+
+def test_slide_without_resolution_needs_slide_mpp(tmp_path: Path) -> None:
+    slide = write_slide(tmp_path / "nompp.tif", coordinate_image(200, 300), None, (1, 2))
+    settings = ScanSettings(mask=str(full_mask(tmp_path, 30, 20)))
+    with pytest.raises(SlideError, match="--slide-mpp") as e:
+        scan_slide(CoordinatePredictor(code), slide, tmp_path / "out", settings)
+    assert "nompp.tif" in str(e.value) and "\n" not in str(e.value)
+    settings.slide_mpp = 0.5  # the model's 1 um/px is then the 2x level
+    r = scan_slide(CoordinatePredictor(code), slide, tmp_path / "out", settings)
+    assert r.summary["level"] == 1 and r.summary["slide_mpp"] == 0.5
+    tiles = pd.read_csv(r.folder / "tiles.csv")
+    assert np.allclose(tiles.width, 64)  # 32 model px at 1 um/px = 64 level-0 px at 0.5 um/px

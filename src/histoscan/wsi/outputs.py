@@ -26,6 +26,7 @@ TILES_FILE = "tiles.csv"
 REGIONS_FILE = "regions.geojson"
 SUMMARY_FILE = "summary.json"
 TUMOUR_COLOUR = [200, 0, 0]
+HEATMAP_SIDE = 1600  # thumbnail pixels drawn under the heatmap (the figure is about 900 px wide)
 
 
 def cell_edges(grid: SlideGrid) -> tuple[np.ndarray, np.ndarray]:
@@ -156,6 +157,8 @@ def write_heatmap(folder: Path, grid: SlideGrid, probs: np.ndarray, thumb: np.nd
 
     w0 = tissue.mask.shape[1] * tissue.scale_x
     h0 = tissue.mask.shape[0] * tissue.scale_y
+    thumb, mask = _shrink(thumb, HEATMAP_SIDE), _shrink(tissue.mask.astype(np.uint8) * 255, HEATMAP_SIDE) > 127
+    mx, my = w0 / mask.shape[1], h0 / mask.shape[0]
     xs, ys = cell_edges(grid)
     aspect = h0 / w0
     fig, ax = plt.subplots(figsize=(8, max(2.5, min(16, 8 * aspect))), dpi=110)
@@ -170,11 +173,10 @@ def write_heatmap(folder: Path, grid: SlideGrid, probs: np.ndarray, thumb: np.nd
         alpha=0.55,
         interpolation="nearest",
     )
-    if tissue.mask.any() and not tissue.mask.all():
-        mh, mw = tissue.mask.shape
-        gx = (np.arange(mw) + 0.5) * tissue.scale_x
-        gy = (np.arange(mh) + 0.5) * tissue.scale_y
-        ax.contour(gx, gy, tissue.mask.astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.6)
+    if mask.any() and not mask.all():
+        mh, mw = mask.shape
+        gx, gy = (np.arange(mw) + 0.5) * mx, (np.arange(mh) + 0.5) * my
+        ax.contour(gx, gy, mask.astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.6)
     ax.set_xlim(0, w0)
     ax.set_ylim(h0, 0)
     ax.set_xlabel("level-0 x (px)")
@@ -183,6 +185,17 @@ def write_heatmap(folder: Path, grid: SlideGrid, probs: np.ndarray, thumb: np.nd
     fig.tight_layout()
     fig.savefig(folder / HEATMAP_FILE)
     plt.close(fig)
+
+
+def _shrink(img: np.ndarray, side: int) -> np.ndarray:
+    """An image shrunk so its longer side is at most ``side`` (the figure shows no more)."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    if max(h, w) <= side:
+        return img
+    f = side / max(h, w)
+    return np.asarray(Image.fromarray(img).resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BOX))
 
 
 def write_json(path: Path, data: Any) -> None:

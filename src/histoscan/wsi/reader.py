@@ -138,17 +138,20 @@ class OpenSlideReader:
 
     def thumbnail(self, max_side: int) -> np.ndarray:
         w, h = self.dimensions
-        scale = max(w, h) / max_side
-        level = self._slide.get_best_level_for_downsample(max(scale, 1.0))
+        scale = max(1.0, max(w, h) / max_side)
+        level = self._slide.get_best_level_for_downsample(scale)
         lw, lh = self.level_dimensions[level]
-        tw, th = max(1, round(w / max(scale, 1.0))), max(1, round(h / max(scale, 1.0)))
-        if lw * lh > 64_000_000:  # never decode a huge level whole: fall back to OpenSlide's own thumbnail
-            img = composite(np.asarray(self._slide.get_thumbnail((tw, th)).convert("RGBA")), self.background)
-        else:
-            img = self.read(0, 0, level, lw, lh)
-        if img.shape[:2] != (th, tw):
-            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BILINEAR))
-        return img
+        tw, th = max(1, round(w / scale)), max(1, round(h / scale))
+        ds = self.level_downsamples[level]
+        strip = max(1, 4_000_000 // lw)  # level rows per read: a few MB at a time, whatever the level's size
+        parts = []
+        for y in range(0, lh, strip):
+            rows = min(strip, lh - y)
+            part = self.read(0, round(y * ds), level, lw, rows)
+            out_rows = round((y + rows) * th / lh) - round(y * th / lh)
+            if out_rows > 0:
+                parts.append(np.asarray(Image.fromarray(part).resize((tw, out_rows), Image.Resampling.BILINEAR)))
+        return np.concatenate(parts, axis=0)
 
     def close(self) -> None:
         self._slide.close()

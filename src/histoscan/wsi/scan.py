@@ -102,9 +102,9 @@ def plan_grid(reader: SlideReader, predictor: Predictor, settings: ScanSettings)
 
 
 def tissue_mask(reader: SlideReader, grid: SlideGrid, settings: ScanSettings) -> tuple[TissueMask, np.ndarray]:
-    """The mask (detected or the user's) and the thumbnail it was drawn on; the mask resolves a cell in 4+ px."""
+    """The mask (detected or the user's) and the thumbnail it was drawn on; a cell spans 2+ mask px (1024-4096 px)."""
     w, h = reader.dimensions
-    side = int(min(outputs_max_side(), max(1024, 4 * max(w, h) / grid.cell_px)))
+    side = int(min(outputs_max_side(), max(1024, 2 * max(w, h) / grid.cell_px)))
     thumb = reader.thumbnail(side)
     if settings.mask:
         return load_mask(mask_for(settings.mask, reader.path), reader, side), thumb

@@ -31,8 +31,8 @@ class TissueMask:
     def fraction(self, boxes: np.ndarray) -> np.ndarray:
         """Tissue fraction inside each level-0 (x, y, w, h) box, from an integral image (area-weighted)."""
         h, w = self.mask.shape
-        integral = np.zeros((h + 1, w + 1), np.float64)
-        integral[1:, 1:] = self.mask.astype(np.float64).cumsum(0).cumsum(1)
+        integral = np.zeros((h + 1, w + 1), np.int32)  # exact counts, half the memory of float64
+        integral[1:, 1:] = self.mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
 
         def corner(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
             # bilinear lookup of the integral image makes the sum area-exact at fractional mask pixels
@@ -40,7 +40,7 @@ class TissueMask:
             x0, y0 = np.minimum(xs.astype(int), w - 1), np.minimum(ys.astype(int), h - 1)
             fx, fy = xs - x0, ys - y0
             i = integral
-            return (
+            return (  # int32 entries promote to float64 against the float weights
                 i[y0, x0] * (1 - fx) * (1 - fy)
                 + i[y0, x0 + 1] * fx * (1 - fy)
                 + i[y0 + 1, x0] * (1 - fx) * fy

@@ -644,6 +644,8 @@ def slide(run: Path, slides: list[Path] | None, out: Path, **values: Any) -> Non
         con.print(f"[red]{name}: {error}[/]", highlight=False)
     if r.slides_csv is not None:
         con.print(f"slides: {r.slides_csv}")
+    elif settings.shard is None:
+        con.print(f"no slides given and {out} holds no scans")
     else:
         con.print(f"shard done; gather slides.csv once all shards finish: histoscan slide {run} --out {out}")
 

@@ -8,6 +8,7 @@ blocks wait in the queue, and every output lives at the grid's resolution.
 from __future__ import annotations
 
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -16,17 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from histoscan import __version__
-from histoscan.errors import ConfigError
+from histoscan.errors import ConfigError, HistoscanError
 from histoscan.inference.predictor import Predictor
 from histoscan.training.config import doc
 from histoscan.wsi import outputs
 from histoscan.wsi.grid import SlideGrid, TileSpec
 from histoscan.wsi.reader import SlideError, SlideReader, open_slide
 from histoscan.wsi.resolution import choose_level, model_mpp, slide_mpp
-from histoscan.wsi.tissue import TissueMask, detect_tissue, load_mask
+from histoscan.wsi.tissue import MASK_MAX_SIDE, TissueMask, detect_tissue, load_mask
 
 Progress = Callable[[int], Callable[[int], None]]  # start(total) -> advance(n), as the CLI's progress bars
 
@@ -104,7 +106,7 @@ def plan_grid(reader: SlideReader, predictor: Predictor, settings: ScanSettings)
 def tissue_mask(reader: SlideReader, grid: SlideGrid, settings: ScanSettings) -> tuple[TissueMask, np.ndarray]:
     """The mask (detected or the user's) and the thumbnail it was drawn on; a cell spans 2+ mask px (1024-4096 px)."""
     w, h = reader.dimensions
-    side = int(min(outputs_max_side(), max(1024, 2 * max(w, h) / grid.cell_px)))
+    side = int(min(MASK_MAX_SIDE, max(1024, 2 * max(w, h) / grid.cell_px)))
     thumb = reader.thumbnail(side)
     if settings.mask:
         return load_mask(mask_for(settings.mask, reader.path), reader, side), thumb
@@ -120,13 +122,6 @@ def mask_for(mask: str | Path, slide: Path) -> Path:
         if (m / f"{slide.stem}{suffix}").is_file():
             return m / f"{slide.stem}{suffix}"
     raise SlideError(f"{m}: no mask for {slide.name} (expected {slide.stem}.geojson or {slide.stem}.png)")
-
-
-def outputs_max_side() -> int:
-    """Largest thumbnail side for masks and heatmaps."""
-    from histoscan.wsi.tissue import MASK_MAX_SIDE
-
-    return MASK_MAX_SIDE
 
 
 def _read_block(reader: SlideReader, grid: SlideGrid, block: tuple[int, int, int, int]) -> np.ndarray:
@@ -218,26 +213,44 @@ def scan_slide(
                 "check the slide, or give --mask or a lower --min-tissue"
             )
         probs, unc = _infer(reader, grid, predictor, settings, scanned.reshape(grid.rows, grid.cols), pos, progress)
-        seconds = time.perf_counter() - started
+        infer_seconds = time.perf_counter() - started - mask_seconds
         prob_grid = np.full((grid.rows, grid.cols), np.nan, np.float32)
         prob_grid.ravel()[scanned] = probs
         tiles = outputs.tiles_frame(grid, rows[scanned], cols[scanned], frac[scanned], probs, unc)
         threshold = settings.threshold if settings.threshold is not None else float(predictor.threshold)
-        summary = _summary(path, name, predictor, settings, grid, mask, probs, threshold, seconds, mask_seconds)
         out.mkdir(parents=True, exist_ok=True)
         tmp = outputs.scratch_folder(out, name)
-        outputs.write_probabilities(tmp, grid, prob_grid)
-        tiles.to_csv(tmp / outputs.TILES_FILE, index=False)
-        geo = outputs.regions_geojson(
-            grid, prob_grid, threshold, predictor.classes[pos], tiles if settings.geojson_tiles else None
-        )
-        outputs.write_json(tmp / outputs.REGIONS_FILE, geo)
-        outputs.write_heatmap(tmp, grid, prob_grid, thumb, mask)
+        try:
+            _write_outputs(tmp, grid, prob_grid, tiles, threshold, predictor.classes[pos], settings, thumb, mask)
+        except HistoscanError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        times = (time.perf_counter() - started, mask_seconds, infer_seconds)
+        summary = _summary(path, name, predictor, settings, grid, mask, probs, threshold, times)
         outputs.write_json(tmp / outputs.SUMMARY_FILE, summary)  # last: its presence marks a finished slide
         folder = outputs.publish(tmp, out / name)
         return SlideResult(name, folder, summary)
     finally:
         reader.close()
+
+
+def _write_outputs(
+    tmp: Path,
+    grid: SlideGrid,
+    prob_grid: np.ndarray,
+    tiles: pd.DataFrame,
+    threshold: float,
+    class_name: str,
+    settings: ScanSettings,
+    thumb: np.ndarray,
+    mask: TissueMask,
+) -> None:
+    """Every output but the summary, into the scratch folder."""
+    outputs.write_probabilities(tmp, grid, prob_grid)
+    tiles.to_csv(tmp / outputs.TILES_FILE, index=False)
+    geo = outputs.regions_geojson(grid, prob_grid, threshold, class_name, tiles if settings.geojson_tiles else None)
+    outputs.write_json(tmp / outputs.REGIONS_FILE, geo)
+    outputs.write_heatmap(tmp, grid, prob_grid, thumb, mask)
 
 
 def _infer(
@@ -302,9 +315,10 @@ def _summary(
     mask: TissueMask,
     probs: np.ndarray,
     threshold: float,
-    seconds: float,
-    mask_seconds: float,
+    times: tuple[float, float, float],
 ) -> dict[str, Any]:
+    """summary.json: what was read, found and how long it took (total, mask, tiles through the model)."""
+    seconds, mask_seconds, infer_seconds = times
     cell_mm2 = (grid.cell_um / 1000.0) ** 2
     top = np.sort(probs)[::-1][: settings.top_k]
     return {
@@ -336,7 +350,8 @@ def _summary(
         "backend": predictor.backend.name,
         "seconds": round(seconds, 3),
         "mask_seconds": round(mask_seconds, 3),
-        "tiles_per_second": round(len(probs) / max(seconds - mask_seconds, 1e-9), 1),
+        "tile_seconds": round(infer_seconds, 3),
+        "tiles_per_second": round(len(probs) / max(infer_seconds, 1e-9), 1),
         "run": str(predictor.run_dir),
         "histoscan_version": __version__,
     }

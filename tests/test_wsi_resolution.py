@@ -124,7 +124,9 @@ def test_unreadable_files_are_slide_errors(tmp_path: Path) -> None:
     (tmp_path / "empty.svs").write_bytes(b"")
     (tmp_path / "junk.svs").write_bytes(b"not a slide at all" * 100)
     (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 50)
-    for name in ("empty.svs", "junk.svs", "junk.png", "missing.svs"):
+    whole = write_slide(tmp_path / "whole.tif", np.full((600, 600, 3), 200, np.uint8), 0.5, (1, 2)).read_bytes()
+    (tmp_path / "truncated.tif").write_bytes(whole[: len(whole) // 2])
+    for name in ("empty.svs", "junk.svs", "junk.png", "missing.svs", "truncated.tif"):
         with pytest.raises(HistoscanError) as e:
             open_slide(tmp_path / name)
         assert name in str(e.value) and "\n" not in str(e.value)

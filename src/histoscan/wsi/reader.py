@@ -257,6 +257,11 @@ def open_slide(path: str | Path) -> SlideReader:
         return OpenSlideReader(p)
     if p.suffix.lower() in IMAGE_SUFFIXES:
         return ImageReader(p)
+    if p.suffix.lower() in SLIDE_SUFFIXES:
+        raise SlideError(
+            f"{p}: OpenSlide cannot read it (corrupt, truncated, or an unsupported variant of the format); "
+            "compare its size with the original or re-export it"
+        )
     raise SlideError(
         f"{p}: not a format histoscan reads (OpenSlide does not recognise it and it is not a PNG, JPEG or TIFF image)"
     )

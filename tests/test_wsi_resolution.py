@@ -73,7 +73,7 @@ def test_missing_resolutions_are_one_line_errors_naming_the_option() -> None:
     with pytest.raises(SlideError, match="--slide-mpp") as e2:
         slide_mpp("a.svs", None, None)
     assert "a.svs" in str(e2.value)
-    assert slide_mpp("a.svs", None, 0.25) == 0.25
+    assert slide_mpp("a.svs", None, 0.25) == 0.25 and slide_mpp("a.svs", 0.5, 0.25) == 0.5  # metadata wins
 
 
 def test_tile_spec_defaults_follow_the_label() -> None:

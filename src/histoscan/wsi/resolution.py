@@ -59,8 +59,11 @@ def model_mpp(run_dir: str | Path, stored: float | None, override: float | None)
 
 
 def slide_mpp(path: str | Path, stated: float | None, override: float | None) -> float:
-    """The slide's level-0 um/px: ``override`` (--slide-mpp), else its metadata, else a one-line error."""
-    value = override if override is not None else stated
+    """The slide's level-0 um/px: its metadata, else ``override`` (--slide-mpp), else a one-line error.
+
+    Metadata wins so that one --slide-mpp for a folder fills in only the slides that lack it.
+    """
+    value = stated if stated is not None else override
     if value is None:
         raise SlideError(f"{path}: the slide states no resolution (um/px); give --slide-mpp UM_PER_PX")
     if value <= 0:

@@ -44,7 +44,9 @@ class ScanSettings:
         None,
     )
     model_mpp: float | None = doc("The model's resolution in um/px when model.json does not state it.", None)
-    slide_mpp: float | None = doc("The slides' level-0 resolution in um/px when their metadata lacks it.", None)
+    slide_mpp: float | None = doc(
+        "Level-0 resolution in um/px for slides whose metadata lacks it (stated ones win).", None
+    )
     tile: int | None = doc("Tile side in model px (must be the model's input size; default: that size).", None)
     stride: int | None = doc("Step between tiles in model px (default: the labelled centre, e.g. 32 for PCam).", None)
     overlap: int | None = doc("Overlap of neighbouring tiles in model px (tile - stride), instead of --stride.", None)

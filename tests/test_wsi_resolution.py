@@ -157,3 +157,25 @@ def test_tissue_detection_leaves_out_glass_pen_and_dark_edges() -> None:
     assert not mask[:, 190:].any() and not mask[:20, :20].any()
     assert 0.1 < mask.mean() < 0.2
     assert not tissue_from_rgb(np.full((100, 100, 3), 240, np.uint8)).any()
+
+
+def test_slide_level_auroc_and_its_errors(tmp_path: Path) -> None:
+    from histoscan.errors import DataError
+    from histoscan.wsi.evaluate import evaluate_slides
+
+    scores = tmp_path / "slides.csv"
+    scores.write_text(
+        "slide,status,max_probability,topk_mean_probability\n"
+        "a,done,0.9,0.8\nb,done,0.2,0.1\nc,done,0.7,0.05\nd,failed,,\n"
+    )
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\na.svs,tumour\nb,normal\nc,0\nd,1\n")  # file names or stems, words or 0/1
+    r = evaluate_slides(scores, labels)
+    assert r.slides == 3 and r.positives == 1  # the failed slide is left out
+    assert r.auroc["max_probability"] == 1.0 and r.auroc["topk_mean_probability"] == 1.0
+    labels.write_text("slide,label\na,1\nb,0\n")
+    with pytest.raises(DataError, match="no label for slide"):
+        evaluate_slides(scores, labels)
+    labels.write_text("slide,label\na,1\nb,maybe\nc,0\n")
+    with pytest.raises(DataError, match="maybe"):
+        evaluate_slides(scores, labels)

@@ -124,7 +124,7 @@ def load_mask(path: str | Path, reader: SlideReader, max_side: int = MASK_MAX_SI
         raise DataError(f"{p}: unreadable mask image ({type(exc).__name__})") from exc
     w, h = reader.dimensions
     mh, mw = mask.shape
-    if abs(mw / w - mh / h) > max(1.5 / mw, 1.5 / mh, 0.01 * mw / w):
+    if abs((mw / w) / (mh / h) - 1.0) > max(0.01, 1.5 / mw + 1.5 / mh):  # 1%, or the rounding of a small mask
         raise DataError(
             f"{p}: mask is {mw}x{mh} px but the slide {reader.path.name} is {w}x{h}; give a mask with the "
             "slide's aspect ratio (any scale)"

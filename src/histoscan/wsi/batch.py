@@ -17,7 +17,7 @@ import pandas as pd
 
 from histoscan.errors import ConfigError, HistoscanError
 from histoscan.wsi import outputs
-from histoscan.wsi.reader import IMAGE_SUFFIXES, SLIDE_SUFFIXES
+from histoscan.wsi.reader import SLIDE_SUFFIXES
 from histoscan.wsi.scan import Progress, ScanSettings, SlideResult, scan_slide
 
 SLIDES_FILE = "slides.csv"
@@ -48,13 +48,16 @@ class BatchResult:
 
 
 def list_slides(inputs: Sequence[str | Path]) -> list[Path]:
-    """Slide files from files and folders (recursive), sorted, each once; missing inputs are an error."""
+    """Slide files from files and folders, sorted, each once; missing inputs are an error.
+
+    Folders are searched recursively for slide formats (TIFF included); PNG and JPEG images are
+    scanned only when named, so masks and thumbnails kept beside the slides are not taken for slides.
+    """
     found: set[Path] = set()
-    suffixes = set(SLIDE_SUFFIXES) | set(IMAGE_SUFFIXES)
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found.update(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+            found.update(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
         elif p.is_file():
             found.add(p)
         else:

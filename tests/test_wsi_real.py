@@ -15,7 +15,6 @@ from histoscan.wsi.scan import ScanSettings, plan_grid, scan_slide, tissue_mask
 from tests.conftest import shared
 from tests.wsi_helpers import train_mosaic_run
 
-pytestmark = pytest.mark.slow
 CMU = "CMU-1-Small-Region.svs"
 TCGA = "TCGA-CR-7395-01A-01-TS1.svs"
 

@@ -23,8 +23,6 @@ from histoscan.wsi.scan import ScanSettings, scan_slide
 from histoscan.wsi.synthetic import tumour_slide, write_slide
 from tests.wsi_helpers import MODEL_MPP, train_mosaic_run
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:

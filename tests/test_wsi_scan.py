@@ -194,3 +194,21 @@ def test_demo_slide_step(run: Path, tmp_path: Path) -> None:
     folder = demo_slide(run, tmp_path)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["tiles"] > 300 and (folder / "heatmap.png").is_file()
+
+
+def test_a_folder_holding_earlier_scans_and_a_non_slide_tiff(run: Path, slides: Path, tmp_path: Path) -> None:
+    """Scan outputs kept beside the slides are not taken for slides; a TIFF that is no slide is a listed failure."""
+    folder = tmp_path / "in"
+    shutil.copytree(slides, folder)
+    first = run_slides(lambda: Predictor(run, backend="torch"), [folder / "a.tif"], folder / "scans", ScanSettings())
+    assert [r.slide for r in first.scanned] == ["a"] and (folder / "scans" / "a" / outputs.PROB_FILE).is_file()
+    noisy = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    noisy[0, 0] = np.nan
+    tifffile.imwrite(folder / "not-a-slide.tif", noisy)
+    res = CliRunner().invoke(
+        app, ["slide", str(run), str(folder), "--out", str(tmp_path / "out"), "--backend", "torch"]
+    )
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(tmp_path / "out" / "slides.csv").set_index("slide")
+    assert set(table.index) == {"a", "b", "c", "not-a-slide"}  # nothing from folder/scans/
+    assert table.loc["not-a-slide", "status"] == "failed" and "not-a-slide.tif" in table.loc["not-a-slide", "error"]

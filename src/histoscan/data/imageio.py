@@ -10,13 +10,15 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from histoscan.errors import DataError
+
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 
 
-class ImageReadError(Exception):
-    """The file could not be decoded; the message says why."""
+class ImageReadError(DataError):
+    """The file could not be decoded; the message says why (a DataError: the CLI prints it as one line)."""
 
 
 class ImageTooLarge(ImageReadError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,17 +61,30 @@ class BatchResult:
         return lines
 
 
+def _is_scan_output(folder: Path) -> bool:
+    """A folder histoscan wrote: one slide's outputs, the failure notes, or a hidden scratch folder."""
+    return folder.name == FAILED_DIR or folder.name.startswith(".") or (folder / outputs.SUMMARY_FILE).is_file()
+
+
+def _slide_files(folder: Path) -> Iterator[Path]:
+    """Slide-format files under ``folder``, never descending into histoscan's own scan outputs."""
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not _is_scan_output(Path(root) / d))
+        yield from (Path(root) / f for f in files if Path(f).suffix.lower() in SLIDE_SUFFIXES)
+
+
 def list_slides(inputs: Sequence[str | Path]) -> list[Path]:
     """Slide files from files and folders, sorted, each once; missing inputs are an error.
 
-    Folders are searched recursively for slide formats (TIFF included); PNG and JPEG images are
-    scanned only when named, so masks and thumbnails kept beside the slides are not taken for slides.
+    Folders are searched recursively for slide formats (TIFF included), skipping the output folders of
+    earlier scans (their probabilities.tif is no slide); PNG and JPEG images are scanned only when named,
+    so masks and thumbnails kept beside the slides are not taken for slides.
     """
     found: set[Path] = set()
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found.update(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
+            found.update(_slide_files(p))
         elif p.is_file():
             found.add(p)
         else:

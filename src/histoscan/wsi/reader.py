@@ -201,9 +201,12 @@ class ImageReader:
             raise
         except Exception as exc:  # Pillow and tifffile raise many types for bad files
             raise SlideError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
-        from histoscan.data.imageio import to_rgb8
+        from histoscan.data.imageio import ImageReadError, to_rgb8
 
-        rgb, _ = to_rgb8(np.asarray(pixels))
+        try:
+            rgb, _ = to_rgb8(np.asarray(pixels))
+        except ImageReadError as exc:
+            raise SlideError(f"{path}: {exc}") from exc
         self._pixels = rgb
         h, w = rgb.shape[:2]
         self.dimensions = (w, h)

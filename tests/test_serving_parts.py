@@ -160,7 +160,7 @@ def test_upload_decoder_reads_same_layout_tiffs_from_their_strip_and_others_in_f
     # fast path, which would return a 96x96 image: the full decoder reads the header and refuses the file
     tampered = bytearray(_tif(a))
     tampered[20] ^= 0xFF
-    with pytest.raises(UploadError, match=r"t\.tif: image too large \(16711776x96"):
+    with pytest.raises(UploadError, match=r"t\.tif: image too large"):
         decode(bytes(tampered), "t.tif", "image/tiff")
     assert decode.hits == 1
     other = _tif(b, compression="zlib")  # another layout: decoded in full, still right

@@ -64,7 +64,9 @@ class Explainer:
         self.cam_cls = cam_class(self.method)
         run = RunFolder(run_dir)
         if not run.weights_path.is_file():
-            raise ConfigError(f"{run_dir}: no {run.weights_path.name}; Grad-CAM needs the model's weights, not only ONNX")
+            raise ConfigError(
+                f"{run_dir}: no {run.weights_path.name}; Grad-CAM needs the model's weights, not only ONNX"
+            )
         self.predictor = Predictor(run_dir, backend="torch", device=device, batch_size=batch_size)
         self.bundle = self.predictor.bundle
         self.pre = self.bundle.preprocessing

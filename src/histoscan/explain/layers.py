@@ -43,7 +43,9 @@ def target_layer(model: nn.Module, architecture: str, layer: str | None = None) 
             return model.get_submodule(name), None
         except AttributeError:
             pass
-    raise ConfigError(f"model {architecture!r} exposes no convolutional feature layer for Grad-CAM; name one with --layer")
+    raise ConfigError(
+        f"model {architecture!r} exposes no convolutional feature layer for Grad-CAM; name one with --layer"
+    )
 
 
 def _is_vit(model: nn.Module) -> bool:

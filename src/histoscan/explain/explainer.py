@@ -121,16 +121,19 @@ class Explainer:
             classes = np.full(n, fixed)
         targets = [self._logit_target(int(c)) for c in classes]
         maps, probs = [], []
-        with torch.inference_mode(False), torch.enable_grad():
-            # the context manager releases the hooks and the stored activations on the way out
-            # (pytorch-grad-cam issues 132 and 483: CAM objects left alive leak memory)
-            with self.cam_cls(self.model, [self.layer], reshape_transform=self.reshape) as cam:
-                for k in ks:
-                    x = self.pre(batch, self.predictor.device, k)
-                    m = torch.from_numpy(cam(x, targets))[:, None]
-                    maps.append(dihedral_back(m, k)[:, 0].numpy())
-                    probs.append(self.predictor.probabilities_from_logits(cam.outputs.detach().float().cpu().numpy()))
-                    cam.outputs = None  # drop the graph before the next view
+        # the package's context manager releases the hooks and the stored activations on the way out
+        # (pytorch-grad-cam issues 132 and 483: CAM objects left alive leak memory)
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            self.cam_cls(self.model, [self.layer], reshape_transform=self.reshape) as cam,
+        ):
+            for k in ks:
+                x = self.pre(batch, self.predictor.device, k)
+                m = torch.from_numpy(cam(x, targets))[:, None]
+                maps.append(dihedral_back(m, k)[:, 0].numpy())
+                probs.append(self.predictor.probabilities_from_logits(cam.outputs.detach().float().cpu().numpy()))
+                cam.outputs = None  # drop the graph before the next view
         return np.mean(maps, axis=0).astype(np.float32), np.mean(probs, axis=0)
 
     def to_patch(self, maps: np.ndarray) -> np.ndarray:

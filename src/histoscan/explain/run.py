@@ -112,7 +112,9 @@ def explain_inputs(
         if not Path(given).exists():
             raise DataError(f"{given}: no such file or folder")
     ex = explainer or Explainer(s.run_dir, s.method, s.target, s.device, s.batch_size, s.layer)
-    label_of = {pid: int(lab) for pid, lab, _ in read_id_table(Path(s.labels), need_label=True)[0]} if s.labels else {}
+    label_of = (
+        {pid: int(lab) for pid, lab, _ in read_id_table(Path(s.labels), True)[0] if lab is not None} if s.labels else {}
+    )
     out = _prepare_out(s, inputs)
     parked = out / ".explain-tmp"
     shutil.rmtree(parked, ignore_errors=True)

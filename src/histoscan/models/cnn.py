@@ -70,7 +70,7 @@ class PatchCNN(nn.Module):
 
         Not the whole last block: that ends in the max-pool, which halves the map (4x4 on a 32 px input).
         """
-        last = [m for m in self.features[-1] if not isinstance(m, (nn.MaxPool2d, nn.Dropout))]
+        last = [m for m in self.features[-1].children() if not isinstance(m, (nn.MaxPool2d, nn.Dropout))]
         return last[-1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

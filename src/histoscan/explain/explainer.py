@@ -8,6 +8,7 @@ images (``cam.RawScale``), so a confident negative is not drawn as hot as a tumo
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,7 @@ class Explainer:
         self.target = target
         self._fixed = None if target == "predicted" else self._class_index(target)
         self.batch_size = batch_size
+        self._lock = threading.Lock()  # CAM hooks on one model: one map computation at a time
         self._check()
 
     # ---- targets ------------------------------------------------------------------------
@@ -124,6 +126,7 @@ class Explainer:
         # the package's context manager releases the hooks and the stored activations on the way out
         # (pytorch-grad-cam issues 132 and 483: CAM objects left alive leak memory)
         with (
+            self._lock,
             torch.inference_mode(False),
             torch.enable_grad(),
             self.cam_cls(self.model, [self.layer], reshape_transform=self.reshape) as cam,

@@ -35,7 +35,7 @@ def top_mask(m: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
 def block_mask(shape: tuple[int, int], count: int, rng: np.random.Generator) -> np.ndarray:
     """A square block of about ``count`` pixels at a random place."""
     h, w = shape
-    side = min(h, w, int(round(np.sqrt(count))))
+    side = min(h, w, round(float(np.sqrt(count))))
     top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
     mask = np.zeros(shape, bool)
     mask[top : top + side, left : left + side] = True
@@ -86,7 +86,7 @@ def deletion(
     rng = np.random.default_rng(seed)
     images = explainer.pre.fit_batch(images)
     shape = (int(images.shape[1]), int(images.shape[2]))
-    count = int(round(fraction * shape[0] * shape[1]))
+    count = round(fraction * shape[0] * shape[1])
     grey = grey_value(explainer)
     prob = lambda x: explainer.predictor.predict_batch(x).probabilities[:, target]  # noqa: E731
     makers = {

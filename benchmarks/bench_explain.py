@@ -1,0 +1,161 @@
+"""Grad-CAM speed, memory and faithfulness on real tissue (../shared/data/hcd).
+
+(a) maps/s, batched, for the CPU default model (cpu-default architecture) and resnet18, against plain
+    prediction throughput of the same model in the same run (Predictor, torch backend, same images).
+    Target: ratio >= 0.25 for Grad-CAM.
+(b) RSS before and after 5,000 maps. Target: growth <= 100 MB.
+(c) Faithfulness: on real tumour patches (held-out split) that the run calls positive, grey out the 20%
+    of pixels with the highest map values, 20% at random, a random block and a centred Gaussian blob of
+    the same area; report P(tumour) drops, ratios and deletion curves; the randomised-weights sanity check.
+
+Without --run, trains the cpu-default config for --epochs epochs on hcd first (a few minutes on 2 cores).
+
+Run: python benchmarks/bench_explain.py [--run RUN] [--epochs 4] [--maps 5000] [--faith 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import rss_mb, shared_or_exit
+from histoscan.bundle import ModelBundle, build_model, save_weights
+from histoscan.data.ingest import ingest
+from histoscan.data.store import PatchStore
+from histoscan.explain import Explainer
+from histoscan.explain.faithfulness import STRATEGIES, deletion_curve, rank_correlation
+from histoscan.preprocessing import Preprocessing
+from histoscan.runfolder import RunFolder
+from histoscan.training.config import TrainConfig
+from histoscan.training.fit import train
+
+
+def train_default(work: Path, epochs: int) -> Path:
+    """The cpu-default config on hcd for a few epochs (enough for a model that scores real patches)."""
+    hcd = shared_or_exit("hcd")
+    store = ingest(hcd, work / "store").store
+    cfg = TrainConfig.load("cpu-default", {"data": str(store), "out": str(work / "runs"), "name": "default"})
+    cfg = cfg.replace(max_epochs=epochs, progress=False, early_stopping=None)
+    return train(cfg, printer=lambda *_: None).run_dir
+
+
+def untrained_run(work: Path, architecture: str, like: ModelBundle) -> Path:
+    """A run folder of ``architecture`` with fresh weights and the given bundle's preprocessing."""
+    bundle = ModelBundle(architecture, like.classes, Preprocessing(**vars(like.preprocessing)))
+    run = work / f"{architecture}-untrained"
+    run.mkdir(parents=True, exist_ok=True)
+    bundle.save(run)
+    save_weights(build_model(bundle), run / "best.safetensors")
+    return run
+
+
+def throughput(run: Path, images: np.ndarray, batch: int, repeats: int = 2) -> tuple[float, float]:
+    """(maps/s, predictions/s) of one model on the same images, best of ``repeats``."""
+    e = Explainer(run, batch_size=batch)
+    e.explain(images[:batch])  # warm-up
+    e.predictor.predict_batch(images[:batch])
+    maps, preds = 0.0, 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        e.explain(images)
+        maps = max(maps, len(images) / (time.perf_counter() - t))
+        t = time.perf_counter()
+        e.predictor.predict_batch(images)
+        preds = max(preds, len(images) / (time.perf_counter() - t))
+    return maps, preds
+
+
+def memory(run: Path, images: np.ndarray, total: int, batch: int) -> tuple[float, float, float]:
+    """RSS (MB) after a warm-up batch and after ``total`` maps, and the seconds they took."""
+    e = Explainer(run, batch_size=batch)
+    e.explain(images[:batch])
+    gc.collect()
+    before = rss_mb()
+    t = time.perf_counter()
+    done = 0
+    while done < total:
+        chunk = images[(done % len(images)) : (done % len(images)) + batch]
+        e.explain(chunk)
+        done += len(chunk)
+    gc.collect()
+    return before, rss_mb(), time.perf_counter() - t
+
+
+def faithfulness(run: Path, work: Path, n: int) -> None:
+    """Deletion curves and ratios on held-out real tumour patches the run calls positive; randomised weights."""
+    r = RunFolder(run)
+    store, split = r.select_patches(r.data_store(), "test")
+    tumour = np.flatnonzero(store.labels == 1)
+    images = store.batch(tumour[: 4 * n])
+    e = Explainer(run, batch_size=64)
+    ex = e.explain_batch(images)
+    keep = np.flatnonzero(ex.predicted == 1)[:n]
+    images, maps = images[keep], np.stack(ex.maps)[keep]
+    print(f"\n(c) faithfulness: {len(keep)} {split}-split tumour patches the run calls positive (of {len(tumour)})")
+    fractions = [0.05, 0.1, 0.2, 0.3, 0.5]
+    curve = deletion_curve(e, images, maps, 1, fractions)
+    print(f"    mean P(tumour) after greying (before: {float(curve[0].before.mean()):.3f})")
+    print("    fraction " + " ".join(f"{s:>8s}" for s in STRATEGIES))
+    for d in curve:
+        print(f"    {d.fraction:8.2f} " + " ".join(f"{float(d.after[s].mean()):8.3f}" for s in STRATEGIES))
+    at20 = curve[fractions.index(0.2)]
+    wins = {s: float((at20.drop("map") > at20.drop(s)).mean()) for s in STRATEGIES if s != "map"}
+    print(
+        "    at 20%: mean drop map {:.3f}; ratio of drops map / baseline: {}".format(
+            float(at20.drop("map").mean()), ", ".join(f"{k} {v:.2f}x" for k, v in at20.ratios().items())
+        )
+    )
+    print(
+        "    images where the map's pixels lower P(tumour) more: " + ", ".join(f"{k} {v:.0%}" for k, v in wins.items())
+    )
+    rand = untrained_run(work, e.bundle.architecture, e.bundle)
+    rmaps = np.stack(Explainer(rand, batch_size=64).explain_batch(images).maps)
+    corr = [rank_correlation(a, b) for a, b in zip(maps, rmaps)]
+    d_rand = deletion_curve(e, images, rmaps, 1, [0.2])[0]
+    print(
+        f"    randomised weights: Spearman rank correlation with the trained maps, mean {np.mean(corr):.2f} "
+        f"(median {np.median(corr):.2f}); greying the random maps' top 20% drops P(tumour) by "
+        f"{float(d_rand.drop('map').mean()):.3f} (trained maps: {float(at20.drop('map').mean()):.3f})"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, help="A trained cpu-default run on hcd (default: train one)")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--maps", type=int, default=5000)
+    ap.add_argument("--faith", type=int, default=200)
+    ap.add_argument("--n", type=int, default=512, help="Images per throughput measurement")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
+        work = Path(tmp)
+        t = time.perf_counter()
+        run = args.run or train_default(work, args.epochs)
+        if not args.run:
+            print(f"trained cpu-default for {args.epochs} epochs on hcd in {time.perf_counter() - t:.0f} s")
+        store = PatchStore(RunFolder(run).data_store())
+        images = store.batch(np.arange(min(args.n, len(store))))
+        bundle = Explainer(run).bundle
+        print(
+            f"(a) throughput on {len(images)} real 96 px patches, Grad-CAM vs prediction (torch backend, same model):"
+        )
+        for name, r, batch in [("cpu-default", run, 64), ("resnet18", untrained_run(work, "resnet18", bundle), 32)]:
+            maps, preds = throughput(r, images if name == "cpu-default" else images[:128], batch)
+            print(f"    {name:12s} {maps:8.1f} maps/s  {preds:8.1f} predictions/s  ratio {maps / preds:.2f}")
+        before, after, secs = memory(run, images, args.maps, 100)
+        print(
+            f"(b) RSS {before:.0f} MB before and {after:.0f} MB after {args.maps:,} maps "
+            f"(growth {after - before:+.1f} MB; {args.maps / secs:.0f} maps/s)"
+        )
+        faithfulness(run, work, args.faith)
+
+
+if __name__ == "__main__":
+    main()

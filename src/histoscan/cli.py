@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,7 @@ def demo(
         ("ONNX model", r.onnx),
         ("predictions", r.predictions),
         ("Kaggle submission", r.submission),
+        ("slide scan (heatmap, GeoJSON)", r.slide),
     ]:
         con.print(f"{label:34s} {path}")
 
@@ -403,11 +405,21 @@ def evaluate(
     out: Path | None = typer.Option(None, help="Output folder (default: RUN/eval for the run's test split)."),
     backend: str = typer.Option("auto", help="torch, onnx or auto."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the AUROC interval."),
+    labels: Path | None = typer.Option(
+        None, help="With a slides.csv (from 'histoscan slide') as RUN: a slide,label CSV; prints slide-level AUROC."
+    ),
 ) -> None:
     """Score a run: AUROC with 95% CI, report, thresholds, calibration, figures and an HTML report."""
     from histoscan.evaluation.evaluate import evaluate_run
     from histoscan.evaluation.report import headline
 
+    if labels is not None:
+        from histoscan.wsi.evaluate import evaluate_slides
+
+        s = evaluate_slides(run, labels)
+        for score, value in s.auroc.items():
+            _console().print(f"slide-level AUROC ({score}, {s.slides} slides, {s.positives} tumour): {value:.4f}")
+        return
     r = evaluate_run(
         run,
         data,
@@ -543,6 +555,55 @@ def _train_options() -> list[inspect.Parameter]:
 
 
 _generated("train", train, _train_options)
+
+
+def slide(run: Path, slides: list[Path] | None, out: Path, **values: Any) -> None:
+    """Scan whole-slide images into heatmaps, probability grids, tiles.csv and QuPath GeoJSON regions."""
+    from histoscan.inference.predictor import Predictor
+    from histoscan.wsi.batch import run_slides
+    from histoscan.wsi.scan import ScanSettings
+
+    settings = ScanSettings(**given_values(ScanSettings, values))
+    con = _console()
+
+    def predictor() -> Predictor:
+        return Predictor(
+            run, settings.backend, settings.device, batch_size=settings.batch_size, threads=settings.threads
+        )
+
+    with progress_bar("scanning", rate_unit="tiles") as start:
+        r = run_slides(
+            predictor, slides or [], out, settings, progress=lambda name: partial(start, name=name), printer=con.print
+        )
+    for line in r.summary_lines(run, out, settings.shard is not None):
+        con.print(line, highlight=False)
+
+
+def _slide_options() -> list[inspect.Parameter]:
+    from histoscan.wsi.scan import ScanSettings
+
+    kw = inspect.Parameter.KEYWORD_ONLY
+    head = [
+        inspect.Parameter("run", kw, annotation=Path, default=typer.Argument(..., help="A run folder.")),
+        inspect.Parameter(
+            "slides",
+            kw,
+            annotation=list[Path] | None,
+            default=typer.Argument(
+                None, help="Slide files and folders (none: only gather OUT/slides.csv from finished shards)."
+            ),
+        ),
+        inspect.Parameter(
+            "out",
+            kw,
+            annotation=Path,
+            default=typer.Option(..., "--out", help="Output folder: OUT/<slide>/ per slide and OUT/slides.csv."),
+        ),
+    ]
+    return head + dataclass_options(ScanSettings)
+
+
+_generated("slide", slide, _slide_options)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ class DemoResult:
     eda_report: Path
     eval_report: Path
     split_sizes: dict[str, int] = field(default_factory=dict)
+    slide: Path | None = None
 
 
 def run_demo(
@@ -54,12 +55,12 @@ def run_demo(
     unlabelled ``test/`` folder into a Kaggle submission of probabilities.
     """
     root = Path(workdir)
-    printer(f"1/5 generating {n} labelled + {test} unlabelled synthetic patches (Kaggle layout) in {root / 'source'}")
+    printer(f"1/6 generating {n} labelled + {test} unlabelled synthetic patches (Kaggle layout) in {root / 'source'}")
     source = write_synthetic(root / "source", "kaggle", n, seed=seed, test=test)
-    printer("2/5 ingesting into a packed store and exploring it")
+    printer("2/6 ingesting into a packed store and exploring it")
     result = ingest(source, root / "store", force=True)
     eda = run_eda(result.store, root / "eda", sample=1000)
-    printer(f"3/5 training the CPU default for {epochs} epochs")
+    printer(f"3/6 training the CPU default for {epochs} epochs")
     cfg = TrainConfig.from_yaml(
         resolve_config_path("cpu-default"),
         {
@@ -77,15 +78,17 @@ def run_demo(
 
         shutil.rmtree(run_dir)  # the demo folder is the demo's own; a rerun starts fresh
     trained = train(cfg, printer=printer)
-    printer("4/5 choosing the threshold on validation, evaluating on the held-out test split, exporting to ONNX")
+    printer("4/6 choosing the threshold on validation, evaluating on the held-out test split, exporting to ONNX")
     evaluation = evaluate_run(
         trained.run_dir, backend="torch", n_boot=200, save_threshold="youden"
     )  # threshold from validation
     onnx = export_onnx(trained.run_dir).path
-    printer("5/5 predicting the unlabelled test folder (ONNX backend) into a submission")
+    printer("5/6 predicting the unlabelled test folder (ONNX backend) into a submission")
     table = predict_input(Predictor(trained.run_dir, backend="onnx"), source / "test")
     preds, _ = write_predictions(table, root / "predictions.csv")
     submission = write_submission(table, source / "sample_submission.csv", root / "submission.csv")
+    printer("6/6 building a small synthetic slide (pyramidal tiled TIFF) and scanning it into a heatmap")
+    slide = demo_slide(trained.run_dir, root / "slides", seed)
     return DemoResult(
         source,
         result.store,
@@ -99,4 +102,21 @@ def run_demo(
         eda.out / "report.html",
         evaluation.out / "report.html",
         dict(read_bundle(trained.run_dir).split.get("sizes", {})),
+        slide,
     )
+
+
+def demo_slide(run_dir: Path, root: Path, seed: int = 0) -> Path:
+    """A 20 x 24-cell synthetic slide with a tumour block, scanned with the demo model; returns its output folder.
+
+    The slide is written at the model's resolution when model.json states one, else at 1 um/px
+    (and the scan is told so), so the demo needs no option.
+    """
+    from histoscan.wsi.scan import ScanSettings, scan_slide
+    from histoscan.wsi.synthetic import tumour_slide
+
+    stated = read_bundle(run_dir).preprocessing.mpp
+    mpp = stated or 1.0
+    path, _ = tumour_slide(root / "demo-slide.tif", 20, 24, (5, 14, 6, 17), mpp, seed=seed)
+    settings = ScanSettings(model_mpp=None if stated else mpp)
+    return scan_slide(Predictor(run_dir), path, root / "scans", settings).folder  # ONNX once exported

@@ -412,7 +412,7 @@ def resize_rgb(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if pixels.shape[0] == h and pixels.shape[1] == w:
         return pixels
-    return np.asarray(Image.fromarray(pixels).resize((w, h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR))
 
 
 FitPolicy = Literal["pad-edges", "resize"]

@@ -145,7 +145,7 @@ class PatchStore:
             return out
         fd = self._fd()
         row_bytes = int(np.prod(self._images.shape[1:]))
-        base = int(self._images.offset)
+        base = int(self._images.offset)  # type: ignore[attr-defined]  # np.memmap: numpy stubs lose the subclass
         order = np.argsort(rows, kind="stable")
         flat = out.reshape(len(rows), row_bytes)
         start = 0
@@ -157,9 +157,9 @@ class PatchStore:
             first = int(sorted_rows[start])
             if end - start > 1:
                 target = flat[order[start] : order[start] + (end - start)]
-                n = os.preadv(fd, [memoryview(target).cast("B")], base + first * row_bytes)
+                n = os.preadv(fd, [memoryview(target.data).cast("B")], base + first * row_bytes)
             else:
-                n = os.preadv(fd, [memoryview(flat[order[start]]).cast("B")], base + first * row_bytes)
+                n = os.preadv(fd, [memoryview(flat[order[start]].data).cast("B")], base + first * row_bytes)
             if n != (end - start) * row_bytes:
                 raise DataError(f"{self.path / IMAGES_FILE}: short read at row {first} (file truncated?)")
             start = end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: weights file not found")
+    state: Any
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -44,8 +46,9 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     state = read_state_dict(path)
     own = model.state_dict()
     head_names: set[str] = set()
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
+    get_classifier = getattr(model, "get_classifier", None)  # timm models name their head
+    if callable(get_classifier):
+        head = get_classifier()
         if isinstance(head, nn.Module):
             ids = {id(p) for p in head.parameters()} | {id(b) for b in head.buffers()}
             head_names = {n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if id(t) in ids}

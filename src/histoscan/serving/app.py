@@ -87,7 +87,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         return server_error(request, 500, "internal error", exc)
 
-    app.add_middleware(RequestGuard, settings=settings)  # type: ignore[arg-type]
+    app.add_middleware(RequestGuard, settings=settings)
     return app
 
 

@@ -49,55 +49,34 @@ class ServeSettings:
         "API key every route needs (set HISTOSCAN_API_KEY; never a command-line option).", None, cli=False
     )
 
-    # ---- limits (issue 13): each becomes a ``histoscan serve`` option through its help text ----
-    max_request_mb: float = field(
-        default=64.0,
-        metadata={
-            "help": "Largest request body of /v1/predict/batch in MB (1 MB = 1,000,000 bytes); 413 above, "
-            "checked from Content-Length before the body is read."
-        },
+    # ---- limits on what one client can make the server hold or wait for ----
+    max_request_mb: float = doc(
+        "Largest request body of /v1/predict/batch in MB (1 MB = 1,000,000 bytes); 413 above, "
+        "checked from Content-Length before the body is read.",
+        64.0,
     )
-    max_pixels: int = field(
-        default=16_000_000,
-        metadata={"help": "Most pixels (height x width) an uploaded image may declare; 413 above, before decoding."},
+    max_pixels: int = doc(
+        "Most pixels (height x width) an uploaded image may declare; 413 above, before decoding.", 16_000_000
     )
-    max_decoded_mb: float = field(
-        default=64.0,
-        metadata={
-            "help": "Most memory one uploaded image may need once decoded (pixels x samples x bytes per "
-            "sample), in MB; 413 above, before decoding."
-        },
+    max_decoded_mb: float = doc(
+        "Most memory one uploaded image may need once decoded (pixels x samples x bytes per "
+        "sample), in MB; 413 above, before decoding.",
+        64.0,
     )
-    max_pages: int = field(default=8, metadata={"help": "Most pages (TIFF) an uploaded file may hold; 413 above."})
-    decode_workers: int = field(
-        default=2, metadata={"help": "Threads that decode uploads, off the event loop (each decodes one image)."}
+    max_pages: int = doc("Most pages (TIFF) an uploaded file may hold; 413 above.", 8)
+    decode_workers: int = doc("Threads that decode uploads, off the event loop (each decodes one image).", 2)
+    max_inflight_mb: float = doc(
+        "Most request-body bytes being received or decoded at once, in MB; 503 with Retry-After above.", 256.0
     )
-    max_inflight_mb: float = field(
-        default=256.0,
-        metadata={
-            "help": "Most request-body bytes being received or decoded at once, in MB; 503 with Retry-After above."
-        },
+    max_queue: int = doc("Most images waiting for the model; 503 with Retry-After above (backpressure).", 512)
+    model_timeout_s: float = doc("Longest wait for the model's answer to one batch, in s; 503 after.", 30.0)
+    heartbeat_timeout_s: float = doc(
+        "A model process whose heartbeat is silent this long (s) is hung: /ready turns 503 and it is restarted.", 10.0
     )
-    max_queue: int = field(
-        default=512,
-        metadata={"help": "Most images waiting for the model; 503 with Retry-After above (backpressure)."},
-    )
-    model_timeout_s: float = field(
-        default=30.0, metadata={"help": "Longest wait for the model's answer to one batch, in s; 503 after."}
-    )
-    heartbeat_timeout_s: float = field(
-        default=10.0,
-        metadata={
-            "help": "A model process whose heartbeat is silent this long (s) is hung: /ready turns 503 and "
-            "it is restarted."
-        },
-    )
-    restart_backoff_s: float = field(
-        default=1.0,
-        metadata={
-            "help": "First wait before restarting a model process that failed to start, in s; doubles on "
-            "each failure up to 60 s (no restart storm)."
-        },
+    restart_backoff_s: float = doc(
+        "First wait before restarting a model process that failed to start, in s; doubles on "
+        "each failure up to 60 s (no restart storm).",
+        1.0,
     )
 
     def __post_init__(self) -> None:

@@ -121,7 +121,8 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
     ]
     ckpt = run_dir / LAST_CKPT if cfg.resume else None
     os.environ[RUN_NAME_ENV] = run_dir.name  # DDP children re-run this command: same run folder
-    trainer.fit(module, *loaders, ckpt_path=str(ckpt) if ckpt else None)
+    val_loader = loaders[1] if len(loaders) > 1 else None
+    trainer.fit(module, loaders[0], val_loader, ckpt_path=str(ckpt) if ckpt else None)
     return finish(cfg, run_dir, summary, trainer, started)
 
 

@@ -79,5 +79,5 @@ def open_source(path: str | Path, layout: str | None = None, class_names: list[s
         raise DataError(f"unknown layout {name!r}; choose one of {sorted(LAYOUTS)}")
     cls = LAYOUTS[name]
     if class_names is not None and name in ("folders", "grouped-folders", "manifest"):
-        return cls(path, class_names=class_names)  # type: ignore[call-arg]
+        return cls(path, class_names=class_names)
     return cls(path)

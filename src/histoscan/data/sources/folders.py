@@ -30,7 +30,7 @@ class ClassFolderSource(Source):
 
     def _pairs(self) -> list[tuple[Path, str, str | None]]:
         """(file, class name, group) for every image."""
-        pairs = []
+        pairs: list[tuple[Path, str, str | None]] = []
         for cdir in _subdirs(self.root):
             for f in _image_files(cdir):
                 pairs.append((f, cdir.name, None))
@@ -57,7 +57,7 @@ class GroupedClassFolderSource(ClassFolderSource):
     layout = "grouped-folders"
 
     def _pairs(self) -> list[tuple[Path, str, str | None]]:
-        pairs = []
+        pairs: list[tuple[Path, str, str | None]] = []
         for gdir in _subdirs(self.root):
             for cdir in _subdirs(gdir):
                 for f in _image_files(cdir):

@@ -1,0 +1,359 @@
+"""The scan engine: one slide -> tissue mask -> tiles read by background workers -> Predictor -> outputs.
+
+Memory stays bounded whatever the slide size: tiles are read block by block (a block is up to
+``block`` x ``block`` cells with their context margin, read once and sliced), at most ``prefetch``
+blocks wait in the queue, and every output lives at the grid's resolution.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from histoscan import __version__
+from histoscan.errors import ConfigError, HistoscanError
+from histoscan.inference.predictor import Predictor
+from histoscan.training.config import doc
+from histoscan.wsi import outputs
+from histoscan.wsi.grid import SlideGrid, TileSpec
+from histoscan.wsi.reader import SlideError, SlideReader, open_slide
+from histoscan.wsi.resolution import choose_level, model_mpp, slide_mpp
+from histoscan.wsi.tissue import MASK_MAX_SIDE, TissueMask, detect_tissue, load_mask
+
+Progress = Callable[[int], Callable[[int], None]]  # start(total) -> advance(n), as the CLI's progress bars
+
+
+@dataclass
+class ScanSettings:
+    """How slides are scanned; every field is a ``histoscan slide`` option (the text is its help)."""
+
+    min_tissue: float = doc("Scan a tile when its labelled centre holds at least this fraction of tissue.", 0.5)
+    mask: str | None = doc(
+        "Tissue mask instead of detection: a PNG (slide's aspect ratio) or QuPath GeoJSON, or a folder of "
+        "<slide>.png / <slide>.geojson for many slides.",
+        None,
+    )
+    model_mpp: float | None = doc("The model's resolution in um/px when model.json does not state it.", None)
+    slide_mpp: float | None = doc(
+        "Level-0 resolution in um/px for slides whose metadata lacks it (stated ones win).", None
+    )
+    tile: int | None = doc("Tile side in model px (must be the model's input size; default: that size).", None)
+    stride: int | None = doc("Step between tiles in model px (default: the labelled centre, e.g. 32 for PCam).", None)
+    overlap: int | None = doc("Overlap of neighbouring tiles in model px (tile - stride), instead of --stride.", None)
+    positive_class: str | None = doc("Class whose probability is mapped (default: the second of a binary model).", None)
+    threshold: float | None = doc("Probability above which cells form tumour regions (default: the run's).", None)
+    geojson_tiles: bool = doc("Also write one GeoJSON 'tile' object per heatmap cell with its probability.", False)
+    tta: bool = doc("Average the 8 flips/rotations; tiles.csv gains an uncertainty column.", False)
+    backend: str = doc("torch, onnx, or auto (onnx when model.onnx exists).", "auto")
+    device: str = doc("Torch device (cpu, cuda, mps).", "cpu")
+    batch_size: int = doc("Tiles per forward pass.", 256)
+    workers: int = doc("Background threads reading tiles.", 2)
+    prefetch: int = doc("Blocks of tiles read ahead at most (bounds memory).", 8)
+    threads: int | None = doc("CPU threads for the model (default: all cores).", None)
+    top_k: int = doc("Slide score: mean of the k highest tile probabilities (and the max).", 10)
+    force: bool = doc("Scan slides again even when their outputs exist.", False)
+    shard: str | None = doc("I/N: scan only shard I (0-based) of N of the slide list (job arrays).", None)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
+        for name in ("batch_size", "workers", "prefetch", "top_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"--threshold must be in [0, 1], got {self.threshold}")
+
+
+@dataclass
+class SlideResult:
+    """What one scan produced."""
+
+    slide: str
+    folder: Path
+    summary: dict[str, Any]
+
+
+def positive_index(predictor: Predictor, name: str | None) -> int:
+    """Index of the mapped class: ``name``, or the second class of a binary model."""
+    classes = predictor.classes
+    if name is not None:
+        if name not in classes:
+            raise ConfigError(f"--positive-class {name!r} is not one of the model's classes {classes}")
+        return classes.index(name)
+    if len(classes) != 2:
+        raise ConfigError(f"the model has {len(classes)} classes {classes}; name the one to map with --positive-class")
+    return 1
+
+
+def plan_grid(reader: SlideReader, predictor: Predictor, settings: ScanSettings) -> SlideGrid:
+    """The grid for a slide: resolutions (or a one-line error), level choice and tile geometry."""
+    pre = predictor.bundle.preprocessing
+    target = model_mpp(predictor.run_dir, pre.mpp, settings.model_mpp)
+    s_mpp = slide_mpp(reader.path, reader.mpp, settings.slide_mpp)
+    spec = TileSpec.for_model(pre, settings.tile, settings.stride, settings.overlap)
+    level = choose_level(target, s_mpp, reader.level_downsamples)
+    return SlideGrid.over(spec, reader.bounds, level, s_mpp)
+
+
+def tissue_mask(reader: SlideReader, grid: SlideGrid, settings: ScanSettings) -> tuple[TissueMask, np.ndarray]:
+    """The mask (detected or the user's) and the thumbnail it was drawn on; a cell spans 2+ mask px (1024-4096 px)."""
+    w, h = reader.dimensions
+    side = int(min(MASK_MAX_SIDE, max(1024, 2 * max(w, h) / grid.cell_px)))
+    thumb = reader.thumbnail(side)
+    if settings.mask:
+        return load_mask(mask_for(settings.mask, reader.path), reader, side), thumb
+    return detect_tissue(reader, grid.slide_mpp, side, thumb), thumb
+
+
+def mask_for(mask: str | Path, slide: Path) -> Path:
+    """The mask file for a slide: ``mask`` itself, or ``<mask>/<slide stem>.geojson|.png`` for a folder."""
+    m = Path(mask)
+    if not m.is_dir():
+        return m
+    for suffix in (".geojson", ".json", ".png"):
+        if (m / f"{slide.stem}{suffix}").is_file():
+            return m / f"{slide.stem}{suffix}"
+    raise SlideError(f"{m}: no mask for {slide.name} (expected {slide.stem}.geojson or {slide.stem}.png)")
+
+
+def _read_block(reader: SlideReader, grid: SlideGrid, block: tuple[int, int, int, int]) -> np.ndarray:
+    """One block of cells with its context margin, at the model's resolution (uint8 HxWx3)."""
+    x, y, lw, lh, mw, mh = grid.block_region(*block)
+    img = reader.read(x, y, grid.level.level, lw, lh)
+    if (lw, lh) != (mw, mh):  # Pillow's resize filters with the scale's support, so shrinking is antialiased
+        img = np.asarray(Image.fromarray(img).resize((mw, mh), Image.Resampling.BILINEAR))
+    return img
+
+
+class TileReader:
+    """Background threads reading blocks into a bounded queue, consumed in any order by the scan loop."""
+
+    def __init__(
+        self, reader: SlideReader, grid: SlideGrid, blocks: list[tuple[int, int, int, int]], workers: int, depth: int
+    ) -> None:
+        self._reader, self._grid = reader, grid
+        self._blocks = list(enumerate(blocks))
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[int, np.ndarray | BaseException]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(min(workers, len(blocks)))]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._blocks:
+                    return
+                i, block = self._blocks.pop(0)
+            try:
+                item: np.ndarray | BaseException = _read_block(self._reader, self._grid, block)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                item = exc
+            while not self._stop.is_set():
+                try:
+                    self._queue.put((i, item), timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+
+    def get(self) -> tuple[int, np.ndarray]:
+        """The next block read (its index and pixels); re-raises a reader's error."""
+        i, item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return i, item
+
+    def close(self) -> None:
+        """Stop the threads (after an error or at the end)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+
+
+def block_size(spec: TileSpec) -> int:
+    """Cells per block side: a block is about 768 model px wide, so each pixel is decoded about once."""
+    return max(1, 768 // spec.stride)
+
+
+def scan_slide(
+    predictor: Predictor,
+    path: str | Path,
+    out: str | Path,
+    settings: ScanSettings,
+    progress: Progress | None = None,
+    name: str | None = None,
+) -> SlideResult:
+    """Scan one slide into ``out/<name>/`` (written atomically); raises a HistoscanError on bad input."""
+    started = time.perf_counter()
+    path = Path(path)
+    name = name or path.stem
+    out = Path(out)
+    reader = open_slide(path)
+    try:
+        grid = plan_grid(reader, predictor, settings)
+        pos = positive_index(predictor, settings.positive_class)
+        mask, thumb = tissue_mask(reader, grid, settings)
+        mask_seconds = time.perf_counter() - started
+        rows, cols = np.mgrid[0 : grid.rows, 0 : grid.cols]
+        rows, cols = rows.ravel(), cols.ravel()
+        frac = mask.fraction(grid.label_boxes(rows, cols))
+        scanned = frac >= max(settings.min_tissue, 1e-9)
+        if not scanned.any():
+            raise SlideError(
+                f"{path}: no tissue found (no tile has {settings.min_tissue:.0%} tissue in its centre); "
+                "check the slide, or give --mask or a lower --min-tissue"
+            )
+        probs, unc = _infer(reader, grid, predictor, settings, scanned.reshape(grid.rows, grid.cols), pos, progress)
+        infer_seconds = time.perf_counter() - started - mask_seconds
+        prob_grid = np.full((grid.rows, grid.cols), np.nan, np.float32)
+        prob_grid.ravel()[scanned] = probs
+        tiles = outputs.tiles_frame(grid, rows[scanned], cols[scanned], frac[scanned], probs, unc)
+        threshold = settings.threshold if settings.threshold is not None else float(predictor.threshold)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = outputs.scratch_folder(out, name)
+        try:
+            _write_outputs(tmp, grid, prob_grid, tiles, threshold, predictor.classes[pos], settings, thumb, mask)
+        except HistoscanError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        times = (time.perf_counter() - started, mask_seconds, infer_seconds)
+        summary = _summary(path, name, predictor, settings, grid, mask, probs, threshold, times)
+        outputs.write_json(tmp / outputs.SUMMARY_FILE, summary)  # last: its presence marks a finished slide
+        folder = outputs.publish(tmp, out / name)
+        return SlideResult(name, folder, summary)
+    finally:
+        reader.close()
+
+
+def _write_outputs(
+    tmp: Path,
+    grid: SlideGrid,
+    prob_grid: np.ndarray,
+    tiles: pd.DataFrame,
+    threshold: float,
+    class_name: str,
+    settings: ScanSettings,
+    thumb: np.ndarray,
+    mask: TissueMask,
+) -> None:
+    """Every output but the summary, into the scratch folder."""
+    outputs.write_probabilities(tmp, grid, prob_grid)
+    tiles.to_csv(tmp / outputs.TILES_FILE, index=False)
+    geo = outputs.regions_geojson(grid, prob_grid, threshold, class_name, tiles if settings.geojson_tiles else None)
+    outputs.write_json(tmp / outputs.REGIONS_FILE, geo)
+    outputs.write_heatmap(tmp, grid, prob_grid, thumb, mask)
+
+
+def _infer(
+    reader: SlideReader,
+    grid: SlideGrid,
+    predictor: Predictor,
+    settings: ScanSettings,
+    scanned: np.ndarray,
+    pos: int,
+    progress: Progress | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """P(positive) (and TTA spread) of every scanned cell, in row-major order of the scanned cells."""
+    spec = grid.spec
+    blocks = [b for b in grid.blocks(block_size(spec)) if scanned[b[0] : b[1], b[2] : b[3]].any()]
+    order = np.full(scanned.shape, -1, np.int64)
+    order[scanned] = np.arange(int(scanned.sum()))
+    n = int(scanned.sum())
+    probs = np.empty(n, np.float32)
+    unc = np.empty(n, np.float32) if settings.tta else None
+    advance = progress(n) if progress else None
+    batch = np.empty((settings.batch_size, spec.tile, spec.tile, 3), np.uint8)
+    where = np.empty(settings.batch_size, np.int64)
+    filled = 0
+
+    def flush() -> None:
+        nonlocal filled
+        if not filled:
+            return
+        pred = predictor.predict_batch(batch[:filled], tta=settings.tta)
+        probs[where[:filled]] = pred.probabilities[:, pos]
+        if unc is not None and pred.uncertainty is not None:
+            unc[where[:filled]] = pred.uncertainty
+        if advance:
+            advance(filled)
+        filled = 0
+
+    tile_reader = TileReader(reader, grid, blocks, settings.workers, settings.prefetch)
+    try:
+        for _ in range(len(blocks)):
+            i, img = tile_reader.get()
+            r0, r1, c0, c1 = blocks[i]
+            rr, cc = np.nonzero(scanned[r0:r1, c0:c1])
+            s, t = spec.stride, spec.tile
+            for r, c in zip(rr, cc, strict=True):
+                batch[filled] = img[r * s : r * s + t, c * s : c * s + t]
+                where[filled] = order[r0 + r, c0 + c]
+                filled += 1
+                if filled == settings.batch_size:
+                    flush()
+        flush()
+    finally:
+        tile_reader.close()
+    return probs, unc
+
+
+def _summary(
+    path: Path,
+    name: str,
+    predictor: Predictor,
+    settings: ScanSettings,
+    grid: SlideGrid,
+    mask: TissueMask,
+    probs: np.ndarray,
+    threshold: float,
+    times: tuple[float, float, float],
+) -> dict[str, Any]:
+    """summary.json: what was read, found and how long it took (total, mask, tiles through the model)."""
+    seconds, mask_seconds, infer_seconds = times
+    cell_mm2 = (grid.cell_um / 1000.0) ** 2
+    top = np.sort(probs)[::-1][: settings.top_k]
+    return {
+        "slide": name,
+        "path": str(path),
+        "status": "done",
+        "slide_mpp": grid.slide_mpp,
+        "model_mpp": grid.model_mpp,
+        "level": grid.level.level,
+        "level_downsample": grid.level.downsample,
+        "resample_factor": grid.level.factor,
+        "resolution": grid.level.describe(),
+        "tile_px": grid.spec.tile,
+        "label_px": grid.spec.label,
+        "stride_px": grid.spec.stride,
+        "grid": [grid.rows, grid.cols],
+        "cell_um": grid.cell_um,
+        "bounds": asdict(grid.bounds),
+        "mask": mask.source,
+        "tissue_mm2": round(mask.area_mm2(grid.slide_mpp), 4),
+        "tumour_mm2": round(float((probs >= threshold).sum()) * cell_mm2, 4),
+        "threshold": threshold,
+        "max_probability": float(probs.max()),
+        "mean_probability": float(probs.mean()),
+        "topk_mean_probability": float(top.mean()),
+        "top_k": settings.top_k,
+        "tiles": len(probs),
+        "tta": settings.tta,
+        "backend": predictor.backend.name,
+        "seconds": round(seconds, 3),
+        "mask_seconds": round(mask_seconds, 3),
+        "tile_seconds": round(infer_seconds, 3),
+        "tiles_per_second": round(len(probs) / max(infer_seconds, 1e-9), 1),
+        "run": str(predictor.run_dir),
+        "histoscan_version": __version__,
+    }

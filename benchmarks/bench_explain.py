@@ -10,7 +10,8 @@
 
 Without --run, trains the cpu-default config for --epochs epochs on hcd first (a few minutes on 2 cores).
 
-Run: python benchmarks/bench_explain.py [--run RUN] [--epochs 4] [--maps 5000] [--faith 200]
+Run: python benchmarks/bench_explain.py [--run RUN | --keep DIR] [--epochs 4] [--maps 5000] [--faith 200]
+     [--picture PNG]
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def train_default(work: Path, epochs: int) -> Path:
     hcd = shared_or_exit("hcd")
     store = ingest(hcd, work / "store").store
     cfg = TrainConfig.load("cpu-default", {"data": str(store), "out": str(work / "runs"), "name": "default"})
+    cfg = cfg.replace(seed=0)
     cfg = cfg.replace(max_epochs=epochs, progress=False, early_stopping=None)
     return train(cfg, printer=lambda *_: None).run_dir
 
@@ -86,6 +88,23 @@ def memory(run: Path, images: np.ndarray, total: int, batch: int) -> tuple[float
         done += len(chunk)
     gc.collect()
     return before, rss_mb(), time.perf_counter() - t
+
+
+def picture(run: Path, path: Path) -> None:
+    """An example for the README: the most confident held-out tumour patch, patch | map | overlay."""
+    from histoscan.explain.render import Geometry, panel, png_bytes
+
+    r = RunFolder(run)
+    store, _ = r.select_patches(r.data_store(), "test")
+    images = store.batch(np.flatnonzero(store.labels == 1)[:64])
+    e = Explainer(run)
+    ex = e.explain_batch(images)
+    i = int(np.argmax(ex.probabilities[:, 1]))
+    pre = e.pre
+    caption = [f"held-out hcd tumour patch, P(tumour) = {ex.probabilities[i, 1]:.3f} (Grad-CAM, cpu-default)"]
+    geometry = Geometry.from_preprocessing(pre.image_size, pre.label_size, pre.crop)
+    path.write_bytes(png_bytes(panel(images[i], ex.maps[i], float(ex.maps[i].max()), caption, geometry)))
+    print(f"picture: {path}")
 
 
 def faithfulness(run: Path, work: Path, n: int) -> None:
@@ -133,9 +152,11 @@ def main() -> None:
     ap.add_argument("--maps", type=int, default=5000)
     ap.add_argument("--faith", type=int, default=200)
     ap.add_argument("--n", type=int, default=512, help="Images per throughput measurement")
+    ap.add_argument("--keep", type=Path, help="Keep the trained run (and its store) in this folder")
+    ap.add_argument("--picture", type=Path, help="Write an example panel PNG here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
-        work = Path(tmp)
+        work = args.keep or Path(tmp)
         t = time.perf_counter()
         run = args.run or train_default(work, args.epochs)
         if not args.run:
@@ -155,6 +176,8 @@ def main() -> None:
             f"(growth {after - before:+.1f} MB; {args.maps / secs:.0f} maps/s)"
         )
         faithfulness(run, work, args.faith)
+        if args.picture:
+            picture(run, args.picture)
 
 
 if __name__ == "__main__":

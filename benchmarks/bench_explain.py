@@ -31,7 +31,7 @@ from histoscan.bundle import ModelBundle, build_model, save_weights
 from histoscan.data.ingest import ingest
 from histoscan.data.store import PatchStore
 from histoscan.explain import Explainer
-from histoscan.explain.faithfulness import STRATEGIES, deletion_curve, rank_correlation
+from histoscan.explain.faithfulness import STRATEGIES, Deletion, deletion_curve, rank_correlation
 from histoscan.preprocessing import Preprocessing
 from histoscan.runfolder import RunFolder
 from histoscan.training.config import TrainConfig
@@ -119,29 +119,32 @@ def faithfulness(run: Path, work: Path, n: int) -> None:
     images, maps = images[keep], np.stack(ex.maps)[keep]
     print(f"\n(c) faithfulness: {len(keep)} {split}-split tumour patches the run calls positive (of {len(tumour)})")
     fractions = [0.05, 0.1, 0.2, 0.3, 0.5]
-    curve = deletion_curve(e, images, maps, 1, fractions)
-    print(f"    mean P(tumour) after greying (before: {float(curve[0].before.mean()):.3f})")
-    print("    fraction " + " ".join(f"{s:>8s}" for s in STRATEGIES))
-    for d in curve:
-        print(f"    {d.fraction:8.2f} " + " ".join(f"{float(d.after[s].mean()):8.3f}" for s in STRATEGIES))
-    at20 = curve[fractions.index(0.2)]
-    wins = {s: float((at20.drop("map") > at20.drop(s)).mean()) for s in STRATEGIES if s != "map"}
-    print(
-        "    at 20%: mean drop map {:.3f}; ratio of drops map / baseline: {}".format(
-            float(at20.drop("map").mean()), ", ".join(f"{k} {v:.2f}x" for k, v in at20.ratios().items())
+    at20: dict[str, Deletion] = {}
+    for fill in ("grey", "blur"):
+        curve = deletion_curve(e, images, maps, 1, fractions, fill=fill)
+        print(f"    deletion by {fill}: mean P(tumour) after (before: {float(curve[0].before.mean()):.3f})")
+        print("    fraction " + " ".join(f"{s:>8s}" for s in STRATEGIES))
+        for d in curve:
+            print(f"    {d.fraction:8.2f} " + " ".join(f"{float(d.after[s].mean()):8.3f}" for s in STRATEGIES))
+        a = at20[fill] = curve[fractions.index(0.2)]
+        print(
+            f"    at 20% ({fill}): mean drop map {float(a.drop('map').mean()):+.3f}, "
+            + ", ".join(f"{k} {float(a.drop(k).mean()):+.3f}" for k in STRATEGIES[1:])
+            + "; ratio map/baseline: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in a.ratios().items())
+            + "; images where the map wins: "
+            + ", ".join(f"{k} {v:.0%}" for k, v in a.wins().items())
         )
-    )
-    print(
-        "    images where the map's pixels lower P(tumour) more: " + ", ".join(f"{k} {v:.0%}" for k, v in wins.items())
-    )
     rand = untrained_run(work, e.bundle.architecture, e.bundle)
     rmaps = np.stack(Explainer(rand, batch_size=64).explain_batch(images).maps)
     corr = [rank_correlation(a, b) for a, b in zip(maps, rmaps)]
-    d_rand = deletion_curve(e, images, rmaps, 1, [0.2])[0]
+    flat = int(sum(m.max() == m.min() for m in rmaps))
+    d_rand = deletion_curve(e, images, rmaps, 1, [0.2], fill="blur")[0]
     print(
         f"    randomised weights: Spearman rank correlation with the trained maps, mean {np.mean(corr):.2f} "
-        f"(median {np.median(corr):.2f}); greying the random maps' top 20% drops P(tumour) by "
-        f"{float(d_rand.drop('map').mean()):.3f} (trained maps: {float(at20.drop('map').mean()):.3f})"
+        f"(median {np.median(corr):.2f}; {flat} of {len(rmaps)} random maps are flat); blurring the random "
+        f"maps' top 20% drops P(tumour) by {float(d_rand.drop('map').mean()):+.3f} "
+        f"(trained maps: {float(at20['blur'].drop('map').mean()):+.3f})"
     )
 
 
@@ -154,6 +157,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512, help="Images per throughput measurement")
     ap.add_argument("--keep", type=Path, help="Keep the trained run (and its store) in this folder")
     ap.add_argument("--picture", type=Path, help="Write an example panel PNG here")
+    ap.add_argument("--faith-only", action="store_true", help="Only the faithfulness figures (c)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
         work = args.keep or Path(tmp)
@@ -161,6 +165,9 @@ def main() -> None:
         run = args.run or train_default(work, args.epochs)
         if not args.run:
             print(f"trained cpu-default for {args.epochs} epochs on hcd in {time.perf_counter() - t:.0f} s")
+        if args.faith_only:
+            faithfulness(run, work, args.faith)
+            return
         store = PatchStore(RunFolder(run).data_store())
         images = store.batch(np.arange(min(args.n, len(store))))
         bundle = Explainer(run).bundle

@@ -3,20 +3,26 @@
 Grey out the fraction of pixels a map ranks highest and measure how far P(target) falls; do the
 same with pixels chosen at random, a random contiguous block of the same area, and a centred
 Gaussian blob of the same area (a fixed centre blob must not pass for an explanation). A
-faithful map makes the probability fall further than every baseline. Greyed pixels take the
-model's mean colour, so they enter the network as zeros after normalisation.
+faithful map makes the probability fall further than every baseline.
+
+Two fills: ``grey`` (the model's mean colour, zero after normalisation) and ``blur`` (the same
+pixels of a Gaussian-blurred copy: the nuclei's detail goes, the colour stays). A flat grey area
+is itself unlike any training patch and can raise P(tumour) whatever is removed; blur removes
+the detail without adding a new pattern.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from histoscan.explain.explainer import Explainer
 
 STRATEGIES = ("map", "random", "block", "centre")
+Fill = Literal["grey", "blur"]
 
 
 def grey_value(explainer: Explainer) -> np.ndarray:
@@ -69,9 +75,30 @@ class Deletion:
         return self.before - self.after[strategy]
 
     def ratios(self) -> dict[str, float]:
-        """Mean drop of the map's pixels over the mean drop of each baseline."""
+        """Mean drop of the map's pixels over the mean drop of each baseline (NaN unless both drops are > 0)."""
         d = float(self.drop("map").mean())
-        return {s: d / max(float(self.drop(s).mean()), 1e-9) for s in STRATEGIES if s != "map"}
+        out = {}
+        for s in STRATEGIES[1:]:
+            base = float(self.drop(s).mean())
+            out[s] = d / base if d > 0 and base > 0 else float("nan")
+        return out
+
+    def margins(self) -> dict[str, float]:
+        """Mean of (map's drop - baseline's drop) per baseline: > 0 when the map's pixels matter more."""
+        return {s: float((self.drop("map") - self.drop(s)).mean()) for s in STRATEGIES[1:]}
+
+    def wins(self) -> dict[str, float]:
+        """Fraction of images where the map's pixels lower P(target) more than each baseline's."""
+        return {s: float((self.drop("map") > self.drop(s)).mean()) for s in STRATEGIES[1:]}
+
+
+def fill_images(explainer: Explainer, images: np.ndarray, fill: Fill) -> np.ndarray:
+    """What deleted pixels become: the mean colour, or a Gaussian-blurred copy of each image (sigma 4 px)."""
+    if fill == "grey":
+        return np.broadcast_to(grey_value(explainer), images.shape)
+    from scipy.ndimage import gaussian_filter
+
+    return np.stack([gaussian_filter(img, sigma=(4, 4, 0)) for img in images])
 
 
 def deletion(
@@ -81,13 +108,14 @@ def deletion(
     target: int,
     fraction: float = 0.2,
     seed: int = 0,
+    fill: Fill = "grey",
 ) -> Deletion:
-    """Grey out ``fraction`` of each image's pixels under every strategy and score P(class ``target``)."""
+    """Delete ``fraction`` of each image's pixels under every strategy (``fill``) and score P(class ``target``)."""
     rng = np.random.default_rng(seed)
     images = explainer.pre.fit_batch(images)
     shape = (int(images.shape[1]), int(images.shape[2]))
     count = round(fraction * shape[0] * shape[1])
-    grey = grey_value(explainer)
+    filler = fill_images(explainer, images, fill)
     prob = lambda x: explainer.predictor.predict_batch(x).probabilities[:, target]  # noqa: E731
     makers = {
         "map": lambda i: top_mask(maps[i], count, rng),
@@ -99,16 +127,23 @@ def deletion(
     for name, make in makers.items():
         greyed = images.copy()
         for i in range(len(images)):
-            greyed[i][make(i)] = grey
+            mask = make(i)
+            greyed[i][mask] = filler[i][mask]
         after[name] = prob(greyed)
     return Deletion(fraction, prob(images), after)
 
 
 def deletion_curve(
-    explainer: Explainer, images: np.ndarray, maps: np.ndarray, target: int, fractions: Sequence[float], seed: int = 0
+    explainer: Explainer,
+    images: np.ndarray,
+    maps: np.ndarray,
+    target: int,
+    fractions: Sequence[float],
+    seed: int = 0,
+    fill: Fill = "grey",
 ) -> list[Deletion]:
     """``deletion`` at each fraction (the deletion curve of every strategy)."""
-    return [deletion(explainer, images, maps, target, f, seed) for f in fractions]
+    return [deletion(explainer, images, maps, target, f, seed, fill) for f in fractions]
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:

@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="Keep the trained run (and its store) in this folder")
     ap.add_argument("--picture", type=Path, help="Write an example panel PNG here")
     ap.add_argument("--faith-only", action="store_true", help="Only the faithfulness figures (c)")
+    ap.add_argument("--no-faith", action="store_true", help="Skip the faithfulness figures (c)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
         work = args.keep or Path(tmp)
@@ -170,6 +171,11 @@ def main() -> None:
             return
         store = PatchStore(RunFolder(run).data_store())
         images = store.batch(np.arange(min(args.n, len(store))))
+        before, after, secs = memory(run, images, args.maps, 100)  # first: a fresh process, this model only
+        print(
+            f"(b) RSS {before:.0f} MB after warm-up and {after:.0f} MB after {args.maps:,} more maps "
+            f"(growth {after - before:+.1f} MB; {args.maps / secs:.0f} maps/s)"
+        )
         bundle = Explainer(run).bundle
         print(
             f"(a) throughput on {len(images)} real 96 px patches, Grad-CAM vs prediction (torch backend, same model):"
@@ -177,12 +183,8 @@ def main() -> None:
         for name, r, batch in [("cpu-default", run, 64), ("resnet18", untrained_run(work, "resnet18", bundle), 32)]:
             maps, preds = throughput(r, images if name == "cpu-default" else images[:128], batch)
             print(f"    {name:12s} {maps:8.1f} maps/s  {preds:8.1f} predictions/s  ratio {maps / preds:.2f}")
-        before, after, secs = memory(run, images, args.maps, 100)
-        print(
-            f"(b) RSS {before:.0f} MB before and {after:.0f} MB after {args.maps:,} maps "
-            f"(growth {after - before:+.1f} MB; {args.maps / secs:.0f} maps/s)"
-        )
-        faithfulness(run, work, args.faith)
+        if not args.no_faith:
+            faithfulness(run, work, args.faith)
         if args.picture:
             picture(run, args.picture)
 

@@ -326,6 +326,12 @@ def test_web_page_in_a_real_browser(live_server: str, tiny_run: Path) -> None:
         want = Predictor(tiny_run, backend="torch").predict_batch([read_image(patch).pixels])
         assert label.text == ["normal", "tumor"][int(want.predicted[0])]
         assert browser.find_element(By.CSS_SELECTOR, ".card b").text == patch.name
+        # browsers do not display TIFF: the page shows the server's PNG preview instead of a broken image
+        shown = "const i = document.querySelector(arguments[0]); return i && i.complete ? i.naturalWidth : 0;"
+        WebDriverWait(browser, 30).until(lambda d: d.execute_script(shown, ".card img.upload") > 0)
+        browser.find_element(By.CSS_SELECTOR, ".card button.why").click()  # "Why?": the Grad-CAM overlay
+        WebDriverWait(browser, 60).until(lambda d: d.execute_script(shown, ".card img.overlay") > 0)
+        assert "evidence for" in browser.find_element(By.CSS_SELECTOR, ".explanation").text
 
 
 def test_container_entry_command_starts_the_server(tiny_run: Path, tmp_path: Path) -> None:

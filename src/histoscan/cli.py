@@ -497,6 +497,37 @@ def _tune_options() -> list[inspect.Parameter]:
 _generated("tune", tune, _tune_options)
 
 
+def explain(inputs: list[Path], **values: Any) -> None:
+    """Grad-CAM maps: a PNG per image (patch, map, overlay), explain.csv and an explain.html gallery."""
+    from histoscan.explain.run import explain_inputs
+    from histoscan.explain.settings import ExplainSettings
+
+    settings = ExplainSettings(**given_values(ExplainSettings, values))
+    with progress_bar("explaining") as start:
+        r = explain_inputs(settings, inputs, progress=start(None))
+    con = _console()
+    con.print(f"{r.count:,} maps (largest value {r.scale:.4g}) in {r.out}; gallery: {r.gallery}")
+    if r.errors is not None:
+        con.print(f"[yellow]{len(r.failures)} unreadable inputs listed in {r.errors}[/]")
+
+
+def _explain_options() -> list[inspect.Parameter]:
+    from histoscan.explain.settings import ExplainSettings
+
+    inputs = typer.Argument(
+        ..., help="Images, folders of images, stores (with --split / --ids) or PCam HDF5 files.", metavar="INPUT..."
+    )
+    params = dataclass_options(ExplainSettings)
+    return [
+        params[0],
+        inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=inputs, annotation=list[Path]),
+        *params[1:],
+    ]
+
+
+_generated("explain", explain, _explain_options)
+
+
 def train(config: str | None, **values: Any) -> None:
     """Train a model on a packed store and write a run folder (the model bundle)."""
     from histoscan.training.config import TrainConfig

@@ -2,7 +2,7 @@
 
 They follow timm's split: ``forward_features`` (the conv trunk), ``forward_head``
 (pooling, dense layers, classifier), ``get_classifier`` (the last linear layer), and
-``feature_layer`` (the last conv stage, for Grad-CAM).
+``feature_layer`` (the last convolution before the final pooling, for Grad-CAM).
 """
 
 from __future__ import annotations
@@ -66,7 +66,12 @@ class PatchCNN(nn.Module):
 
     @property
     def feature_layer(self) -> nn.Module:
-        return self.features[-1]
+        """The last convolution's activation, before the final max-pool (Grad-CAM's layer).
+
+        Not the whole last block: that ends in the max-pool, which halves the map (4x4 on a 32 px input).
+        """
+        last = [m for m in self.features[-1].children() if not isinstance(m, (nn.MaxPool2d, nn.Dropout))]
+        return last[-1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from histoscan import __version__
 from histoscan.bundle import read_bundle
 from histoscan.inference.predictor import Predictor
-from histoscan.serving import page, routes_health, routes_predict
+from histoscan.serving import page, routes_explain, routes_health, routes_predict
 from histoscan.serving.batcher import MicroBatcher, Overloaded
 from histoscan.serving.guard import RequestGuard, request_id
 from histoscan.serving.model_process import ModelProcess, ModelRunner, ModelThread, ModelUnavailable
@@ -55,6 +55,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.histoscan = None
     app.include_router(routes_health.router)
     app.include_router(routes_predict.router)
+    app.include_router(routes_explain.router)
     app.include_router(page.router)
 
     @app.exception_handler(UploadError)

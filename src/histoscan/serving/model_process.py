@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -34,6 +34,7 @@ import numpy as np
 from histoscan.inference.predictor import Prediction, Predictor
 
 if TYPE_CHECKING:
+    from histoscan.explain import Explainer
     from histoscan.serving.state import ServeSettings
 
 _HEADER = struct.Struct("<IQ")
@@ -63,6 +64,18 @@ class ModelRunner(Protocol):
 
     async def predict(self, images: Sequence[np.ndarray], tta: bool) -> Prediction: ...
 
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer: ...
+
+
+@dataclass
+class ExplainAnswer:
+    """One image's Grad-CAM map (raw values, on the image's pixels) and the model's answer."""
+
+    probabilities: np.ndarray
+    predicted: int
+    map: np.ndarray
+    target: str
+
 
 # ---- framing ---------------------------------------------------------------------------
 def frame(meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> bytes:
@@ -84,6 +97,52 @@ def unpack_job(meta: dict[str, Any], data: bytes) -> tuple[list[np.ndarray], boo
         images.append(np.frombuffer(data, np.uint8, n, pos).reshape(shape))
         pos += n
     return images, bool(meta["tta"])
+
+
+def pack_explain_job(image: np.ndarray, method: str, target: str, tta: bool) -> bytes:
+    """One uint8 image to explain, with the method, the target and the TTA flag."""
+    meta = {"op": "explain", "method": method, "target": target, "tta": bool(tta), "shapes": [list(image.shape)]}
+    return frame(meta, [image])
+
+
+def pack_explanation(answer: ExplainAnswer) -> bytes:
+    probs = answer.probabilities.astype(np.float32)
+    h, w = answer.map.shape
+    meta = {
+        "ok": True,
+        "c": int(probs.shape[0]),
+        "h": h,
+        "w": w,
+        "predicted": answer.predicted,
+        "target": answer.target,
+    }
+    return frame(meta, [probs, answer.map.astype(np.float32)])
+
+
+def unpack_explanation(meta: dict[str, Any], data: bytes) -> ExplainAnswer:
+    c, h, w = int(meta["c"]), int(meta["h"]), int(meta["w"])
+    probs = np.frombuffer(data, np.float32, c, 0)
+    m = np.frombuffer(data, np.float32, h * w, 4 * c).reshape(h, w)
+    return ExplainAnswer(probs, int(meta["predicted"]), m, str(meta["target"]))
+
+
+def explain_one(
+    explainers: dict[tuple[str, str], Explainer],
+    run_dir: str,
+    device: str,
+    image: np.ndarray,
+    method: str,
+    target: str,
+    tta: bool,
+) -> ExplainAnswer:
+    """Explain one image with a cached Explainer per (method, target) (built on first use: it loads the weights)."""
+    from histoscan.explain import Explainer
+
+    key = (method, target)
+    if key not in explainers:
+        explainers[key] = Explainer(run_dir, method=method, target=target, device=device, batch_size=1)
+    e = explainers[key].explain_batch([image], tta)
+    return ExplainAnswer(e.probabilities[0], int(e.predicted[0]), e.maps[0], e.targets[0])
 
 
 def pack_prediction(pred: Prediction) -> bytes:
@@ -168,6 +227,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         out.write(frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
         return 1
     out.write(frame({"ok": True, "backend": predictor.backend.name}))
+    explainers: dict[tuple[str, str], Explainer] = {}
     threading.Thread(target=out.beat, args=(HEARTBEAT_S,), daemon=True, name="heartbeat").start()
     while True:
         header = _read_exact(inp, _HEADER.size)
@@ -178,8 +238,15 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         if body is None:
             return 0
         try:
-            images, tta = unpack_job(json.loads(body[:meta_len]), body[meta_len:])
-            reply = pack_prediction(predictor.predict_batch(images, tta))
+            meta = json.loads(body[:meta_len])
+            images, tta = unpack_job(meta, body[meta_len:])
+            if meta.get("op") == "explain":
+                answer = explain_one(
+                    explainers, args.run_dir, args.device, images[0], meta["method"], meta["target"], tta
+                )
+                reply = pack_explanation(answer)
+            else:
+                reply = pack_prediction(predictor.predict_batch(images, tta))
         except Exception as exc:
             reply = frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
         out.write(reply)
@@ -212,7 +279,7 @@ class ModelProcess:
         self.backend = self.backend_choice
         self.starts = 0  # child processes launched (tests and /ready read it)
         self._proc: asyncio.subprocess.Process | None = None
-        self._waiting: deque[asyncio.Future[Prediction]] = deque()
+        self._waiting: deque[tuple[asyncio.Future[Any], Callable[[dict[str, Any], bytes], Any]]] = deque()
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -346,13 +413,22 @@ class ModelProcess:
 
     async def predict(self, images: Sequence[np.ndarray], tta: bool) -> Prediction:
         """Send one job; the answer comes back in order (ModelUnavailable after ``timeout_s``)."""
+        result: Prediction = await self._send(pack_job(images, tta), unpack_prediction)
+        return result
+
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+        """Grad-CAM of one image, computed in the model process (never on the server's event loop)."""
+        result: ExplainAnswer = await self._send(pack_explain_job(image, method, target, tta), unpack_explanation)
+        return result
+
+    async def _send(self, message: bytes, unpack: Callable[[dict[str, Any], bytes], Any]) -> Any:
         await self._ensure_running()
         async with self._lock:  # one writer at a time
             if self._proc is None or self._proc.stdin is None:
                 raise ModelUnavailable("the model process is restarting")
-            future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-            self._waiting.append(future)
-            self._proc.stdin.write(pack_job(images, tta))
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._waiting.append((future, unpack))
+            self._proc.stdin.write(message)
             try:
                 await self._proc.stdin.drain()
             except (BrokenPipeError, ConnectionResetError) as exc:
@@ -378,11 +454,11 @@ class ModelProcess:
             while True:
                 meta, data = await self._read_message()
                 self._last_beat = time.monotonic()
-                future = self._waiting.popleft()
+                future, unpack = self._waiting.popleft()
                 if future.done():
                     continue
                 if meta.get("ok"):
-                    future.set_result(unpack_prediction(meta, data))
+                    future.set_result(unpack(meta, data))
                 else:
                     future.set_exception(RuntimeError(f"model process: {meta.get('error')}"))
         except asyncio.IncompleteReadError:
@@ -392,7 +468,7 @@ class ModelProcess:
 
     def _fail_waiting(self, exc: BaseException) -> None:
         while self._waiting:
-            future = self._waiting.popleft()
+            future, _ = self._waiting.popleft()
             if not future.done():
                 future.set_exception(exc)
 
@@ -403,6 +479,7 @@ class ModelThread:
     def __init__(self, predictor: Predictor, timeout_s: float = 30.0) -> None:
         self.predictor, self.timeout_s = predictor, timeout_s
         self.backend = predictor.backend.name
+        self._explainers: dict[tuple[str, str], Explainer] = {}
 
     @property
     def alive(self) -> bool:
@@ -421,6 +498,17 @@ class ModelThread:
         try:
             return await asyncio.wait_for(
                 asyncio.to_thread(self.predictor.predict_batch, list(images), tta), self.timeout_s
+            )
+        except asyncio.TimeoutError:
+            raise ModelUnavailable(f"the model did not answer within {self.timeout_s:g} s") from None
+
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+        """Grad-CAM of one image in a worker thread (the model's, never the event loop)."""
+        run_dir, device = str(self.predictor.run_dir), str(self.predictor.device)
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(explain_one, self._explainers, run_dir, device, image, method, target, tta),
+                self.timeout_s,
             )
         except asyncio.TimeoutError:
             raise ModelUnavailable(f"the model did not answer within {self.timeout_s:g} s") from None

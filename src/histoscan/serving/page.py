@@ -1,4 +1,9 @@
-"""GET /: a small page to try the model in a browser (plain HTML and JavaScript, no build step)."""
+"""GET /: a small page to try the model in a browser (plain HTML and JavaScript, no build step).
+
+Every upload is shown as a picture: the browser's own decoding where it can, else (TIFF, the
+Kaggle format, which browsers do not display) a PNG preview from ``/v1/preview``. After a
+prediction, "Why?" asks ``/v1/explain`` for the Grad-CAM overlay and shows it beside the patch.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ PAGE = """<!doctype html>
  .bar{background:#eee;border-radius:4px;height:12px;width:16rem}
  .bar div{background:#b2386e;height:12px;border-radius:4px}
  .error{color:#b00}
+ .why{margin-left:.5rem} .card img.overlay{width:144px;height:144px}
  input[type=password]{width:16rem}
 </style></head>
 <body>
@@ -37,8 +43,8 @@ async function card() {
 }
 function show(file, j) {
   const row = document.createElement("div"); row.className = "card";
-  const img = document.createElement("img"); img.alt = file.name; row.appendChild(img);
-  const reader = new FileReader(); reader.onload = () => { img.src = reader.result; }; reader.readAsDataURL(file);
+  const img = document.createElement("img"); img.alt = file.name; img.className = "upload"; row.appendChild(img);
+  preview(file, img);
   const info = document.createElement("div");
   if (j.error) { info.innerHTML = `<b></b><div class="error"></div>`; info.querySelector("b").textContent = file.name;
                  info.querySelector(".error").textContent = j.error; }
@@ -49,8 +55,38 @@ function show(file, j) {
     info.querySelector(".label").textContent = j.label;
     info.querySelector(".conf").textContent = pct + "%";
     info.querySelector(".bar div").style.width = pct + "%";
+    const why = document.createElement("button"); why.className = "why"; why.textContent = "Why?";
+    why.addEventListener("click", () => explain(file, row, why));
+    info.querySelector(".conf").after(why);
   }
   row.appendChild(info); $("results").prepend(row);
+}
+function preview(file, img) {
+  // browsers decode PNG and JPEG; a TIFF (the Kaggle format) fails, and the server sends a PNG of it
+  let asked = false;
+  img.addEventListener("error", async () => {
+    if (asked) return; asked = true;
+    const body = new FormData(); body.append("file", file);
+    const r = await fetch("/v1/preview", {method: "POST", body, headers: headers()});
+    if (r.ok) img.src = URL.createObjectURL(await r.blob());
+  });
+  const reader = new FileReader(); reader.onload = () => { img.src = reader.result; }; reader.readAsDataURL(file);
+}
+async function explain(file, row, button) {
+  button.disabled = true; button.textContent = "explaining...";
+  const body = new FormData(); body.append("file", file);
+  const r = await fetch("/v1/explain", {method: "POST", body, headers: headers()});
+  const j = await r.json();
+  const box = document.createElement("div"); box.className = "explanation";
+  if (!r.ok) { box.className = "error"; box.textContent = j.error; }
+  else {
+    const ov = document.createElement("img"); ov.className = "overlay"; ov.alt = "Grad-CAM overlay";
+    ov.src = "data:image/png;base64," + j.overlay_png;
+    const cap = document.createElement("div");
+    cap.textContent = `evidence for ${j.target} (${j.method}; brightest = map value ${j.scale.toPrecision(3)})`;
+    box.appendChild(ov); box.appendChild(cap);
+  }
+  row.appendChild(box); button.remove();
 }
 async function send(files) {
   for (const f of files) {

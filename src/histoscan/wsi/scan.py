@@ -63,6 +63,10 @@ class ScanSettings:
     top_k: int = doc("Slide score: mean of the k highest tile probabilities (and the max).", 10)
     force: bool = doc("Scan slides again even when their outputs exist.", False)
     shard: str | None = doc("I/N: scan only shard I (0-based) of N of the slide list (job arrays).", None)
+    explain_top: int = doc(
+        "Also write Grad-CAM overlays of the K most suspicious tiles into <slide>/explain/ (needs best.safetensors).",
+        0,
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_tissue <= 1.0:
@@ -70,6 +74,8 @@ class ScanSettings:
         for name in ("batch_size", "workers", "prefetch", "top_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.explain_top < 0:
+            raise ConfigError(f"--explain-top must be at least 0, got {self.explain_top}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must be in [0, 1], got {self.threshold}")
 
@@ -224,6 +230,21 @@ def scan_slide(
         tmp = outputs.scratch_folder(out, name)
         try:
             _write_outputs(tmp, grid, prob_grid, tiles, threshold, predictor.classes[pos], settings, thumb, mask)
+            if settings.explain_top:
+                from histoscan.explain.slides import explain_top_tiles
+
+                r_s, c_s = rows[scanned], cols[scanned]
+                explain_top_tiles(
+                    predictor.run_dir,
+                    lambda r, c: _read_block(reader, grid, (r, r + 1, c, c + 1)),
+                    r_s,
+                    c_s,
+                    probs,
+                    grid.tile_boxes(r_s, c_s),
+                    settings.explain_top,
+                    tmp,
+                    settings.device,
+                )
         except HistoscanError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,0 +1,196 @@
+"""``Explainer(run).explain(images)``: Grad-CAM maps on the pixels of the images given.
+
+The map is computed on the model's input (after the stored crop / resize, in float32 whatever
+precision the model serves in) and mapped back onto the image: resized back to the crop, placed
+at the crop's offset, zero outside it. Values are the method's raw values, one scale across
+images (``cam.RawScale``), so a confident negative is not drawn as hot as a tumour.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+
+from histoscan.errors import ConfigError
+from histoscan.explain.cam import LogitTarget, cam_class, upsample
+from histoscan.explain.layers import target_layer
+from histoscan.inference.backends import TorchBackend
+from histoscan.inference.predictor import Predictor, parse_tta
+from histoscan.runfolder import RunFolder
+
+TUMOUR_NAMES = ("tumour", "tumor", "cancer", "malignant", "metastasis", "positive")
+
+
+@dataclass
+class Explanation:
+    """Maps (float32, each the height and width of its input image) with the model's answer for each image."""
+
+    maps: list[np.ndarray]
+    probabilities: np.ndarray
+    predicted: np.ndarray
+    targets: list[str]
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+
+class Explainer:
+    """Grad-CAM (or another CAM method) for a run's model.
+
+    Args:
+        run_dir: a run folder with ``best.safetensors`` (Grad-CAM needs the weights; ONNX is not enough).
+        method: one of ``histoscan.explain.cam.METHODS``.
+        target: ``tumour`` (the positive class), ``predicted`` (each image's predicted class) or a class name.
+        device: torch device.
+        batch_size: images per forward/backward pass.
+        layer: a submodule name to read instead of the architecture's default layer.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        method: str = "gradcam",
+        target: str = "tumour",
+        device: str = "cpu",
+        batch_size: int = 32,
+        layer: str | None = None,
+    ) -> None:
+        self.method = method.lower()
+        self.cam_cls = cam_class(self.method)
+        run = RunFolder(run_dir)
+        if not run.weights_path.is_file():
+            raise ConfigError(
+                f"{run_dir}: no {run.weights_path.name}; Grad-CAM needs the model's weights, not only ONNX"
+            )
+        self.predictor = Predictor(run_dir, backend="torch", device=device, batch_size=batch_size)
+        self.bundle = self.predictor.bundle
+        self.pre = self.bundle.preprocessing
+        backend = cast(TorchBackend, self.predictor.backend)
+        self.model = backend.model.float().eval()  # maps in fp32 whatever precision the model serves in
+        self.layer, self.reshape = target_layer(self.model, self.bundle.architecture, layer)
+        self.target = target
+        self._fixed = None if target == "predicted" else self._class_index(target)
+        self.batch_size = batch_size
+        self._lock = threading.Lock()  # CAM hooks on one model: one map computation at a time
+        self._check()
+
+    # ---- targets ------------------------------------------------------------------------
+    def _class_index(self, target: str) -> int:
+        classes = self.bundle.classes
+        if target in classes:
+            return classes.index(target)
+        if target.lower() in ("tumour", "tumor"):
+            if self.bundle.task == "binary":
+                return 1
+            named = [i for i, c in enumerate(classes) if c.lower() in TUMOUR_NAMES]
+            if len(named) == 1:
+                return named[0]
+        raise ConfigError(
+            f"--target {target!r}: not a class of this model ({', '.join(classes)}); use tumour, predicted or a class"
+        )
+
+    def _logit_target(self, cls: int) -> LogitTarget:
+        if self.bundle.task == "binary":
+            return LogitTarget(0, 1.0 if cls == 1 else -1.0)
+        return LogitTarget(cls)
+
+    def _check(self) -> None:
+        """Run one tiny image through the method: a layer it cannot use fails here, naming method and model."""
+        h, w = (int(v) for v in self.pre.image_size)
+        try:
+            self._maps_on_input(np.zeros((1, h, w, 3), np.uint8), [0], None)
+        except ConfigError:
+            raise
+        except Exception as exc:  # the package raises builtin kinds (ValueError, IndexError, RuntimeError)
+            raise ConfigError(
+                f"--method {self.method} cannot explain model {self.bundle.architecture!r}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    # ---- the maps -----------------------------------------------------------------------
+    def _maps_on_input(
+        self, batch: np.ndarray, ks: list[int], classes: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Maps at the model's input size (averaged over dihedral views, each turned back) and mean probabilities."""
+        n = len(batch)
+        if classes is None:
+            fixed = self._fixed if self._fixed is not None else 1
+            classes = np.full(n, fixed)
+        targets = [self._logit_target(int(c)) for c in classes]
+        maps, probs = [], []
+        # the package's context manager releases the hooks and the stored activations on the way out
+        # (pytorch-grad-cam issues 132 and 483: CAM objects left alive leak memory)
+        with (
+            self._lock,
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            self.cam_cls(self.model, [self.layer], reshape_transform=self.reshape) as cam,
+        ):
+            for k in ks:
+                x = self.pre(batch, self.predictor.device, k)
+                m = torch.from_numpy(cam(x, targets))[:, None]
+                maps.append(dihedral_back(m, k)[:, 0].numpy())
+                probs.append(self.predictor.probabilities_from_logits(cam.outputs.detach().float().cpu().numpy()))
+                cam.outputs = None  # drop the graph before the next view
+        return np.mean(maps, axis=0).astype(np.float32), np.mean(probs, axis=0)
+
+    def to_patch(self, maps: np.ndarray) -> np.ndarray:
+        """Maps on the model's input (N, s, s) -> maps on the fitted image (N, H, W): zero outside a centre crop."""
+        h, w = (int(v) for v in self.pre.image_size)
+        crop = self.pre.crop
+        if self.pre.resize:
+            maps = upsample(maps, (crop, crop) if crop else (h, w))
+        if not crop:
+            return maps.astype(np.float32)
+        out = np.zeros((len(maps), h, w), np.float32)
+        top, left = (h - crop) // 2, (w - crop) // 2
+        out[:, top : top + crop, left : left + crop] = maps
+        return out
+
+    def explain_batch(
+        self, images: np.ndarray | Sequence[np.ndarray], tta: bool | Sequence[int] | None = None
+    ) -> Explanation:
+        """Maps and predictions for uint8 RGB images of any size (split by ``batch_size``)."""
+        ks = parse_tta(tta)
+        maps: list[np.ndarray] = []
+        probs, preds = [], []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            batch = self.pre.fit_batch(chunk)
+            classes = None
+            if self._fixed is None:  # "predicted": the prediction (over the TTA views) decides the target
+                classes = self.predictor.predict_batch(batch, ks).predicted
+            m, p = self._maps_on_input(batch, ks, classes)
+            on_patch = self.to_patch(m)
+            for i, img in enumerate(chunk):
+                size = tuple(np.asarray(img).shape[:2])
+                maps.append(on_patch[i] if size == on_patch.shape[1:] else upsample(on_patch[i : i + 1], size)[0])
+            probs.append(p)
+            preds.append(self.predictor.classify(p) if classes is None else classes)
+        c = len(self.bundle.classes)
+        probabilities = np.concatenate(probs) if probs else np.zeros((0, c), np.float32)
+        predicted = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+        names = self.bundle.classes
+        targets = [names[int(k)] if self._fixed is None else names[self._fixed] for k in predicted]
+        return Explanation(maps, probabilities, predicted, targets)
+
+    def explain(
+        self, images: np.ndarray | Sequence[np.ndarray], tta: bool | Sequence[int] | None = None
+    ) -> np.ndarray | list[np.ndarray]:
+        """float32 maps, each the height and width of its image: an (N, H, W) array for an NHWC batch."""
+        maps = self.explain_batch(images, tta).maps
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            return np.stack(maps) if maps else np.zeros((0, *images.shape[1:3]), np.float32)
+        return maps
+
+
+def dihedral_back(m: torch.Tensor, k: int) -> torch.Tensor:
+    """A map computed on dihedral view ``k`` turned back onto the original orientation."""
+    from histoscan.data.transforms import dihedral_inverse
+
+    return dihedral_inverse(m, k) if k else m

@@ -1,0 +1,54 @@
+"""Options of ``histoscan explain`` (each field's help text is its ``--help``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from histoscan.errors import ConfigError
+from histoscan.options import check_choices, doc
+
+Method = Literal[
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "hirescam",
+    "layercam",
+    "gradcam-elementwise",
+    "eigencam",
+    "eigengradcam",
+    "scorecam",
+]
+Scale = Literal["global", "image"]
+
+
+@dataclass
+class ExplainSettings:
+    """What to explain, how, and where the pictures go."""
+
+    run_dir: str = doc("A run folder with best.safetensors (Grad-CAM needs the weights).", argument=True, metavar="RUN")
+    out: str = doc("Folder for the PNGs, explain.csv, explain.html (and maps/ with --save-maps).", "explain")
+    method: Method = doc("CAM method (pytorch-grad-cam).", "gradcam")
+    target: str = doc(
+        "Class whose evidence is mapped: tumour (the positive class), predicted, or a class name.", "tumour"
+    )
+    tta: bool = doc("Average the maps of the 8 flips/rotations (each turned back) and the probabilities.", False)
+    save_maps: bool = doc("Also write each raw map as maps/<id>.npy (float32, one scale across images).", False)
+    scale: Scale = doc(
+        "Colour scale of the pictures: global (one scale across images) or image (each its own max).", "global"
+    )
+    split: str | None = doc("For a store: test, val, train or all (as 'histoscan evaluate').", None)
+    ids: str | None = doc("Only these ids: comma-separated, or a file with one id per line.", None)
+    labels: str | None = doc("An id,label CSV giving the true labels of image files (a store has its own).", None)
+    layer: str | None = doc("A layer name to read instead of the architecture's default.", None)
+    device: str = doc("Torch device (cpu, cuda, mps).", "cpu")
+    batch_size: int = doc("Images per forward/backward pass.", 32)
+    workers: int | None = doc("Decoding threads for image folders (default: one per core).", None)
+    gallery_limit: int = doc("Most pictures per group in explain.html (the most confident first).", 100)
+    force: bool = doc("Write into an existing non-empty --out folder.", False)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        for name in ("batch_size", "gallery_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"explain option {name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")

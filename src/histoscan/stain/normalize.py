@@ -76,10 +76,11 @@ class StainTarget:
         return cls(**known)
 
 
-def check_method(method: str) -> str:
-    """``method`` itself when it is a known normalisation method; ConfigError otherwise."""
+def check_method(method: str, where: str = "") -> str:
+    """``method`` itself when it is a known normalisation method; ConfigError (naming ``where``) otherwise."""
     if method not in METHODS:
-        raise ConfigError(f"unknown stain normalisation method {method!r}; choose one of {list(METHODS)}")
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}unknown stain normalisation method {method!r}; choose one of {list(METHODS)}")
     return method
 
 
@@ -88,7 +89,7 @@ def fit_target(images: np.ndarray | Tensor, method: str, source: str = "images",
 
     Raises DataError naming ``source`` when fewer than ``MIN_TARGET_PATCHES`` patches hold enough tissue.
     """
-    check_method(method)
+    check_method(method, source)
     mats, maxcs, means, stds = [], [], [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]

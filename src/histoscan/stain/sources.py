@@ -43,8 +43,11 @@ def reference_patches(path: str | Path, max_patches: int = MAX_REFERENCE_PATCHES
     return np.stack([fit_to_size(read_image(files[i]).pixels, side, "resize")[0] for i in sorted(pick)])
 
 
-def fit_reference(path: str | Path, method: str, max_patches: int = MAX_REFERENCE_PATCHES, seed: int = 0) -> StainTarget:
+def fit_reference(
+    path: str | Path, method: str, max_patches: int = MAX_REFERENCE_PATCHES, seed: int = 0
+) -> StainTarget:
     """A stain target fitted from the patches at ``path`` (store, folder or image); DataError with too little tissue."""
+    check_method(method, str(path))
     return fit_target(reference_patches(path, max_patches, seed), method, source=str(path))
 
 

@@ -66,7 +66,9 @@ class TrainConfig:
         "Stain normalisation per patch, fitted from the training split (or --stain-target) and stored in model.json.",
         "none",
     )
-    stain_target: str | None = doc("A target.json from 'histoscan stain fit' to normalise to (needs --stain-norm).", None)
+    stain_target: str | None = doc(
+        "A target.json from 'histoscan stain fit' to normalise to (needs --stain-norm).", None
+    )
     crop: int | None = doc("Centre crop side before the network (e.g. 32: the labelled centre only).", None)
     resize: int | None = doc("Resize side before the network (e.g. 192 to upscale 96 px patches).", None)
     mpp: float | None = doc("Micrometres per pixel of the training patches (default: what the store recorded).", None)

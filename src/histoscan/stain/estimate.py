@@ -18,6 +18,8 @@ Tensor = torch.Tensor
 
 #: optical density below which a pixel is background in every channel (Macenko et al. 2009: 0.15)
 OD_BACKGROUND = 0.15
+#: optical density above which a pixel is too dark to measure in every channel (max intensity below 20 of 255)
+OD_DARK = 2.5
 #: fewest tissue pixels (as a fraction of the sampled pixels) an estimate needs
 MIN_TISSUE_FRACTION = 0.05
 #: percentile of the stain-vector angles / concentrations taken as the robust extreme (Macenko: 1 and 99)
@@ -54,8 +56,8 @@ def sample_pixels(batch: Tensor, max_pixels: int = MAX_SAMPLE_PIXELS) -> Tensor:
 
 
 def tissue_mask(od: Tensor) -> Tensor:
-    """N x P boolean: pixels with optical density above background in every channel."""
-    return (od > OD_BACKGROUND).all(dim=-1)
+    """N x P boolean: pixels above background in every channel and not too dark to measure."""
+    return (od > OD_BACKGROUND).all(dim=-1) & (od.min(dim=-1).values < OD_DARK)
 
 
 def masked_quantile(values: Tensor, mask: Tensor, qs: tuple[float, ...]) -> list[Tensor]:

@@ -61,7 +61,7 @@ def hostile(side: int = 64) -> np.ndarray:
     """Blank white, black, single colour, near-white background, very dark, and a patch mostly covered in blue pen."""
     rng = np.random.default_rng(3)
     pen = stained(1, HE_A, seed=9, side=side)[0]
-    pen[:, : side * 3 // 4] = (40, 70, 190) + rng.integers(-4, 5, (side, side * 3 // 4, 3))
+    pen[:, : side * 3 // 4] = np.array([40, 70, 190]) + rng.integers(-4, 5, (side, side * 3 // 4, 3))
     return np.stack(
         [
             np.full((side, side, 3), 255, np.uint8),

@@ -148,7 +148,7 @@ def stain_shift_report(
     labels = store.labels
     clean = clean if clean is not None else shifted_probabilities(predict, store, None, batch_size)
     base = auroc(labels, clean)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for shift in suite:
         probs = shifted_probabilities(predict, store, shift, batch_size)
         value = auroc(labels, probs)
@@ -163,7 +163,7 @@ def stain_shift_report(
                 "drop": base - value,
             }
         )
-    worst = {}
+    worst: dict[str, dict[str, Any]] = {}
     for fam in ("in", "out"):
         fam_rows = [r for r in rows if r["family"] == fam]
         if fam_rows:

@@ -253,6 +253,7 @@ def test_train_with_macenko_and_stain_augmentation_then_evaluate_under_shifts(
     )
     assert r.exit_code == 0, r.output
     assert "restain-donor" in r.output and "worst out-family drop" in r.output
+    assert "Stain shifts" in (run / "eval" / "report.html").read_text()
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     report = metrics["metrics"]["stain_shift"] if "metrics" in metrics else metrics["stain_shift"]
     assert {r["family"] for r in report["shifts"]} == {"in", "out"} and len(report["shifts"]) == 11

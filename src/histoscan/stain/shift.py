@@ -32,6 +32,7 @@ import torch
 from histoscan.data.store import PatchStore
 from histoscan.data.transforms import HEDJitter
 from histoscan.evaluation.metrics import auroc, bootstrap_interval
+from histoscan.reports.html import HtmlReport
 from histoscan.stain.colour import from_optical_density, lab_to_rgb, optical_density, rgb_to_lab, to_uint8
 from histoscan.stain.normalize import StainNormalizer
 from histoscan.stain.sources import fit_reference
@@ -183,3 +184,23 @@ def shift_lines(report: dict[str, Any]) -> list[str]:
     for fam, w in report["worst_drop"].items():
         lines.append(f"  worst {fam}-family drop: {w['drop']:+.4f} ({w['shift']})")
     return lines
+
+
+def add_shift_section(rep: HtmlReport, report: dict[str, Any]) -> None:
+    """The stain-shift table in an evaluation report."""
+    rep.heading("Stain shifts")
+    rep.paragraph(
+        f"Clean AUROC {report['clean_auroc']:.4f} on {report['patches']} patches. In-family shifts are those stain "
+        "augmentation or normalisation model (HED jitter, re-staining to a donor); out-of-family ones neither models "
+        "(L*a*b* shifts, gamma, rotation of the stain vectors about the grey axis)."
+    )
+    rep.table(
+        ["shift", "family", "AUROC", "95% CI", "drop"],
+        [
+            [r["shift"], r["family"], r["auroc"], f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]", r["drop"]]
+            for r in report["shifts"]
+        ],
+    )
+    rep.key_values(
+        {f"worst {fam}-family drop": f"{w['drop']:+.4f} ({w['shift']})" for fam, w in report["worst_drop"].items()}
+    )

@@ -69,8 +69,12 @@ class Preprocessing:
         """The normaliser built from ``stain`` (None without one); it keeps the pass-through counts."""
         if self.stain is None:
             return None
-        if self._stain is None or self._stain.target.to_dict() != StainTarget.from_dict(self.stain).to_dict():
-            self._stain = StainNormalizer(StainTarget.from_dict(self.stain))
+        try:
+            target = StainTarget.from_dict(self.stain)
+        except ConfigError as exc:
+            raise ConfigError(f"preprocessing.stain: {exc}") from None
+        if self._stain is None or self._stain.target.to_dict() != target.to_dict():
+            self._stain = StainNormalizer(target)
         return self._stain
 
     def stain_counts(self) -> dict[str, int]:

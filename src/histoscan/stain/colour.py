@@ -8,6 +8,7 @@ few lines of textbook formulae (Ruifrok & Johnston optical density; sRGB D65 -> 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
@@ -20,14 +21,28 @@ _RGB_TO_XYZ = torch.tensor(
 _WHITE = torch.tensor([0.950456, 1.0, 1.088754])
 
 
+_OD_TABLE = -torch.log((torch.arange(256, dtype=torch.float32) + 1.0) / _I0)
+
+
 def optical_density(rgb: Tensor) -> Tensor:
-    """Intensities on the 0..255 scale (uint8 or float, channels last) -> optical density, same shape."""
+    """Intensities on the 0..255 scale (uint8 or float, channels last) -> optical density, same shape.
+
+    uint8 input is looked up in a 256-entry table (``embedding``: about twice as fast as the logarithm on CPU).
+    """
+    if rgb.dtype == torch.uint8:
+        table = _OD_TABLE.to(rgb.device).view(256, 1)
+        return F.embedding(rgb.int(), table).view(rgb.shape)
     return -torch.log((rgb.float() + 1.0) / _I0)
 
 
 def from_optical_density(od: Tensor) -> Tensor:
     """Optical density -> float intensities on the 0..255 scale, clamped (channels last)."""
     return (torch.exp(-od) * _I0 - 1.0).clamp_(0.0, 255.0)
+
+
+def optical_density_to_uint8_(od: Tensor) -> Tensor:
+    """Finite optical density -> uint8 intensities, computed in place in ``od`` (which it overwrites)."""
+    return od.neg_().exp_().mul_(_I0).sub_(1.0).clamp_(0.0, 255.0).round_().to(torch.uint8)
 
 
 def to_uint8(rgb: Tensor) -> Tensor:

@@ -57,7 +57,8 @@ def sample_pixels(batch: Tensor, max_pixels: int = MAX_SAMPLE_PIXELS) -> Tensor:
 
 def tissue_mask(od: Tensor) -> Tensor:
     """N x P boolean: pixels above background in every channel and not too dark to measure."""
-    return (od > OD_BACKGROUND).all(dim=-1) & (od.min(dim=-1).values < OD_DARK)
+    lowest = od.amin(dim=-1)  # above background in every channel <=> the lowest channel is
+    return (lowest > OD_BACKGROUND) & (lowest < OD_DARK)
 
 
 def masked_quantile(values: Tensor, mask: Tensor, qs: tuple[float, ...]) -> list[Tensor]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from histoscan.errors import ConfigError, DataError
-from histoscan.stain.colour import from_optical_density, lab_to_rgb, optical_density, rgb_to_lab, to_uint8
+from histoscan.stain.colour import lab_to_rgb, optical_density, optical_density_to_uint8_, rgb_to_lab, to_uint8
 from histoscan.stain.estimate import lab_stats, macenko, sample_pixels
 
 Tensor = torch.Tensor
@@ -170,7 +170,8 @@ class StainNormalizer:
         ok = est.ok & torch.isfinite(matrix).flatten(1).all(dim=1)
         matrix = torch.where(ok.view(-1, 1, 1), matrix, torch.eye(3, device=dev))
         od = optical_density(batch.reshape(n, h * w, 3))
-        return to_uint8(from_optical_density(torch.bmm(od, matrix))).view(n, h, w, 3), ok
+        # the patch's matrix is finite (or the identity) and od is finite: no NaN reaches the conversion
+        return optical_density_to_uint8_(torch.bmm(od, matrix)).view(n, h, w, 3), ok
 
     def _reinhard(self, batch: Tensor) -> tuple[Tensor, Tensor]:
         n, h, w, _ = batch.shape

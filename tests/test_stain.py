@@ -306,3 +306,12 @@ def test_real_tissue_never_gives_nan_and_is_mostly_normalised() -> None:
     est = macenko(optical_density(sample_pixels(torch.from_numpy(out))))
     he = est.stain_matrix[est.ok].median(0).values.numpy()
     assert _angle(he[0], np.array(target.stain_matrix[0])) < 8
+
+
+def test_the_eda_report_has_the_stain_section(stain_store: Path, tmp_path: Path) -> None:
+    from histoscan.eda.report import run_eda
+
+    r = run_eda(stain_store, tmp_path / "eda", sample=50, grid=4)
+    assert r.summary["stain"]["patches_sampled"] == 200 and r.summary["stain"]["patches_usable"] > 0
+    assert {"stain_vectors", "stain_concentrations", "stain_normalised"} <= set(r.figures)
+    assert "stain normalised" in (tmp_path / "eda" / "report.html").read_text()

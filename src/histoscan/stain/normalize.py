@@ -8,7 +8,7 @@ counted in ``passed_through``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -50,7 +50,6 @@ class StainTarget:
     lab_std: list[float] | None = None
     fitted_from: str = "images"
     patches: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -64,7 +63,6 @@ class StainTarget:
     def to_dict(self) -> dict[str, Any]:
         """The ``preprocessing.stain`` entry (fields of the other method left out)."""
         d = asdict(self)
-        d.pop("extra")
         return {k: v for k, v in d.items() if v is not None}
 
     @classmethod
@@ -72,7 +70,7 @@ class StainTarget:
         """Read a ``preprocessing.stain`` entry or a target.json."""
         if not isinstance(d, dict) or "method" not in d:
             raise ConfigError("a stain target must be a mapping with a 'method'")
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "extra"}
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
 

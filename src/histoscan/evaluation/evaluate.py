@@ -93,6 +93,7 @@ def evaluate_run(
         bundle.threshold = saved
         bundle.save(run_dir)
     started = time.perf_counter()
+    counted = predictor.bundle.preprocessing.stain_counts()
     pred = predictor.predict_store(part, tta)
     seconds = time.perf_counter() - started
     metrics = compute_metrics(
@@ -104,7 +105,11 @@ def evaluate_run(
         n_boot=n_boot,
         seed=seed,
     )
-    stain_counts = predictor.bundle.preprocessing.stain_counts() if bundle.preprocessing.stain else None
+    stain_counts = (  # patch passes of this split (each TTA element counts once)
+        {k: v - counted[k] for k, v in predictor.bundle.preprocessing.stain_counts().items()}
+        if bundle.preprocessing.stain
+        else None
+    )
     if suite is not None:
         metrics["stain_shift"] = stain_shift_report(
             lambda b: predictor.predict_batch(b, tta).probabilities,

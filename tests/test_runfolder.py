@@ -153,7 +153,12 @@ def test_preprocessing_schema_covers_every_preprocessing_field() -> None:
 def test_new_fields_are_validated_too() -> None:
     base = ModelBundle.from_dict(_v1()).to_dict()
     good = json.loads(json.dumps(base))
-    good["preprocessing"].update(mpp=0.5, label_size=32, stain={"method": "macenko"}, fit="resize")
+    stain = {
+        "method": "macenko",
+        "stain_matrix": [[0.65, 0.7, 0.29], [0.07, 0.99, 0.11]],
+        "max_concentrations": [2, 1.5],
+    }
+    good["preprocessing"].update(mpp=0.5, label_size=32, stain=stain, fit="resize")
     good["inference"] = {"precision": "bf16", "tta": [0, 5]}
     good["trust"] = {"referral_band": [0.3, 0.7], "tissue_check": {"min_tissue": 0.2}}
     b = ModelBundle.from_dict(good)
@@ -163,6 +168,12 @@ def test_new_fields_are_validated_too() -> None:
         ("preprocessing", {**good["preprocessing"], "label_size": 200}, "preprocessing"),
         ("preprocessing", {**good["preprocessing"], "mpp": -1}, "preprocessing.mpp"),
         ("preprocessing", {**good["preprocessing"], "fit": "stretch"}, "preprocessing.fit"),
+        ("preprocessing", {**good["preprocessing"], "stain": {"method": "macenko"}}, "preprocessing.stain"),
+        (
+            "preprocessing",
+            {**good["preprocessing"], "stain": {**stain, "method": "vahadane"}},
+            "preprocessing.stain.method",
+        ),
         ("inference", {"precision": "int3"}, "inference.precision"),
         ("inference", {"tta": [9]}, "inference.tta[0]"),
         ("trust", {"referral_band": [0.8, 0.2]}, "trust.referral_band"),

@@ -49,6 +49,8 @@ app = typer.Typer(
 )
 download_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Download public datasets.")
 app.add_typer(download_app, name="download")
+stain_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Stain normalisation targets and stain reports.")
+app.add_typer(stain_app, name="stain")
 
 
 def _generated(name: str, fn: Callable[..., None], params: Callable[[], list[inspect.Parameter]]) -> None:
@@ -206,6 +208,40 @@ def synth(
 
     path = write_synthetic(out, layout, n, seed=seed, size=size, noise=noise, num_classes=classes, test=test)
     _console().print(f"wrote {n} synthetic patches ({layout}) to {path}")
+
+
+@stain_app.command("fit")
+def stain_fit(
+    source: Path = typer.Argument(..., help="A store, a folder of reference images, or one image."),
+    method: str = typer.Option("macenko", help="reinhard or macenko."),
+    out: Path = typer.Option(Path("target.json"), help="Where the target goes (train --stain-target reads it)."),
+    max_patches: int = typer.Option(2000, help="Patches sampled to fit the target."),
+    seed: int = typer.Option(0, help="Random seed of the sample."),
+) -> None:
+    """Fit a stain normalisation target from a store or reference images."""
+    from histoscan.stain.sources import fit_reference, write_target
+
+    target = fit_reference(source, method, max_patches, seed)
+    _console().print(
+        f"{method} target from {target.patches} usable patches of {source} written to {write_target(target, out)}"
+    )
+
+
+@stain_app.command("show")
+def stain_show(
+    store: Path = typer.Argument(..., help="A packed store."),
+    out: Path = typer.Option(Path("stain-report"), help="Folder for the figures, stain.json and report.html."),
+    max_patches: int = typer.Option(2000, help="Patches sampled."),
+    seed: int = typer.Option(0, help="Random seed of the sample."),
+) -> None:
+    """Stain vectors and concentrations per group, and patches before and after normalisation."""
+    from histoscan.stain.show import show_stain
+
+    r = show_stain(store, out, max_patches, seed)
+    _console().print(
+        f"{r.summary['patches_usable']} of {r.summary['patches_sampled']} sampled patches usable; "
+        f"report: {r.out / 'report.html'}"
+    )
 
 
 @download_app.command("pcam")
@@ -408,6 +444,12 @@ def evaluate(
     labels: Path | None = typer.Option(
         None, help="With a slides.csv (from 'histoscan slide') as RUN: a slide,label CSV; prints slide-level AUROC."
     ),
+    stain_shift: bool = typer.Option(
+        False, help="Also score the split under the fixed stain-shift suite (AUROC per shift, worst drop)."
+    ),
+    stain_donor: list[Path] = typer.Option(
+        [], help="A store or image folder whose fitted stain re-stains the patches as one more shift (repeatable)."
+    ),
 ) -> None:
     """Score a run: AUROC with 95% CI, report, thresholds, calibration, figures and an HTML report."""
     from histoscan.evaluation.evaluate import evaluate_run
@@ -430,6 +472,8 @@ def evaluate(
         out=out,
         backend=backend,
         n_boot=bootstrap,
+        stain_shift=stain_shift,
+        stain_donors=stain_donor,
     )
     con = _console()
     if r.saved_threshold is not None:
@@ -439,6 +483,11 @@ def evaluate(
     con.print(f"{r.split} split of {r.store}:")
     for k, v in headline(r.metrics).items():
         con.print(f"  {k:20s} {v:.4f}" if isinstance(v, float) else f"  {k:20s} {v}")
+    if "stain_shift" in r.metrics:
+        from histoscan.stain.shift import shift_lines
+
+        for line in shift_lines(r.metrics["stain_shift"]):
+            con.print(line, highlight=False)
     con.print(f"report: {r.out / 'report.html'}")
 
 

@@ -4,7 +4,8 @@ The stages, in this order, for training and prediction alike:
 
 1. fit to size (uint8): ``fit_image`` brings an image of any size to ``image_size`` under the
    ``fit`` policy (the one fit function, ``data.imageio.fit_to_size``; ingest uses it too);
-2. stain normalisation of the full patch (``stain``; a placeholder until it is implemented);
+2. stain normalisation of the full patch (``stain``: Reinhard or Macenko to a fitted target, per patch;
+   a patch with no usable stain estimate passes through unchanged and is counted in ``stain_counts``);
 3. training only: augmentation on float [0, 1] NCHW of the full patch (``PatchClassifier``);
 4. centre crop to ``crop`` and / or resize to ``resize``;
 5. mean / std normalisation.
@@ -25,6 +26,7 @@ import torch
 from histoscan.data.imageio import FIT_POLICIES, FitPolicy, fit_to_size
 from histoscan.data.transforms import center_crop, dihedral, normalize, resize
 from histoscan.errors import ConfigError
+from histoscan.stain.normalize import StainNormalizer, StainTarget
 
 Images = np.ndarray | torch.Tensor | Sequence[np.ndarray]
 
@@ -44,7 +46,7 @@ class Preprocessing:
         mpp: micrometres per pixel of the training patches (at ``image_size``), or None when unknown.
         label_size: side in px (at ``image_size``) of the centred square the label describes
             (32 for Kaggle / PCam 96 px patches); None when the label describes the whole image.
-        stain: stain normalisation parameters; None (no normalisation) is the only value this version runs.
+        stain: the stain normalisation target (``histoscan.stain.normalize.StainTarget.to_dict``), or None.
     """
 
     image_size: list[int] = field(default_factory=lambda: [96, 96])
@@ -60,6 +62,25 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if self.fit not in FIT_POLICIES:
             raise ConfigError(f"preprocessing.fit {self.fit!r} is not one of {list(FIT_POLICIES)}")
+        self._stain: StainNormalizer | None = None
+
+    @property
+    def stain_normalizer(self) -> StainNormalizer | None:
+        """The normaliser built from ``stain`` (None without one); it keeps the pass-through counts."""
+        if self.stain is None:
+            return None
+        try:
+            target = StainTarget.from_dict(self.stain)
+        except ConfigError as exc:
+            raise ConfigError(f"preprocessing.stain: {exc}") from None
+        if self._stain is None or self._stain.target.to_dict() != target.to_dict():
+            self._stain = StainNormalizer(target)
+        return self._stain
+
+    def stain_counts(self) -> dict[str, int]:
+        """Patches stain-normalised so far and how many passed through unchanged (zeros without normalisation)."""
+        norm = self.stain_normalizer
+        return norm.counts() if norm is not None else {"patches": 0, "passed_through": 0}
 
     @property
     def input_size(self) -> int:
@@ -72,7 +93,10 @@ class Preprocessing:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``preprocessing`` entry of ``model.json``."""
-        return {**asdict(self), "input_size": self.input_size}
+        d = {**asdict(self), "input_size": self.input_size}
+        if self.stain is not None:
+            d["stain"] = StainTarget.from_dict(self.stain).to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
@@ -112,10 +136,9 @@ class Preprocessing:
 
     # ---- stage 2: stain normalisation (uint8, full patch) -------------------------------
     def normalize_stain(self, batch: torch.Tensor) -> torch.Tensor:
-        """The uint8 NHWC batch after stain normalisation: the batch itself while ``stain`` is None."""
-        if self.stain is None:
-            return batch
-        raise ConfigError("preprocessing.stain is set, but this version of histoscan cannot normalise stains")
+        """The uint8 NHWC batch after stain normalisation (the batch itself when ``stain`` is None)."""
+        norm = self.stain_normalizer
+        return batch if norm is None else norm(batch)
 
     def _fitted(self, batch: Images, device: torch.device | str | None) -> torch.Tensor:
         """Stages 1-2: a uint8 NHWC tensor at ``image_size`` on ``device``."""

@@ -106,6 +106,30 @@ def _unique(classes: list[str]) -> list[str]:
 ClassNames = Annotated[list[Name], Field(min_length=2), AfterValidator(_unique)]
 
 
+class StainSpec(BaseModel):
+    """``preprocessing.stain``: a fitted stain normalisation target (``histoscan.stain.normalize.StainTarget``)."""
+
+    model_config = _STRICT
+    method: Literal["reinhard", "macenko"]
+    granularity: Literal["patch"] = "patch"
+    stain_matrix: list[Annotated[list[Finite], Field(min_length=3, max_length=3)]] | None = Field(
+        default=None, min_length=2, max_length=2
+    )
+    max_concentrations: list[Positive] | None = Field(default=None, min_length=2, max_length=2)
+    lab_mean: list[Finite] | None = Field(default=None, min_length=3, max_length=3)
+    lab_std: list[Positive] | None = Field(default=None, min_length=3, max_length=3)
+    fitted_from: str = "images"
+    patches: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _target_of_its_method(self) -> StainSpec:
+        need = ("stain_matrix", "max_concentrations") if self.method == "macenko" else ("lab_mean", "lab_std")
+        missing = [n for n in need if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"a {self.method} stain target needs {', '.join(missing)}")
+        return self
+
+
 class PreprocessingSpec(BaseModel):
     """``preprocessing``: the fields of ``histoscan.preprocessing.Preprocessing``, checked."""
 
@@ -118,7 +142,7 @@ class PreprocessingSpec(BaseModel):
     std: list[Positive] = Field(min_length=3, max_length=3)
     mpp: Positive | None = None
     label_size: Side | None = None
-    stain: dict[str, Any] | None = None
+    stain: StainSpec | None = None
 
     @model_validator(mode="after")
     def _inside_the_image(self) -> PreprocessingSpec:

@@ -202,7 +202,7 @@ class Augment:
         return x
 
 
-AUGMENTATION_PRESETS = ("none", "flips", "light", "strong")
+AUGMENTATION_PRESETS = ("none", "flips", "light", "strong", "stain-light", "stain-medium", "stain-strong")
 
 
 def build_augmentation(
@@ -214,6 +214,9 @@ def build_augmentation(
     - ``flips``: the 8 dihedral transforms.
     - ``light``: flips + brightness/contrast/saturation jitter.
     - ``strong``: light + H&E stain jitter, with stronger colour changes.
+    - ``stain-light`` / ``stain-medium`` / ``stain-strong``: flips + HED jitter + perturbation of each
+      patch's fitted stain matrix and concentrations, at the named strength
+      (``histoscan.stain.augment.STAIN_STRENGTHS``), scaled by ``strength``.
 
     ``crop`` adds a centre-safe random crop to that size (before any resize) that keeps the
     centre ``keep`` px (the label's extent; None: the whole image) in view.
@@ -223,11 +226,17 @@ def build_augmentation(
     ops: list[BatchOp] = []
     if crop:
         ops.append(CenterSafeCrop(crop, keep))
-    if preset in ("flips", "light", "strong"):
+    if preset in ("flips", "light", "strong") or preset.startswith("stain-"):
         ops.append(RandomDihedral())
     if preset == "light":
         ops.append(ColorJitter(0.15 * strength, 0.15 * strength, 0.15 * strength))
     if preset == "strong":
         ops.append(ColorJitter(0.25 * strength, 0.25 * strength, 0.25 * strength))
         ops.append(HEDJitter(0.05 * strength, 0.05 * strength))
+    if preset.startswith("stain-"):
+        from histoscan.stain.augment import STAIN_STRENGTHS, StainMatrixJitter
+
+        s = STAIN_STRENGTHS[preset.removeprefix("stain-")]
+        ops.append(HEDJitter(s.hed_scale * strength, s.hed_shift * strength))
+        ops.append(StainMatrixJitter(s.matrix * strength, s.concentration * strength))
     return Augment(ops, preset)

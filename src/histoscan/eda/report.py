@@ -21,6 +21,7 @@ from histoscan.eda import stats as st
 from histoscan.evaluation.plots import centre_outline
 from histoscan.reports.figures import image_grid, new_figure, save_png
 from histoscan.reports.html import HtmlReport
+from histoscan.stain.show import stain_section
 
 EDA_JSON = "eda.json"
 REPORT_HTML = "report.html"
@@ -98,6 +99,9 @@ def run_eda(
     if groups is not None:
         figures["groups"] = _groups_png(groups, labels, names, out / "groups.png")
     summary = _summary(store, names, stats, quality, dup_groups, samples, groups)
+    stain = stain_section(store, out, seed=seed)
+    figures.update(stain.figures)
+    summary["stain"] = stain.summary
     (out / EDA_JSON).write_text(json.dumps(summary, indent=2))
     _html(out / REPORT_HTML, store, summary, figures)
     return EdaResult(out, summary, figures, time.perf_counter() - started)

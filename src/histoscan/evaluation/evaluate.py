@@ -18,6 +18,7 @@ from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitiv
 from histoscan.evaluation.report import write_evaluation
 from histoscan.inference.predictor import Predictor
 from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
+from histoscan.stain.shift import shift_suite, stain_shift_report
 
 THRESHOLD_RULES = ("youden", "sensitivity")
 
@@ -61,13 +62,16 @@ def evaluate_run(
     batch_size: int = 256,
     n_boot: int = 1000,
     seed: int = 0,
+    stain_shift: bool = False,
+    stain_donors: Sequence[str | Path] = (),
 ) -> EvaluationResult:
     """Score ``run_dir`` on ``split`` of ``data`` (default: the test split of the store it trained on).
 
     Writes ``metrics.json``, figures and ``report.html`` to ``out`` (default ``RUN/eval`` for the run's
     own test split, ``RUN/eval-<store>-<split>`` otherwise). With ``save_threshold`` (``youden`` or
     ``sensitivity``, at the first target sensitivity) a threshold chosen on the validation split is
-    written into ``model.json`` and the report uses it.
+    written into ``model.json`` and the report uses it. ``stain_shift`` also scores the split under the
+    stain-shift suite (``histoscan.stain.shift``; one re-staining shift per ``stain_donors`` entry).
     """
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
@@ -75,6 +79,7 @@ def evaluate_run(
     part, split_name = run.select_patches(run.data_store(data), split)
     if not part.labelled or (part.labels < 0).any():
         raise DataError(f"{part.path}: the store has no labels; evaluation needs labelled patches")
+    suite = shift_suite(stain_donors) if stain_shift else None  # a bad donor fails before any scoring
     predictor = Predictor(run_dir, backend=backend, batch_size=batch_size)
     saved = None
     if save_threshold:
@@ -88,6 +93,7 @@ def evaluate_run(
         bundle.threshold = saved
         bundle.save(run_dir)
     started = time.perf_counter()
+    counted = predictor.bundle.preprocessing.stain_counts()
     pred = predictor.predict_store(part, tta)
     seconds = time.perf_counter() - started
     metrics = compute_metrics(
@@ -99,6 +105,21 @@ def evaluate_run(
         n_boot=n_boot,
         seed=seed,
     )
+    stain_counts = (  # patch passes of this split (each TTA element counts once)
+        {k: v - counted[k] for k, v in predictor.bundle.preprocessing.stain_counts().items()}
+        if bundle.preprocessing.stain
+        else None
+    )
+    if suite is not None:
+        metrics["stain_shift"] = stain_shift_report(
+            lambda b: predictor.predict_batch(b, tta).probabilities,
+            part,
+            suite,
+            clean=pred.probabilities,
+            n_boot=n_boot,
+            seed=seed,
+            batch_size=batch_size,
+        )
     out = Path(out) if out else run.eval_dir(part.path, split_name, bool(tta))
     info = {
         "run": run_dir.name,
@@ -110,6 +131,7 @@ def evaluate_run(
         "inference_images_per_s": round(len(part) / max(seconds, 1e-9), 1),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "histoscan_version": __version__,
+        **({"stain_normalisation": stain_counts} if stain_counts else {}),
     }
     write_evaluation(
         out,

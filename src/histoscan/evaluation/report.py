@@ -153,6 +153,10 @@ def _html(path: Path, title: str, info: dict[str, Any], metrics: dict[str, Any],
                 "validation split with 'histoscan evaluate --save-threshold'.",
                 note=True,
             )
+    if "stain_shift" in metrics:
+        from histoscan.stain.shift import add_shift_section
+
+        add_shift_section(rep, metrics["stain_shift"])
     rep.heading("Figures")
     captions = plots.figure_captions()
     for name, png in figures.items():

@@ -15,7 +15,8 @@ from histoscan.options import check_choices, doc, field_type
 
 Optimizer = Literal["adamw", "adam", "sgd"]
 Schedule = Literal["cosine", "onecycle", "plateau", "constant"]
-AugmentPreset = Literal["none", "flips", "light", "strong"]
+AugmentPreset = Literal["none", "flips", "light", "strong", "stain-light", "stain-medium", "stain-strong"]
+StainMethod = Literal["none", "reinhard", "macenko"]
 Precision = Literal["auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64"]
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 
@@ -61,6 +62,13 @@ class TrainConfig:
     grad_clip: float | None = doc("Clip gradient norm to this value.", None)
     augment: AugmentPreset = doc("Augmentation preset.", "light")
     augment_strength: float = doc("Scale of colour / stain jitter.", 1.0)
+    stain_norm: StainMethod = doc(
+        "Stain normalisation per patch, fitted from the training split (or --stain-target) and stored in model.json.",
+        "none",
+    )
+    stain_target: str | None = doc(
+        "A target.json from 'histoscan stain fit' to normalise to (needs --stain-norm).", None
+    )
     crop: int | None = doc("Centre crop side before the network (e.g. 32: the labelled centre only).", None)
     resize: int | None = doc("Resize side before the network (e.g. 192 to upscale 96 px patches).", None)
     mpp: float | None = doc("Micrometres per pixel of the training patches (default: what the store recorded).", None)
@@ -104,6 +112,8 @@ class TrainConfig:
             raise ConfigError(f"crop must be at least 8 px, got {self.crop}")
         if self.freeze_epochs < 0:
             raise ConfigError("freeze_epochs cannot be negative")
+        if self.stain_target is not None and self.stain_norm == "none":
+            raise ConfigError("stain_target needs stain_norm (reinhard or macenko)")
         if self.fold is not None and (self.split_file is None or self.fold < 0):
             raise ConfigError("fold needs a folds file as split_file (from 'histoscan split --folds K') and fold >= 0")
 

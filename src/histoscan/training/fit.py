@@ -29,6 +29,7 @@ from histoscan.models.backbones import timm_data_config
 from histoscan.models.registry import count_parameters, list_models
 from histoscan.preprocessing import Preprocessing, channel_stats
 from histoscan.runfolder import CONFIG_FILE, LAST_CKPT, MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE
+from histoscan.stain.sources import stain_summary, training_stain
 from histoscan.system import available_cores
 from histoscan.training.callbacks import MONITOR, EpochSummary, LastCheckpoint
 from histoscan.training.config import TrainConfig
@@ -71,6 +72,7 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
     run_dir, cfg = setup_run(cfg)
     store, parts, split_path = build_data(cfg)
     pre = _geometry(cfg, store, printer if _global_rank() == 0 else lambda _: None)
+    pre.stain = training_stain(cfg.stain_norm, cfg.stain_target, parts["train"], cfg.seed)
     model = create_model(
         cfg.model,
         store.num_classes,
@@ -123,6 +125,8 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
     os.environ[RUN_NAME_ENV] = run_dir.name  # DDP children re-run this command: same run folder
     val_loader = loaders[1] if len(loaders) > 1 else None
     trainer.fit(module, loaders[0], val_loader, ckpt_path=str(ckpt) if ckpt else None)
+    if pre.stain is not None and _global_rank() == 0:
+        printer(stain_summary(pre.stain_counts()))
     return finish(cfg, run_dir, summary, trainer, started)
 
 

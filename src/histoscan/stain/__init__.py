@@ -1,0 +1,1 @@
+"""Stain handling: normalisation stored in the bundle, stain augmentation, stain-shift robustness."""

@@ -1,0 +1,71 @@
+"""Colour-space maths on torch tensors: optical density and CIE L*a*b*, batched on any device.
+
+Written by hand because no maintained library in the environment offers these on torch tensors
+on every device (scikit-image is numpy-only and per image; kornia is not a dependency): each is a
+few lines of textbook formulae (Ruifrok & Johnston optical density; sRGB D65 -> XYZ -> L*a*b*).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+# Optical density of an 8-bit intensity I is -log((I + 1) / 256): finite for I = 0, 0 for white.
+_I0 = 256.0
+
+_RGB_TO_XYZ = torch.tensor(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+)
+_WHITE = torch.tensor([0.950456, 1.0, 1.088754])
+
+
+_OD_TABLE = -torch.log((torch.arange(256, dtype=torch.float32) + 1.0) / _I0)
+
+
+def optical_density(rgb: Tensor) -> Tensor:
+    """Intensities on the 0..255 scale (uint8 or float, channels last) -> optical density, same shape.
+
+    uint8 input is looked up in a 256-entry table (``embedding``: about twice as fast as the logarithm on CPU).
+    """
+    if rgb.dtype == torch.uint8:
+        table = _OD_TABLE.to(rgb.device).view(256, 1)
+        return F.embedding(rgb.int(), table).view(rgb.shape)
+    return -torch.log((rgb.float() + 1.0) / _I0)
+
+
+def from_optical_density(od: Tensor) -> Tensor:
+    """Optical density -> float intensities on the 0..255 scale, clamped (channels last)."""
+    return (torch.exp(-od) * _I0 - 1.0).clamp_(0.0, 255.0)
+
+
+def optical_density_to_uint8_(od: Tensor) -> Tensor:
+    """Finite optical density -> uint8 intensities, computed in place in ``od`` (which it overwrites)."""
+    return od.neg_().exp_().mul_(_I0).sub_(1.0).clamp_(0.0, 255.0).round_().to(torch.uint8)
+
+
+def to_uint8(rgb: Tensor) -> Tensor:
+    """Float 0..255 -> uint8, rounded (NaN becomes 0; callers never pass it, this only bounds the damage)."""
+    return torch.nan_to_num(rgb, nan=0.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def rgb_to_lab(rgb: Tensor) -> Tensor:
+    """sRGB on the 0..255 scale (channels last) -> CIE L*a*b* (D65), float32."""
+    c = rgb.float() / 255.0
+    lin = torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055).pow(2.4))
+    xyz = lin @ _RGB_TO_XYZ.to(rgb.device).T / _WHITE.to(rgb.device)
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12).pow(1 / 3), 7.787 * xyz + 16 / 116)
+    fx, fy, fz = f.unbind(-1)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-1)
+
+
+def lab_to_rgb(lab: Tensor) -> Tensor:
+    """CIE L*a*b* (D65) -> sRGB float on the 0..255 scale, clamped (channels last)."""
+    L, a, b = lab.unbind(-1)
+    fy = (L + 16) / 116
+    f = torch.stack([fy + a / 500, fy, fy - b / 200], dim=-1)
+    xyz = torch.where(f > 0.206893, f.pow(3), (f - 16 / 116) / 7.787) * _WHITE.to(lab.device)
+    lin = (xyz @ torch.linalg.inv(_RGB_TO_XYZ).to(lab.device).T).clamp(min=0.0)
+    c = torch.where(lin <= 0.0031308, lin * 12.92, 1.055 * lin.clamp(min=1e-12).pow(1 / 2.4) - 0.055)
+    return (c * 255.0).clamp_(0.0, 255.0)

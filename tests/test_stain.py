@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from histoscan.bundle import read_bundle
 from histoscan.cli import app
 from histoscan.data.ingest import ingest
+from histoscan.data.store import PatchStore
 from histoscan.data.synthetic import write_synthetic
 from histoscan.errors import ConfigError, DataError
 from histoscan.inference.predictor import Predictor
@@ -244,6 +245,14 @@ def test_train_with_macenko_and_stain_augmentation_then_evaluate_under_shifts(
     assert any(line.startswith("stain normalisation:") and "passed through unchanged" in line for line in lines)
     stain = json.loads((run / "model.json").read_text())["preprocessing"]["stain"]
     assert stain["method"] == "macenko" and stain["fitted_from"] == str(stain_store)
+    # mean/std describe the patches as the model sees them: after stain normalisation
+    bundle = read_bundle(run)
+    store = PatchStore(stain_store)
+    sample = store.batch(np.arange(len(store)))
+    normalised = bundle.preprocessing.normalize_stain(torch.from_numpy(sample)).numpy()
+    raw_mean = sample.reshape(-1, 3).mean(axis=0) / 255
+    assert not np.allclose(bundle.preprocessing.mean, raw_mean, atol=2e-3)
+    assert np.allclose(bundle.preprocessing.mean, normalised.reshape(-1, 3).mean(axis=0) / 255, atol=0.03)
     donor = tmp_path / "donor"
     donor.mkdir()
     for i, img in enumerate(stained(10, HE_B, seed=7)):

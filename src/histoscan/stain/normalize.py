@@ -140,6 +140,10 @@ class StainNormalizer:
         self.seen = 0
         self.passed_through = 0
 
+    def reset_counts(self) -> None:
+        """Start counting afresh."""
+        self.seen = self.passed_through = 0
+
     def counts(self) -> dict[str, int]:
         """Patches normalised so far and how many of them passed through unchanged."""
         return {"patches": self.seen, "passed_through": self.passed_through}

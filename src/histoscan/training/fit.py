@@ -81,7 +81,7 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
         input_size=pre.input_size,
         **cfg.model_args,
     )
-    pre.mean, pre.std = _normalisation(cfg, model, parts["train"])
+    pre.mean, pre.std = _normalisation(cfg, model, parts["train"], pre)
     run_dir.mkdir(parents=True, exist_ok=True)
     module = PatchClassifier(model, cfg, pre, store.num_classes)
     if _global_rank() == 0:
@@ -203,13 +203,21 @@ def _geometry(cfg: TrainConfig, store: PatchStore, printer: Callable[[str], None
     return Preprocessing(image_size=[h, w], fit=store.fit, crop=crop, resize=size, mpp=mpp, label_size=label)
 
 
-def _normalisation(cfg: TrainConfig, model: torch.nn.Module, train: PatchStore) -> tuple[list[float], list[float]]:
-    """ImageNet statistics for timm models (their weights expect them), the training split's for ours."""
+def _normalisation(
+    cfg: TrainConfig, model: torch.nn.Module, train: PatchStore, pre: Preprocessing
+) -> tuple[list[float], list[float]]:
+    """ImageNet statistics for timm models (their weights expect them), the training split's for ours.
+
+    The split's statistics are taken after stain normalisation (stage 2), as the model will see the patches.
+    """
     if cfg.model not in list_models():
         dc = timm_data_config(model)
         return [float(v) for v in dc["mean"]], [float(v) for v in dc["std"]]
     sample = train.batch(sorted(range(0, len(train), max(1, len(train) // 2000))))
-    return channel_stats(sample)
+    stained = pre.normalize_stain(torch.from_numpy(sample)).numpy()
+    if pre.stain_normalizer is not None:
+        pre.stain_normalizer.reset_counts()  # the counts logged after training are the training patches'
+    return channel_stats(stained)
 
 
 def _bundle(

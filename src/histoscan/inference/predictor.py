@@ -36,12 +36,12 @@ class Prediction:
     def concat(parts: Sequence[Prediction], num_classes: int) -> Prediction:
         if not parts:
             return Prediction(np.zeros((0, num_classes), np.float32), np.zeros(0, np.int64))
-        unc = [p.uncertainty for p in parts]
+        unc = [p.uncertainty for p in parts if p.uncertainty is not None]
         return Prediction(
             np.concatenate([p.probabilities for p in parts]),
             np.concatenate([p.predicted for p in parts]),
-            np.concatenate(unc) if all(u is not None for u in unc) else None,
-        )  # type: ignore[arg-type]
+            np.concatenate(unc) if len(unc) == len(parts) else None,
+        )
 
 
 def default_tta(bundle: ModelBundle) -> list[int]:
@@ -65,9 +65,9 @@ def parse_tta(tta: bool | Sequence[int] | None) -> list[int]:
         return [0]
     if tta is True:
         return list(range(8))
-    ks = sorted({int(k) for k in tta})  # type: ignore[union-attr]
+    ks = sorted({int(k) for k in tta})
     if not ks or any(k < 0 or k > 7 for k in ks):
-        raise ConfigError(f"TTA elements must be in 0..7, got {list(tta)}")  # type: ignore[arg-type]
+        raise ConfigError(f"TTA elements must be in 0..7, got {list(tta)}")
     return ks
 
 

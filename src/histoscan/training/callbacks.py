@@ -73,7 +73,7 @@ class EpochSummary(Checkpoint):
             self.best_epoch = epoch
             self.best_weights = "ema" if use_ema else "model"
             if trainer.is_global_zero:
-                weights = cast(nn.Module, ema.module if use_ema else pl_module.model)
+                weights = cast(nn.Module, ema.module if ema is not None and use_ema else pl_module.model)
                 save_weights(weights, self.run.weights_path)
         plan = getattr(pl_module, "plan", None)
         time_left = plan.time_left() if plan is not None else None

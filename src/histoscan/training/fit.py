@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -124,7 +124,7 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
     ]
     ckpt = run_dir / LAST_CKPT if cfg.resume else None
     os.environ[RUN_NAME_ENV] = run_dir.name  # DDP children re-run this command: same run folder
-    trainer.fit(module, *loaders, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(module, loaders[0], loaders[1] if validate else None, ckpt_path=str(ckpt) if ckpt else None)
     return finish(cfg, run_dir, summary, trainer, started)
 
 
@@ -263,7 +263,7 @@ def build_trainer(
         devices=devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
-        precision=precision,
+        precision=cast(Any, precision),  # one of Lightning's precision names (checked by TrainConfig's Literal)
         gradient_clip_val=cfg.grad_clip,
         callbacks=callbacks,
         logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),

@@ -222,8 +222,8 @@ def test_export_works_for_seed_cnns_and_timm_backbones(model: str, tiny_run: Pat
     result = export_onnx(run, check=16)
     assert result.max_abs_diff < 1e-4
     a = Predictor(run, backend="onnx").predict_store(_store_of(run).subset(range(8)))
-    b = Predictor(run, backend="torch").predict_store(_store_of(run).subset(range(8)))
-    assert np.abs(a.probabilities - b.probabilities).max() < 1e-4
+    b = Predictor(run, backend="torch", precision="fp32").predict_store(_store_of(run).subset(range(8)))
+    assert np.abs(a.probabilities - b.probabilities).max() < 1e-4  # parity at full precision (auto may pick bf16)
 
 
 def test_probabilities_are_defined_once_for_numpy_and_torch() -> None:

@@ -257,6 +257,9 @@ def predict(
     ),
     backend: str = typer.Option("auto", help="torch, onnx, or auto (onnx when model.onnx exists)."),
     device: str = typer.Option("cpu", help="Torch device (cpu, cuda, cuda:1, mps)."),
+    precision: str = typer.Option(
+        "auto", help="Torch backend: auto (bf16 where the CPU or GPU has it natively), fp32, bf16 or fp16."
+    ),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     workers: int | None = typer.Option(None, help="Decoding processes for folders (default: one per core)."),
     threads: int | None = typer.Option(None, help="CPU threads for the model (default: all cores)."),
@@ -267,7 +270,9 @@ def predict(
     from histoscan.inference.predictor import Predictor, submission_tta
 
     check_output(out, force, [input, run])  # before the work, not after it
-    predictor = Predictor(run, backend=backend, device=device, batch_size=batch_size, threads=threads)
+    predictor = Predictor(
+        run, backend=backend, device=device, batch_size=batch_size, threads=threads, precision=precision
+    )
     with progress_bar("predicting") as start:
         table = predict_input(
             predictor, input, tta=submission_tta(predictor, tta, submission), workers=workers, progress=start(0)

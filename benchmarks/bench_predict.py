@@ -5,6 +5,9 @@
     preprocessed tensors already in memory. Target: ratio >= 0.8.
 (b) ONNX Runtime against PyTorch on CPU for the default model (cpu-default architecture),
     backend alone on the same tensors. Target: ONNX >= 1.5x faster, or say why not.
+(c) The torch backend's precision (issue 18): bf16 autocast against fp32, channels-last both, backend
+    alone on the same tensors, and the largest difference in P(tumour) between them. ``auto`` picks
+    bf16 on CPUs with native bf16 (AVX512-BF16 / AMX), fp32 elsewhere.
 
 Run: python benchmarks/bench_predict.py [--n 5000] [--repeats 3]
 """
@@ -69,6 +72,8 @@ def main() -> None:
         run = train(cfg, printer=lambda *_: None).run_dir
         export_onnx(run)
         torch_p = Predictor(run, backend="torch", batch_size=args.batch)
+        fp32_p = Predictor(run, backend="torch", batch_size=args.batch, precision="fp32")
+        bf16_p = Predictor(run, backend="torch", batch_size=args.batch, precision="bf16")
         onnx_p = Predictor(run, backend="onnx", batch_size=args.batch)
         from histoscan.inference.inputs import file_batches
 
@@ -97,6 +102,22 @@ def main() -> None:
                 torch_alone = a
             else:
                 print(f"(b) ONNX Runtime / PyTorch, backend alone: {a / torch_alone:.2f}x (target >= 1.5)")
+        fp32 = max(backend_alone(fp32_p, tensors) for _ in range(args.repeats))
+        bf16 = max(backend_alone(bf16_p, tensors) for _ in range(args.repeats))
+        diff = max(
+            float(
+                np.abs(
+                    fp32_p.predict_batch(images[i : i + args.batch]).probabilities[:, 1]
+                    - bf16_p.predict_batch(images[i : i + args.batch]).probabilities[:, 1]
+                ).max()
+            )
+            for i in range(0, min(len(images), 4 * args.batch), args.batch)
+        )
+        print(
+            f"(c) torch backend alone: fp32 {fp32:7.0f} img/s, bf16 autocast {bf16:7.0f} img/s: {bf16 / fp32:.2f}x; "
+            f"max |P_bf16 - P_fp32| {diff:.1e} on {min(len(images), 4 * args.batch)} patches; "
+            f"auto chose {torch_p.backend.precision}"  # type: ignore[attr-defined]
+        )
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
-"""Quality of the CPU default on real patches.
+"""Quality of the CPU default on real patches, under a wall-clock budget.
 
 Trains the shipped ``cpu-default`` config (or --config) from scratch on ../shared/data/hcd with a
-fixed split (seed 0, 80/10/10) under a wall-clock budget (default 20 minutes), then prints the best
-validation AUROC and accuracy and the held-out test AUROC of the best weights.
-Aim: validation AUROC >= 0.95 on this 2-core machine.
+fixed split (split seed 0, 80/10/10, the same for every --seed) under a time budget (default 20
+minutes: the schedule is re-planned each epoch to end annealed at the deadline), then prints, for
+the saved best weights, validation and held-out test AUROC with 95% bootstrap intervals, with and
+without 8-way dihedral TTA, the epochs completed against the plan and the last learning rate.
+Aim (issue 18): test AUROC >= 0.955 with TTA, mean of 3 seeds, 20 minutes each on 2 cores.
 
-Run: python benchmarks/quality_hcd.py [--minutes 20] [--config cpu-default] [--set key=value ...]
+Run: python benchmarks/quality_hcd.py [--minutes 20] [--seed 0] [--config cpu-default] [--set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import tempfile
 import time
@@ -19,14 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from sklearn.metrics import accuracy_score, roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import shared_or_exit
+from histoscan.bundle import read_bundle
 from histoscan.data.ingest import ingest
-from histoscan.data.splits import read_split
+from histoscan.data.splits import split_store
 from histoscan.data.store import PatchStore
+from histoscan.evaluation.metrics import auroc, bootstrap_interval
 from histoscan.inference.predictor import Predictor
+from histoscan.runfolder import RunFolder
 from histoscan.training.config import TrainConfig, resolve_config_path
 from histoscan.training.fit import train
 
@@ -34,6 +37,7 @@ from histoscan.training.fit import train
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=20.0)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (the split stays seed 0)")
     ap.add_argument("--config", default="cpu-default")
     ap.add_argument("--store", default=None, help="reuse an ingested hcd store")
     ap.add_argument("--out", default=None, help="where to keep the run (default: a temporary folder)")
@@ -42,38 +46,41 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="histoscan-quality-")
     work = Path(args.out or tmp.name)
     store_path = Path(args.store) if args.store else ingest(shared_or_exit("hcd"), work / "store").store
+    store = PatchStore(store_path)
+    parts, split_path = split_store(store, val=0.1, test=0.1, seed=0)
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     overrides.update(
         data=str(store_path),
         out=str(work / "runs"),
-        name=f"quality-{int(time.time())}",
-        seed=0,
-        val=0.1,
-        test=0.1,
+        name=f"quality-s{args.seed}-{int(time.time())}",
+        seed=args.seed,
+        split_file=str(split_path),
         max_time=f"{args.minutes:g}m",
         progress=False,
     )
     cfg = TrainConfig.from_yaml(resolve_config_path(args.config), overrides)
     print(f"config: {args.config} + {overrides}")
     result = train(cfg)
-    with (result.run_dir / "metrics.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    best = max(rows, key=lambda r: float(r["val_auroc"]))
-    store = PatchStore(store_path)
-    split = read_split(result.run_dir / "split.csv", store)
-    test = store.subset(np.flatnonzero(split == "test"))
-    probs = Predictor(result.run_dir, backend="torch").predict_store(test).probabilities[:, 1]
+    rows = RunFolder(result.run_dir).read_metrics()
+    bundle = read_bundle(result.run_dir)
+    last = rows[-1]
     print(
-        f"epochs: {len(rows)} in {result.seconds / 60:.1f} min; mean train throughput "
-        f"{np.mean([float(r['images_per_s']) for r in rows]):.0f} img/s"
+        f"epochs: {len(rows)} in {result.seconds / 60:.1f} min (plan at the end: {last['planned_epochs']}); "
+        f"last lr {float(last['lr']):.2e} (peak {cfg.lr:.2e}); mean train throughput "
+        f"{np.mean([float(r['images_per_s']) for r in rows]):.0f} img/s; precision {bundle.training.get('precision')}"
     )
-    print(
-        f"best epoch {best['epoch']}: val AUROC {float(best['val_auroc']):.4f}, val accuracy {float(best['val_acc']):.4f}"
-    )
-    print(
-        f"test (held out, {len(test)} patches): AUROC {roc_auc_score(test.labels, probs):.4f}, "
-        f"accuracy {accuracy_score(test.labels, probs >= 0.5):.4f}"
-    )
+    print(f"best epoch {bundle.best_metric.get('epoch')} ({bundle.best_metric.get('weights')} weights)")
+    predictor = Predictor(result.run_dir, backend="torch")
+    for split in ("val", "test"):
+        part = parts[split]
+        for tta in (False, True):
+            p = predictor.predict_store(part, tta).probabilities
+            lo, hi = bootstrap_interval(part.labels, p, n_boot=1000, seed=0)
+            acc = float(((p[:, 1] >= 0.5) == (part.labels == 1)).mean())
+            print(
+                f"{split:4s} ({len(part)} patches) {'TTA x8' if tta else 'no TTA'}: AUROC {auroc(part.labels, p):.4f} "
+                f"[{lo:.4f}, {hi:.4f}], accuracy {acc:.4f}"
+            )
     print(f"run folder: {result.run_dir}")
 
 

@@ -147,11 +147,11 @@ def test_evaluate_run_on_its_test_split(evaluated_run: Path) -> None:
     assert r.out == evaluated_run / "eval" and r.split == "test"
     store = PatchStore(read_bundle(evaluated_run).training["store"])
     test = store.subset(np.flatnonzero(read_split(evaluated_run / "split.csv", store) == "test"))
-    probs = Predictor(evaluated_run, backend="torch").predict_store(test).probabilities
+    probs = Predictor(evaluated_run, backend="torch").predict_store(test, tta=True).probabilities  # binary: TTA
     assert r.metrics["count"] == len(test)
     assert r.metrics["auroc"] == pytest.approx(skm.roc_auc_score(test.labels, probs[:, 1]))
     record = json.loads((r.out / "metrics.json").read_text())
-    assert record["split"] == "test" and record["inference_images_per_s"] > 0
+    assert record["split"] == "test" and record["inference_images_per_s"] > 0 and record["tta"] is True
     assert (r.out / "figures" / "learning_curves.png").is_file()
     assert (r.out / "report.html").stat().st_size > 10_000
 

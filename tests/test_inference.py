@@ -38,7 +38,7 @@ def _store_of(run: Path) -> PatchStore:
 
 def test_torch_and_onnx_backends_agree(exported_run: Path) -> None:
     store = _store_of(exported_run)
-    a = Predictor(exported_run, backend="torch").predict_store(store)
+    a = Predictor(exported_run, backend="torch", precision="fp32").predict_store(store)
     b = Predictor(exported_run, backend="onnx").predict_store(store)
     assert Predictor(exported_run).backend.name == "onnx"  # auto picks ONNX once exported
     assert np.abs(a.probabilities - b.probabilities).max() < 1e-4
@@ -81,7 +81,7 @@ def test_export_fails_loudly_and_writes_nothing(
 
 
 def test_tta_on_a_symmetric_input_changes_nothing(tiny_run: Path) -> None:
-    p = Predictor(tiny_run, backend="torch")
+    p = Predictor(tiny_run, backend="torch", precision="fp32")  # bf16 rounding differs between flipped copies
     yy, xx = np.mgrid[:96, :96] - 47.5
     r = np.sqrt(yy**2 + xx**2)
     img = np.stack([200 - r, 120 + r / 2, 180 - r / 3], axis=-1).clip(0, 255).astype(np.uint8)  # radially symmetric
@@ -222,8 +222,8 @@ def test_export_works_for_seed_cnns_and_timm_backbones(model: str, tiny_run: Pat
     result = export_onnx(run, check=16)
     assert result.max_abs_diff < 1e-4
     a = Predictor(run, backend="onnx").predict_store(_store_of(run).subset(range(8)))
-    b = Predictor(run, backend="torch").predict_store(_store_of(run).subset(range(8)))
-    assert np.abs(a.probabilities - b.probabilities).max() < 1e-4
+    b = Predictor(run, backend="torch", precision="fp32").predict_store(_store_of(run).subset(range(8)))
+    assert np.abs(a.probabilities - b.probabilities).max() < 1e-4  # parity at full precision (auto may pick bf16)
 
 
 def test_probabilities_are_defined_once_for_numpy_and_torch() -> None:

@@ -347,7 +347,7 @@ def test_model_files_that_lie_are_one_line_at_load_time(
 
 def test_the_honest_run_predicts_with_both_backends(exported: Path, images: Path, tmp_path: Path) -> None:
     for backend in ("torch", "onnx"):
-        res = CliRunner().invoke(app, ["predict", str(exported), str(images), "--backend", backend, "--out", str(tmp_path / f"{backend}.csv")])  # fmt: skip
+        res = CliRunner().invoke(app, ["predict", str(exported), str(images), "--backend", backend, "--precision", "fp32", "--out", str(tmp_path / f"{backend}.csv")])  # fmt: skip
         assert res.exit_code == 0, res.output
     a, b = (np.loadtxt(tmp_path / f"{k}.csv", delimiter=",", skiprows=1, usecols=(1, 2)) for k in ("torch", "onnx"))
     assert np.abs(a - b).max() < 1e-4

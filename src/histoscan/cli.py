@@ -287,9 +287,17 @@ def predict(
         None, help="A Kaggle sample_submission.csv: also write submission.csv (id, tumour probability) in its order."
     ),
     submission_out: Path = typer.Option(Path("submission.csv"), help="Where the submission goes."),
-    tta: bool = typer.Option(False, help="Average the 8 flips/rotations; adds an uncertainty column."),
+    tta: bool | None = typer.Option(
+        None,
+        "--tta/--no-tta",
+        help="Average the 8 flips/rotations; adds an uncertainty column "
+        "(default: on for a Kaggle --submission of a binary model, off otherwise).",
+    ),
     backend: str = typer.Option("auto", help="torch, onnx, or auto (onnx when model.onnx exists)."),
     device: str = typer.Option("cpu", help="Torch device (cpu, cuda, cuda:1, mps)."),
+    precision: str = typer.Option(
+        "auto", help="Torch backend: auto (bf16 where the CPU or GPU has it natively), fp32, bf16 or fp16."
+    ),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     workers: int | None = typer.Option(None, help="Decoding processes for folders (default: one per core)."),
     threads: int | None = typer.Option(None, help="CPU threads for the model (default: all cores)."),
@@ -297,12 +305,16 @@ def predict(
 ) -> None:
     """Predict tumour probabilities for new patches (and write a Kaggle submission)."""
     from histoscan.inference.predict import check_output, predict_input, write_predictions, write_submission
-    from histoscan.inference.predictor import Predictor
+    from histoscan.inference.predictor import Predictor, submission_tta
 
     check_output(out, force, [input, run])  # before the work, not after it
-    predictor = Predictor(run, backend=backend, device=device, batch_size=batch_size, threads=threads)
+    predictor = Predictor(
+        run, backend=backend, device=device, batch_size=batch_size, threads=threads, precision=precision
+    )
     with progress_bar("predicting") as start:
-        table = predict_input(predictor, input, tta=tta, workers=workers, progress=start(0))
+        table = predict_input(
+            predictor, input, tta=submission_tta(predictor, tta, submission), workers=workers, progress=start(0)
+        )
     con = _console()
     path, errors = write_predictions(table, out, force=force, inputs=[input, run])
     con.print(f"{len(table.ids)} predictions ({predictor.backend.name} backend) written to {path}")
@@ -431,7 +443,9 @@ def evaluate(
     split: str | None = typer.Option(
         None, help="test, val, train or all (default: test of the training store, all of another store)."
     ),
-    tta: bool = typer.Option(False, help="Average the 8 flips/rotations."),
+    tta: bool | None = typer.Option(
+        None, "--tta/--no-tta", help="Average the 8 flips/rotations (default: on for binary patch models)."
+    ),
     target_sensitivity: list[float] = typer.Option(
         [0.95], help="Report the threshold reaching this sensitivity (repeatable)."
     ),

@@ -85,6 +85,10 @@ METRIC_COLUMNS = [
     "images_per_s",
     "epoch_time_s",
     "best_val_auroc",
+    "val_auroc_ema",  # the weight average's validation AUROC (empty without one)
+    "best_weights",  # which weights best.safetensors holds: model or ema
+    "planned_epochs",  # the schedule's plan after this epoch (re-planned each epoch under a time budget)
+    "time_left_s",  # the time budget left after this epoch (empty without one)
 ]
 
 # ---- the model.json schema -------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def available_cores() -> int:
@@ -11,3 +12,32 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - no affinity call (macOS, Windows)
         return max(1, os.cpu_count() or 1)
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The feature flags the kernel reports for the first CPU (empty where there is no /proc/cpuinfo)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def native_bf16_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16); elsewhere bf16 is emulated and slow.
+
+    Reads the kernel's flags, and falls back to torch's own CPU capability string
+    (``AVX512_BF16`` / ``AMX_BF16`` where torch reports it).
+    """
+    if cpu_flags(cpuinfo) & set(BF16_CPU_FLAGS):
+        return True
+    import torch
+
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    return "BF16" in capability or "AMX" in capability

@@ -16,7 +16,7 @@ from histoscan.bundle import read_bundle
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitivity, youden_threshold
 from histoscan.evaluation.report import write_evaluation
-from histoscan.inference.predictor import Predictor
+from histoscan.inference.predictor import Predictor, default_tta
 from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
 from histoscan.stain.shift import shift_suite, stain_shift_report
 
@@ -54,7 +54,7 @@ def evaluate_run(
     data: str | Path | None = None,
     *,
     split: str | None = None,
-    tta: bool = False,
+    tta: bool | None = None,
     target_sensitivities: Sequence[float] = (0.95,),
     save_threshold: str | None = None,
     out: str | Path | None = None,
@@ -71,7 +71,9 @@ def evaluate_run(
     own test split, ``RUN/eval-<store>-<split>`` otherwise). With ``save_threshold`` (``youden`` or
     ``sensitivity``, at the first target sensitivity) a threshold chosen on the validation split is
     written into ``model.json`` and the report uses it. ``stain_shift`` also scores the split under the
-    stain-shift suite (``histoscan.stain.shift``; one re-staining shift per ``stain_donors`` entry).
+    stain-shift suite (``histoscan.stain.shift``; one re-staining shift per ``stain_donors`` entry). ``tta`` None
+    is the model's default (``default_tta``: the 8 dihedral elements for binary patch models); the report says
+    which was used.
     """
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
@@ -94,7 +96,8 @@ def evaluate_run(
         bundle.save(run_dir)
     started = time.perf_counter()
     counted = predictor.bundle.preprocessing.stain_counts()
-    pred = predictor.predict_store(part, tta)
+    ks = default_tta(bundle) if tta is None else (list(range(8)) if tta else [0])
+    pred = predictor.predict_store(part, ks)
     seconds = time.perf_counter() - started
     metrics = compute_metrics(
         part.labels,
@@ -112,7 +115,7 @@ def evaluate_run(
     )
     if suite is not None:
         metrics["stain_shift"] = stain_shift_report(
-            lambda b: predictor.predict_batch(b, tta).probabilities,
+            lambda b: predictor.predict_batch(b, ks).probabilities,
             part,
             suite,
             clean=pred.probabilities,
@@ -120,13 +123,14 @@ def evaluate_run(
             seed=seed,
             batch_size=batch_size,
         )
-    out = Path(out) if out else run.eval_dir(part.path, split_name, bool(tta))
+    # the model's default TTA (or --no-tta) goes to eval/ for its own test split; an explicit --tta keeps its folder
+    out = Path(out) if out else run.eval_dir(part.path, split_name, tta is True)
     info = {
         "run": run_dir.name,
         "model": bundle.architecture,
         "store": str(part.path.resolve()),
         "split": split_name,
-        "tta": bool(tta),
+        "tta": len(ks) > 1,
         "backend": predictor.backend.name,
         "inference_images_per_s": round(len(part) / max(seconds, 1e-9), 1),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),

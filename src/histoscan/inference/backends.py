@@ -16,9 +16,28 @@ import torch
 from histoscan.bundle import ModelBundle, first_line, load_model, read_bundle
 from histoscan.errors import ConfigError
 from histoscan.runfolder import MODEL_FILE, ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, ONNX_FILE, RunFolder
-from histoscan.system import available_cores
+from histoscan.system import available_cores, native_bf16_cpu
 
 BACKENDS = ("torch", "onnx", "auto")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, bundle: ModelBundle, device: torch.device) -> str:
+    """``fp32``, ``bf16`` or ``fp16`` for the torch backend.
+
+    ``auto``: model.json's ``inference.precision`` when set, else bf16 autocast where the hardware
+    computes bf16 natively (a GPU, or a CPU with AVX512-BF16 / AMX: measured faster in
+    benchmarks/bench_predict.py), else fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if bundle.inference.precision is not None:
+        return bundle.inference.precision
+    native = device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu())
+    return "bf16" if native else "fp32"
 
 
 class Backend(Protocol):
@@ -34,16 +53,19 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu") -> None:
+    def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu", precision: str = "auto") -> None:
         self.device = torch.device(device)
         self.model, self.bundle = load_model(run_dir, self.device)
         # channels-last: faster convolutions on GPU and, with oneDNN, on CPU (measured 1.4x on 2 cores)
         self.model = self.model.to(memory_format=torch.channels_last)
+        self.precision = resolve_precision(precision, self.bundle, self.device)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> np.ndarray:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu().numpy()
+        dtype = _DTYPES.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return self.model(x).float().cpu().numpy()
 
 
 class OnnxBackend:

@@ -44,6 +44,21 @@ class Prediction:
         )
 
 
+def default_tta(bundle: ModelBundle) -> list[int]:
+    """The TTA a model is evaluated and submitted with by default: model.json's ``inference.tta`` when set,
+    else all 8 dihedral elements for binary patch models (cheap for small models) and none otherwise."""
+    if bundle.inference.tta is not None:
+        return parse_tta(bundle.inference.tta)
+    return parse_tta(bundle.task == "binary")
+
+
+def submission_tta(predictor: Predictor, tta: bool | None, submission: object | None) -> bool | list[int]:
+    """``predict``'s TTA: as asked, else the model's default when writing a Kaggle submission, else none."""
+    if tta is not None:
+        return tta
+    return default_tta(predictor.bundle) if submission else False
+
+
 def parse_tta(tta: bool | Sequence[int] | None) -> list[int]:
     """The dihedral elements to average: [0] without TTA, all 8 with ``True``, or a chosen subset."""
     if not tta:
@@ -65,6 +80,8 @@ class Predictor:
         device: torch device for the torch backend.
         batch_size: images per forward pass.
         threads: CPU threads for either backend (default: all cores).
+        precision: torch backend only: ``auto`` (bf16 where the hardware has it natively, see
+            ``resolve_precision``), ``fp32``, ``bf16`` or ``fp16``.
     """
 
     def __init__(
@@ -74,6 +91,7 @@ class Predictor:
         device: str = "cpu",
         batch_size: int = 256,
         threads: int | None = None,
+        precision: str = "auto",
     ) -> None:
         self.run_dir = Path(run_dir)
         self.bundle: ModelBundle = read_bundle(run_dir)
@@ -81,7 +99,7 @@ class Predictor:
         if threads:
             torch.set_num_threads(threads)
         if backend == "torch":
-            self.backend: Backend = TorchBackend(run_dir, device)
+            self.backend: Backend = TorchBackend(run_dir, device, precision)
         elif backend == "onnx":
             self.backend = OnnxBackend(run_dir, threads)
         else:

@@ -51,6 +51,7 @@ class EpochSummary(Checkpoint):
         self.validate = validate  # without validation the last epoch's weights are kept
         self.best: float = -math.inf
         self.best_epoch: int = -1
+        self.best_weights = "model"  # or "ema": the weight average scored better
         self._t0 = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -62,12 +63,20 @@ class EpochSummary(Checkpoint):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         epoch = trainer.current_epoch
         current = m.get(MONITOR, math.nan)
-        improved = not math.isnan(current) and current > self.best
+        ema_auroc = m.get(f"{MONITOR}_ema", math.nan)
+        ema = getattr(pl_module, "ema", None)
+        use_ema = ema is not None and ema_auroc > current  # NaN (no validation) compares False: the model's own
+        score = ema_auroc if use_ema else current
+        improved = not math.isnan(score) and score > self.best
         if improved or not self.validate:  # without validation every epoch replaces the weights
-            self.best = current if improved else self.best
+            self.best = score if improved else self.best
             self.best_epoch = epoch
+            self.best_weights = "ema" if use_ema else "model"
             if trainer.is_global_zero:
-                save_weights(cast(nn.Module, pl_module.model), self.run.weights_path)
+                weights = cast(nn.Module, ema.module if ema is not None and use_ema else pl_module.model)
+                save_weights(weights, self.run.weights_path)
+        plan = getattr(pl_module, "plan", None)
+        time_left = plan.time_left() if plan is not None else None
         row = {
             "epoch": epoch,
             "train_loss": m.get("train_loss_epoch", m.get("train_loss")),
@@ -81,26 +90,34 @@ class EpochSummary(Checkpoint):
             "images_per_s": m.get("images_per_s"),
             "epoch_time_s": round(time.perf_counter() - self._t0, 2),
             "best_val_auroc": self.best,
+            "val_auroc_ema": ema_auroc if ema is not None else None,
+            "best_weights": self.best_weights,
+            "planned_epochs": plan.planned_epochs if plan is not None else None,
+            "time_left_s": round(time_left, 1) if time_left is not None else None,
         }
         if trainer.is_global_zero:
             self.run.append_metrics(row)
             self.printer(
                 f"epoch {epoch:3d}  loss {_f(row['train_loss'])}  val_loss {_f(row['val_loss'])}  "
-                f"val_auroc {_f(current)}  val_acc {_f(row['val_acc'])}  lr {_f(row['lr'], '.2e')}  "
+                f"val_auroc {_f(current)}"
+                + (f" (ema {_f(ema_auroc)})" if ema is not None else "")
+                + f"  val_acc {_f(row['val_acc'])}  lr {_f(row['lr'], '.2e')}  "
                 f"{_f(row['images_per_s'], '.0f')} img/s  "
                 + (
-                    f"best {_f(self.best)} (epoch {self.best_epoch})"
+                    f"best {_f(self.best)} (epoch {self.best_epoch}, {self.best_weights})"
                     if self.validate
                     else "no validation: keeping the last epoch"
                 )
+                + (f"  plan {row['planned_epochs']} epochs" if plan is not None else "")
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch}
+        return {"best": self.best, "best_epoch": self.best_epoch, "best_weights": self.best_weights}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = state_dict.get("best", -math.inf)
         self.best_epoch = state_dict.get("best_epoch", -1)
+        self.best_weights = state_dict.get("best_weights", "model")
 
 
 def _f(value: Any, fmt: str = ".4f") -> str:

@@ -46,7 +46,11 @@ class TrainConfig:
     batch_size: int = doc("Images per training step (per device).", 128)
     max_epochs: int = doc("Maximum epochs.", 10)
     max_time: str | None = doc(
-        f"Wall-clock limit {DURATION_HELP}; training stops after the epoch in progress.", None, metavar="DURATION"
+        f"Wall-clock budget {DURATION_HELP}: at each epoch boundary the schedule is re-planned from the measured "
+        "epoch time (training and validation) so that it ends annealed at the deadline; training stops when the "
+        "next epoch would not fit.",
+        None,
+        metavar="DURATION",
     )
     optimizer: Optimizer = doc("Optimizer.", "adamw")
     lr: float = doc("Peak learning rate.", 1e-3)
@@ -75,8 +79,16 @@ class TrainConfig:
     freeze_epochs: int = doc("Train only the classifier for this many epochs, then unfreeze (transfer learning).", 0)
     backbone_lr_mult: float = doc("Backbone learning rate as a fraction of lr (discriminative learning rates).", 1.0)
     early_stopping: int | None = doc("Stop after this many epochs without a better validation AUROC (None: off).", 5)
-    precision: Precision = doc("Numeric precision; auto: bf16-mixed on GPU, 32 on CPU.", "auto")
-    channels_last: bool | None = doc("Channels-last memory format (default: on GPU only).", None)
+    precision: Precision = doc(
+        "Numeric precision; auto: bf16-mixed on GPU and on CPUs with native bf16 (AVX512-BF16 or AMX), else 32.",
+        "auto",
+    )
+    channels_last: bool | None = doc("Channels-last memory format (default: on, GPU and CPU).", None)
+    ema_decay: float | None = doc(
+        "Keep an exponential moving average of the weights with this decay per step (None: off); "
+        "it is validated every epoch and saved as the best model when it scores better.",
+        0.999,
+    )
     compile: bool = doc("torch.compile the model.", False)
     accelerator: Accelerator = doc("Hardware to train on.", "auto")
     devices: str = doc("Devices per node: auto, a count, or a list like 0,1.", "auto")
@@ -100,6 +112,8 @@ class TrainConfig:
         for name in ("batch_size", "max_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be between 0 and 1 (or null for no average), got {self.ema_decay}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -30,7 +30,7 @@ from histoscan.models.registry import count_parameters, list_models
 from histoscan.preprocessing import Preprocessing, channel_stats
 from histoscan.runfolder import CONFIG_FILE, LAST_CKPT, MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE
 from histoscan.stain.sources import stain_summary, training_stain
-from histoscan.system import available_cores
+from histoscan.system import available_cores, native_bf16_cpu
 from histoscan.training.callbacks import MONITOR, EpochSummary, LastCheckpoint
 from histoscan.training.config import TrainConfig
 from histoscan.training.data import make_loader
@@ -92,22 +92,25 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
         if not cfg.resume or not (run_dir / MODEL_FILE).is_file():
             bundle.save(run_dir)
     validate = len(parts["val"]) > 0
-    trainer, summary = build_trainer(cfg, run_dir, printer, callbacks, validate)
-    module.channels_last = bool(
-        cfg.channels_last
-        if cfg.channels_last is not None
-        else trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
-    )
+    trainer, summary = build_trainer(cfg, run_dir, printer, [module.plan, *callbacks], validate)
+    module.channels_last = cfg.channels_last is not False  # faster convolutions on GPU and, with oneDNN, on CPU
     if module.channels_last:
         module.model.to(memory_format=torch.channels_last)
+        if module.ema is not None:
+            module.ema.to(memory_format=torch.channels_last)
     if cfg.compile:
         module.model = torch.compile(module.model)  # type: ignore[assignment]
     world = _world(trainer)
     if _global_rank() == 0:
         printer(
             f"run {run_dir}: {cfg.model} on {len(parts['train'])} training / {len(parts['val'])} validation patches, "
-            f"input {pre.input_size} px, {trainer.world_size} process(es), precision {trainer.precision}"
+            f"input {pre.input_size} px, {trainer.world_size} process(es), precision {trainer.precision} "
+            f"({precision_reason(cfg, _on_cuda(trainer))}), "
+            f"{'channels-last' if module.channels_last else 'contiguous'}"
+            + (f", weight average (EMA {cfg.ema_decay})" if module.ema is not None else "")
+            + (f", time budget {cfg.max_time}: schedule re-planned each epoch" if cfg.max_time else "")
         )
+        _record_numerics(run_dir, str(trainer.precision), module.channels_last, cfg.ema_decay)
     loaders = [
         make_loader(
             parts[s],
@@ -123,8 +126,7 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
     ]
     ckpt = run_dir / LAST_CKPT if cfg.resume else None
     os.environ[RUN_NAME_ENV] = run_dir.name  # DDP children re-run this command: same run folder
-    val_loader = loaders[1] if len(loaders) > 1 else None
-    trainer.fit(module, loaders[0], val_loader, ckpt_path=str(ckpt) if ckpt else None)
+    trainer.fit(module, loaders[0], loaders[1] if validate else None, ckpt_path=str(ckpt) if ckpt else None)
     if pre.stain is not None and _global_rank() == 0:
         printer(stain_summary(pre.stain_counts()))
     return finish(cfg, run_dir, summary, trainer, started)
@@ -258,7 +260,8 @@ def build_trainer(
     if cfg.progress:
         callbacks.append(RichProgressBar(leave=False))
     cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+    precision = choose_precision(cfg, cuda)
+    budget = cfg.max_time_seconds
     devices: Any = cfg.devices
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
@@ -266,12 +269,13 @@ def build_trainer(
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=cfg.max_epochs,
-        max_time=timedelta(seconds=cfg.max_time_seconds) if cfg.max_time_seconds else None,
+        # the schedule plan stops the run at an epoch boundary; this is only a net for an epoch far slower than measured
+        max_time=timedelta(seconds=budget * 1.25 + 60) if budget else None,
         accelerator=cfg.accelerator,
         devices=devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
-        precision=precision,
+        precision=cast(Any, precision),  # one of Lightning's precision names (checked by TrainConfig's Literal)
         gradient_clip_val=cfg.grad_clip,
         callbacks=callbacks,
         logger=TensorBoardLogger(str(run_dir), name="tensorboard", version=""),
@@ -285,6 +289,36 @@ def build_trainer(
     return trainer, summary
 
 
+def choose_precision(cfg: TrainConfig, cuda: bool) -> str:
+    """``cfg.precision``, or for ``auto``: bf16 mixed precision where the hardware computes bf16 natively, else fp32.
+
+    On CPUs without AVX512-BF16 / AMX, bf16 is emulated and slower than fp32.
+    """
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16-mixed" if cuda or (cfg.accelerator in ("auto", "cpu") and native_bf16_cpu()) else "32-true"
+
+
+def precision_reason(cfg: TrainConfig, cuda: bool) -> str:
+    """Why the precision was chosen, in a few words for the run's first line."""
+    if cfg.precision != "auto":
+        return "--precision"
+    if cuda:
+        return "auto: GPU"
+    return "auto: CPU with native bf16" if native_bf16_cpu() else "auto: CPU without native bf16"
+
+
+def _on_cuda(trainer: L.Trainer) -> bool:
+    return trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+
+
+def _record_numerics(run_dir: Path, precision: str, channels_last: bool, ema_decay: float | None) -> None:
+    """The numeric choices of this run, in model.json's training record."""
+    bundle = read_bundle(run_dir)
+    bundle.training.update({"precision": precision, "channels_last": channels_last, "ema_decay": ema_decay})
+    bundle.save(run_dir)
+
+
 def finish(cfg: TrainConfig, run_dir: Path, summary: EpochSummary, trainer: L.Trainer, started: float) -> TrainResult:
     """Record the best metric and training time in model.json."""
     seconds = time.perf_counter() - started
@@ -294,7 +328,7 @@ def finish(cfg: TrainConfig, run_dir: Path, summary: EpochSummary, trainer: L.Tr
             raise ConfigError(f"{run_dir}: training ended before any validation; no weights were saved")
         bundle = read_bundle(run_dir)
         bundle.best_metric = (
-            {"name": MONITOR, "value": summary.best, "epoch": summary.best_epoch}
+            {"name": MONITOR, "value": summary.best, "epoch": summary.best_epoch, "weights": summary.best_weights}
             if summary.validate
             else {
                 "name": "none (no validation split: the last epoch's weights)",
@@ -323,7 +357,7 @@ def _world(trainer: L.Trainer) -> tuple[int, int]:
 def _workers(cfg: TrainConfig, trainer: L.Trainer) -> int:
     if cfg.num_workers is not None:
         return cfg.num_workers
-    if trainer.accelerator.__class__.__name__ == "CUDAAccelerator":
+    if _on_cuda(trainer):
         return min(8, available_cores())
     return 0
 

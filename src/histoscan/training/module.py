@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -11,12 +10,14 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from histoscan.data.transforms import build_augmentation
 from histoscan.inference.probabilities import probabilities
 from histoscan.models.registry import classifier_parameters
 from histoscan.preprocessing import Preprocessing
 from histoscan.training.config import TrainConfig
+from histoscan.training.schedule import SchedulePlan
 
 
 def task_metrics(num_classes: int, prefix: str) -> torchmetrics.MetricCollection:
@@ -24,17 +25,24 @@ def task_metrics(num_classes: int, prefix: str) -> torchmetrics.MetricCollection
     m: dict[str, torchmetrics.Metric | torchmetrics.MetricCollection]
     if num_classes == 2:
         m = {
-            "auroc": torchmetrics.AUROC(task="binary"),
+            "auroc": _auroc(num_classes),
             "acc": torchmetrics.Accuracy(task="binary"),
             "f1": torchmetrics.F1Score(task="binary"),
         }
     else:
         m = {
-            "auroc": torchmetrics.AUROC(task="multiclass", num_classes=num_classes, average="macro"),
+            "auroc": _auroc(num_classes),
             "acc": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes),
             "f1": torchmetrics.F1Score(task="multiclass", num_classes=num_classes, average="macro"),
         }
     return torchmetrics.MetricCollection(m, prefix=prefix)
+
+
+def _auroc(num_classes: int) -> torchmetrics.Metric:
+    """The AUROC of ``task_metrics`` alone (binary, or macro one-vs-rest)."""
+    if num_classes == 2:
+        return torchmetrics.AUROC(task="binary")
+    return torchmetrics.AUROC(task="multiclass", num_classes=num_classes, average="macro")
 
 
 class PatchClassifier(L.LightningModule):
@@ -55,6 +63,14 @@ class PatchClassifier(L.LightningModule):
             "class_weights", weights if weights is not None else torch.ones(num_classes), persistent=False
         )
         self.val_metrics = task_metrics(num_classes, "val_")
+        # the weights' exponential moving average, BatchNorm buffers included: a submodule, so last.ckpt keeps it
+        self.ema: AveragedModel | None = None
+        if cfg.ema_decay:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+            self.val_ema_auroc = _auroc(num_classes)
+        # the learning-rate plan (cosine): re-planned from measured epoch time when the run has a time budget
+        self.plan = SchedulePlan(cfg.max_epochs, cfg.warmup_epochs, cfg.max_time_seconds)
         self.train_metrics = task_metrics(num_classes, "train_")
         self._epoch_start = self._last_batch_end = 0.0
         self._seen = 0
@@ -71,6 +87,11 @@ class PatchClassifier(L.LightningModule):
         between the stored stages, on the fitted, stain-normalised full patch (``to_float``) and
         before the crop / resize and mean / std (``finish``).
         """
+        with torch.autocast(images.device.type, enabled=False):  # preprocessing in fp32, as the Predictor runs it
+            x = self._preprocess(images, train)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def _preprocess(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         if train and self.augment.ops:
             gen = torch.Generator().manual_seed(
                 int(self.cfg.seed * 1_000_003 + self.current_epoch * 10_007 + self.global_step)
@@ -78,7 +99,7 @@ class PatchClassifier(L.LightningModule):
             x = self.pre.finish(self.augment(self.pre.to_float(images), gen))
         else:
             x = self.pre(images)
-        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return x
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         eps = self.cfg.label_smoothing
@@ -111,6 +132,8 @@ class PatchClassifier(L.LightningModule):
         logits = self(self._inputs(images, train=False))
         self.log("val_loss", self.loss(logits, y), on_epoch=True, batch_size=y.shape[0], sync_dist=True)
         self.val_metrics.update(self.probabilities(logits), y)
+        if self.ema is not None:
+            self.val_ema_auroc.update(self.probabilities(self.ema(self._inputs(images, train=False))), y)
 
     def on_train_epoch_start(self) -> None:
         torch.manual_seed(self.cfg.seed * 1009 + self.current_epoch)  # dropout: same after a resume
@@ -119,6 +142,8 @@ class PatchClassifier(L.LightningModule):
         self._last_batch_end = self._epoch_start
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self._last_batch_end = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
@@ -131,6 +156,9 @@ class PatchClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
+        if self.ema is not None:
+            self.log("val_auroc_ema", self.val_ema_auroc.compute(), sync_dist=True)
+            self.val_ema_auroc.reset()
 
     # ---- transfer learning -----------------------------------------------------
     def _set_frozen(self, frozen: bool) -> None:
@@ -172,15 +200,6 @@ class PatchClassifier(L.LightningModule):
             max_lr = [cfg.lr * cfg.backbone_lr_mult] + ([cfg.lr] if head else [])  # one per parameter group
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total)
         else:
-            steps_per_epoch = max(1, total // max(1, cfg.max_epochs))
-            warmup = int(cfg.warmup_epochs * steps_per_epoch)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, warmup, total))
+            plan = self.plan
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: plan.factor(step))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def _warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.01) -> float:
-    """Linear warmup to 1, then cosine decay to ``floor`` at ``total``."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

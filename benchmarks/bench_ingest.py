@@ -27,7 +27,7 @@ from _common import rss_mb, shared_or_exit
 from histoscan.data.ingest import ingest
 from histoscan.data.store import PatchStore
 from histoscan.data.synthetic import write_synthetic_store
-from histoscan.data.transforms import ColorJitter, RandomDihedral, to_float_nchw
+from histoscan.data.transforms import ColourJitter, RandomDihedral, to_float_nchw
 from histoscan.system import available_cores
 
 
@@ -64,7 +64,7 @@ def bench_stream(n: int, work: Path, seconds: float) -> None:
     print(f"built a {n:,}-patch synthetic store in {time.perf_counter() - t:.0f} s")
     store = PatchStore(path)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    dihedral, colour = RandomDihedral(), ColorJitter(0.15, 0.15, 0.15)
+    dihedral, colour = RandomDihedral(), ColourJitter(0.15, 0.15, 0.15)
     gen = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)
     perm = rng.permutation(n)

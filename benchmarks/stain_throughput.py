@@ -28,7 +28,7 @@ from histoscan.data.transforms import build_augmentation
 from histoscan.models import create_model
 from histoscan.preprocessing import Preprocessing
 from histoscan.stain.augment import STAIN_STRENGTHS, StainMatrixJitter
-from histoscan.stain.normalize import StainNormalizer, fit_target
+from histoscan.stain.normalise import StainNormaliser, fit_target
 from histoscan.training.config import resolve_config_path
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     batch = torch.from_numpy(np.ascontiguousarray(images[: args.batch])).to(args.device)
     print(f"device {args.device}, {args.threads} threads, batch {args.batch} of {images.shape[1]} px patches")
     for method in ("macenko", "reinhard"):
-        norm = StainNormalizer(fit_target(images, method, str(store_path)))
+        norm = StainNormaliser(fit_target(images, method, str(store_path)))
         print(f"{method:10s} normalisation: {rate(lambda n=norm: n(batch), len(batch), args.seconds):8.0f} patches/s")
     s = STAIN_STRENGTHS["medium"]
     x = batch.permute(0, 3, 1, 2).float() / 255

@@ -15,7 +15,7 @@ from histoscan.data.imageio import read_image
 from histoscan.data.ingest import ingest
 from histoscan.data.store import INDEX_FILE, PatchStore
 from histoscan.data.synthetic import write_synthetic
-from histoscan.data.transforms import normalize, resize
+from histoscan.data.transforms import normalise, resize
 from histoscan.errors import ConfigError
 from histoscan.inference.predictor import Predictor
 from histoscan.preprocessing import Preprocessing
@@ -89,7 +89,7 @@ def test_cpu_default_crop_does_not_cut_whole_image_labels(lc25000_like: Path, tm
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     torch.testing.assert_close(
         Predictor(run, backend="torch").bundle.preprocessing(images),
-        normalize(resize(x, 64), pre.mean, pre.std),
+        normalise(resize(x, 64), pre.mean, pre.std),
         atol=2e-5,
         rtol=1e-5,
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from histoscan.data.transforms import dihedral, normalize, to_float_nchw
+from histoscan.data.transforms import dihedral, normalise, to_float_nchw
 from histoscan.preprocessing import Preprocessing
 
 
@@ -15,7 +15,7 @@ from histoscan.preprocessing import Preprocessing
 def test_fused_preprocessing_matches_the_definition(crop: int | None, resize_to: int | None, k: int) -> None:
     pre = Preprocessing(image_size=[96, 96], crop=crop, resize=resize_to, mean=[0.7, 0.5, 0.6], std=[0.2, 0.25, 0.15])
     batch = np.random.default_rng(0).integers(0, 256, (5, 96, 96, 3), dtype=np.uint8)
-    want = dihedral(normalize(pre.geometry(to_float_nchw(batch)), pre.mean, pre.std), k)
+    want = dihedral(normalise(pre.geometry(to_float_nchw(batch)), pre.mean, pre.std), k)
     got = pre(batch, k=k)
     assert got.shape == want.shape == (5, 3, pre.input_size, pre.input_size)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)

@@ -59,7 +59,7 @@ def _training_module(run: Path, augment: str = "light") -> PatchClassifier:
 
 def _assert_parity(run: Path, batch: np.ndarray) -> None:
     module = _training_module(run)
-    predictor = Predictor(run, backend="torch")
+    predictor = Predictor(run, backend="torch", precision="fp32")  # the parity is an fp32 check
     with torch.inference_mode():
         x_train = module._inputs(torch.from_numpy(batch), train=False)
         x_pred = predictor.bundle.preprocessing(predictor._to_batch(batch), predictor.device)
@@ -120,7 +120,7 @@ def test_an_edge_patch_reaches_the_model_the_same_through_ingest_and_the_predict
 
     run = tiny_train(store.path, tmp_path / "runs", "edge", crop=40)
     assert read_bundle(run).preprocessing.fit == "pad-edges"
-    module, predictor = _training_module(run), Predictor(run, backend="torch")
+    module, predictor = _training_module(run), Predictor(run, backend="torch", precision="fp32")
     with torch.inference_mode():
         x_train = module._inputs(torch.from_numpy(stored), train=False)
     x_pred = predictor.bundle.preprocessing(predictor._to_batch([edge]))  # the raw 50 x 38 image

@@ -24,7 +24,7 @@ from histoscan.runfolder import RunFolder
 from histoscan.stain.augment import StainMatrixJitter
 from histoscan.stain.colour import optical_density, rgb_to_lab
 from histoscan.stain.estimate import macenko, sample_pixels
-from histoscan.stain.normalize import StainNormalizer, StainTarget, fit_target
+from histoscan.stain.normalise import StainNormaliser, StainTarget, fit_target
 from histoscan.stain.shift import shift_suite
 from histoscan.stain.sources import fit_reference
 from histoscan.training.config import TrainConfig
@@ -90,7 +90,7 @@ def test_macenko_recovers_the_stain_vectors_the_patches_were_made_with() -> None
 def test_normalisation_brings_two_labs_to_one_look(method: str) -> None:
     a, b = stained(12, HE_A, seed=1), stained(12, HE_B, seed=1)  # same tissue, two stains
     target = fit_target(a, method)
-    norm = StainNormalizer(target)
+    norm = StainNormaliser(target)
     na, nb = norm(torch.from_numpy(a)).numpy(), norm(torch.from_numpy(b)).numpy()
     tissue = (optical_density(torch.from_numpy(a)) > 0.15).all(-1).numpy()  # Reinhard moves background too
     before = np.abs(a.astype(float) - b)[tissue].mean()
@@ -103,7 +103,7 @@ def test_normalisation_brings_two_labs_to_one_look(method: str) -> None:
 def test_reinhard_moves_the_lab_statistics_to_the_target() -> None:
     target = fit_target(stained(10, HE_A, seed=2), "reinhard")
     source = torch.from_numpy(stained(4, HE_B, seed=5))
-    out = StainNormalizer(target)(source)
+    out = StainNormaliser(target)(source)
 
     def tissue_means(x: torch.Tensor) -> torch.Tensor:
         lab = rgb_to_lab(x.reshape(4, -1, 3).float())
@@ -118,7 +118,7 @@ def test_reinhard_moves_the_lab_statistics_to_the_target() -> None:
 
 @pytest.mark.parametrize("method", ["macenko", "reinhard"])
 def test_hostile_patches_pass_through_unchanged_and_are_counted(method: str) -> None:
-    norm = StainNormalizer(fit_target(stained(10, HE_A), method))
+    norm = StainNormaliser(fit_target(stained(10, HE_A), method))
     bad = hostile()
     out = norm(torch.from_numpy(bad)).numpy()
     assert out.dtype == np.uint8 and np.isfinite(out).all()
@@ -128,7 +128,7 @@ def test_hostile_patches_pass_through_unchanged_and_are_counted(method: str) -> 
 
 
 def test_per_patch_normalisation_does_not_depend_on_the_rest_of_the_batch() -> None:
-    norm = StainNormalizer(fit_target(stained(10, HE_A), "macenko"))
+    norm = StainNormaliser(fit_target(stained(10, HE_A), "macenko"))
     batch = np.concatenate([stained(3, HE_B, seed=4), hostile()])
     together = norm(torch.from_numpy(batch)).numpy()
     alone = np.concatenate([norm(torch.from_numpy(batch[i : i + 1])).numpy() for i in range(len(batch))])
@@ -137,7 +137,7 @@ def test_per_patch_normalisation_does_not_depend_on_the_rest_of_the_batch() -> N
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_normalisation_on_the_gpu_matches_the_cpu() -> None:
-    norm = StainNormalizer(fit_target(stained(10, HE_A), "macenko"))
+    norm = StainNormaliser(fit_target(stained(10, HE_A), "macenko"))
     x = torch.from_numpy(np.concatenate([stained(4, HE_B), hostile()]))
     diff = (norm(x.cuda()).cpu().int() - norm(x).int()).abs()
     assert diff.max() <= 2
@@ -249,7 +249,7 @@ def test_train_with_macenko_and_stain_augmentation_then_evaluate_under_shifts(
     bundle = read_bundle(run)
     store = PatchStore(stain_store)
     sample = store.batch(np.arange(len(store)))
-    normalised = bundle.preprocessing.normalize_stain(torch.from_numpy(sample)).numpy()
+    normalised = bundle.preprocessing.normalise_stain(torch.from_numpy(sample)).numpy()
     raw_mean = sample.reshape(-1, 3).mean(axis=0) / 255
     assert not np.allclose(bundle.preprocessing.mean, raw_mean, atol=2e-3)
     assert np.allclose(bundle.preprocessing.mean, normalised.reshape(-1, 3).mean(axis=0) / 255, atol=0.03)
@@ -309,7 +309,7 @@ def test_real_tissue_never_gives_nan_and_is_mostly_normalised() -> None:
 
     target = fit_reference(hcd / "train", "macenko", max_patches=200)
     idc = reference_patches(shared("idc"), max_patches=300)
-    norm = StainNormalizer(target)
+    norm = StainNormaliser(target)
     out = norm(torch.from_numpy(idc)).numpy()
     assert out.dtype == np.uint8 and out.shape == idc.shape
     assert norm.counts()["passed_through"] < 0.5 * len(idc)

@@ -8,15 +8,15 @@ import torch
 
 from histoscan.data.transforms import (
     AUGMENTATION_PRESETS,
-    CenterSafeCrop,
-    ColorJitter,
+    CentreSafeCrop,
+    ColourJitter,
     HEDJitter,
     RandomDihedral,
     build_augmentation,
-    center_crop,
+    centre_crop,
     dihedral,
     dihedral_inverse,
-    normalize,
+    normalise,
     resize,
     to_float_nchw,
 )
@@ -35,7 +35,7 @@ def test_dihedral_group_is_eight_distinct_centre_preserving_maps() -> None:
     x = _marked_batch(1)
     outs = [dihedral(x, k) for k in range(8)]
     for k, y in enumerate(outs):
-        assert torch.equal(center_crop(y, 32), center_crop(x, 32)), k
+        assert torch.equal(centre_crop(y, 32), centre_crop(x, 32)), k
         assert torch.equal(dihedral_inverse(y, k), x)
     distinct = {tuple(y.flatten().tolist()) for y in outs}
     assert len(distinct) == 8
@@ -49,16 +49,16 @@ def test_random_dihedral_keeps_the_centre() -> None:
         assert any(torch.equal(y[i], dihedral(x[i : i + 1], k)[0]) for k in range(8))
     # the centre region's content stays in the centre
     assert torch.allclose(
-        center_crop(y, 32).sum(dim=(2, 3)).sort(dim=0).values,
-        center_crop(x, 32).sum(dim=(2, 3)).sort(dim=0).values,
+        centre_crop(y, 32).sum(dim=(2, 3)).sort(dim=0).values,
+        centre_crop(x, 32).sum(dim=(2, 3)).sort(dim=0).values,
         atol=1e-3,
     )
 
 
 @pytest.mark.parametrize("size", [33, 64, 80, 96])
-def test_center_safe_crop_never_loses_the_centre(size: int) -> None:
+def test_centre_safe_crop_never_loses_the_centre(size: int) -> None:
     x = _marked_batch(200)
-    y = CenterSafeCrop(size, keep=32)(x, torch.Generator().manual_seed(1))
+    y = CentreSafeCrop(size, keep=32)(x, torch.Generator().manual_seed(1))
     assert y.shape[-1] == size
     assert torch.equal(y[:, 1].sum(dim=(1, 2)), torch.full((200,), 32.0 * 32.0))  # all 1024 centre pixels in view
 
@@ -66,11 +66,11 @@ def test_center_safe_crop_never_loses_the_centre(size: int) -> None:
 def test_colour_and_stain_jitter_stay_in_range_and_move_no_pixel() -> None:
     x = torch.rand(8, 3, 32, 32)
     gen = torch.Generator().manual_seed(2)
-    for op in (ColorJitter(0.3, 0.3, 0.3), HEDJitter(0.1, 0.1)):
+    for op in (ColourJitter(0.3, 0.3, 0.3), HEDJitter(0.1, 0.1)):
         y = op(x, gen)
         assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
     assert torch.allclose(HEDJitter(0.0, 0.0)(x.clamp(0.01, 1)), x.clamp(0.01, 1), atol=1e-4)
-    assert torch.equal(ColorJitter(0, 0, 0)(x), x)
+    assert torch.equal(ColourJitter(0, 0, 0)(x), x)
 
 
 def test_presets_and_preprocessing() -> None:
@@ -81,7 +81,7 @@ def test_presets_and_preprocessing() -> None:
         y = build_augmentation(name, crop=80)(x, torch.Generator().manual_seed(0))
         assert y.shape == (4, 3, 80, 80)
     assert resize(x, 192).shape[-1] == 192 and resize(x, 48).shape[-1] == 48
-    z = normalize(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    z = normalise(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert torch.allclose(z, (x - 0.5) / 0.25)
     with pytest.raises(ValueError, match="unknown augmentation preset"):
         build_augmentation("wild")
@@ -90,11 +90,11 @@ def test_presets_and_preprocessing() -> None:
 def test_colour_jitter_components_behave_as_defined() -> None:
     gen = torch.Generator().manual_seed(5)
     x = torch.rand(6, 3, 16, 16) * 0.5 + 0.25
-    y = ColorJitter(0.3, 0.0, 0.0)(x, gen)  # brightness: one factor per image
+    y = ColourJitter(0.3, 0.0, 0.0)(x, gen)  # brightness: one factor per image
     ratio = (y / x).flatten(1)
     assert torch.allclose(ratio.min(dim=1).values, ratio.max(dim=1).values, atol=1e-5)
     assert not torch.allclose(ratio[:, 0], torch.ones(6))
-    y = ColorJitter(0.0, 0.3, 0.0)(x, gen)  # contrast keeps the mean
+    y = ColourJitter(0.0, 0.3, 0.0)(x, gen)  # contrast keeps the mean
     assert torch.allclose(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-5)
     gray = x[:, :1].expand(-1, 3, -1, -1).contiguous()
-    assert torch.allclose(ColorJitter(0.0, 0.0, 0.5)(gray, gen), gray, atol=1e-5)  # saturation leaves gray alone
+    assert torch.allclose(ColourJitter(0.0, 0.0, 0.5)(gray, gen), gray, atol=1e-5)  # saturation leaves gray alone

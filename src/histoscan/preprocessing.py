@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from histoscan.data.imageio import FIT_POLICIES, FitPolicy, fit_to_size
-from histoscan.data.transforms import center_crop, dihedral, normalize, resize
+from histoscan.data.transforms import centre_crop, dihedral, normalise, resize
 from histoscan.errors import ConfigError
-from histoscan.stain.normalize import StainNormalizer, StainTarget
+from histoscan.stain.normalise import StainNormaliser, StainTarget
 
 Images = np.ndarray | torch.Tensor | Sequence[np.ndarray]
 
@@ -46,7 +46,7 @@ class Preprocessing:
         mpp: micrometres per pixel of the training patches (at ``image_size``), or None when unknown.
         label_size: side in px (at ``image_size``) of the centred square the label describes
             (32 for Kaggle / PCam 96 px patches); None when the label describes the whole image.
-        stain: the stain normalisation target (``histoscan.stain.normalize.StainTarget.to_dict``), or None.
+        stain: the stain normalisation target (``histoscan.stain.normalise.StainTarget.to_dict``), or None.
     """
 
     image_size: list[int] = field(default_factory=lambda: [96, 96])
@@ -62,10 +62,10 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if self.fit not in FIT_POLICIES:
             raise ConfigError(f"preprocessing.fit {self.fit!r} is not one of {list(FIT_POLICIES)}")
-        self._stain: StainNormalizer | None = None
+        self._stain: StainNormaliser | None = None
 
     @property
-    def stain_normalizer(self) -> StainNormalizer | None:
+    def stain_normaliser(self) -> StainNormaliser | None:
         """The normaliser built from ``stain`` (None without one); it keeps the pass-through counts."""
         if self.stain is None:
             return None
@@ -74,12 +74,12 @@ class Preprocessing:
         except ConfigError as exc:
             raise ConfigError(f"preprocessing.stain: {exc}") from None
         if self._stain is None or self._stain.target.to_dict() != target.to_dict():
-            self._stain = StainNormalizer(target)
+            self._stain = StainNormaliser(target)
         return self._stain
 
     def stain_counts(self) -> dict[str, int]:
         """Patches stain-normalised so far and how many passed through unchanged (zeros without normalisation)."""
-        norm = self.stain_normalizer
+        norm = self.stain_normaliser
         return norm.counts() if norm is not None else {"patches": 0, "passed_through": 0}
 
     @property
@@ -135,9 +135,9 @@ class Preprocessing:
         return out
 
     # ---- stage 2: stain normalisation (uint8, full patch) -------------------------------
-    def normalize_stain(self, batch: torch.Tensor) -> torch.Tensor:
+    def normalise_stain(self, batch: torch.Tensor) -> torch.Tensor:
         """The uint8 NHWC batch after stain normalisation (the batch itself when ``stain`` is None)."""
-        norm = self.stain_normalizer
+        norm = self.stain_normaliser
         return batch if norm is None else norm(batch)
 
     def _fitted(self, batch: Images, device: torch.device | str | None) -> torch.Tensor:
@@ -147,7 +147,7 @@ class Preprocessing:
             batch = torch.from_numpy(np.ascontiguousarray(self.fit_batch(batch)))
         if device is not None:
             batch = batch.to(device, non_blocking=True)
-        return self.normalize_stain(batch)
+        return self.normalise_stain(batch)
 
     # ---- the training path around augmentation ------------------------------------------
     def to_float(self, batch: Images, device: torch.device | str | None = None) -> torch.Tensor:
@@ -157,14 +157,14 @@ class Preprocessing:
     def geometry(self, x: torch.Tensor) -> torch.Tensor:
         """Stage 4 on float NCHW at ``image_size``: centre crop, then resize."""
         if self.crop:
-            x = center_crop(x, self.crop)
+            x = centre_crop(x, self.crop)
         if self.resize:
             x = resize(x, self.resize)
         return x
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """Stages 4-5 on float [0, 1] NCHW at ``image_size``: crop / resize, then mean / std."""
-        return normalize(self.geometry(x), self.mean, self.std)
+        return normalise(self.geometry(x), self.mean, self.std)
 
     # ---- the fused path (prediction, and training without augmentation) ------------------
     def __call__(self, batch: Images, device: torch.device | str | None = None, k: int = 0) -> torch.Tensor:

@@ -111,7 +111,7 @@ ClassNames = Annotated[list[Name], Field(min_length=2), AfterValidator(_unique)]
 
 
 class StainSpec(BaseModel):
-    """``preprocessing.stain``: a fitted stain normalisation target (``histoscan.stain.normalize.StainTarget``)."""
+    """``preprocessing.stain``: a fitted stain normalisation target (``histoscan.stain.normalise.StainTarget``)."""
 
     model_config = _STRICT
     method: Literal["reinhard", "macenko"]

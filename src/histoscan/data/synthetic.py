@@ -33,7 +33,7 @@ def _blob(
     cx: float,
     ry: float,
     rx: float,
-    color: np.ndarray,
+    colour: np.ndarray,
     irregular: float,
     alpha: float,
 ) -> None:
@@ -52,7 +52,7 @@ def _blob(
     else:
         radius2 = 1.0
     mask = np.clip((radius2 - d) * 2.0, 0.0, 1.0)[..., None] * np.float32(alpha)
-    img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - mask) + color * mask
+    img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - mask) + colour * mask
 
 
 def synth_patch(

@@ -2,7 +2,7 @@
 
 Every augmentation here keeps the labelled centre of a patch in view: the
 dihedral group rotates and flips about the centre, colour and stain jitter
-move no pixel, and ``CenterSafeCrop`` only shifts by as much as leaves the
+move no pixel, and ``CentreSafeCrop`` only shifts by as much as leaves the
 centre ``keep`` x ``keep`` region (the store's ``label_size``) inside the crop.
 """
 
@@ -76,15 +76,15 @@ class RandomDihedral:
         return torch.gather(x.reshape(n, c, h * w), 2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
 
 
-def _uniform(n: int, amount: float, gen: torch.Generator | None, center: float = 1.0) -> Tensor:
-    return center + (torch.rand(n, generator=gen) * 2 - 1) * amount
+def _uniform(n: int, amount: float, gen: torch.Generator | None, centre: float = 1.0) -> Tensor:
+    return centre + (torch.rand(n, generator=gen) * 2 - 1) * amount
 
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 @dataclass
-class ColorJitter:
+class ColourJitter:
     """Per-image brightness, contrast and saturation jitter on float [0, 1] NCHW.
 
     The three jitters are affine maps of each pixel's RGB, so they are composed into
@@ -132,7 +132,7 @@ class HEDJitter:
 
 
 @dataclass
-class CenterSafeCrop:
+class CentreSafeCrop:
     """Random crop of ``size`` whose offset never moves the centre ``keep`` x ``keep`` region out of view.
 
     ``keep`` is the labelled region (``Preprocessing.label_size``); None means the label is
@@ -162,7 +162,7 @@ class CenterSafeCrop:
         return torch.stack([x[i, :, y : y + self.size, c : c + self.size] for i, (y, c) in enumerate(zip(ys, xs))])
 
 
-def center_crop(x: Tensor, size: int) -> Tensor:
+def centre_crop(x: Tensor, size: int) -> Tensor:
     """Crop the centre ``size`` x ``size`` (the seed that cut HCD patches to their labelled 32x32)."""
     h, w = x.shape[-2:]
     if size > min(h, w):
@@ -179,7 +179,7 @@ def resize(x: Tensor, size: int) -> Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
 
 
-def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+def normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """(x - mean) / std per channel."""
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
@@ -225,13 +225,13 @@ def build_augmentation(
         raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {list(AUGMENTATION_PRESETS)}")
     ops: list[BatchOp] = []
     if crop:
-        ops.append(CenterSafeCrop(crop, keep))
+        ops.append(CentreSafeCrop(crop, keep))
     if preset in ("flips", "light", "strong") or preset.startswith("stain-"):
         ops.append(RandomDihedral())
     if preset == "light":
-        ops.append(ColorJitter(0.15 * strength, 0.15 * strength, 0.15 * strength))
+        ops.append(ColourJitter(0.15 * strength, 0.15 * strength, 0.15 * strength))
     if preset == "strong":
-        ops.append(ColorJitter(0.25 * strength, 0.25 * strength, 0.25 * strength))
+        ops.append(ColourJitter(0.25 * strength, 0.25 * strength, 0.25 * strength))
         ops.append(HEDJitter(0.05 * strength, 0.05 * strength))
     if preset.startswith("stain-"):
         from histoscan.stain.augment import STAIN_STRENGTHS, StainMatrixJitter

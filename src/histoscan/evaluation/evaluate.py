@@ -108,8 +108,8 @@ def evaluate_run(
         n_boot=n_boot,
         seed=seed,
     )
-    stain_counts = (  # patch passes of this split (each TTA element counts once)
-        {k: v - counted[k] for k, v in predictor.bundle.preprocessing.stain_counts().items()}
+    stain_counts = (  # patches of this split: every TTA pass normalises the same patches the same way
+        {k: (v - counted[k]) // len(ks) for k, v in predictor.bundle.preprocessing.stain_counts().items()}
         if bundle.preprocessing.stain
         else None
     )

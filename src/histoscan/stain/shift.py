@@ -34,7 +34,7 @@ from histoscan.data.transforms import HEDJitter
 from histoscan.evaluation.metrics import auroc, bootstrap_interval
 from histoscan.reports.html import HtmlReport
 from histoscan.stain.colour import from_optical_density, lab_to_rgb, optical_density, rgb_to_lab, to_uint8
-from histoscan.stain.normalize import StainNormalizer
+from histoscan.stain.normalise import StainNormaliser
 from histoscan.stain.sources import fit_reference
 
 Tensor = torch.Tensor
@@ -95,9 +95,9 @@ def _rotate(degrees: float) -> ShiftFn:
     return apply
 
 
-def _restain(normalizer: StainNormalizer) -> ShiftFn:
+def _restain(normaliser: StainNormaliser) -> ShiftFn:
     def apply(batch: Tensor, start: int) -> Tensor:
-        return normalizer(batch)
+        return normaliser(batch)
 
     return apply
 
@@ -107,7 +107,7 @@ def shift_suite(donors: Sequence[str | Path] = ()) -> list[Shift]:
     shifts = [Shift(f"hed-{s:g}", "in", _hed(s)) for s in (0.05, 0.1, 0.2)]
     for donor in donors:
         target = fit_reference(donor, "macenko")
-        shifts.append(Shift(f"restain-{Path(donor).name}", "in", _restain(StainNormalizer(target))))
+        shifts.append(Shift(f"restain-{Path(donor).name}", "in", _restain(StainNormaliser(target))))
     shifts += [
         Shift("lab-a+8", "out", _lab(1, 8.0)),
         Shift("lab-b-8", "out", _lab(2, -8.0)),

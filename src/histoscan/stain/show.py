@@ -18,7 +18,7 @@ from histoscan.reports.figures import image_grid, new_figure, save_png
 from histoscan.reports.html import HtmlReport
 from histoscan.stain.colour import optical_density
 from histoscan.stain.estimate import macenko, sample_pixels
-from histoscan.stain.normalize import StainNormalizer, fit_target
+from histoscan.stain.normalise import StainNormaliser, fit_target
 
 STAIN_JSON = "stain.json"
 MAX_GROUPS = 20
@@ -114,7 +114,7 @@ def _before_after(images: np.ndarray, seed: int, path: Path, n: int = 8) -> Path
             rows.append(show)
             titles += [f"{method}: no target"] * len(show)
             continue
-        rows.append(StainNormalizer(target)(torch.from_numpy(np.ascontiguousarray(show))).numpy())
+        rows.append(StainNormaliser(target)(torch.from_numpy(np.ascontiguousarray(show))).numpy())
         titles += [method] * len(show)
     return image_grid(np.concatenate(rows), titles, path, cols=len(show), suptitle="before and after normalisation")
 

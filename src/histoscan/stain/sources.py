@@ -11,7 +11,7 @@ import numpy as np
 from histoscan.data.imageio import fit_to_size, read_image
 from histoscan.data.store import META_FILE, PatchStore
 from histoscan.errors import ConfigError, DataError
-from histoscan.stain.normalize import StainTarget, check_method, fit_target
+from histoscan.stain.normalise import StainTarget, check_method, fit_target
 
 #: patches read (at most) to fit a target or a donor's stain
 MAX_REFERENCE_PATCHES = 2000

@@ -216,9 +216,9 @@ def _normalisation(
         dc = timm_data_config(model)
         return [float(v) for v in dc["mean"]], [float(v) for v in dc["std"]]
     sample = train.batch(sorted(range(0, len(train), max(1, len(train) // 2000))))
-    stained = pre.normalize_stain(torch.from_numpy(sample)).numpy()
-    if pre.stain_normalizer is not None:
-        pre.stain_normalizer.reset_counts()  # the counts logged after training are the training patches'
+    stained = pre.normalise_stain(torch.from_numpy(sample)).numpy()
+    if pre.stain_normaliser is not None:
+        pre.stain_normaliser.reset_counts()  # the counts logged after training are the training patches'
     return channel_stats(stained)
 
 

@@ -1,7 +1,7 @@
 """Stain normalisation of uint8 NHWC batches (Reinhard, Macenko), batched in torch on the batch's device.
 
 A ``StainTarget`` is what ``model.json``'s ``preprocessing.stain`` holds: the method, the
-granularity and the fitted target. ``StainNormalizer`` applies it; a patch whose own estimate is
+granularity and the fitted target. ``StainNormaliser`` applies it; a patch whose own estimate is
 unusable (blank, background, very dark, pen-marked, single colour) passes through unchanged and is
 counted in ``passed_through``.
 """
@@ -132,7 +132,7 @@ def _rounded(m: Tensor) -> list[list[float]]:
     return [[round(float(v), 6) for v in row] for row in m]
 
 
-class StainNormalizer:
+class StainNormaliser:
     """Applies a ``StainTarget`` to uint8 NHWC batches; counts the patches it passes through unchanged."""
 
     def __init__(self, target: StainTarget) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -88,26 +89,49 @@ def test_every_hostile_upload_gets_its_documented_4xx(server: tuple[str, int, ob
 
 
 def _raw(port: int, head: str, body_chunks: Iterator[bytes] = iter(())) -> tuple[int, str, int]:
-    """Send ``head`` and then chunks until the server answers; (status, response text, body bytes sent)."""
+    """Send ``head`` and then chunks until the server answers; (status, response text, body bytes sent).
+
+    A full send buffer means the server is reading slowly (a loaded machine), not that it refused: wait
+    for the socket to become writable or readable rather than give up, or a slow server that has not yet
+    reached the limit and a client that stopped sending would wait on each other.
+    """
     sent = 0
+    answer = b""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(head.encode())
         s.setblocking(False)
-        answer = b""
-        for chunk in body_chunks:
-            with suppress(BlockingIOError):
-                answer += s.recv(65536)
-            if answer:
-                break
-            try:
-                s.sendall(chunk)
-                sent += len(chunk)
-            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
-                break
+        pending = b""
+        deadline = time.monotonic() + 120
+        closed = False
+        while time.monotonic() < deadline:
+            if not pending:
+                pending = next(body_chunks, b"")
+                if not pending:
+                    break
+            readable, writable, _ = select.select([s], [s], [], 1.0)
+            if readable:
+                try:
+                    more = s.recv(65536)
+                except ConnectionResetError:
+                    closed = True
+                    break
+                answer += more
+                if answer or not more:
+                    closed = not more
+                    break
+            if writable:
+                try:
+                    n = s.send(pending)
+                except BlockingIOError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                sent += n
+                pending = pending[n:]
         s.setblocking(True)
         s.settimeout(30)
         try:
-            while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 20:
+            while not closed and (b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 20):
                 more = s.recv(65536)
                 if not more:
                     break
@@ -115,6 +139,7 @@ def _raw(port: int, head: str, body_chunks: Iterator[bytes] = iter(())) -> tuple
         except (ConnectionResetError, TimeoutError):
             pass
     text = answer.decode("latin-1")
+    assert text, f"no answer from the server after {sent:,} body bytes"
     return int(text.split(" ", 2)[1]), text, sent
 
 

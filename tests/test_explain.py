@@ -212,6 +212,18 @@ def test_deletion_happens_inside_the_crop_on_stain_normalised_colours(tmp_path: 
         assert m[h].min() >= m[inside & ~h].max()  # the map's highest pixels inside the crop go first
 
 
+def test_normal_fill_takes_the_deleted_pixels_from_a_normal_patch(tmp_path: Path) -> None:
+    e = Explainer(make_run(tmp_path / "crop", "simple_cnn", crop=64, resize=48))
+    images, donor = patches(3, seed=4, label=1), patches(1, seed=5, label=0)
+    maps = np.stack(e.explain_batch(images).maps)
+    originals, deleted, _ = deleted_images(e, images, maps, 0.3, fill="normal", donors=donor)
+    for name, x in deleted.items():
+        changed = (x != originals).any(axis=-1)
+        assert changed.any() and np.array_equal(x[changed], np.broadcast_to(donor, x.shape)[changed]), name
+    with pytest.raises(ConfigError, match="donor"):
+        deleted_images(e, images, maps, 0.3, fill="normal")
+
+
 def test_real_tissue_maps(tiny_run: Path) -> None:
     from histoscan.data.imageio import read_image
 

@@ -11,8 +11,10 @@ pixels of a Gaussian-blurred copy: the nuclei's detail goes, the colour stays) a
 (the same pixels of a patch of normal tissue the model calls negative). A deletion must not
 itself add evidence: a flat grey or smooth area is unlike any training patch, and a model that
 reads fine nuclear texture as "normal" takes it for tumour, so P(tumour) can rise whatever is
-removed. Check a fill on true negatives first (random deletion must leave them negative); on
-hcd only ``normal`` passed that check for the cpu-default (see docs/readme-explain-figures.md).
+removed. Check a fill on true negatives first: deleting from them must leave P(tumour) where it
+was. On hcd, for the cpu-default, only ``normal`` passed, and only for contiguous deletions (the
+map's, a block, the centre blob): pixels scattered at random make a speckle that raises P(tumour)
+whatever the fill (figures in the README's "Is the map true to the model?").
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 (a) maps/s, batched, for the CPU default model (cpu-default architecture) and resnet18, against plain
     prediction throughput of the same model in the same run (Predictor, torch backend, same images).
     Target: ratio >= 0.25 for Grad-CAM.
-(b) RSS before and after 5,000 maps. Target: growth <= 100 MB.
+(b) RSS over 5,000 maps, read every --every maps: as glibc leaves it, and after malloc_trim(0) at each
+    reading (growth that survives the trim is a leak, growth a trim removes is allocator retention);
+    the trend (least-squares slope over the second half) and live Python objects. Target: growth <= 100 MB.
+    Run it again under MALLOC_ARENA_MAX=2 to see the effect of fewer glibc arenas.
 (c) Faithfulness: on real tumour patches (held-out split) that the run calls positive, delete the 20%
     of the crop's pixels with the highest map values, 20% at random, a random block and a centred Gaussian
     blob of the same area, with each fill (grey, blur, normal tissue), after checking on true negatives

@@ -17,7 +17,7 @@ from histoscan.cli import app
 from histoscan.data.synthetic import synth_patch
 from histoscan.errors import ConfigError
 from histoscan.explain import Explainer
-from histoscan.explain.faithfulness import centre_mass, deletion, rank_correlation
+from histoscan.explain.faithfulness import centre_mass, deleted_images, deletion, rank_correlation
 from histoscan.models.registry import register_model
 from histoscan.preprocessing import Preprocessing
 from tests.conftest import shared
@@ -185,6 +185,43 @@ def test_deletion_beats_random_and_randomised_weights_change_the_maps(tiny_run: 
     # ...and maps of random weights do not explain the trained model: greying their top pixels does less
     d_random = deletion(e, images[keep], r, target=1, fraction=0.2)
     assert d.drop("map").mean() > d_random.drop("map").mean(), (d.drop("map").mean(), d_random.drop("map").mean())
+
+
+def test_deletion_happens_inside_the_crop_on_stain_normalised_colours(tmp_path: Path) -> None:
+    from histoscan.stain.normalise import fit_target
+
+    target = fit_target(patches(32, seed=3, label=1), "reinhard").to_dict()
+    run = make_run(tmp_path / "crop", "simple_cnn", crop=64, resize=48, stain=target)
+    e = Explainer(run)
+    images = patches(4, seed=9, label=1)
+    maps = np.stack(e.explain_batch(images).maps)
+    originals, deleted, _ = deleted_images(e, images, maps, fraction=0.2)
+    # deletion works on what the model is given: the stain-normalised patch (deleting first would recolour the rest)
+    assert np.array_equal(originals, e.pre.normalise_stain(torch.from_numpy(images)).numpy())
+    count = round(0.2 * 64 * 64)  # a fraction of the crop's area, not of the 96 px patch
+    inside = np.zeros((96, 96), bool)
+    inside[16:80, 16:80] = True
+    for name, x in deleted.items():
+        changed = (x != originals).any(axis=-1)
+        assert not changed[:, ~inside].any(), name  # nothing outside the crop, where the model does not look
+        per_image = changed.sum(axis=(1, 2))
+        # about ``count`` pixels each (a block is the nearest square; a few pixels may already hold the fill)
+        assert ((per_image <= 1.05 * count) & (per_image >= 0.9 * count)).all(), (name, per_image)
+    hit = (deleted["map"] != originals).any(axis=-1)
+    for m, h in zip(maps, hit):
+        assert m[h].min() >= m[inside & ~h].max()  # the map's highest pixels inside the crop go first
+
+
+def test_normal_fill_takes_the_deleted_pixels_from_a_normal_patch(tmp_path: Path) -> None:
+    e = Explainer(make_run(tmp_path / "crop", "simple_cnn", crop=64, resize=48))
+    images, donor = patches(3, seed=4, label=1), patches(1, seed=5, label=0)
+    maps = np.stack(e.explain_batch(images).maps)
+    originals, deleted, _ = deleted_images(e, images, maps, 0.3, fill="normal", donors=donor)
+    for name, x in deleted.items():
+        changed = (x != originals).any(axis=-1)
+        assert changed.any() and np.array_equal(x[changed], np.broadcast_to(donor, x.shape)[changed]), name
+    with pytest.raises(ConfigError, match="donor"):
+        deleted_images(e, images, maps, 0.3, fill="normal")
 
 
 def test_real_tissue_maps(tiny_run: Path) -> None:

@@ -22,7 +22,6 @@ Run: python benchmarks/bench_explain.py [--run RUN | --keep DIR] [--epochs 4] [-
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import gc
 import os
@@ -42,6 +41,7 @@ from histoscan.data.store import PatchStore
 from histoscan.explain import Explainer
 from histoscan.explain.faithfulness import STRATEGIES, Deletion, Fill, deletion_curve, model_view, rank_correlation
 from histoscan.runfolder import RunFolder
+from histoscan.system import release_free_memory
 from histoscan.training.config import TrainConfig
 from histoscan.training.fit import train
 
@@ -88,14 +88,6 @@ def throughput(run: Path, images: np.ndarray, batch: int, repeats: int = 2) -> t
     return maps, preds
 
 
-def malloc_trim() -> bool:
-    """Ask glibc to hand its free heap memory back to the system (False where there is no glibc)."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
 def memory(
     run: Path, images: np.ndarray, total: int, batch: int, every: int, trim: bool
 ) -> list[tuple[int, float, int]]:
@@ -111,7 +103,7 @@ def memory(
     def reading(done: int) -> tuple[int, float, int]:
         gc.collect()
         if trim:
-            malloc_trim()
+            release_free_memory()
         return done, rss_mb(), len(gc.get_objects())
 
     samples = [reading(0)]

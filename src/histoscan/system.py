@@ -41,3 +41,21 @@ def native_bf16_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 
     capability = str(torch.backends.cpu.get_cpu_capability()).upper()
     return "BF16" in capability or "AMX" in capability
+
+
+def release_free_memory() -> bool:
+    """Hand the C allocator's free heap back to the system (glibc's ``malloc_trim(0)``); False where there is none.
+
+    Written by hand (a ctypes call) because no library exposes it. Long loops that allocate and free
+    large tensors (Grad-CAM's forward and backward passes) otherwise leave RSS swinging by a few hundred
+    MB as glibc keeps freed memory: measured by ``benchmarks/bench_explain.py``, not a leak.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return False

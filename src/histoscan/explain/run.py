@@ -26,7 +26,7 @@ from histoscan.explain.render import Geometry, overlay_png, panel, png_bytes
 from histoscan.explain.settings import ExplainSettings
 from histoscan.inference.inputs import Batch, input_batches, store_input_batches
 from histoscan.runfolder import RunFolder
-from histoscan.system import available_cores
+from histoscan.system import available_cores, release_free_memory
 
 
 @dataclass
@@ -144,6 +144,7 @@ def explain_inputs(
                 )
                 parts += 1
                 count += len(lb.batch.ids)
+                release_free_memory()  # keeps RSS flat over thousands of maps (glibc keeps freed heap otherwise)
         if not count:
             first = f" (first failure: {failures[0][1]}: {failures[0][2]})" if failures else ""
             raise DataError(f"{', '.join(map(str, inputs))}: no readable images{first}")

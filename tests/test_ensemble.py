@@ -150,7 +150,9 @@ def test_consumers_take_an_ensemble(cv: Path, store: Path, kaggle_dir: Path, tmp
     for model_process in (False, True):
         with TestClient(create_app(ServeSettings(str(ens), model_process=model_process))) as c:
             j = c.post("/v1/predict", files={"file": (f.name, f.read_bytes(), "image/tiff")}).json()
-            assert set(j["probabilities"]) == {"normal", "tumor"}, j
+            assert set(j["probabilities"]) == {"normal", "tumor"} and j["uncertainty"] >= 0, j
+            card = c.get("/v1/model").json()
+            assert card["architecture"] == "ensemble" and [m["run"] for m in card["members"]] == ["fold-0", "fold-1"]
 
 
 def test_slide_scan_takes_an_ensemble(cv: Path, tmp_path: Path) -> None:

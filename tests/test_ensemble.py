@@ -217,3 +217,20 @@ def test_fitting_predictions_of_a_single_run_is_its_validation_split(tiny_run: P
     before = Predictor(run).predict_store(val).predicted
     calibrate(run)
     assert (Predictor(run).predict_store(val).predicted == before).all()  # the threshold moves with the temperature
+
+
+def test_cli_train_folds_collects_finished_folds_and_refuses_bad_options(cv: Path, store: Path, tmp_path: Path) -> None:
+    for i in (0, 1):
+        shutil.copytree(fold_dir(cv, i), tmp_path / "cv3" / f"fold-{i}")
+    args = ["train", "--data", str(store), "--out", str(tmp_path), "--name", "cv3", "--val", "0.2", "--test", "0.1"]
+    res = CliRunner().invoke(app, [*args, "--folds", "2"])
+    assert res.exit_code == 0 and "reused: [0, 1]" in res.output and "out-of-fold AUROC" in res.output, res.output
+    assert (tmp_path / "cv3" / CV_FILE).is_file() and (tmp_path / "cv3" / ENSEMBLE_DIR / "model.json").is_file()
+    res = CliRunner().invoke(app, [*args, "--folds", "3"])  # other folds than the ones this CV started with
+    assert res.exit_code == 2 and "folds.csv: these folds differ" in res.output, res.output
+    for bad, words in [
+        ({"folds": 1}, "folds must be at least 2"),
+        ({"folds": 2, "split_file": "x.csv"}, "no split_file"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            TrainConfig(data=str(store), **bad)  # type: ignore[arg-type]

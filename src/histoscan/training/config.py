@@ -144,7 +144,7 @@ class TrainConfig:
             )
         if self.fold is not None and ((self.split_file is None and self.folds is None) or self.fold < 0):
             raise ConfigError(
-                "fold needs folds (K) or a folds file as split_file (from 'histoscan split --folds K') and fold >= 0"
+                "fold needs a folds file as split_file (from 'histoscan split --folds K'), or folds K, and fold >= 0"
             )
 
     @property

@@ -128,6 +128,8 @@ def test_consumers_take_an_ensemble(cv: Path, store: Path, kaggle_dir: Path, tmp
     assert "uncertainty" in preds.columns and len(preds) == 20  # spread across members, without TTA
     res = r.invoke(app, ["evaluate", str(ens), "--bootstrap", "20", "--no-tta"])
     assert res.exit_code == 0 and "AUROC" in res.output, res.output
+    res = r.invoke(app, ["evaluate", str(ens), "--save-threshold", "youden", "--bootstrap", "0", "--no-tta"])
+    assert res.exit_code == 0 and "chosen on the validation split" in res.output, res.output  # (its OOF predictions)
     res = r.invoke(app, ["calibrate", str(ens)])
     assert res.exit_code == 0 and "out-of-fold predictions of the 2 folds" in res.output, res.output
     assert read_bundle(ens).temperature != 1.0 and read_bundle(tmp_path / "fold-0").temperature == 1.0

@@ -35,13 +35,16 @@ class EvaluationResult:
 
 
 def choose_threshold(predictor: Predictor, run_dir: Path, store_path: Path, rule: str, target: float) -> float:
-    """A decision threshold chosen on the run's validation split (never on the split being reported)."""
+    """A decision threshold chosen on the run's validation split, or an ensemble of folds' out-of-fold predictions
+    (``fitting_predictions``; never on the split being reported)."""
+    from histoscan.inference.fitting import fitting_predictions
+
     if rule not in THRESHOLD_RULES:
         raise ConfigError(f"--save-threshold {rule!r} is not one of {list(THRESHOLD_RULES)}")
     if predictor.bundle.task != "binary":
         raise ConfigError("a decision threshold applies to binary models; multi-class models predict the argmax")
-    val, _ = RunFolder(run_dir).select_patches(store_path, "val")
-    return pick_threshold(val.labels, predictor.predict_store(val).probabilities[:, 1], rule, target, str(store_path))
+    fit = fitting_predictions(run_dir, None, store_path)
+    return pick_threshold(fit.labels, fit.probabilities[:, 1], rule, target, fit.source)
 
 
 def pick_threshold(labels: np.ndarray, scores: np.ndarray, rule: str, target: float = 0.95, source: str = "") -> float:

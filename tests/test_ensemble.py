@@ -236,3 +236,18 @@ def test_cli_train_folds_collects_finished_folds_and_refuses_bad_options(cv: Pat
     ]:
         with pytest.raises(ConfigError, match=words):
             TrainConfig(data=str(store), **bad)  # type: ignore[arg-type]
+
+
+def test_copy_makes_a_self_contained_ensemble(cv: Path, store: Path, tmp_path: Path) -> None:
+    for i in (0, 1):
+        shutil.copytree(fold_dir(cv, i), tmp_path / f"f{i}")
+    ens = tmp_path / "ens"
+    r = make_ensemble([tmp_path / "f0", tmp_path / "f1"], ens, copy=True, threshold_rule="none")
+    assert r.fitted_on == "oof" and r.threshold == 0.5
+    for i in (0, 1):
+        shutil.rmtree(tmp_path / f"f{i}")
+    doc = json.loads((ens / "model.json").read_text())
+    assert [m["run"] for m in doc["members"]] == ["members/0-f0", "members/1-f1"]
+    assert len(Predictor(ens).predict_batch(PatchStore(store).batch([0, 1, 2]))) == 3
+    with pytest.raises(ConfigError, match="a model already exists there"):
+        make_ensemble([ens / "members/0-f0", ens / "members/1-f1"], ens)

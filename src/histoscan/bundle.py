@@ -194,15 +194,17 @@ class EnsembleBundle(ModelBundle):
         )
 
 
-def read_member(run_dir: Path, ensemble_dir: Path) -> ModelBundle:
-    """One member's bundle; ConfigError naming the member when it is missing or is itself an ensemble."""
+def read_member(run_dir: Path, ensemble_dir: Path | None = None) -> ModelBundle:
+    """One member's bundle; ConfigError naming the member (and the ensemble, when there is one yet) when it is
+    missing or is itself an ensemble."""
     run = RunFolder(run_dir)
+    where = f"{ensemble_dir}: " if ensemble_dir is not None else ""
     if not run.model_json.is_file():
-        raise ConfigError(f"{ensemble_dir}: member {run_dir} is not a histoscan run (no {MODEL_FILE})")
+        raise ConfigError(f"{where}member {run_dir} is not a histoscan run (no {MODEL_FILE})")
     doc = run.read_document()
     if isinstance(doc, EnsembleDocument):
         raise ConfigError(
-            f"{ensemble_dir}: member {run_dir} is itself an ensemble; list its members instead (no nested ensembles)"
+            f"{where}member {run_dir} is itself an ensemble; list its members instead (no nested ensembles)"
         )
     return ModelBundle.from_document(doc)
 

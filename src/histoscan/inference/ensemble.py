@@ -85,6 +85,7 @@ def make_ensemble(
     if fitted_on == "validation":
         _check_same_test(dirs)
     out.mkdir(parents=True, exist_ok=True)
+    RunFolder(out).onnx_path.unlink(missing_ok=True)  # a graph of the members this replaces would be stale
     members = _place(dirs, out, copy)
     _write_split(dirs, out, fitted_on)
     doc = EnsembleDocument(
@@ -122,7 +123,7 @@ def parse_weights(text: str | None) -> list[float] | None:
 def _member(run: Path) -> ModelBundle:
     if not run.is_dir():
         raise ConfigError(f"member {run}: no such run folder")
-    return read_member(run, run)
+    return read_member(run)
 
 
 def check_compatible(first_dir: Path, first: ModelBundle, run: Path, b: ModelBundle) -> None:

@@ -203,6 +203,8 @@ def test_ensemble_is_a_schema_alternative_but_not_a_single_model(tmp_path: Path)
     run.mkdir()
     RunFolder(run).write_model_json(doc)
     with pytest.raises(ConfigError, match=r"model\.json: kind: an ensemble of 2 runs, but a single model is needed"):
+        RunFolder(run).read_model_json()
+    with pytest.raises(ConfigError, match=r"member .*fold0 is not a histoscan run"):
         read_bundle(run)
     with pytest.raises(ConfigError, match=r"e\.json: members\[0\]\.weight"):
         parse_document({**doc, "members": [{"run": "a", "weight": 0}, {"run": "b"}]}, "e.json")

@@ -26,11 +26,14 @@ from histoscan.runfolder import (  # noqa: F401  (file names re-exported for mod
     SCHEMA_VERSION,
     SPLIT_FILE,
     WEIGHTS_FILE,
+    Calibration,
+    EnsembleDocument,
     InferencePolicy,
     ModelDocument,
     PreprocessingSpec,
     RunFolder,
     TrustPolicy,
+    member_dir,
     parse_model,
     training_store,
 )
@@ -127,9 +130,91 @@ class ModelBundle:
         return run.write_model_json(self.to_document(run.model_json))
 
 
+@dataclass
+class EnsembleBundle(ModelBundle):
+    """An ensemble's view as one model: its classes, threshold, temperature and policies, and its members.
+
+    ``preprocessing`` is the members' shared geometry (image size, fit policy, resolution, label size: the
+    first member's, which ``histoscan ensemble`` checked every member agrees with); each member still applies
+    its own crop, resize, normalisation and stain target, read from its own ``model.json``.
+    """
+
+    members: list[ModelBundle] = field(default_factory=list)
+    member_dirs: list[Path] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    document: EnsembleDocument | None = None
+
+    @property
+    def fitted_on(self) -> str:
+        """``oof`` (the members are the folds of one cross-validation) or ``validation``."""
+        return self.document.fitted_on if self.document else "validation"
+
+    def to_ensemble_document(self) -> EnsembleDocument:
+        """The ensemble's ``model.json`` with this view's threshold, temperature and policies."""
+        if self.document is None:
+            raise ConfigError("an ensemble bundle needs its model.json document to be saved")
+        return self.document.model_copy(
+            update={
+                "threshold": self.threshold,
+                "calibration": Calibration(temperature=self.temperature),
+                "inference": self.inference,
+                "trust": self.trust,
+            }
+        )
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write the ensemble's ``model.json`` atomically (the members' files are never touched)."""
+        return RunFolder(run_dir).write_model_json(self.to_ensemble_document())
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.to_ensemble_document().model_dump(mode="json")
+
+    @classmethod
+    def from_ensemble(cls, doc: EnsembleDocument, ensemble_dir: str | Path) -> EnsembleBundle:
+        """The view of an ensemble's validated ``model.json``, reading each member's bundle (one line per bad member)."""
+        dirs = [member_dir(ensemble_dir, m.run) for m in doc.members]
+        members = [read_member(d, Path(ensemble_dir)) for d in dirs]
+        first = members[0]
+        return cls(
+            architecture="ensemble",
+            classes=list(doc.classes),
+            preprocessing=first.preprocessing,
+            threshold=doc.threshold,
+            temperature=doc.calibration.temperature,
+            best_metric={},
+            split={"file": SPLIT_FILE, "fitted_on": doc.fitted_on},
+            training={"store": first.training.get("store"), "members": len(members)},
+            histoscan_version=doc.histoscan_version,
+            inference=doc.inference,
+            trust=doc.trust,
+            members=members,
+            member_dirs=dirs,
+            weights=[m.weight for m in doc.members],
+            document=doc,
+        )
+
+
+def read_member(run_dir: Path, ensemble_dir: Path | None = None) -> ModelBundle:
+    """One member's bundle; ConfigError naming the member (and the ensemble, when there is one yet) when it is
+    missing or is itself an ensemble."""
+    run = RunFolder(run_dir)
+    where = f"{ensemble_dir}: " if ensemble_dir is not None else ""
+    if not run.model_json.is_file():
+        raise ConfigError(f"{where}member {run_dir} is not a histoscan run (no {MODEL_FILE})")
+    doc = run.read_document()
+    if isinstance(doc, EnsembleDocument):
+        raise ConfigError(
+            f"{where}member {run_dir} is itself an ensemble; list its members instead (no nested ensembles)"
+        )
+    return ModelBundle.from_document(doc)
+
+
 def read_bundle(run_dir: str | Path) -> ModelBundle:
-    """Read and validate ``model.json`` of a run folder."""
-    return ModelBundle.from_document(RunFolder(run_dir).read_model_json())
+    """Read and validate ``model.json`` of a run folder: a ``ModelBundle``, or an ``EnsembleBundle`` for an ensemble."""
+    doc = RunFolder(run_dir).read_document()
+    if isinstance(doc, EnsembleDocument):
+        return EnsembleBundle.from_ensemble(doc, run_dir)
+    return ModelBundle.from_document(doc)
 
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
@@ -208,7 +293,7 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple
     do not match the model's output width).
     """
     run = RunFolder(run_dir)
-    bundle = read_bundle(run_dir)
+    bundle = ModelBundle.from_document(run.read_model_json())  # an ensemble: one line saying to use a member
     model = build_model(bundle, run.model_json)
     state = read_weights(run.weights_path)
     check_state(model, state, run.weights_path, bundle)

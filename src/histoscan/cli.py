@@ -344,18 +344,48 @@ def export(
 
 
 @app.command()
+def ensemble(
+    runs: list[Path] = typer.Argument(..., help="Two or more run folders (e.g. the fold-<i>/ folders of a CV)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the ensemble bundle (model.json, split.csv)."),
+    copy: bool = typer.Option(False, "--copy", help="Copy the members into OUT/members/ (default: refer to them)."),
+    weights: str | None = typer.Option(None, help="Comma-separated member weights, e.g. 1,1,2 (default: equal)."),
+    oof: Path | None = typer.Option(
+        None, help="An oof.csv of 'train --folds' to choose the threshold on (default: computed from the members)."
+    ),
+    threshold_rule: str = typer.Option("youden", help="youden, sensitivity (0.95) or none (keep 0.5)."),
+    force: bool = typer.Option(False, help="Replace an ensemble already in OUT."),
+) -> None:
+    """Average runs into one ensemble bundle that every command takes in place of a run folder."""
+    from histoscan.inference.ensemble import make_ensemble, parse_weights
+
+    con = _console()
+    r = make_ensemble(
+        runs,
+        out,
+        copy=copy,
+        weights=parse_weights(weights),
+        oof=oof,
+        threshold_rule=threshold_rule,
+        force=force,
+        printer=con.print,
+    )
+    for line in r.lines():
+        con.print(line)
+
+
+@app.command()
 def calibrate(
     run: Path = typer.Argument(..., help="A run folder."),
     data: Path | None = typer.Option(
         None, help="Store holding the run's validation patches (default: the training store)."
     ),
 ) -> None:
-    """Fit temperature scaling on the validation split and store it in model.json."""
+    """Fit temperature scaling on the validation split (an ensemble of folds: out-of-fold predictions); store it in model.json."""
     from histoscan.inference.calibration import calibrate as run_calibrate
 
     r = run_calibrate(run, data)
     _console().print(
-        f"temperature {r.temperature:.3f} on {r.count} validation patches: NLL {r.nll_before:.4f} -> {r.nll_after:.4f}"
+        f"temperature {r.temperature:.3f} on {r.count} patches ({r.source}): NLL {r.nll_before:.4f} -> {r.nll_after:.4f}"
     )
 
 
@@ -594,11 +624,13 @@ _generated("explain", explain, _explain_options)
 def train(config: str | None, **values: Any) -> None:
     """Train a model on a packed store and write a run folder (the model bundle)."""
     from histoscan.training.config import TrainConfig
+    from histoscan.training.cv import train_folds
     from histoscan.training.fit import train as run_train
 
     cfg = TrainConfig.load(config, given_values(TrainConfig, values))
     con = _console()
-    for line in run_train(cfg, printer=con.print).summary_lines():
+    result = train_folds(cfg, printer=con.print) if cfg.folds else run_train(cfg, printer=con.print)
+    for line in result.summary_lines():
         con.print(line)
 
 

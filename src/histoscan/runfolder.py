@@ -18,7 +18,8 @@ No other module spells these names: they ask ``RunFolder``.
 that lies (classes as a string, a temperature of 0, a missing mean) is one ``ConfigError`` line
 naming the file and the field. Files written before the schema had a version (no
 ``schema_version``) are version 1 and are upgraded in memory when read. ``kind`` tells a single
-model (``"model"``) from an ensemble of runs (``"ensemble"``: schema only so far).
+model (``"model"``) from an ensemble of runs (``"ensemble"``: ``histoscan ensemble`` writes one;
+``histoscan.bundle.read_bundle`` reads it with its members).
 
 Where later fields go (each is an optional slot of the schema, not a free-form ``extra``):
 physical resolution ``preprocessing.mpp``; stain target ``preprocessing.stain``; label geometry
@@ -225,7 +226,14 @@ class EnsembleMember(BaseModel):
 
 
 class EnsembleDocument(BaseModel):
-    """``model.json`` of an ensemble (``kind: "ensemble"``): the schema only; nothing predicts with it yet."""
+    """``model.json`` of an ensemble (``kind: "ensemble"``): member runs whose probabilities are averaged.
+
+    Each member keeps its own ``model.json`` (architecture, preprocessing, temperature); the ensemble adds
+    how they are combined (``combine``: the weighted mean of the members' probabilities), its own threshold
+    and temperature (applied to the averaged probabilities), and which predictions those were fitted on
+    (``fitted_on``: ``oof`` when the members are the folds of one cross-validation, else ``validation``,
+    the first member's validation split).
+    """
 
     model_config = _STRICT
     format: Literal["histoscan-model"] = MODEL_FORMAT
@@ -235,6 +243,11 @@ class EnsembleDocument(BaseModel):
     classes: ClassNames
     combine: Literal["mean"] = "mean"
     threshold: Probability = 0.5
+    threshold_rule: str | None = None  # how the threshold was chosen (e.g. "youden on oof"); None: the default 0.5
+    fitted_on: Literal["oof", "validation"] = "validation"
+    calibration: Calibration = Field(default_factory=Calibration)
+    inference: InferencePolicy = Field(default_factory=InferencePolicy)
+    trust: TrustPolicy = Field(default_factory=TrustPolicy)
     histoscan_version: str = "unknown"
 
 
@@ -317,9 +330,15 @@ def single_model(doc: ModelDocument | EnsembleDocument, source: str = MODEL_FILE
     if isinstance(doc, EnsembleDocument):
         raise ConfigError(
             f"{source}: kind: an ensemble of {len(doc.members)} runs, but a single model is needed here "
-            "(ensembles cannot predict yet: use one member's run folder)"
+            "(use one member's run folder; model.json lists them)"
         )
     return doc
+
+
+def member_dir(ensemble_dir: str | Path, run: str) -> Path:
+    """An ensemble member's run folder: ``run`` as written in model.json, relative to the ensemble's folder."""
+    p = Path(run)
+    return p if p.is_absolute() else Path(ensemble_dir) / p
 
 
 def training_store(training: Mapping[str, Any]) -> Path | None:
@@ -428,8 +447,11 @@ class RunFolder:
         return atomic_write_text(self.model_json, json.dumps(checked.model_dump(mode="json"), indent=2) + "\n")
 
     def training_store(self) -> Path | None:
-        """The store this run trained on, as model.json records it."""
-        return training_store(self.read_model_json().training)
+        """The store this run trained on, as model.json records it (an ensemble: its first member's)."""
+        doc = self.read_document()
+        if isinstance(doc, EnsembleDocument):
+            return RunFolder(member_dir(self.path, doc.members[0].run)).training_store()
+        return training_store(doc.training)
 
     def data_store(self, data: str | Path | None = None) -> Path:
         """``data`` when given, else the store the run trained on (DataError when model.json names none)."""

@@ -35,16 +35,24 @@ class EvaluationResult:
 
 
 def choose_threshold(predictor: Predictor, run_dir: Path, store_path: Path, rule: str, target: float) -> float:
-    """A decision threshold chosen on the run's validation split (never on the split being reported)."""
+    """A decision threshold chosen on the run's validation split, or an ensemble of folds' out-of-fold predictions
+    (``fitting_predictions``; never on the split being reported)."""
+    from histoscan.inference.fitting import fitting_predictions
+
     if rule not in THRESHOLD_RULES:
         raise ConfigError(f"--save-threshold {rule!r} is not one of {list(THRESHOLD_RULES)}")
     if predictor.bundle.task != "binary":
         raise ConfigError("a decision threshold applies to binary models; multi-class models predict the argmax")
-    val, _ = RunFolder(run_dir).select_patches(store_path, "val")
-    scores = predictor.predict_store(val).probabilities[:, 1]
-    labels = val.labels
+    fit = fitting_predictions(run_dir, None, store_path)
+    return pick_threshold(fit.labels, fit.probabilities[:, 1], rule, target, fit.source)
+
+
+def pick_threshold(labels: np.ndarray, scores: np.ndarray, rule: str, target: float = 0.95, source: str = "") -> float:
+    """The threshold rule every bundle's stored threshold uses: Youden's J, or the highest reaching ``target`` sensitivity."""
+    if rule not in THRESHOLD_RULES:
+        raise ConfigError(f"threshold rule {rule!r} is not one of {list(THRESHOLD_RULES)}")
     if len(np.unique(labels)) < 2:
-        raise DataError(f"{store_path}: the validation split holds a single class; cannot choose a threshold")
+        raise DataError(f"{source}: the validation predictions hold a single class; cannot choose a threshold")
     chosen = youden_threshold(labels, scores) if rule == "youden" else threshold_for_sensitivity(labels, scores, target)
     return float(chosen["threshold"])
 

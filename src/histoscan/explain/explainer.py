@@ -22,7 +22,7 @@ from histoscan.explain.cam import LogitTarget, cam_class, upsample
 from histoscan.explain.layers import target_layer
 from histoscan.inference.backends import TorchBackend
 from histoscan.inference.predictor import Predictor, parse_tta
-from histoscan.runfolder import RunFolder
+from histoscan.runfolder import EnsembleDocument, RunFolder, member_dir
 
 TUMOUR_NAMES = ("tumour", "tumor", "cancer", "malignant", "metastasis", "positive")
 
@@ -64,6 +64,12 @@ class Explainer:
         self.method = method.lower()
         self.cam_cls = cam_class(self.method)
         run = RunFolder(run_dir)
+        doc = run.read_document()
+        if isinstance(doc, EnsembleDocument):
+            raise ConfigError(
+                f"{run_dir}: an ensemble of {len(doc.members)} runs; Grad-CAM explains one network: explain a "
+                f"member instead (e.g. {member_dir(run_dir, doc.members[0].run)})"
+            )
         if not run.weights_path.is_file():
             raise ConfigError(
                 f"{run_dir}: no {run.weights_path.name}; Grad-CAM needs the model's weights, not only ONNX"

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from histoscan.bundle import ModelBundle, first_line, load_model, read_bundle
+from histoscan.bundle import EnsembleBundle, ModelBundle, first_line, load_model, read_bundle
 from histoscan.errors import ConfigError
 from histoscan.runfolder import MODEL_FILE, ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, ONNX_FILE, RunFolder
 from histoscan.system import available_cores, native_bf16_cpu
@@ -124,8 +124,12 @@ class OnnxBackend:
             )
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
+        return self.outputs(x)[0]
+
+    def outputs(self, x: torch.Tensor) -> list[np.ndarray]:
+        """Every output of the graph (an ensemble's second output holds its members' probabilities)."""
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return np.asarray(self.session.run(None, {self.input_name: arr})[0], dtype=np.float32)
+        return [np.asarray(o, dtype=np.float32) for o in self.session.run(None, {self.input_name: arr})]
 
 
 def resolve_backend(run_dir: str | Path, backend: str = "auto", device: str = "cpu") -> str:
@@ -145,4 +149,9 @@ def check_model(run_dir: str | Path, backend: str = "auto", device: str = "cpu")
     """
     if resolve_backend(run_dir, backend, device) == "onnx":
         return OnnxBackend(run_dir, threads=1).bundle
+    bundle = read_bundle(run_dir)
+    if isinstance(bundle, EnsembleBundle):
+        for member in bundle.member_dirs:
+            TorchBackend(member, "cpu")
+        return bundle
     return TorchBackend(run_dir, "cpu").bundle

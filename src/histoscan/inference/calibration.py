@@ -1,7 +1,9 @@
-"""Temperature scaling fitted on the validation split, stored in model.json, applied by the Predictor."""
+"""Temperature scaling fitted on the validation split (an ensemble of folds: out-of-fold predictions), stored in
+model.json, applied by the Predictor."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,10 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from histoscan.bundle import read_bundle
-from histoscan.errors import DataError
-from histoscan.inference.inputs import store_input_batches
-from histoscan.inference.predictor import Predictor
-from histoscan.runfolder import RunFolder
+from histoscan.inference.fitting import fitting_predictions
+from histoscan.inference.probabilities import logits_of, probabilities
 
 
 @dataclass
@@ -24,6 +24,7 @@ class CalibrationResult:
     nll_before: float
     nll_after: float
     count: int
+    source: str = "the validation split"
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
@@ -57,18 +58,25 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
-def calibrate(run_dir: str | Path, data: str | Path | None = None, split: str = "val") -> CalibrationResult:
-    """Fit the temperature on the run's ``split`` of ``data`` (default: the store it trained on) and save it."""
-    run = RunFolder(run_dir)
+def calibrate(
+    run_dir: str | Path, data: str | Path | None = None, tta: bool | Sequence[int] | None = None
+) -> CalibrationResult:
+    """Fit the temperature on the predictions ``fitting_predictions`` chooses (the validation split, or an
+    ensemble's out-of-fold predictions) and save it in model.json.
+
+    The fit is relative to the stored temperature (the new one is the stored one times the fitted factor),
+    so calibrating twice changes nothing.
+    """
     bundle = read_bundle(run_dir)
-    part, _ = run.select_patches(run.data_store(data), split)
-    if not part.labelled or (part.labels < 0).any():
-        raise DataError(f"{part.path}: the {split!r} split is unlabelled; calibration needs labels")
-    predictor = Predictor(run_dir, backend="torch")
-    logits = np.concatenate([predictor.logits(b.images) for b in store_input_batches(part, predictor.batch_size)])
-    labels = part.labels
-    t = fit_temperature(logits, labels)
-    result = CalibrationResult(t, nll(logits, labels), nll(logits, labels, t), len(part))
+    fitting = fitting_predictions(run_dir, tta, data)
+    logits, labels = logits_of(fitting.probabilities), fitting.labels
+    factor = fit_temperature(logits, labels)
+    t = float(np.clip(bundle.temperature * factor, 0.05, 20.0))
+    result = CalibrationResult(t, nll(logits, labels), nll(logits, labels, factor), len(labels), fitting.source)
     bundle.temperature = t
+    if bundle.task == "binary" and 0 < bundle.threshold < 1:  # the same decisions at the new temperature
+        bundle.threshold = float(
+            probabilities(logits_of(np.array([[1 - bundle.threshold, bundle.threshold]])) / factor)[0, 1]
+        )
     bundle.save(run_dir)
     return result

@@ -7,6 +7,13 @@ The graph's contract, fixed once (marker ``histoscan_onnx_contract = "1"`` in th
   ``model.json`` (the Predictor's ``Preprocessing`` does all of it);
 - out: ``logits``, float32, N x 1 for a binary model, N x C for C classes.
 
+An ensemble's graph keeps the same contract, the input preprocessed by its first member's recipe: the
+members must share their geometry and stain target (members that differ in crop, resize or stain are
+refused: export them one by one), each member's own mean/std is re-applied inside the graph (an exact
+affine map), each member's temperature is inside the graph, ``logits`` are the logits of
+the members' weighted mean probability (the ensemble's own temperature stays in model.json), and a
+second output ``member_probabilities`` (N x M x C) lets the Predictor report the spread across members.
+
 Preprocessing is not in the graph, and temperature, sigmoid/softmax and the threshold stay in the
 Predictor, read from ``model.json``: so the file carries no copy of ``model.json``, and
 ``histoscan calibrate`` or ``evaluate --save-threshold`` never make it stale. A consumer outside
@@ -17,13 +24,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
-from histoscan.bundle import ModelBundle, first_line, load_model
+from histoscan.bundle import EnsembleBundle, ModelBundle, first_line, load_model, read_bundle
 from histoscan.data.store import PatchStore
 from histoscan.errors import HistoscanError
 from histoscan.inference.probabilities import probabilities
@@ -67,7 +75,14 @@ def export_onnx(
     import onnxruntime as ort
 
     run = Path(run_dir)
-    model, bundle = load_model(run)
+    outputs = ["logits"]
+    model: torch.nn.Module
+    bundle: ModelBundle
+    ensemble = read_bundle(run)
+    if isinstance(ensemble, EnsembleBundle):
+        model, bundle, outputs = _ensemble_module(run, ensemble), ensemble, ["logits", "member_probabilities"]
+    else:
+        model, bundle = load_model(run)
     size = bundle.preprocessing.input_size
     dummy = torch.randn(2, 3, size, size)
     path = RunFolder(run).onnx_path
@@ -80,9 +95,9 @@ def export_onnx(
                 (dummy,),
                 str(tmp),
                 input_names=["input"],
-                output_names=["logits"],
+                output_names=outputs,
                 opset_version=opset,
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
                 dynamo=False,
             )
     except Exception as exc:
@@ -100,10 +115,17 @@ def export_onnx(
     images, source = _check_images(bundle, data, check)
     x = bundle.preprocessing(images)
     with torch.inference_mode():
-        want = model(x).float().numpy()
+        out = model(x)
+        want = (out[0] if isinstance(out, tuple) else out).float().numpy()
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input": x.numpy()})[0]
-    diff = float(np.abs(probabilities(got) - probabilities(want)).max())
+    if isinstance(bundle, EnsembleBundle):  # against the torch ensemble itself: each member's own preprocessing
+        from histoscan.inference.predictor import Predictor
+
+        reference = Predictor(run, backend="torch", precision="fp32").predict_batch(images).probabilities
+        diff = float(np.abs(probabilities(got, bundle.temperature) - reference).max())
+    else:
+        diff = float(np.abs(probabilities(got) - probabilities(want)).max())
     if not np.isfinite(diff) or diff >= PARITY_TOLERANCE:
         tmp.unlink(missing_ok=True)
         raise ExportError(
@@ -112,3 +134,63 @@ def export_onnx(
         )
     os.replace(tmp, path)
     return ExportResult(path, diff, len(images), source)
+
+
+class EnsembleModule(torch.nn.Module):
+    """The members' networks on one input preprocessed by the first member's recipe: logits of their weighted mean
+    probability, and each member's probabilities (N x M x C). Each member's own normalisation is re-applied
+    exactly: x_j = (x * std_0 + mean_0 - mean_j) / std_j."""
+
+    def __init__(self, models: list[torch.nn.Module], bundles: list[ModelBundle], weights: list[float]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(models)
+        m0, s0 = torch.tensor(bundles[0].preprocessing.mean), torch.tensor(bundles[0].preprocessing.std)
+        scale, shift = [], []
+        for b in bundles:
+            mj, sj = torch.tensor(b.preprocessing.mean), torch.tensor(b.preprocessing.std)
+            scale.append(s0 / sj)
+            shift.append((m0 - mj) / sj)
+        self.register_buffer("scale", torch.stack(scale).float()[:, None, :, None, None])
+        self.register_buffer("shift", torch.stack(shift).float()[:, None, :, None, None])
+        self.register_buffer("temperatures", torch.tensor([b.temperature for b in bundles], dtype=torch.float32))
+        w = torch.tensor(weights, dtype=torch.float32)
+        self.register_buffer("weights", w / w.sum())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, shift, temps = (
+            cast(torch.Tensor, self.scale),
+            cast(torch.Tensor, self.shift),
+            cast(torch.Tensor, self.temperatures),
+        )
+        views: list[torch.Tensor] = [
+            probabilities(cast(torch.Tensor, m(x * scale[j] + shift[j])) / temps[j], 1.0)
+            for j, m in enumerate(self.members)
+        ]
+        probs = torch.stack(views, dim=1)
+        mean = (probs * cast(torch.Tensor, self.weights)[None, :, None]).sum(dim=1).clamp(1e-7, 1 - 1e-7)
+        if mean.shape[1] == 2:
+            logits = (torch.log(mean[:, 1]) - torch.log(mean[:, 0]))[:, None]
+        else:
+            logits = torch.log(mean)
+        return logits, probs
+
+
+def _ensemble_module(run: Path, ensemble: EnsembleBundle) -> EnsembleModule:
+    """The ensemble as one network; ExportError naming a member whose input recipe differs from the first's."""
+    first = _input_recipe(ensemble.members[0])
+    for d, b in zip(ensemble.member_dirs[1:], ensemble.members[1:]):
+        recipe = _input_recipe(b)
+        diff = [k for k in first if first[k] != recipe[k]]
+        if diff:
+            raise ExportError(
+                f"{run}: member {d} preprocesses differently ({diff[0]} {recipe[diff[0]]} vs {first[diff[0]]}); "
+                "one ONNX graph takes one preprocessed input: export the members one by one, or predict with the "
+                "torch backend"
+            )
+    models = [load_model(d)[0] for d in ensemble.member_dirs]
+    return EnsembleModule(models, ensemble.members, ensemble.weights).eval()
+
+
+def _input_recipe(bundle: ModelBundle) -> dict[str, object]:
+    pre = asdict(bundle.preprocessing)
+    return {k: pre.get(k) for k in ("image_size", "fit", "crop", "resize", "stain")}

@@ -2,6 +2,12 @@
 
 It reads preprocessing, temperature and threshold from the run's ``model.json`` and runs
 either backend, optionally with test-time augmentation over the dihedral group.
+
+An ensemble's folder (``kind: ensemble``) is taken unchanged: with the torch backend the Predictor
+holds one member Predictor per member, each feeding the fitted uint8 batch through its own stored
+preprocessing; with the ONNX backend one graph (``histoscan export ENS``) runs every member. Either
+way the views (members x TTA elements) are averaged with the members' weights, the ensemble's own
+temperature applies to the average, and the uncertainty is the spread across all views.
 """
 
 from __future__ import annotations
@@ -9,21 +15,24 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 
-from histoscan.bundle import ModelBundle, read_bundle
+from histoscan.bundle import EnsembleBundle, ModelBundle, read_bundle
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError
 from histoscan.inference.backends import Backend, OnnxBackend, TorchBackend, resolve_backend
 from histoscan.inference.inputs import store_input_batches
-from histoscan.inference.probabilities import probabilities
+from histoscan.inference.probabilities import logits_of, probabilities
 
 
 @dataclass
 class Prediction:
-    """Per-image class probabilities (N x C), predicted class index, and TTA spread when asked."""
+    """Per-image class probabilities (N x C), predicted class index, and the spread across views when there are
+    several (TTA elements, ensemble members, or both): the standard deviation of P(positive) for binary models,
+    of the predicted class's probability otherwise; None for one view."""
 
     probabilities: np.ndarray
     predicted: np.ndarray
@@ -41,6 +50,20 @@ class Prediction:
             np.concatenate([p.probabilities for p in parts]),
             np.concatenate([p.predicted for p in parts]),
             np.concatenate(unc) if len(unc) == len(parts) else None,
+        )
+
+
+class MemberBackend:
+    """The torch backend of an ensemble: its member Predictors (each runs its own preprocessing)."""
+
+    name = "torch"
+
+    def __init__(self, members: Sequence[Predictor]) -> None:
+        self.members = list(members)
+
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        raise ConfigError(
+            "an ensemble's members each preprocess the images themselves: use Predictor.views or predict_batch"
         )
 
 
@@ -98,8 +121,15 @@ class Predictor:
         backend = resolve_backend(run_dir, backend, device)
         if threads:
             torch.set_num_threads(threads)
-        if backend == "torch":
-            self.backend: Backend = TorchBackend(run_dir, device, precision)
+        self.members: list[Predictor] = []  # an ensemble on the torch backend: one Predictor per member
+        self.weights = np.ones(1)
+        if isinstance(self.bundle, EnsembleBundle):
+            self.weights = np.asarray(self.bundle.weights, dtype=np.float64)
+        if backend == "torch" and isinstance(self.bundle, EnsembleBundle):
+            self.members = [Predictor(d, "torch", device, batch_size, None, precision) for d in self.bundle.member_dirs]
+            self.backend: Backend = MemberBackend(self.members)
+        elif backend == "torch":
+            self.backend = TorchBackend(run_dir, device, precision)
         elif backend == "onnx":
             self.backend = OnnxBackend(run_dir, threads)
         else:
@@ -132,28 +162,50 @@ class Predictor:
         return probabilities.argmax(axis=1)
 
     def logits(self, images: np.ndarray | Sequence[np.ndarray], k: int = 0) -> np.ndarray:
-        """Raw logits of one batch under dihedral element ``k``."""
+        """Raw logits of one batch under dihedral element ``k`` (an ensemble: the logits of its members'
+        weighted mean probability, before the ensemble's own temperature)."""
+        if isinstance(self.bundle, EnsembleBundle):
+            views = self.views(images, [k])
+            return logits_of(np.tensordot(self.weights / self.weights.sum(), views, axes=1))
         return self.backend.logits(self.bundle.preprocessing(self._to_batch(images), self.device, k))
+
+    def views(self, images: np.ndarray | Sequence[np.ndarray], ks: Sequence[int]) -> np.ndarray:
+        """Class probabilities of every view of one batch: (members x TTA elements) x N x C, member-major.
+
+        A single model has one member; each member's probabilities carry its own temperature.
+        """
+        if not isinstance(self.bundle, EnsembleBundle):
+            return np.stack([self.probabilities_from_logits(self.logits(images, k)) for k in ks])
+        fitted = self._to_batch(images)
+        if self.members:
+            per_member = [m.views(fitted, ks) for m in self.members]  # each: K x N x C
+            return np.concatenate(per_member)
+        # the ensemble's ONNX graph: its second output holds each member's probabilities, N x M x C
+        onnx = cast(OnnxBackend, self.backend)
+        by_k = [onnx.outputs(self.bundle.preprocessing(fitted, self.device, k))[1] for k in ks]
+        return np.stack(by_k, axis=2).transpose(1, 2, 0, 3).reshape(-1, len(fitted), len(self.classes))
 
     def predict_batch(
         self, images: np.ndarray | Sequence[np.ndarray], tta: bool | Sequence[int] | None = None
     ) -> Prediction:
         """Predict one batch (any length; split internally by ``batch_size``)."""
         ks = parse_tta(tta)
+        view_weights = np.repeat(self.weights / self.weights.sum(), len(ks)) / len(ks)
+        ensemble = isinstance(self.bundle, EnsembleBundle)
         parts = []
         n = len(images)
         for start in range(0, n, self.batch_size):
             chunk = images[start : start + self.batch_size]
-            probs = np.stack([self.probabilities_from_logits(self.logits(chunk, k)) for k in ks])
-            mean = probs.mean(axis=0)
+            probs = self.views(chunk, ks)
+            mean = np.tensordot(view_weights, probs, axes=1).astype(np.float32)
             unc = None
-            if len(ks) > 1:
+            if len(probs) > 1:
                 pred = self.classify(mean)
-                unc = (
-                    probs[:, np.arange(len(pred)), pred].std(axis=0)
-                    if self.bundle.task != "binary"
-                    else probs[:, :, 1].std(axis=0)
-                )
+                picked = probs[:, np.arange(len(pred)), pred] if self.bundle.task != "binary" else probs[:, :, 1]
+                spread = np.tensordot(view_weights, (picked - np.tensordot(view_weights, picked, axes=1)) ** 2, axes=1)
+                unc = np.sqrt(spread).astype(np.float32)
+            if ensemble and self.bundle.temperature != 1.0:
+                mean = self.probabilities_from_logits(logits_of(mean))
             parts.append(Prediction(mean, self.classify(mean), unc))
         return Prediction.concat(parts, len(self.classes))
 

@@ -32,3 +32,14 @@ def probabilities(logits: np.ndarray | torch.Tensor, temperature: float = 1.0) -
         p = torch.sigmoid(z)
         return torch.cat([1 - p, p], dim=1)
     return torch.softmax(z, dim=1)
+
+
+def logits_of(probs: np.ndarray) -> np.ndarray:
+    """The inverse of ``probabilities`` at temperature 1: N x 1 logits for two classes, N x C log-probabilities else.
+
+    An ensemble's averaged probabilities pass through it so that its own temperature applies the same way.
+    """
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    if p.shape[1] == 2:
+        return (np.log(p[:, 1]) - np.log(p[:, 0]))[:, None].astype(np.float32)
+    return np.log(p).astype(np.float32)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from histoscan import __version__
+from histoscan.bundle import EnsembleBundle
 from histoscan.serving.state import ServeState, get_state, require_key
 
 router = APIRouter()
@@ -46,4 +47,19 @@ def model_card(state: ServeState = Depends(get_state)) -> dict[str, Any]:
         "backend": state.model.backend,
         "trained_with": b.histoscan_version,
         "histoscan_version": __version__,
+        **(
+            {
+                "members": [
+                    {
+                        "run": d.name,
+                        "architecture": m.architecture,
+                        "input_size": m.preprocessing.input_size,
+                        "weight": w,
+                    }
+                    for d, m, w in zip(b.member_dirs, b.members, b.weights)
+                ]
+            }
+            if isinstance(b, EnsembleBundle)
+            else {}
+        ),
     }

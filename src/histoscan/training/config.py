@@ -42,7 +42,16 @@ class TrainConfig:
         "'histoscan split --folds K' together with --fold.",
         None,
     )
-    fold: int | None = doc("With a folds file as --split-file: this fold is validation, the other folds train.", None)
+    fold: int | None = doc(
+        "With a folds file as --split-file: this fold is validation, the other folds train. "
+        "With --folds: train only this fold.",
+        None,
+    )
+    folds: int | None = doc(
+        "Cross-validate: train K runs into OUT/NAME/fold-<i>/ on K stratified (grouped) folds of the non-test rows, "
+        "then write oof.csv, cv.json and an ensemble of the folds (finished folds are reused, never retrained).",
+        None,
+    )
     batch_size: int = doc("Images per training step (per device).", 128)
     max_epochs: int = doc("Maximum epochs.", 10)
     max_time: str | None = doc(
@@ -128,8 +137,15 @@ class TrainConfig:
             raise ConfigError("freeze_epochs cannot be negative")
         if self.stain_target is not None and self.stain_norm == "none":
             raise ConfigError("stain_target needs stain_norm (reinhard or macenko)")
-        if self.fold is not None and (self.split_file is None or self.fold < 0):
-            raise ConfigError("fold needs a folds file as split_file (from 'histoscan split --folds K') and fold >= 0")
+        if self.folds is not None and (self.folds < 2 or self.split_file is not None or self.resume):
+            raise ConfigError(
+                f"folds must be at least 2 (got {self.folds}) and makes its own folds file and run names: "
+                "no split_file or resume with it (finished folds are reused, unfinished ones named in the error)"
+            )
+        if self.fold is not None and ((self.split_file is None and self.folds is None) or self.fold < 0):
+            raise ConfigError(
+                "fold needs a folds file as split_file (from 'histoscan split --folds K'), or folds K, and fold >= 0"
+            )
 
     @property
     def max_time_seconds(self) -> float | None:

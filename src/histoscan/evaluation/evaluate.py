@@ -13,6 +13,7 @@ import numpy as np
 
 from histoscan import __version__
 from histoscan.bundle import read_bundle
+from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitivity, youden_threshold
 from histoscan.evaluation.report import write_evaluation
@@ -108,11 +109,7 @@ def evaluate_run(
         n_boot=n_boot,
         seed=seed,
     )
-    stain_counts = (  # patches of this split: every TTA pass normalises the same patches the same way
-        {k: (v - counted[k]) // len(ks) for k, v in predictor.bundle.preprocessing.stain_counts().items()}
-        if bundle.preprocessing.stain
-        else None
-    )
+    stain_counts = stain_split_counts(predictor, part, counted, len(ks)) if bundle.preprocessing.stain else None
     if suite is not None:
         metrics["stain_shift"] = stain_shift_report(
             lambda b: predictor.predict_batch(b, ks).probabilities,
@@ -150,3 +147,11 @@ def evaluate_run(
         metrics_csv=run.metrics_path,
     )
     return EvaluationResult(out, metrics, split_name, part.path, saved)
+
+
+def stain_split_counts(predictor: Predictor, part: PatchStore, before: dict[str, int], passes: int) -> dict[str, int]:
+    """Stain counts of the scored split: its patches (every TTA pass normalises them the same way) and its groups."""
+    pre = predictor.bundle.preprocessing
+    names = set(part.groups.astype(str).tolist()) if part.groups is not None else {str(part.path)}
+    after = pre.stain_counts(names)
+    return {k: (v - before[k]) // passes if k in ("patches", "passed_through") else v for k, v in after.items()}

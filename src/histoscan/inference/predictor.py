@@ -19,6 +19,7 @@ from histoscan.errors import ConfigError
 from histoscan.inference.backends import Backend, OnnxBackend, TorchBackend, resolve_backend
 from histoscan.inference.inputs import store_input_batches
 from histoscan.inference.probabilities import probabilities
+from histoscan.preprocessing import Groups
 
 
 @dataclass
@@ -131,20 +132,28 @@ class Predictor:
             return (probabilities[:, 1] >= self.threshold).astype(np.int64)
         return probabilities.argmax(axis=1)
 
-    def logits(self, images: np.ndarray | Sequence[np.ndarray], k: int = 0) -> np.ndarray:
-        """Raw logits of one batch under dihedral element ``k``."""
-        return self.backend.logits(self.bundle.preprocessing(self._to_batch(images), self.device, k))
+    def logits(self, images: np.ndarray | Sequence[np.ndarray], k: int = 0, groups: Groups | None = None) -> np.ndarray:
+        """Raw logits of one batch under dihedral element ``k`` (``groups``: see ``predict_batch``)."""
+        return self.backend.logits(self.bundle.preprocessing(self._to_batch(images), self.device, k, groups))
 
     def predict_batch(
-        self, images: np.ndarray | Sequence[np.ndarray], tta: bool | Sequence[int] | None = None
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        tta: bool | Sequence[int] | None = None,
+        groups: Groups | None = None,
     ) -> Prediction:
-        """Predict one batch (any length; split internally by ``batch_size``)."""
+        """Predict one batch (any length; split internally by ``batch_size``).
+
+        ``groups``: for a per-group stain model, each image's stain group, estimated before
+        (``bundle.preprocessing.estimate_stain_groups``); without it each image is its own group.
+        """
         ks = parse_tta(tta)
         parts = []
         n = len(images)
         for start in range(0, n, self.batch_size):
             chunk = images[start : start + self.batch_size]
-            probs = np.stack([self.probabilities_from_logits(self.logits(chunk, k)) for k in ks])
+            g = groups[start : start + self.batch_size] if groups is not None else None
+            probs = np.stack([self.probabilities_from_logits(self.logits(chunk, k, g)) for k in ks])
             mean = probs.mean(axis=0)
             unc = None
             if len(ks) > 1:
@@ -165,5 +174,11 @@ class Predictor:
 
     # ---- inputs ------------------------------------------------------------------------
     def predict_store(self, store: PatchStore, tta: bool | Sequence[int] | None = None) -> Prediction:
-        """Every image of a PatchStore (or view), in order."""
-        return self.predict_batches((b.images for b in store_input_batches(store, self.batch_size)), tta)
+        """Every image of a PatchStore (or view), in order; a per-group stain model maps each patch by its group's stain."""
+        groups = self.bundle.preprocessing.estimate_store_groups(store)
+        parts, start = [], 0
+        for b in store_input_batches(store, self.batch_size):
+            g = groups[start : start + len(b.ids)] if groups is not None else None
+            parts.append(self.predict_batch(b.images, tta, g))
+            start += len(b.ids)
+        return Prediction.concat(parts, len(self.classes))

@@ -46,6 +46,10 @@ class LabStats:
     ok: Tensor
 
 
+#: a source stain estimate: one row per patch (or per group)
+Estimate = MacenkoEstimate | LabStats
+
+
 def sample_pixels(batch: Tensor, max_pixels: int = MAX_SAMPLE_PIXELS) -> Tensor:
     """N x H x W x 3 -> N x P x 3 on a regular sub-grid of at most about ``max_pixels`` pixels per patch."""
     n, h, w, _ = batch.shape

@@ -1,7 +1,7 @@
 """Stain normalisation of uint8 NHWC batches (Reinhard, Macenko), batched in torch on the batch's device.
 
 A ``StainTarget`` is what ``model.json``'s ``preprocessing.stain`` holds: the method, the
-granularity and the fitted target. ``StainNormaliser`` applies it; a patch whose own estimate is
+granularity (``patch`` or ``group``) and the fitted target. ``StainNormaliser`` applies it; a patch whose own estimate is
 unusable (blank, background, very dark, pen-marked, single colour) passes through unchanged and is
 counted in ``passed_through``.
 """
@@ -16,13 +16,11 @@ import torch
 
 from histoscan.errors import ConfigError, DataError
 from histoscan.stain.colour import apply_od_matrix, lab_to_rgb, optical_density, rgb_to_lab, to_uint8
-from histoscan.stain.estimate import LabStats, MacenkoEstimate, lab_stats, macenko, sample_pixels
+from histoscan.stain.estimate import Estimate, LabStats, MacenkoEstimate, lab_stats, macenko, sample_pixels
 
 Tensor = torch.Tensor
 Method = Literal["reinhard", "macenko"]
 Granularity = Literal["patch", "group"]
-#: a source stain estimate: one row per patch (or per group)
-Estimate = MacenkoEstimate | LabStats
 METHODS: tuple[str, ...] = ("reinhard", "macenko")
 GRANULARITIES: tuple[str, ...] = ("patch", "group")
 #: fewest usable patches a target is fitted from
@@ -35,7 +33,9 @@ class StainTarget:
 
     Attributes:
         method: ``reinhard`` (L*a*b* mean / std) or ``macenko`` (stain vectors and concentrations).
-        granularity: ``patch``: each patch's own stain is estimated and mapped to the target.
+        granularity: ``patch``: each patch's own stain is estimated and mapped to the target; ``group``:
+            each group's (patient, slide) stain is estimated once from a sample of its patches and every
+            patch of the group is mapped with that one transform (``histoscan.stain.groups``).
         stain_matrix: Macenko: haematoxylin and eosin optical-density vectors (2 x 3, unit rows).
         max_concentrations: Macenko: the robust maximum concentration of each stain.
         lab_mean: Reinhard: target L*a*b* mean of tissue pixels.

@@ -72,7 +72,8 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
     run_dir, cfg = setup_run(cfg)
     store, parts, split_path = build_data(cfg)
     pre = _geometry(cfg, store, printer if _global_rank() == 0 else lambda _: None)
-    pre.stain = training_stain(cfg.stain_norm, cfg.stain_target, parts["train"], cfg.seed)
+    pre.stain = training_stain(cfg.stain_norm, cfg.stain_target, parts["train"], cfg.seed, cfg.stain_granularity)
+    pre.estimate_store_groups(store)  # per-group models: every group's stain, once (train and val groups alike)
     model = create_model(
         cfg.model,
         store.num_classes,
@@ -119,6 +120,7 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
             seed=cfg.seed,
             num_workers=_workers(cfg, trainer),
             balanced=cfg.balanced_sampler and s == "train",
+            groups=pre.per_group,
             rank=world[0],
             world_size=world[1],
         )
@@ -215,8 +217,9 @@ def _normalisation(
     if cfg.model not in list_models():
         dc = timm_data_config(model)
         return [float(v) for v in dc["mean"]], [float(v) for v in dc["std"]]
-    sample = train.batch(sorted(range(0, len(train), max(1, len(train) // 2000))))
-    stained = pre.normalise_stain(torch.from_numpy(sample)).numpy()
+    positions = sorted(range(0, len(train), max(1, len(train) // 2000)))
+    groups = train.groups[positions] if pre.per_group and train.groups is not None else None
+    stained = pre.normalise_stain(torch.from_numpy(train.batch(positions)), groups).numpy()
     if pre.stain_normaliser is not None:
         pre.stain_normaliser.reset_counts()  # the counts logged after training are the training patches'
     return channel_stats(stained)

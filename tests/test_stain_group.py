@@ -190,3 +190,19 @@ def test_a_slide_is_one_group_estimated_once_from_its_tissue(tmp_path_factory: p
     assert list(pre.stain_groups.keys) == [f"slide:{slide.resolve()}"]
     assert "stain_group_passed_through" in r.summary
     assert (r.folder / "explain" / "tiles.csv").is_file()
+
+
+def test_the_stain_shift_suite_re_estimates_each_group_under_each_shift(group_run: Path, grouped_store: Path) -> None:
+    from histoscan.evaluation.evaluate import ShiftedPredict
+    from histoscan.stain.shift import shift_suite, stain_shift_report
+
+    store = PatchStore(grouped_store)
+    predictor = Predictor(group_run)
+    shifted = ShiftedPredict(predictor, store, [0])
+    suite = [s for s in shift_suite() if s.name in ("gamma-0.7", "rotate-20")]
+    report = stain_shift_report(shifted, store, suite, n_boot=10, on_shift=shifted.start)
+    assert [r["shift"] for r in report["shifts"]] == ["gamma-0.7", "rotate-20"]
+    keys = set(predictor.bundle.preprocessing.stain_groups.keys)
+    assert {f"shift:{s}/{g}" for s in ("gamma-0.7", "rotate-20") for g in GROUPS} <= keys
+    per_patch = stain_shift_report(lambda b: predictor.predict_batch(b, [0]).probabilities, store, suite, n_boot=10)
+    assert report["shifts"] != per_patch["shifts"]  # the group transform, not each patch's own

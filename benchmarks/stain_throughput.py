@@ -16,7 +16,6 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from histoscan.data.transforms import build_augmentation
 from histoscan.models import create_model
 from histoscan.preprocessing import Preprocessing
 from histoscan.stain.augment import STAIN_STRENGTHS, StainMatrixJitter
+from histoscan.stain.groups import select_rows
 from histoscan.stain.normalise import StainNormaliser, fit_target
 from histoscan.training.config import resolve_config_path
 
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-training", action="store_true", help="skip the training-step timings")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     store_path = Path(args.store) if args.store else ingest(shared_or_exit("hcd"), Path("/tmp/stain-bench-store")).store
@@ -71,7 +72,7 @@ def main() -> None:
         norm = StainNormaliser(fit_target(images, method, str(store_path)))
         print(f"{method:10s} normalisation:    {rate(lambda n=norm: n(batch), len(batch), args.seconds)}")
         group = norm.estimate_pooled(batch[:64])  # per-group granularity: one estimate, mapped to every patch
-        rows = type(group)(*(getattr(group, f).expand(len(batch), *getattr(group, f).shape[1:]) for f in fields(group)))
+        rows = select_rows(group, torch.zeros(len(batch), dtype=torch.long))
         print(f"{method:10s} (group estimate): {rate(lambda n=norm, e=rows: n(batch, e), len(batch), args.seconds)}")
     s = STAIN_STRENGTHS["medium"]
     x = batch.permute(0, 3, 1, 2).float() / 255
@@ -80,6 +81,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     print(f"stain-matrix jitter:              {rate(lambda: jitter(x, gen), len(x), args.seconds)}")
     print(f"stain-medium preset:              {rate(lambda: aug(x, gen), len(x), args.seconds)}")
+    if args.no_training:
+        return
     # one training step of the shipped cpu-default, as the training loop runs it
     cfg = yaml.safe_load(resolve_config_path("cpu-default").read_text())
     pre = Preprocessing(image_size=[96, 96], crop=cfg["crop"], label_size=32)

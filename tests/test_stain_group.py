@@ -20,7 +20,7 @@ from histoscan.inference.predict import INPUT_GROUP, predict_input
 from histoscan.inference.predictor import Predictor
 from histoscan.preprocessing import Preprocessing
 from histoscan.runfolder import RunFolder
-from histoscan.stain.groups import GROUP_SAMPLE, sample_positions
+from histoscan.stain.groups import GROUP_SAMPLE, sample_positions, stain_group_names
 from histoscan.stain.normalise import StainNormaliser, StainTarget, fit_target
 from histoscan.training.config import TrainConfig
 from histoscan.training.data import StoreBatches
@@ -91,16 +91,16 @@ def test_training_and_the_predictor_see_the_same_input_for_a_group(group_run: Pa
     pre.estimate_store_groups(store)
     cfg = TrainConfig(data=str(grouped_store), stain_norm="macenko", stain_granularity="group", augment="none")
     module = PatchClassifier(torch.nn.Identity(), cfg, pre, 2)
-    images, _, groups = StoreBatches(store, groups=True)[list(range(len(store)))]
+    images, _, groups = StoreBatches(store, stain_group_names(store))[list(range(len(store)))]
     trained = module._inputs(images, train=False, groups=groups)
     # inference: the Predictor on a split of the store (a view) estimates its groups itself
     predictor = Predictor(group_run)
     view = store.subset(np.flatnonzero(np.isin(store.groups, ["lab-b2", "blank", "lab-a1"])))
     predictor.predict_store(view)
-    inferred = predictor.bundle.preprocessing(view.batch(np.arange(len(view))), groups=view.groups)
+    inferred = predictor.bundle.preprocessing(view.batch(np.arange(len(view))), groups=stain_group_names(view))
     assert torch.equal(trained[torch.from_numpy(view.indices)], inferred)
     # one transform per group: a patch normalised alone with its group's name gets the group's mapping
-    one = predictor.bundle.preprocessing(view.batch([3]), groups=view.groups[3:4])
+    one = predictor.bundle.preprocessing(view.batch([3]), groups=stain_group_names(view)[3:4])
     assert torch.equal(one, inferred[3:4])
 
 
@@ -110,8 +110,8 @@ def test_a_group_is_estimated_from_a_sample_of_its_patches_and_differs_from_per_
     pre = Preprocessing(image_size=[64, 64], stain={**target.to_dict(), "granularity": "group"})
     names = pre.estimate_store_groups(store)
     assert names is not None and len(pre.stain_groups) == len(GROUPS)
-    assert pre.stain_groups.passed_through() == ["blank"]
-    a1 = np.flatnonzero(names == "lab-a1")
+    assert pre.stain_groups.passed_through() == [f"{grouped_store.resolve()}#blank"]
+    a1 = np.flatnonzero(store.groups == "lab-a1")
     batch = torch.from_numpy(store.batch(a1))
     per_group = pre.normalise_stain(batch, names[a1])
     per_patch = StainNormaliser(target)(batch)
@@ -159,6 +159,18 @@ def test_loose_files_are_one_group_with_a_notice(group_run: Path, tmp_path: Path
     assert not np.allclose(table.prediction.probabilities, want)
 
 
+def test_the_same_patient_name_in_two_stores_is_two_groups(
+    group_run: Path, grouped_store: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(grouped_store, other)
+    pre = read_bundle(group_run).preprocessing
+    a = pre.estimate_store_groups(PatchStore(grouped_store))
+    b = pre.estimate_store_groups(PatchStore(other))
+    assert a is not None and b is not None and not set(a) & set(b)
+    assert len(pre.stain_groups) == 2 * len(GROUPS)
+
+
 def test_bad_granularity_requests_are_one_line_errors(tiny_run: Path) -> None:
     with pytest.raises(ConfigError, match="stain_granularity group needs stain_norm"):
         TrainConfig(data="x", stain_granularity="group")
@@ -203,6 +215,7 @@ def test_the_stain_shift_suite_re_estimates_each_group_under_each_shift(group_ru
     report = stain_shift_report(shifted, store, suite, n_boot=10, on_shift=shifted.start)
     assert [r["shift"] for r in report["shifts"]] == ["gamma-0.7", "rotate-20"]
     keys = set(predictor.bundle.preprocessing.stain_groups.keys)
-    assert {f"shift:{s}/{g}" for s in ("gamma-0.7", "rotate-20") for g in GROUPS} <= keys
+    root = grouped_store.resolve()
+    assert {f"shift:{s}/{root}#{g}" for s in ("gamma-0.7", "rotate-20") for g in GROUPS} <= keys
     per_patch = stain_shift_report(lambda b: predictor.predict_batch(b, [0]).probabilities, store, suite, n_boot=10)
     assert report["shifts"] != per_patch["shifts"]  # the group transform, not each patch's own

@@ -30,7 +30,7 @@ from histoscan.data.imageio import FIT_POLICIES, FitPolicy, fit_to_size
 from histoscan.data.store import PatchStore
 from histoscan.data.transforms import centre_crop, dihedral, normalise, resize
 from histoscan.errors import ConfigError
-from histoscan.stain.groups import GroupStains, estimate_groups
+from histoscan.stain.groups import GroupStains, estimate_groups, stain_group_names
 from histoscan.stain.normalise import StainNormaliser, StainTarget
 
 Images = np.ndarray | torch.Tensor | Sequence[np.ndarray]
@@ -117,19 +117,15 @@ class Preprocessing:
     def estimate_store_groups(self, store: PatchStore) -> np.ndarray | None:
         """Per-group models: the stain group of each patch of ``store`` (a view), its groups estimated; else None.
 
-        The groups are the store's patients / slides, each estimated from the group's patches in the
-        whole store (not only the view's), so every split of a store sees the estimate training saw.
-        A store without groups is one group, named by its path.
+        The groups are the store's patients / slides (``stain_group_names``), each estimated from the
+        group's patches in the whole store (not only the view's), so every split of a store sees the
+        estimate training saw. A store without groups is one group.
         """
         if not self.per_group:
             return None
         full = PatchStore(store.path)
-        if store.groups is None or full.groups is None:
-            key = str(store.path)
-            self.estimate_stain_groups(np.full(len(full), key), full.batch)
-            return np.full(len(store), key)
-        names = store.groups.astype(str)
-        self.estimate_stain_groups(full.groups.astype(str), full.batch, only=set(names.tolist()))
+        names = stain_group_names(store)
+        self.estimate_stain_groups(stain_group_names(full), full.batch, only=set(names.tolist()))
         return names
 
     @property

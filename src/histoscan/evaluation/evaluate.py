@@ -20,6 +20,7 @@ from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitiv
 from histoscan.evaluation.report import write_evaluation
 from histoscan.inference.predictor import Predictor, default_tta
 from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
+from histoscan.stain.groups import stain_group_names
 from histoscan.stain.shift import Shift, shift_suite, stain_shift_report
 
 THRESHOLD_RULES = ("youden", "sensitivity")
@@ -191,6 +192,5 @@ class ShiftedPredict:
 def stain_split_counts(predictor: Predictor, part: PatchStore, before: dict[str, int], passes: int) -> dict[str, int]:
     """Stain counts of the scored split: its patches (every TTA pass normalises them the same way) and its groups."""
     pre = predictor.bundle.preprocessing
-    names = set(part.groups.astype(str).tolist()) if part.groups is not None else {str(part.path)}
-    after = pre.stain_counts(names)
+    after = pre.stain_counts(set(stain_group_names(part).tolist()))
     return {k: (v - before[k]) // passes if k in ("patches", "passed_through") else v for k, v in after.items()}

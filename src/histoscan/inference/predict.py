@@ -111,8 +111,8 @@ def input_stain_groups(
     say = notice or (lambda _: None)
     if path.is_dir() and (path / STORE_META).is_file():
         store = PatchStore(path)
-        names = pre.estimate_store_groups(store)
-        if store.groups is not None and names is not None:
+        names = pre.estimate_store_groups(store) if store.groups is not None else None
+        if names is not None:
             say(f"stain: per-group model: each patch mapped by its group's stain ({len(set(names.tolist()))} groups)")
             return InputStainGroups(names)
     say(

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from histoscan.data.store import PatchStore
 from histoscan.errors import DataError
 from histoscan.stain.estimate import Estimate
 
@@ -23,6 +25,17 @@ Tensor = torch.Tensor
 
 #: patches per group its stain is estimated from (pooled sampled pixels: up to 64 x 1024 per group)
 GROUP_SAMPLE = 64
+
+
+def stain_group_names(store: PatchStore) -> np.ndarray:
+    """Each patch's stain group name: ``<store path>#<group>`` (patient / slide), or the store's path without groups.
+
+    The store's path keeps patient "7" of one store apart from patient "7" of another.
+    """
+    root = str(Path(store.path).resolve())
+    if store.groups is None:
+        return np.full(len(store), root)
+    return np.char.add(root + "#", store.groups.astype(str))
 
 
 def sample_positions(positions: np.ndarray, n: int = GROUP_SAMPLE) -> np.ndarray:

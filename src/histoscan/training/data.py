@@ -16,15 +16,14 @@ from histoscan.data.store import PatchStore
 class StoreBatches(Dataset):
     """``dataset[positions]`` -> (uint8 NHWC images, int64 labels[, group names]) for a list of positions.
 
-    With ``groups`` each batch also carries its patches' group (patient / slide) names, for
-    per-group stain normalisation.
+    With ``groups`` (one name per patch of the store) each batch also carries its patches' stain
+    group names, for per-group stain normalisation.
     """
 
-    def __init__(self, store: PatchStore, groups: bool = False) -> None:
+    def __init__(self, store: PatchStore, groups: np.ndarray | None = None) -> None:
         self.store = store
         self.labels = torch.from_numpy(store.labels)
-        names = store.groups if groups else None
-        self.groups = names.astype(str) if names is not None else None
+        self.groups = groups
 
     def __len__(self) -> int:
         return len(self.store)
@@ -96,9 +95,9 @@ def make_loader(
     balanced: bool = False,
     rank: int = 0,
     world_size: int = 1,
-    groups: bool = False,
+    groups: np.ndarray | None = None,
 ) -> DataLoader:
-    """A DataLoader whose items are whole batches read from the store (with their group names if ``groups``)."""
+    """A DataLoader whose items are whole batches read from the store (with their stain group names, ``groups``)."""
     weights = None
     if train and balanced:
         labels = store.labels

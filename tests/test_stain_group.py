@@ -171,12 +171,12 @@ def test_the_same_patient_name_in_two_stores_is_two_groups(
     assert len(pre.stain_groups) == 2 * len(GROUPS)
 
 
-def test_bad_granularity_requests_are_one_line_errors(tiny_run: Path) -> None:
+def test_bad_granularity_requests_are_one_line_errors(kaggle_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="stain_granularity group needs stain_norm"):
         TrainConfig(data="x", stain_granularity="group")
-    store = read_bundle(tiny_run).training_store
+    store = ingest(kaggle_dir, tmp_path / "store", workers=1).store
     cfg = TrainConfig(
-        data=str(store), out=str(tiny_run.parent), name="nogroups", stain_norm="macenko", stain_granularity="group"
+        data=str(store), out=str(tmp_path / "runs"), name="nogroups", stain_norm="macenko", stain_granularity="group"
     )
     with pytest.raises(ConfigError, match=r"store: stain_granularity group needs a store with groups"):
         train(cfg, printer=lambda *_: None)

@@ -311,11 +311,16 @@ def predict(
     predictor = Predictor(
         run, backend=backend, device=device, batch_size=batch_size, threads=threads, precision=precision
     )
+    con = _console()
     with progress_bar("predicting") as start:
         table = predict_input(
-            predictor, input, tta=submission_tta(predictor, tta, submission), workers=workers, progress=start(0)
+            predictor,
+            input,
+            tta=submission_tta(predictor, tta, submission),
+            workers=workers,
+            progress=start(0),
+            notice=con.print,
         )
-    con = _console()
     path, errors = write_predictions(table, out, force=force, inputs=[input, run])
     con.print(f"{len(table.ids)} predictions ({predictor.backend.name} backend) written to {path}")
     if errors:

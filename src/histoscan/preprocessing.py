@@ -4,8 +4,11 @@ The stages, in this order, for training and prediction alike:
 
 1. fit to size (uint8): ``fit_image`` brings an image of any size to ``image_size`` under the
    ``fit`` policy (the one fit function, ``data.imageio.fit_to_size``; ingest uses it too);
-2. stain normalisation of the full patch (``stain``: Reinhard or Macenko to a fitted target, per patch;
-   a patch with no usable stain estimate passes through unchanged and is counted in ``stain_counts``);
+2. stain normalisation of the full patch (``stain``: Reinhard or Macenko to a fitted target, from each
+   patch's own stain estimate, or for a per-group model from its group's: ``groups`` names each patch's
+   group, whose stain ``estimate_stain_groups`` / ``estimate_store_groups`` estimated once; without
+   ``groups`` each image is its own group); a patch with no usable stain estimate passes through
+   unchanged and is counted in ``stain_counts``;
 3. training only: augmentation on float [0, 1] NCHW of the full patch (``PatchClassifier``);
 4. centre crop to ``crop`` and / or resize to ``resize``;
 5. mean / std normalisation.
@@ -16,7 +19,7 @@ does not augment, and ``to_float`` (1-2) then ``finish`` (4-5) around its augmen
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,11 +27,15 @@ import numpy as np
 import torch
 
 from histoscan.data.imageio import FIT_POLICIES, FitPolicy, fit_to_size
+from histoscan.data.store import PatchStore
 from histoscan.data.transforms import centre_crop, dihedral, normalise, resize
 from histoscan.errors import ConfigError
+from histoscan.stain.groups import GroupStains, estimate_groups, stain_group_names
 from histoscan.stain.normalise import StainNormaliser, StainTarget
 
 Images = np.ndarray | torch.Tensor | Sequence[np.ndarray]
+#: each patch's stain group (patient, slide) name, for per-group stain normalisation
+Groups = Sequence[object] | np.ndarray
 
 
 @dataclass
@@ -63,6 +70,7 @@ class Preprocessing:
         if self.fit not in FIT_POLICIES:
             raise ConfigError(f"preprocessing.fit {self.fit!r} is not one of {list(FIT_POLICIES)}")
         self._stain: StainNormaliser | None = None
+        self.stain_groups = GroupStains()  # per-group models: the groups estimated so far (not stored)
 
     @property
     def stain_normaliser(self) -> StainNormaliser | None:
@@ -77,10 +85,48 @@ class Preprocessing:
             self._stain = StainNormaliser(target)
         return self._stain
 
-    def stain_counts(self) -> dict[str, int]:
-        """Patches stain-normalised so far and how many passed through unchanged (zeros without normalisation)."""
+    @property
+    def per_group(self) -> bool:
+        """Whether the stain is normalised per group (``stain.granularity`` ``group``)."""
+        return self.stain is not None and self.stain.get("granularity", "patch") == "group"
+
+    def stain_counts(self, groups: set[str] | None = None) -> dict[str, int]:
+        """Patches stain-normalised so far and how many passed through unchanged (zeros without normalisation).
+
+        Per-group models add ``groups`` (estimated so far, or those of ``groups``) and
+        ``groups_passed_through`` (too little tissue: their patches pass through unchanged).
+        """
         norm = self.stain_normaliser
-        return norm.counts() if norm is not None else {"patches": 0, "passed_through": 0}
+        counts = norm.counts() if norm is not None else {"patches": 0, "passed_through": 0}
+        return {**counts, **(self.stain_groups.counts(groups) if self.per_group else {})}
+
+    def estimate_stain_groups(
+        self, groups: np.ndarray, read: Callable[[np.ndarray], np.ndarray], only: set[str] | None = None
+    ) -> None:
+        """Per-group models: estimate the stain of each group of ``groups`` (one name per position) not yet estimated.
+
+        ``read(positions)`` returns those patches (uint8 NHWC, any size: fitted here); each group's
+        estimate pools an evenly spaced sample of its patches (``histoscan.stain.groups``). A no-op
+        for other models.
+        """
+        norm = self.stain_normaliser
+        if norm is None or not self.per_group:
+            return
+        estimate_groups(self.stain_groups, groups, lambda pos: self.fit_batch(read(pos)), norm.estimate_pooled, only)
+
+    def estimate_store_groups(self, store: PatchStore) -> np.ndarray | None:
+        """Per-group models: the stain group of each patch of ``store`` (a view), its groups estimated; else None.
+
+        The groups are the store's patients / slides (``stain_group_names``), each estimated from the
+        group's patches in the whole store (not only the view's), so every split of a store sees the
+        estimate training saw. A store without groups is one group.
+        """
+        if not self.per_group:
+            return None
+        full = PatchStore(store.path)
+        names = stain_group_names(store)
+        self.estimate_stain_groups(stain_group_names(full), full.batch, only=set(names.tolist()))
+        return names
 
     @property
     def input_size(self) -> int:
@@ -135,24 +181,36 @@ class Preprocessing:
         return out
 
     # ---- stage 2: stain normalisation (uint8, full patch) -------------------------------
-    def normalise_stain(self, batch: torch.Tensor) -> torch.Tensor:
-        """The uint8 NHWC batch after stain normalisation (the batch itself when ``stain`` is None)."""
-        norm = self.stain_normaliser
-        return batch if norm is None else norm(batch)
+    def normalise_stain(self, batch: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
+        """The uint8 NHWC batch after stain normalisation (the batch itself when ``stain`` is None).
 
-    def _fitted(self, batch: Images, device: torch.device | str | None) -> torch.Tensor:
+        Per-group models map each patch with its group's estimate (``groups``: one name per patch, each
+        estimated before); without ``groups`` each image is its own group (its own estimate).
+        """
+        norm = self.stain_normaliser
+        if norm is None:
+            return batch
+        if groups is None or not self.per_group:
+            return norm(batch)
+        if len(groups) != batch.shape[0]:
+            raise ConfigError(f"{len(groups)} stain groups for {batch.shape[0]} images")
+        return norm(batch, self.stain_groups.for_patches(groups, batch.device))
+
+    def _fitted(self, batch: Images, device: torch.device | str | None, groups: Groups | None = None) -> torch.Tensor:
         """Stages 1-2: a uint8 NHWC tensor at ``image_size`` on ``device``."""
         h, w = (int(v) for v in self.image_size)
         if not isinstance(batch, torch.Tensor) or tuple(batch.shape[1:3]) != (h, w):
             batch = torch.from_numpy(np.ascontiguousarray(self.fit_batch(batch)))
         if device is not None:
             batch = batch.to(device, non_blocking=True)
-        return self.normalise_stain(batch)
+        return self.normalise_stain(batch, groups)
 
     # ---- the training path around augmentation ------------------------------------------
-    def to_float(self, batch: Images, device: torch.device | str | None = None) -> torch.Tensor:
+    def to_float(
+        self, batch: Images, device: torch.device | str | None = None, groups: Groups | None = None
+    ) -> torch.Tensor:
         """Stages 1-2, then float [0, 1] NCHW of the full patch: what training augmentation works on."""
-        return self._fitted(batch, device).permute(0, 3, 1, 2).float().div_(255.0)
+        return self._fitted(batch, device, groups).permute(0, 3, 1, 2).float().div_(255.0)
 
     def geometry(self, x: torch.Tensor) -> torch.Tensor:
         """Stage 4 on float NCHW at ``image_size``: centre crop, then resize."""
@@ -167,14 +225,18 @@ class Preprocessing:
         return normalise(self.geometry(x), self.mean, self.std)
 
     # ---- the fused path (prediction, and training without augmentation) ------------------
-    def __call__(self, batch: Images, device: torch.device | str | None = None, k: int = 0) -> torch.Tensor:
+    def __call__(
+        self, batch: Images, device: torch.device | str | None = None, k: int = 0, groups: Groups | None = None
+    ) -> torch.Tensor:
         """Images -> normalised float NCHW on ``device`` (under dihedral element ``k``): every stage but augmentation.
+
+        ``groups``: each image's stain group, for per-group models (see ``normalise_stain``).
 
         Same result as ``finish(to_float(batch))``, done cheaply: the centre crop is a slice of
         the uint8 batch before conversion, and scaling and normalisation are one fused step. The
         result is channels-last in memory, which oneDNN convolutions run about 1.4x faster on CPU.
         """
-        t = self._fitted(batch, device)
+        t = self._fitted(batch, device, groups)
         if self.crop:
             h, w = (int(v) for v in self.image_size)
             top, left = (h - self.crop) // 2, (w - self.crop) // 2

@@ -116,7 +116,7 @@ class StainSpec(BaseModel):
 
     model_config = _STRICT
     method: Literal["reinhard", "macenko"]
-    granularity: Literal["patch"] = "patch"
+    granularity: Literal["patch", "group"] = "patch"  # group: one estimate per patient / slide
     stain_matrix: list[Annotated[list[Finite], Field(min_length=3, max_length=3)]] | None = Field(
         default=None, min_length=2, max_length=2
     )

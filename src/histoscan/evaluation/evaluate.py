@@ -10,15 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from histoscan import __version__
 from histoscan.bundle import read_bundle
+from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitivity, youden_threshold
 from histoscan.evaluation.report import write_evaluation
 from histoscan.inference.predictor import Predictor, default_tta
 from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
-from histoscan.stain.shift import shift_suite, stain_shift_report
+from histoscan.stain.groups import stain_group_names
+from histoscan.stain.shift import Shift, shift_suite, stain_shift_report
 
 THRESHOLD_RULES = ("youden", "sensitivity")
 
@@ -116,20 +119,18 @@ def evaluate_run(
         n_boot=n_boot,
         seed=seed,
     )
-    stain_counts = (  # patches of this split: every TTA pass normalises the same patches the same way
-        {k: (v - counted[k]) // len(ks) for k, v in predictor.bundle.preprocessing.stain_counts().items()}
-        if bundle.preprocessing.stain
-        else None
-    )
+    stain_counts = stain_split_counts(predictor, part, counted, len(ks)) if bundle.preprocessing.stain else None
     if suite is not None:
+        shifted = ShiftedPredict(predictor, part, ks)
         metrics["stain_shift"] = stain_shift_report(
-            lambda b: predictor.predict_batch(b, ks).probabilities,
+            shifted,
             part,
             suite,
             clean=pred.probabilities,
             n_boot=n_boot,
             seed=seed,
             batch_size=batch_size,
+            on_shift=shifted.start,
         )
     # the model's default TTA (or --no-tta) goes to eval/ for its own test split; an explicit --tta keeps its folder
     out = Path(out) if out else run.eval_dir(part.path, split_name, tta is True)
@@ -158,3 +159,46 @@ def evaluate_run(
         metrics_csv=run.metrics_path,
     )
     return EvaluationResult(out, metrics, split_name, part.path, saved)
+
+
+class ShiftedPredict:
+    """Probabilities of a split's batches under one stain shift after another, in store order.
+
+    For a per-group stain model each group's stain is re-estimated from its shifted patches (the
+    group's sample read and shifted), as the model would estimate it on a store stained that way.
+    """
+
+    def __init__(self, predictor: Predictor, part: PatchStore, ks: list[int]) -> None:
+        self.predictor, self.part, self.ks = predictor, part, ks
+        self.names = predictor.bundle.preprocessing.estimate_store_groups(part)
+        self.prefix, self.done = "", 0
+
+    def start(self, shift: Shift | None) -> None:
+        """A new pass over the split under ``shift``: its groups estimated from their shifted patches."""
+        self.done = 0
+        if self.names is None or shift is None:
+            self.prefix = ""
+            return
+        self.prefix = f"shift:{shift.name}/"
+
+        def read(positions: np.ndarray) -> np.ndarray:
+            batch = torch.from_numpy(np.ascontiguousarray(self.part.batch(positions)))
+            return shift.apply(batch, int(positions[0])).numpy()
+
+        pre = self.predictor.bundle.preprocessing
+        pre.estimate_stain_groups(np.char.add(self.prefix, self.names.astype(str)), read)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        groups = None
+        if self.names is not None:
+            groups = np.char.add(self.prefix, self.names[self.done : self.done + n].astype(str))
+        self.done += n
+        return self.predictor.predict_batch(batch, self.ks, groups).probabilities
+
+
+def stain_split_counts(predictor: Predictor, part: PatchStore, before: dict[str, int], passes: int) -> dict[str, int]:
+    """Stain counts of the scored split: its patches (every TTA pass normalises them the same way) and its groups."""
+    pre = predictor.bundle.preprocessing
+    after = pre.stain_counts(set(stain_group_names(part).tolist()))
+    return {k: (v - before[k]) // passes if k in ("patches", "passed_through") else v for k, v in after.items()}

@@ -120,7 +120,7 @@ class Explainer:
 
     # ---- the maps -----------------------------------------------------------------------
     def _maps_on_input(
-        self, batch: np.ndarray, ks: list[int], classes: np.ndarray | None
+        self, batch: np.ndarray, ks: list[int], classes: np.ndarray | None, groups: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Maps at the model's input size (averaged over dihedral views, each turned back) and mean probabilities."""
         n = len(batch)
@@ -138,7 +138,7 @@ class Explainer:
             self.cam_cls(self.model, [self.layer], reshape_transform=self.reshape) as cam,
         ):
             for k in ks:
-                x = self.pre(batch, self.predictor.device, k)
+                x = self.pre(batch, self.predictor.device, k, groups)
                 m = torch.from_numpy(cam(x, targets))[:, None]
                 maps.append(dihedral_back(m, k)[:, 0].numpy())
                 probs.append(self.predictor.probabilities_from_logits(cam.outputs.detach().float().cpu().numpy()))
@@ -159,19 +159,27 @@ class Explainer:
         return out
 
     def explain_batch(
-        self, images: np.ndarray | Sequence[np.ndarray], tta: bool | Sequence[int] | None = None
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        tta: bool | Sequence[int] | None = None,
+        groups: np.ndarray | None = None,
     ) -> Explanation:
-        """Maps and predictions for uint8 RGB images of any size (split by ``batch_size``)."""
+        """Maps and predictions for uint8 RGB images of any size (split by ``batch_size``).
+
+        ``groups``: per-group stain models: each image's stain group, estimated before
+        (``pre.estimate_stain_groups`` / ``estimate_store_groups``); without it each image is its own group.
+        """
         ks = parse_tta(tta)
         maps: list[np.ndarray] = []
         probs, preds = [], []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             batch = self.pre.fit_batch(chunk)
+            g = groups[start : start + self.batch_size] if groups is not None else None
             classes = None
             if self._fixed is None:  # "predicted": the prediction (over the TTA views) decides the target
-                classes = self.predictor.predict_batch(batch, ks).predicted
-            m, p = self._maps_on_input(batch, ks, classes)
+                classes = self.predictor.predict_batch(batch, ks, g).predicted
+            m, p = self._maps_on_input(batch, ks, classes, g)
             on_patch = self.to_patch(m)
             for i, img in enumerate(chunk):
                 size = tuple(np.asarray(img).shape[:2])

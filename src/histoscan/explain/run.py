@@ -25,6 +25,7 @@ from histoscan.explain.gallery import Item, keep_top, outcome, write_gallery
 from histoscan.explain.render import Geometry, overlay_png, panel, png_bytes
 from histoscan.explain.settings import ExplainSettings
 from histoscan.inference.inputs import Batch, input_batches, store_input_batches
+from histoscan.inference.predict import InputStainGroups
 from histoscan.runfolder import RunFolder
 from histoscan.system import available_cores, release_free_memory
 
@@ -46,6 +47,7 @@ class ExplainResult:
 class _Labelled:
     batch: Batch
     labels: list[int | None]
+    groups: np.ndarray | None = None  # per-group stain models: each image's stain group
 
 
 def _wanted_ids(ids: str | None) -> set[str] | None:
@@ -65,19 +67,24 @@ def _batches(path: Path, explainer: Explainer, s: ExplainSettings, label_of: dic
         if wanted is not None:
             store = store.subset(np.flatnonzero(np.isin(store.ids.astype(str), list(wanted))))
         labels = store.labels
+        names = explainer.pre.estimate_store_groups(store)  # per-group stain models: the patches' groups
         start = 0
         for b in store_input_batches(store, s.batch_size):
-            yield _Labelled(b, [int(v) if v >= 0 else None for v in labels[start : start + len(b.ids)]])
-            start += len(b.ids)
+            stop = start + len(b.ids)
+            groups = names[start:stop] if names is not None else None
+            yield _Labelled(b, [int(v) if v >= 0 else None for v in labels[start:stop]], groups)
+            start = stop
         return
     if s.split:
         raise DataError(f"{path}: --split applies to a packed store, not to image files")
     workers = s.workers if s.workers is not None else available_cores()
+    one = InputStainGroups(None) if explainer.pre.per_group else None  # loose images: one group, as in predict
     for b in input_batches(path, explainer.pre, s.batch_size, workers):
         if wanted is not None:
             keep = [i for i, pid in enumerate(b.ids) if pid in wanted]
             b = Batch([b.ids[i] for i in keep], b.images[keep] if keep else b.images[:0], b.failures)
-        yield _Labelled(b, [label_of.get(pid, label_of.get(Path(pid).stem)) for pid in b.ids])
+        groups = one.of(b, explainer.predictor) if one is not None and b.ids else None
+        yield _Labelled(b, [label_of.get(pid, label_of.get(Path(pid).stem)) for pid in b.ids], groups)
 
 
 def _safe(pid: str) -> str:
@@ -129,7 +136,7 @@ def explain_inputs(
                     progress(len(lb.batch.ids) + len(lb.batch.failures))
                 if not lb.batch.ids:
                     continue
-                e = ex.explain_batch(lb.batch.images, s.tta)
+                e = ex.explain_batch(lb.batch.images, s.tta, lb.groups)
                 maps = np.stack(e.maps)
                 vmax = max(vmax, float(maps.max()))
                 np.savez(

@@ -24,19 +24,26 @@ def explain_top_tiles(
     k: int,
     folder: Path,
     device: str = "cpu",
+    stain_sample: np.ndarray | None = None,
 ) -> Path:
     """Write ``folder/explain/``: one PNG (tile, map, overlay) per top-``k`` tile, one colour scale, and tiles.csv.
 
     Args:
         read_tile: reads the context tile of cell (row, col) at the model's size (uint8 HxWx3).
         rows, cols, probs, boxes: the scanned cells, their probabilities and level-0 tile boxes (x, y, w, h).
+        stain_sample: per-group stain models: the slide's stain sample (``wsi.scan.slide_stain``), so the
+            tiles are explained under the slide's one estimate, as they were scanned.
     """
     out = folder / EXPLAIN_DIR
     out.mkdir(parents=True, exist_ok=True)
     top = np.argsort(-probs, kind="stable")[:k]
     explainer = Explainer(run_dir, device=device, batch_size=max(1, min(k, 32)))
     tiles = np.stack([read_tile(int(rows[i]), int(cols[i])) for i in top])
-    ex = explainer.explain_batch(tiles)
+    groups = None
+    if stain_sample is not None:
+        groups = np.full(len(tiles), "slide")
+        explainer.pre.estimate_stain_groups(np.full(len(stain_sample), "slide"), lambda p: stain_sample[p])
+    ex = explainer.explain_batch(tiles, groups=groups)
     vmax = max(float(np.stack(ex.maps).max()), 1e-12)
     pre = explainer.pre
     geometry = Geometry.from_preprocessing(pre.image_size, pre.label_size, pre.crop)

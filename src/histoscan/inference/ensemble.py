@@ -123,7 +123,13 @@ def parse_weights(text: str | None) -> list[float] | None:
 def _member(run: Path) -> ModelBundle:
     if not run.is_dir():
         raise ConfigError(f"member {run}: no such run folder")
-    return read_member(run)
+    bundle = read_member(run)
+    if bundle.preprocessing.per_group:  # each member would need its own group estimates in every consumer
+        raise ConfigError(
+            f"member {run}: normalises stain per group (patient or slide); an ensemble takes members that "
+            "normalise per patch or not at all (train them with --stain-granularity patch)"
+        )
+    return bundle
 
 
 def check_compatible(first_dir: Path, first: ModelBundle, run: Path, b: ModelBundle) -> None:

@@ -10,13 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 import pandas as pd
 
 from histoscan.bundle import MODEL_FILE
 from histoscan.data.sources.kaggle import read_id_table
 from histoscan.data.store import META_FILE as STORE_META
+from histoscan.data.store import PatchStore
 from histoscan.errors import DataError
-from histoscan.inference.inputs import input_batches
+from histoscan.inference.inputs import Batch, input_batches
 from histoscan.inference.predictor import Prediction, Predictor
 from histoscan.system import available_cores
 
@@ -48,16 +50,23 @@ def predict_input(
     tta: bool | Sequence[int] | None = None,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> PredictionTable:
-    """Predict every image of ``path`` (image, folder, Kaggle test folder, store, PCam file or folder)."""
+    """Predict every image of ``path`` (image, folder, Kaggle test folder, store, PCam file or folder).
+
+    A per-group stain model maps a store's patches by their group (patient / slide); any other
+    input is one group, its stain estimated from the first batch read: ``notice`` says which.
+    """
     workers = workers if workers is not None else available_cores()
     ids: list[str] = []
     parts: list[Prediction] = []
     failures: list[tuple[str, str, str]] = []
+    groups = input_stain_groups(predictor, Path(path), notice)
     for batch in input_batches(path, predictor.bundle.preprocessing, predictor.batch_size, workers):
         failures.extend(batch.failures)
         if len(batch.ids):
-            parts.append(predictor.predict_batch(batch.images, tta))
+            g = groups.of(batch, predictor) if groups is not None else None
+            parts.append(predictor.predict_batch(batch.images, tta, g))
             ids.extend(batch.ids)
         if progress:
             progress(len(batch.ids) + len(batch.failures))
@@ -65,6 +74,52 @@ def predict_input(
         first = f" (first failure: {failures[0][1]}: {failures[0][2]})" if failures else ""
         raise DataError(f"{path}: no readable images{first}")
     return PredictionTable(ids, Prediction.concat(parts, len(predictor.classes)), predictor.classes, failures)
+
+
+#: the stain group of every image of an input that is not a store with groups (per-group stain models)
+INPUT_GROUP = "input"
+
+
+@dataclass
+class InputStainGroups:
+    """Stain groups for a per-group model's input: a store's own (``names``, in order) or one group for all."""
+
+    names: np.ndarray | None
+    done: int = 0
+
+    def of(self, batch: Batch, predictor: Predictor) -> np.ndarray:
+        """The groups of the next batch read (the first batch of a group-less input estimates its one group)."""
+        n = len(batch.ids)
+        if self.names is not None:
+            out = self.names[self.done : self.done + n]
+        else:
+            pre = predictor.bundle.preprocessing
+            if INPUT_GROUP not in pre.stain_groups:  # the first batch read: the whole input's estimate
+                pre.estimate_stain_groups(np.full(n, INPUT_GROUP), lambda pos: batch.images[pos])
+            out = np.full(n, INPUT_GROUP)
+        self.done += n
+        return out
+
+
+def input_stain_groups(
+    predictor: Predictor, path: Path, notice: Callable[[str], None] | None = None
+) -> InputStainGroups | None:
+    """Per-group stain models: the stain groups of ``path`` (a store's groups, else one for all); None otherwise."""
+    pre = predictor.bundle.preprocessing
+    if not pre.per_group:
+        return None
+    say = notice or (lambda _: None)
+    if path.is_dir() and (path / STORE_META).is_file():
+        store = PatchStore(path)
+        names = pre.estimate_store_groups(store) if store.groups is not None else None
+        if names is not None:
+            say(f"stain: per-group model: each patch mapped by its group's stain ({len(set(names.tolist()))} groups)")
+            return InputStainGroups(names)
+    say(
+        f"stain: per-group model: {path} has no groups, so the whole input is one group, its stain estimated "
+        "from the first batch read"
+    )
+    return InputStainGroups(None)
 
 
 def check_output(out: str | Path, force: bool = False, inputs: Sequence[str | Path] = ()) -> Path:

@@ -26,6 +26,7 @@ from histoscan.errors import ConfigError
 from histoscan.inference.backends import Backend, OnnxBackend, TorchBackend, resolve_backend
 from histoscan.inference.inputs import store_input_batches
 from histoscan.inference.probabilities import logits_of, probabilities
+from histoscan.preprocessing import Groups
 
 
 @dataclass
@@ -161,34 +162,43 @@ class Predictor:
             return (probabilities[:, 1] >= self.threshold).astype(np.int64)
         return probabilities.argmax(axis=1)
 
-    def logits(self, images: np.ndarray | Sequence[np.ndarray], k: int = 0) -> np.ndarray:
-        """Raw logits of one batch under dihedral element ``k`` (an ensemble: the logits of its members'
-        weighted mean probability, before the ensemble's own temperature)."""
+    def logits(self, images: np.ndarray | Sequence[np.ndarray], k: int = 0, groups: Groups | None = None) -> np.ndarray:
+        """Raw logits of one batch under dihedral element ``k`` (``groups``: see ``predict_batch``; an ensemble:
+        the logits of its members' weighted mean probability, before the ensemble's own temperature)."""
         if isinstance(self.bundle, EnsembleBundle):
-            views = self.views(images, [k])
+            views = self.views(images, [k], groups)
             return logits_of(np.tensordot(self.weights / self.weights.sum(), views, axes=1))
-        return self.backend.logits(self.bundle.preprocessing(self._to_batch(images), self.device, k))
+        return self.backend.logits(self.bundle.preprocessing(self._to_batch(images), self.device, k, groups))
 
-    def views(self, images: np.ndarray | Sequence[np.ndarray], ks: Sequence[int]) -> np.ndarray:
+    def views(
+        self, images: np.ndarray | Sequence[np.ndarray], ks: Sequence[int], groups: Groups | None = None
+    ) -> np.ndarray:
         """Class probabilities of every view of one batch: (members x TTA elements) x N x C, member-major.
 
         A single model has one member; each member's probabilities carry its own temperature.
         """
         if not isinstance(self.bundle, EnsembleBundle):
-            return np.stack([self.probabilities_from_logits(self.logits(images, k)) for k in ks])
+            return np.stack([self.probabilities_from_logits(self.logits(images, k, groups)) for k in ks])
         fitted = self._to_batch(images)
         if self.members:
-            per_member = [m.views(fitted, ks) for m in self.members]  # each: K x N x C
+            per_member = [m.views(fitted, ks, groups) for m in self.members]  # each: K x N x C
             return np.concatenate(per_member)
         # the ensemble's ONNX graph: its second output holds each member's probabilities, N x M x C
         onnx = cast(OnnxBackend, self.backend)
-        by_k = [onnx.outputs(self.bundle.preprocessing(fitted, self.device, k))[1] for k in ks]
+        by_k = [onnx.outputs(self.bundle.preprocessing(fitted, self.device, k, groups))[1] for k in ks]
         return np.stack(by_k, axis=2).transpose(1, 2, 0, 3).reshape(-1, len(fitted), len(self.classes))
 
     def predict_batch(
-        self, images: np.ndarray | Sequence[np.ndarray], tta: bool | Sequence[int] | None = None
+        self,
+        images: np.ndarray | Sequence[np.ndarray],
+        tta: bool | Sequence[int] | None = None,
+        groups: Groups | None = None,
     ) -> Prediction:
-        """Predict one batch (any length; split internally by ``batch_size``)."""
+        """Predict one batch (any length; split internally by ``batch_size``).
+
+        ``groups``: for a per-group stain model, each image's stain group, estimated before
+        (``bundle.preprocessing.estimate_stain_groups``); without it each image is its own group.
+        """
         ks = parse_tta(tta)
         view_weights = np.repeat(self.weights / self.weights.sum(), len(ks)) / len(ks)
         ensemble = isinstance(self.bundle, EnsembleBundle)
@@ -196,7 +206,8 @@ class Predictor:
         n = len(images)
         for start in range(0, n, self.batch_size):
             chunk = images[start : start + self.batch_size]
-            probs = self.views(chunk, ks)
+            g = groups[start : start + self.batch_size] if groups is not None else None
+            probs = self.views(chunk, ks, g)
             mean = np.tensordot(view_weights, probs, axes=1).astype(np.float32)
             unc = None
             if len(probs) > 1:
@@ -217,5 +228,11 @@ class Predictor:
 
     # ---- inputs ------------------------------------------------------------------------
     def predict_store(self, store: PatchStore, tta: bool | Sequence[int] | None = None) -> Prediction:
-        """Every image of a PatchStore (or view), in order."""
-        return self.predict_batches((b.images for b in store_input_batches(store, self.batch_size)), tta)
+        """Every image of a PatchStore (or view), in order; a per-group stain model maps each patch by its group's stain."""
+        groups = self.bundle.preprocessing.estimate_store_groups(store)
+        parts, start = [], 0
+        for b in store_input_batches(store, self.batch_size):
+            g = groups[start : start + len(b.ids)] if groups is not None else None
+            parts.append(self.predict_batch(b.images, tta, g))
+            start += len(b.ids)
+        return Prediction.concat(parts, len(self.classes))

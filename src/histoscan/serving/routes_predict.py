@@ -78,7 +78,11 @@ async def predict_one(
     tta: bool = Query(False, description="Average the 8 flips/rotations; adds an uncertainty."),
     state: ServeState = Depends(get_state),
 ) -> PatchPrediction:
-    """Classify one patch."""
+    """Classify one patch.
+
+    A model with per-group stain normalisation treats the image as its own group: its stain is
+    estimated from the image alone (the service knows no patient or slide).
+    """
     image = await _decode(file, file.filename or "file", state)
     probs, predicted, unc = await state.batcher.predict(image, tta)
     return PatchPrediction(**answer(state, probs, predicted, unc))
@@ -90,7 +94,11 @@ async def predict_batch(
     tta: bool = Query(False),
     state: ServeState = Depends(get_state),
 ) -> BatchPrediction:
-    """Classify many patches; results in the same order, each with its own error if that file was bad."""
+    """Classify many patches; results in the same order, each with its own error if that file was bad.
+
+    A model with per-group stain normalisation treats each image as its own group (the files of
+    one request are not assumed to share a patient or slide).
+    """
     if len(files) > state.settings.max_batch_files:
         raise UploadError(413, f"{len(files)} files is over the batch limit of {state.settings.max_batch_files}")
     results: list[BatchEntry] = [BatchEntry() for _ in files]

@@ -7,6 +7,8 @@ few lines of textbook formulae (Ruifrok & Johnston optical density; sRGB D65 -> 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -40,9 +42,19 @@ def from_optical_density(od: Tensor) -> Tensor:
     return (torch.exp(-od) * _I0 - 1.0).clamp_(0.0, 255.0)
 
 
-def optical_density_to_uint8_(od: Tensor) -> Tensor:
-    """Finite optical density -> uint8 intensities, computed in place in ``od`` (which it overwrites)."""
-    return od.neg_().exp_().mul_(_I0).sub_(1.0).clamp_(0.0, 255.0).round_().to(torch.uint8)
+def apply_od_matrix(batch: Tensor, matrix: Tensor) -> Tensor:
+    """uint8 N x H x W x 3 -> uint8: each patch's optical density times its 3 x 3 ``matrix`` (N x 3 x 3), back to intensity.
+
+    With od = ln 256 - ln(I + 1), the output exp(-(od M)) 256 - 1 is exp(ln(I + 1) M + b) - 1 with
+    b = ln 256 (1 - column sums of M): one log, one batched matrix product on channel planes (N x 3 x HW,
+    where ``bmm`` is fast; on N x HW x 3 it is not) and one exp per value, rounded half up. ``matrix``
+    must be finite.
+    """
+    n, h, w, _ = batch.shape
+    logs = batch.permute(0, 3, 1, 2).reshape(n, 3, h * w).float().log1p_()
+    bias = (math.log(_I0) * (1.0 - matrix.sum(dim=1))).unsqueeze(-1)  # N x 3 x 1
+    out = torch.baddbmm(bias, matrix.transpose(1, 2), logs).exp_().sub_(0.5).clamp_(0.0, 255.0)
+    return out.to(torch.uint8).view(n, 3, h, w).permute(0, 2, 3, 1).contiguous()
 
 
 def to_uint8(rgb: Tensor) -> Tensor:

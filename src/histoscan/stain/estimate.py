@@ -46,6 +46,10 @@ class LabStats:
     ok: Tensor
 
 
+#: a source stain estimate: one row per patch (or per group)
+Estimate = MacenkoEstimate | LabStats
+
+
 def sample_pixels(batch: Tensor, max_pixels: int = MAX_SAMPLE_PIXELS) -> Tensor:
     """N x H x W x 3 -> N x P x 3 on a regular sub-grid of at most about ``max_pixels`` pixels per patch."""
     n, h, w, _ = batch.shape
@@ -62,18 +66,27 @@ def tissue_mask(od: Tensor) -> Tensor:
 
 
 def masked_quantile(values: Tensor, mask: Tensor, qs: tuple[float, ...]) -> list[Tensor]:
-    """Per-row quantiles (lower) ``qs`` of ``values`` (N x P [x K]) over ``mask`` (N x P), from one sort."""
+    """Per-row quantiles (lower) ``qs`` of ``values`` (N x P [x K]) over ``mask`` (N x P).
+
+    The q-th quantile of m values is the ``floor((m - 1) q)``-th smallest; for the extreme quantiles
+    Macenko uses (1st, 99th) that is one of the few smallest or largest, so ``topk`` of that many
+    replaces a full sort (about 5x faster on CPU, same result).
+    """
     big = torch.finfo(values.dtype).max
-    m = mask if values.dim() == 2 else mask.unsqueeze(-1)
-    ordered = torch.where(m, values, torch.full_like(values, big)).sort(dim=1).values
-    last = (mask.sum(dim=1).clamp(min=1) - 1).float()
+    v = (values.unsqueeze(-1) if values.dim() == 2 else values).transpose(1, 2)  # N x K x P
+    m = mask.unsqueeze(1)
+    last = mask.sum(dim=1).clamp(min=1) - 1
     out = []
     for q in qs:
-        idx = (last * q).floor().long()
-        if values.dim() == 3:
-            out.append(ordered.gather(1, idx.view(-1, 1, 1).expand(-1, 1, values.shape[2])).squeeze(1))
-        else:
-            out.append(ordered.gather(1, idx.view(-1, 1)).squeeze(1))
+        rank = (last.double() * q).floor().long()  # from the bottom
+        low = q <= 0.5
+        if not low:
+            rank = last - rank  # from the top
+        k = min(int(rank.max()) + 1, v.shape[-1])
+        filled = torch.where(m, v, torch.full_like(v, big if low else -big))
+        top = filled.topk(k, dim=-1, largest=not low, sorted=True).values  # N x K x k
+        got = top.gather(-1, rank.view(-1, 1, 1).expand(-1, v.shape[1], 1)).squeeze(-1)
+        out.append(got if values.dim() == 3 else got.squeeze(-1))
     return out
 
 

@@ -1,7 +1,7 @@
 """Stain normalisation of uint8 NHWC batches (Reinhard, Macenko), batched in torch on the batch's device.
 
 A ``StainTarget`` is what ``model.json``'s ``preprocessing.stain`` holds: the method, the
-granularity and the fitted target. ``StainNormaliser`` applies it; a patch whose own estimate is
+granularity (``patch`` or ``group``) and the fitted target. ``StainNormaliser`` applies it; a patch whose own estimate is
 unusable (blank, background, very dark, pen-marked, single colour) passes through unchanged and is
 counted in ``passed_through``.
 """
@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 from histoscan.errors import ConfigError, DataError
-from histoscan.stain.colour import lab_to_rgb, optical_density, optical_density_to_uint8_, rgb_to_lab, to_uint8
-from histoscan.stain.estimate import lab_stats, macenko, sample_pixels
+from histoscan.stain.colour import apply_od_matrix, lab_to_rgb, optical_density, rgb_to_lab, to_uint8
+from histoscan.stain.estimate import Estimate, LabStats, MacenkoEstimate, lab_stats, macenko, sample_pixels
 
 Tensor = torch.Tensor
 Method = Literal["reinhard", "macenko"]
-Granularity = Literal["patch"]
+Granularity = Literal["patch", "group"]
 METHODS: tuple[str, ...] = ("reinhard", "macenko")
-GRANULARITIES: tuple[str, ...] = ("patch",)
+GRANULARITIES: tuple[str, ...] = ("patch", "group")
 #: fewest usable patches a target is fitted from
 MIN_TARGET_PATCHES = 8
 
@@ -33,7 +33,9 @@ class StainTarget:
 
     Attributes:
         method: ``reinhard`` (L*a*b* mean / std) or ``macenko`` (stain vectors and concentrations).
-        granularity: ``patch``: each patch's own stain is estimated and mapped to the target.
+        granularity: ``patch``: each patch's own stain is estimated and mapped to the target; ``group``:
+            each group's (patient, slide) stain is estimated once from a sample of its patches and every
+            patch of the group is mapped with that one transform (``histoscan.stain.groups``).
         stain_matrix: Macenko: haematoxylin and eosin optical-density vectors (2 x 3, unit rows).
         max_concentrations: Macenko: the robust maximum concentration of each stain.
         lab_mean: Reinhard: target L*a*b* mean of tissue pixels.
@@ -133,7 +135,12 @@ def _rounded(m: Tensor) -> list[list[float]]:
 
 
 class StainNormaliser:
-    """Applies a ``StainTarget`` to uint8 NHWC batches; counts the patches it passes through unchanged."""
+    """Applies a ``StainTarget`` to uint8 NHWC batches; counts the patches it passes through unchanged.
+
+    Each patch is mapped from a source estimate of its stain: its own (``estimate``, the default)
+    or one shared by its group (``estimate_pooled`` over a sample of the group's patches, handed
+    to ``__call__`` one row per patch).
+    """
 
     def __init__(self, target: StainTarget) -> None:
         self.target = target
@@ -148,21 +155,39 @@ class StainNormaliser:
         """Patches normalised so far and how many of them passed through unchanged."""
         return {"patches": self.seen, "passed_through": self.passed_through}
 
-    def __call__(self, batch: Tensor) -> Tensor:
-        """uint8 N x H x W x 3 -> uint8 N x H x W x 3 on the same device."""
+    def estimate(self, batch: Tensor) -> Estimate:
+        """Each patch's own source estimate (one row per patch of the uint8 NHWC ``batch``)."""
+        px = sample_pixels(batch)
+        return macenko(optical_density(px)) if self.target.method == "macenko" else lab_stats(px.float())
+
+    def estimate_pooled(self, images: Tensor) -> Estimate:
+        """One source estimate (one row) from the sampled pixels of all ``images`` pooled: a group's stain."""
+        px = sample_pixels(images).reshape(1, -1, 3)
+        return macenko(optical_density(px)) if self.target.method == "macenko" else lab_stats(px.float())
+
+    def __call__(self, batch: Tensor, estimate: Estimate | None = None) -> Tensor:
+        """uint8 N x H x W x 3 -> uint8 N x H x W x 3 on the same device.
+
+        ``estimate``: the source stain of each patch (N rows; a group's estimate repeated for its
+        patches); None estimates each patch's own.
+        """
         if batch.shape[0] == 0:
             return batch
-        if self.target.method == "macenko":
-            out, ok = self._macenko(batch)
+        est = self.estimate(batch) if estimate is None else estimate
+        if est.ok.shape[0] != batch.shape[0]:
+            raise ValueError(f"{est.ok.shape[0]} stain estimates for {batch.shape[0]} patches")
+        if isinstance(est, MacenkoEstimate):
+            out, ok = self._macenko(batch, est)
         else:
-            out, ok = self._reinhard(batch)
+            out, ok = self._reinhard(batch, est)
         self.seen += int(batch.shape[0])
-        self.passed_through += int((~ok).sum())
-        return torch.where(ok.view(-1, 1, 1, 1), out, batch)
+        kept = ~ok
+        self.passed_through += int(kept.sum())
+        if bool(kept.any()):
+            out[kept] = batch[kept]
+        return out
 
-    def _macenko(self, batch: Tensor) -> tuple[Tensor, Tensor]:
-        n, h, w, _ = batch.shape
-        est = macenko(optical_density(sample_pixels(batch)))
+    def _macenko(self, batch: Tensor, est: MacenkoEstimate) -> tuple[Tensor, Tensor]:
         dev = batch.device
         ref_he = torch.tensor(self.target.stain_matrix, device=dev)
         ref_max = torch.tensor(self.target.max_concentrations, device=dev)
@@ -171,13 +196,11 @@ class StainNormaliser:
         matrix = torch.linalg.pinv(est.stain_matrix) @ (scale.unsqueeze(-1) * ref_he)
         ok = est.ok & torch.isfinite(matrix).flatten(1).all(dim=1)
         matrix = torch.where(ok.view(-1, 1, 1), matrix, torch.eye(3, device=dev))
-        od = optical_density(batch.reshape(n, h * w, 3))
-        # the patch's matrix is finite (or the identity) and od is finite: no NaN reaches the conversion
-        return optical_density_to_uint8_(torch.bmm(od, matrix)).view(n, h, w, 3), ok
+        # the patch's matrix is finite (or the identity): no NaN reaches the conversion
+        return apply_od_matrix(batch, matrix), ok
 
-    def _reinhard(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+    def _reinhard(self, batch: Tensor, st: LabStats) -> tuple[Tensor, Tensor]:
         n, h, w, _ = batch.shape
-        st = lab_stats(sample_pixels(batch).float())
         dev = batch.device
         ref_mean = torch.tensor(self.target.lab_mean, device=dev)
         ref_std = torch.tensor(self.target.lab_std, device=dev)

@@ -144,13 +144,23 @@ def stain_shift_report(
     n_boot: int = 1000,
     seed: int = 0,
     batch_size: int = 256,
+    on_shift: Callable[[Shift | None], None] | None = None,
 ) -> dict[str, Any]:
-    """AUROC (with bootstrap interval) under each shift, its drop from clean, and the worst drop per family."""
+    """AUROC (with bootstrap interval) under each shift, its drop from clean, and the worst drop per family.
+
+    ``on_shift`` is called before each pass over the store (None: the clean pass), e.g. to
+    re-estimate a per-group stain model's groups under that shift.
+    """
     labels = store.labels
-    clean = clean if clean is not None else shifted_probabilities(predict, store, None, batch_size)
+    if clean is None:
+        if on_shift:
+            on_shift(None)
+        clean = shifted_probabilities(predict, store, None, batch_size)
     base = auroc(labels, clean)
     rows: list[dict[str, Any]] = []
     for shift in suite:
+        if on_shift:
+            on_shift(shift)
         probs = shifted_probabilities(predict, store, shift, batch_size)
         value = auroc(labels, probs)
         lo, hi = bootstrap_interval(labels, probs, n_boot, seed)

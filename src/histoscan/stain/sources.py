@@ -81,20 +81,35 @@ def write_target(target: StainTarget, out: str | Path) -> Path:
     return p
 
 
-def training_stain(method: str, target: str | None, train: PatchStore, seed: int = 0) -> dict[str, Any] | None:
-    """``preprocessing.stain`` for a training run: None for ``none``, else ``target`` or a fit to the training split."""
+def training_stain(
+    method: str, target: str | None, train: PatchStore, seed: int = 0, granularity: str = "patch"
+) -> dict[str, Any] | None:
+    """``preprocessing.stain`` for a training run: None for ``none``, else ``target`` or a fit to the training split.
+
+    ``granularity`` ``group`` needs a store with groups (patients / slides): ConfigError naming it otherwise.
+    """
     if method == "none":
         return None
     check_method(method)
+    if granularity == "group" and train.groups is None:
+        raise ConfigError(
+            f"{train.path}: stain_granularity group needs a store with groups (patients or slides); this one has none"
+        )
     fitted = read_target(target) if target else fit_store(train, method, seed=seed)
     if fitted.method != method:
         raise ConfigError(f"{target}: a {fitted.method} stain target, but stain_norm is {method}")
-    return fitted.to_dict()
+    return StainTarget.from_dict({**fitted.to_dict(), "granularity": granularity}).to_dict()
 
 
 def stain_summary(counts: dict[str, int]) -> str:
-    """One log line: how many patches stain normalisation passed through unchanged."""
-    return (
+    """One log line: how many patches (and, per group, groups) stain normalisation passed through unchanged."""
+    line = (
         f"stain normalisation: {counts['passed_through']} of {counts['patches']} patches passed through unchanged "
         "(blank, background, very dark, pen-marked or single-colour)"
     )
+    if "groups" in counts:
+        line += (
+            f"; {counts['groups_passed_through']} of {counts['groups']} groups had too little tissue for a stain "
+            "estimate (their patches pass through unchanged)"
+        )
+    return line

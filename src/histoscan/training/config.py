@@ -17,6 +17,7 @@ Optimizer = Literal["adamw", "adam", "sgd"]
 Schedule = Literal["cosine", "onecycle", "plateau", "constant"]
 AugmentPreset = Literal["none", "flips", "light", "strong", "stain-light", "stain-medium", "stain-strong"]
 StainMethod = Literal["none", "reinhard", "macenko"]
+StainGranularity = Literal["patch", "group"]
 Precision = Literal["auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64"]
 Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
 
@@ -76,8 +77,13 @@ class TrainConfig:
     augment: AugmentPreset = doc("Augmentation preset.", "light")
     augment_strength: float = doc("Scale of colour / stain jitter.", 1.0)
     stain_norm: StainMethod = doc(
-        "Stain normalisation per patch, fitted from the training split (or --stain-target) and stored in model.json.",
+        "Stain normalisation, fitted from the training split (or --stain-target) and stored in model.json.",
         "none",
+    )
+    stain_granularity: StainGranularity = doc(
+        "Estimate the stain per patch, or once per group (patient / slide) of the store from a sample of its "
+        "patches, mapping all of a group's patches with that one transform (needs a store with groups).",
+        "patch",
     )
     stain_target: str | None = doc(
         "A target.json from 'histoscan stain fit' to normalise to (needs --stain-norm).", None
@@ -137,6 +143,8 @@ class TrainConfig:
             raise ConfigError("freeze_epochs cannot be negative")
         if self.stain_target is not None and self.stain_norm == "none":
             raise ConfigError("stain_target needs stain_norm (reinhard or macenko)")
+        if self.stain_granularity == "group" and self.stain_norm == "none":
+            raise ConfigError("stain_granularity group needs stain_norm (reinhard or macenko)")
         if self.folds is not None and (self.folds < 2 or self.split_file is not None or self.resume):
             raise ConfigError(
                 f"folds must be at least 2 (got {self.folds}) and makes its own folds file and run names: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,18 +14,24 @@ from histoscan.data.store import PatchStore
 
 
 class StoreBatches(Dataset):
-    """``dataset[positions]`` -> (uint8 NHWC images, int64 labels) for a list of positions."""
+    """``dataset[positions]`` -> (uint8 NHWC images, int64 labels[, group names]) for a list of positions.
 
-    def __init__(self, store: PatchStore) -> None:
+    With ``groups`` (one name per patch of the store) each batch also carries its patches' stain
+    group names, for per-group stain normalisation.
+    """
+
+    def __init__(self, store: PatchStore, groups: np.ndarray | None = None) -> None:
         self.store = store
         self.labels = torch.from_numpy(store.labels)
+        self.groups = groups
 
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, positions: list[int]) -> tuple[Any, ...]:
         idx = np.asarray(positions, dtype=np.int64)
-        return torch.from_numpy(self.store.batch(idx)), self.labels[idx]
+        images, labels = torch.from_numpy(self.store.batch(idx)), self.labels[idx]
+        return (images, labels) if self.groups is None else (images, labels, self.groups[idx])
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -88,8 +95,9 @@ def make_loader(
     balanced: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    groups: np.ndarray | None = None,
 ) -> DataLoader:
-    """A DataLoader whose items are whole batches read from the store."""
+    """A DataLoader whose items are whole batches read from the store (with their stain group names, ``groups``)."""
     weights = None
     if train and balanced:
         labels = store.labels
@@ -106,7 +114,7 @@ def make_loader(
         world_size=world_size,
     )
     return DataLoader(
-        StoreBatches(store),
+        StoreBatches(store, groups),
         batch_size=None,
         sampler=sampler,
         num_workers=num_workers,

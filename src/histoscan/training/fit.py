@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -72,7 +73,8 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
     run_dir, cfg = setup_run(cfg)
     store, parts, split_path = build_data(cfg)
     pre = _geometry(cfg, store, printer if _global_rank() == 0 else lambda _: None)
-    pre.stain = training_stain(cfg.stain_norm, cfg.stain_target, parts["train"], cfg.seed)
+    pre.stain = training_stain(cfg.stain_norm, cfg.stain_target, parts["train"], cfg.seed, cfg.stain_granularity)
+    groups = pre.estimate_store_groups(store)  # per-group models: every group's stain, once (train and val alike)
     model = create_model(
         cfg.model,
         store.num_classes,
@@ -81,7 +83,7 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
         input_size=pre.input_size,
         **cfg.model_args,
     )
-    pre.mean, pre.std = _normalisation(cfg, model, parts["train"], pre)
+    pre.mean, pre.std = _normalisation(cfg, model, parts["train"], pre, groups)
     run_dir.mkdir(parents=True, exist_ok=True)
     module = PatchClassifier(model, cfg, pre, store.num_classes)
     if _global_rank() == 0:
@@ -119,6 +121,7 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
             seed=cfg.seed,
             num_workers=_workers(cfg, trainer),
             balanced=cfg.balanced_sampler and s == "train",
+            groups=groups[parts[s].indices] if groups is not None else None,
             rank=world[0],
             world_size=world[1],
         )
@@ -206,17 +209,19 @@ def _geometry(cfg: TrainConfig, store: PatchStore, printer: Callable[[str], None
 
 
 def _normalisation(
-    cfg: TrainConfig, model: torch.nn.Module, train: PatchStore, pre: Preprocessing
+    cfg: TrainConfig, model: torch.nn.Module, train: PatchStore, pre: Preprocessing, groups: np.ndarray | None
 ) -> tuple[list[float], list[float]]:
     """ImageNet statistics for timm models (their weights expect them), the training split's for ours.
 
-    The split's statistics are taken after stain normalisation (stage 2), as the model will see the patches.
+    The split's statistics are taken after stain normalisation (stage 2), as the model will see the patches
+    (``groups``: per-group stain models' group names of the whole store).
     """
     if cfg.model not in list_models():
         dc = timm_data_config(model)
         return [float(v) for v in dc["mean"]], [float(v) for v in dc["std"]]
-    sample = train.batch(sorted(range(0, len(train), max(1, len(train) // 2000))))
-    stained = pre.normalise_stain(torch.from_numpy(sample)).numpy()
+    positions = sorted(range(0, len(train), max(1, len(train) // 2000)))
+    names = groups[train.indices[positions]] if groups is not None else None
+    stained = pre.normalise_stain(torch.from_numpy(train.batch(positions)), names).numpy()
     if pre.stain_normaliser is not None:
         pre.stain_normaliser.reset_counts()  # the counts logged after training are the training patches'
     return channel_stats(stained)

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
@@ -45,6 +46,11 @@ def _auroc(num_classes: int) -> torchmetrics.Metric:
     return torchmetrics.AUROC(task="multiclass", num_classes=num_classes, average="macro")
 
 
+def _unpack(batch: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    """(images, labels[, stain group names]) from a loader batch."""
+    return batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+
+
 class PatchClassifier(L.LightningModule):
     """Wraps a model with its preprocessing, augmentation, loss and optimiser set-up."""
 
@@ -80,25 +86,26 @@ class PatchClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+    def _inputs(self, images: torch.Tensor, train: bool, groups: np.ndarray | None = None) -> torch.Tensor:
         """uint8 NHWC batch -> model input through the model's stored ``Preprocessing``.
 
         Without augmentation this is the Predictor's own call; with it, the augmentation runs
         between the stored stages, on the fitted, stain-normalised full patch (``to_float``) and
-        before the crop / resize and mean / std (``finish``).
+        before the crop / resize and mean / std (``finish``). ``groups``: the patches' stain groups
+        (per-group stain normalisation).
         """
         with torch.autocast(images.device.type, enabled=False):  # preprocessing in fp32, as the Predictor runs it
-            x = self._preprocess(images, train)
+            x = self._preprocess(images, train, groups)
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
-    def _preprocess(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+    def _preprocess(self, images: torch.Tensor, train: bool, groups: np.ndarray | None = None) -> torch.Tensor:
         if train and self.augment.ops:
             gen = torch.Generator().manual_seed(
                 int(self.cfg.seed * 1_000_003 + self.current_epoch * 10_007 + self.global_step)
             )
-            x = self.pre.finish(self.augment(self.pre.to_float(images), gen))
+            x = self.pre.finish(self.augment(self.pre.to_float(images, groups=groups), gen))
         else:
-            x = self.pre(images)
+            x = self.pre(images, groups=groups)
         return x
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -118,22 +125,22 @@ class PatchClassifier(L.LightningModule):
         return p[:, 1] if self.binary else p
 
     # ---- steps -----------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, y = batch
-        logits = self(self._inputs(images, train=True))
+    def training_step(self, batch: tuple[Any, ...], batch_idx: int) -> torch.Tensor:
+        images, y, groups = _unpack(batch)
+        logits = self(self._inputs(images, train=True, groups=groups))
         loss = self.loss(logits, y)
         self.train_metrics.update(self.probabilities(logits.detach()), y)
         self._seen += y.shape[0]
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0], sync_dist=False)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, y = batch
-        logits = self(self._inputs(images, train=False))
+    def validation_step(self, batch: tuple[Any, ...], batch_idx: int) -> None:
+        images, y, groups = _unpack(batch)
+        logits = self(self._inputs(images, train=False, groups=groups))
         self.log("val_loss", self.loss(logits, y), on_epoch=True, batch_size=y.shape[0], sync_dist=True)
         self.val_metrics.update(self.probabilities(logits), y)
         if self.ema is not None:
-            self.val_ema_auroc.update(self.probabilities(self.ema(self._inputs(images, train=False))), y)
+            self.val_ema_auroc.update(self.probabilities(self.ema(self._inputs(images, train=False, groups=groups))), y)
 
     def on_train_epoch_start(self) -> None:
         torch.manual_seed(self.cfg.seed * 1009 + self.current_epoch)  # dropout: same after a resume

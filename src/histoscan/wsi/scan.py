@@ -23,6 +23,7 @@ from PIL import Image
 from histoscan import __version__
 from histoscan.errors import ConfigError, HistoscanError
 from histoscan.inference.predictor import Predictor
+from histoscan.stain.groups import sample_positions
 from histoscan.training.config import doc
 from histoscan.wsi import outputs
 from histoscan.wsi.grid import SlideGrid, TileSpec
@@ -220,7 +221,10 @@ def scan_slide(
                 f"{path}: no tissue found (no tile has {settings.min_tissue:.0%} tissue in its centre); "
                 "check the slide, or give --mask or a lower --min-tissue"
             )
-        probs, unc = _infer(reader, grid, predictor, settings, scanned.reshape(grid.rows, grid.cols), pos, progress)
+        stain_key, stain_sample = slide_stain(reader, grid, predictor, scanned)
+        probs, unc = _infer(
+            reader, grid, predictor, settings, scanned.reshape(grid.rows, grid.cols), pos, progress, stain_key
+        )
         infer_seconds = time.perf_counter() - started - mask_seconds
         prob_grid = np.full((grid.rows, grid.cols), np.nan, np.float32)
         prob_grid.ravel()[scanned] = probs
@@ -244,12 +248,17 @@ def scan_slide(
                     settings.explain_top,
                     tmp,
                     settings.device,
+                    stain_sample,
                 )
         except HistoscanError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         times = (time.perf_counter() - started, mask_seconds, infer_seconds)
         summary = _summary(path, name, predictor, settings, grid, mask, probs, threshold, times)
+        if stain_key is not None:  # per-group stain model: the slide's one estimate, and whether it was usable
+            summary["stain_group_passed_through"] = (
+                stain_key in predictor.bundle.preprocessing.stain_groups.passed_through()
+            )
         outputs.write_json(tmp / outputs.SUMMARY_FILE, summary)  # last: its presence marks a finished slide
         folder = outputs.publish(tmp, out / name)
         return SlideResult(name, folder, summary)
@@ -276,6 +285,27 @@ def _write_outputs(
     outputs.write_heatmap(tmp, grid, prob_grid, thumb, mask)
 
 
+def slide_stain(
+    reader: SlideReader, grid: SlideGrid, predictor: Predictor, scanned: np.ndarray
+) -> tuple[str | None, np.ndarray | None]:
+    """Per-group stain models: the slide is one group, its stain estimated once from its tissue tiles.
+
+    The sample is ``GROUP_SAMPLE`` scanned tiles evenly spaced in row-major order. Returns the
+    slide's group name and the sample (for the explanations of its tiles); (None, None) for other models.
+    """
+    pre = predictor.bundle.preprocessing
+    if not pre.per_group:
+        return None, None
+    t = grid.spec.tile
+    cells = sample_positions(np.flatnonzero(scanned.ravel()))
+    sample = np.stack(
+        [_read_block(reader, grid, (r, r + 1, c, c + 1))[:t, :t] for r, c in zip(*divmod(cells, grid.cols))]
+    )
+    key = f"slide:{reader.path.resolve()}"
+    pre.estimate_stain_groups(np.full(len(sample), key), lambda p: sample[p])
+    return key, sample
+
+
 def _infer(
     reader: SlideReader,
     grid: SlideGrid,
@@ -284,8 +314,12 @@ def _infer(
     scanned: np.ndarray,
     pos: int,
     progress: Progress | None,
+    stain_group: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """P(positive) (and TTA spread) of every scanned cell, in row-major order of the scanned cells."""
+    """P(positive) (and TTA spread) of every scanned cell, in row-major order of the scanned cells.
+
+    ``stain_group``: the slide's stain group (per-group stain models), estimated before.
+    """
     spec = grid.spec
     blocks = [b for b in grid.blocks(block_size(spec)) if scanned[b[0] : b[1], b[2] : b[3]].any()]
     order = np.full(scanned.shape, -1, np.int64)
@@ -302,7 +336,8 @@ def _infer(
         nonlocal filled
         if not filled:
             return
-        pred = predictor.predict_batch(batch[:filled], tta=settings.tta)
+        groups = np.full(filled, stain_group) if stain_group is not None else None
+        pred = predictor.predict_batch(batch[:filled], tta=settings.tta, groups=groups)
         probs[where[:filled]] = pred.probabilities[:, pos]
         if unc is not None and pred.uncertainty is not None:
             unc[where[:filled]] = pred.uncertainty

@@ -267,3 +267,51 @@ def write_synthetic_store(
     except BaseException:
         writer.abort()
         raise
+
+
+# Ruifrok and Johnston's optical densities of haematoxylin and DAB (rows: stains; columns: R, G, B)
+_HAEMATOXYLIN_OD = np.array([0.65, 0.70, 0.29])
+_DAB_OD = np.array([0.27, 0.57, 0.78])
+NOT_HE_KINDS = ("black", "white", "uniform", "noise", "grayscale", "photograph", "ihc")
+
+
+def not_he_patch(kind: str, size: int = 96, seed: int = 0) -> np.ndarray:
+    """One uint8 patch that is not an H&E tissue patch, for checking the tissue check.
+
+    ``black``, ``white`` (blank slide), ``uniform`` (one flat stroma-pink colour), ``noise`` (uniform random
+    pixels), ``grayscale`` (an H&E-like patch without colour), ``photograph`` (a sky, hills and a sun: a
+    photograph-like scene) and ``ihc`` (an immunohistochemistry patch: pale haematoxylin counterstain with
+    DAB-brown cells, by Beer-Lambert from the stains' optical densities).
+    """
+    rng = np.random.default_rng(seed)
+    if kind == "black":
+        return np.full((size, size, 3), rng.integers(0, 12), np.uint8)
+    if kind == "white":
+        return np.clip(245 + rng.normal(0, 1.5, (size, size, 3)), 0, 255).astype(np.uint8)
+    if kind == "uniform":
+        return np.broadcast_to(_STROMA.astype(np.uint8), (size, size, 3)).copy()
+    if kind == "noise":
+        return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    if kind == "grayscale":
+        grey = synth_patch(rng, 1, size).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    if kind == "photograph":
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        img = np.empty((size, size, 3), np.float32)
+        img[:] = np.stack([90 + 80 * yy, 150 + 60 * yy, 235 - 10 * yy], axis=-1)  # sky, lighter near the horizon
+        hill = yy > 0.6 + 0.1 * np.sin(6 * xx + rng.uniform(0, 6))
+        img[hill] = np.array([60.0, 140.0, 50.0]) * (0.8 + 0.4 * rng.random((int(hill.sum()), 1)))
+        sun = (yy - 0.25) ** 2 + (xx - 0.7) ** 2 < 0.01
+        img[sun] = np.array([255.0, 230.0, 120.0])
+        return np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
+    if kind == "ihc":
+        h = np.clip(0.15 + 0.1 * _smooth_noise(rng, size, max(4, size // 8)), 0, None)[..., None] * _HAEMATOXYLIN_OD
+        dab = np.zeros((size, size, 1), np.float32)
+        canvas = np.zeros((size, size, 3), np.float32)
+        for _ in range(int(30 * (size / 96) ** 2)):  # DAB-positive cells
+            r = rng.uniform(3, 6) * size / 96
+            _blob(canvas, rng, rng.uniform(0, size), rng.uniform(0, size), r, r, np.ones(3), 0.1, 1.0)
+        dab[..., 0] = canvas[..., 0] * rng.uniform(0.8, 1.2)
+        od = h + dab * _DAB_OD
+        return np.clip(255 * np.exp(-od) + rng.normal(0, 2, od.shape), 0, 255).astype(np.uint8)
+    raise ConfigError(f"not-H&E kind {kind!r} is not one of {list(NOT_HE_KINDS)}")

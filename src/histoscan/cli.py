@@ -113,6 +113,8 @@ def demo(
     con.print(
         f"\nheld-out test split ({r.split_sizes['test']} patches): AUROC {r.test_auroc:.3f}, accuracy {r.test_accuracy:.3f}"
     )
+    for line in r.trust_lines:
+        con.print(line, highlight=False)
     for label, path in [
         ("synthetic source (Kaggle layout)", r.source),
         ("packed store", r.store),
@@ -123,6 +125,7 @@ def demo(
         ("predictions", r.predictions),
         ("Kaggle submission", r.submission),
         ("slide scan (heatmap, GeoJSON)", r.slide),
+        ("examples: referred, not tissue", r.examples),
     ]:
         con.print(f"{label:34s} {path}")
 
@@ -200,13 +203,18 @@ def synth(
     test: int = typer.Option(0, help="Unlabelled test patches (kaggle layout)."),
     size: int = typer.Option(96, help="Patch side in pixels."),
     noise: float = typer.Option(0.2, help="0 easy .. 1 hard."),
+    preset: str | None = typer.Option(
+        None, help="A named difficulty instead of --noise: hard (faint tumours, some wrong labels; the demo's)."
+    ),
     classes: int = typer.Option(2, help="Number of classes (folders / manifest)."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Write synthetic H&E-like patches in any supported layout."""
     from histoscan.data.synthetic import write_synthetic
 
-    path = write_synthetic(out, layout, n, seed=seed, size=size, noise=noise, num_classes=classes, test=test)
+    path = write_synthetic(
+        out, layout, n, seed=seed, size=size, noise=noise, num_classes=classes, test=test, preset=preset
+    )
     _console().print(f"wrote {n} synthetic patches ({layout}) to {path}")
 
 

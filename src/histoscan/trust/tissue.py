@@ -43,6 +43,8 @@ _HE_NORMAL = np.cross([0.65, 0.70, 0.29], [0.07, 0.99, 0.11])
 _HE_NORMAL = _HE_NORMAL / np.linalg.norm(_HE_NORMAL)
 # flags whose images are not tissue at all (the others are tissue-like but unlike the training store)
 NOT_TISSUE_FLAGS = ("blank", "dark", "uniform", "grayscale", "noise")
+# flags so plain that they hold inside the region too (blank is left to the region: stores hold some background)
+PLAIN_FLAGS = ("dark", "uniform", "grayscale", "noise")
 OK = "ok"
 MAX_PATCHES = 2000  # training patches sampled to fit the region
 QUANTILE, MARGIN, TRIM = 0.995, 1.6, 0.02  # chosen on hcd (own lab) against idc and LC25000 (other labs)
@@ -149,9 +151,12 @@ def mahalanobis(check: TissueCheck, features: np.ndarray) -> np.ndarray:
 
 
 def judge(check: TissueCheck, features: np.ndarray) -> TissueVerdict:
-    """Each image's distance and quality flag: ``ok`` inside the region, else what it looks like (``flag``)."""
+    """Each image's distance and quality flag: ``ok`` inside the region unless plainly not tissue, else ``flag``."""
     d = mahalanobis(check, features)
-    quality = [OK if d[i] <= check.threshold else flag(features[i]) for i in range(len(features))]
+    quality = []
+    for i in range(len(features)):
+        what = flag(features[i])  # a patch that is plainly not tissue is flagged even inside the region
+        quality.append(what if d[i] > check.threshold or what in PLAIN_FLAGS else OK)
     return TissueVerdict(d, quality)
 
 
@@ -164,7 +169,7 @@ def flag(row: np.ndarray) -> str:
         return "blank"
     if f["contrast"] < np.log(0.01 + _EPS):
         return "uniform"
-    if f["chroma"] < np.log(0.03 + _EPS):
+    if f["chroma"] < np.log(0.002 + _EPS):  # no colour at all (R = G = B); faded H&E keeps some
         return "grayscale"
     if f["smoothness"] < np.log(0.45):
         return "noise"

@@ -204,7 +204,7 @@ def synth(
     size: int = typer.Option(96, help="Patch side in pixels."),
     noise: float = typer.Option(0.2, help="0 easy .. 1 hard."),
     preset: str | None = typer.Option(
-        None, help="A named difficulty instead of --noise: hard (faint tumours, some wrong labels; the demo's)."
+        None, help="A named difficulty instead of --noise: hard (fainter tumours, 4% wrong labels; the demo's)."
     ),
     classes: int = typer.Option(2, help="Number of classes (folders / manifest)."),
     seed: int = typer.Option(0, help="Random seed."),

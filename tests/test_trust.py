@@ -65,6 +65,18 @@ def test_target_accuracy_rule_and_auto_choice() -> None:
     assert refer_mask(by_unc, probs, unc).mean() == pytest.approx(0.2, abs=0.002)
 
 
+def test_error_detection_and_accuracy_at_coverage_on_known_answers() -> None:
+    from histoscan.trust.referral import error_auroc
+    from histoscan.trust.scoring import accuracy_at_coverage, risk_coverage
+
+    correct = np.array([True] * 90 + [False] * 10)
+    doubt = np.arange(100, dtype=float)  # the ten errors are the least sure
+    assert error_auroc(doubt, ~correct) == 1.0 and error_auroc(-doubt, ~correct) == 0.0
+    assert accuracy_at_coverage(doubt, correct, 0.9) == 1.0 and accuracy_at_coverage(doubt, correct, 1.0) == 0.9
+    curve = risk_coverage(doubt, correct, points=11)
+    assert curve["coverage"][0] == 1.0 and curve["risk"][0] == pytest.approx(0.1) and curve["risk"][1] == 0.0
+
+
 def test_bad_referral_requests_are_clear() -> None:
     probs, labels, unc = _doubtful(100)
     with pytest.raises(ConfigError, match="exactly one"):
@@ -154,6 +166,8 @@ def test_api_returns_answer_quality_and_uncertainty(run: Path) -> None:
         assert j["answer"] == "not tissue" and j["quality"] == "dark" and j["uncertainty"] >= 0
         r = c.post("/v1/predict?tta=false", files={"file": ("black.png", buf.getvalue(), "image/png")})
         assert r.status_code == 422 and "TTA views" in r.text
+        card = c.get("/v1/model").json()
+        assert card["referral"]["coverage"] > 0 and card["tissue_check"] is True
         props = c.get("/openapi.json").json()["components"]["schemas"]["PatchPrediction"]["properties"]
         assert {"answer", "quality", "uncertainty"} <= set(props)
 

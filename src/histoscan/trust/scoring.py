@@ -87,7 +87,7 @@ def trust_metrics(
         "ranked_by": ranking,
         "accuracy_full_coverage": {"accuracy": float(correct.mean()), "ci95": [lo, hi]},
         "accuracy_at_coverage": at,
-        "risk_coverage": risk_coverage(doubt, correct),
+        "risk_coverage": {name: risk_coverage(d, correct) for name, d in doubts.items()},
     }
     if rule is not None:
         if rule.by == "uncertainty" and uncertainty is None:
@@ -147,8 +147,8 @@ def risk_coverage_png(trust: dict[str, Any], path: Path) -> Path:
 
     fig, ax = new_figure((640, 420))
     a = ax[0, 0]
-    curve = trust["risk_coverage"]
-    a.plot(curve["coverage"], curve["risk"], label=f"referring by {trust['ranked_by'].replace('_', ' ')}")
+    for name, curve in trust["risk_coverage"].items():
+        a.plot(curve["coverage"], curve["risk"], label=f"referring by {name.replace('_', ' ')}")
     ref = trust.get("referral")
     if ref and ref.get("applied"):
         a.axvline(ref["coverage_achieved"], color="black", ls="--", lw=1, label="the stored referral rule")

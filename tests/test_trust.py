@@ -74,7 +74,8 @@ def test_error_detection_and_accuracy_at_coverage_on_known_answers() -> None:
     assert error_auroc(doubt, ~correct) == 1.0 and error_auroc(-doubt, ~correct) == 0.0
     assert accuracy_at_coverage(doubt, correct, 0.9) == 1.0 and accuracy_at_coverage(doubt, correct, 1.0) == 0.9
     curve = risk_coverage(doubt, correct, points=11)
-    assert curve["coverage"][0] == 1.0 and curve["risk"][0] == pytest.approx(0.1) and curve["risk"][1] == 0.0
+    assert curve["coverage"][0] == 1.0 and curve["risk"][0] == pytest.approx(0.1) and curve["risk"][-1] == 0.0
+    assert curve["risk"] == sorted(curve["risk"], reverse=True)  # referring the least sure first only helps here
 
 
 def test_bad_referral_requests_are_clear() -> None:

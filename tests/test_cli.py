@@ -28,6 +28,10 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         "ONNX model",
         "Kaggle submission",
         "AUROC",
+        "refer images with",  # the referral rule fitted on validation
+        "referred:",  # a referred example (or none among the unlabelled patches)
+        "answer 'not tissue'",  # a blank patch is never called a class
+        "error-detection AUROC",
     ):
         assert word in res.output
     assert (tmp_path / "demo" / "eda" / "report.html").is_file()

@@ -190,7 +190,10 @@ def test_cli_predict_export_calibrate(tiny_run: Path, kaggle_dir: Path, tmp_path
     )
     assert res.exit_code == 0, res.output
     preds = pd.read_csv(tmp_path / "p.csv")
-    assert list(preds.columns) == ["id", "prob_normal", "prob_tumor", "predicted", "uncertainty"] and len(preds) == 20
+    assert (
+        list(preds.columns) == ["id", "prob_normal", "prob_tumor", "predicted", "answer", "quality", "uncertainty"]
+        and len(preds) == 20
+    )
     assert len(pd.read_csv(tmp_path / "s.csv")) == 20
     res = r.invoke(app, ["predict", str(run), str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "no such file" in res.output

@@ -139,7 +139,7 @@ def test_saving_upgrades_to_the_current_schema_without_derived_copies(tmp_path: 
     assert doc["preprocessing"]["fit"] == "pad-edges" and doc["calibration"] == {"temperature": 1.0}
     assert {k: doc[k] for k in ("inference", "trust")} == {
         "inference": {"precision": None, "tta": None},
-        "trust": {"referral_band": None, "tissue_check": None},
+        "trust": {"referral": None, "tissue_check": None},
     }
     again = read_bundle(run)
     assert again == read_bundle(run) and again.to_dict() == doc
@@ -160,7 +160,26 @@ def test_new_fields_are_validated_too() -> None:
     }
     good["preprocessing"].update(mpp=0.5, label_size=32, stain=stain, fit="resize")
     good["inference"] = {"precision": "bf16", "tta": [0, 5]}
-    good["trust"] = {"referral_band": [0.3, 0.7], "tissue_check": {"min_tissue": 0.2}}
+    referral = {
+        "by": "probability",
+        "band": [0.3, 0.7],
+        "tta": [0, 1],
+        "asked": "coverage",
+        "target": 0.9,
+        "count": 100,
+        "coverage": 0.9,
+        "accuracy": 0.95,
+    }
+    tissue = {
+        "features": ["a", "b"],
+        "mean": [0.0, 1.0],
+        "covariance": [[1.0, 0.0], [0.0, 1.0]],
+        "threshold": 4.0,
+        "quantile": 0.999,
+        "margin": 1.5,
+        "count": 50,
+    }
+    good["trust"] = {"referral": referral, "tissue_check": tissue}
     b = ModelBundle.from_dict(good)
     assert b.preprocessing.mpp == 0.5 and b.preprocessing.label_size == 32 and b.inference.tta == [0, 5]
     assert ModelBundle.from_dict(b.to_dict()) == b
@@ -176,7 +195,10 @@ def test_new_fields_are_validated_too() -> None:
         ),
         ("inference", {"precision": "int3"}, "inference.precision"),
         ("inference", {"tta": [9]}, "inference.tta[0]"),
-        ("trust", {"referral_band": [0.8, 0.2]}, "trust.referral_band"),
+        ("trust", {"referral": {**referral, "band": [0.8, 0.2]}}, "trust.referral"),
+        ("trust", {"referral": {**referral, "by": "uncertainty"}}, "trust.referral"),
+        ("trust", {"tissue_check": {**tissue, "mean": [0.0]}}, "trust.tissue_check"),
+        ("trust", {"referral_band": [0.3, 0.7]}, "trust.referral_band"),
     ]:
         with pytest.raises(ConfigError, match="^" + re.escape(f"m.json: {where}")):
             parse_model({**good, field: value}, "m.json")

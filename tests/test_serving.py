@@ -324,7 +324,11 @@ def test_web_page_in_a_real_browser(live_server: str, tiny_run: Path) -> None:
         browser.find_element(By.ID, "pick").send_keys(str(patch.resolve()))
         label = WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".card .label")))
         want = Predictor(tiny_run, backend="torch").predict_batch([read_image(patch).pixels])
-        assert label.text == ["normal", "tumor"][int(want.predicted[0])]
+        assert label.text == "model's class: " + ["normal", "tumor"][int(want.predicted[0])]
+        # the answer (a class, or refer / not tissue / out of distribution) and the tissue check's flag
+        assert want.answers is not None and want.quality is not None
+        assert browser.find_element(By.CSS_SELECTOR, ".card .answer").text == want.answers[0]
+        assert browser.find_element(By.CSS_SELECTOR, ".card .quality").text == f"tissue check: {want.quality[0]}"
         assert browser.find_element(By.CSS_SELECTOR, ".card b").text == patch.name
         # browsers do not display TIFF: the page shows the server's PNG preview instead of a broken image
         shown = "const i = document.querySelector(arguments[0]); return i && i.complete ? i.naturalWidth : 0;"

@@ -113,6 +113,8 @@ def demo(
     con.print(
         f"\nheld-out test split ({r.split_sizes['test']} patches): AUROC {r.test_auroc:.3f}, accuracy {r.test_accuracy:.3f}"
     )
+    for line in r.trust_lines:
+        con.print(line, highlight=False)
     for label, path in [
         ("synthetic source (Kaggle layout)", r.source),
         ("packed store", r.store),
@@ -123,6 +125,7 @@ def demo(
         ("predictions", r.predictions),
         ("Kaggle submission", r.submission),
         ("slide scan (heatmap, GeoJSON)", r.slide),
+        ("examples: referred, not tissue", r.examples),
     ]:
         con.print(f"{label:34s} {path}")
 
@@ -200,13 +203,18 @@ def synth(
     test: int = typer.Option(0, help="Unlabelled test patches (kaggle layout)."),
     size: int = typer.Option(96, help="Patch side in pixels."),
     noise: float = typer.Option(0.2, help="0 easy .. 1 hard."),
+    preset: str | None = typer.Option(
+        None, help="A named difficulty instead of --noise: hard (fainter tumours, 4% wrong labels; the demo's)."
+    ),
     classes: int = typer.Option(2, help="Number of classes (folders / manifest)."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Write synthetic H&E-like patches in any supported layout."""
     from histoscan.data.synthetic import write_synthetic
 
-    path = write_synthetic(out, layout, n, seed=seed, size=size, noise=noise, num_classes=classes, test=test)
+    path = write_synthetic(
+        out, layout, n, seed=seed, size=size, noise=noise, num_classes=classes, test=test, preset=preset
+    )
     _console().print(f"wrote {n} synthetic patches ({layout}) to {path}")
 
 
@@ -281,7 +289,7 @@ def predict(
         ..., help="An image, a folder of images (recursive), a Kaggle test folder, a store, or PCam HDF5."
     ),
     out: Path = typer.Option(
-        Path("predictions.csv"), help="CSV to write: id, prob_<class>..., predicted[, uncertainty]."
+        Path("predictions.csv"), help="CSV to write: id, prob_<class>..., predicted, answer, quality[, uncertainty]."
     ),
     submission: Path | None = typer.Option(
         None, help="A Kaggle sample_submission.csv: also write submission.csv (id, tumour probability) in its order."
@@ -291,7 +299,8 @@ def predict(
         None,
         "--tta/--no-tta",
         help="Average the 8 flips/rotations; adds an uncertainty column "
-        "(default: on for a Kaggle --submission of a binary model, off otherwise).",
+        "(default: the referral rule's policy when model.json has one, else on for a Kaggle --submission "
+        "of a binary model, off otherwise).",
     ),
     backend: str = typer.Option("auto", help="torch, onnx, or auto (onnx when model.onnx exists)."),
     device: str = typer.Option("cpu", help="Torch device (cpu, cuda, cuda:1, mps)."),
@@ -384,14 +393,51 @@ def calibrate(
     data: Path | None = typer.Option(
         None, help="Store holding the run's validation patches (default: the training store)."
     ),
+    temperature: bool = typer.Option(True, help="Fit temperature scaling on the validation split."),
+    refer_coverage: float | None = typer.Option(
+        None, help="Fit a referral rule answering this fraction of images (the rest: 'refer'), e.g. 0.9."
+    ),
+    target_accuracy: float | None = typer.Option(
+        None, help="Fit a referral rule whose answered images reach this accuracy, e.g. 0.98."
+    ),
+    refer_by: str = typer.Option(
+        "auto",
+        help="Refer by probability (a band around the threshold), uncertainty, or auto (the better on validation).",
+    ),
+    tta: bool | None = typer.Option(
+        None, "--tta/--no-tta", help="TTA policy the referral rule is fitted and applied under (default: the model's)."
+    ),
+    tissue_check: bool = typer.Option(
+        False, help="Fit the tissue check (not tissue / out of distribution) on the training split (new runs have it)."
+    ),
 ) -> None:
-    """Fit temperature scaling on the validation split (an ensemble of folds: out-of-fold predictions); store it in model.json."""
+    """Fit temperature scaling, a referral rule and the tissue check on the run's data (an ensemble of folds:
+    out-of-fold predictions); store them in model.json."""
     from histoscan.inference.calibration import calibrate as run_calibrate
 
-    r = run_calibrate(run, data)
-    _console().print(
-        f"temperature {r.temperature:.3f} on {r.count} patches ({r.source}): NLL {r.nll_before:.4f} -> {r.nll_after:.4f}"
-    )
+    con = _console()
+    if temperature:
+        r = run_calibrate(run, data)
+        con.print(
+            f"temperature {r.temperature:.3f} on {r.count} patches ({r.source}): NLL {r.nll_before:.4f} -> {r.nll_after:.4f}"
+        )
+    if refer_coverage is not None or target_accuracy is not None:
+        from histoscan.trust.calibrate import fit_run_referral
+        from histoscan.trust.referral import describe
+
+        rule = fit_run_referral(
+            run, data, coverage=refer_coverage, target_accuracy=target_accuracy, by=refer_by, tta=tta
+        )
+        aurocs = ", ".join(f"{k} {v:.3f}" for k, v in rule.error_auroc.items())
+        con.print(f"error-detection AUROC on {rule.fitted_on}: {aurocs}")
+        con.print(describe(rule), highlight=False)
+    if tissue_check:
+        from histoscan.trust.tissue import fit_run_tissue_check
+
+        check = fit_run_tissue_check(run, data)
+        con.print(
+            f"tissue check fitted on {check.count} training patches: Mahalanobis distance limit {check.threshold:.2f}"
+        )
 
 
 def serve(**values: Any) -> None:
@@ -532,6 +578,11 @@ def evaluate(
     con.print(f"{r.split} split of {r.store}:")
     for k, v in headline(r.metrics).items():
         con.print(f"  {k:20s} {v:.4f}" if isinstance(v, float) else f"  {k:20s} {v}")
+    if "trust" in r.metrics:
+        from histoscan.trust.scoring import trust_lines
+
+        for line in trust_lines(r.metrics["trust"]):
+            con.print(line, highlight=False)
     if "stain_shift" in r.metrics:
         from histoscan.stain.shift import shift_lines
 

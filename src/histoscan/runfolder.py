@@ -24,7 +24,7 @@ model (``"model"``) from an ensemble of runs (``"ensemble"``: ``histoscan ensemb
 Where later fields go (each is an optional slot of the schema, not a free-form ``extra``):
 physical resolution ``preprocessing.mpp``; stain target ``preprocessing.stain``; label geometry
 ``preprocessing.label_size``; numeric precision and the default TTA ``inference.precision`` /
-``inference.tta``; referral band and tissue check ``trust.referral_band`` / ``trust.tissue_check``.
+``inference.tta``; referral rule and tissue check ``trust.referral`` / ``trust.tissue_check`` (both documents).
 A new field is added here, with a default, and ``SCHEMA_VERSION`` goes up only when an old file
 would be read differently.
 """
@@ -174,19 +174,75 @@ class InferencePolicy(BaseModel):
     tta: list[Annotated[int, Field(ge=0, le=7)]] | None = None  # dihedral elements averaged by default
 
 
-class TrustPolicy(BaseModel):
-    """``trust``: when to refer an image instead of answering (slots for the trust issue)."""
+class ReferralRule(BaseModel):
+    """``trust.referral``: which answers are referred to a pathologist instead of given (``histoscan calibrate``).
+
+    ``by: probability`` refers a binary model's images whose P(positive) lies in ``band`` (a multi-class
+    model's whose top probability is below ``band[1]``, ``band[0]`` being 0); ``by: uncertainty`` refers
+    images whose uncertainty (spread over TTA views or members) is above ``max_uncertainty``. ``tta`` is the
+    policy it was fitted under: the Predictor predicts with it whenever the rule is applied.
+    """
 
     model_config = _STRICT
-    referral_band: list[Probability] | None = Field(default=None, min_length=2, max_length=2)
-    tissue_check: dict[str, Any] | None = None
+    by: Literal["probability", "uncertainty"]
+    band: list[Probability] | None = Field(default=None, min_length=2, max_length=2)
+    max_uncertainty: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    tta: list[Annotated[int, Field(ge=0, le=7)]] = Field(min_length=1)
+    asked: Literal["coverage", "accuracy"]
+    target: Probability  # the coverage or the accuracy asked for
+    fitted_on: Name = "val"  # which predictions it was chosen on
+    count: Annotated[int, Field(ge=1)]
+    coverage: Probability  # achieved on the fitting predictions
+    accuracy: Probability  # of the answered images there
+    error_auroc: dict[str, Finite] = Field(default_factory=dict)  # each candidate score's error-detection AUROC
 
-    @field_validator("referral_band")
+    @model_validator(mode="after")
+    def _one_rule(self) -> ReferralRule:
+        if self.by == "probability" and (self.band is None or self.max_uncertainty is not None):
+            raise ValueError("a referral by probability needs band (and no max_uncertainty)")
+        if self.by == "uncertainty" and (self.max_uncertainty is None or self.band is not None):
+            raise ValueError("a referral by uncertainty needs max_uncertainty (and no band)")
+        if self.band is not None and self.band[0] > self.band[1]:
+            raise ValueError(f"the band's low end {self.band[0]} is above its high end {self.band[1]}")
+        if self.by == "uncertainty" and len(self.tta) < 2:
+            raise ValueError("a referral by uncertainty needs a TTA policy of at least 2 views")
+        return self
+
+
+class TissueCheck(BaseModel):
+    """``trust.tissue_check``: the acceptance region of colour/texture statistics (``histoscan.trust.tissue``)."""
+
+    model_config = _STRICT
+    features: list[Name] = Field(min_length=1)
+    mean: list[Finite]
+    covariance: list[list[Finite]]
+    threshold: Positive  # largest accepted Mahalanobis distance
+    quantile: Probability
+    margin: Positive
+    count: Annotated[int, Field(ge=1)]  # training patches it was fitted on
+
+    @model_validator(mode="after")
+    def _square(self) -> TissueCheck:
+        k = len(self.features)
+        if len(self.mean) != k or len(self.covariance) != k or any(len(row) != k for row in self.covariance):
+            raise ValueError(f"mean and covariance must be {k} and {k}x{k} for {k} features")
+        return self
+
+
+class TrustPolicy(BaseModel):
+    """``trust``: when to refer an image, and which images are not tissue at all (both optional)."""
+
+    model_config = _STRICT
+    referral: ReferralRule | None = None
+    tissue_check: TissueCheck | None = None
+
+    @model_validator(mode="before")
     @classmethod
-    def _ordered(cls, band: list[float] | None) -> list[float] | None:
-        if band is not None and band[0] > band[1]:
-            raise ValueError(f"the band's low end {band[0]} is above its high end {band[1]}")
-        return band
+    def _empty_slot(cls, data: Any) -> Any:
+        """Runs written before the trust issue hold an empty ``referral_band`` slot: it means no referral."""
+        if isinstance(data, dict) and "referral_band" in data and data["referral_band"] is None:
+            data = {k: v for k, v in data.items() if k != "referral_band"}
+        return data
 
 
 class ModelDocument(BaseModel):

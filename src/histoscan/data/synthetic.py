@@ -8,6 +8,7 @@ that difference (0 = easy, 1 = hard). Everything is deterministic by seed.
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -112,10 +113,35 @@ def synth_patch(
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class SynthPreset:
+    """A named difficulty: the noise knob, how faint a tumour can be, and the share of labels that are wrong."""
+
+    noise: float
+    severity: tuple[float, float] | None = None  # a tumour patch's severity is drawn from this range
+    label_noise: float = 0.0
+
+
+# 'hard' is not separable at the first epoch (fainter tumours, 4% wrong labels): its learning curve,
+# threshold and referral band mean something. The defaults (noise 0.2, full severity, clean labels) stay as
+# they are: other tests rely on them.
+SYNTH_PRESETS = {"default": SynthPreset(0.2), "hard": SynthPreset(0.6, (0.3, 0.9), 0.04)}
+
+
 def synth_batch(
-    n: int, seed: int = 0, size: int = 96, noise: float = 0.2, positive: float = 0.4, num_classes: int = 2
+    n: int,
+    seed: int = 0,
+    size: int = 96,
+    noise: float = 0.2,
+    positive: float = 0.4,
+    num_classes: int = 2,
+    preset: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` patches and their labels; with ``num_classes`` > 2 the class sets the tumour severity."""
+    """``n`` patches and their labels; with ``num_classes`` > 2 the class sets the tumour severity.
+
+    ``preset`` (a name of ``SYNTH_PRESETS``) replaces ``noise`` and sets the severity range and label noise.
+    """
+    spec = SynthPreset(noise) if preset is None else synth_preset(preset)
     rng = np.random.default_rng(seed)
     if num_classes == 2:
         labels = (rng.random(n) < positive).astype(np.int64)
@@ -124,8 +150,20 @@ def synth_batch(
     images = np.empty((n, size, size, 3), np.uint8)
     for i, lbl in enumerate(labels):
         sev = None if num_classes == 2 else lbl / (num_classes - 1)
-        images[i] = synth_patch(rng, int(lbl), size, noise, sev)
+        if spec.severity is not None and lbl > 0:
+            sev = float(rng.uniform(*spec.severity)) * (1.0 if sev is None else sev)
+        images[i] = synth_patch(rng, int(lbl), size, spec.noise, sev)
+    if spec.label_noise > 0:
+        flip = rng.random(n) < spec.label_noise
+        labels = np.where(flip, (labels + rng.integers(1, num_classes, n)) % num_classes, labels)
     return images, labels
+
+
+def synth_preset(name: str) -> SynthPreset:
+    """The preset called ``name``; ConfigError naming the known ones otherwise."""
+    if name not in SYNTH_PRESETS:
+        raise ConfigError(f"synthetic preset {name!r} is not one of {list(SYNTH_PRESETS)}")
+    return SYNTH_PRESETS[name]
 
 
 def write_synthetic(
@@ -139,15 +177,19 @@ def write_synthetic(
     num_classes: int = 2,
     groups: int = 8,
     test: int = 0,
+    preset: str | None = None,
 ) -> Path:
-    """Write ``n`` synthetic labelled patches in ``layout`` under ``out`` (and ``test`` unlabelled ones for kaggle)."""
+    """Write ``n`` synthetic labelled patches in ``layout`` under ``out`` (and ``test`` unlabelled ones for kaggle).
+
+    ``preset`` (``hard``, see ``SYNTH_PRESETS``) replaces ``noise``.
+    """
     if layout not in SYNTH_LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}; choose one of {list(SYNTH_LAYOUTS)}")
     if layout in ("kaggle", "pcam") and num_classes != 2:
         raise ConfigError(f"the {layout} layout is binary; num_classes must be 2")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    images, labels = synth_batch(n, seed, size, noise, num_classes=num_classes)
+    images, labels = synth_batch(n, seed, size, noise, num_classes=num_classes, preset=preset)
     rng = np.random.default_rng(seed + 1)
     ids = [f"{rng.bytes(20).hex()}" for _ in range(n)]
     group_of = [f"slide{g:03d}" for g in rng.integers(0, max(1, groups), n)]
@@ -155,7 +197,7 @@ def write_synthetic(
     if layout == "kaggle":
         _write_kaggle_part(root, "train", "train_labels.csv", ids, images, labels.tolist())
         if test:
-            timgs, _ = synth_batch(test, seed + 7, size, noise)
+            timgs, _ = synth_batch(test, seed + 7, size, noise, preset=preset)
             tids = [f"{rng.bytes(20).hex()}" for _ in range(test)]
             _write_kaggle_part(root, "test", "sample_submission.csv", tids, timgs, [0] * test)
     elif layout == "pcam":
@@ -267,3 +309,51 @@ def write_synthetic_store(
     except BaseException:
         writer.abort()
         raise
+
+
+# Ruifrok and Johnston's optical densities of haematoxylin and DAB (rows: stains; columns: R, G, B)
+_HAEMATOXYLIN_OD = np.array([0.65, 0.70, 0.29])
+_DAB_OD = np.array([0.27, 0.57, 0.78])
+NOT_HE_KINDS = ("black", "white", "uniform", "noise", "grayscale", "photograph", "ihc")
+
+
+def not_he_patch(kind: str, size: int = 96, seed: int = 0) -> np.ndarray:
+    """One uint8 patch that is not an H&E tissue patch, for checking the tissue check.
+
+    ``black``, ``white`` (blank slide), ``uniform`` (one flat stroma-pink colour), ``noise`` (uniform random
+    pixels), ``grayscale`` (an H&E-like patch without colour), ``photograph`` (a sky, hills and a sun: a
+    photograph-like scene) and ``ihc`` (an immunohistochemistry patch: pale haematoxylin counterstain with
+    DAB-brown cells, by Beer-Lambert from the stains' optical densities).
+    """
+    rng = np.random.default_rng(seed)
+    if kind == "black":
+        return np.full((size, size, 3), rng.integers(0, 12), np.uint8)
+    if kind == "white":
+        return np.clip(245 + rng.normal(0, 1.5, (size, size, 3)), 0, 255).astype(np.uint8)
+    if kind == "uniform":
+        return np.broadcast_to(_STROMA.astype(np.uint8), (size, size, 3)).copy()
+    if kind == "noise":
+        return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    if kind == "grayscale":
+        grey = synth_patch(rng, 1, size).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+    if kind == "photograph":
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+        img = np.empty((size, size, 3), np.float32)
+        img[:] = np.stack([90 + 80 * yy, 150 + 60 * yy, 235 - 10 * yy], axis=-1)  # sky, lighter near the horizon
+        hill = yy > 0.6 + 0.1 * np.sin(6 * xx + rng.uniform(0, 6))
+        img[hill] = np.array([60.0, 140.0, 50.0]) * (0.8 + 0.4 * rng.random((int(hill.sum()), 1)))
+        sun = (yy - 0.25) ** 2 + (xx - 0.7) ** 2 < 0.01
+        img[sun] = np.array([255.0, 230.0, 120.0])
+        return np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
+    if kind == "ihc":
+        h = np.clip(0.15 + 0.1 * _smooth_noise(rng, size, max(4, size // 8)), 0, None)[..., None] * _HAEMATOXYLIN_OD
+        dab = np.zeros((size, size, 1), np.float32)
+        canvas = np.zeros((size, size, 3), np.float32)
+        for _ in range(int(30 * (size / 96) ** 2)):  # DAB-positive cells
+            r = rng.uniform(3, 6) * size / 96
+            _blob(canvas, rng, rng.uniform(0, size), rng.uniform(0, size), r, r, np.ones(3), 0.1, 1.0)
+        dab[..., 0] = canvas[..., 0] * rng.uniform(0.8, 1.2)
+        od = h + dab * _DAB_OD
+        return np.clip(255 * np.exp(-od) + rng.normal(0, 2, od.shape), 0, 255).astype(np.uint8)
+    raise ConfigError(f"not-H&E kind {kind!r} is not one of {list(NOT_HE_KINDS)}")

@@ -13,15 +13,17 @@ import numpy as np
 import torch
 
 from histoscan import __version__
-from histoscan.bundle import read_bundle
+from histoscan.bundle import ModelBundle, read_bundle
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitivity, youden_threshold
 from histoscan.evaluation.report import write_evaluation
-from histoscan.inference.predictor import Predictor, default_tta
+from histoscan.inference.predictor import Prediction, Predictor, default_tta
 from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
 from histoscan.stain.groups import stain_group_names
 from histoscan.stain.shift import Shift, shift_suite, stain_shift_report
+from histoscan.trust.answers import UNCHECKED, policy_views
+from histoscan.trust.tissue import OK
 
 THRESHOLD_RULES = ("youden", "sensitivity")
 
@@ -107,7 +109,7 @@ def evaluate_run(
         bundle.save(run_dir)
     started = time.perf_counter()
     counted = predictor.bundle.preprocessing.stain_counts()
-    ks = default_tta(bundle) if tta is None else (list(range(8)) if tta else [0])
+    ks = default_tta(bundle) if tta is None else (list(range(8)) if tta else [0])  # the referral's policy by default
     pred = predictor.predict_store(part, ks)
     seconds = time.perf_counter() - started
     metrics = compute_metrics(
@@ -119,7 +121,9 @@ def evaluate_run(
         n_boot=n_boot,
         seed=seed,
     )
-    stain_counts = stain_split_counts(predictor, part, counted, len(ks)) if bundle.preprocessing.stain else None
+    metrics["trust"] = evaluate_trust(bundle, part.labels, pred, ks, n_boot, seed)
+    passes = len(ks) + (bundle.trust.tissue_check is not None)  # the tissue check sees the normalised patch too
+    stain_counts = stain_split_counts(predictor, part, counted, passes) if bundle.preprocessing.stain else None
     if suite is not None:
         shifted = ShiftedPredict(predictor, part, ks)
         metrics["stain_shift"] = stain_shift_report(
@@ -202,3 +206,37 @@ def stain_split_counts(predictor: Predictor, part: PatchStore, before: dict[str,
     pre = predictor.bundle.preprocessing
     after = pre.stain_counts(set(stain_group_names(part).tolist()))
     return {k: (v - before[k]) // passes if k in ("patches", "passed_through") else v for k, v in after.items()}
+
+
+def evaluate_trust(
+    bundle: ModelBundle, labels: np.ndarray, pred: Prediction, ks: list[int], n_boot: int, seed: int
+) -> dict[str, Any]:
+    """The trust section: error detection, accuracy at coverage, the referral rule and the tissue check."""
+    from histoscan.trust.scoring import trust_metrics
+
+    rule = bundle.trust.referral
+    applies = policy_views(bundle.trust, ks)
+    out = trust_metrics(
+        labels,
+        pred.probabilities,
+        pred.uncertainty,
+        threshold=bundle.threshold,
+        rule=rule if applies else None,
+        views=len(ks),
+        n_boot=n_boot,
+        seed=seed,
+    )
+    if rule is not None and not applies:
+        out["referral"] = {
+            "applied": False,
+            "why": f"evaluated under TTA views {ks}, the rule was fitted under {rule.tta}",
+        }
+    quality = pred.quality or []
+    flagged = [q for q in quality if q not in (OK, UNCHECKED)]
+    out["tissue_check"] = {
+        "checked": bundle.trust.tissue_check is not None,
+        "count": len(quality),
+        "flagged": len(flagged),
+        "flags": {q: flagged.count(q) for q in sorted(set(flagged))},
+    }
+    return out

@@ -6,7 +6,7 @@ rows summing to 1): the same function scores CNN runs, classical baselines and t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -197,3 +197,19 @@ def compute_metrics(
             }
         )
     return out
+
+
+def bootstrap_statistic(
+    statistic: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` items (NaN draws are dropped)."""
+    if n_boot <= 0 or n == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    values = [statistic(rng.integers(0, n, n)) for _ in range(n_boot)]
+    finite = [v for v in values if np.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(finite, [alpha, 1 - alpha])
+    return float(lo), float(hi)

@@ -223,4 +223,5 @@ def figure_captions() -> dict[str, str]:
         "reliability": "Reliability diagram: a calibrated model follows the diagonal.",
         "probabilities": "Predicted probabilities by true class.",
         "learning_curves": "Learning curves from metrics.csv.",
+        "risk_coverage": "Risk-coverage: error rate of the answered images as the least sure are referred.",
     }

@@ -55,6 +55,10 @@ def write_evaluation(
             labels, probabilities, classes, fig_dir / "probabilities.png", threshold if len(classes) == 2 else None
         ),
     }
+    if "trust" in metrics:
+        from histoscan.trust.scoring import risk_coverage_png
+
+        figures["risk_coverage"] = risk_coverage_png(metrics["trust"], fig_dir / "risk_coverage.png")
     if metrics_csv is not None and Path(metrics_csv).is_file():
         curves = plots.learning_curves_png(pd.read_csv(metrics_csv), fig_dir / "learning_curves.png")
         if curves is not None:
@@ -157,6 +161,10 @@ def _html(path: Path, title: str, info: dict[str, Any], metrics: dict[str, Any],
         from histoscan.stain.shift import add_shift_section
 
         add_shift_section(rep, metrics["stain_shift"])
+    if "trust" in metrics:
+        from histoscan.trust.scoring import add_trust_section
+
+        add_trust_section(rep, metrics["trust"])
     rep.heading("Figures")
     captions = plots.figure_captions()
     for name, png in figures.items():

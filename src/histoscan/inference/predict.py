@@ -21,6 +21,7 @@ from histoscan.errors import DataError
 from histoscan.inference.inputs import Batch, input_batches
 from histoscan.inference.predictor import Prediction, Predictor
 from histoscan.system import available_cores
+from histoscan.trust.answers import check_policy
 
 
 @dataclass
@@ -33,11 +34,19 @@ class PredictionTable:
     failures: list[tuple[str, str, str]] = field(default_factory=list)
 
     def frame(self) -> pd.DataFrame:
-        """id, prob_<class>..., predicted[, uncertainty]."""
+        """id, prob_<class>..., predicted, answer, quality[, uncertainty].
+
+        ``answer`` is the class, ``refer``, ``not tissue`` or ``out of distribution``; ``quality`` is the tissue
+        check's flag (``ok``, what is wrong, or ``unchecked`` for a run without the check).
+        """
         df = pd.DataFrame({"id": self.ids})
         for j, name in enumerate(self.classes):
             df[f"prob_{name}"] = self.prediction.probabilities[:, j]
         df["predicted"] = [self.classes[k] for k in self.prediction.predicted]
+        if self.prediction.answers is not None:
+            df["answer"] = self.prediction.answers
+        if self.prediction.quality is not None:
+            df["quality"] = self.prediction.quality
         if self.prediction.uncertainty is not None:
             df["uncertainty"] = self.prediction.uncertainty
         return df
@@ -56,8 +65,10 @@ def predict_input(
 
     A per-group stain model maps a store's patches by their group (patient / slide); any other
     input is one group, its stain estimated from the first batch read: ``notice`` says which.
+    ``tta`` None is the referral rule's policy when model.json has one; other views are then a ConfigError.
     """
     workers = workers if workers is not None else available_cores()
+    check_policy(predictor.bundle.trust, predictor.tta_views(tta), str(predictor.run_dir / MODEL_FILE))
     ids: list[str] = []
     parts: list[Prediction] = []
     failures: list[tuple[str, str, str]] = []

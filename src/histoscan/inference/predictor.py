@@ -27,17 +27,23 @@ from histoscan.inference.backends import Backend, OnnxBackend, TorchBackend, res
 from histoscan.inference.inputs import store_input_batches
 from histoscan.inference.probabilities import logits_of, probabilities
 from histoscan.preprocessing import Groups
+from histoscan.trust.answers import UNCHECKED, answer_images
+from histoscan.trust.tissue import check_images
 
 
 @dataclass
 class Prediction:
     """Per-image class probabilities (N x C), predicted class index, and the spread across views when there are
     several (TTA elements, ensemble members, or both): the standard deviation of P(positive) for binary models,
-    of the predicted class's probability otherwise; None for one view."""
+    of the predicted class's probability otherwise; None for one view. ``answers``: what each image is
+    answered (a class name, ``refer``, ``not tissue`` or ``out of distribution``), with its tissue-check
+    ``quality`` flag (``ok``, what is wrong, or ``unchecked``)."""
 
     probabilities: np.ndarray
     predicted: np.ndarray
     uncertainty: np.ndarray | None = None
+    answers: list[str] | None = None
+    quality: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.probabilities.shape[0])
@@ -47,10 +53,14 @@ class Prediction:
         if not parts:
             return Prediction(np.zeros((0, num_classes), np.float32), np.zeros(0, np.int64))
         unc = [p.uncertainty for p in parts if p.uncertainty is not None]
+        answers = [p.answers for p in parts if p.answers is not None]
+        quality = [p.quality for p in parts if p.quality is not None]
         return Prediction(
             np.concatenate([p.probabilities for p in parts]),
             np.concatenate([p.predicted for p in parts]),
             np.concatenate(unc) if len(unc) == len(parts) else None,
+            [a for part in answers for a in part] if len(answers) == len(parts) else None,
+            [q for part in quality for q in part] if len(quality) == len(parts) else None,
         )
 
 
@@ -69,18 +79,22 @@ class MemberBackend:
 
 
 def default_tta(bundle: ModelBundle) -> list[int]:
-    """The TTA a model is evaluated and submitted with by default: model.json's ``inference.tta`` when set,
-    else all 8 dihedral elements for binary patch models (cheap for small models) and none otherwise."""
+    """The TTA a model is evaluated and submitted with by default: the referral rule's policy when it has one,
+    else model.json's ``inference.tta`` when set, else all 8 dihedral elements for binary patch models (cheap
+    for small models) and none otherwise."""
+    if bundle.trust.referral is not None:
+        return list(bundle.trust.referral.tta)
     if bundle.inference.tta is not None:
         return parse_tta(bundle.inference.tta)
     return parse_tta(bundle.task == "binary")
 
 
 def submission_tta(predictor: Predictor, tta: bool | None, submission: object | None) -> bool | list[int]:
-    """``predict``'s TTA: as asked, else the model's default when writing a Kaggle submission, else none."""
+    """``predict``'s TTA: as asked, else the model's default when writing a Kaggle submission or when the model
+    refers doubtful images (its referral rule's policy), else none."""
     if tta is not None:
         return tta
-    return default_tta(predictor.bundle) if submission else False
+    return default_tta(predictor.bundle) if submission or predictor.bundle.trust.referral is not None else False
 
 
 def parse_tta(tta: bool | Sequence[int] | None) -> list[int]:
@@ -188,6 +202,19 @@ class Predictor:
         by_k = [onnx.outputs(self.bundle.preprocessing(fitted, self.device, k, groups))[1] for k in ks]
         return np.stack(by_k, axis=2).transpose(1, 2, 0, 3).reshape(-1, len(fitted), len(self.classes))
 
+    def tta_views(self, tta: bool | Sequence[int] | None) -> list[int]:
+        """The dihedral elements a prediction runs: as asked, or with None the referral rule's policy (else none)."""
+        if tta is None and self.bundle.trust.referral is not None:
+            return list(self.bundle.trust.referral.tta)
+        return parse_tta(tta)
+
+    def quality(self, images: np.ndarray | Sequence[np.ndarray]) -> list[str]:
+        """The tissue check's flag per image (``unchecked`` when model.json has no check)."""
+        check = self.bundle.trust.tissue_check
+        if check is None:
+            return [UNCHECKED] * len(images)
+        return check_images(check, self.bundle.preprocessing, images).quality
+
     def predict_batch(
         self,
         images: np.ndarray | Sequence[np.ndarray],
@@ -198,8 +225,11 @@ class Predictor:
 
         ``groups``: for a per-group stain model, each image's stain group, estimated before
         (``bundle.preprocessing.estimate_stain_groups``); without it each image is its own group.
+        ``tta`` None runs the referral rule's TTA policy when model.json has one (else no TTA). Every
+        image is answered (``Prediction.answers``): a flagged one by the tissue check, ``refer`` where the
+        referral rule applies (only under its own TTA policy), else its class.
         """
-        ks = parse_tta(tta)
+        ks = self.tta_views(tta)
         view_weights = np.repeat(self.weights / self.weights.sum(), len(ks)) / len(ks)
         ensemble = isinstance(self.bundle, EnsembleBundle)
         parts = []
@@ -217,7 +247,10 @@ class Predictor:
                 unc = np.sqrt(spread).astype(np.float32)
             if ensemble and self.bundle.temperature != 1.0:
                 mean = self.probabilities_from_logits(logits_of(mean))
-            parts.append(Prediction(mean, self.classify(mean), unc))
+            predicted = self.classify(mean)
+            quality = self.quality(chunk)
+            answers = answer_images(self.bundle.trust, self.classes, mean, predicted, unc, quality, ks)
+            parts.append(Prediction(mean, predicted, unc, answers, quality))
         return Prediction.concat(parts, len(self.classes))
 
     def predict_batches(

@@ -12,7 +12,9 @@ import numpy as np
 from histoscan.inference.predictor import Prediction
 from histoscan.serving.model_process import ModelRunner
 
-Result = tuple[np.ndarray, int, "float | None"]
+Result = tuple[
+    np.ndarray, int, "float | None", "str | None", "str | None"
+]  # probs, class, uncertainty, answer, quality
 
 
 class Overloaded(RuntimeError):
@@ -26,7 +28,7 @@ class Overloaded(RuntimeError):
 @dataclass
 class _Item:
     image: np.ndarray
-    tta: bool
+    tta: bool | None
     future: asyncio.Future[Result]
 
 
@@ -71,8 +73,8 @@ class MicroBatcher:
                 task.cancel()
         self._dispatcher = None
 
-    async def predict(self, image: np.ndarray, tta: bool = False) -> Result:
-        """Probabilities, predicted class and (with TTA) uncertainty for one image."""
+    async def predict(self, image: np.ndarray, tta: bool | None = None) -> Result:
+        """Probabilities, predicted class, uncertainty (with several views), answer and quality flag for one image."""
         if self._slots is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         self._admit(1)
@@ -85,7 +87,7 @@ class MicroBatcher:
         finally:
             self.queued -= 1
 
-    async def predict_many(self, images: Sequence[np.ndarray], tta: bool = False) -> Prediction:
+    async def predict_many(self, images: Sequence[np.ndarray], tta: bool | None = None) -> Prediction:
         """A whole batch request goes straight to the model (it is a batch already)."""
         self._admit(len(images))
         try:
@@ -116,7 +118,7 @@ class MicroBatcher:
     async def _run(self, items: list[_Item]) -> None:
         assert self._slots is not None
         try:
-            for tta in (False, True):
+            for tta in (None, False, True):
                 group = [it for it in items if it.tta == tta]
                 if not group:
                     continue
@@ -130,6 +132,8 @@ class MicroBatcher:
                 for k, it in enumerate(group):
                     if not it.future.done():
                         unc = None if pred.uncertainty is None else float(pred.uncertainty[k])
-                        it.future.set_result((pred.probabilities[k], int(pred.predicted[k]), unc))
+                        answer = None if pred.answers is None else pred.answers[k]
+                        quality = None if pred.quality is None else pred.quality[k]
+                        it.future.set_result((pred.probabilities[k], int(pred.predicted[k]), unc, answer, quality))
         finally:
             self._slots.release()

@@ -62,7 +62,7 @@ class ModelRunner(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def predict(self, images: Sequence[np.ndarray], tta: bool) -> Prediction: ...
+    async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction: ...
 
     async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer: ...
 
@@ -85,18 +85,18 @@ def frame(meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> bytes:
     return _HEADER.pack(len(body), len(data)) + body + data
 
 
-def pack_job(images: Sequence[np.ndarray], tta: bool) -> bytes:
+def pack_job(images: Sequence[np.ndarray], tta: bool | None) -> bytes:
     """uint8 RGB images of any sizes (the child resizes) and the TTA flag."""
-    return frame({"tta": bool(tta), "shapes": [list(im.shape) for im in images]}, images)
+    return frame({"tta": None if tta is None else bool(tta), "shapes": [list(im.shape) for im in images]}, images)
 
 
-def unpack_job(meta: dict[str, Any], data: bytes) -> tuple[list[np.ndarray], bool]:
+def unpack_job(meta: dict[str, Any], data: bytes) -> tuple[list[np.ndarray], bool | None]:
     images, pos = [], 0
     for shape in meta["shapes"]:
         n = int(np.prod(shape))
         images.append(np.frombuffer(data, np.uint8, n, pos).reshape(shape))
         pos += n
-    return images, bool(meta["tta"])
+    return images, None if meta["tta"] is None else bool(meta["tta"])
 
 
 def pack_explain_job(image: np.ndarray, method: str, target: str, tta: bool) -> bytes:
@@ -150,7 +150,8 @@ def pack_prediction(pred: Prediction) -> bytes:
     if pred.uncertainty is not None:
         arrays.append(pred.uncertainty.astype(np.float32))
     n, c = pred.probabilities.shape
-    return frame({"ok": True, "n": n, "c": c, "uncertainty": pred.uncertainty is not None}, arrays)
+    meta = {"ok": True, "n": n, "c": c, "uncertainty": pred.uncertainty is not None}
+    return frame({**meta, "answers": pred.answers, "quality": pred.quality}, arrays)  # short strings: in the meta
 
 
 def unpack_prediction(meta: dict[str, Any], data: bytes) -> Prediction:
@@ -158,7 +159,7 @@ def unpack_prediction(meta: dict[str, Any], data: bytes) -> Prediction:
     probs = np.frombuffer(data, np.float32, n * c, 0).reshape(n, c)
     predicted = np.frombuffer(data, np.int64, n, 4 * n * c)
     unc = np.frombuffer(data, np.float32, n, 4 * n * c + 8 * n) if meta["uncertainty"] else None
-    return Prediction(probs, predicted, unc)
+    return Prediction(probs, predicted, unc, meta.get("answers"), meta.get("quality"))
 
 
 # ---- the child -------------------------------------------------------------------------
@@ -242,7 +243,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
             images, tta = unpack_job(meta, body[meta_len:])
             if meta.get("op") == "explain":
                 answer = explain_one(
-                    explainers, args.run_dir, args.device, images[0], meta["method"], meta["target"], tta
+                    explainers, args.run_dir, args.device, images[0], meta["method"], meta["target"], bool(tta)
                 )
                 reply = pack_explanation(answer)
             else:
@@ -411,7 +412,7 @@ class ModelProcess:
             with contextlib.suppress(ModelUnavailable):  # the back-off is recorded in status()
                 await self._ensure_running()
 
-    async def predict(self, images: Sequence[np.ndarray], tta: bool) -> Prediction:
+    async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction:
         """Send one job; the answer comes back in order (ModelUnavailable after ``timeout_s``)."""
         result: Prediction = await self._send(pack_job(images, tta), unpack_prediction)
         return result
@@ -494,7 +495,7 @@ class ModelThread:
     async def stop(self) -> None:
         return None
 
-    async def predict(self, images: Sequence[np.ndarray], tta: bool) -> Prediction:
+    async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction:
         try:
             return await asyncio.wait_for(
                 asyncio.to_thread(self.predictor.predict_batch, list(images), tta), self.timeout_s

@@ -2,7 +2,8 @@
 
 Every upload is shown as a picture: the browser's own decoding where it can, else (TIFF, the
 Kaggle format, which browsers do not display) a PNG preview from ``/v1/preview``. After a
-prediction, "Why?" asks ``/v1/explain`` for the Grad-CAM overlay and shows it beside the patch.
+prediction the card shows the answer (the class, or ``refer`` / ``not tissue`` / ``out of
+distribution`` in amber), the model's class, the uncertainty and the tissue check's flag; "Why?" asks ``/v1/explain`` for the Grad-CAM overlay and shows it beside the patch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ PAGE = """<!doctype html>
  .card img{width:96px;height:96px;object-fit:cover;border-radius:4px}
  .bar{background:#eee;border-radius:4px;height:12px;width:16rem}
  .bar div{background:#b2386e;height:12px;border-radius:4px}
- .error{color:#b00}
+ .error{color:#b00} .withheld{color:#a60;font-weight:bold} .detail{font-size:.85rem;color:#555}
  .why{margin-left:.5rem} .card img.overlay{width:144px;height:144px}
  input[type=password]{width:16rem}
 </style></head>
@@ -50,9 +51,15 @@ function show(file, j) {
                  info.querySelector(".error").textContent = j.error; }
   else {
     const pct = (100 * j.confidence).toFixed(1);
-    info.innerHTML = `<b></b> <span class="label"></span> <span class="conf"></span><div class="bar"><div></div></div>`;
+    info.innerHTML = `<b></b> <span class="answer"></span> <span class="conf"></span><div class="bar"><div></div></div>` +
+      `<div class="detail"><span class="label"></span> <span class="uncertainty"></span> <span class="quality"></span></div>`;
     info.querySelector("b").textContent = file.name;
-    info.querySelector(".label").textContent = j.label;
+    const said = j.answer || j.label;
+    info.querySelector(".answer").textContent = said;
+    if (said !== j.label) info.querySelector(".answer").classList.add("withheld");
+    info.querySelector(".label").textContent = `model's class: ${j.label}`;
+    info.querySelector(".uncertainty").textContent = j.uncertainty == null ? "" : `uncertainty ${j.uncertainty.toFixed(4)}`;
+    info.querySelector(".quality").textContent = j.quality ? `tissue check: ${j.quality}` : "";
     info.querySelector(".conf").textContent = pct + "%";
     info.querySelector(".bar div").style.width = pct + "%";
     const why = document.createElement("button"); why.className = "why"; why.textContent = "Why?";

@@ -30,8 +30,10 @@ def ready(request: Request) -> JSONResponse:
 
 @router.get("/v1/model", dependencies=[Depends(require_key)])
 def model_card(state: ServeState = Depends(get_state)) -> dict[str, Any]:
-    """Architecture, classes, input size, threshold, calibration, validation metric, versions."""
+    """Architecture, classes, input size, threshold, calibration, referral rule, tissue check, validation metric,
+    versions."""
     b = state.bundle
+    rule = b.trust.referral
     return {
         "model": state.run_name,
         "architecture": b.architecture,
@@ -43,6 +45,8 @@ def model_card(state: ServeState = Depends(get_state)) -> dict[str, Any]:
         "preprocessing": b.preprocessing.to_dict(),
         "threshold": b.threshold,
         "calibration": {"temperature": b.temperature},
+        "referral": None if rule is None else rule.model_dump(mode="json", exclude={"error_auroc"}),
+        "tissue_check": b.trust.tissue_check is not None,
         "validation": b.best_metric,
         "backend": state.model.backend,
         "trained_with": b.histoscan_version,

@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 from pydantic import BaseModel, Field
 
+from histoscan.inference.predictor import parse_tta
 from histoscan.serving.state import ServeState, get_state, require_key
 from histoscan.serving.uploads import UploadError, check_size
 
@@ -26,7 +27,19 @@ class PatchPrediction(BaseModel):
     )
     model: str = Field(description="The served run.")
     uncertainty: float | None = Field(
-        None, description="Spread of the probability over the 8 TTA views (with ?tta=true)."
+        None, description="Spread of the probability over the TTA views (whenever there are several)."
+    )
+    answer: str | None = Field(
+        None,
+        description="What to report: the class name, 'refer' (doubtful: refer to a pathologist), "
+        "'not tissue' or 'out of distribution' (never a class).",
+        examples=["tumor", "refer", "not tissue"],
+    )
+    quality: str | None = Field(
+        None,
+        description="The tissue check's flag: ok, blank, dark, uniform, grayscale, noise, out of distribution, "
+        "or unchecked (the model has no tissue check).",
+        examples=["ok"],
     )
 
 
@@ -40,6 +53,8 @@ class BatchEntry(BaseModel):
     probabilities: dict[str, float] | None = None
     model: str | None = None
     uncertainty: float | None = None
+    answer: str | None = None
+    quality: str | None = None
     error: str | None = Field(default=None, description="Why this file was refused (the others are still answered).")
     status: int | None = Field(default=None, description="The HTTP status this file alone would have got.")
 
@@ -51,7 +66,14 @@ class BatchPrediction(BaseModel):
     model: str
 
 
-def answer(state: ServeState, probs: np.ndarray, predicted: int, uncertainty: float | None) -> dict[str, Any]:
+def answer(
+    state: ServeState,
+    probs: np.ndarray,
+    predicted: int,
+    uncertainty: float | None,
+    answer: str | None = None,
+    quality: str | None = None,
+) -> dict[str, Any]:
     """The fields of one image's answer."""
     classes = state.bundle.classes
     return {
@@ -61,7 +83,19 @@ def answer(state: ServeState, probs: np.ndarray, predicted: int, uncertainty: fl
         "probabilities": {c: round(float(p), 6) for c, p in zip(classes, probs)},
         "model": state.run_name,
         "uncertainty": None if uncertainty is None else round(uncertainty, 6),
+        "answer": answer,
+        "quality": quality,
     }
+
+
+def _views(state: ServeState, tta: bool | None) -> bool | None:
+    """``tta`` as asked; 422 when it is not the policy the model's referral rule was fitted under."""
+    rule = state.bundle.trust.referral
+    if rule is not None and tta is not None and parse_tta(tta) != sorted(rule.tta):
+        raise UploadError(
+            422, f"this model refers doubtful images under TTA views {rule.tta}: leave tta out to predict with them"
+        )
+    return tta
 
 
 async def _decode(upload: UploadFile, name: str, state: ServeState) -> np.ndarray:
@@ -75,23 +109,28 @@ async def _decode(upload: UploadFile, name: str, state: ServeState) -> np.ndarra
 @router.post("/predict", response_model=PatchPrediction, response_model_exclude_none=True)
 async def predict_one(
     file: UploadFile = File(..., description="A TIFF, PNG or JPEG patch."),
-    tta: bool = Query(False, description="Average the 8 flips/rotations; adds an uncertainty."),
+    tta: bool | None = Query(
+        None,
+        description="Average the 8 flips/rotations (adds an uncertainty). Default: the policy of the model's "
+        "referral rule when it has one, else none.",
+    ),
     state: ServeState = Depends(get_state),
 ) -> PatchPrediction:
-    """Classify one patch.
+    """Classify one patch: probabilities, uncertainty and the answer (a class, refer, not tissue, out of distribution).
 
     A model with per-group stain normalisation treats the image as its own group: its stain is
     estimated from the image alone (the service knows no patient or slide).
     """
+    tta = _views(state, tta)
     image = await _decode(file, file.filename or "file", state)
-    probs, predicted, unc = await state.batcher.predict(image, tta)
-    return PatchPrediction(**answer(state, probs, predicted, unc))
+    probs, predicted, unc, said, quality = await state.batcher.predict(image, tta)
+    return PatchPrediction(**answer(state, probs, predicted, unc, said, quality))
 
 
 @router.post("/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True)
 async def predict_batch(
     files: list[UploadFile] = File(..., description="Several patches."),
-    tta: bool = Query(False),
+    tta: bool | None = Query(None, description="As for /v1/predict."),
     state: ServeState = Depends(get_state),
 ) -> BatchPrediction:
     """Classify many patches; results in the same order, each with its own error if that file was bad.
@@ -99,6 +138,7 @@ async def predict_batch(
     A model with per-group stain normalisation treats each image as its own group (the files of
     one request are not assumed to share a patient or slide).
     """
+    tta = _views(state, tta)
     if len(files) > state.settings.max_batch_files:
         raise UploadError(413, f"{len(files)} files is over the batch limit of {state.settings.max_batch_files}")
     results: list[BatchEntry] = [BatchEntry() for _ in files]
@@ -117,7 +157,8 @@ async def predict_batch(
         pred = await state.batcher.predict_many([img for _, img in good], tta)
         for k, (i, _) in enumerate(good):
             unc = None if pred.uncertainty is None else float(pred.uncertainty[k])
-            results[i] = BatchEntry(
-                file=files[i].filename, **answer(state, pred.probabilities[k], int(pred.predicted[k]), unc)
-            )
+            said = None if pred.answers is None else pred.answers[k]
+            quality = None if pred.quality is None else pred.quality[k]
+            fields = answer(state, pred.probabilities[k], int(pred.predicted[k]), unc, said, quality)
+            results[i] = BatchEntry(file=files[i].filename, **fields)
     return BatchPrediction(results=results, model=state.run_name)

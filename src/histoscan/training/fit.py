@@ -132,7 +132,12 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
     trainer.fit(module, loaders[0], loaders[1] if validate else None, ckpt_path=str(ckpt) if ckpt else None)
     if pre.stain is not None and _global_rank() == 0:
         printer(stain_summary(pre.stain_counts()))
-    return finish(cfg, run_dir, summary, trainer, started)
+    result = finish(cfg, run_dir, summary, trainer, started)
+    if _global_rank() == 0:
+        from histoscan.trust.tissue import save_tissue_check
+
+        save_tissue_check(run_dir, parts["train"])  # every new run can tell tissue from anything else
+    return result
 
 
 # ---- set-up -----------------------------------------------------------------------

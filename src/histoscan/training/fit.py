@@ -134,9 +134,15 @@ def train(cfg: TrainConfig, printer: Callable[[str], None] = print, callbacks: S
         printer(stain_summary(pre.stain_counts()))
     result = finish(cfg, run_dir, summary, trainer, started)
     if _global_rank() == 0:
-        from histoscan.trust.tissue import save_tissue_check
+        from histoscan.trust.tissue import MIN_PATCHES, save_tissue_check
 
-        save_tissue_check(run_dir, parts["train"])  # every new run can tell tissue from anything else
+        if len(parts["train"]) >= MIN_PATCHES:
+            save_tissue_check(run_dir, parts["train"])  # every new run can tell tissue from anything else
+        else:
+            printer(
+                f"tissue check not fitted: {len(parts['train'])} training patches, it needs {MIN_PATCHES} "
+                "(predictions report quality 'unchecked')"
+            )
     return result
 
 

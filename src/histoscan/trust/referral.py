@@ -111,9 +111,7 @@ def fit_referral(
         cum_acc = np.cumsum(correct_sorted) / np.arange(1, n + 1)
         reach = np.flatnonzero(cum_acc >= target)
         if len(reach) == 0:
-            raise DataError(
-                f"no set of answered images reaches accuracy {target:.3f} on {n} predictions ({fitted_on})"
-            )
+            raise DataError(f"no set of answered images reaches accuracy {target:.3f} on {n} predictions ({fitted_on})")
         keep = int(reach[-1]) + 1
     sorted_doubt = doubt[order]
     limit = (

@@ -47,6 +47,7 @@ NOT_TISSUE_FLAGS = ("blank", "dark", "uniform", "grayscale", "noise")
 PLAIN_FLAGS = ("dark", "uniform", "grayscale", "noise")
 OK = "ok"
 MAX_PATCHES = 2000  # training patches sampled to fit the region
+MIN_PATCHES = 20  # fewer cannot estimate a 13-dimensional covariance
 QUANTILE, MARGIN, TRIM = 0.995, 1.6, 0.02  # chosen on hcd (own lab) against idc and LC25000 (other labs)
 _EPS = 1e-3
 
@@ -120,8 +121,8 @@ def fit_tissue_check(
     the ``quantile`` of all training patches' distances. The margin leaves room for other labs' H&E
     (another scanner and stain), which is not out of distribution.
     """
-    if len(features) < 20:
-        raise DataError(f"a tissue check needs at least 20 training patches, got {len(features)}")
+    if len(features) < MIN_PATCHES:
+        raise DataError(f"a tissue check needs at least {MIN_PATCHES} training patches, got {len(features)}")
     core = features
     for _ in range(3):
         mean = core.mean(axis=0)

@@ -77,9 +77,9 @@ def test_whole_tiles_are_read_in_place(coord_slide: Path, tmp_path: Path) -> Non
     tiles_seen: list[np.ndarray] = []
 
     class Recording(CoordinatePredictor):
-        def predict_batch(self, images, tta=None):  # type: ignore[no-untyped-def]
+        def predict_batch(self, images, tta=None, groups=None):  # type: ignore[no-untyped-def]
             tiles_seen.extend(images.copy())
-            return super().predict_batch(images, tta)
+            return super().predict_batch(images, tta, groups)
 
     pred = Recording(code)
     settings = ScanSettings(mask=str(full_mask(tmp_path, 100, 70)), min_tissue=0.1, workers=3)

@@ -84,7 +84,7 @@ class CoordinatePredictor(Predictor):
 
         self.backend = _Backend()  # type: ignore[assignment]
 
-    def predict_batch(self, images, tta=None) -> Prediction:  # type: ignore[no-untyped-def,override]
+    def predict_batch(self, images, tta=None, groups=None) -> Prediction:  # type: ignore[no-untyped-def,override]
         c = images.shape[1] // 2
         xy = [decode(img[c, c]) for img in images]
         self.seen.extend(xy)

@@ -148,6 +148,35 @@ def test_plan_shrinks_to_the_time_left_and_ends_at_the_floor(monkeypatch: pytest
     assert restored.elapsed_s == pytest.approx(70.0)
 
 
+def test_one_slow_epoch_does_not_move_the_plan_but_a_lasting_slowdown_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(schedule, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    plan = SchedulePlan(max_epochs=100, warmup_epochs=1, budget_s=2000.0)
+    plan.steps_per_epoch = 10
+    plan.on_fit_start(None, None)  # type: ignore[arg-type]
+    plan.replan(0, 0, None)
+
+    def epoch(i: int, seconds: float) -> int:
+        plan._epoch_start = now[0]
+        now[0] += seconds
+        plan.on_train_epoch_end(
+            SimpleNamespace(sanity_checking=False, current_epoch=i, global_step=10 * (i + 1), should_stop=False), None
+        )  # type: ignore[arg-type]
+        return plan.planned_epochs
+
+    plans = [epoch(i, 10.0) for i in range(3)]
+    assert plans == [100, 100, 100]  # 1970 s left at 10 s an epoch: the 100 allowed fit
+    # one 60 s epoch (a neighbour's burst): the median pace is still 10 s (the last epoch's pace alone
+    # would have planned 4 + 1910 // 60 = 35 epochs and spent the rest of the run at the floor)
+    assert epoch(3, 60.0) == 100
+    assert [epoch(i, 10.0) for i in range(4, 7)] == [100, 100, 100]
+    slowed = [epoch(i, 40.0) for i in range(7, 10)]  # a lasting slowdown: the plan follows by its second epoch
+    assert slowed[0] == 100 and slowed[1] == 9 + 1800 // 40 and slowed[2] == slowed[1]
+    restored = SchedulePlan(max_epochs=100, warmup_epochs=1, budget_s=2000.0)
+    restored.load_state_dict(plan.state_dict())
+    assert restored.recent_s == [40.0, 40.0, 40.0] and restored.pace() == 40.0
+
+
 class FakeClock(L.Callback):
     """Time that advances ten seconds per training step, so a time-budgeted run is deterministic."""
 

@@ -2,8 +2,10 @@
 
 Without a budget the plan is fixed (``max_epochs``) and the schedule is the classic linear warmup
 then cosine to ``floor``: deterministic by seed. With a budget, each epoch boundary measures the
-last epoch's wall time (training and validation), counts how many more epochs fit before the
-deadline, and spreads the rest of the cosine over them, so the schedule reaches its floor at the
+epoch's wall time (training and validation), takes the median of the last ``RECENT`` epochs (one
+slow epoch, a checkpoint or a neighbour's burst, does not move the plan; a lasting slowdown does
+within two epochs), counts how many more epochs fit before the deadline at that pace, and spreads
+the rest of the cosine over them, so the schedule reaches its floor at the
 last epoch that fits, however slow or shared the machine. The plan is a callback's state, so it
 is saved in ``last.ckpt`` and ``--resume`` continues it.
 
@@ -21,6 +23,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 FLOOR = 0.01  # the cosine ends at this fraction of the peak learning rate
+RECENT = 3  # epochs whose median wall time sets the pace the plan assumes
 
 
 class SchedulePlan(Callback):
@@ -43,6 +46,7 @@ class SchedulePlan(Callback):
         self.rate = 0.0  # cosine progress per step in the current epoch
         self.steps_per_epoch = 0
         self.elapsed_s = 0.0  # wall time spent in earlier sessions of this run (resume)
+        self.recent_s: list[float] = []  # wall times of the last RECENT epochs
         self._fit_start = self._epoch_start = time.monotonic()
 
     # ---- the factor LambdaLR multiplies the peak learning rate by -----------------------
@@ -74,7 +78,7 @@ class SchedulePlan(Callback):
     def replan(self, step: int, epochs_done: int, epoch_s: float | None) -> None:
         """Plan the epochs left from ``step`` on: the cosine reaches its floor when they are done.
 
-        ``epoch_s`` is the last epoch's wall time (training and validation); with a budget,
+        ``epoch_s`` is the assumed epoch wall time (training and validation, see ``pace``); with a budget,
         the epochs that fit in the time left are planned (at least the one about to run is
         not planned when none fits: the run stops instead).
         """
@@ -87,6 +91,14 @@ class SchedulePlan(Callback):
         self.planned_epochs = epochs_done + max(0, left)
         steps_left = left * self.steps_per_epoch - max(0, self.warmup_steps - step)
         self.rate = (1.0 - self.progress) / max(1, steps_left)
+
+    def pace(self) -> float | None:
+        """The epoch time the plan assumes: the median of the recent epochs (None before the first)."""
+        if not self.recent_s:
+            return None
+        ordered = sorted(self.recent_s)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
     # ---- Lightning hooks ---------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -105,9 +117,9 @@ class SchedulePlan(Callback):
         if trainer.sanity_checking:
             return
         done = trainer.current_epoch + 1
-        epoch_s = time.monotonic() - self._epoch_start
+        self.recent_s = [*self.recent_s, time.monotonic() - self._epoch_start][-RECENT:]
         if self.budget_s is not None:
-            self.replan(trainer.global_step, done, epoch_s)
+            self.replan(trainer.global_step, done, self.pace())
         if self.budget_s is not None and self.planned_epochs <= done:
             trainer.should_stop = True  # the plan is finished: the next epoch would not fit
 
@@ -126,10 +138,11 @@ class SchedulePlan(Callback):
             "steps_per_epoch": self.steps_per_epoch,
             "elapsed_s": elapsed,
             "budget_s": self.budget_s,
+            "recent_s": list(self.recent_s),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key in ("planned_epochs", "progress", "step0", "rate", "steps_per_epoch", "elapsed_s"):
+        for key in ("planned_epochs", "progress", "step0", "rate", "steps_per_epoch", "elapsed_s", "recent_s"):
             if key in state_dict:
                 setattr(self, key, state_dict[key])
         self._fit_start = time.monotonic()

@@ -8,6 +8,8 @@
 (c) The torch backend's precision (issue 18): bf16 autocast against fp32, channels-last both, backend
     alone on the same tensors, and the largest difference in P(tumour) between them. ``auto`` picks
     bf16 on CPUs with native bf16 (AVX512-BF16 / AMX), fp32 elsewhere.
+(d) The tissue check's cost (issue 16): ``Predictor.predict_batch`` (one view) with the run's tissue check
+    against the same Predictor without it, and the check alone (``check_images``) on the same images.
 
 Run: python benchmarks/bench_predict.py [--n 5000] [--repeats 3]
 """
@@ -31,6 +33,7 @@ from histoscan.inference.predict import predict_input, write_predictions
 from histoscan.inference.predictor import Predictor
 from histoscan.training.config import TrainConfig, resolve_config_path
 from histoscan.training.fit import train
+from histoscan.trust.tissue import check_images
 
 
 def backend_alone(predictor: Predictor, tensors: list[torch.Tensor]) -> float:
@@ -92,7 +95,7 @@ def main() -> None:
                 alone.append(backend_alone(predictor, tensors))
                 t = time.perf_counter()
                 table = predict_input(predictor, folder)
-                write_predictions(table, work / f"{name}.csv")
+                write_predictions(table, work / f"{name}.csv", force=True)  # every repeat rewrites it
                 e2e.append(len(table.ids) / (time.perf_counter() - t))
             a, e = max(alone), max(e2e)
             print(
@@ -117,6 +120,34 @@ def main() -> None:
             f"(c) torch backend alone: fp32 {fp32:7.0f} img/s, bf16 autocast {bf16:7.0f} img/s: {bf16 / fp32:.2f}x; "
             f"max |P_bf16 - P_fp32| {diff:.1e} on {min(len(images), 4 * args.batch)} patches; "
             f"auto chose {torch_p.backend.precision}"  # type: ignore[attr-defined]
+        )
+        check = torch_p.bundle.trust.tissue_check
+        if check is None:
+            print("(d) skipped: the run has no tissue check")
+            return
+        plain = Predictor(run, backend="torch", batch_size=args.batch)
+        plain.bundle.trust.tissue_check = None
+        rates: dict[str, float] = {}
+        for name, work_fn in (
+            ("with check", lambda: torch_p.predict_batch(images, tta=False)),
+            ("without", lambda: plain.predict_batch(images, tta=False)),
+            (
+                "check alone",
+                lambda: [
+                    check_images(check, pre, images[i : i + args.batch]) for i in range(0, len(images), args.batch)
+                ],
+            ),
+        ):
+            best = 0.0
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                work_fn()
+                best = max(best, len(images) / (time.perf_counter() - t))
+            rates[name] = best
+        print(
+            f"(d) predict_batch, one view: with the tissue check {rates['with check']:7.0f} img/s, without "
+            f"{rates['without']:7.0f} img/s ({rates['with check'] / rates['without']:.2f}x); "
+            f"the check alone {rates['check alone']:7.0f} img/s"
         )
 
 

@@ -80,7 +80,7 @@ def test_cpu_default_crop_does_not_cut_whole_image_labels(lc25000_like: Path, tm
     notes: list[str] = []
     pre = _geometry(cfg, store, notes.append)
     assert (pre.crop, pre.resize, pre.input_size) == (None, 80, 80)  # the whole image, at the chosen input size
-    assert len(notes) == 1 and "crop 80 is not applied" in notes[0]
+    assert len(notes) == 1 and "centre crop 80 is not applied" in notes[0]
     # end to end: the run's model sees the whole image, downscaled
     run = tiny_train(store.path, tmp_path / "runs", "lc", crop=64)
     pre = read_bundle(run).preprocessing

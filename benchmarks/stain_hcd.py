@@ -141,8 +141,16 @@ def summarise(labels: np.ndarray, probs: dict[str, dict[str, list[np.ndarray]]],
               suite: list, args: argparse.Namespace, out: Path) -> None:  # fmt: skip
     """Print and save the table."""
     family = {s.name: s.family for s in suite}
-    result: dict[str, Any] = {"minutes": args.minutes, "seeds": args.seeds, "test_patches": len(labels), "variants": {}}
-    print(f"\nreduced protocol: {args.minutes} min per run, seeds {args.seeds}, {len(labels)} test patches")
+    full = args.minutes >= 20 and len(args.seeds) >= 3
+    kind = "full protocol" if full else "reduced protocol"
+    print(f"\n{kind}: {args.minutes} min per run, seeds {args.seeds}, {len(labels)} test patches")
+    result: dict[str, Any] = {
+        "protocol": kind,
+        "minutes": args.minutes,
+        "seeds": args.seeds,
+        "test_patches": len(labels),
+        "variants": {},
+    }
     print(f"{'shift':22s} {'family':>6s} " + " ".join(f"{v:>10s}" for v in probs))
     table: dict[str, dict[str, float]] = {}
     for shift in ["clean", *family]:

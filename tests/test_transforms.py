@@ -98,3 +98,11 @@ def test_colour_jitter_components_behave_as_defined() -> None:
     assert torch.allclose(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=1e-5)
     gray = x[:, :1].expand(-1, 3, -1, -1).contiguous()
     assert torch.allclose(ColourJitter(0.0, 0.0, 0.5)(gray, gen), gray, atol=1e-5)  # saturation leaves gray alone
+
+
+def test_stain_presets_build_on_light() -> None:
+    """A stain preset adds stain ops to ``light``: it keeps the default's brightness/contrast jitter."""
+    light = [type(op).__name__ for op in build_augmentation("light").ops]
+    for name in ("stain-light", "stain-medium", "stain-strong"):
+        ops = [type(op).__name__ for op in build_augmentation(name).ops]
+        assert ops == [*light, "HEDJitter", "StainMatrixJitter"], name

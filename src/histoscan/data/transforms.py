@@ -214,9 +214,11 @@ def build_augmentation(
     - ``flips``: the 8 dihedral transforms.
     - ``light``: flips + brightness/contrast/saturation jitter.
     - ``strong``: light + H&E stain jitter, with stronger colour changes.
-    - ``stain-light`` / ``stain-medium`` / ``stain-strong``: flips + HED jitter + perturbation of each
-      patch's fitted stain matrix and concentrations, at the named strength
-      (``histoscan.stain.augment.STAIN_STRENGTHS``), scaled by ``strength``.
+    - ``stain-light`` / ``stain-medium`` / ``stain-strong``: ``light`` (flips + brightness/contrast/
+      saturation jitter) + HED jitter + perturbation of each patch's fitted stain matrix and
+      concentrations, at the named strength (``histoscan.stain.augment.STAIN_STRENGTHS``), all scaled
+      by ``strength``. They build on ``light`` so that choosing a stain preset adds stain
+      robustness without dropping the default's robustness to brightness and contrast.
 
     ``crop`` adds a centre-safe random crop to that size (before any resize) that keeps the
     centre ``keep`` px (the label's extent; None: the whole image) in view.
@@ -228,7 +230,7 @@ def build_augmentation(
         ops.append(CentreSafeCrop(crop, keep))
     if preset in ("flips", "light", "strong") or preset.startswith("stain-"):
         ops.append(RandomDihedral())
-    if preset == "light":
+    if preset == "light" or preset.startswith("stain-"):
         ops.append(ColourJitter(0.15 * strength, 0.15 * strength, 0.15 * strength))
     if preset == "strong":
         ops.append(ColourJitter(0.25 * strength, 0.25 * strength, 0.25 * strength))

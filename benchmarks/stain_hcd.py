@@ -8,8 +8,9 @@ a ``--minutes`` wall-clock budget. Each run is scored on the test split, clean a
 stain-shift suite (``histoscan.stain.shift``; IDC and LC25000 as stain donors). Prints, per
 variant, the mean AUROC over seeds (clean and per shift), the worst in-family and out-of-family
 drop (with a 95% interval over resampled test patches), and a paired bootstrap (over test patches,
-seeds averaged) of each stain-aware variant's clean AUROC minus the baseline's. Saves the table (``stain_hcd.json``, with per-seed AUROCs) and every probability
-(``stain_hcd_probabilities.npz``). Finished runs are reused, so a rerun only scores them again.
+seeds averaged) of each stain-aware variant's clean AUROC minus the baseline's. Saves the table
+(``stain_hcd.json``, with per-seed AUROCs) and every probability (``stain_hcd_probabilities.npz``).
+Finished runs are reused, so a rerun only scores them again.
 
 Aim: the better stain-aware model loses at most 0.01 AUROC under the worst out-of-family shift,
 while its clean AUROC is not significantly below the baseline's.

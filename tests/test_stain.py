@@ -199,6 +199,9 @@ def test_stain_augmentation_is_deterministic_by_seed_and_keeps_background() -> N
     assert a.shape == x.shape and torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
     assert (a[:4] - x[:4]).abs().mean() > 0.005  # tissue changes
     assert torch.allclose(a[4:9], x[4:9], atol=1 / 255 + 1e-6)  # no usable stain: unchanged (up to 8-bit rounding)
+    # zero strength is the identity: the density outside the H&E plane is kept, not projected away
+    same = StainMatrixJitter(0.0, 0.0)(x, torch.Generator().manual_seed(1))
+    assert (same - x).abs().max() < 1e-3
 
 
 def test_the_shift_suite_is_fixed_and_deterministic() -> None:

@@ -179,6 +179,8 @@ def test_bad_training_inputs_are_clear_errors(train_store: Path, kaggle_dir: Pat
         ({"max_time": 1200}, "max_time: '1200' has no unit"),
         ({"max_time": "20 minutes"}, "max_time: '20 minutes' is not a duration"),
         ({"fold": 1}, "fold needs a folds file"),
+        ({"augment": "stain-medium", "stain_augment_p": 0}, "stain_augment_p must be in (0, 1], got 0"),
+        ({"stain_augment_p": 0.5}, "stain_augment_p applies to the stain-* presets only, not augment 'light'"),
     ],
 )
 def test_config_rejects_bad_values_in_yaml_naming_the_allowed_ones(tmp_path: Path, values: dict, message: str) -> None:

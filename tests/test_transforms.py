@@ -11,6 +11,7 @@ from histoscan.data.transforms import (
     CentreSafeCrop,
     ColourJitter,
     HEDJitter,
+    RandomApply,
     RandomDihedral,
     build_augmentation,
     centre_crop,
@@ -106,3 +107,27 @@ def test_stain_presets_build_on_light() -> None:
     for name in ("stain-light", "stain-medium", "stain-strong"):
         ops = [type(op).__name__ for op in build_augmentation(name).ops]
         assert ops == [*light, "HEDJitter", "StainMatrixJitter"], name
+
+
+def test_random_apply_changes_only_the_chosen_patches_deterministically() -> None:
+    """``RandomApply`` applies its op to about ``p`` of the patches, the same ones for a seed; the rest are untouched."""
+    x = torch.rand(400, 3, 8, 8)
+    op = RandomApply(lambda b, gen: 1 - b, 0.3)
+    a = op(x, torch.Generator().manual_seed(3))
+    b = op(x, torch.Generator().manual_seed(3))
+    c = op(x, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    changed = ~torch.isclose(a, x).flatten(1).all(dim=1)
+    assert 80 <= int(changed.sum()) <= 160  # 120 expected
+    assert torch.allclose(a[changed], 1 - x[changed])
+    assert torch.equal(RandomApply(lambda b, gen: 1 - b, 1.0)(x), 1 - x)
+
+
+def test_stain_p_re_stains_a_fraction_and_is_checked() -> None:
+    """``stain_p`` < 1 wraps the two stain ops together; p = 1 keeps the preset as it was."""
+    ops = [type(op).__name__ for op in build_augmentation("stain-medium", stain_p=0.5).ops]
+    assert ops == [*(type(op).__name__ for op in build_augmentation("light").ops), "RandomApply"]
+    wrapped = build_augmentation("stain-medium", stain_p=0.5).ops[-1]
+    assert [type(op).__name__ for op in wrapped.op.ops] == ["HEDJitter", "StainMatrixJitter"]
+    with pytest.raises(ValueError, match="stain_p must be in"):
+        build_augmentation("stain-medium", stain_p=0.0)

@@ -202,11 +202,38 @@ class Augment:
         return x
 
 
+@dataclass
+class RandomApply:
+    """Apply ``op`` to a random fraction ``p`` of the batch's patches; the others pass through unchanged.
+
+    The choice is drawn from ``gen`` on the CPU (one number per patch), so it is the same for a seed
+    on any device; ``op`` sees only the chosen patches, so its cost falls with ``p``. ``p >= 1``
+    applies ``op`` to every patch and draws nothing.
+    """
+
+    op: BatchOp
+    p: float = 0.5
+
+    def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        if self.p >= 1:
+            return self.op(x, gen)
+        chosen = (torch.rand(x.shape[0], generator=gen) < self.p).nonzero().flatten().to(x.device)
+        if chosen.numel() == 0:
+            return x
+        out = x.clone()
+        out[chosen] = self.op(x[chosen], gen)
+        return out
+
+
 AUGMENTATION_PRESETS = ("none", "flips", "light", "strong", "stain-light", "stain-medium", "stain-strong")
 
 
 def build_augmentation(
-    preset: str = "light", strength: float = 1.0, crop: int | None = None, keep: int | None = 32
+    preset: str = "light",
+    strength: float = 1.0,
+    crop: int | None = None,
+    keep: int | None = 32,
+    stain_p: float = 1.0,
 ) -> Augment:
     """An augmentation preset by name, scaled by ``strength``.
 
@@ -218,13 +245,16 @@ def build_augmentation(
       saturation jitter) + HED jitter + perturbation of each patch's fitted stain matrix and
       concentrations, at the named strength (``histoscan.stain.augment.STAIN_STRENGTHS``), all scaled
       by ``strength``. They build on ``light`` so that choosing a stain preset adds stain
-      robustness without dropping the default's robustness to brightness and contrast.
+      robustness without dropping the default's robustness to brightness and contrast. ``stain_p``
+      is the fraction of patches the two stain ops re-stain (together); the rest keep their colours.
 
     ``crop`` adds a centre-safe random crop to that size (before any resize) that keeps the
     centre ``keep`` px (the label's extent; None: the whole image) in view.
     """
     if preset not in AUGMENTATION_PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {list(AUGMENTATION_PRESETS)}")
+    if not 0 < stain_p <= 1:
+        raise ValueError(f"stain_p must be in (0, 1], got {stain_p}")
     ops: list[BatchOp] = []
     if crop:
         ops.append(CentreSafeCrop(crop, keep))
@@ -239,6 +269,9 @@ def build_augmentation(
         from histoscan.stain.augment import STAIN_STRENGTHS, StainMatrixJitter
 
         s = STAIN_STRENGTHS[preset.removeprefix("stain-")]
-        ops.append(HEDJitter(s.hed_scale * strength, s.hed_shift * strength))
-        ops.append(StainMatrixJitter(s.matrix * strength, s.concentration * strength))
+        stain_ops: list[BatchOp] = [
+            HEDJitter(s.hed_scale * strength, s.hed_shift * strength),
+            StainMatrixJitter(s.matrix * strength, s.concentration * strength),
+        ]
+        ops += stain_ops if stain_p >= 1 else [RandomApply(Augment(stain_ops, "stain"), stain_p)]
     return Augment(ops, preset)

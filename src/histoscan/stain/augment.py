@@ -41,8 +41,14 @@ STAIN_STRENGTHS: dict[str, StainStrength] = {
 class StainMatrixJitter:
     """Re-stain each patch with a perturbed copy of its own Macenko stain matrix and rescaled concentrations.
 
-    Patches without a usable estimate (background, single colour) are left as they are. Random
-    numbers come from ``gen`` on the CPU, so the result is the same for a seed on any device.
+    Only the part of each pixel's optical density that the two stains explain is changed: with the
+    patch's stain matrix S (2 x 3) and concentrations C = OD S^+, the new density is
+    OD + C (diag(alpha) S' - S), so the residual outside the H&E plane (about 7% of the density on
+    HCD patches) is kept and zero strength is the identity. Re-composing from C alone would project
+    every augmented patch onto the plane, a systematic look (about 5 grey levels a pixel on HCD) that
+    clean patches never have. Patches without a usable estimate (background, single colour) are left
+    as they are. Random numbers come from ``gen`` on the CPU, so the result is the same for a seed on
+    any device.
     """
 
     matrix: float = 0.05
@@ -56,7 +62,8 @@ class StainMatrixJitter:
         alpha = (1 + (torch.rand(n, 2, generator=gen) * 2 - 1) * self.concentration).to(x.device)
         he_new = (est.stain_matrix + noise).clamp(min=0.0)
         he_new = he_new / he_new.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-        matrix = torch.linalg.pinv(est.stain_matrix) @ (alpha.unsqueeze(-1) * he_new)
+        delta = alpha.unsqueeze(-1) * he_new - est.stain_matrix
+        matrix = torch.eye(3, device=x.device) + torch.linalg.pinv(est.stain_matrix) @ delta
         ok = est.ok & torch.isfinite(matrix).flatten(1).all(dim=1)
         matrix = torch.where(ok.view(-1, 1, 1), matrix, torch.eye(3, device=x.device))
         od = optical_density(rgb.reshape(n, h * w, 3))

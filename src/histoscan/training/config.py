@@ -76,6 +76,11 @@ class TrainConfig:
     grad_clip: float | None = doc("Clip gradient norm to this value.", None)
     augment: AugmentPreset = doc("Augmentation preset.", "light")
     augment_strength: float = doc("Scale of colour / stain jitter.", 1.0)
+    stain_augment_p: float = doc(
+        "Fraction of patches a stain-* preset re-stains (HED jitter and stain-matrix perturbation together); the "
+        "others keep their colours. Flips and colour jitter apply to every patch.",
+        1.0,
+    )
     stain_norm: StainMethod = doc(
         "Stain normalisation, fitted from the training split (or --stain-target) and stored in model.json.",
         "none",
@@ -131,6 +136,10 @@ class TrainConfig:
             raise ConfigError(f"ema_decay must be between 0 and 1 (or null for no average), got {self.ema_decay}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.stain_augment_p <= 1:
+            raise ConfigError(f"stain_augment_p must be in (0, 1], got {self.stain_augment_p}")
+        if self.stain_augment_p < 1 and not self.augment.startswith("stain-"):
+            raise ConfigError(f"stain_augment_p applies to the stain-* presets only, not augment {self.augment!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.pretrained and self.weights:

@@ -58,7 +58,9 @@ class PatchClassifier(L.LightningModule):
         super().__init__()
         self.model, self.cfg, self.pre, self.num_classes = model, cfg, preprocessing, num_classes
         self.binary = num_classes == 2
-        self.augment = build_augmentation(cfg.augment, cfg.augment_strength, keep=preprocessing.label_size)
+        self.augment = build_augmentation(
+            cfg.augment, cfg.augment_strength, keep=preprocessing.label_size, stain_p=cfg.stain_augment_p
+        )
         weights = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
         if weights is not None and len(weights) != num_classes:
             from histoscan.errors import ConfigError

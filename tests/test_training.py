@@ -181,6 +181,8 @@ def test_bad_training_inputs_are_clear_errors(train_store: Path, kaggle_dir: Pat
         ({"fold": 1}, "fold needs a folds file"),
         ({"augment": "stain-medium", "stain_augment_p": 0}, "stain_augment_p must be in (0, 1], got 0"),
         ({"stain_augment_p": 0.5}, "stain_augment_p applies to the stain-* presets only, not augment 'light'"),
+        ({"stain_matrix_noise": 0.03}, "stain_matrix_noise must be at least 0 and applies to the stain-* presets"),
+        ({"augment": "stain-light", "stain_matrix_noise": -1.0}, "(got -1.0 with augment 'stain-light')"),
     ],
 )
 def test_config_rejects_bad_values_in_yaml_naming_the_allowed_ones(tmp_path: Path, values: dict, message: str) -> None:
@@ -295,3 +297,33 @@ def test_grouped_split_on_real_idc(tmp_path: Path) -> None:
     patients = {s: set(store.groups[(split["split"] == s).to_numpy()]) for s in ("train", "val", "test")}
     assert not patients["train"] & patients["val"] and not patients["train"] & patients["test"]
     assert not patients["val"] & patients["test"]
+
+
+def test_stain_augment_until_stops_re_staining_once_the_plan_passes_it() -> None:
+    """``stain_augment_until``: the stain preset until that fraction of the plan, then its base alone, for good."""
+    import torch
+
+    from histoscan.data.transforms import build_augmentation
+    from histoscan.preprocessing import Preprocessing
+    from histoscan.training.module import PatchClassifier
+
+    cfg = TrainConfig(augment="stain-medium", stain_augment_until=0.8)
+    module = PatchClassifier(torch.nn.Identity(), cfg, Preprocessing(image_size=[32, 32]), 2)
+    names = [type(op).__name__ for op in module.training_augment().ops]
+    assert names[-2:] == ["HEDJitter", "StainMatrixJitter"]
+    module.plan.progress = 0.8  # the cosine's progress at the current step (no trainer: global step 0)
+    late = [type(op).__name__ for op in module.training_augment().ops]
+    assert late == [type(op).__name__ for op in build_augmentation("light").ops]
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    assert torch.equal(module._preprocess(images, train=False), module.pre(images))  # evaluation: never augmented
+    always = PatchClassifier(
+        torch.nn.Identity(), TrainConfig(augment="stain-medium"), Preprocessing(image_size=[32, 32]), 2
+    )
+    always.plan.progress = 0.99
+    assert always.training_augment() is always.augment
+    for values, message in [
+        ({"augment": "stain-medium", "stain_augment_until": 0}, "stain_augment_until must be in (0, 1], got 0"),
+        ({"stain_augment_until": 0.5}, "stain_augment_until applies to the stain-* presets only"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            TrainConfig(**values)

@@ -131,3 +131,15 @@ def test_stain_p_re_stains_a_fraction_and_is_checked() -> None:
     assert [type(op).__name__ for op in wrapped.op.ops] == ["HEDJitter", "StainMatrixJitter"]
     with pytest.raises(ValueError, match="stain_p must be in"):
         build_augmentation("stain-medium", stain_p=0.0)
+
+
+def test_matrix_noise_replaces_only_the_stain_vector_noise() -> None:
+    """``matrix_noise`` sets the stain-vector noise (scaled by strength); the other strengths stay the preset's."""
+    from histoscan.stain.augment import STAIN_STRENGTHS
+
+    medium = STAIN_STRENGTHS["medium"]
+    jitter = build_augmentation("stain-medium", 2.0, matrix_noise=0.03).ops[-1]
+    assert jitter.matrix == pytest.approx(0.06) and jitter.concentration == pytest.approx(2 * medium.concentration)
+    assert build_augmentation("stain-medium").ops[-1].matrix == pytest.approx(medium.matrix)
+    with pytest.raises(ValueError, match="matrix_noise cannot be negative"):
+        build_augmentation("stain-medium", matrix_noise=-0.1)

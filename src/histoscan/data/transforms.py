@@ -234,6 +234,7 @@ def build_augmentation(
     crop: int | None = None,
     keep: int | None = 32,
     stain_p: float = 1.0,
+    matrix_noise: float | None = None,
 ) -> Augment:
     """An augmentation preset by name, scaled by ``strength``.
 
@@ -247,6 +248,8 @@ def build_augmentation(
       by ``strength``. They build on ``light`` so that choosing a stain preset adds stain
       robustness without dropping the default's robustness to brightness and contrast. ``stain_p``
       is the fraction of patches the two stain ops re-stain (together); the rest keep their colours.
+      ``matrix_noise`` replaces the preset's stain-vector noise (sd, before ``strength``): on HCD that
+      noise alone buys the robustness to hue shifts and costs the clean AUROC (README, stain protocol).
 
     ``crop`` adds a centre-safe random crop to that size (before any resize) that keeps the
     centre ``keep`` px (the label's extent; None: the whole image) in view.
@@ -255,6 +258,8 @@ def build_augmentation(
         raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {list(AUGMENTATION_PRESETS)}")
     if not 0 < stain_p <= 1:
         raise ValueError(f"stain_p must be in (0, 1], got {stain_p}")
+    if matrix_noise is not None and matrix_noise < 0:
+        raise ValueError(f"matrix_noise cannot be negative, got {matrix_noise}")
     ops: list[BatchOp] = []
     if crop:
         ops.append(CentreSafeCrop(crop, keep))
@@ -271,7 +276,9 @@ def build_augmentation(
         s = STAIN_STRENGTHS[preset.removeprefix("stain-")]
         stain_ops: list[BatchOp] = [
             HEDJitter(s.hed_scale * strength, s.hed_shift * strength),
-            StainMatrixJitter(s.matrix * strength, s.concentration * strength),
+            StainMatrixJitter(
+                (s.matrix if matrix_noise is None else matrix_noise) * strength, s.concentration * strength
+            ),
         ]
         ops += stain_ops if stain_p >= 1 else [RandomApply(Augment(stain_ops, "stain"), stain_p)]
     return Augment(ops, preset)

@@ -81,6 +81,17 @@ class TrainConfig:
         "others keep their colours. Flips and colour jitter apply to every patch.",
         1.0,
     )
+    stain_augment_until: float = doc(
+        "Fraction of the learning-rate plan (its cosine progress, re-planned with --max-time) during which a "
+        "stain-* preset re-stains; after it only the preset's flips and colour jitter go on, so the last, "
+        "low-learning-rate epochs fit clean colours. 1: re-stain to the end.",
+        1.0,
+    )
+    stain_matrix_noise: float | None = doc(
+        "Standard deviation of the noise a stain-* preset adds to each patch's unit stain vectors, replacing the "
+        "preset's (light 0.03, medium 0.06, strong 0.10; scaled by augment_strength). None: the preset's.",
+        None,
+    )
     stain_norm: StainMethod = doc(
         "Stain normalisation, fitted from the training split (or --stain-target) and stored in model.json.",
         "none",
@@ -140,6 +151,17 @@ class TrainConfig:
             raise ConfigError(f"stain_augment_p must be in (0, 1], got {self.stain_augment_p}")
         if self.stain_augment_p < 1 and not self.augment.startswith("stain-"):
             raise ConfigError(f"stain_augment_p applies to the stain-* presets only, not augment {self.augment!r}")
+        if not 0 < self.stain_augment_until <= 1:
+            raise ConfigError(f"stain_augment_until must be in (0, 1], got {self.stain_augment_until}")
+        if self.stain_augment_until < 1 and not self.augment.startswith("stain-"):
+            raise ConfigError(f"stain_augment_until applies to the stain-* presets only, not augment {self.augment!r}")
+        if self.stain_matrix_noise is not None and (
+            self.stain_matrix_noise < 0 or not self.augment.startswith("stain-")
+        ):
+            raise ConfigError(
+                f"stain_matrix_noise must be at least 0 and applies to the stain-* presets only "
+                f"(got {self.stain_matrix_noise} with augment {self.augment!r})"
+            )
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.pretrained and self.weights:

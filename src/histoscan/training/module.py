@@ -13,7 +13,7 @@ import torchmetrics
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from histoscan.data.transforms import build_augmentation
+from histoscan.data.transforms import Augment, build_augmentation
 from histoscan.inference.probabilities import probabilities
 from histoscan.models.registry import classifier_parameters
 from histoscan.preprocessing import Preprocessing
@@ -59,7 +59,17 @@ class PatchClassifier(L.LightningModule):
         self.model, self.cfg, self.pre, self.num_classes = model, cfg, preprocessing, num_classes
         self.binary = num_classes == 2
         self.augment = build_augmentation(
-            cfg.augment, cfg.augment_strength, keep=preprocessing.label_size, stain_p=cfg.stain_augment_p
+            cfg.augment,
+            cfg.augment_strength,
+            keep=preprocessing.label_size,
+            stain_p=cfg.stain_augment_p,
+            matrix_noise=cfg.stain_matrix_noise,
+        )
+        # after stain_augment_until of the plan: the stain presets' base (flips + colour jitter), no re-staining
+        self.augment_late = (
+            build_augmentation("light", cfg.augment_strength, keep=preprocessing.label_size)
+            if cfg.stain_augment_until < 1
+            else self.augment
         )
         weights = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
         if weights is not None and len(weights) != num_classes:
@@ -100,12 +110,25 @@ class PatchClassifier(L.LightningModule):
             x = self._preprocess(images, train, groups)
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
+    def training_augment(self) -> Augment:
+        """The augmentation of the current step: the preset, or its base once the plan passes ``stain_augment_until``.
+
+        The plan's cosine progress never decreases (a re-plan spreads what is left), so the switch happens once.
+        """
+        if (
+            self.cfg.stain_augment_until < 1
+            and self.plan.cosine_progress(self.global_step) >= self.cfg.stain_augment_until
+        ):
+            return self.augment_late
+        return self.augment
+
     def _preprocess(self, images: torch.Tensor, train: bool, groups: np.ndarray | None = None) -> torch.Tensor:
-        if train and self.augment.ops:
+        augment = self.training_augment() if train else self.augment
+        if train and augment.ops:
             gen = torch.Generator().manual_seed(
                 int(self.cfg.seed * 1_000_003 + self.current_epoch * 10_007 + self.global_step)
             )
-            x = self.pre.finish(self.augment(self.pre.to_float(images, groups=groups), gen))
+            x = self.pre.finish(augment(self.pre.to_float(images, groups=groups), gen))
         else:
             x = self.pre(images, groups=groups)
         return x

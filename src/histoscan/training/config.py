@@ -89,7 +89,7 @@ class TrainConfig:
     )
     stain_matrix_noise: float | None = doc(
         "Standard deviation of the noise a stain-* preset adds to each patch's unit stain vectors, replacing the "
-        "preset's (light 0.03, medium 0.06, strong 0.10; scaled by augment_strength). None: the preset's.",
+        "preset's (histoscan.stain.augment.STAIN_STRENGTHS; scaled by augment_strength). None: the preset's.",
         None,
     )
     stain_norm: StainMethod = doc(

@@ -4,8 +4,9 @@ Trains the shipped ``cpu-default`` three ways on ../shared/data/hcd, on one fixe
 80/10/10) for every run: ``baseline`` (as shipped: light colour jitter), ``stain-aug`` (augment
 ``stain-medium``) and ``macenko`` (``stain_norm: macenko`` fitted from the training split; with
 ``--variants``, also ``stain-light``, the milder preset, and ``stain-aug-half``, ``stain-medium`` on
-half the patches, and ``stain-aug-anneal``, ``stain-medium`` for the first 80% of the learning-rate plan,
-then clean colours, and ``stain-aug-mild``, that with half the stain-vector noise), each with every seed of ``--seeds`` under a ``--minutes`` wall-clock budget.
+half the patches, ``stain-aug-anneal``, ``stain-medium`` for the first 80% of the learning-rate plan,
+then clean colours, and ``stain-aug-mild``, that with half the stain-vector noise), each with every
+seed of ``--seeds`` under a ``--minutes`` wall-clock budget.
 Each run is scored on the test split, clean and under the stain-shift suite
 (``histoscan.stain.shift``; IDC and LC25000 as stain donors). Prints, per
 variant, the mean AUROC over seeds (clean and per shift), the worst in-family and out-of-family

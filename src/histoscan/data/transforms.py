@@ -235,6 +235,7 @@ def build_augmentation(
     keep: int | None = 32,
     stain_p: float = 1.0,
     matrix_noise: float | None = None,
+    restain: bool = True,
 ) -> Augment:
     """An augmentation preset by name, scaled by ``strength``.
 
@@ -250,6 +251,7 @@ def build_augmentation(
       is the fraction of patches the two stain ops re-stain (together); the rest keep their colours.
       ``matrix_noise`` replaces the preset's stain-vector noise (sd, before ``strength``): on HCD that
       noise alone buys the robustness to hue shifts and costs the clean AUROC (README, stain protocol).
+      ``restain=False`` builds a stain preset without its stain ops: its base, ``light``.
 
     ``crop`` adds a centre-safe random crop to that size (before any resize) that keeps the
     centre ``keep`` px (the label's extent; None: the whole image) in view.
@@ -270,7 +272,7 @@ def build_augmentation(
     if preset == "strong":
         ops.append(ColourJitter(0.25 * strength, 0.25 * strength, 0.25 * strength))
         ops.append(HEDJitter(0.05 * strength, 0.05 * strength))
-    if preset.startswith("stain-"):
+    if preset.startswith("stain-") and restain:
         from histoscan.stain.augment import STAIN_STRENGTHS, StainMatrixJitter
 
         s = STAIN_STRENGTHS[preset.removeprefix("stain-")]

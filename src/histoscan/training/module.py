@@ -65,11 +65,9 @@ class PatchClassifier(L.LightningModule):
             stain_p=cfg.stain_augment_p,
             matrix_noise=cfg.stain_matrix_noise,
         )
-        # after stain_augment_until of the plan: the stain presets' base (flips + colour jitter), no re-staining
-        self.augment_late = (
-            build_augmentation("light", cfg.augment_strength, keep=preprocessing.label_size)
-            if cfg.stain_augment_until < 1
-            else self.augment
+        # after stain_augment_until of the plan: the preset without its stain ops (flips + colour jitter)
+        self.augment_late = build_augmentation(
+            cfg.augment, cfg.augment_strength, keep=preprocessing.label_size, restain=False
         )
         weights = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
         if weights is not None and len(weights) != num_classes:
@@ -115,12 +113,8 @@ class PatchClassifier(L.LightningModule):
 
         The plan's cosine progress never decreases (a re-plan spreads what is left), so the switch happens once.
         """
-        if (
-            self.cfg.stain_augment_until < 1
-            and self.plan.cosine_progress(self.global_step) >= self.cfg.stain_augment_until
-        ):
-            return self.augment_late
-        return self.augment
+        until = self.cfg.stain_augment_until
+        return self.augment_late if until < 1 and self.plan.cosine_progress(self.global_step) >= until else self.augment
 
     def _preprocess(self, images: torch.Tensor, train: bool, groups: np.ndarray | None = None) -> torch.Tensor:
         augment = self.training_augment() if train else self.augment

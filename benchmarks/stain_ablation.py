@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=14.0, help="wall-clock budget per training run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--ops", nargs="+", default=list(ONE_OP), choices=list(ONE_OP))
+    ap.add_argument("--ops", nargs="*", default=list(ONE_OP), choices=list(ONE_OP), help="none: only score --reference")
     ap.add_argument("--store", default=None, help="reuse an ingested hcd store")
     ap.add_argument("--out", default="/tmp/stain-ablation", help="where runs and results go")
     ap.add_argument("--reference", nargs="*", default=[], help="finished runs to score alongside")

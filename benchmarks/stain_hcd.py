@@ -5,7 +5,9 @@ Trains the shipped ``cpu-default`` three ways on ../shared/data/hcd, on one fixe
 ``stain-medium``) and ``macenko`` (``stain_norm: macenko`` fitted from the training split; with
 ``--variants``, also ``stain-light``, the milder preset, and ``stain-aug-half``, ``stain-medium`` on
 half the patches, ``stain-aug-anneal``, ``stain-medium`` for the first 80% of the learning-rate plan,
-then clean colours, and ``stain-aug-mild``, that with half the stain-vector noise), each with every
+then clean colours, ``stain-aug-mild``, that with half the stain-vector noise, ``stain-aug-hedconc``,
+``stain-medium`` without its stain-vector noise, and ``stain-consist``, ``stain-medium`` as a
+consistency target, --stain-consistency 12), each with every
 seed of ``--seeds`` under a ``--minutes`` wall-clock budget.
 Each run is scored on the test split, clean and under the stain-shift suite
 (``histoscan.stain.shift``; IDC and LC25000 as stain donors). Prints, per
@@ -57,6 +59,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "stain-aug-anneal": {"augment": "stain-medium", "stain_augment_until": 0.8},
     # stain-medium with half its stain-vector noise (the op that costs clean AUROC), re-staining 80% of the plan
     "stain-aug-mild": {"augment": "stain-medium", "stain_matrix_noise": 0.03, "stain_augment_until": 0.8},
+    # stain-medium without its stain-vector noise: HED jitter and the concentration scale only
+    "stain-aug-hedconc": {"augment": "stain-medium", "stain_matrix_noise": 0.0},
+    # stain-medium as a consistency target: classify the base view, match the re-stained view's prediction to it
+    "stain-consist": {"augment": "stain-medium", "stain_consistency": 12.0},
 }
 #: the protocol's three ways (the issue's): as shipped, stain-augmented, stain-normalised
 PROTOCOL = ["baseline", "stain-aug", "macenko"]

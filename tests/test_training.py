@@ -183,6 +183,8 @@ def test_bad_training_inputs_are_clear_errors(train_store: Path, kaggle_dir: Pat
         ({"stain_augment_p": 0.5}, "stain_augment_p applies to the stain-* presets only, not augment 'light'"),
         ({"stain_matrix_noise": 0.03}, "stain_matrix_noise must be at least 0 and applies to the stain-* presets"),
         ({"augment": "stain-light", "stain_matrix_noise": -1.0}, "(got -1.0 with augment 'stain-light')"),
+        ({"stain_consistency": 10.0}, "stain_consistency must be at least 0 and applies to the stain-* presets"),
+        ({"augment": "stain-light", "stain_consistency": -1.0}, "(got -1.0 with augment 'stain-light')"),
     ],
 )
 def test_config_rejects_bad_values_in_yaml_naming_the_allowed_ones(tmp_path: Path, values: dict, message: str) -> None:
@@ -327,3 +329,77 @@ def test_stain_augment_until_stops_re_staining_once_the_plan_passes_it() -> None
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             TrainConfig(**values)
+
+
+def test_stain_consistency_trains_on_a_base_view_and_its_re_stained_copy() -> None:
+    """``stain_consistency``: each patch twice (base augmentation, then re-stained on top); the loss is the
+    classification loss of the base views plus the weight times the two views' Jensen-Shannon divergence."""
+    import torch
+    import torch.nn.functional as F
+
+    from histoscan.preprocessing import Preprocessing
+    from histoscan.training.module import PatchClassifier
+
+    pre = Preprocessing(image_size=[32, 32])
+    cfg = TrainConfig(augment="stain-medium", stain_consistency=5.0, stain_augment_until=0.8)
+    module = PatchClassifier(torch.nn.Identity(), cfg, pre, 2)
+    images = torch.randint(30, 230, (6, 32, 32, 3), dtype=torch.uint8)
+    x = module._preprocess(images, train=True)
+    assert x.shape[0] == 12
+    gen = torch.Generator().manual_seed(int(cfg.seed * 1_000_003))  # the step's generator (no trainer: step 0)
+    base = module.augment_late(pre.to_float(images), gen)
+    assert torch.allclose(x[:6], pre.finish(base))
+    assert torch.allclose(x[6:], pre.finish(module.restain(base, gen)))
+    assert not torch.allclose(x[:6], x[6:])  # the copies were re-stained
+
+    # the divergence: zero for equal predictions, log 2 for opposite certain ones, symmetric
+    a, b = torch.tensor([[2.0], [-1.0]]), torch.tensor([[-3.0], [0.5]])
+    assert module.consistency(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    assert module.consistency(torch.tensor([[30.0]]), torch.tensor([[-30.0]])).item() == pytest.approx(0.6931, abs=1e-3)
+    assert module.consistency(a, b).item() == pytest.approx(module.consistency(b, a).item())
+    y = torch.tensor([1, 0])
+
+    class Fixed(torch.nn.Module):  # logits for the two views, whatever the input
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a, b]).requires_grad_()
+
+    module.model = Fixed()
+    module._inputs = lambda images, train, groups=None: torch.zeros(4)  # type: ignore[method-assign]
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    loss = module.training_step((torch.zeros(2, 32, 32, 3, dtype=torch.uint8), y), 0)
+    expected = F.binary_cross_entropy_with_logits(a.squeeze(1), y.float()) + 5.0 * module.consistency(a, b)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # saturated, opposite views (a sigmoid of +-40 is 0 or 1 in float32): a finite divergence and gradient
+    sure = torch.tensor([[40.0], [-40.0]], requires_grad=True)
+    jsd = module.consistency(sure, -sure)
+    jsd.backward()
+    assert jsd.item() == pytest.approx(0.6931, abs=1e-3) and torch.isfinite(sure.grad).all()
+
+    module.plan.progress = 0.8  # past stain_augment_until: one view, the base alone
+    assert not module.consistency_active() and module._preprocess(images, train=True).shape[0] == 6
+    assert module._preprocess(images, train=False).shape[0] == 6  # evaluation: one view, never augmented
+
+
+def test_a_run_whose_loss_stops_being_a_number_stops_and_keeps_its_best_weights(
+    train_store: Path, tmp_path: Path
+) -> None:
+    """NaN weights from epoch 2 on: the run stops after that epoch, says why, and keeps epoch 0-1's best."""
+    import lightning as L
+    import torch
+
+    class Poison(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.current_epoch == 2:
+                with torch.no_grad():
+                    next(pl_module.model.parameters()).fill_(float("nan"))
+
+    lines: list[str] = []
+    result = train(_quick(train_store, tmp_path, "nan", max_epochs=6), printer=lines.append, callbacks=[Poison()])
+    assert len(_val_aurocs(result.run_dir)) == 3  # epochs 0, 1 and the poisoned 2; not 6
+    bundle = read_bundle(result.run_dir)
+    assert "the training loss became nan in epoch 2" in bundle.training["stopped"]
+    assert bundle.best_metric["epoch"] in (0, 1) and result.best_epoch in (0, 1)
+    assert any("training stopped there and the best weights so far" in line for line in lines)
+    model, _ = load_model(result.run_dir)
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())

@@ -143,3 +143,15 @@ def test_matrix_noise_replaces_only_the_stain_vector_noise() -> None:
     assert build_augmentation("stain-medium").ops[-1].matrix == pytest.approx(medium.matrix)
     with pytest.raises(ValueError, match="matrix_noise cannot be negative"):
         build_augmentation("stain-medium", matrix_noise=-0.1)
+
+
+def test_a_stain_preset_is_its_base_then_its_stain_ops() -> None:
+    """``build_augmentation`` of a stain preset = its base (``restain=False``) followed by ``build_restain``."""
+    from histoscan.data.transforms import build_restain
+
+    x = torch.rand(5, 3, 24, 24)
+    whole = build_augmentation("stain-medium", 1.5, matrix_noise=0.02)(x, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    base = build_augmentation("stain-medium", 1.5, restain=False)(x, gen)
+    assert torch.allclose(whole, build_restain("stain-medium", 1.5, matrix_noise=0.02)(base, gen))
+    assert build_restain("light").ops == []

@@ -272,15 +272,26 @@ def build_augmentation(
     if preset == "strong":
         ops.append(ColourJitter(0.25 * strength, 0.25 * strength, 0.25 * strength))
         ops.append(HEDJitter(0.05 * strength, 0.05 * strength))
-    if preset.startswith("stain-") and restain:
-        from histoscan.stain.augment import STAIN_STRENGTHS, StainMatrixJitter
-
-        s = STAIN_STRENGTHS[preset.removeprefix("stain-")]
-        stain_ops: list[BatchOp] = [
-            HEDJitter(s.hed_scale * strength, s.hed_shift * strength),
-            StainMatrixJitter(
-                (s.matrix if matrix_noise is None else matrix_noise) * strength, s.concentration * strength
-            ),
-        ]
-        ops += stain_ops if stain_p >= 1 else [RandomApply(Augment(stain_ops, "stain"), stain_p)]
+    if restain:
+        ops += build_restain(preset, strength, stain_p, matrix_noise).ops
     return Augment(ops, preset)
+
+
+def build_restain(
+    preset: str, strength: float = 1.0, stain_p: float = 1.0, matrix_noise: float | None = None
+) -> Augment:
+    """The stain ops of a ``stain-*`` preset alone (HED jitter, then stain-matrix perturbation), as
+    ``build_augmentation`` appends them after the preset's base; empty for any other preset.
+
+    Training with a stain-consistency term applies them to a copy of the base-augmented batch.
+    """
+    if not preset.startswith("stain-"):
+        return Augment([], "none")
+    from histoscan.stain.augment import STAIN_STRENGTHS, StainMatrixJitter
+
+    s = STAIN_STRENGTHS[preset.removeprefix("stain-")]
+    stain_ops: list[BatchOp] = [
+        HEDJitter(s.hed_scale * strength, s.hed_shift * strength),
+        StainMatrixJitter((s.matrix if matrix_noise is None else matrix_noise) * strength, s.concentration * strength),
+    ]
+    return Augment(stain_ops if stain_p >= 1 else [RandomApply(Augment(stain_ops, "stain"), stain_p)], "stain")

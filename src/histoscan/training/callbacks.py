@@ -52,6 +52,7 @@ class EpochSummary(Checkpoint):
         self.best: float = -math.inf
         self.best_epoch: int = -1
         self.best_weights = "model"  # or "ema": the weight average scored better
+        self.diverged: str | None = None  # why training stopped early: its loss stopped being a number
         self._t0 = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -95,6 +96,14 @@ class EpochSummary(Checkpoint):
             "planned_epochs": plan.planned_epochs if plan is not None else None,
             "time_left_s": round(time_left, 1) if time_left is not None else None,
         }
+        loss = m.get("train_loss_epoch", m.get("train_loss"))
+        if loss is not None and not math.isfinite(loss):
+            # the weights are NaN from here on, so every further epoch is lost time: stop, keep the best
+            self.diverged = (
+                f"the training loss became {loss} in epoch {epoch}; training stopped there and the best weights "
+                f"so far (epoch {self.best_epoch}) are kept: lower the learning rate or check the data"
+            )
+            trainer.should_stop = True
         if trainer.is_global_zero:
             self.run.append_metrics(row)
             self.printer(
@@ -110,6 +119,8 @@ class EpochSummary(Checkpoint):
                 )
                 + (f"  plan {row['planned_epochs']} epochs" if plan is not None else "")
             )
+            if self.diverged:
+                self.printer(f"{self.run.path}: {self.diverged}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch, "best_weights": self.best_weights}

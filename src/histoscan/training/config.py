@@ -92,6 +92,14 @@ class TrainConfig:
         "preset's (histoscan.stain.augment.STAIN_STRENGTHS; scaled by augment_strength). None: the preset's.",
         None,
     )
+    stain_consistency: float = doc(
+        "Weight of a stain-consistency term (0: off). With a stain-* preset, each training patch is seen twice "
+        "per step, with the preset's flips and colour jitter and then also re-stained by its stain ops; the loss "
+        "is the classification loss on the first view plus this weight times the Jensen-Shannon divergence "
+        "between the two views' predicted class distributions (as AugMix does), so the model learns to ignore "
+        "the stain without being trained to classify re-stained patches. Doubles the cost of a training step.",
+        0.0,
+    )
     stain_norm: StainMethod = doc(
         "Stain normalisation, fitted from the training split (or --stain-target) and stored in model.json.",
         "none",
@@ -161,6 +169,11 @@ class TrainConfig:
             raise ConfigError(
                 f"stain_matrix_noise must be at least 0 and applies to the stain-* presets only "
                 f"(got {self.stain_matrix_noise} with augment {self.augment!r})"
+            )
+        if self.stain_consistency < 0 or (self.stain_consistency > 0 and not self.augment.startswith("stain-")):
+            raise ConfigError(
+                f"stain_consistency must be at least 0 and applies to the stain-* presets only "
+                f"(got {self.stain_consistency} with augment {self.augment!r})"
             )
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")

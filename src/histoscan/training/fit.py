@@ -353,6 +353,8 @@ def finish(cfg: TrainConfig, run_dir: Path, summary: EpochSummary, trainer: L.Tr
             }
         )
         bundle.training.update({"epochs": epochs, "seconds": round(seconds + bundle.training.get("seconds", 0.0), 1)})
+        if summary.diverged:
+            bundle.training["stopped"] = summary.diverged
         bundle.save(run_dir)
     return TrainResult(run_dir, summary.best if summary.validate else float("nan"), summary.best_epoch, epochs, seconds)
 

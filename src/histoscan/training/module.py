@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ import torchmetrics
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from histoscan.data.transforms import Augment, build_augmentation
+from histoscan.data.transforms import Augment, build_augmentation, build_restain
 from histoscan.inference.probabilities import probabilities
 from histoscan.models.registry import classifier_parameters
 from histoscan.preprocessing import Preprocessing
@@ -69,6 +70,8 @@ class PatchClassifier(L.LightningModule):
         self.augment_late = build_augmentation(
             cfg.augment, cfg.augment_strength, keep=preprocessing.label_size, restain=False
         )
+        # stain consistency: the stain ops alone, applied to a copy of the base-augmented batch
+        self.restain = build_restain(cfg.augment, cfg.augment_strength, cfg.stain_augment_p, cfg.stain_matrix_noise)
         weights = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights else None
         if weights is not None and len(weights) != num_classes:
             from histoscan.errors import ConfigError
@@ -116,16 +119,23 @@ class PatchClassifier(L.LightningModule):
         until = self.cfg.stain_augment_until
         return self.augment_late if until < 1 and self.plan.cosine_progress(self.global_step) >= until else self.augment
 
+    def consistency_active(self) -> bool:
+        """Whether this step trains on two views (stain consistency on, and the plan still re-staining)."""
+        return self.cfg.stain_consistency > 0 and self.training_augment() is self.augment
+
     def _preprocess(self, images: torch.Tensor, train: bool, groups: np.ndarray | None = None) -> torch.Tensor:
         augment = self.training_augment() if train else self.augment
         if train and augment.ops:
             gen = torch.Generator().manual_seed(
                 int(self.cfg.seed * 1_000_003 + self.current_epoch * 10_007 + self.global_step)
             )
-            x = self.pre.finish(augment(self.pre.to_float(images, groups=groups), gen))
-        else:
-            x = self.pre(images, groups=groups)
-        return x
+            x = self.pre.to_float(images, groups=groups)
+            if self.consistency_active():
+                # two views of each patch: the base augmentation, and the same patch re-stained on top of it
+                base = self.augment_late(x, gen)
+                return self.pre.finish(torch.cat([base, self.restain(base, gen)]))
+            return self.pre.finish(augment(x, gen))
+        return self.pre(images, groups=groups)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         eps = self.cfg.label_smoothing
@@ -138,6 +148,23 @@ class PatchClassifier(L.LightningModule):
             )
         return F.cross_entropy(logits, y, weight=self.class_weights, label_smoothing=eps)
 
+    def consistency(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Mean Jensen-Shannon divergence between the class distributions of two views' logits.
+
+        In log space throughout: a confident view's probability of 0 or 1 (a sigmoid saturates in float32
+        beyond a logit of about 17) would otherwise give an infinite log and a NaN gradient.
+        """
+        if self.binary:
+            la, lb = (
+                torch.stack([F.logsigmoid(-t), F.logsigmoid(t)], 1)
+                for t in (a.float().squeeze(1), b.float().squeeze(1))
+            )
+        else:
+            la, lb = F.log_softmax(a.float(), 1), F.log_softmax(b.float(), 1)
+        log_m = torch.logaddexp(la, lb) - math.log(2)
+        kl_a, kl_b = ((lp.exp() * (lp - log_m)).sum(1) for lp in (la, lb))
+        return ((kl_a + kl_b) / 2).mean()
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """P(tumour) for binary tasks, class probabilities for multi-class."""
         p = probabilities(logits)
@@ -147,7 +174,11 @@ class PatchClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Any, ...], batch_idx: int) -> torch.Tensor:
         images, y, groups = _unpack(batch)
         logits = self(self._inputs(images, train=True, groups=groups))
-        loss = self.loss(logits, y)
+        if logits.shape[0] == 2 * y.shape[0]:  # stain consistency: the base views, then the re-stained ones
+            logits, restained = logits.chunk(2)
+            loss = self.loss(logits, y) + self.cfg.stain_consistency * self.consistency(logits, restained)
+        else:
+            loss = self.loss(logits, y)
         self.train_metrics.update(self.probabilities(logits.detach()), y)
         self._seen += y.shape[0]
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0], sync_dist=False)

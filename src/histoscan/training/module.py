@@ -174,7 +174,7 @@ class PatchClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Any, ...], batch_idx: int) -> torch.Tensor:
         images, y, groups = _unpack(batch)
         logits = self(self._inputs(images, train=True, groups=groups))
-        if logits.shape[0] == 2 * y.shape[0]:  # stain consistency: the base views, then the re-stained ones
+        if self.consistency_active():  # two views (_preprocess): the base views, then the re-stained ones
             logits, restained = logits.chunk(2)
             loss = self.loss(logits, y) + self.cfg.stain_consistency * self.consistency(logits, restained)
         else:

@@ -19,6 +19,7 @@ does not augment, and ``to_float`` (1-2) then ``finish`` (4-5) around its augmen
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -225,18 +226,29 @@ class Preprocessing:
         return normalise(self.geometry(x), self.mean, self.std)
 
     # ---- the fused path (prediction, and training without augmentation) ------------------
-    def __call__(
-        self, batch: Images, device: torch.device | str | None = None, k: int = 0, groups: Groups | None = None
+    def prepare(
+        self, batch: Images, device: torch.device | str | None = None, groups: Groups | None = None
     ) -> torch.Tensor:
-        """Images -> normalised float NCHW on ``device`` (under dihedral element ``k``): every stage but augmentation.
+        """Stages 1-2 once: a uint8 NHWC tensor at ``image_size`` on ``device``, stain-normalised.
 
-        ``groups``: each image's stain group, for per-group models (see ``normalise_stain``).
-
-        Same result as ``finish(to_float(batch))``, done cheaply: the centre crop is a slice of
-        the uint8 batch before conversion, and scaling and normalisation are one fused step. The
-        result is channels-last in memory, which oneDNN convolutions run about 1.4x faster on CPU.
+        Prediction prepares each image once and builds every TTA view and the tissue check from the
+        result (``network_input``, ``as_float``), so fitting and stain normalisation never run per view.
         """
-        t = self._fitted(batch, device, groups)
+        return self._fitted(batch, device, groups)
+
+    @staticmethod
+    def as_float(prepared: torch.Tensor) -> torch.Tensor:
+        """A prepared uint8 NHWC tensor as float [0, 1] NCHW (no stage runs again)."""
+        return prepared.permute(0, 3, 1, 2).float().div_(255.0)
+
+    def network_input(self, prepared: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """Stages 4-5 on a prepared uint8 NHWC tensor (see ``prepare``), under dihedral element ``k``.
+
+        The centre crop is a slice of the uint8 batch before conversion, and scaling and normalisation are
+        one fused step. The result is channels-last in memory, which oneDNN convolutions run about 1.4x
+        faster on CPU.
+        """
+        t = prepared
         if self.crop:
             h, w = (int(v) for v in self.image_size)
             top, left = (h - self.crop) // 2, (w - self.crop) // 2
@@ -248,6 +260,20 @@ class Preprocessing:
         scale = 1.0 / (torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0)
         x = x.sub_(mean).mul_(scale) if not self.resize else (x - mean) * scale
         return dihedral_k(x.contiguous(memory_format=torch.channels_last), k)
+
+    def __call__(
+        self, batch: Images, device: torch.device | str | None = None, k: int = 0, groups: Groups | None = None
+    ) -> torch.Tensor:
+        """Images -> normalised float NCHW on ``device`` (under dihedral element ``k``): every stage but augmentation.
+
+        ``groups``: each image's stain group, for per-group models (see ``normalise_stain``). Same result as
+        ``finish(to_float(batch))``: ``network_input(prepare(batch))``.
+        """
+        return self.network_input(self.prepare(batch, device, groups), k)
+
+    def stage2_key(self) -> str:
+        """What stages 1-2 depend on: two preprocessings with the same key prepare an image identically."""
+        return json.dumps([list(self.image_size), self.fit, self.stain], sort_keys=True, default=str)
 
 
 def dihedral_k(x: torch.Tensor, k: int) -> torch.Tensor:

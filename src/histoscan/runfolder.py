@@ -166,12 +166,28 @@ class Calibration(BaseModel):
     temperature: Positive = 1.0
 
 
+class BackendSpeed(BaseModel):
+    """``inference.backend_speed``: both backends timed side by side at export, on the machine that exported.
+
+    ``hardware`` names what the figures hold for (``histoscan.system.hardware_id``); ``backend: auto`` follows
+    ``faster`` only on matching hardware.
+    """
+
+    model_config = _STRICT
+    torch: Annotated[float, Field(gt=0, allow_inf_nan=False)]  # images/s, one view, batch of ``batch``
+    onnx: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    faster: Literal["torch", "onnx"]
+    hardware: Name
+    batch: Annotated[int, Field(ge=1)]
+
+
 class InferencePolicy(BaseModel):
     """``inference``: how the model is meant to be run (slots for later issues; None = the caller decides)."""
 
     model_config = _STRICT
     precision: Literal["fp32", "fp16", "bf16"] | None = None
     tta: list[Annotated[int, Field(ge=0, le=7)]] | None = None  # dihedral elements averaged by default
+    backend_speed: BackendSpeed | None = None  # measured by ``histoscan export``; what ``backend: auto`` reads
 
 
 class ReferralRule(BaseModel):

@@ -43,6 +43,25 @@ def native_bf16_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return "BF16" in capability or "AMX" in capability
 
 
+def hardware_id(device: str = "cpu") -> str:
+    """A short name of the hardware a speed measurement holds for: the CPU model, its cores and native bf16, or
+    the CUDA card's name."""
+    if device.startswith("cuda"):
+        import torch
+
+        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    bf16 = "native bf16" if native_bf16_cpu() else "no native bf16"
+    return f"cpu: {model or 'unknown'}, {available_cores()} cores, {bf16}"
+
+
 def release_free_memory() -> bool:
     """Hand the C allocator's free heap back to the system (glibc's ``malloc_trim(0)``); False where there is none.
 

@@ -16,7 +16,7 @@ import torch
 from histoscan.bundle import EnsembleBundle, ModelBundle, first_line, load_model, read_bundle
 from histoscan.errors import ConfigError
 from histoscan.runfolder import MODEL_FILE, ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, ONNX_FILE, RunFolder
-from histoscan.system import available_cores, native_bf16_cpu
+from histoscan.system import available_cores, hardware_id, native_bf16_cpu
 
 BACKENDS = ("torch", "onnx", "auto")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -27,7 +27,8 @@ def resolve_precision(precision: str, bundle: ModelBundle, device: torch.device)
     """``fp32``, ``bf16`` or ``fp16`` for the torch backend.
 
     ``auto``: model.json's ``inference.precision`` when set, else bf16 autocast where the hardware
-    computes bf16 natively (a GPU, or a CPU with AVX512-BF16 / AMX: measured faster in
+    computes bf16 natively (``native_bf16``: a CUDA card of compute capability >= 8.0, or a CPU with
+    AVX512-BF16 / AMX: measured faster in
     benchmarks/bench_predict.py), else fp32.
     """
     if precision not in PRECISIONS:
@@ -36,8 +37,16 @@ def resolve_precision(precision: str, bundle: ModelBundle, device: torch.device)
         return precision
     if bundle.inference.precision is not None:
         return bundle.inference.precision
-    native = device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu())
-    return "bf16" if native else "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA card of compute capability 8.0 or newer (Ampere on),
+    or a CPU with AVX512-BF16 / AMX. Older cards and CPUs emulate it, slower than fp32."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return major >= 8
+    return device.type == "cpu" and native_bf16_cpu()
 
 
 class Backend(Protocol):
@@ -133,12 +142,20 @@ class OnnxBackend:
 
 
 def resolve_backend(run_dir: str | Path, backend: str = "auto", device: str = "cpu") -> str:
-    """``torch`` or ``onnx``: ``auto`` is ONNX when the run has ``model.onnx`` and the device is the CPU."""
+    """``torch`` or ``onnx``.
+
+    ``auto`` is whichever was faster for this bundle on this hardware when ``histoscan export`` timed both
+    (model.json's ``inference.backend_speed``): ONNX only when the run has ``model.onnx``, the device is the
+    CPU and the measurement was made on hardware like this one; otherwise torch.
+    """
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "onnx" if RunFolder(run_dir).onnx_path.is_file() and device == "cpu" else "torch"
-    return backend
+    if backend != "auto":
+        return backend
+    if device != "cpu" or not RunFolder(run_dir).onnx_path.is_file():
+        return "torch"
+    speed = read_bundle(run_dir).inference.backend_speed
+    return speed.faster if speed is not None and speed.hardware == hardware_id(device) else "torch"
 
 
 def check_model(run_dir: str | Path, backend: str = "auto", device: str = "cpu") -> ModelBundle:

@@ -23,6 +23,7 @@ histoscan reads ``model.json`` beside it for those.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ from histoscan.bundle import EnsembleBundle, ModelBundle, first_line, load_model
 from histoscan.data.store import PatchStore
 from histoscan.errors import HistoscanError
 from histoscan.inference.probabilities import probabilities
-from histoscan.runfolder import ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, RunFolder
+from histoscan.runfolder import ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, BackendSpeed, RunFolder
+from histoscan.system import hardware_id
 
 PARITY_TOLERANCE = 1e-4
 
@@ -52,6 +54,7 @@ class ExportResult:
     max_abs_diff: float
     checked: int
     check_source: str
+    speed: BackendSpeed | None = None
 
 
 def _check_images(bundle: ModelBundle, data: str | Path | None, n: int) -> tuple[np.ndarray, str]:
@@ -68,9 +71,13 @@ def _check_images(bundle: ModelBundle, data: str | Path | None, n: int) -> tuple
 
 
 def export_onnx(
-    run_dir: str | Path, *, opset: int = 18, data: str | Path | None = None, check: int = 64
+    run_dir: str | Path, *, opset: int = 18, data: str | Path | None = None, check: int = 64, time_backends: bool = True
 ) -> ExportResult:
-    """Write ``model.onnx`` into the run and verify it; a mismatch removes the file and raises ExportError."""
+    """Write ``model.onnx`` into the run and verify it; a mismatch removes the file and raises ExportError.
+
+    With ``time_backends`` both backends then predict the check patches side by side and model.json's
+    ``inference.backend_speed`` records which was faster on this hardware: what ``backend="auto"`` follows.
+    """
     import onnx
     import onnxruntime as ort
 
@@ -133,7 +140,37 @@ def export_onnx(
             f"{len(images)} patches of {source}; nothing was written"
         )
     os.replace(tmp, path)
-    return ExportResult(path, diff, len(images), source)
+    speed = None
+    if time_backends:
+        speed = measure_backends(run, images)
+        bundle = read_bundle(run)
+        bundle.inference.backend_speed = speed
+        bundle.save(run)
+    return ExportResult(path, diff, len(images), source, speed)
+
+
+def measure_backends(run_dir: str | Path, images: np.ndarray, rounds: int = 3) -> BackendSpeed:
+    """Images/s of one-view prediction with each backend on ``images`` (on the CPU), timed in alternation so
+    both see the same machine load; the best round of each counts."""
+    from histoscan.inference.predictor import Predictor
+
+    predictors = {name: Predictor(run_dir, backend=name, batch_size=len(images)) for name in ("torch", "onnx")}
+    best = dict.fromkeys(predictors, 0.0)
+    for p in predictors.values():
+        p.predict_batch(images, tta=False)  # warm-up: first-call allocations and graph optimisation
+    for _ in range(rounds):
+        for name, p in predictors.items():
+            start = time.perf_counter()
+            p.predict_batch(images, tta=False)
+            best[name] = max(best[name], len(images) / max(time.perf_counter() - start, 1e-9))
+    faster = "onnx" if best["onnx"] > best["torch"] else "torch"
+    return BackendSpeed(
+        torch=round(best["torch"], 1),
+        onnx=round(best["onnx"], 1),
+        faster=faster,
+        hardware=hardware_id("cpu"),
+        batch=len(images),
+    )
 
 
 class EnsembleModule(torch.nn.Module):

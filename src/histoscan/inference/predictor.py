@@ -26,9 +26,9 @@ from histoscan.errors import ConfigError
 from histoscan.inference.backends import Backend, OnnxBackend, TorchBackend, resolve_backend
 from histoscan.inference.inputs import store_input_batches
 from histoscan.inference.probabilities import logits_of, probabilities
-from histoscan.preprocessing import Groups
+from histoscan.preprocessing import Groups, Preprocessing, dihedral_k
 from histoscan.trust.answers import UNCHECKED, answer_images
-from histoscan.trust.tissue import check_images
+from histoscan.trust.tissue import judge, tissue_features
 
 
 @dataclass
@@ -62,6 +62,30 @@ class Prediction:
             [a for part in answers for a in part] if len(answers) == len(parts) else None,
             [q for part in quality for q in part] if len(quality) == len(parts) else None,
         )
+
+
+class Prepared:
+    """One batch fitted to the model's size, and stain-normalised once per distinct member preprocessing.
+
+    Built by ``Predictor.prepare``; every TTA view, every member sharing a preprocessing and the tissue
+    check read the same prepared tensor (``get``), so the stain normaliser runs once per image.
+    """
+
+    def __init__(self, fitted: np.ndarray, device: torch.device, groups: Groups | None = None) -> None:
+        self.fitted = fitted
+        self.device = device
+        self.groups = groups
+        self._by_key: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.fitted)
+
+    def get(self, pre: Preprocessing) -> torch.Tensor:
+        """The batch after ``pre``'s stages 1-2 (fit, stain), computed on first use and kept."""
+        key = pre.stage2_key()
+        if key not in self._by_key:
+            self._by_key[key] = pre.prepare(self.fitted, self.device, self.groups)
+        return self._by_key[key]
 
 
 class MemberBackend:
@@ -184,23 +208,35 @@ class Predictor:
             return logits_of(np.tensordot(self.weights / self.weights.sum(), views, axes=1))
         return self.backend.logits(self.bundle.preprocessing(self._to_batch(images), self.device, k, groups))
 
+    def prepare(self, images: np.ndarray | Sequence[np.ndarray], groups: Groups | None = None) -> Prepared:
+        """Fit and stain-normalise one batch once for every view, member and the tissue check (``Prepared``)."""
+        return Prepared(self._to_batch(images), self.device, groups)
+
     def views(
-        self, images: np.ndarray | Sequence[np.ndarray], ks: Sequence[int], groups: Groups | None = None
+        self,
+        images: np.ndarray | Sequence[np.ndarray] | Prepared,
+        ks: Sequence[int],
+        groups: Groups | None = None,
     ) -> np.ndarray:
         """Class probabilities of every view of one batch: (members x TTA elements) x N x C, member-major.
 
-        A single model has one member; each member's probabilities carry its own temperature.
+        A single model has one member; each member's probabilities carry its own temperature. Each image is
+        fitted and stain-normalised once per distinct member preprocessing; the TTA views are dihedral
+        transforms of the network input built from that (``Preprocessing.network_input``).
         """
+        prepared = images if isinstance(images, Prepared) else self.prepare(images, groups)
         if not isinstance(self.bundle, EnsembleBundle):
-            return np.stack([self.probabilities_from_logits(self.logits(images, k, groups)) for k in ks])
-        fitted = self._to_batch(images)
+            x = self.bundle.preprocessing.network_input(prepared.get(self.bundle.preprocessing))
+            return np.stack([self.probabilities_from_logits(self.backend.logits(dihedral_k(x, k))) for k in ks])
         if self.members:
-            per_member = [m.views(fitted, ks, groups) for m in self.members]  # each: K x N x C
+            per_member = [m.views(prepared, ks) for m in self.members]  # each: K x N x C
             return np.concatenate(per_member)
         # the ensemble's ONNX graph: its second output holds each member's probabilities, N x M x C
         onnx = cast(OnnxBackend, self.backend)
-        by_k = [onnx.outputs(self.bundle.preprocessing(fitted, self.device, k, groups))[1] for k in ks]
-        return np.stack(by_k, axis=2).transpose(1, 2, 0, 3).reshape(-1, len(fitted), len(self.classes))
+        x = self.bundle.preprocessing.network_input(prepared.get(self.bundle.preprocessing))
+        n = len(prepared.fitted)
+        by_k = [onnx.outputs(dihedral_k(x, k))[1] for k in ks]
+        return np.stack(by_k, axis=2).transpose(1, 2, 0, 3).reshape(-1, n, len(self.classes))
 
     def tta_views(self, tta: bool | Sequence[int] | None) -> list[int]:
         """The dihedral elements a prediction runs: as asked, or with None the referral rule's policy (else none)."""
@@ -208,12 +244,18 @@ class Predictor:
             return list(self.bundle.trust.referral.tta)
         return parse_tta(tta)
 
-    def quality(self, images: np.ndarray | Sequence[np.ndarray]) -> list[str]:
-        """The tissue check's flag per image (``unchecked`` when model.json has no check)."""
+    def quality(self, images: np.ndarray | Sequence[np.ndarray] | Prepared) -> list[str]:
+        """The tissue check's flag per image (``unchecked`` when model.json has no check).
+
+        The check reads the images as the model sees them (fitted and stain-normalised): from ``Prepared``
+        when the prediction already made them, so nothing is normalised twice.
+        """
         check = self.bundle.trust.tissue_check
         if check is None:
             return [UNCHECKED] * len(images)
-        return check_images(check, self.bundle.preprocessing, images).quality
+        prepared = images if isinstance(images, Prepared) else self.prepare(images)
+        pre = self.bundle.preprocessing
+        return judge(check, tissue_features(pre.as_float(prepared.get(pre)))).quality
 
     def predict_batch(
         self,
@@ -237,7 +279,8 @@ class Predictor:
         for start in range(0, n, self.batch_size):
             chunk = images[start : start + self.batch_size]
             g = groups[start : start + self.batch_size] if groups is not None else None
-            probs = self.views(chunk, ks, g)
+            prepared = self.prepare(chunk, g)
+            probs = self.views(prepared, ks)
             mean = np.tensordot(view_weights, probs, axes=1).astype(np.float32)
             unc = None
             if len(probs) > 1:
@@ -248,7 +291,7 @@ class Predictor:
             if ensemble and self.bundle.temperature != 1.0:
                 mean = self.probabilities_from_logits(logits_of(mean))
             predicted = self.classify(mean)
-            quality = self.quality(chunk)
+            quality = self.quality(prepared)
             answers = answer_images(self.bundle.trust, self.classes, mean, predicted, unc, quality, ks)
             parts.append(Prediction(mean, predicted, unc, answers, quality))
         return Prediction.concat(parts, len(self.classes))

@@ -308,11 +308,14 @@ def build_trainer(
 def choose_precision(cfg: TrainConfig, cuda: bool) -> str:
     """``cfg.precision``, or for ``auto``: bf16 mixed precision where the hardware computes bf16 natively, else fp32.
 
-    On CPUs without AVX512-BF16 / AMX, bf16 is emulated and slower than fp32.
+    On CPUs without AVX512-BF16 / AMX, bf16 is emulated and slower than fp32; CUDA cards before compute
+    capability 8.0 (pre-Ampere) have no bf16 units and train in fp16 mixed precision instead.
     """
     if cfg.precision != "auto":
         return cfg.precision
-    return "bf16-mixed" if cuda or (cfg.accelerator in ("auto", "cpu") and native_bf16_cpu()) else "32-true"
+    if cuda:
+        return "bf16-mixed" if torch.cuda.get_device_capability()[0] >= 8 else "16-mixed"
+    return "bf16-mixed" if cfg.accelerator in ("auto", "cpu") and native_bf16_cpu() else "32-true"
 
 
 def precision_reason(cfg: TrainConfig, cuda: bool) -> str:
@@ -320,7 +323,8 @@ def precision_reason(cfg: TrainConfig, cuda: bool) -> str:
     if cfg.precision != "auto":
         return "--precision"
     if cuda:
-        return "auto: GPU"
+        native = torch.cuda.get_device_capability()[0] >= 8
+        return "auto: GPU with native bf16" if native else "auto: GPU without native bf16 (compute capability < 8.0)"
     return "auto: CPU with native bf16" if native_bf16_cpu() else "auto: CPU without native bf16"
 
 

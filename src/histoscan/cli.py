@@ -52,8 +52,35 @@ ELSEWHERE: dict[str, dict[str, str]] = {
     "calibrate": {"--save-threshold": "a threshold is chosen by 'histoscan evaluate RUN --save-threshold RULE'"},
     "train": {"--device": "training runs on --accelerator and --devices; --device is for commands that predict"},
 }
+# Generic option names that several commands declare with their own help text: one type and one meaning each
+# (tests/test_cli_vocabulary.py walks every command against this table; any other name shared by two commands
+# must be one declaration, such as the model options of PredictorSettings). "text" covers paths and choices.
+VOCABULARY: dict[str, tuple[str, str]] = {
+    "--out": ("text", "where this command writes its output (file or folder)"),
+    "--data": ("text", "the packed store the command reads"),
+    "--seed": ("int", "random seed"),
+    "--force": ("bool", "replace outputs that already exist"),
+    "--n": ("int", "how many patches to generate"),
+    "--size": ("int", "patch side in pixels"),
+    "--layout": ("text", "a source layout: kaggle, pcam, folders, grouped-folders, manifest"),
+    "--mpp": ("float", "resolution of the source in um/px"),
+    "--val": ("float", "validation fraction of the split"),
+    "--test": ("float", "test fraction of the split"),
+    "--folds": ("int", "number of cross-validation folds"),
+    "--split": ("text", "which split of a store: test, val, train or all"),
+    "--split-file": ("text", "an id,split CSV instead of the split recipe"),
+    "--labels": ("text", "a CSV of true labels"),
+    "--method": ("text", "the algorithm this command applies (stain fitting, CAM)"),
+    "--max-patches": ("int", "patches sampled at most"),
+    "--resume": ("bool", "continue an interrupted run"),
+    "--batch-size": ("int", "images per batch (a training step or a forward pass)"),
+    "--threads": ("int", "CPU threads for torch"),
+    "--workers": ("int", "workers reading and decoding the inputs in parallel"),
+}
 _FLAGS = {"--onnx"}
-WORKERS_HELP = "Workers reading and decoding the inputs in parallel (default: one per core)."  # dropped options that take no value
+WORKERS_HELP = (
+    "Workers reading and decoding the inputs in parallel (default: one per core)."  # dropped options that take no value
+)
 
 
 def _warn(line: str) -> None:
@@ -398,7 +425,9 @@ def predict(
 
 # TTA default: the referral rule's policy when model.json has one, else on for a Kaggle --submission of a
 # binary model, off otherwise (histoscan.inference.predictor.submission_tta).
-app.command()(_with_predictor(predict, shown={"backend": "auto", "device": "cpu", "precision": "auto", "batch_size": 256}))
+app.command()(
+    _with_predictor(predict, shown={"backend": "auto", "device": "cpu", "precision": "auto", "batch_size": 256})
+)
 
 
 @app.command()
@@ -623,7 +652,9 @@ def evaluate(
         con.print(line, highlight=False)
 
 
-app.command()(_with_predictor(evaluate, shown={"backend": "auto", "device": "cpu", "precision": "auto", "batch_size": 256}))
+app.command()(
+    _with_predictor(evaluate, shown={"backend": "auto", "device": "cpu", "precision": "auto", "batch_size": 256})
+)
 
 
 @app.command()
@@ -810,7 +841,10 @@ def slide_evaluate(
 
 def _slide_group() -> Any:
     slide_app = typer.Typer(
-        name="slide", cls=_DefaultGroup, no_args_is_help=True, help="Whole-slide images: scan (the default) and evaluate."
+        name="slide",
+        cls=_DefaultGroup,
+        no_args_is_help=True,
+        help="Whole-slide images: scan (the default) and evaluate.",
     )
     slide_app.command("scan")(with_parameters(slide_scan, _slide_options()))
     slide_app.command("evaluate")(slide_evaluate)

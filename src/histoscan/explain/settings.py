@@ -32,7 +32,9 @@ class ExplainSettings:
     target: str = doc(
         "Class whose evidence is mapped: tumour (the positive class), predicted, or a class name.", "tumour"
     )
-    tta: bool = doc("Average the maps of the 8 flips/rotations (each turned back) and the probabilities.", False, cli=False)
+    tta: bool = doc(
+        "Average the maps of the 8 flips/rotations (each turned back) and the probabilities.", False, cli=False
+    )
     save_maps: bool = doc("Also write each raw map as maps/<id>.npy (float32, one scale across images).", False)
     scale: Scale = doc(
         "Colour scale of the pictures: global (one scale across images) or image (each its own max).", "global"

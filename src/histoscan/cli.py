@@ -87,6 +87,11 @@ def _warn(line: str) -> None:
     Console(stderr=True).print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
 
 
+def _path(ctx: Any) -> list[str]:
+    """The sub-command names leading to ``ctx`` (the program's own name, however it was run, left out)."""
+    return [*_path(ctx.parent), str(ctx.info_name)] if ctx.parent is not None else []
+
+
 class _Group(TyperGroup):
     """Turns HistoscanError into one red line on stderr and exit code 2; builds generated commands on demand;
     translates deprecated option spellings (warning once) and names the command an out-of-place option
@@ -110,7 +115,7 @@ class _Group(TyperGroup):
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         name, cmd, rest = super().resolve_command(ctx, args)
-        path = " ".join([*ctx.command_path.split()[1:], str(name)])
+        path = " ".join([*_path(ctx), str(name)])
         rest = deprecated_args(rest, DEPRECATED.get(path, {}), _warn, _FLAGS)
         misplaced_option(path, rest, ELSEWHERE.get(path, {}))
         return name, cmd, rest

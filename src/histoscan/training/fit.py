@@ -321,7 +321,7 @@ def choose_precision(cfg: TrainConfig, cuda: bool) -> str:
 def precision_reason(cfg: TrainConfig, cuda: bool) -> str:
     """Why the precision was chosen, in a few words for the run's first line."""
     if cfg.precision != "auto":
-        return "--precision"
+        return "--train-precision"
     if cuda:
         native = torch.cuda.get_device_capability()[0] >= 8
         return "auto: GPU with native bf16" if native else "auto: GPU without native bf16 (compute capability < 8.0)"

@@ -444,11 +444,8 @@ def export(
     """Export a run's model to ONNX and check it against PyTorch."""
     from histoscan.inference.export import export_onnx
 
-    result = export_onnx(run, opset=opset, data=data)
-    _console().print(
-        f"wrote {result.path}; max |p_onnx - p_torch| = {result.max_abs_diff:.2e} on "
-        f"{result.checked} patches of {result.check_source}"
-    )
+    for line in export_onnx(run, opset=opset, data=data).lines():
+        _console().print(line)
 
 
 @app.command()

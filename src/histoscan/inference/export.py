@@ -56,6 +56,20 @@ class ExportResult:
     check_source: str
     speed: BackendSpeed | None = None
 
+    def lines(self) -> list[str]:
+        """What ``histoscan export`` prints."""
+        out = [
+            f"wrote {self.path}; max |p_onnx - p_torch| = {self.max_abs_diff:.2e} on "
+            f"{self.checked} patches of {self.check_source}"
+        ]
+        if self.speed is not None:
+            s = self.speed
+            out.append(
+                f"one view, batch {s.batch}: torch {s.torch:.0f} img/s, onnx {s.onnx:.0f} img/s on this machine; "
+                f"backend auto will use {s.faster}"
+            )
+        return out
+
 
 def _check_images(bundle: ModelBundle, data: str | Path | None, n: int) -> tuple[np.ndarray, str]:
     """Real patches for the parity check: ``data``, else the store the run trained on, else synthetic ones."""

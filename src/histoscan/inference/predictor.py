@@ -138,7 +138,7 @@ class Predictor:
 
     Args:
         run_dir: a training run (the model bundle).
-        backend: ``torch``, ``onnx``, or ``auto`` (ONNX when ``model.onnx`` exists, else torch).
+        backend: ``torch``, ``onnx``, or ``auto`` (whichever ``histoscan export`` timed faster on this hardware, else torch).
         device: torch device for the torch backend.
         batch_size: images per forward pass.
         threads: CPU threads for either backend (default: all cores).

@@ -16,9 +16,9 @@ from histoscan import __version__
 from histoscan.bundle import ModelBundle, read_bundle
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
-from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitivity, youden_threshold
 from histoscan.evaluation.report import write_evaluation
 from histoscan.inference.predictor import Prediction, Predictor, default_tta
+from histoscan.metrics import compute_metrics, threshold_for_sensitivity, youden_threshold
 from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
 from histoscan.stain.groups import stain_group_names
 from histoscan.stain.shift import Shift, shift_suite, stain_shift_report

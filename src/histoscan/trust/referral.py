@@ -95,7 +95,7 @@ def fit_referral(
     scores = candidates(probabilities, threshold, uncertainty)
     if by == "uncertainty" and "uncertainty" not in scores:
         raise ConfigError("--refer-by uncertainty needs a TTA policy of at least 2 views (--tta)")
-    from histoscan.evaluation.metrics import classify
+    from histoscan.metrics import classify
 
     wrong = classify(probabilities, threshold) != labels
     aurocs = {name: error_auroc(d, wrong) for name, d in scores.items()}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from histoscan.evaluation.metrics import bootstrap_statistic, classify
+from histoscan.metrics import bootstrap_statistic, classify
 from histoscan.runfolder import ReferralRule
 from histoscan.trust.referral import baseline_doubt, error_auroc, probability_doubt, refer_mask
 

@@ -2,6 +2,8 @@
 
 Everything is computed from ``labels`` (class index per patch) and ``probabilities`` (N x C,
 rows summing to 1): the same function scores CNN runs, classical baselines and tuning trials.
+Pure functions of labels and scores, so the module sits in the core layer: stain, trust and
+evaluation all use it.
 """
 
 from __future__ import annotations

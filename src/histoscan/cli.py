@@ -422,8 +422,8 @@ def calibrate(
             f"temperature {r.temperature:.3f} on {r.count} patches ({r.source}): NLL {r.nll_before:.4f} -> {r.nll_after:.4f}"
         )
     if refer_coverage is not None or target_accuracy is not None:
+        from histoscan.rules.referral import describe
         from histoscan.trust.calibrate import fit_run_referral
-        from histoscan.trust.referral import describe
 
         rule = fit_run_referral(
             run, data, coverage=refer_coverage, target_accuracy=target_accuracy, by=refer_by, tta=tta

@@ -19,11 +19,11 @@ from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.report import write_evaluation
 from histoscan.inference.predictor import Prediction, Predictor, default_tta
 from histoscan.metrics import THRESHOLD_RULES, compute_metrics, pick_threshold
+from histoscan.rules.answers import UNCHECKED, policy_views
+from histoscan.rules.tissue import OK
 from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
 from histoscan.stain.groups import stain_group_names
 from histoscan.stain.shift import Shift, shift_suite, stain_shift_report
-from histoscan.trust.answers import UNCHECKED, policy_views
-from histoscan.trust.tissue import OK
 
 
 @dataclass

@@ -20,8 +20,8 @@ from histoscan.data.store import PatchStore
 from histoscan.errors import DataError
 from histoscan.inference.inputs import Batch, input_batches
 from histoscan.inference.predictor import Prediction, Predictor
+from histoscan.rules.answers import check_policy
 from histoscan.system import available_cores
-from histoscan.trust.answers import check_policy
 
 
 @dataclass

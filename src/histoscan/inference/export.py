@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -177,7 +177,7 @@ def measure_backends(run_dir: str | Path, images: np.ndarray, rounds: int = 3) -
             start = time.perf_counter()
             p.predict_batch(images, tta=False)
             best[name] = max(best[name], len(images) / max(time.perf_counter() - start, 1e-9))
-    faster = "onnx" if best["onnx"] > best["torch"] else "torch"
+    faster: Literal["torch", "onnx"] = "onnx" if best["onnx"] > best["torch"] else "torch"
     return BackendSpeed(
         torch=round(best["torch"], 1),
         onnx=round(best["onnx"], 1),

@@ -33,7 +33,9 @@ PREDICTOR_FIELDS = ("backend", "device", "precision", "batch_size", "threads", "
 class PredictorSettings:
     """How a model is run; None everywhere means each command's (and the bundle's) own choice."""
 
-    backend: Backend | None = doc("Inference backend: torch, onnx, or auto (whichever export timed faster on this hardware, else torch).", None)
+    backend: Backend | None = doc(
+        "Inference backend: torch, onnx, or auto (whichever export timed faster on this hardware, else torch).", None
+    )
     device: str | None = doc("Torch device: cpu, cuda, cuda:1 or mps (default: cpu).", None)
     precision: Precision | None = doc(
         "Torch numerics: auto (bf16 where the CPU or GPU has it natively), fp32, bf16 or fp16.", None

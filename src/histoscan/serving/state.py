@@ -31,7 +31,9 @@ class ServeSettings:
     port: int = doc("Port.", 8000)
     workers: int = doc("Server processes (each loads the model once).", 1, flags="--processes")
     access_log: bool = doc("Log every request (about 8% of throughput on 2 cores).", True)
-    backend: Backend = doc("Inference backend; auto: whichever export timed faster on this hardware, else torch.", "auto", cli=False)
+    backend: Backend = doc(
+        "Inference backend; auto: whichever export timed faster on this hardware, else torch.", "auto", cli=False
+    )
     device: str = doc("Torch device for the torch backend (cpu, cuda, cuda:1, mps).", "cpu", cli=False)
     threads: int | None = doc("CPU threads for the model in each process (default: all cores).", None, cli=False)
     max_upload_mb: float = doc("Largest accepted upload in MB (1 MB = 1,000,000 bytes); 413 above.", 20.0)

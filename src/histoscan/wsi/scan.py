@@ -55,7 +55,9 @@ class ScanSettings:
     threshold: float | None = doc("Probability above which cells form tumour regions (default: the run's).", None)
     geojson_tiles: bool = doc("Also write one GeoJSON 'tile' object per heatmap cell with its probability.", False)
     tta: bool = doc("Average the 8 flips/rotations; tiles.csv gains an uncertainty column.", False, cli=False)
-    backend: str = doc("torch, onnx, or auto (whichever export timed faster on this hardware, else torch).", "auto", cli=False)
+    backend: str = doc(
+        "torch, onnx, or auto (whichever export timed faster on this hardware, else torch).", "auto", cli=False
+    )
     device: str = doc("Torch device (cpu, cuda, mps).", "cpu", cli=False)
     batch_size: int = doc("Tiles per forward pass.", 256, cli=False)
     workers: int = doc("Workers reading and decoding the inputs in parallel (here: threads reading tiles).", 2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -55,6 +56,9 @@ class ModelRunner(Protocol):
 
     @property
     def alive(self) -> bool: ...
+
+    @property
+    def explainer_ready(self) -> bool: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -135,14 +139,32 @@ def explain_one(
     target: str,
     tta: bool,
 ) -> ExplainAnswer:
-    """Explain one image with a cached Explainer per (method, target) (built on first use: it loads the weights)."""
-    from histoscan.explain import Explainer
+    """Explain one image with the cached Explainer (built on first use: it loads the weights).
 
+    At most one Explainer is kept: asking for another method or target drops the old one
+    first, so the memory explanations hold is bounded by one explainer (its footprint is
+    measured in docs/incoming/36.md).
+    """
     key = (method, target)
     if key not in explainers:
-        explainers[key] = Explainer(run_dir, method=method, target=target, device=device, batch_size=1)
+        explainers.clear()
+        gc.collect()
+        warm_explainer(explainers, run_dir, device, method, target)
     e = explainers[key].explain_batch([image], tta)
     return ExplainAnswer(e.probabilities[0], int(e.predicted[0]), e.maps[0], e.targets[0])
+
+
+def warm_explainer(
+    explainers: dict[tuple[str, str], Explainer],
+    run_dir: str,
+    device: str,
+    method: str = "gradcam",
+    target: str = "tumour",
+) -> None:
+    """Build the Explainer for ``(method, target)`` now (the page's default: Grad-CAM of the tumour class)."""
+    from histoscan.explain import Explainer
+
+    explainers[(method, target)] = Explainer(run_dir, method=method, target=target, device=device, batch_size=1)
 
 
 def pack_prediction(pred: Prediction) -> bytes:
@@ -210,6 +232,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--backend", required=True)
     ap.add_argument("--device", required=True)
     ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--explain-warm", action="store_true")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the server, which closes our stdin
     # the protocol owns the original stdout; anything printed by libraries goes to stderr
@@ -224,11 +247,13 @@ def child_main(argv: Sequence[str] | None = None) -> int:
             # torch only preprocesses here: one thread keeps its OpenMP workers from spinning
             # against ONNX Runtime's (a batch of 16: 1,975 -> 2,553 img/s on 2 cores)
             torch.set_num_threads(1)
+        explainers: dict[tuple[str, str], Explainer] = {}
+        if args.explain_warm:
+            warm_explainer(explainers, args.run_dir, args.device)
     except Exception as exc:
         out.write(frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
         return 1
     out.write(frame({"ok": True, "backend": predictor.backend.name}))
-    explainers: dict[tuple[str, str], Explainer] = {}
     threading.Thread(target=out.beat, args=(HEARTBEAT_S,), daemon=True, name="heartbeat").start()
     while True:
         header = _read_exact(inp, _HEADER.size)
@@ -275,6 +300,7 @@ class ModelProcess:
     heartbeat_timeout_s: float
     backoff_s: float
     start_timeout_s: float = 120.0
+    explain_warm: bool = False
 
     def __post_init__(self) -> None:
         self.backend = self.backend_choice
@@ -288,13 +314,21 @@ class ModelProcess:
         self._failures = 0
         self._retry_at = 0.0
         self._problem: str | None = None
+        self.explainer_ready = False  # an explainer is built in the child (warm, or after a first explanation)
 
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> ModelProcess:
         """The model process ``histoscan serve`` runs with these settings (the one place its options are read)."""
         s = settings
         return cls(
-            s.run_dir, s.backend, s.device, s.threads, s.model_timeout_s, s.heartbeat_timeout_s, s.restart_backoff_s
+            s.run_dir,
+            s.backend,
+            s.device,
+            s.threads,
+            s.model_timeout_s,
+            s.heartbeat_timeout_s,
+            s.restart_backoff_s,
+            explain_warm=s.explain_warm,
         )
 
     @property
@@ -332,6 +366,7 @@ class ModelProcess:
             self.device,
             "--threads",
             str(self.threads or 0),
+            *(["--explain-warm"] if self.explain_warm else []),
         ]
         self.starts += 1
         self._proc = await asyncio.create_subprocess_exec(
@@ -350,6 +385,7 @@ class ModelProcess:
             log.error("the model process could not load %s: %s", self.run_dir, meta.get("error"))
             raise ModelUnavailable("the model could not be loaded")
         self.backend = str(meta["backend"])
+        self.explainer_ready = self.explain_warm
         self._failures, self._retry_at, self._problem = 0, 0.0, None
         self._last_beat = time.monotonic()
         self._reader = asyncio.create_task(self._read_answers())
@@ -420,6 +456,7 @@ class ModelProcess:
     async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
         """Grad-CAM of one image, computed in the model process (never on the server's event loop)."""
         result: ExplainAnswer = await self._send(pack_explain_job(image, method, target, tta), unpack_explanation)
+        self.explainer_ready = (method, target) == ("gradcam", "tumour")
         return result
 
     async def _send(self, message: bytes, unpack: Callable[[dict[str, Any], bytes], Any]) -> Any:
@@ -477,10 +514,15 @@ class ModelProcess:
 class ModelThread:
     """The model in a worker thread of this process: no start-up cost (used by tests and embedding)."""
 
-    def __init__(self, predictor: Predictor, timeout_s: float = 30.0) -> None:
-        self.predictor, self.timeout_s = predictor, timeout_s
+    def __init__(self, predictor: Predictor, timeout_s: float = 30.0, explain_warm: bool = False) -> None:
+        self.predictor, self.timeout_s, self.explain_warm = predictor, timeout_s, explain_warm
         self.backend = predictor.backend.name
         self._explainers: dict[tuple[str, str], Explainer] = {}
+
+    @property
+    def explainer_ready(self) -> bool:
+        """The page's default explainer (Grad-CAM of the tumour class) is built."""
+        return ("gradcam", "tumour") in self._explainers
 
     @property
     def alive(self) -> bool:
@@ -490,7 +532,9 @@ class ModelThread:
         return {"ready": True}
 
     async def start(self) -> None:
-        return None
+        if self.explain_warm:
+            run_dir, device = str(self.predictor.run_dir), str(self.predictor.device)
+            await asyncio.to_thread(warm_explainer, self._explainers, run_dir, device)
 
     async def stop(self) -> None:
         return None

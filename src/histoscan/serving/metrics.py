@@ -63,7 +63,7 @@ class ServeMetrics:
         route = path if path in ROUTES or path in ("/health", "/ready", "/metrics", "/v1/model") else "other"
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
-        if status == 503:
+        if status == 503 and route != "/ready":  # /ready's 503 is a probe's answer, not refused work
             self.busy.inc()
         elif status == 408:
             self.late.inc()

@@ -138,7 +138,7 @@ async def predict_one(
     responses=errors(*UPLOAD_ERRORS),
 )
 async def predict_batch(
-    files: list[UploadFile] = File(..., description="Several patches."),
+    files: list[UploadFile] = File(..., min_length=1, description="Several patches (at least one)."),
     tta: bool | None = Query(None, description="As for /v1/predict."),
     state: ServeState = Depends(get_state),
 ) -> BatchPrediction:

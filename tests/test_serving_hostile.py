@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import socket
 import threading
 import time
@@ -350,3 +351,67 @@ def test_explainer_warm_or_on_first_use(tiny_run: Path, patch: tuple[str, bytes,
         assert c.post("/v1/explain?method=gradcam%2B%2B", files={"file": patch}).status_code == 200
         model = c.app.state.histoscan.model  # type: ignore[attr-defined]
         assert list(model._explainers) == [("gradcam++", "tumour")]  # the first one was released
+
+
+# ---- 7. schemathesis, every check, against the live server ----------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_schemathesis_finds_nothing(server: str, tmp_path: Path) -> None:
+    """Every operation fuzzed with every check (a few hundred cases, bounded by --max-time); it must pass."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
+    if not Path(exe).exists():
+        pytest.skip("schemathesis is not installed (it is in the dev extra: pip install -e '.[dev]')")
+    config = Path(__file__).with_name("schemathesis.toml")
+    cmd = [exe, "--config-file", str(config), "run", f"{server}/openapi.json", "--checks", "all"]
+    cmd += ["--header", f"Authorization: Bearer {KEY}", "--max-examples", "25", "--max-time", "60"]
+    cmd += ["--phases", "examples,coverage,fuzzing", "--generation-deterministic", "--no-color"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=tmp_path)
+    summary = done.stdout[-3000:]
+    assert done.returncode == 0, summary
+    generated = re.search(r"(\d+) generated", summary)
+    assert generated and int(generated.group(1)) >= 200, summary
+
+
+# ---- 8. the page says what the model says ----------------------------------------------------------------
+@pytest.mark.slow
+def test_page_shows_p_tumour_in_upload_order_with_one_overlay_scale(tiny_run: Path, kaggle_dir: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.conftest import headless_chrome
+
+    patches = sorted((kaggle_dir / "test").glob("*.tif"))[:3]
+    with live(_settings(tiny_run, api_key=None)) as url, headless_chrome() as browser:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            want = [c.post("/v1/predict", files={"file": (p.name, p.read_bytes())}).json() for p in patches]
+        browser.get(url + "/")
+        WebDriverWait(browser, 20).until(lambda d: "simple_cnn" in d.find_element(By.ID, "model").text)
+        assert browser.find_element(By.ID, "slow").is_displayed()  # the explainer is not built yet
+        browser.find_element(By.ID, "pick").send_keys("\n".join(str(p.resolve()) for p in patches))
+        WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card .ptumour")) == 3)
+        cards = browser.find_elements(By.CSS_SELECTOR, ".card")
+        assert [c.find_element(By.TAG_NAME, "b").text for c in cards] == [p.name for p in patches]  # upload order
+        for card, j in zip(cards, want):
+            p = j["probabilities"]["tumor"]
+            assert card.find_element(By.CSS_SELECTOR, ".ptumour").text == f"P(tumor) {100 * p:.1f}%"
+            width = browser.execute_script(
+                "return arguments[0].style.width", card.find_element(By.CSS_SELECTOR, ".bar div")
+            )
+            assert width == f"{100 * p:.1f}%"  # the bar is P(tumour), whatever class the model predicts
+            assert card.find_element(By.CSS_SELECTOR, ".answer").text == (j.get("answer") or j["label"])
+        for k in range(2):
+            cards[k].find_element(By.CSS_SELECTOR, "button.why").click()
+            WebDriverWait(browser, 60).until(lambda d, k=k: len(d.find_elements(By.CSS_SELECTOR, ".caption")) == k + 1)
+        WebDriverWait(browser, 60).until(lambda d: not d.find_element(By.ID, "slow").is_displayed())
+        captions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".caption")]
+        assert all("one scale across the page" in t for t in captions), captions
+        scales = {t.split("full colour = map value ")[1].split(";")[0] for t in captions}
+        assert len(scales) == 1, captions  # both overlays drawn on the same scale
+        browser.find_element(By.ID, "perimage").click()
+        cards[2].find_element(By.CSS_SELECTOR, "button.why").click()
+        WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".caption")) == 3)
+        assert "per-image scale" in browser.find_elements(By.CSS_SELECTOR, ".caption")[2].text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -98,7 +99,26 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return server_error(request, 500, "internal error", exc)
 
     app.add_middleware(RequestGuard, settings=settings, budget=budget, metrics=metrics)
+    describe_model_in_openapi(app)
     return app
+
+
+def describe_model_in_openapi(app: FastAPI) -> None:
+    """Once the model is loaded, the OpenAPI lists its own choices (explain's targets are its class names)."""
+    generic = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = generic()
+        state = app.state.histoscan
+        if state is None:
+            app.openapi_schema = None  # not loaded yet: describe the model once it is
+        else:
+            routes_explain.describe_targets(spec, list(state.bundle.classes))
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def server_error(

@@ -37,6 +37,20 @@ class PatchExplanation(PatchPrediction):
     overlay_png: str = Field(description="The overlay (patch under the heat colours) as base64 PNG.")
 
 
+def describe_targets(spec: dict[str, Any], classes: list[str]) -> None:
+    """Put the served model's choices of ``method`` and ``target`` into the OpenAPI as enums."""
+    for p in spec.get("paths", {}).get("/v1/explain", {}).get("post", {}).get("parameters", []):
+        if p["name"] == "method":
+            p["schema"]["enum"] = list(METHODS)
+        elif p["name"] == "target":
+            p["schema"]["enum"] = [
+                "tumour",
+                "tumor",
+                "predicted",
+                *[c for c in classes if c not in ("tumour", "tumor")],
+            ]
+
+
 def _overlay(state: ServeState, image: Any, m: Any, vmax: float) -> bytes:
     pre = state.bundle.preprocessing
     return overlay_png(image, m, vmax, Geometry.from_preprocessing(pre.image_size, pre.label_size, pre.crop))

@@ -32,15 +32,22 @@ class Admission:
         self.used = {kind: 0 for kind in limits}
         self.refused = {kind: 0 for kind in limits}
 
+    def refusal(self, kind: str, n: int = 1) -> Overloaded | None:
+        """The Overloaded that admitting ``n`` units of ``kind`` now would raise (None: there is room)."""
+        if self.used[kind] + n <= self.limits[kind]:
+            return None
+        unit = "images are" if kind == "predict" else f"{kind} requests are"
+        return Overloaded(
+            f"server busy: {self.used[kind]} {unit} waiting for the model (limit {self.limits[kind]})",
+            retry_after=1 if kind == "predict" else 5,
+        )
+
     def take(self, kind: str, n: int = 1) -> None:
         """Admit ``n`` units of ``kind`` or raise Overloaded."""
-        if self.used[kind] + n > self.limits[kind]:
+        refused = self.refusal(kind, n)
+        if refused is not None:
             self.refused[kind] += 1
-            unit = "images are" if kind == "predict" else f"{kind} requests are"
-            raise Overloaded(
-                f"server busy: {self.used[kind]} {unit} waiting for the model (limit {self.limits[kind]})",
-                retry_after=1 if kind == "predict" else 5,
-            )
+            raise refused
         self.used[kind] += n
 
     def give(self, kind: str, n: int = 1) -> None:

@@ -34,6 +34,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 REQUEST_ID = "histoscan.request_id"  # scope key; also sent back as the X-Request-ID header
 MULTIPART_SLACK = 64 * 1024  # multipart framing around one file: boundaries and part headers
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# routes whose queue is checked before their body is read: a flood against a full queue costs no parsing
+ADMITTED_FIRST = {"/v1/explain": "explain", "/v1/preview": "preview"}
 
 
 def needs_key(path: str) -> bool:
@@ -155,6 +157,13 @@ class RequestGuard:
             if int(declared) > limit:
                 await reply(send, 413, size_message("the request body", int(declared), kind, limit - _slack(kind)))
                 return
+        admission = getattr(self.metrics, "admission", None)
+        work = ADMITTED_FIRST.get(scope["path"].rstrip("/"))
+        refused = None if admission is None or work is None else admission.refusal(work)
+        if refused is not None:
+            headers = {"retry-after": str(refused.retry_after), "connection": "close"}
+            await reply(send, 503, str(refused), headers)  # the route admits for real; this only spares the body
+            return
         await self._guarded(scope, receive, send, limit, kind)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, limit: int, kind: str) -> None:

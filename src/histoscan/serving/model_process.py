@@ -7,8 +7,10 @@ took 6.2 ms alone and 70 ms beside a busy Python thread. In its own process the 
 at its own speed, and the server talks to it over a pipe.
 
 Protocol (stdin / stdout of the child), both ways: a 12-byte header ``<IQ`` (JSON length,
-data length), the JSON, then raw array bytes. The child answers jobs in the order they came,
-so the parent may send the next batch while one is running.
+data length), the JSON, then raw array bytes. The child answers predictions in the order they
+came, so the parent may send the next batch while one is running. Explanations run in a thread
+of their own in the child (one at a time, answered in their order, marked ``"op": "explain"``),
+so a slow explanation, or the explainer being built, never holds a prediction up.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -114,6 +117,7 @@ def pack_explanation(answer: ExplainAnswer) -> bytes:
     h, w = answer.map.shape
     meta = {
         "ok": True,
+        "op": "explain",
         "c": int(probs.shape[0]),
         "h": h,
         "w": w,
@@ -255,26 +259,36 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         return 1
     out.write(frame({"ok": True, "backend": predictor.backend.name}))
     threading.Thread(target=out.beat, args=(HEARTBEAT_S,), daemon=True, name="heartbeat").start()
+    explaining = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
+
+    def explain(meta: dict[str, Any], image: np.ndarray, tta: bool) -> None:
+        try:
+            got = explain_one(explainers, args.run_dir, args.device, image, meta["method"], meta["target"], tta)
+            out.write(pack_explanation(got))
+        except Exception as exc:
+            out.write(frame({"ok": False, "op": "explain", "error": f"{type(exc).__name__}: {exc}"}))
+
     while True:
         header = _read_exact(inp, _HEADER.size)
         if header is None:
+            explaining.shutdown(wait=False, cancel_futures=True)
             return 0
         meta_len, data_len = _HEADER.unpack(header)
         body = _read_exact(inp, meta_len + data_len)
         if body is None:
+            explaining.shutdown(wait=False, cancel_futures=True)
             return 0
+        meta: dict[str, Any] = {}
         try:
             meta = json.loads(body[:meta_len])
             images, tta = unpack_job(meta, body[meta_len:])
             if meta.get("op") == "explain":
-                answer = explain_one(
-                    explainers, args.run_dir, args.device, images[0], meta["method"], meta["target"], bool(tta)
-                )
-                reply = pack_explanation(answer)
-            else:
-                reply = pack_prediction(predictor.predict_batch(images, tta))
+                explaining.submit(explain, meta, images[0].copy(), bool(tta))
+                continue
+            reply = pack_prediction(predictor.predict_batch(images, tta))
         except Exception as exc:
-            reply = frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            op = {"op": "explain"} if meta.get("op") == "explain" else {}
+            reply = frame({"ok": False, **op, "error": f"{type(exc).__name__}: {exc}"})
         out.write(reply)
 
 
@@ -306,7 +320,11 @@ class ModelProcess:
         self.backend = self.backend_choice
         self.starts = 0  # child processes launched (tests and /ready read it)
         self._proc: asyncio.subprocess.Process | None = None
-        self._waiting: deque[tuple[asyncio.Future[Any], Callable[[dict[str, Any], bytes], Any]]] = deque()
+        # answers come back in order within each lane: predictions, and explanations (their own thread)
+        self._waiting: dict[str, deque[tuple[asyncio.Future[Any], Callable[[dict[str, Any], bytes], Any]]]] = {
+            "predict": deque(),
+            "explain": deque(),
+        }
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -450,22 +468,23 @@ class ModelProcess:
 
     async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction:
         """Send one job; the answer comes back in order (ModelUnavailable after ``timeout_s``)."""
-        result: Prediction = await self._send(pack_job(images, tta), unpack_prediction)
+        result: Prediction = await self._send(pack_job(images, tta), unpack_prediction, "predict")
         return result
 
     async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
         """Grad-CAM of one image, computed in the model process (never on the server's event loop)."""
-        result: ExplainAnswer = await self._send(pack_explain_job(image, method, target, tta), unpack_explanation)
+        job = pack_explain_job(image, method, target, tta)
+        result: ExplainAnswer = await self._send(job, unpack_explanation, "explain")
         self.explainer_ready = (method, target) == ("gradcam", "tumour")
         return result
 
-    async def _send(self, message: bytes, unpack: Callable[[dict[str, Any], bytes], Any]) -> Any:
+    async def _send(self, message: bytes, unpack: Callable[[dict[str, Any], bytes], Any], lane: str) -> Any:
         await self._ensure_running()
         async with self._lock:  # one writer at a time
             if self._proc is None or self._proc.stdin is None:
                 raise ModelUnavailable("the model process is restarting")
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._waiting.append((future, unpack))
+            self._waiting[lane].append((future, unpack))
             self._proc.stdin.write(message)
             try:
                 await self._proc.stdin.drain()
@@ -492,7 +511,7 @@ class ModelProcess:
             while True:
                 meta, data = await self._read_message()
                 self._last_beat = time.monotonic()
-                future, unpack = self._waiting.popleft()
+                future, unpack = self._waiting["explain" if meta.get("op") == "explain" else "predict"].popleft()
                 if future.done():
                     continue
                 if meta.get("ok"):
@@ -505,8 +524,10 @@ class ModelProcess:
             self._fail_waiting(ModelUnavailable("the model process exited"))
 
     def _fail_waiting(self, exc: BaseException) -> None:
-        while self._waiting:
-            future, _ = self._waiting.popleft()
+        waiting = [w for lane in self._waiting.values() for w in lane]
+        for lane in self._waiting.values():
+            lane.clear()
+        for future, _ in waiting:
             if not future.done():
                 future.set_exception(exc)
 

@@ -224,6 +224,7 @@ def test_admission_refuses_each_kind_at_its_own_limit() -> None:
     assert adm.used == {"predict": 3, "explain": 0, "preview": 0} and adm.refused["explain"] == 1
 
 
+@pytest.mark.slow
 def test_a_flood_of_explanations_gets_503_while_predictions_succeed(
     server: str, patch: tuple[str, bytes, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

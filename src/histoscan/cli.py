@@ -184,12 +184,17 @@ def split(
     folds: int = typer.Option(
         0, help="Also write K >= 2 stratified (grouped) folds of the train+val rows, as id,fold (test rows: test)."
     ),
+    calibration: float = typer.Option(
+        0.0,
+        help="Also reserve this fraction as calibration rows (e.g. 0.1), outside train/val/test and every fold: "
+        "ensembles and 'calibrate' fit their threshold and temperature there.",
+    ),
 ) -> None:
     """Make (or reuse) the train/val/test split that 'histoscan train' uses with the same options, saved next to the store."""
     from histoscan.data.splits import write_splits
     from histoscan.data.store import PatchStore
 
-    result = write_splits(PatchStore(store), val=val, test=test, seed=seed, folds=folds)
+    result = write_splits(PatchStore(store), val=val, test=test, seed=seed, folds=folds, calibration=calibration)
     con = _console()
     for line in result.lines():
         con.print(line)
@@ -393,7 +398,9 @@ def calibrate(
     data: Path | None = typer.Option(
         None, help="Store holding the run's validation patches (default: the training store)."
     ),
-    temperature: bool = typer.Option(True, help="Fit temperature scaling on the validation split."),
+    temperature: bool = typer.Option(
+        True, help="Fit temperature scaling on the calibration rows of the run's split (else the validation split)."
+    ),
     refer_coverage: float | None = typer.Option(
         None, help="Fit a referral rule answering this fraction of images (the rest: 'refer'), e.g. 0.9."
     ),
@@ -411,8 +418,9 @@ def calibrate(
         False, help="Fit the tissue check (not tissue / out of distribution) on the training split (new runs have it)."
     ),
 ) -> None:
-    """Fit temperature scaling, a referral rule and the tissue check on the run's data (an ensemble of folds:
-    out-of-fold predictions); store them in model.json."""
+    """Fit temperature scaling, a referral rule and the tissue check on the run's data: the calibration rows of its
+    split when it has them, else its validation split (an ensemble of folds: out-of-fold predictions, an
+    approximation); store them in model.json."""
     from histoscan.inference.calibration import calibrate as run_calibrate
 
     con = _console()

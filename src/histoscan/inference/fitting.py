@@ -27,8 +27,9 @@ from histoscan.data.splits import CALIBRATION
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.inference.calibration_rows import RESPLIT, calibration_ids, check_unseen
-from histoscan.inference.predictor import Predictor, parse_tta
+from histoscan.inference.predictor import parse_tta
 from histoscan.inference.probabilities import logits_of, probabilities
+from histoscan.inference.settings import PredictorSettings
 from histoscan.runfolder import RunFolder
 
 
@@ -43,14 +44,19 @@ class FittingPredictions(NamedTuple):
 
 
 def fitting_predictions(
-    run_dir: str | Path, tta: bool | Sequence[int] | None = None, data: str | Path | None = None
+    run_dir: str | Path,
+    tta: bool | Sequence[int] | None = None,
+    data: str | Path | None = None,
+    settings: PredictorSettings | None = None,
 ) -> FittingPredictions:
     """The predictions ``run_dir``'s fitted values are chosen on (see the module text), under ``tta``.
 
     ``data``: the store holding the patches (default: the store the run trained on). Out-of-fold
     predictions come from single members, so their uncertainty is the TTA spread alone (None without
-    TTA); an ensemble's own uncertainty also spreads across members.
+    TTA); an ensemble's own uncertainty also spreads across members. ``settings``: the device,
+    precision, ... the model runs with (default: the torch backend on the CPU).
     """
+    settings = settings or PredictorSettings()
     bundle = read_bundle(run_dir)
     run = RunFolder(run_dir)
     ids = calibration_ids(run.split_path)
@@ -59,7 +65,7 @@ def fitting_predictions(
             check_unseen(bundle.member_dirs, ids)
         part, _ = run.select_patches(run.data_store(data), CALIBRATION)
         _check_labelled(part, "calibration")
-        pred = Predictor(run_dir, backend="torch").predict_store(part, tta)
+        pred = settings.predictor(run_dir, backend="torch").predict_store(part, tta)
         scorer = (
             f"scored by the ensemble of {len(bundle.member_dirs)} members as deployed"
             if isinstance(bundle, EnsembleBundle)
@@ -69,7 +75,7 @@ def fitting_predictions(
         return FittingPredictions(pred.probabilities, part.labels, pred.uncertainty, source)
     if isinstance(bundle, EnsembleBundle):
         if bundle.fitted_on == "oof":
-            return _out_of_fold(bundle, tta, data)
+            return _out_of_fold(bundle, tta, data, settings)
         raise ConfigError(
             f"{run.split_path}: ensemble {run_dir} has no calibration rows and its members are not the folds of one "
             f"cross-validation, so every row it could fit on trained or early-stopped a member; reserve some with "
@@ -77,7 +83,7 @@ def fitting_predictions(
         )
     part, _ = run.select_patches(run.data_store(data), "val")
     _check_labelled(part, "validation")
-    pred = Predictor(run_dir, backend="torch").predict_store(part, tta)
+    pred = settings.predictor(run_dir, backend="torch").predict_store(part, tta)
     source = (
         f"the validation split of {part.path} (the split has no calibration rows, so these are the rows the run "
         f"early-stopped on; '{RESPLIT}' reserves some)"
@@ -86,7 +92,7 @@ def fitting_predictions(
 
 
 def _out_of_fold(
-    bundle: EnsembleBundle, tta: bool | Sequence[int] | None, data: str | Path | None
+    bundle: EnsembleBundle, tta: bool | Sequence[int] | None, data: str | Path | None, settings: PredictorSettings
 ) -> FittingPredictions:
     """Each member (a fold) predicts its own validation fold; the ensemble's temperature applies on top."""
     probs, labels, spreads = [], [], []
@@ -96,7 +102,7 @@ def _out_of_fold(
         part, _ = run.select_patches(run.data_store(data), "val")
         _check_labelled(part, "out-of-fold")
         store = part.path
-        pred = Predictor(member, backend="torch").predict_store(part, tta)
+        pred = settings.predictor(member, backend="torch").predict_store(part, tta)
         probs.append(pred.probabilities)
         labels.append(part.labels)
         spreads.append(pred.uncertainty)

@@ -27,6 +27,7 @@ from histoscan.errors import ConfigError, DataError
 from histoscan.inference.calibration_rows import RESPLIT, calibration_ids, check_unseen
 from histoscan.inference.fitting import fitting_predictions
 from histoscan.inference.predictor import default_tta
+from histoscan.metrics import pick_threshold
 from histoscan.runfolder import SPLIT_FILE, EnsembleDocument, EnsembleMember, RunFolder
 
 MEMBERS_DIR = "members"  # where --copy puts the members' run folders
@@ -69,8 +70,6 @@ def make_ensemble(
     fit on out-of-fold predictions (``oof``, an ``oof.csv`` of ``histoscan train --folds``, when given),
     labelled an approximation; any other ensemble is refused unless ``threshold_rule`` is ``none``.
     """
-    from histoscan.evaluation.evaluate import pick_threshold
-
     if threshold_rule not in ("youden", "sensitivity", "none"):
         raise ConfigError(f"--threshold-rule {threshold_rule!r} is not one of youden, sensitivity, none")
     out = Path(out)

@@ -33,10 +33,11 @@ class _Group(TyperGroup):
             raise typer.Exit(2) from None
 
     def list_commands(self, ctx: Any) -> list[str]:
-        return [*super().list_commands(ctx), *(n for n in _LAZY if n not in self.commands)]
+        lazy = _LAZY if ctx.parent is None else {}  # generated commands belong to the top level only
+        return [*super().list_commands(ctx), *(n for n in lazy if n not in self.commands)]
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        if cmd_name not in self.commands and cmd_name in _LAZY:
+        if ctx.parent is None and cmd_name not in self.commands and cmd_name in _LAZY:
             self.commands[cmd_name] = _LAZY[cmd_name]()
         return super().get_command(ctx, cmd_name)
 

@@ -30,7 +30,10 @@ def explain_top_tiles(
 
     Args:
         read_tile: reads the context tile of cell (row, col) at the model's size (uint8 HxWx3).
-        rows, cols, probs, boxes: the scanned cells, their probabilities and level-0 tile boxes (x, y, w, h).
+        rows: the scanned cells' grid rows.
+        cols: the scanned cells' grid columns.
+        probs: the cells' probabilities.
+        boxes: the cells' level-0 tile boxes (x, y, w, h).
         stain_sample: per-group stain models: the slide's stain sample (``wsi.scan.slide_stain``), so the
             tiles are explained under the slide's one estimate, as they were scanned.
     """

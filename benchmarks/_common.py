@@ -113,9 +113,12 @@ class Recorder:
         self.figures: dict[str, Any] = {}
         self.tables: dict[str, list[dict[str, Any]]] = {}
         self.notes: list[str] = []
+        self.output: list[str] = []  # the report as printed, when tee() is on
         self.started = time.time()
         self.load_at_start = load_average()
         self.quiet = quiet if quiet is not None else bool(self.load_at_start < 0.5)
+        global _ACTIVE
+        _ACTIVE = self
 
     def envelope(self) -> dict[str, Any]:
         """The JSON document: what ran, where, when, and what it measured."""
@@ -136,7 +139,31 @@ class Recorder:
             "figures": self.figures,
             "tables": self.tables,
             "notes": self.notes,
+            "output": self.output,
         }
+
+    def tee(self) -> None:
+        """From now on, keep a copy of everything printed to stdout in ``output`` (the report as printed).
+
+        For scripts whose figures are printed lines rather than one table: the JSON then holds the report
+        exactly as the script printed it, and the docs show it as such.
+        """
+        recorder, stdout = self, sys.stdout
+        pending = [""]
+
+        class _Tee:
+            def write(self, text: str) -> int:
+                *lines, pending[0] = (pending[0] + text).split("\n")
+                recorder.output.extend(lines)
+                return stdout.write(text)
+
+            def flush(self) -> None:
+                stdout.flush()
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(stdout, name)
+
+        sys.stdout = _Tee()  # type: ignore[assignment]
 
     def write(self) -> dict[str, Any]:
         """Write the envelope to ``out`` when one was given; return it either way."""
@@ -155,3 +182,17 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
+
+
+_ACTIVE: Recorder | None = None
+
+
+def recorder() -> Recorder | None:
+    """The recorder of this run (the last one created), for functions deep in a script to add figures to."""
+    return _ACTIVE
+
+
+def finish() -> None:
+    """Write the recorder of this run, if there is one (call after ``main()`` returned normally)."""
+    if _ACTIVE is not None:
+        _ACTIVE.write()

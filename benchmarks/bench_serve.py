@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit
+from _common import Recorder, add_json_option, finish, shared_or_exit
 from histoscan.data.imageio import read_image
 from histoscan.data.ingest import ingest
 from histoscan.inference.export import export_onnx
@@ -235,7 +235,9 @@ def main() -> None:
         "--models", nargs="*", default=["cpu-default", "resnet18"], help="Shipped config names or architectures."
     )
     ap.add_argument("--no-in-process", action="store_true", help="Skip the 16-client run with --in-process.")
+    add_json_option(ap)
     args = ap.parse_args()
+    Recorder("bench_serve", "Serving speed against the Predictor", args.json).tee()
     hcd = shared_or_exit("hcd")
     print(f"{os.cpu_count()} CPU cores")
     with tempfile.TemporaryDirectory(prefix="histoscan-bench-serve-") as tmp:
@@ -248,3 +250,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

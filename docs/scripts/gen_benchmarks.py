@@ -86,6 +86,8 @@ def page(name: str, doc: dict[str, Any]) -> str:
     for title, rows in doc.get("tables", {}).items():
         if rows:
             lines += [f"## {title}", "", *table(rows), ""]
+    if doc.get("output"):
+        lines += ["## The report as printed", "", "```text", *doc["output"], "```", ""]
     if doc.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in doc["notes"]], ""]
     return "\n".join(lines)

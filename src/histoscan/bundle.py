@@ -167,6 +167,7 @@ class EnsembleBundle(ModelBundle):
         return RunFolder(run_dir).write_model_json(self.to_ensemble_document())
 
     def to_dict(self) -> dict[str, Any]:
+        """The ensemble's model.json document as a JSON-ready dict."""
         return self.to_ensemble_document().model_dump(mode="json")
 
     @classmethod
@@ -195,8 +196,11 @@ class EnsembleBundle(ModelBundle):
 
 
 def read_member(run_dir: Path, ensemble_dir: Path | None = None) -> ModelBundle:
-    """One member's bundle; ConfigError naming the member (and the ensemble, when there is one yet) when it is
-    missing or is itself an ensemble."""
+    """One member's bundle of an ensemble.
+
+    One member's bundle; ConfigError naming the member (and the ensemble, when there is one yet) when it is
+    missing or is itself an ensemble.
+    """
     run = RunFolder(run_dir)
     where = f"{ensemble_dir}: " if ensemble_dir is not None else ""
     if not run.model_json.is_file():

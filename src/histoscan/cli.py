@@ -412,8 +412,11 @@ def calibrate(
         False, help="Fit the tissue check (not tissue / out of distribution) on the training split (new runs have it)."
     ),
 ) -> None:
-    """Fit temperature scaling, a referral rule and the tissue check on the run's data (an ensemble of folds:
-    out-of-fold predictions); store them in model.json."""
+    """Calibrate a run: temperature, referral rule and tissue check.
+
+    Fit temperature scaling, a referral rule and the tissue check on the run's data (an ensemble of folds:
+    out-of-fold predictions); store them in model.json.
+    """
     from histoscan.inference.calibration import calibrate as run_calibrate
 
     con = _console()

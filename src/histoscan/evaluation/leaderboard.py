@@ -99,6 +99,7 @@ class Leaderboard:
         )
 
     def warning(self) -> str:
+        """A warning that the runs were scored on different patches."""
         return (
             "runs were evaluated on different patches ("
             + "; ".join(sorted(set(self.table["evaluated_on"])))

@@ -1,5 +1,8 @@
-"""Temperature scaling fitted on the validation split (an ensemble of folds: out-of-fold predictions), stored in
-model.json, applied by the Predictor."""
+"""Temperature scaling, stored in model.json and applied by the Predictor.
+
+Temperature scaling fitted on the validation split (an ensemble of folds: out-of-fold predictions), stored in
+model.json, applied by the Predictor.
+"""
 
 from __future__ import annotations
 
@@ -61,7 +64,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 def calibrate(
     run_dir: str | Path, data: str | Path | None = None, tta: bool | Sequence[int] | None = None
 ) -> CalibrationResult:
-    """Fit the temperature on the predictions ``fitting_predictions`` chooses (the validation split, or an
+    """Fit and store a run's temperature.
+
+    Fit the temperature on the predictions ``fitting_predictions`` chooses (the validation split, or an
     ensemble's out-of-fold predictions) and save it in model.json.
 
     The fit is relative to the stored temperature (the new one is the stored one times the fitted factor),

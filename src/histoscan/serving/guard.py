@@ -52,12 +52,14 @@ class ByteBudget:
         self.limit, self.used = limit, 0
 
     def take(self, n: int) -> bool:
+        """Reserve ``n`` bytes; False when they do not fit in the budget."""
         if self.used and self.used + n > self.limit:  # one request alone always fits
             return False
         self.used += n
         return True
 
     def give(self, n: int) -> None:
+        """Give back ``n`` bytes."""
         self.used -= n
 
 
@@ -75,6 +77,7 @@ class RequestGuard:
         return self.settings.upload_limit + MULTIPART_SLACK, "upload"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the key and the request's size limits, then pass the request on."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -54,17 +54,23 @@ class ModelRunner(Protocol):
     backend: str
 
     @property
-    def alive(self) -> bool: ...
+    def alive(self) -> bool:
+        """Whether the model answers."""
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> dict[str, Any]:
+        """Readiness and, when not ready, why."""
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Load the model."""
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Stop the model."""
 
-    async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction: ...
+    async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction:
+        """Predict a batch of decoded images (``tta`` None: the model's default)."""
 
-    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer: ...
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+        """Grad-CAM map of one image."""
 
 
 @dataclass
@@ -91,6 +97,7 @@ def pack_job(images: Sequence[np.ndarray], tta: bool | None) -> bytes:
 
 
 def unpack_job(meta: dict[str, Any], data: bytes) -> tuple[list[np.ndarray], bool | None]:
+    """Images and TTA flag of a job, from its frame."""
     images, pos = [], 0
     for shape in meta["shapes"]:
         n = int(np.prod(shape))
@@ -106,6 +113,7 @@ def pack_explain_job(image: np.ndarray, method: str, target: str, tta: bool) -> 
 
 
 def pack_explanation(answer: ExplainAnswer) -> bytes:
+    """Frame a Grad-CAM answer for the pipe."""
     probs = answer.probabilities.astype(np.float32)
     h, w = answer.map.shape
     meta = {
@@ -120,6 +128,7 @@ def pack_explanation(answer: ExplainAnswer) -> bytes:
 
 
 def unpack_explanation(meta: dict[str, Any], data: bytes) -> ExplainAnswer:
+    """A Grad-CAM answer from its frame."""
     c, h, w = int(meta["c"]), int(meta["h"]), int(meta["w"])
     probs = np.frombuffer(data, np.float32, c, 0)
     m = np.frombuffer(data, np.float32, h * w, 4 * c).reshape(h, w)
@@ -146,6 +155,7 @@ def explain_one(
 
 
 def pack_prediction(pred: Prediction) -> bytes:
+    """Frame a prediction for the pipe."""
     arrays: list[np.ndarray] = [pred.probabilities.astype(np.float32), pred.predicted.astype(np.int64)]
     if pred.uncertainty is not None:
         arrays.append(pred.uncertainty.astype(np.float32))
@@ -155,6 +165,7 @@ def pack_prediction(pred: Prediction) -> bytes:
 
 
 def unpack_prediction(meta: dict[str, Any], data: bytes) -> Prediction:
+    """A prediction from its frame."""
     n, c = int(meta["n"]), int(meta["c"])
     probs = np.frombuffer(data, np.float32, n * c, 0).reshape(n, c)
     predicted = np.frombuffer(data, np.int64, n, 4 * n * c)
@@ -375,6 +386,7 @@ class ModelProcess:
             await self._launch()
 
     async def stop(self) -> None:
+        """Stop the watchdog and the model process."""
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -484,18 +496,23 @@ class ModelThread:
 
     @property
     def alive(self) -> bool:
+        """Always true: the model runs in this process."""
         return True
 
     def status(self) -> dict[str, Any]:
+        """Always ready."""
         return {"ready": True}
 
     async def start(self) -> None:
+        """Nothing to start: the model was loaded with the runner."""
         return None
 
     async def stop(self) -> None:
+        """Nothing to stop."""
         return None
 
     async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction:
+        """Predict in a worker thread, with the request timeout."""
         try:
             return await asyncio.wait_for(
                 asyncio.to_thread(self.predictor.predict_batch, list(images), tta), self.timeout_s

@@ -30,8 +30,11 @@ def ready(request: Request) -> JSONResponse:
 
 @router.get("/v1/model", dependencies=[Depends(require_key)])
 def model_card(state: ServeState = Depends(get_state)) -> dict[str, Any]:
-    """Architecture, classes, input size, threshold, calibration, referral rule, tissue check, validation metric,
-    versions."""
+    """The model card of the served model.
+
+    Architecture, classes, input size, threshold, calibration, referral rule, tissue check, validation metric,
+    versions.
+    """
     b = state.bundle
     rule = b.trust.referral
     return {

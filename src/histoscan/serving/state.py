@@ -132,6 +132,7 @@ class ServeState:
 
 
 async def get_state(request: Request) -> ServeState:
+    """The service state; 503 until the model is loaded."""
     state = getattr(request.app.state, "histoscan", None)
     if state is None:
         raise HTTPException(status_code=503, detail="model not loaded yet")

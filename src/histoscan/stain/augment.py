@@ -55,6 +55,7 @@ class StainMatrixJitter:
     concentration: float = 0.2
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Perturb each patch's stain vectors and concentrations."""
         n, c, h, w = x.shape
         rgb = x.permute(0, 2, 3, 1).mul(255.0)
         est = macenko(optical_density(sample_pixels(rgb)))

@@ -52,6 +52,7 @@ class CVResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
     def summary_lines(self) -> list[str]:
+        """What the cross-validation did, for the terminal."""
         lines = [f"folds trained now: {self.trained or 'none'}; reused: {self.reused or 'none'}"]
         if self.summary:
             s = self.summary
@@ -73,8 +74,11 @@ def finished(run_dir: Path) -> bool:
 
 
 def train_folds(cfg: TrainConfig, printer: Callable[[str], None] = print, ensemble: bool = True) -> CVResult:
-    """Train the folds of ``cfg.folds``-fold cross-validation (only ``cfg.fold`` when set) and, once every fold
-    has finished, write oof.csv, cv.json and the folds' ensemble."""
+    """Train the folds of a cross-validation and their ensemble.
+
+    Train the folds of ``cfg.folds``-fold cross-validation (only ``cfg.fold`` when set) and, once every fold
+    has finished, write oof.csv, cv.json and the folds' ensemble.
+    """
     from histoscan.data.splits import save_split
     from histoscan.training.fit import train
 

@@ -268,3 +268,32 @@ def test_every_quoted_error_is_one_the_tool_prints(tmp_path: Path) -> None:
             continue
         unknown.append(f"{where}: error: {message}")
     assert not unknown, "quoted errors the tool does not print:\n" + "\n".join(unknown)
+
+
+# --- the README's headline figures -----------------------------------------------------------------------------
+
+
+def _leaves(value: Any) -> Iterator[float]:
+    """Every number in a JSON document."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield float(value)
+
+
+def test_readme_headline_figures_come_from_benchmark_results() -> None:
+    """Each row of the README's headline table names a results file that holds its figure (as rounded)."""
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if re.search(r"\| `[\w-]+\.json` \|$", line)]
+    assert rows, "the README's headline table is gone or no longer names its result files"
+    for row in rows:
+        _what, figure, source = (c.strip() for c in row.strip("|").split("|"))
+        number = re.search(r"\d[\d,]*(?:\.\d+)?", figure)
+        assert number, row
+        text = number.group(0).replace(",", "")
+        decimals = len(text.split(".")[1]) if "." in text else 0
+        doc = json.loads((ROOT / "benchmarks" / "results" / source.strip("`")).read_text())
+        assert any(round(v, decimals) == float(text) for v in _leaves(doc)), f"{figure} is not in {source}: {row}"

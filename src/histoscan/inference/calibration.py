@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from histoscan.bundle import read_bundle
 from histoscan.inference.fitting import fitting_predictions
 from histoscan.inference.probabilities import logits_of, probabilities
+from histoscan.inference.settings import PredictorSettings
 
 
 @dataclass
@@ -62,7 +63,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def calibrate(
-    run_dir: str | Path, data: str | Path | None = None, tta: bool | Sequence[int] | None = None
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    tta: bool | Sequence[int] | None = None,
+    settings: PredictorSettings | None = None,
 ) -> CalibrationResult:
     """Fit and store a run's temperature.
 
@@ -73,7 +77,7 @@ def calibrate(
     so calibrating twice changes nothing.
     """
     bundle = read_bundle(run_dir)
-    fitting = fitting_predictions(run_dir, tta, data)
+    fitting = fitting_predictions(run_dir, tta, data, settings)
     logits, labels = logits_of(fitting.probabilities), fitting.labels
     factor = fit_temperature(logits, labels)
     t = float(np.clip(bundle.temperature * factor, 0.05, 20.0))

@@ -26,12 +26,13 @@ import typer
 from histoscan.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-SHELL_FENCES = {"", "bash", "sh", "shell", "console", "text"}
+SHELL_FENCES = {"bash", "sh", "shell", "console"}  # output blocks (text, unlabelled) are not commands
 
 
 def doc_files() -> list[Path]:
-    """README.md and every Markdown page under docs/."""
-    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    """README.md and every Markdown page under docs/ (drafts in docs/incoming/ are checked once they are pages)."""
+    pages = [p for p in sorted((ROOT / "docs").rglob("*.md")) if "incoming" not in p.relative_to(ROOT / "docs").parts]
+    return [ROOT / "README.md", *pages]
 
 
 def _fenced_lines(text: str) -> Iterator[tuple[int, str, str]]:
@@ -297,3 +298,36 @@ def test_readme_headline_figures_come_from_benchmark_results() -> None:
         decimals = len(text.split(".")[1]) if "." in text else 0
         doc = json.loads((ROOT / "benchmarks" / "results" / source.strip("`")).read_text())
         assert any(round(v, decimals) == float(text) for v in _leaves(doc)), f"{figure} is not in {source}: {row}"
+
+
+# --- Python names --------------------------------------------------------------------------------------------------
+
+
+def _resolves(name: str) -> bool:
+    """Whether a dotted ``histoscan.…`` name is a module, or an attribute reachable from one."""
+    import importlib
+
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_every_python_name_the_docs_give_exists() -> None:
+    """``histoscan.x.y`` in README.md and docs/ names a module, class or function that exists today."""
+    missing = []
+    for path in doc_files():
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            for name in re.findall(r"\bhistoscan(?:\.[A-Za-z_]\w*)+", line):
+                if not _resolves(name):
+                    missing.append(f"{path.relative_to(ROOT)}:{no}: {name}")
+    assert not missing, "names the docs give that the package lacks:\n" + "\n".join(missing)

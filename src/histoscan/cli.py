@@ -51,7 +51,6 @@ ELSEWHERE: dict[str, dict[str, str]] = {
         "--target-accuracy": "a referral rule is fitted by 'histoscan calibrate RUN --target-accuracy A'",
     },
     "calibrate": {"--save-threshold": "a threshold is chosen by 'histoscan evaluate RUN --save-threshold RULE'"},
-    "train": {"--device": "training runs on --accelerator and --devices; --device is for commands that predict"},
 }
 # Generic option names that several commands declare with their own help text: one type and one meaning each
 # (tests/test_cli_vocabulary.py walks every command against this table; any other name shared by two commands
@@ -668,16 +667,15 @@ _generated("explain", explain, _explain_options)
 
 
 def train(config: str | None, **values: Any) -> None:
-    """Train a model on a packed store and write a run folder (the model bundle)."""
+    """Train a model on a packed store and write a run folder (the model bundle). With --folds, --device is
+    where the folds predict their out-of-fold patches."""
     from histoscan.training.config import TrainConfig
-    from histoscan.training.cv import train_folds
-    from histoscan.training.fit import train as run_train
+    from histoscan.training.cv import train_run
 
+    model = predictor_settings(values, only=TRAIN_MODEL_OPTIONS)
     cfg = TrainConfig.load(config, given_values(TrainConfig, values))
     con = _console()
-    result = train_folds(cfg, printer=con.print) if cfg.folds else run_train(cfg, printer=con.print)
-    for line in result.summary_lines():
-        con.print(line)
+    _print(train_run(cfg, printer=con.print, settings=model).summary_lines())
 
 
 def _train_options() -> list[inspect.Parameter]:
@@ -692,7 +690,13 @@ def _train_options() -> list[inspect.Parameter]:
     return [
         inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=config, annotation=str | None),
         *dataclass_options(TrainConfig, defaults=False),
+        *predictor_options(TRAIN_MODEL_OPTIONS, shown={"device": "cpu"}),
     ]
+
+
+# Cross-validation predicts out-of-fold patches; --batch-size and --threads of train are training's own
+# (TrainConfig), and --precision is train's deprecated spelling of --train-precision.
+TRAIN_MODEL_OPTIONS = ("device",)
 
 
 _generated("train", train, _train_options)

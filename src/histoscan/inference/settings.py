@@ -77,9 +77,10 @@ class PredictorSettings:
         return Predictor(run_dir, **self.predictor_kwargs(**defaults))
 
 
-def predictor_settings(values: dict[str, Any]) -> PredictorSettings:
-    """The ``PredictorSettings`` among a command's parsed option values (removed from ``values``)."""
-    return PredictorSettings(**{k: values.pop(k) for k in PREDICTOR_FIELDS if k in values})
+def predictor_settings(values: dict[str, Any], only: tuple[str, ...] = PREDICTOR_FIELDS) -> PredictorSettings:
+    """The ``PredictorSettings`` among a command's parsed option values (removed from ``values``); ``only``: the
+    model options this command takes (others of the same name, e.g. train's ``batch_size``, are the command's)."""
+    return PredictorSettings(**{k: values.pop(k) for k in only if k in values})
 
 
 @dataclass(frozen=True)

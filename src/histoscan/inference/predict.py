@@ -21,8 +21,8 @@ from histoscan.errors import DataError
 from histoscan.inference.inputs import Batch, input_batches
 from histoscan.inference.predictor import Prediction, Predictor, submission_tta
 from histoscan.inference.settings import PredictorSettings
+from histoscan.rules.answers import check_policy
 from histoscan.system import available_cores
-from histoscan.trust.answers import check_policy
 
 
 @dataclass

@@ -166,9 +166,9 @@ def collect_folds(
     out-of-fold predictions use ``settings.tta`` when given, else the folds' default TTA (``default_tta``), as
     their evaluation does; cv.json records which (``tta``) and on which device.
     """
-    from histoscan.evaluation.metrics import auroc
     from histoscan.inference.predictor import default_tta, parse_tta
     from histoscan.inference.settings import PredictorSettings
+    from histoscan.metrics import auroc
 
     cv_dir = Path(cv_dir)
     k = k if k is not None else len(list(cv_dir.glob("fold-*")))

@@ -295,3 +295,10 @@ def test_settings_dataclasses_keep_the_command_defaults() -> None:
     assert sens.multiple and sens.default == [0.95]  # repeatable, as before
     out = next(p for p in commands["baselines"].params if p.name == "out")
     assert out.param_type_name == "argument" and str(out.default) == "runs/baselines"
+
+
+def test_train_device_without_folds_names_the_training_options(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["train", "--data", str(tmp_path), "--device", "cuda"])
+    assert res.exit_code == 2
+    assert "--device is where 'train --folds K' predicts its out-of-fold patches" in res.output
+    assert "--accelerator and --devices" in res.output

@@ -667,8 +667,10 @@ _generated("explain", explain, _explain_options)
 
 
 def train(config: str | None, **values: Any) -> None:
-    """Train a model on a packed store and write a run folder (the model bundle). With --folds, --device is
-    where the folds predict their out-of-fold patches."""
+    """Train a model on a packed store and write a run folder (the model bundle).
+
+    With --folds, --device is where the folds predict their out-of-fold patches (oof.csv).
+    """
     from histoscan.training.config import TrainConfig
     from histoscan.training.cv import train_run
 

@@ -131,9 +131,17 @@ def train_run(
     cfg: TrainConfig, printer: Callable[[str], None] = print, settings: PredictorSettings | None = None
 ) -> Any:
     """``histoscan train``: one run, or the cross-validation of ``cfg.folds`` folds (``settings``: how the folds
-    predict their out-of-fold patches). Returns the run's or the CV's result (both have ``summary_lines()``)."""
+    predict their out-of-fold patches). Returns the run's or the CV's result (both have ``summary_lines()``).
+
+    A device given without folds is an error: one run trains on ``accelerator`` / ``devices`` and predicts nothing.
+    """
     from histoscan.training.fit import train
 
+    if not cfg.folds and settings is not None and settings.device is not None:
+        raise ConfigError(
+            "--device is where 'train --folds K' predicts its out-of-fold patches; "
+            "training runs on --accelerator and --devices"
+        )
     return train_folds(cfg, printer=printer, settings=settings) if cfg.folds else train(cfg, printer=printer)
 
 

@@ -1,8 +1,8 @@
 """``PredictorSettings``: how a command runs a model (backend, device, precision, batch size, threads, TTA); and the
 other options of the inference commands (``PredictSettings``, ``ExportSettings``, ``EnsembleSettings``).
 
-Every command that runs a model (predict, evaluate, calibrate, slide, slide evaluate's scan, explain, serve)
-takes its model options from this one dataclass, so ``--device`` or ``--precision`` has one spelling, one
+Every command that runs a model (predict, evaluate, calibrate, slide, slide evaluate's scan, explain, serve, and
+train --folds for its out-of-fold predictions) takes its model options from this one dataclass, so ``--device`` or ``--precision`` has one spelling, one
 type and one help text everywhere. A field left None is "not given": the command's own default applies
 (for TTA, the bundle's policy; see ``histoscan.inference.predictor.default_tta``), so the settings change
 nothing until the user sets them.

@@ -66,6 +66,7 @@ VOCABULARY: dict[str, tuple[str, str]] = {
     "--mpp": ("float", "resolution of the source in um/px"),
     "--val": ("float", "validation fraction of the split"),
     "--test": ("float", "test fraction of the split"),
+    "--calibration": ("float", "calibration fraction of the split (rows no model trains or validates on)"),
     "--folds": ("int", "number of cross-validation folds"),
     "--split": ("text", "which split of a store: test, val, train or all"),
     "--split-file": ("text", "an id,split CSV instead of the split recipe"),
@@ -286,7 +287,11 @@ def split(**values: Any) -> None:
     from histoscan.data.store import PatchStore
 
     s = SplitSettings(**values)
-    _print(write_splits(PatchStore(s.store), val=s.val, test=s.test, seed=s.seed, folds=s.folds).lines())
+    _print(
+        write_splits(
+            PatchStore(s.store), val=s.val, test=s.test, seed=s.seed, folds=s.folds, calibration=s.calibration
+        ).lines()
+    )
 
 
 _generated("split", split, _options("histoscan.data.settings:SplitSettings"))
@@ -396,8 +401,9 @@ _generated("ensemble", ensemble, _options("histoscan.inference.settings:Ensemble
 
 
 def calibrate(**values: Any) -> None:
-    """Fit temperature scaling, a referral rule and the tissue check on the run's data (an ensemble of folds:
-    out-of-fold predictions); store them in model.json. --tta: the policy they are fitted and applied under."""
+    """Fit temperature scaling, a referral rule and the tissue check on the run's data: the calibration rows of its
+    split when it has them, else its validation split (an ensemble of folds: out-of-fold predictions, an
+    approximation); store them in model.json. --tta: the policy they are fitted and applied under."""
     from histoscan.trust.calibrate import calibrate_run
     from histoscan.trust.settings import CalibrateSettings
 

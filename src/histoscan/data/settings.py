@@ -56,6 +56,11 @@ class SplitSettings:
     folds: int = doc(
         "Also write K >= 2 stratified (grouped) folds of the train+val rows, as id,fold (test rows: test).", 0
     )
+    calibration: float = doc(
+        "Also reserve this fraction as calibration rows (e.g. 0.1), outside train/val/test and every fold: "
+        "ensembles and 'calibrate' fit their threshold and temperature there.",
+        0.0,
+    )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ class CalibrateSettings:
 
     run: Path = doc("A run folder.", argument=True)
     data: Path | None = doc("Store holding the run's validation patches (default: the training store).", None)
-    temperature: bool = doc("Fit temperature scaling on the validation split.", True)
+    temperature: bool = doc(
+        "Fit temperature scaling on the calibration rows of the run's split (else the validation split).", True
+    )
     refer_coverage: float | None = doc(
         "Fit a referral rule answering this fraction of images (the rest: 'refer'), e.g. 0.9.", None
     )

@@ -537,7 +537,7 @@ def evaluate(
     backend: str = typer.Option("auto", help="torch, onnx or auto."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the AUROC interval."),
     labels: Path | None = typer.Option(
-        None, help="With a slides.csv (from 'histoscan slide') as RUN: a slide,label CSV; prints slide-level AUROC."
+        None, help="With a slides.csv (from 'histoscan slide') as RUN: a slide,label CSV; prints slide-level AUROC (95% CI), sensitivity and specificity."
     ),
     stain_shift: bool = typer.Option(
         False, help="Also score the split under the fixed stain-shift suite (AUROC per shift, worst drop)."
@@ -551,11 +551,11 @@ def evaluate(
     from histoscan.evaluation.report import headline
 
     if labels is not None:
-        from histoscan.wsi.evaluate import evaluate_slides
+        from histoscan.wsi.evaluate import SlideEvaluationSettings, evaluate_slides
 
-        s = evaluate_slides(run, labels)
-        for score, value in s.auroc.items():
-            _console().print(f"slide-level AUROC ({score}, {s.slides} slides, {s.positives} tumour): {value:.4f}")
+        s = evaluate_slides(run, labels, SlideEvaluationSettings(bootstrap=bootstrap))
+        for line in s.lines():
+            _console().print(line, highlight=False)
         return
     r = evaluate_run(
         run,

@@ -537,7 +537,8 @@ def evaluate(
     backend: str = typer.Option("auto", help="torch, onnx or auto."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the AUROC interval."),
     labels: Path | None = typer.Option(
-        None, help="With a slides.csv (from 'histoscan slide') as RUN: a slide,label CSV; prints slide-level AUROC (95% CI), sensitivity and specificity."
+        None,
+        help="With a slides.csv (from 'histoscan slide') as RUN: a slide,label CSV; prints slide-level AUROC (95% CI), sensitivity and specificity.",
     ),
     stain_shift: bool = typer.Option(
         False, help="Also score the split under the fixed stain-shift suite (AUROC per shift, worst drop)."

@@ -257,3 +257,12 @@ def test_a_mask_of_the_wrong_size_fails_its_slide_before_tiles_are_read(tmp_path
     r = run_slides(lambda: pred, [slides], tmp_path / "out", ScanSettings(mask=str(masks)), printer=quiet)
     assert list(r.failed) == ["wrong"] and "wrong.png" in r.failed["wrong"] and "aspect ratio" in r.failed["wrong"]
     assert [s.slide for s in r.scanned] == ["right"]
+
+
+def test_describe_slide_resolution_says_what_a_scan_would_do(tmp_path: Path) -> None:
+    from histoscan.wsi.resolution import describe_slide_resolution
+
+    good = describe_slide_resolution(slide(tmp_path, "good.tif"))
+    assert "states 1 um/px" in good and "A scan uses 1 um/px (from its metadata)" in good
+    liar = describe_slide_resolution(slide(tmp_path, "liar.tif", resolution_tag=(72.0, "INCH")))
+    assert "states 352.8 um/px" in liar and "A scan refuses it" in liar and "72 dpi" in liar and "\n" not in liar

@@ -146,3 +146,28 @@ def slide_mpp(path: str | Path, stated: float | None, fill_in: float | None) -> 
     Metadata wins so that one --slide-mpp for a folder fills in only the slides that lack it.
     """
     return slide_resolution(path, stated, fill_in).mpp
+
+
+def describe_slide_resolution(path: str | Path) -> str:
+    """One line on what a slide states about its resolution and whether a scan would accept it.
+
+    For checking a slide before scanning it: ``python -c "from histoscan.wsi.resolution import
+    describe_slide_resolution as d; print(d('slide.svs'))"``.
+    """
+    from histoscan.wsi.reader import open_slide
+
+    reader = open_slide(path)
+    try:
+        stated, power = reader.mpp, reader.objective_power
+        w, h = reader.dimensions
+        levels = ", ".join(f"{d:.3g}" for d in reader.level_downsamples)
+    finally:
+        reader.close()
+    what = f"{path}: {w}x{h} px, level downsamples {levels}; "
+    what += f"states {stated:.4g} um/px" if stated else "states no resolution"
+    what += f" at {power:g}x" if power else ", no objective power"
+    try:
+        res = slide_resolution(path, stated, None, None, power)
+    except SlideError as exc:
+        return f"{what}. A scan refuses it: {str(exc).removeprefix(f'{path}: ')}"
+    return f"{what}. A scan uses {res.mpp:.4g} um/px (from its {res.source})"

@@ -135,7 +135,10 @@ class OpenSlideReader:
         try:
             region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
         except openslide.OpenSlideError as exc:
-            raise SlideError(f"{self.path}: unreadable region at ({x}, {y}) ({exc})") from exc
+            raise SlideError(
+                f"{self.path}: unreadable region at ({x}, {y}) ({exc}); the file is corrupt or truncated: "
+                "copy it again or re-export it"
+            ) from exc
         return composite(np.asarray(region), self.background)
 
     def thumbnail(self, max_side: int) -> np.ndarray:

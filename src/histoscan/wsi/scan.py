@@ -335,7 +335,7 @@ def scan_slide(
                     settings.device,
                     stain_sample,
                 )
-        except BaseException:  # any failure: discard what was written, the slide's old result stays as it was
+        except Exception:  # any failure: discard what was written (a kill leaves it, removed by the next scan)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         times = (time.perf_counter() - started, mask_seconds, infer_seconds)

@@ -137,8 +137,8 @@ def collect_folds(
 
     The out-of-fold predictions use the folds' default TTA (``default_tta``), as their evaluation does.
     """
-    from histoscan.evaluation.metrics import auroc
     from histoscan.inference.predictor import Predictor, default_tta
+    from histoscan.metrics import auroc
 
     cv_dir = Path(cv_dir)
     k = k if k is not None else len(list(cv_dir.glob("fold-*")))

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from histoscan.errors import DataError
-from histoscan.evaluation.metrics import auroc, bootstrap_statistic
+from histoscan.metrics import auroc, bootstrap_statistic
 from histoscan.wsi.annotations import annotation_for, read_annotations
 
 SCORES = ("max_probability", "topk_mean_probability")
@@ -191,12 +191,15 @@ def evaluate_slides(
 ) -> SlideEvaluation:
     """Evaluate a scan folder's slides.csv: slide-level AUROC (95% CI), sensitivity/specificity, lesion FROC.
 
-    Slide labels come from ``labels_csv`` (slide,label), else from the annotations (a slide whose file
+    ``slides_csv``: a scan's slides.csv, or the scan's output folder holding it. Slide labels come
+    from ``labels_csv`` (slide,label), else from the annotations (a slide whose file
     holds a lesion is tumour; a slide without a file is normal). The lesion FROC needs
     ``settings.annotations``; each slide's outputs are read from the folder beside slides.csv.
     """
     settings = settings or SlideEvaluationSettings()
     slides_csv = Path(slides_csv)
+    if slides_csv.is_dir():  # the scan's output folder holding it
+        slides_csv = slides_csv / "slides.csv"
     scores = _read(slides_csv, ("slide", *SCORES))
     done = scores[scores["status"] == "done"] if "status" in scores else scores
     if done.empty:

@@ -80,6 +80,7 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return out, ann  # slide c has no annotation file: a normal slide
 
 
+@pytest.mark.slow  # three scanned slides in the fixture: about 6 s
 def test_lesion_froc_and_slide_level_figures_on_known_lesions(scans: tuple[Path, Path]) -> None:
     out, ann = scans
     ev = evaluate_slides(out / "slides.csv", settings=SlideEvaluationSettings(annotations=ann, bootstrap=200))
@@ -100,6 +101,7 @@ def test_lesion_froc_and_slide_level_figures_on_known_lesions(scans: tuple[Path,
     assert strict.sensitivity == 1.0 and strict.specificity == 1.0
 
 
+@pytest.mark.slow  # three scanned slides in the fixture: about 6 s
 def test_labels_csv_with_annotations_and_bad_annotation_files(scans: tuple[Path, Path], tmp_path: Path) -> None:
     out, ann = scans
     labels = tmp_path / "labels.csv"

@@ -14,7 +14,7 @@ reads fine nuclear texture as "normal" takes it for tumour, so P(tumour) can ris
 removed. Check a fill on true negatives first: deleting from them must leave P(tumour) where it
 was. On hcd, for the cpu-default, only ``normal`` passed, and only for contiguous deletions (the
 map's, a block, the centre blob): pixels scattered at random make a speckle that raises P(tumour)
-whatever the fill (figures in the README's "Is the map true to the model?").
+whatever the fill (benchmarks/bench_explain.py measures it; docs/guide/explain.md, "Is the map true to the model?").
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def build_augmentation(
       robustness without dropping the default's robustness to brightness and contrast. ``stain_p``
       is the fraction of patches the two stain ops re-stain (together); the rest keep their colours.
       ``matrix_noise`` replaces the preset's stain-vector noise (sd, before ``strength``): on HCD that
-      noise alone buys the robustness to hue shifts and costs the clean AUROC (README, stain protocol).
+      noise alone buys the robustness to hue shifts and costs the clean AUROC (benchmarks/stain_ablation.py).
       ``restain=False`` builds a stain preset without its stain ops: its base, ``light``.
 
     ``crop`` adds a centre-safe random crop to that size (before any resize) that keeps the

@@ -17,6 +17,7 @@ from histoscan.inference.predictor import Predictor
 from histoscan.serving import page, routes_explain, routes_health, routes_predict
 from histoscan.serving.batcher import MicroBatcher, Overloaded
 from histoscan.serving.guard import RequestGuard, request_id
+from histoscan.serving.slides import routes as slides
 from histoscan.serving.model_process import ModelProcess, ModelRunner, ModelThread, ModelUnavailable
 from histoscan.serving.state import ServeSettings, ServeState
 from histoscan.serving.uploads import UploadError
@@ -43,6 +44,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             await batcher.stop()
             await model.stop()
             state.pool.close()
+            slides.close(app)
             app.state.histoscan = None
 
     app = FastAPI(
@@ -57,6 +59,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.include_router(routes_predict.router)
     app.include_router(routes_explain.router)
     app.include_router(page.router)
+    slides.register(app, settings)  # /slides and /v1/slides (a folder of scanned slides, when --slides names one)
 
     @app.exception_handler(UploadError)
     async def upload_error(_: Request, exc: UploadError) -> JSONResponse:

@@ -102,9 +102,10 @@ def test_deep_zoom_descriptor_and_tiles_at_two_levels(client: TestClient) -> Non
     assert abs(int(np.median(pixels[100, :, 0] - (np.arange(256) + 253) % 256))) <= 3
     small = Image.open(io.BytesIO(client.get("/v1/slides/alpha_files/8/0_0.jpeg").content))
     assert small.size == (250, 175)  # level 8: the slide at 1/4 scale, one tile
-    assert client.get(f"/v1/slides/alpha_files/{top}/1_1.jpeg").content == client.get(
-        f"/v1/slides/alpha_files/{top}/1_1.jpeg"
-    ).content
+    assert (
+        client.get(f"/v1/slides/alpha_files/{top}/1_1.jpeg").content
+        == client.get(f"/v1/slides/alpha_files/{top}/1_1.jpeg").content
+    )
 
 
 @pytest.mark.parametrize(
@@ -325,7 +326,9 @@ def test_viewer_in_a_real_browser(cmu_scan: tuple[Path, Path], tmp_path: Path) -
         assert heat.value_of_css_property("visibility") == "hidden"
         b.find_element(By.ID, "overlay-toggle").click()
         assert heat.value_of_css_property("visibility") == "visible"
-        b.execute_script("const o = document.getElementById('opacity'); o.value = 0.4; o.dispatchEvent(new Event('input'));")
+        b.execute_script(
+            "const o = document.getElementById('opacity'); o.value = 0.4; o.dispatchEvent(new Event('input'));"
+        )
         assert heat.value_of_css_property("opacity") == "0.4"
 
         # click inside the largest region: its measurements show
@@ -342,12 +345,18 @@ def test_viewer_in_a_real_browser(cmu_scan: tuple[Path, Path], tmp_path: Path) -
         )
         stage = b.find_element(By.ID, "viewer")
         size = stage.size
-        ActionChains(b).move_to_element_with_offset(stage, int(x - size["width"] / 2), int(y - size["height"] / 2)).click().perform()
-        info = WebDriverWait(b, 10).until(lambda d: d.find_element(By.ID, "region-info").text and d.find_element(By.ID, "region-info"))
+        ActionChains(b).move_to_element_with_offset(
+            stage, int(x - size["width"] / 2), int(y - size["height"] / 2)
+        ).click().perform()
+        info = WebDriverWait(b, 10).until(
+            lambda d: d.find_element(By.ID, "region-info").text and d.find_element(By.ID, "region-info")
+        )
         m = largest["properties"]["measurements"]
         assert info.find_element(By.CSS_SELECTOR, ".m-max_probability").text == f"{m['max_probability']:.3f}"
         assert f"{m['area_um2'] / 1e6:.4f} mm²" in info.find_element(By.CSS_SELECTOR, ".m-area_um2").text
-        WebDriverWait(b, 30).until(lambda d: d.execute_script("return histoscan.viewer.world.getItemAt(0).getFullyLoaded()"))
+        WebDriverWait(b, 30).until(
+            lambda d: d.execute_script("return histoscan.viewer.world.getItemAt(0).getFullyLoaded()")
+        )
         _screenshot(b.get_screenshot_as_png(), tmp_path)
 
         b.get(url + "/slides/CMU-1-moved")  # the moved slide: a clear message instead of an empty viewer
@@ -360,5 +369,7 @@ def _screenshot(png: bytes, tmp_path: Path) -> None:
     img = Image.open(io.BytesIO(png)).convert("RGB")
     img = img.resize((900, round(img.height * 900 / img.width)), Image.Resampling.LANCZOS)
     small = img.quantize(colors=192, method=Image.Quantize.MEDIANCUT)
-    target = Path(__file__).resolve().parents[1] / "docs" / "images" if os.environ.get("HISTOSCAN_SCREENSHOTS") else tmp_path
+    target = (
+        Path(__file__).resolve().parents[1] / "docs" / "images" if os.environ.get("HISTOSCAN_SCREENSHOTS") else tmp_path
+    )
     small.save(target / "slide-viewer.png", optimize=True)

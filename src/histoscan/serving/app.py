@@ -17,8 +17,8 @@ from histoscan.inference.predictor import Predictor
 from histoscan.serving import page, routes_explain, routes_health, routes_predict
 from histoscan.serving.batcher import MicroBatcher, Overloaded
 from histoscan.serving.guard import RequestGuard, request_id
-from histoscan.serving.slides import routes as slides
 from histoscan.serving.model_process import ModelProcess, ModelRunner, ModelThread, ModelUnavailable
+from histoscan.serving.slides import routes as slides
 from histoscan.serving.state import ServeSettings, ServeState
 from histoscan.serving.uploads import UploadError
 

@@ -83,7 +83,9 @@ class SlideLibrary:
     def __init__(self, folder: str | Path) -> None:
         root = Path(folder)
         if not root.is_dir():
-            raise SlideFolderError(f"{folder}: no such folder of scanned slides (the --out folder of 'histoscan slide')")
+            raise SlideFolderError(
+                f"{folder}: no such folder of scanned slides (the --out folder of 'histoscan slide')"
+            )
         self.root = root.resolve()
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None

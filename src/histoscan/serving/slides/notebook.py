@@ -94,6 +94,8 @@ def show_viewer(folder: str | Path | ViewerServer, slide: str | None = None, hei
     try:
         from IPython.display import IFrame
     except ImportError as exc:
-        raise ConfigError("show_viewer needs IPython (pip install ipython); open_viewer(folder).url works without") from exc
+        raise ConfigError(
+            "show_viewer needs IPython (pip install ipython); open_viewer(folder).url works without"
+        ) from exc
     viewer = folder if isinstance(folder, ViewerServer) else open_viewer(folder, **options)
     return IFrame(viewer.slide_url(slide) if slide else viewer.url, width="100%", height=height)

@@ -52,7 +52,7 @@ def placement(entry: SlideEntry, meta: dict[str, Any] | None, shape: tuple[int, 
     meta = meta or {}
     s = entry.summary
     origin = meta.get("origin_level0_px")
-    bounds = s.get("bounds") if isinstance(s.get("bounds"), dict) else {}
+    bounds: dict[str, Any] = s["bounds"] if isinstance(s.get("bounds"), dict) else {}
     if not (isinstance(origin, list) and len(origin) == 2):
         origin = [bounds.get("x", 0), bounds.get("y", 0)]
     cell_um = _num(meta.get("cell_um")) or entry.number("cell_um")
@@ -83,7 +83,7 @@ def colour_stops(n: int = 11) -> list[str]:
     from matplotlib import colormaps
 
     cmap = colormaps[COLORMAP]
-    return ["#{:02x}{:02x}{:02x}".format(*(int(round(255 * c)) for c in cmap(i / (n - 1))[:3])) for i in range(n)]
+    return ["#{:02x}{:02x}{:02x}".format(*(round(255 * float(c)) for c in cmap(i / (n - 1))[:3])) for i in range(n)]
 
 
 def overlay_png(grid: np.ndarray) -> bytes:

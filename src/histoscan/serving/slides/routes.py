@@ -197,7 +197,7 @@ async def slide_detail(slide: str, service: SlideService = Depends(get_slides)) 
     entry = lookup(service, slide)
     out = row(service, entry)
     s = entry.summary
-    bounds = s.get("bounds") if isinstance(s.get("bounds"), dict) else {}
+    bounds: dict[str, Any] = s["bounds"] if isinstance(s.get("bounds"), dict) else {}
     offset = (float(bounds.get("x", 0) or 0), float(bounds.get("y", 0) or 0))  # the pyramid starts at the bounds
     if out["status"] == "done":
         try:

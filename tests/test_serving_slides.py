@@ -117,9 +117,15 @@ def test_a_tile_outside_the_pyramid_is_404(client: TestClient, path: str, words:
     assert r.status_code == 404 and words in r.json()["error"]
 
 
-def test_negative_or_malformed_tile_addresses_are_404(client: TestClient) -> None:
-    for path in ("alpha_files/-1/0_0.jpeg", "alpha_files/1/x_0.jpeg", "alpha_files/1/0_0.png"):
-        assert client.get("/v1/slides/" + path).status_code == 404, path
+def test_negative_or_malformed_tile_addresses_are_422_naming_the_field(client: TestClient) -> None:
+    for path, field in (
+        ("alpha_files/-1/0_0.jpeg", "level"),
+        ("alpha_files/1/x_0.jpeg", "col"),
+        ("alpha_files/1/0_1e9.jpeg", "row"),
+    ):
+        r = client.get("/v1/slides/" + path)
+        assert r.status_code == 422 and f"path.{field}" in r.json()["error"], (path, r.text)
+    assert client.get("/v1/slides/alpha_files/1/0_0.png").status_code == 404  # no such route
 
 
 def test_overlay_is_the_grid_in_colour_where_the_summary_places_it(client: TestClient, served: Path) -> None:
@@ -266,6 +272,25 @@ def test_serve_with_slides_needs_the_key_like_every_v1_route(tiny_run: Path, ser
         assert c.get("/v1/slides", headers=ok).json()["total"] == 4
         assert c.get("/v1/slides/alpha_files/8/0_0.jpeg", headers=ok).headers["content-type"] == "image/jpeg"
         assert c.get("/slides").status_code == 200  # the page is open; it sends the key the user types
+        # tiles are admitted with the model work, as their own kind with its own limit, and counted
+        admission = c.app.state.histoscan.batcher.admission  # type: ignore[attr-defined]
+        assert admission.limits["tile"] == settings.max_tile_queue
+        admission.take("tile", settings.max_tile_queue)  # as if every tile slot were taken
+        try:
+            r = c.get("/v1/slides/alpha_files/9/0_0.jpeg", headers=ok)  # not cached yet: needs a slot
+            assert (
+                r.status_code == 503 and r.headers["retry-after"] == "1" and "slide tiles queued" in r.json()["error"]
+            )
+            ready = c.get("/ready", headers=ok)
+            assert ready.status_code == 503 and "tile" in ready.json()["saturated"]
+        finally:
+            admission.give("tile", settings.max_tile_queue)
+        assert c.get("/v1/slides/alpha_files/9/0_0.jpeg", headers=ok).status_code == 200
+        text = c.get("/metrics", headers=ok).text
+    tile_route = 'route="/v1/slides/{slide}_files/{level}/{col}_{row}.jpeg"'
+    assert f'histoscan_queue_limit{{kind="tile"}} {settings.max_tile_queue}.0' in text
+    assert f'histoscan_responses_total{{{tile_route},status="503"}} 1.0' in text
+    assert f'histoscan_responses_total{{{tile_route},status="200"}} 2.0' in text
     with TestClient(create_app(ServeSettings(str(tiny_run), model_process=False))) as c:
         r = c.get("/v1/slides")
         assert r.status_code == 404 and "--slides" in r.json()["error"]

@@ -39,7 +39,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
         model = load_model_runner(settings)
         await model.start()
         s = settings
-        admission = Admission({"predict": s.max_queue, "explain": s.max_explain_queue, "preview": s.max_previews})
+        admission = Admission(
+            {
+                "predict": s.max_queue,
+                "explain": s.max_explain_queue,
+                "preview": s.max_previews,
+                "tile": s.max_tile_queue,
+            }
+        )
+        slides.attach(app, admission)  # slide tiles are admitted (and counted) with the model work
         batcher = MicroBatcher(
             model, s.max_batch, s.max_wait_ms, s.max_in_flight, s.max_queue, admission, s.model_timeout_s
         )

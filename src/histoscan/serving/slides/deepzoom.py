@@ -3,8 +3,9 @@
 Reading and JPEG-encoding a tile takes milliseconds of C code that holds the GIL only in part, so it
 runs in a small thread pool; the event loop only looks tiles up in the cache and awaits the pool.
 The cache is bounded in bytes (not in tiles: tiles at the edge of a level are smaller), dropping the
-least recently used tile first; at most ``max_queue`` tiles wait for the pool at once, above that
-the request is refused with 503 and Retry-After (the same answer as a full model queue).
+least recently used tile first. Work for the pool is admitted as the ``tile`` kind of the server's one
+Admission (``--max-tile-queue``): above that limit the request is refused with 503 and Retry-After,
+the same answer as a full model queue, and ``/metrics`` and ``/ready`` count it with the rest.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from histoscan.serving.batcher import Overloaded
+from histoscan.serving.admission import Admission
 
 TILE_SIZE = 254  # 254 + 2 x 1 px overlap = 256: the usual Deep Zoom choice (OpenSlide's default)
 OVERLAP = 1
@@ -113,10 +114,11 @@ def encode_jpeg(image: Any, quality: int = JPEG_QUALITY) -> bytes:
 class TileService:
     """Deep Zoom descriptors and tiles of the slides, read in a thread pool, cached in bounded memory."""
 
-    def __init__(self, cache_bytes: int, workers: int, max_queue: int) -> None:
+    def __init__(self, cache_bytes: int, workers: int, max_queue: int, admission: Admission | None = None) -> None:
         self.cache = ByteLRU(cache_bytes)
         self.workers, self.max_queue = workers, max_queue
-        self.waiting = 0
+        # the server's Admission once its lifespan starts (histoscan serve); a viewer-only app keeps its own
+        self.admission = admission or Admission({"tile": max_queue})
         self._pool: ThreadPoolExecutor | None = None
         self._open: OrderedDict[Path, OpenedSlide] = OrderedDict()
         self._lock = threading.Lock()
@@ -149,15 +151,15 @@ class TileService:
                 self._open.popitem(last=False)
         return got
 
+    @property
+    def waiting(self) -> int:
+        """Calls admitted and waiting for (or running in) the pool."""
+        return self.admission.used["tile"]
+
     async def run(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` in the pool, or 503 (Overloaded) when ``max_queue`` calls already wait for it."""
-        if self.waiting >= self.max_queue:
-            raise Overloaded(f"server busy: {self.waiting} slide tiles queued; retry shortly", 1)
-        self.waiting += 1
-        try:
+        """``fn(*args)`` in the pool, admitted as one ``tile`` (Overloaded, 503, when that kind is full)."""
+        with self.admission.slot("tile"):
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-        finally:
-            self.waiting -= 1
 
     async def describe(self, path: Path) -> OpenedSlide:
         """The opened slide (its pyramid's size and offset), opened in the pool."""

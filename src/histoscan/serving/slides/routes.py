@@ -8,19 +8,20 @@ static files are open, like the try-it page, and send the key the user types wit
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from histoscan.serving.batcher import Overloaded
+from histoscan.serving.admission import Admission, Overloaded
+from histoscan.serving.responses import errors
 from histoscan.serving.slides import overlay as overlay_mod
 from histoscan.serving.slides.deepzoom import SlideUnavailable, TileOutside, TileService
 from histoscan.serving.slides.library import (
@@ -38,6 +39,8 @@ log = logging.getLogger("histoscan.serve")
 MB = 1_000_000
 STATIC_URL = "/static/slides"
 MAX_PAGE = 500  # most slides in one page of the list
+MAX_LEVEL = 64  # Deep Zoom levels: log2 of the longer side + 1 (a 2^40-pixel side would have 41)
+MAX_TILE_INDEX = 10_000_000  # tile columns / rows (far beyond any slide; bounds the number, 422 above)
 
 
 @dataclass
@@ -86,6 +89,20 @@ def lookup(service: SlideService, slide: str) -> SlideEntry:
     return entry
 
 
+def attach(app: FastAPI, admission: Admission) -> None:
+    """Admit the slide routes' tile work through the server's one Admission (its ``tile`` kind)."""
+    service = getattr(app.state, "slides", None)
+    if service is not None:
+        service.tiles.admission = admission
+
+
+# the statuses each kind of slide route answers (the OpenAPI lists them with the error body's schema)
+FAILED_SCAN = {409: "The slide's scan failed: there is nothing to show."}
+LIST_ERRORS = errors(401, 404, 422, 500, 503)
+SLIDE_ERRORS = errors(400, 401, 404, 422, 500, 503)
+IMAGE_ERRORS = errors(400, 401, 404, 409, 410, 422, 500, 503, why=FAILED_SCAN)
+
+
 def slide_url(name: str) -> str:
     return f"/v1/slides/{quote(name, safe='')}"
 
@@ -116,6 +133,10 @@ def row(service: SlideService, entry: SlideEntry) -> dict[str, Any]:
         "topk_mean_probability": entry.number("topk_mean_probability"),
         "top_k": entry.get("top_k"),
         "tiles": entry.get("tiles"),
+        "model": entry.get("model"),  # the model's fingerprint (issue 35's identity); older scans: absent
+        "run": _run_name(entry),
+        "identity_key": entry.get("identity_key"),
+        "slide_mpp_source": entry.get("slide_mpp_source"),
         "url": base,
         "dzi": f"{base}.dzi" if status == "done" else None,
         "viewer": f"/slides/{quote(entry.name, safe='')}" if not entry.failed else None,
@@ -125,7 +146,7 @@ def row(service: SlideService, entry: SlideEntry) -> dict[str, Any]:
 router = APIRouter(prefix="/v1/slides", dependencies=[Depends(require_key)], tags=["slides"])
 
 
-@router.get("")
+@router.get("", responses=LIST_ERRORS)
 def list_slides(
     offset: int = Query(0, ge=0, description="First slide of the page (0-based)."),
     limit: int = Query(50, ge=1, le=MAX_PAGE, description=f"Slides in the page (at most {MAX_PAGE})."),
@@ -137,16 +158,20 @@ def list_slides(
     return {"total": total, "offset": offset, "limit": limit, "slides": [row(service, e) for e in entries]}
 
 
-@router.get("/{slide}.dzi", responses={200: {"content": {"application/xml": {}}}})
+@router.get("/{slide}.dzi", responses={**IMAGE_ERRORS, 200: {"content": {"application/xml": {}}}})
 async def deepzoom_descriptor(slide: str, service: SlideService = Depends(get_slides)) -> Response:
     """The Deep Zoom descriptor of the slide (XML)."""
     path = _slide_file(service, lookup(service, slide))
     return Response(await _unavailable_as_410(service.tiles.dzi(path)), media_type="application/xml")
 
 
-@router.get("/{slide}_files/{level:int}/{col:int}_{row:int}.jpeg", responses={200: {"content": {"image/jpeg": {}}}})
+@router.get("/{slide}_files/{level}/{col}_{row}.jpeg", responses={**IMAGE_ERRORS, 200: {"content": {"image/jpeg": {}}}})
 async def deepzoom_tile(
-    slide: str, level: int, col: int, row: int, service: SlideService = Depends(get_slides)
+    slide: str,
+    level: int = Path(ge=0, le=MAX_LEVEL, description="Deep Zoom level (0: one pixel; the last: full resolution)."),
+    col: int = Path(ge=0, le=MAX_TILE_INDEX, description="Tile column in the level."),
+    row: int = Path(ge=0, le=MAX_TILE_INDEX, description="Tile row in the level."),
+    service: SlideService = Depends(get_slides),
 ) -> Response:
     """One Deep Zoom tile (JPEG); 404 outside the pyramid."""
     path = _slide_file(service, lookup(service, slide))
@@ -157,7 +182,7 @@ async def deepzoom_tile(
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
-@router.get("/{slide}/overlay.png", responses={200: {"content": {"image/png": {}}}})
+@router.get("/{slide}/overlay.png", responses={**SLIDE_ERRORS, 200: {"content": {"image/png": {}}}})
 async def overlay_image(slide: str, service: SlideService = Depends(get_slides)) -> Response:
     """The probability grid coloured (inferno, P 0 to 1; cells not scanned transparent), one square per cell."""
     entry = lookup(service, slide)
@@ -167,12 +192,12 @@ async def overlay_image(slide: str, service: SlideService = Depends(get_slides))
     key = ("overlay", path, path.stat().st_mtime_ns)
     png = service.tiles.cache.get(key)
     if png is None:
-        png = await asyncio.to_thread(lambda: overlay_mod.overlay_png(overlay_mod.read_grid(path)))
+        png = await service.tiles.run(lambda: overlay_mod.overlay_png(overlay_mod.read_grid(path)))
         service.tiles.cache.put(key, png)
     return Response(png, media_type="image/png")
 
 
-@router.get("/{slide}/regions.geojson")
+@router.get("/{slide}/regions.geojson", responses={**SLIDE_ERRORS, 200: {"content": {"application/geo+json": {}}}})
 async def regions(slide: str, service: SlideService = Depends(get_slides)) -> JSONResponse:
     """The tumour regions (GeoJSON, level-0 pixels minus the slide's bounds corner, as QuPath reads them);
     per-tile objects, when the scan wrote them, are left out."""
@@ -180,7 +205,7 @@ async def regions(slide: str, service: SlideService = Depends(get_slides)) -> JS
     path = service.library.output(entry, REGIONS_FILE)
     if path is None:
         raise HTTPException(404, f"{slide}: the scan left no regions ({REGIONS_FILE})")
-    data = await asyncio.to_thread(_read_json, path)
+    data = await service.tiles.run(_read_json, path)
     if data is None:
         raise HTTPException(404, f"{slide}: {REGIONS_FILE} is not readable GeoJSON")
     features = [
@@ -191,7 +216,7 @@ async def regions(slide: str, service: SlideService = Depends(get_slides)) -> JS
     return JSONResponse({"type": "FeatureCollection", "features": features}, media_type="application/geo+json")
 
 
-@router.get("/{slide}")
+@router.get("/{slide}", responses=SLIDE_ERRORS)
 async def slide_detail(slide: str, service: SlideService = Depends(get_slides)) -> dict[str, Any]:
     """Everything the viewer needs: status, size and resolution, the overlay's placement, the summary."""
     entry = lookup(service, slide)
@@ -210,7 +235,7 @@ async def slide_detail(slide: str, service: SlideService = Depends(get_slides)) 
     meta = None
     meta_file = service.library.output(entry, PROB_META_FILE)
     if meta_file is not None:
-        meta = await asyncio.to_thread(_read_json, meta_file)
+        meta = await service.tiles.run(_read_json, meta_file)
     prob = service.library.output(entry, PROB_FILE)
     place = overlay_mod.placement(entry, meta, None)
     out["mpp"] = entry.number("slide_mpp") or (meta or {}).get("slide_mpp")
@@ -239,19 +264,27 @@ async def slide_detail(slide: str, service: SlideService = Depends(get_slides)) 
     keep = (
         "threshold",
         "resolution",
+        "slide_mpp_source",
         "cell_um",
         "grid",
         "tta",
         "backend",
         "histoscan_version",
-        "model_fingerprint",
-        "resolution_source",
+        "model",
+        "identity_key",
+        "identity",
         "predictor",
     )
     out["summary"] = {k: s[k] for k in keep if k in s}
-    if "run" in s:
-        out["summary"]["model"] = str(s["run"]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    if out["run"] is not None:
+        out["summary"]["run"] = out["run"]
     return out
+
+
+def _run_name(entry: SlideEntry) -> str | None:
+    """The name of the run folder that scanned the slide (the summary keeps its path)."""
+    run = entry.get("run")
+    return str(run).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] if run else None
 
 
 def _slide_file(service: SlideService, entry: SlideEntry) -> Any:
@@ -341,5 +374,10 @@ def create_viewer_app(settings: SlideSettings) -> FastAPI:
     @app.exception_handler(Overloaded)
     async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
         return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:  # the same line as serve's
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse(status_code=422, content={"error": f"bad request: {problems}"})
 
     return app

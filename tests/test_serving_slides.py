@@ -69,6 +69,8 @@ def test_the_list_pages_and_says_what_each_slide_is(client: TestClient, served: 
     assert alpha["status"] == "done" and alpha["dzi"] == "/v1/slides/alpha.dzi" and alpha["viewer"] == "/slides/alpha"
     for k in ("tumour_mm2", "tissue_mm2", "max_probability", "topk_mean_probability", "top_k", "tiles"):
         assert alpha[k] == summary[k], k
+    for k in ("model", "identity_key", "slide_mpp_source"):  # what made the result (issue 35)
+        assert alpha[k] == summary[k] and summary[k], k
     assert alpha["max_probability"] == pytest.approx(0.9)
     assert gone["status"] == "missing" and gone["dzi"] is None and "gone.tif" in gone["message"]
     assert "moved or deleted" in gone["message"] and gone["viewer"] == "/slides/gone"
@@ -144,6 +146,51 @@ def test_overlay_is_the_grid_in_colour_where_the_summary_places_it(client: TestC
     assert "#{:02x}{:02x}{:02x}".format(*hot[:3]) != stops[1] and hot[3] == 255
     assert np.abs(hot[:3].astype(int) - [int(stops[9][i : i + 2], 16) for i in (1, 3, 5)]).max() <= 40  # ~P 0.9
     assert np.abs(cold[:3].astype(int) - [int(stops[1][i : i + 2], 16) for i in (1, 3, 5)]).max() <= 40  # ~P 0.1
+
+
+def test_the_overlay_is_level_0_of_the_pyramidal_ome_tiff(client: TestClient, served: Path) -> None:
+    import tifffile
+
+    from histoscan.serving.slides.overlay import read_grid
+
+    with tifffile.TiffFile(served / "alpha" / "probabilities.tif") as tif:
+        assert tif.is_ome and len(tif.series[0].levels) >= 2  # issue 35: a pyramid, level 0 first
+        level0 = tif.series[0].levels[0].asarray()
+    grid = read_grid(served / "alpha" / "probabilities.tif")
+    assert grid.shape == level0.shape == (22, 32) and np.array_equal(grid, level0, equal_nan=True)
+
+
+def test_regions_with_slide_bounds_land_where_the_scan_put_them(
+    client: TestClient, served: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slide with a bounds corner (MRXS, some TIFFs): GeoJSON is level-0 minus that corner, and the Deep Zoom
+    pyramid starts there too, so regions and overlay move with it and stay on the same tissue."""
+    from histoscan.serving.slides import deepzoom
+
+    real = deepzoom.open_deepzoom
+    bx, by = 300.0, 200.0
+
+    def with_bounds(path: Path) -> deepzoom.OpenedSlide:
+        opened = real(path)
+        return deepzoom.OpenedSlide(opened.path, opened.deepzoom, (bx, by), opened.size)
+
+    shifted = served.parent / "shifted"
+    shutil.copytree(served / "alpha", shifted / "alpha")
+    summary = json.loads((shifted / "alpha" / "summary.json").read_text())
+    summary["bounds"].update(x=bx, y=by)  # as the scan records a slide whose bounds start at (300, 200)
+    (shifted / "alpha" / "summary.json").write_text(json.dumps(summary))
+    meta = json.loads((shifted / "alpha" / "probabilities.json").read_text())
+    meta["origin_level0_px"] = [bx, by]
+    (shifted / "alpha" / "probabilities.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(deepzoom, "open_deepzoom", with_bounds)
+    with TestClient(create_viewer_app(SlideSettings(str(shifted), cache_mb=4))) as c:
+        info = c.get("/v1/slides/alpha").json()
+        (region,) = c.get(info["regions"]["url"]).json()["features"]
+    dx, dy = info["regions"]["offset"]
+    x0, y0, x1, y1 = shape(region["geometry"]).bounds
+    assert (dx, dy) == (0.0, 0.0) and (x0 + dx, x1 + dx, y0 + dy, y1 + dy) == HOT  # same pixels of the pyramid
+    assert (info["overlay"]["x"], info["overlay"]["y"]) == (0.0, 0.0)
+    assert info["overlay"]["origin_level0_px"] == [bx, by]
 
 
 def test_regions_are_the_annotations_in_image_pixels(client: TestClient, served: Path) -> None:

@@ -26,7 +26,11 @@ async function load() {
     status.className = "status status-" + s.status;
     status.textContent = s.status === "done" ? "scanned" : s.status;
     if (s.message) { status.title = s.message; status.textContent += ": " + s.message; }
-    tr.appendChild(name); tr.appendChild(status);
+    const model = document.createElement("td");  // the run that scanned it, and its fingerprint (identity)
+    model.className = "model";
+    model.textContent = s.run || s.model || "";
+    if (s.model) model.title = `model ${s.model}` + (s.identity_key ? `, scan identity ${s.identity_key}` : "");
+    tr.appendChild(name); tr.appendChild(status); tr.appendChild(model);
     for (const [v, d] of [[s.tumour_mm2, 3], [s.tissue_mm2, 3], [s.max_probability, 3], [s.topk_mean_probability, 3], [s.tiles, 0]]) {
       const td = document.createElement("td"); td.className = "num"; td.textContent = fmt(v, d); tr.appendChild(td);
     }

@@ -28,7 +28,9 @@ async function main() {
   if (info.tumour_mm2 != null) f.push(`tumour ${info.tumour_mm2.toFixed(3)} mm²`);
   if (info.max_probability != null) f.push(`max P ${info.max_probability.toFixed(3)}`);
   if (info.topk_mean_probability != null) f.push(`top-${info.top_k ?? "k"} mean P ${info.topk_mean_probability.toFixed(3)}`);
-  if (info.mpp) f.push(`${info.mpp.toFixed(3)} µm/px`);
+  if (info.mpp) f.push(`${info.mpp.toFixed(3)} µm/px` + (info.slide_mpp_source ? ` (${info.slide_mpp_source})` : ""));
+  const made = [info.run, info.model && `[${info.model}]`].filter(Boolean).join(" ");  // what made the result
+  if (made) f.push(`model ${made}`);
   $("facts").textContent = f.join(" · ");
   if (info.overlay) $("colorbar").querySelector(".ramp").style.background = `linear-gradient(to right, ${info.overlay.colors.join(",")})`;
   if (info.status !== "done") {  // moved, deleted or failed: say so instead of an empty viewer

@@ -15,8 +15,8 @@ same cores, which the Predictor alone has to itself.
 With ``--slides`` (the default) the first model's server also serves a folder of scanned slides (the
 shared CMU-1 region and TCGA slide, scanned by that model) and, on the same server after the predict
 loads, Deep Zoom tiles are fetched by 16 clients: every tile of the two pyramids once with an empty
-cache (cold), then again from the cache (cached), then 10,000 tile requests while the server's RSS is
-read before and after (aim: growth <= 200 MB).
+cache (cold), then again from the cache (cached), then more until 10,000 tile requests were made in all; the
+server's RSS is read before the first tile and after the last (aim: growth <= 200 MB).
 
 Run: python benchmarks/bench_serve.py [--seconds 15] [--models cpu-default resnet18] [--json OUT.json]
 """
@@ -287,13 +287,15 @@ def rss_mb(pid: int) -> float:
 
 
 def bench_tiles(port: int, folder: Path, server: subprocess.Popen[bytes], figures: dict[str, Any]) -> None:
-    """Cold and cached Deep Zoom tiles/s with 16 clients, and the server's RSS around 10,000 tile requests."""
+    """Cold and cached Deep Zoom tiles/s with 16 clients, and the server's RSS before the first of 10,000 tile
+    requests and after the last."""
     requests = tile_requests(port, folder)
+    before = rss_mb(server.pid)  # before the first tile: the growth includes the cache filling up
     cold, cold_errors = fetch_all(port, requests, 16)
     cached, cached_errors = fetch_all(port, requests, 16)
-    before = rss_mb(server.pid)
-    many = (requests * (TILE_REQUESTS // len(requests) + 1))[:TILE_REQUESTS]
-    _, many_errors = fetch_all(port, many, 16)
+    rest = max(0, TILE_REQUESTS - 2 * len(requests))  # 10,000 tile requests in all, the two passes included
+    many = (requests * (rest // max(1, len(requests)) + 1))[:rest]
+    _, many_errors = fetch_all(port, many, 16) if many else (0.0, 0)
     after = rss_mb(server.pid)
     figures.update(
         deepzoom_tiles=len(requests),

@@ -71,6 +71,7 @@ VOCABULARY: dict[str, tuple[str, str]] = {
     "--split": ("text", "which split of a store: test, val, train or all"),
     "--split-file": ("text", "an id,split CSV instead of the split recipe"),
     "--labels": ("text", "a CSV of true labels"),
+    "--bootstrap": ("int", "bootstrap resamples for a 95% interval"),
     "--method": ("text", "the algorithm this command applies (stain fitting, CAM)"),
     "--max-patches": ("int", "patches sampled at most"),
     "--resume": ("bool", "continue an interrupted run"),
@@ -784,7 +785,7 @@ def slide_evaluate(**values: Any) -> None:
     from histoscan.wsi.settings import SlideEvaluateSettings
 
     s = SlideEvaluateSettings(**values)
-    _print(evaluate_slides(s.scan, s.labels).lines())
+    _print(evaluate_slides(s.scan, s.labels, s.evaluation()).lines())
 
 
 def _slide_group() -> Any:

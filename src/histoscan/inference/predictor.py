@@ -33,11 +33,14 @@ from histoscan.rules.tissue import judge, tissue_features
 
 @dataclass
 class Prediction:
-    """Per-image class probabilities (N x C), predicted class index, and the spread across views when there are
+    """What the Predictor returns for a batch of images.
+
+    Per-image class probabilities (N x C), predicted class index, and the spread across views when there are
     several (TTA elements, ensemble members, or both): the standard deviation of P(positive) for binary models,
     of the predicted class's probability otherwise; None for one view. ``answers``: what each image is
     answered (a class name, ``refer``, ``not tissue`` or ``out of distribution``), with its tissue-check
-    ``quality`` flag (``ok``, what is wrong, or ``unchecked``)."""
+    ``quality`` flag (``ok``, what is wrong, or ``unchecked``).
+    """
 
     probabilities: np.ndarray
     predicted: np.ndarray
@@ -50,6 +53,7 @@ class Prediction:
 
     @staticmethod
     def concat(parts: Sequence[Prediction], num_classes: int) -> Prediction:
+        """Join predictions of consecutive batches into one."""
         if not parts:
             return Prediction(np.zeros((0, num_classes), np.float32), np.zeros(0, np.int64))
         unc = [p.uncertainty for p in parts if p.uncertainty is not None]
@@ -97,15 +101,19 @@ class MemberBackend:
         self.members = list(members)
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Refuse: an ensemble's members preprocess their images themselves."""
         raise ConfigError(
             "an ensemble's members each preprocess the images themselves: use Predictor.views or predict_batch"
         )
 
 
 def default_tta(bundle: ModelBundle) -> list[int]:
-    """The TTA a model is evaluated and submitted with by default: the referral rule's policy when it has one,
+    """The default test-time augmentation of a model.
+
+    The TTA a model is evaluated and submitted with by default: the referral rule's policy when it has one,
     else model.json's ``inference.tta`` when set, else all 8 dihedral elements for binary patch models (cheap
-    for small models) and none otherwise."""
+    for small models) and none otherwise.
+    """
     if bundle.trust.referral is not None:
         return list(bundle.trust.referral.tta)
     if bundle.inference.tta is not None:
@@ -114,8 +122,11 @@ def default_tta(bundle: ModelBundle) -> list[int]:
 
 
 def submission_tta(predictor: Predictor, tta: bool | None, submission: object | None) -> bool | list[int]:
-    """``predict``'s TTA: as asked, else the model's default when writing a Kaggle submission or when the model
-    refers doubtful images (its referral rule's policy), else none."""
+    """The test-time augmentation ``histoscan predict`` uses.
+
+    ``predict``'s TTA: as asked, else the model's default when writing a Kaggle submission or when the model
+    refers doubtful images (its referral rule's policy), else none.
+    """
     if tta is not None:
         return tta
     return default_tta(predictor.bundle) if submission or predictor.bundle.trust.referral is not None else False
@@ -179,10 +190,12 @@ class Predictor:
     # ---- what the model is ---------------------------------------------------------
     @property
     def classes(self) -> list[str]:
+        """The model's class names."""
         return self.bundle.classes
 
     @property
     def threshold(self) -> float:
+        """The model's decision threshold."""
         return self.bundle.threshold
 
     # ---- the core: one batch -----------------------------------------------------------
@@ -201,8 +214,11 @@ class Predictor:
         return probabilities.argmax(axis=1)
 
     def logits(self, images: np.ndarray | Sequence[np.ndarray], k: int = 0, groups: Groups | None = None) -> np.ndarray:
-        """Raw logits of one batch under dihedral element ``k`` (``groups``: see ``predict_batch``; an ensemble:
-        the logits of its members' weighted mean probability, before the ensemble's own temperature)."""
+        """Raw logits of one batch under one dihedral view.
+
+        Raw logits of one batch under dihedral element ``k`` (``groups``: see ``predict_batch``; an ensemble:
+        the logits of its members' weighted mean probability, before the ensemble's own temperature).
+        """
         if isinstance(self.bundle, EnsembleBundle):
             views = self.views(images, [k], groups)
             return logits_of(np.tensordot(self.weights / self.weights.sum(), views, axes=1))

@@ -102,6 +102,7 @@ class TissueVerdict:
 
     @property
     def accepted(self) -> np.ndarray:
+        """Whether each image passed the tissue check."""
         return np.array([q == OK for q in self.quality])
 
 

@@ -38,7 +38,8 @@ class SlideReader(Protocol):
     dimensions: tuple[int, int]
     level_dimensions: list[tuple[int, int]]
     level_downsamples: list[float]
-    mpp: float | None
+    mpp: float | None  # as stated by the file (checked by ``resolution.slide_resolution``)
+    objective_power: float | None  # the scan's objective magnification, when the file states it
     bounds: Bounds
     background: tuple[int, int, int]
 
@@ -118,6 +119,7 @@ class OpenSlideReader:
         self.level_dimensions: list[tuple[int, int]] = [(int(w), int(h)) for w, h in self._slide.level_dimensions]
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
         self.mpp = _slide_mpp(props)
+        self.objective_power = _positive(props.get("openslide.objective-power"))
         w, h = self.dimensions
         self.bounds = Bounds(
             int(props.get("openslide.bounds-x", 0)),
@@ -128,15 +130,20 @@ class OpenSlideReader:
         self.background = _hex_colour(props.get("openslide.background-color"))
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """Read a region of a level as uint8 RGB, composited on the background."""
         import openslide
 
         try:
             region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
         except openslide.OpenSlideError as exc:
-            raise SlideError(f"{self.path}: unreadable region at ({x}, {y}) ({exc})") from exc
+            raise SlideError(
+                f"{self.path}: unreadable region at ({x}, {y}) ({exc}); the file is corrupt or truncated: "
+                "copy it again or re-export it"
+            ) from exc
         return composite(np.asarray(region), self.background)
 
     def thumbnail(self, max_side: int) -> np.ndarray:
+        """The whole slide, scaled down to at most ``max_side`` pixels."""
         w, h = self.dimensions
         scale = max(1.0, max(w, h) / max_side)
         level = self._slide.get_best_level_for_downsample(scale)
@@ -154,7 +161,16 @@ class OpenSlideReader:
         return np.concatenate(parts, axis=0)
 
     def close(self) -> None:
+        """Close the slide."""
         self._slide.close()
+
+
+def _positive(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else 0.0
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def _slide_mpp(props: object) -> float | None:
@@ -213,10 +229,12 @@ class ImageReader:
         self.level_dimensions = [(w, h)]
         self.level_downsamples = [1.0]
         self.mpp = mpp
+        self.objective_power: float | None = None
         self.bounds = Bounds(0, 0, w, h)
         self.background = (255, 255, 255)
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """Read a region as uint8 RGB (background outside the image)."""
         out = np.empty((height, width, 3), np.uint8)
         out[:] = self.background
         w, h = self.dimensions
@@ -226,12 +244,14 @@ class ImageReader:
         return out
 
     def thumbnail(self, max_side: int) -> np.ndarray:
+        """The whole image, scaled down to at most ``max_side`` pixels."""
         w, h = self.dimensions
         scale = max(1.0, max(w, h) / max_side)
         size = (max(1, round(w / scale)), max(1, round(h / scale)))
         return np.asarray(Image.fromarray(self._pixels).resize(size, Image.Resampling.BILINEAR))
 
     def close(self) -> None:
+        """Release the pixels."""
         self._pixels = np.zeros((0, 0, 3), np.uint8)
 
 

@@ -44,8 +44,10 @@ def native_bf16_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 
 
 def hardware_id(device: str = "cpu") -> str:
-    """A short name of the hardware a speed measurement holds for: the CPU model, its cores and native bf16, or
-    the CUDA card's name."""
+    """A short name of the hardware a speed measurement holds for.
+
+    The CPU model, its cores and whether it has native bf16; or the CUDA card's name.
+    """
     if device.startswith("cuda"):
         import torch
 

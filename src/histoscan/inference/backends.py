@@ -41,8 +41,11 @@ def resolve_precision(precision: str, bundle: ModelBundle, device: torch.device)
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively: a CUDA card of compute capability 8.0 or newer (Ampere on),
-    or a CPU with AVX512-BF16 / AMX. Older cards and CPUs emulate it, slower than fp32."""
+    """Whether ``device`` computes bfloat16 natively.
+
+    True for a CUDA card of compute capability 8.0 or newer (Ampere on) or a CPU with AVX512-BF16 / AMX; older
+    cards and CPUs emulate it, slower than fp32.
+    """
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
         return major >= 8

@@ -164,8 +164,10 @@ def export_onnx(
 
 
 def measure_backends(run_dir: str | Path, images: np.ndarray, rounds: int = 3) -> BackendSpeed:
-    """Images/s of one-view prediction with each backend on ``images`` (on the CPU), timed in alternation so
-    both see the same machine load; the best round of each counts."""
+    """Images/s of one-view prediction with each backend on ``images`` (on the CPU).
+
+    The two are timed in alternation so both see the same machine load; the best round of each counts.
+    """
     from histoscan.inference.predictor import Predictor
 
     predictors = {name: Predictor(run_dir, backend=name, batch_size=len(images)) for name in ("torch", "onnx")}

@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from histoscan.data.imageio import FIT_POLICIES, FitPolicy, fit_to_size
+from histoscan.data.imageio import fit_to_size
 from histoscan.data.store import PatchStore
 from histoscan.data.transforms import centre_crop, dihedral, normalise, resize
+from histoscan.enums import FIT_POLICIES, FitPolicy
 from histoscan.errors import ConfigError
+from histoscan.geometry import centre_slices
 from histoscan.stain.groups import GroupStains, estimate_groups, stain_group_names
 from histoscan.stain.normalise import StainNormaliser, StainTarget
 
@@ -239,8 +241,8 @@ class Preprocessing:
         t = self._fitted(batch, device, groups)
         if self.crop:
             h, w = (int(v) for v in self.image_size)
-            top, left = (h - self.crop) // 2, (w - self.crop) // 2
-            t = t[:, top : top + self.crop, left : left + self.crop]
+            rows, cols = centre_slices(h, w, self.crop)
+            t = t[:, rows, cols]
         x = t.permute(0, 3, 1, 2).float()
         if self.resize:
             x = resize(x, self.resize)

@@ -51,6 +51,7 @@ from pydantic import (
 )
 
 from histoscan.data.store import PatchStore
+from histoscan.enums import FitPolicy, ReferBy, ReferralAsk, StainGranularity, StainMethod, StoredPrecision
 from histoscan.errors import ConfigError, DataError
 
 MODEL_FILE = "model.json"
@@ -115,8 +116,8 @@ class StainSpec(BaseModel):
     """``preprocessing.stain``: a fitted stain normalisation target (``histoscan.stain.normalise.StainTarget``)."""
 
     model_config = _STRICT
-    method: Literal["reinhard", "macenko"]
-    granularity: Literal["patch", "group"] = "patch"  # group: one estimate per patient / slide
+    method: StainMethod
+    granularity: StainGranularity = "patch"  # group: one estimate per patient / slide
     stain_matrix: list[Annotated[list[Finite], Field(min_length=3, max_length=3)]] | None = Field(
         default=None, min_length=2, max_length=2
     )
@@ -140,7 +141,7 @@ class PreprocessingSpec(BaseModel):
 
     model_config = _STRICT
     image_size: list[Side] = Field(min_length=2, max_length=2)
-    fit: Literal["pad-edges", "resize"] = "resize"
+    fit: FitPolicy = "resize"
     crop: Side | None = None
     resize: Side | None = None
     mean: list[Finite] = Field(min_length=3, max_length=3)
@@ -170,7 +171,7 @@ class InferencePolicy(BaseModel):
     """``inference``: how the model is meant to be run (slots for later issues; None = the caller decides)."""
 
     model_config = _STRICT
-    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    precision: StoredPrecision | None = None
     tta: list[Annotated[int, Field(ge=0, le=7)]] | None = None  # dihedral elements averaged by default
 
 
@@ -184,11 +185,11 @@ class ReferralRule(BaseModel):
     """
 
     model_config = _STRICT
-    by: Literal["probability", "uncertainty"]
+    by: ReferBy
     band: list[Probability] | None = Field(default=None, min_length=2, max_length=2)
     max_uncertainty: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     tta: list[Annotated[int, Field(ge=0, le=7)]] = Field(min_length=1)
-    asked: Literal["coverage", "accuracy"]
+    asked: ReferralAsk
     target: Probability  # the coverage or the accuracy asked for
     fitted_on: Name = "val"  # which predictions it was chosen on
     count: Annotated[int, Field(ge=1)]

@@ -20,6 +20,7 @@ import torch
 from histoscan.errors import ConfigError
 from histoscan.explain.cam import LogitTarget, cam_class, upsample
 from histoscan.explain.layers import target_layer
+from histoscan.geometry import centre_slices
 from histoscan.inference.backends import TorchBackend
 from histoscan.inference.predictor import Predictor, parse_tta
 from histoscan.runfolder import EnsembleDocument, RunFolder, member_dir
@@ -154,8 +155,8 @@ class Explainer:
         if not crop:
             return maps.astype(np.float32)
         out = np.zeros((len(maps), h, w), np.float32)
-        top, left = (h - crop) // 2, (w - crop) // 2
-        out[:, top : top + crop, left : left + crop] = maps
+        rows, cols = centre_slices(h, w, crop)
+        out[:, rows, cols] = maps
         return out
 
     def explain_batch(

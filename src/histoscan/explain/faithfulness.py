@@ -29,6 +29,7 @@ import torch
 
 from histoscan.errors import ConfigError
 from histoscan.explain.explainer import Explainer
+from histoscan.geometry import centre_slices
 from histoscan.preprocessing import Preprocessing
 
 STRATEGIES = ("map", "random", "block", "centre")
@@ -123,10 +124,7 @@ def fill_images(
 def model_view(pre: Preprocessing) -> tuple[slice, slice]:
     """The rows and columns of the fitted image that the model sees: its centre crop, or all of it."""
     h, w = (int(v) for v in pre.image_size)
-    if not pre.crop:
-        return slice(0, h), slice(0, w)
-    top, left = (h - pre.crop) // 2, (w - pre.crop) // 2
-    return slice(top, top + pre.crop), slice(left, left + pre.crop)
+    return centre_slices(h, w, pre.crop)
 
 
 def model_colours(explainer: Explainer, images: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:

@@ -5,20 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from histoscan.enums import CamMethod
 from histoscan.errors import ConfigError
 from histoscan.options import check_choices, doc
 
-Method = Literal[
-    "gradcam",
-    "gradcam++",
-    "xgradcam",
-    "hirescam",
-    "layercam",
-    "gradcam-elementwise",
-    "eigencam",
-    "eigengradcam",
-    "scorecam",
-]
+Method = CamMethod
 Scale = Literal["global", "image"]
 
 

@@ -18,7 +18,8 @@ from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitivity, youden_threshold
 from histoscan.evaluation.report import write_evaluation
-from histoscan.inference.predictor import Prediction, Predictor, default_tta
+from histoscan.inference.predictor import Prediction, Predictor
+from histoscan.inference.tta import tta_views
 from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
 from histoscan.stain.groups import stain_group_names
 from histoscan.stain.shift import Shift, shift_suite, stain_shift_report
@@ -109,7 +110,7 @@ def evaluate_run(
         bundle.save(run_dir)
     started = time.perf_counter()
     counted = predictor.bundle.preprocessing.stain_counts()
-    ks = default_tta(bundle) if tta is None else (list(range(8)) if tta else [0])  # the referral's policy by default
+    ks = tta_views(bundle, tta, "evaluate")  # the model's own policy (its referral rule's) by default
     pred = predictor.predict_store(part, ks)
     seconds = time.perf_counter() - started
     metrics = compute_metrics(

@@ -22,7 +22,8 @@ from histoscan.explain.cam import LogitTarget, cam_class, upsample
 from histoscan.explain.layers import target_layer
 from histoscan.geometry import centre_slices
 from histoscan.inference.backends import TorchBackend
-from histoscan.inference.predictor import Predictor, parse_tta
+from histoscan.inference.predictor import Predictor
+from histoscan.inference.tta import tta_views
 from histoscan.runfolder import EnsembleDocument, RunFolder, member_dir
 
 TUMOUR_NAMES = ("tumour", "tumor", "cancer", "malignant", "metastasis", "positive")
@@ -170,7 +171,7 @@ class Explainer:
         ``groups``: per-group stain models: each image's stain group, estimated before
         (``pre.estimate_stain_groups`` / ``estimate_store_groups``); without it each image is its own group.
         """
-        ks = parse_tta(tta)
+        ks = tta_views(self.bundle, tta, "explain")
         maps: list[np.ndarray] = []
         probs, preds = [], []
         for start in range(0, len(images), self.batch_size):

@@ -23,7 +23,11 @@ class ExplainSettings:
     target: str = doc(
         "Class whose evidence is mapped: tumour (the positive class), predicted, or a class name.", "tumour"
     )
-    tta: bool = doc("Average the maps of the 8 flips/rotations (each turned back) and the probabilities.", False)
+    tta: bool | None = doc(
+        "Average the maps of the 8 flips/rotations (each turned back) and the probabilities "
+        "(default: off, histoscan.inference.tta's default for explaining).",
+        None,
+    )
     save_maps: bool = doc("Also write each raw map as maps/<id>.npy (float32, one scale across images).", False)
     scale: Scale = doc(
         "Colour scale of the pictures: global (one scale across images) or image (each its own max).", "global"

@@ -24,7 +24,7 @@ from histoscan.data.splits import read_split
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.inference.fitting import fitting_predictions
-from histoscan.inference.predictor import default_tta
+from histoscan.inference.tta import default_views
 from histoscan.runfolder import SPLIT_FILE, EnsembleDocument, EnsembleMember, RunFolder
 
 MEMBERS_DIR = "members"  # where --copy puts the members' run folders
@@ -101,7 +101,7 @@ def make_ensemble(
             scores, labels, source = _read_oof(Path(oof), bundles[0].classes)
         else:
             printer(f"choosing the threshold ({threshold_rule}) on the ensemble's {fitted_on} predictions ...")
-            fit = fitting_predictions(out, default_tta(bundles[0]))
+            fit = fitting_predictions(out, default_views(bundles[0], "fit"))
             scores, labels, source = fit.probabilities[:, 1], fit.labels, fit.source
         threshold = pick_threshold(labels, scores, threshold_rule, source=source)
         RunFolder(out).write_model_json(

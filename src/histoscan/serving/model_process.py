@@ -64,7 +64,7 @@ class ModelRunner(Protocol):
 
     async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction: ...
 
-    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer: ...
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool | None) -> ExplainAnswer: ...
 
 
 @dataclass
@@ -99,9 +99,15 @@ def unpack_job(meta: dict[str, Any], data: bytes) -> tuple[list[np.ndarray], boo
     return images, None if meta["tta"] is None else bool(meta["tta"])
 
 
-def pack_explain_job(image: np.ndarray, method: str, target: str, tta: bool) -> bytes:
+def pack_explain_job(image: np.ndarray, method: str, target: str, tta: bool | None) -> bytes:
     """One uint8 image to explain, with the method, the target and the TTA flag."""
-    meta = {"op": "explain", "method": method, "target": target, "tta": bool(tta), "shapes": [list(image.shape)]}
+    meta = {
+        "op": "explain",
+        "method": method,
+        "target": target,
+        "tta": None if tta is None else bool(tta),
+        "shapes": [list(image.shape)],
+    }
     return frame(meta, [image])
 
 
@@ -133,7 +139,7 @@ def explain_one(
     image: np.ndarray,
     method: str,
     target: str,
-    tta: bool,
+    tta: bool | None,
 ) -> ExplainAnswer:
     """Explain one image with a cached Explainer per (method, target) (built on first use: it loads the weights)."""
     from histoscan.explain import Explainer
@@ -243,7 +249,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
             images, tta = unpack_job(meta, body[meta_len:])
             if meta.get("op") == "explain":
                 answer = explain_one(
-                    explainers, args.run_dir, args.device, images[0], meta["method"], meta["target"], bool(tta)
+                    explainers, args.run_dir, args.device, images[0], meta["method"], meta["target"], tta
                 )
                 reply = pack_explanation(answer)
             else:
@@ -417,7 +423,7 @@ class ModelProcess:
         result: Prediction = await self._send(pack_job(images, tta), unpack_prediction)
         return result
 
-    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool | None) -> ExplainAnswer:
         """Grad-CAM of one image, computed in the model process (never on the server's event loop)."""
         result: ExplainAnswer = await self._send(pack_explain_job(image, method, target, tta), unpack_explanation)
         return result
@@ -503,7 +509,7 @@ class ModelThread:
         except asyncio.TimeoutError:
             raise ModelUnavailable(f"the model did not answer within {self.timeout_s:g} s") from None
 
-    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool | None) -> ExplainAnswer:
         """Grad-CAM of one image in a worker thread (the model's, never the event loop)."""
         run_dir, device = str(self.predictor.run_dir), str(self.predictor.device)
         try:

@@ -135,10 +135,11 @@ def collect_folds(
 ) -> dict[str, Any]:
     """Write ``oof.csv`` and ``cv.json`` from finished fold folders (and the folds' ensemble); nothing is retrained.
 
-    The out-of-fold predictions use the folds' default TTA (``default_tta``), as their evaluation does.
+    The out-of-fold predictions use the folds' default TTA for fitting (``default_views``), as their evaluation does.
     """
     from histoscan.evaluation.metrics import auroc
-    from histoscan.inference.predictor import Predictor, default_tta
+    from histoscan.inference.predictor import Predictor
+    from histoscan.inference.tta import default_views
 
     cv_dir = Path(cv_dir)
     k = k if k is not None else len(list(cv_dir.glob("fold-*")))
@@ -153,7 +154,7 @@ def collect_folds(
         run = RunFolder(d)
         predictor = Predictor(d, backend="torch")
         classes = predictor.classes
-        tta = default_tta(predictor.bundle)
+        tta = default_views(predictor.bundle, "fit")
         part, _ = run.select_patches(run.data_store(), "val")
         pred = predictor.predict_store(part, tta)
         frame = pd.DataFrame({"id": part.ids, "label": [classes[j] for j in part.labels], "fold": i})

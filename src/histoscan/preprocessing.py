@@ -44,6 +44,10 @@ Groups = Sequence[object] | np.ndarray
 class Preprocessing:
     """uint8 images -> the model's input tensor, with every parameter stored in ``model.json``.
 
+    The stored fields are those of ``model.json``'s ``preprocessing`` (``histoscan.runfolder.PreprocessingSpec``,
+    which validates them and is the one description of the file; ``histoscan.bundle`` converts field by field
+    and a test keeps the two field lists equal). A run's ``Preprocessing`` is built from its validated spec.
+
     Attributes:
         image_size: (height, width) the model was trained on; every image is first fitted to it.
         fit: ``pad-edges`` white-pads an edge patch (full in one direction, short in the other) and
@@ -145,16 +149,6 @@ class Preprocessing:
         if self.stain is not None:
             d["stain"] = StainTarget.from_dict(self.stain).to_dict()
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        """Read the ``preprocessing`` entry of ``model.json`` (fields it lacks take their defaults)."""
-        d = dict(d)
-        # A model.json without "fit" was written before the policy was stored. That version's ingest
-        # white-padded the edge patches of its training data (imageio.fit_to_size), so its models were
-        # trained on padded edge patches: "pad-edges" is what they saw.
-        d.setdefault("fit", "pad-edges")
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     # ---- stage 1: fit to size (uint8) ------------------------------------------------
     def fit_image(self, img: np.ndarray) -> np.ndarray:

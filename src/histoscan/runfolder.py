@@ -26,7 +26,12 @@ physical resolution ``preprocessing.mpp``; stain target ``preprocessing.stain``;
 ``preprocessing.label_size``; numeric precision and the default TTA ``inference.precision`` /
 ``inference.tta``; referral rule and tissue check ``trust.referral`` / ``trust.tissue_check`` (both documents).
 A new field is added here, with a default, and ``SCHEMA_VERSION`` goes up only when an old file
-would be read differently.
+would be read differently (how to add that version step: the comment above ``_UPGRADES``).
+
+This schema is the one description of ``model.json``: ``histoscan.bundle.ModelBundle`` and
+``histoscan.preprocessing.Preprocessing`` are the objects built from it (their conversions go field by field
+by name, and tests fail when a field of the schema has no home there); ``histoscan.bundle_schema.json_schema``
+exports it as JSON Schema for the documentation.
 """
 
 from __future__ import annotations
@@ -309,7 +314,7 @@ class EnsembleDocument(BaseModel):
 
 
 Document = Annotated[ModelDocument | EnsembleDocument, Field(discriminator="kind")]
-_DOCUMENT: TypeAdapter[ModelDocument | EnsembleDocument] = TypeAdapter(Document)
+DOCUMENT: TypeAdapter[ModelDocument | EnsembleDocument] = TypeAdapter(Document)
 
 
 def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -326,7 +331,24 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The migration chain: schema version N -> the function that turns a version-N document into version N + 1.
+# ``parse_document`` applies the steps in turn, so a file of any older version reads as the newest.
+# To add a step (a change under which an old file would read differently):
+#   1. write ``_upgrade_vN(data) -> data``: pure (a new dict; never mutate ``data``), sets "schema_version": N + 1
+#      and only what version N + 1 changed; it may assume a version-N document but must not fail on one;
+#   2. register it here as ``N: _upgrade_vN``;
+#   3. raise ``SCHEMA_VERSION`` to N + 1 and both documents' ``schema_version: Literal[N + 1]``;
+#   4. add a version-N example to ``tests/fixtures/`` (``model-vN.json``): ``tests/test_bundle_schema.py``
+#      checks that every older version has a step, an example, and migrates to a valid newest document.
 _UPGRADES = {1: _upgrade_v1}
+
+
+def migrate(data: dict[str, Any], version: int) -> dict[str, Any]:
+    """A decoded ``model.json`` of ``version`` (1 .. SCHEMA_VERSION) upgraded step by step to ``SCHEMA_VERSION``."""
+    while version < SCHEMA_VERSION:
+        data = _UPGRADES[version](data)
+        version = data["schema_version"]
+    return data
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -368,11 +390,9 @@ def parse_document(data: object, source: str = MODEL_FILE) -> ModelDocument | En
         raise ConfigError(
             f"{source}: schema_version {version} was written by a newer histoscan; this one reads 1 to {SCHEMA_VERSION}"
         )
-    while version < SCHEMA_VERSION:
-        data = _UPGRADES[version](data)
-        version = data["schema_version"]
+    data = migrate(data, version)
     try:
-        return _DOCUMENT.validate_python(data)
+        return DOCUMENT.validate_python(data)
     except ValidationError as exc:
         raise _one_line(source, exc) from None
 

@@ -39,6 +39,7 @@ from histoscan.runfolder import (  # noqa: F401  (file names re-exported for mod
     training_store,
 )
 
+
 @dataclass
 class ModelBundle:
     """What ``model.json`` says about a trained model: the working object built from its validated document.

@@ -19,7 +19,6 @@ from typing import Any
 from histoscan.runfolder import DOCUMENT, MODEL_FILE, SCHEMA_VERSION
 
 
-
 def json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of ``model.json`` at the current ``schema_version``: a single model or
     an ensemble, told apart by ``kind``."""

@@ -19,8 +19,9 @@ import numpy as np
 from histoscan.bundle import EnsembleBundle, read_bundle
 from histoscan.data.store import PatchStore
 from histoscan.errors import DataError
-from histoscan.inference.predictor import Predictor, parse_tta
+from histoscan.inference.predictor import Predictor
 from histoscan.inference.probabilities import logits_of, probabilities
+from histoscan.inference.tta import parse_tta
 from histoscan.runfolder import RunFolder
 
 

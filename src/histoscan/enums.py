@@ -54,7 +54,7 @@ StoredPrecision = Literal["fp32", "bf16", "fp16"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 #: what a prediction is for: each use has its default TTA views (``histoscan.inference.tta.default_views``)
-TtaUse = Literal["predict", "submission", "evaluate", "fit", "serve", "slide", "explain"]
+TtaUse = Literal["predict", "submission", "evaluate", "fit", "slide", "explain"]  # the HTTP service: predict
 TTA_USES: tuple[TtaUse, ...] = get_args(TtaUse)
 
 # ---- trust ---------------------------------------------------------------------------------------

@@ -86,8 +86,8 @@ def evaluate_run(
     ``sensitivity``, at the first target sensitivity) a threshold chosen on the validation split is
     written into ``model.json`` and the report uses it. ``stain_shift`` also scores the split under the
     stain-shift suite (``histoscan.stain.shift``; one re-staining shift per ``stain_donors`` entry). ``tta`` None
-    is the model's default (``default_tta``: the 8 dihedral elements for binary patch models); the report says
-    which was used.
+    is the model's default (``inference.tta.default_views(bundle, "evaluate")``: the 8 dihedral elements for
+    binary patch models); the report says which was used.
     """
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)

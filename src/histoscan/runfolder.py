@@ -251,12 +251,18 @@ class TrustPolicy(BaseModel):
         return data
 
 
-class ModelDocument(BaseModel):
-    """``model.json`` of a single model (``kind: "model"``)."""
+class VersionedDocument(BaseModel):
+    """What every ``model.json`` starts with: the format marker and the schema version it was written in."""
 
     model_config = _STRICT
     format: Literal["histoscan-model"] = MODEL_FORMAT
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION  # = SCHEMA_VERSION (a type needs the number written out)
+
+
+class ModelDocument(VersionedDocument):
+    """``model.json`` of a single model (``kind: "model"``)."""
+
+    model_config = _STRICT
     kind: Literal["model"] = "model"
     architecture: Name
     model_args: dict[str, Any] = Field(default_factory=dict)
@@ -287,7 +293,7 @@ class EnsembleMember(BaseModel):
     weight: Positive = 1.0
 
 
-class EnsembleDocument(BaseModel):
+class EnsembleDocument(VersionedDocument):
     """``model.json`` of an ensemble (``kind: "ensemble"``): member runs whose probabilities are averaged.
 
     Each member keeps its own ``model.json`` (architecture, preprocessing, temperature); the ensemble adds
@@ -298,8 +304,6 @@ class EnsembleDocument(BaseModel):
     """
 
     model_config = _STRICT
-    format: Literal["histoscan-model"] = MODEL_FORMAT
-    schema_version: Literal[2] = SCHEMA_VERSION
     kind: Literal["ensemble"] = "ensemble"
     members: list[EnsembleMember] = Field(min_length=2)
     classes: ClassNames
@@ -337,7 +341,7 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
 #   1. write ``_upgrade_vN(data) -> data``: pure (a new dict; never mutate ``data``), sets "schema_version": N + 1
 #      and only what version N + 1 changed; it may assume a version-N document but must not fail on one;
 #   2. register it here as ``N: _upgrade_vN``;
-#   3. raise ``SCHEMA_VERSION`` to N + 1 and both documents' ``schema_version: Literal[N + 1]``;
+#   3. raise ``SCHEMA_VERSION`` to N + 1 and ``VersionedDocument.schema_version`` to ``Literal[N + 1]``;
 #   4. add a version-N example to ``tests/fixtures/`` (``model-vN.json``): ``tests/test_bundle_schema.py``
 #      checks that every older version has a step, an example, and migrates to a valid newest document.
 _UPGRADES = {1: _upgrade_v1}

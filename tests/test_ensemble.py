@@ -197,7 +197,7 @@ def test_ensemble_refuses_bad_members_naming_them(tiny_run: Path, cv: Path, tmp_
         make_ensemble([member, coarse], tmp_path / "e4")
     with pytest.raises(ConfigError, match=r"member .*ensemble is itself an ensemble"):
         make_ensemble([member, cv / ENSEMBLE_DIR], tmp_path / "e5")
-    with pytest.raises(ConfigError, match=r"--weights: 3 weights for 2 runs"):
+    with pytest.raises(ConfigError, match=r"--member-weights: 3 weights for 2 runs"):
         make_ensemble([member, fold_dir(cv, 1)], tmp_path / "e6", weights=[1, 1, 1])
     res = CliRunner().invoke(app, ["ensemble", str(member), str(tmp_path / "gone"), "--out", str(tmp_path / "e7")])
     assert res.exit_code == 2 and "gone: no such run folder" in res.output

@@ -14,16 +14,88 @@ from typer.core import TyperGroup
 
 from histoscan import __version__
 from histoscan.errors import HistoscanError
-from histoscan.options import dataclass_options, given_values, with_parameters
+from histoscan.inference.settings import PREDICTOR_FIELDS, PredictorSettings, predictor_settings
+from histoscan.options import (
+    Deprecated,
+    dataclass_options,
+    deprecated_args,
+    given_values,
+    misplaced_option,
+    with_parameters,
+)
 from histoscan.progress import progress_bar
 
 # Commands whose options are generated from a settings dataclass are built when first asked for, so
 # 'histoscan info' does not import the server or Optuna just to know the options of 'serve' and 'tune'.
 _LAZY: dict[str, Callable[[], Any]] = {}  # name -> builder of the (Typer-vendored) click command
 
+# Old option spellings, per command, that keep working (with one warning) until the next minor version.
+DEPRECATED: dict[str, dict[str, Deprecated]] = {
+    "synth": {"--classes": Deprecated("--num-classes"), "--test": Deprecated("--unlabelled")},
+    "ensemble": {"--weights": Deprecated("--member-weights")},
+    "serve": {"--workers": Deprecated("--processes")},
+    "train": {"--precision": Deprecated("--train-precision")},
+    "export": {"--onnx": Deprecated(None, "ONNX is the only export format")},
+}
+# Options of another command or mode, per command: what to use instead.
+ELSEWHERE: dict[str, dict[str, str]] = {
+    "slide scan": {"--labels": "slide-level AUROC of a scan is 'histoscan slide evaluate OUT --labels LABELS.csv'"},
+    "predict": {
+        "--split": "scoring a labelled store is 'histoscan evaluate RUN --data STORE --split SPLIT'",
+        "--labels": "scoring labelled images is 'histoscan evaluate'; Grad-CAM with labels is 'histoscan explain'",
+    },
+    "evaluate": {
+        "--submission": "a Kaggle submission is 'histoscan predict RUN TEST_DIR --submission SAMPLE.csv'",
+        "--refer-coverage": "a referral rule is fitted by 'histoscan calibrate RUN --refer-coverage C'",
+        "--target-accuracy": "a referral rule is fitted by 'histoscan calibrate RUN --target-accuracy A'",
+    },
+    "calibrate": {"--save-threshold": "a threshold is chosen by 'histoscan evaluate RUN --save-threshold RULE'"},
+    "train": {"--device": "training runs on --accelerator and --devices; --device is for commands that predict"},
+}
+# Generic option names that several commands declare with their own help text: one type and one meaning each
+# (tests/test_cli_vocabulary.py walks every command against this table; any other name shared by two commands
+# must be one declaration, such as the model options of PredictorSettings). "text" covers paths and choices.
+VOCABULARY: dict[str, tuple[str, str]] = {
+    "--out": ("text", "where this command writes its output (file or folder)"),
+    "--data": ("text", "the packed store the command reads"),
+    "--seed": ("int", "random seed"),
+    "--force": ("bool", "replace outputs that already exist"),
+    "--n": ("int", "how many patches to generate"),
+    "--size": ("int", "patch side in pixels"),
+    "--layout": ("text", "a source layout: kaggle, pcam, folders, grouped-folders, manifest"),
+    "--mpp": ("float", "resolution of the source in um/px"),
+    "--val": ("float", "validation fraction of the split"),
+    "--test": ("float", "test fraction of the split"),
+    "--folds": ("int", "number of cross-validation folds"),
+    "--split": ("text", "which split of a store: test, val, train or all"),
+    "--split-file": ("text", "an id,split CSV instead of the split recipe"),
+    "--labels": ("text", "a CSV of true labels"),
+    "--method": ("text", "the algorithm this command applies (stain fitting, CAM)"),
+    "--max-patches": ("int", "patches sampled at most"),
+    "--resume": ("bool", "continue an interrupted run"),
+    "--batch-size": ("int", "images per batch (a training step or a forward pass)"),
+    "--threads": ("int", "CPU threads for torch"),
+    "--workers": ("int", "workers reading and decoding the inputs in parallel"),
+}
+_FLAGS = {"--onnx"}
+WORKERS_HELP = (
+    "Workers reading and decoding the inputs in parallel (default: one per core)."  # dropped options that take no value
+)
+
+
+def _warn(line: str) -> None:
+    Console(stderr=True).print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+
+
+def _path(ctx: Any) -> list[str]:
+    """The sub-command names leading to ``ctx`` (the program's own name, however it was run, left out)."""
+    return [*_path(ctx.parent), str(ctx.info_name)] if ctx.parent is not None else []
+
 
 class _Group(TyperGroup):
-    """Turns HistoscanError into one red line on stderr and exit code 2; builds generated commands on demand."""
+    """Turns HistoscanError into one red line on stderr and exit code 2; builds generated commands on demand;
+    translates deprecated option spellings (warning once) and names the command an out-of-place option
+    belongs to."""
 
     def invoke(self, ctx: Any) -> object:
         try:
@@ -33,12 +105,30 @@ class _Group(TyperGroup):
             raise typer.Exit(2) from None
 
     def list_commands(self, ctx: Any) -> list[str]:
-        return [*super().list_commands(ctx), *(n for n in _LAZY if n not in self.commands)]
+        lazy = _LAZY if ctx.parent is None else {}  # generated commands belong to the root only
+        return [*super().list_commands(ctx), *(n for n in lazy if n not in self.commands)]
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
-        if cmd_name not in self.commands and cmd_name in _LAZY:
+        if ctx.parent is None and cmd_name not in self.commands and cmd_name in _LAZY:
             self.commands[cmd_name] = _LAZY[cmd_name]()
         return super().get_command(ctx, cmd_name)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        path = " ".join([*_path(ctx), str(name)])
+        rest = deprecated_args(rest, DEPRECATED.get(path, {}), _warn, _FLAGS)
+        misplaced_option(path, rest, ELSEWHERE.get(path, {}))
+        return name, cmd, rest
+
+
+class _DefaultGroup(_Group):
+    """A group whose first sub-command runs when the first argument names none (``slide RUN ...`` is
+    ``slide scan RUN ...``)."""
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [next(iter(self.commands)), *args]
+        return super().resolve_command(ctx, args)
 
 
 app = typer.Typer(
@@ -51,6 +141,25 @@ download_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Download publ
 app.add_typer(download_app, name="download")
 stain_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Stain normalisation targets and stain reports.")
 app.add_typer(stain_app, name="stain")
+
+
+def predictor_options(
+    only: tuple[str, ...] = PREDICTOR_FIELDS, shown: dict[str, Any] | None = None
+) -> list[inspect.Parameter]:
+    """The model options (``PredictorSettings``) a command takes: one declaration for every command; ``shown``:
+    the command's own defaults, as ``--help`` shows them."""
+    return dataclass_options(PredictorSettings, only=only, shown=shown)
+
+
+def _with_predictor(
+    fn: Callable[..., None], only: tuple[str, ...] = PREDICTOR_FIELDS, shown: dict[str, Any] | None = None
+) -> Callable[..., None]:
+    """``fn``'s own Typer parameters followed by the model options; ``fn`` takes them as ``**values``."""
+    own = [
+        p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD
+    ]
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == p.POSITIONAL_OR_KEYWORD else p for p in own]
+    return with_parameters(fn, params + predictor_options(only, shown))
 
 
 def _generated(name: str, fn: Callable[..., None], params: Callable[[], list[inspect.Parameter]]) -> None:
@@ -135,7 +244,7 @@ def ingest(
     source: Path = typer.Argument(..., help="Kaggle folder, PCam folder, class folders, image folder or CSV manifest."),
     out: Path = typer.Argument(..., help="Store folder to create."),
     size: int | None = typer.Option(None, help="Resize every image to SIZE x SIZE (default: the dominant size)."),
-    workers: int | None = typer.Option(None, help="Decoding processes (default: one per core)."),
+    workers: int | None = typer.Option(None, help=WORKERS_HELP),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
     layout: str | None = typer.Option(
         None, help="Force a layout: kaggle, pcam, folders, grouped-folders, manifest, unlabelled."
@@ -200,20 +309,20 @@ def synth(
     out: Path = typer.Argument(..., help="Folder to write."),
     layout: str = typer.Option("kaggle", help="kaggle, pcam, folders, grouped-folders or manifest."),
     n: int = typer.Option(200, help="Labelled patches."),
-    test: int = typer.Option(0, help="Unlabelled test patches (kaggle layout)."),
+    unlabelled: int = typer.Option(0, help="Unlabelled test patches (kaggle layout)."),
     size: int = typer.Option(96, help="Patch side in pixels."),
     noise: float = typer.Option(0.2, help="0 easy .. 1 hard."),
     preset: str | None = typer.Option(
         None, help="A named difficulty instead of --noise: hard (fainter tumours, 4% wrong labels; the demo's)."
     ),
-    classes: int = typer.Option(2, help="Number of classes (folders / manifest)."),
+    num_classes: int = typer.Option(2, help="Number of classes (folders / manifest)."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """Write synthetic H&E-like patches in any supported layout."""
     from histoscan.data.synthetic import write_synthetic
 
     path = write_synthetic(
-        out, layout, n, seed=seed, size=size, noise=noise, num_classes=classes, test=test, preset=preset
+        out, layout, n, seed=seed, size=size, noise=noise, num_classes=num_classes, test=unlabelled, preset=preset
     )
     _console().print(f"wrote {n} synthetic patches ({layout}) to {path}")
 
@@ -282,7 +391,6 @@ def models(all_timm: bool = typer.Option(False, "--timm", help="Also list every 
         typer.echo(name)
 
 
-@app.command()
 def predict(
     run: Path = typer.Argument(..., help="A run folder (the model bundle)."),
     input: Path = typer.Argument(
@@ -295,55 +403,40 @@ def predict(
         None, help="A Kaggle sample_submission.csv: also write submission.csv (id, tumour probability) in its order."
     ),
     submission_out: Path = typer.Option(Path("submission.csv"), help="Where the submission goes."),
-    tta: bool | None = typer.Option(
-        None,
-        "--tta/--no-tta",
-        help="Average the 8 flips/rotations; adds an uncertainty column "
-        "(default: the referral rule's policy when model.json has one, else on for a Kaggle --submission "
-        "of a binary model, off otherwise).",
-    ),
-    backend: str = typer.Option("auto", help="torch, onnx, or auto (onnx when model.onnx exists)."),
-    device: str = typer.Option("cpu", help="Torch device (cpu, cuda, cuda:1, mps)."),
-    precision: str = typer.Option(
-        "auto", help="Torch backend: auto (bf16 where the CPU or GPU has it natively), fp32, bf16 or fp16."
-    ),
-    batch_size: int = typer.Option(256, help="Images per forward pass."),
-    workers: int | None = typer.Option(None, help="Decoding processes for folders (default: one per core)."),
-    threads: int | None = typer.Option(None, help="CPU threads for the model (default: all cores)."),
+    workers: int | None = typer.Option(None, help=WORKERS_HELP),
     force: bool = typer.Option(False, help="Replace an existing --out / --submission-out (never an input)."),
+    **values: Any,
 ) -> None:
     """Predict tumour probabilities for new patches (and write a Kaggle submission)."""
-    from histoscan.inference.predict import check_output, predict_input, write_predictions, write_submission
-    from histoscan.inference.predictor import Predictor, submission_tta
+    from histoscan.inference.predict import predict_files
 
-    check_output(out, force, [input, run])  # before the work, not after it
-    predictor = Predictor(
-        run, backend=backend, device=device, batch_size=batch_size, threads=threads, precision=precision
-    )
     con = _console()
     with progress_bar("predicting") as start:
-        table = predict_input(
-            predictor,
+        lines = predict_files(
+            run,
             input,
-            tta=submission_tta(predictor, tta, submission),
+            out=out,
+            submission=submission,
+            submission_out=submission_out,
             workers=workers,
+            force=force,
+            settings=predictor_settings(values),
             progress=start(0),
             notice=con.print,
         )
-    path, errors = write_predictions(table, out, force=force, inputs=[input, run])
-    con.print(f"{len(table.ids)} predictions ({predictor.backend.name} backend) written to {path}")
-    if errors:
-        con.print(f"[yellow]{len(table.failures)} unreadable inputs listed in {errors}[/]")
-    if submission:
-        con.print(
-            f"submission written to {write_submission(table, submission, submission_out, force=force, inputs=[input, run])}"
-        )
+    for line in lines:
+        con.print(line)
+
+
+# TTA default: histoscan.inference.tta.default_views ("submission" with --submission, else "predict").
+app.command()(
+    _with_predictor(predict, shown={"backend": "auto", "device": "cpu", "precision": "auto", "batch_size": 256})
+)
 
 
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="A run folder."),
-    onnx: bool = typer.Option(True, "--onnx", help="Export to ONNX (the only format so far)."),
     opset: int = typer.Option(18, help="ONNX opset."),
     data: Path | None = typer.Option(None, help="Store whose patches verify the export (default: the training store)."),
 ) -> None:
@@ -362,7 +455,9 @@ def ensemble(
     runs: list[Path] = typer.Argument(..., help="Two or more run folders (e.g. the fold-<i>/ folders of a CV)."),
     out: Path = typer.Option(..., "--out", help="Folder for the ensemble bundle (model.json, split.csv)."),
     copy: bool = typer.Option(False, "--copy", help="Copy the members into OUT/members/ (default: refer to them)."),
-    weights: str | None = typer.Option(None, help="Comma-separated member weights, e.g. 1,1,2 (default: equal)."),
+    member_weights: str | None = typer.Option(
+        None, help="Comma-separated member weights, e.g. 1,1,2 (default: equal)."
+    ),
     oof: Path | None = typer.Option(
         None, help="An oof.csv of 'train --folds' to choose the threshold on (default: computed from the members)."
     ),
@@ -377,7 +472,7 @@ def ensemble(
         runs,
         out,
         copy=copy,
-        weights=parse_weights(weights),
+        weights=parse_weights(member_weights),
         oof=oof,
         threshold_rule=threshold_rule,
         force=force,
@@ -387,7 +482,6 @@ def ensemble(
         con.print(line)
 
 
-@app.command()
 def calibrate(
     run: Path = typer.Argument(..., help="A run folder."),
     data: Path | None = typer.Option(
@@ -404,40 +498,31 @@ def calibrate(
         "auto",
         help="Refer by probability (a band around the threshold), uncertainty, or auto (the better on validation).",
     ),
-    tta: bool | None = typer.Option(
-        None, "--tta/--no-tta", help="TTA policy the referral rule is fitted and applied under (default: the model's)."
-    ),
     tissue_check: bool = typer.Option(
         False, help="Fit the tissue check (not tissue / out of distribution) on the training split (new runs have it)."
     ),
+    **values: Any,
 ) -> None:
     """Fit temperature scaling, a referral rule and the tissue check on the run's data (an ensemble of folds:
-    out-of-fold predictions); store them in model.json."""
-    from histoscan.inference.calibration import calibrate as run_calibrate
+    out-of-fold predictions); store them in model.json. --tta: the policy they are fitted and applied under."""
+    from histoscan.trust.calibrate import calibrate_run
 
+    lines = calibrate_run(
+        run,
+        data,
+        temperature=temperature,
+        refer_coverage=refer_coverage,
+        target_accuracy=target_accuracy,
+        refer_by=refer_by,
+        tissue_check=tissue_check,
+        settings=predictor_settings(values),
+    )
     con = _console()
-    if temperature:
-        r = run_calibrate(run, data)
-        con.print(
-            f"temperature {r.temperature:.3f} on {r.count} patches ({r.source}): NLL {r.nll_before:.4f} -> {r.nll_after:.4f}"
-        )
-    if refer_coverage is not None or target_accuracy is not None:
-        from histoscan.trust.calibrate import fit_run_referral
-        from histoscan.trust.referral import describe
+    for line in lines:
+        con.print(line, highlight=False)
 
-        rule = fit_run_referral(
-            run, data, coverage=refer_coverage, target_accuracy=target_accuracy, by=refer_by, tta=tta
-        )
-        aurocs = ", ".join(f"{k} {v:.3f}" for k, v in rule.error_auroc.items())
-        con.print(f"error-detection AUROC on {rule.fitted_on}: {aurocs}")
-        con.print(describe(rule), highlight=False)
-    if tissue_check:
-        from histoscan.trust.tissue import fit_run_tissue_check
 
-        check = fit_run_tissue_check(run, data)
-        con.print(
-            f"tissue check fitted on {check.count} training patches: Mahalanobis distance limit {check.threshold:.2f}"
-        )
+app.command()(_with_predictor(calibrate, shown={"backend": "torch", "device": "cpu", "precision": "auto"}))
 
 
 def serve(**values: Any) -> None:
@@ -445,13 +530,19 @@ def serve(**values: Any) -> None:
     from histoscan.serving.server import serve as run_server
     from histoscan.serving.state import ServeSettings
 
-    run_server(ServeSettings(**given_values(ServeSettings, values)))
+    model = predictor_settings(values)
+    run_server(model.apply(ServeSettings(**given_values(ServeSettings, values))))
+
+
+SERVE_MODEL_OPTIONS = ("backend", "device", "threads")  # the server batches requests itself and TTA is per request
 
 
 def _serve_options() -> list[inspect.Parameter]:
     from histoscan.serving.state import ServeSettings
 
-    return dataclass_options(ServeSettings)
+    return dataclass_options(ServeSettings) + predictor_options(
+        SERVE_MODEL_OPTIONS, shown={"backend": "auto", "device": "cpu"}
+    )
 
 
 _generated("serve", serve, _serve_options)
@@ -517,15 +608,11 @@ def baselines(
     con.print(f"baseline runs in {out}; rank them with: histoscan compare {out} runs/...")
 
 
-@app.command()
 def evaluate(
     run: Path = typer.Argument(..., help="A run folder."),
     data: Path | None = typer.Option(None, help="Labelled store (default: the store the run trained on)."),
     split: str | None = typer.Option(
         None, help="test, val, train or all (default: test of the training store, all of another store)."
-    ),
-    tta: bool | None = typer.Option(
-        None, "--tta/--no-tta", help="Average the 8 flips/rotations (default: on for binary patch models)."
     ),
     target_sensitivity: list[float] = typer.Option(
         [0.95], help="Report the threshold reaching this sensitivity (repeatable)."
@@ -534,61 +621,44 @@ def evaluate(
         None, help="youden or sensitivity: choose a threshold on the validation split and save it in model.json."
     ),
     out: Path | None = typer.Option(None, help="Output folder (default: RUN/eval for the run's test split)."),
-    backend: str = typer.Option("auto", help="torch, onnx or auto."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the AUROC interval."),
-    labels: Path | None = typer.Option(
-        None, help="With a slides.csv (from 'histoscan slide') as RUN: a slide,label CSV; prints slide-level AUROC."
-    ),
+    labels: Path | None = typer.Option(None, help="Deprecated: use 'histoscan slide evaluate'.", hidden=True),
     stain_shift: bool = typer.Option(
         False, help="Also score the split under the fixed stain-shift suite (AUROC per shift, worst drop)."
     ),
     stain_donor: list[Path] = typer.Option(
         [], help="A store or image folder whose fitted stain re-stains the patches as one more shift (repeatable)."
     ),
+    **values: Any,
 ) -> None:
     """Score a run: AUROC with 95% CI, report, thresholds, calibration, figures and an HTML report."""
     from histoscan.evaluation.evaluate import evaluate_run
-    from histoscan.evaluation.report import headline
 
-    if labels is not None:
-        from histoscan.wsi.evaluate import evaluate_slides
-
-        s = evaluate_slides(run, labels)
-        for score, value in s.auroc.items():
-            _console().print(f"slide-level AUROC ({score}, {s.slides} slides, {s.positives} tumour): {value:.4f}")
-        return
+    if labels is not None:  # the slide mode of old: warn, then do what 'slide evaluate' does
+        _warn("option --labels of 'histoscan evaluate' is deprecated: use 'histoscan slide evaluate SCAN --labels CSV'")
+        return slide_evaluate(run, labels)
+    settings = predictor_settings(values)
     r = evaluate_run(
         run,
         data,
         split=split,
-        tta=tta,
+        tta=settings.tta,
         target_sensitivities=target_sensitivity,
         save_threshold=save_threshold,
         out=out,
-        backend=backend,
         n_boot=bootstrap,
         stain_shift=stain_shift,
         stain_donors=stain_donor,
+        settings=settings,
     )
     con = _console()
-    if r.saved_threshold is not None:
-        con.print(
-            f"threshold {r.saved_threshold:.4f} ({save_threshold}, chosen on the validation split) saved in {run / 'model.json'}"
-        )
-    con.print(f"{r.split} split of {r.store}:")
-    for k, v in headline(r.metrics).items():
-        con.print(f"  {k:20s} {v:.4f}" if isinstance(v, float) else f"  {k:20s} {v}")
-    if "trust" in r.metrics:
-        from histoscan.trust.scoring import trust_lines
+    for line in r.lines(run, save_threshold):
+        con.print(line, highlight=False)
 
-        for line in trust_lines(r.metrics["trust"]):
-            con.print(line, highlight=False)
-    if "stain_shift" in r.metrics:
-        from histoscan.stain.shift import shift_lines
 
-        for line in shift_lines(r.metrics["stain_shift"]):
-            con.print(line, highlight=False)
-    con.print(f"report: {r.out / 'report.html'}")
+app.command()(
+    _with_predictor(evaluate, shown={"backend": "auto", "device": "cpu", "precision": "auto", "batch_size": 256})
+)
 
 
 @app.command()
@@ -651,7 +721,8 @@ def explain(inputs: list[Path], **values: Any) -> None:
     from histoscan.explain.run import explain_inputs
     from histoscan.explain.settings import ExplainSettings
 
-    settings = ExplainSettings(**given_values(ExplainSettings, values))
+    model = predictor_settings(values)
+    settings = model.apply(ExplainSettings(**given_values(ExplainSettings, values)))
     with progress_bar("explaining") as start:
         r = explain_inputs(settings, inputs, progress=start(None))
     con = _console()
@@ -667,11 +738,16 @@ def _explain_options() -> list[inspect.Parameter]:
         ..., help="Images, folders of images, stores (with --split / --ids) or PCam HDF5 files.", metavar="INPUT..."
     )
     params = dataclass_options(ExplainSettings)
+    model = predictor_options(EXPLAIN_MODEL_OPTIONS, shown={"device": "cpu", "batch_size": 32, "tta": False})
     return [
         params[0],
         inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=inputs, annotation=list[Path]),
         *params[1:],
+        *model,
     ]
+
+
+EXPLAIN_MODEL_OPTIONS = ("device", "batch_size", "tta")  # Grad-CAM needs torch's gradients in fp32
 
 
 _generated("explain", explain, _explain_options)
@@ -708,23 +784,23 @@ def _train_options() -> list[inspect.Parameter]:
 _generated("train", train, _train_options)
 
 
-def slide(run: Path, slides: list[Path] | None, out: Path, **values: Any) -> None:
-    """Scan whole-slide images into heatmaps, probability grids, tiles.csv and QuPath GeoJSON regions."""
-    from histoscan.inference.predictor import Predictor
+def slide_scan(run: Path, slides: list[Path] | None, out: Path, **values: Any) -> None:
+    """Scan whole-slide images into heatmaps, probability grids, tiles.csv and QuPath GeoJSON regions
+    ('histoscan slide RUN ...' is this command)."""
     from histoscan.wsi.batch import run_slides
     from histoscan.wsi.scan import ScanSettings
 
-    settings = ScanSettings(**given_values(ScanSettings, values))
+    model = predictor_settings(values)
+    settings = model.apply(ScanSettings(**given_values(ScanSettings, values)))
     con = _console()
-
-    def predictor() -> Predictor:
-        return Predictor(
-            run, settings.backend, settings.device, batch_size=settings.batch_size, threads=settings.threads
-        )
-
     with progress_bar("scanning", rate_unit="tiles") as start:
         r = run_slides(
-            predictor, slides or [], out, settings, progress=lambda name: partial(start, name=name), printer=con.print
+            partial(model.predictor, run, **vars(settings)),
+            slides or [],
+            out,
+            settings,
+            progress=lambda name: partial(start, name=name),
+            printer=con.print,
         )
     for line in r.summary_lines(run, out, settings.shard is not None):
         con.print(line, highlight=False)
@@ -751,10 +827,35 @@ def _slide_options() -> list[inspect.Parameter]:
             default=typer.Option(..., "--out", help="Output folder: OUT/<slide>/ per slide and OUT/slides.csv."),
         ),
     ]
-    return head + dataclass_options(ScanSettings)
+    shown = {"backend": "auto", "device": "cpu", "precision": "auto", "batch_size": 256, "tta": False}
+    return head + dataclass_options(ScanSettings) + predictor_options(shown=shown)
 
 
-_generated("slide", slide, _slide_options)
+def slide_evaluate(
+    scan: Path = typer.Argument(..., help="A scan's output folder (or its slides.csv) from 'histoscan slide'."),
+    labels: Path = typer.Option(..., "--labels", help="A slide,label CSV (labels 0/1 or normal/tumour)."),
+) -> None:
+    """Slide-level AUROC of a scan's slide scores (max and top-k mean tile probability) against slide labels."""
+    from histoscan.wsi.evaluate import evaluate_slides
+
+    con = _console()
+    for line in evaluate_slides(scan, labels).lines():
+        con.print(line)
+
+
+def _slide_group() -> Any:
+    slide_app = typer.Typer(
+        name="slide",
+        cls=_DefaultGroup,
+        no_args_is_help=True,
+        help="Whole-slide images: scan (the default) and evaluate.",
+    )
+    slide_app.command("scan")(with_parameters(slide_scan, _slide_options()))
+    slide_app.command("evaluate")(slide_evaluate)
+    return typer.main.get_command(slide_app)
+
+
+_LAZY["slide"] = _slide_group
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 from histoscan.errors import ConfigError
@@ -69,11 +69,16 @@ def _shown_default(f: dataclasses.Field[Any]) -> str | bool:
         value = f.default_factory()
     else:
         return False
+    return False if value in (None, "") or value == [] or value == {} else _shown_value(f, value)
+
+
+def _shown_value(f: dataclasses.Field[Any], value: Any) -> str:
+    """``value`` as ``--help`` shows a default (a bool as the flag that gives it)."""
     if isinstance(value, bool):
         flags = str(f.metadata.get("flags", "")).split("/")
         name = f.name.replace("_", "-")
         return (flags[0] if value else flags[-1]) if len(flags) == 2 else f"--{'' if value else 'no-'}{name}"
-    return False if value in (None, "") or value == [] or value == {} else str(value)
+    return str(value)
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
@@ -82,7 +87,7 @@ def _default(f: dataclasses.Field[Any]) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else ...
 
 
-def _parameter(f: dataclasses.Field[Any], kind: FieldType, defaults: bool) -> inspect.Parameter:
+def _parameter(f: dataclasses.Field[Any], kind: FieldType, defaults: bool, shown: Any = None) -> inspect.Parameter:
     import typer
 
     help_text: str = f.metadata["help"]
@@ -97,6 +102,8 @@ def _parameter(f: dataclasses.Field[Any], kind: FieldType, defaults: bool) -> in
     flags = f.metadata.get("flags", f"{flag}/--no-{flag[2:]}" if kind.scalar is bool else flag)
     default = _default(f) if defaults and not kind.structured else None
     extra: dict[str, Any] = {"show_default": True if defaults and default is not None else _shown_default(f)}
+    if shown is not None:  # the command's own default of a shared option whose field default is None
+        extra["show_default"] = _shown_value(f, shown)
     scalar: Any = Literal[kind.choices] if kind.choices else kind.scalar  # Typer lists a Literal's values
     if kind.structured:
         help_text += " YAML, e.g. '[1, 1.5]'."
@@ -108,14 +115,27 @@ def _parameter(f: dataclasses.Field[Any], kind: FieldType, defaults: bool) -> in
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
 
-def dataclass_options(cls: type, *, defaults: bool = True) -> list[inspect.Parameter]:
+def dataclass_options(
+    cls: type,
+    *,
+    defaults: bool = True,
+    only: Collection[str] | None = None,
+    shown: Mapping[str, Any] | None = None,
+) -> list[inspect.Parameter]:
     """One Typer parameter per documented field of ``cls`` (positional arguments first).
 
     With ``defaults=False`` every option defaults to None ("not given") and only shows the field's default
-    in ``--help``: for settings that a config file fills before the command line overrides it.
+    in ``--help``: for settings that a config file fills before the command line overrides it. ``only`` keeps
+    the named fields; ``shown`` gives the default ``--help`` shows for a field whose own default is None (a
+    shared option such as ``--batch-size`` whose default is each command's).
     """
     hints = get_type_hints(cls)
-    params = [_parameter(f, field_type(hints[f.name]), defaults) for f in documented_fields(cls)]
+    shown = shown or {}
+    params = [
+        _parameter(f, field_type(hints[f.name]), defaults, shown.get(f.name))
+        for f in documented_fields(cls)
+        if only is None or f.name in only
+    ]
     return sorted(params, key=lambda p: p.kind != inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -156,3 +176,60 @@ def check_choices(obj: Any) -> None:
             continue  # an object (e.g. an Optuna pruner) where the field also takes one is the caller's choice
         if str(value) not in kind.choices:
             raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(kind.choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Deprecated:
+    """An old option spelling that still works until the next minor version: ``use`` is its new spelling
+    (None: the option does nothing and is dropped), ``note`` says why in a few words."""
+
+    use: str | None
+    note: str = ""
+
+    def message(self, old: str) -> str:
+        """The one warning line for ``old``."""
+        text = f"option {old} is deprecated: " + (f"use {self.use}" if self.use else "it does nothing")
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def _option_name(token: str) -> str:
+    return token.split("=", 1)[0] if token.startswith("--") else token
+
+
+def deprecated_args(
+    args: list[str], old: Mapping[str, Deprecated], warn: Callable[[str], None], flags: Collection[str] = ()
+) -> list[str]:
+    """``args`` with old option spellings replaced by new ones (``--old=v`` too), each old spelling warned about
+    once however often it is given; a dropped option is removed, with its value unless it is in ``flags``.
+    Arguments after ``--`` are left alone."""
+    out: list[str] = []
+    warned: set[str] = set()
+    rest = iter(args)
+    for token in rest:
+        if token == "--":
+            out += [token, *rest]
+            break
+        name = _option_name(token)
+        if name not in old:
+            out.append(token)
+            continue
+        if name not in warned:
+            warned.add(name)
+            warn(old[name].message(name))
+        new = old[name].use
+        if new is not None:
+            out.append(new + token[len(name) :])
+        elif "=" not in token and name not in flags:
+            next(rest, None)  # the dropped option's value
+    return out
+
+
+def misplaced_option(command: str, args: list[str], elsewhere: Mapping[str, str]) -> None:
+    """Raise ConfigError when the arguments of ``command`` hold an option of another command or mode
+    (``elsewhere``: option -> which command to use instead)."""
+    for token in args:
+        if token == "--":
+            return
+        name = _option_name(token)
+        if name in elsewhere:
+            raise ConfigError(f"{name} is not an option of 'histoscan {command}': {elsewhere[name]}")

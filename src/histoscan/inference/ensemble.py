@@ -75,9 +75,9 @@ def make_ensemble(
     if len(dirs) < 2:
         raise ConfigError(f"an ensemble needs at least 2 runs, got {len(dirs)}")
     if weights is not None and len(weights) != len(dirs):
-        raise ConfigError(f"--weights: {len(weights)} weights for {len(dirs)} runs")
+        raise ConfigError(f"--member-weights: {len(weights)} weights for {len(dirs)} runs")
     if weights is not None and any(not (w > 0) for w in weights):
-        raise ConfigError(f"--weights must be positive numbers, got {list(weights)}")
+        raise ConfigError(f"--member-weights must be positive numbers, got {list(weights)}")
     bundles = [_member(d) for d in dirs]
     for d, b in zip(dirs[1:], bundles[1:]):
         check_compatible(dirs[0], bundles[0], d, b)
@@ -111,13 +111,13 @@ def make_ensemble(
 
 
 def parse_weights(text: str | None) -> list[float] | None:
-    """``--weights 1,1,2`` as numbers (None when not given)."""
+    """``--member-weights 1,1,2`` as numbers (None when not given)."""
     if text is None:
         return None
     try:
         return [float(w) for w in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--weights: {text!r} is not a comma-separated list of numbers") from None
+        raise ConfigError(f"--member-weights: {text!r} is not a comma-separated list of numbers") from None
 
 
 def _member(run: Path) -> ModelBundle:

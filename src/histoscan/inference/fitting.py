@@ -19,8 +19,8 @@ import numpy as np
 from histoscan.bundle import EnsembleBundle, read_bundle
 from histoscan.data.store import PatchStore
 from histoscan.errors import DataError
-from histoscan.inference.predictor import Predictor
 from histoscan.inference.probabilities import logits_of, probabilities
+from histoscan.inference.settings import PredictorSettings
 from histoscan.inference.tta import parse_tta
 from histoscan.runfolder import RunFolder
 
@@ -36,26 +36,31 @@ class FittingPredictions(NamedTuple):
 
 
 def fitting_predictions(
-    run_dir: str | Path, tta: bool | Sequence[int] | None = None, data: str | Path | None = None
+    run_dir: str | Path,
+    tta: bool | Sequence[int] | None = None,
+    data: str | Path | None = None,
+    settings: PredictorSettings | None = None,
 ) -> FittingPredictions:
     """The predictions ``run_dir``'s fitted values are chosen on (see the module text), under ``tta``.
 
     ``data``: the store holding the validation patches (default: the store the run trained on).
     Out-of-fold predictions come from single members, so their uncertainty is the TTA spread alone
-    (None without TTA); an ensemble's own uncertainty also spreads across members.
+    (None without TTA); an ensemble's own uncertainty also spreads across members. ``settings``: the device,
+    precision, ... the model runs with (default: the torch backend on the CPU).
     """
+    settings = settings or PredictorSettings()
     bundle = read_bundle(run_dir)
     if isinstance(bundle, EnsembleBundle) and bundle.fitted_on == "oof":
-        return _out_of_fold(bundle, tta, data)
+        return _out_of_fold(bundle, tta, data, settings)
     run = RunFolder(run_dir)
     part, _ = run.select_patches(run.data_store(data), "val")
     _check_labelled(part, "validation")
-    pred = Predictor(run_dir, backend="torch").predict_store(part, tta)
+    pred = settings.predictor(run_dir, backend="torch").predict_store(part, tta)
     return FittingPredictions(pred.probabilities, part.labels, pred.uncertainty, f"the validation split of {part.path}")
 
 
 def _out_of_fold(
-    bundle: EnsembleBundle, tta: bool | Sequence[int] | None, data: str | Path | None
+    bundle: EnsembleBundle, tta: bool | Sequence[int] | None, data: str | Path | None, settings: PredictorSettings
 ) -> FittingPredictions:
     """Each member (a fold) predicts its own validation fold; the ensemble's temperature applies on top."""
     probs, labels, spreads = [], [], []
@@ -65,7 +70,7 @@ def _out_of_fold(
         part, _ = run.select_patches(run.data_store(data), "val")
         _check_labelled(part, "out-of-fold")
         store = part.path
-        pred = Predictor(member, backend="torch").predict_store(part, tta)
+        pred = settings.predictor(member, backend="torch").predict_store(part, tta)
         probs.append(pred.probabilities)
         labels.append(part.labels)
         spreads.append(pred.uncertainty)

@@ -20,6 +20,8 @@ from histoscan.data.store import PatchStore
 from histoscan.errors import DataError
 from histoscan.inference.inputs import Batch, input_batches
 from histoscan.inference.predictor import Prediction, Predictor
+from histoscan.inference.settings import PredictorSettings
+from histoscan.inference.tta import tta_views
 from histoscan.system import available_cores
 from histoscan.trust.answers import check_policy
 
@@ -234,3 +236,38 @@ def write_submission(
 
     _atomic_write(target, write)
     return Path(out)
+
+
+def predict_files(
+    run: str | Path,
+    input: str | Path,
+    *,
+    out: str | Path = "predictions.csv",
+    submission: str | Path | None = None,
+    submission_out: str | Path = "submission.csv",
+    workers: int | None = None,
+    force: bool = False,
+    settings: PredictorSettings | None = None,
+    progress: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> list[str]:
+    """``histoscan predict``: predict every image of ``input`` with the bundle ``run`` and write the predictions
+    CSV (and a Kaggle submission in the order of the ``submission`` sample); returns what happened, in lines.
+
+    ``settings``: how the model runs; its ``tta`` None is the default for a submission or for prediction
+    (``histoscan.inference.tta``). An existing ``out`` is
+    refused before any work unless ``force``.
+    """
+    settings = settings or PredictorSettings()
+    check_output(out, force, [input, run])  # before the work, not after it
+    predictor = settings.predictor(run)
+    tta = tta_views(predictor.bundle, settings.tta, "submission" if submission else "predict")
+    table = predict_input(predictor, input, tta=tta, workers=workers, progress=progress, notice=notice)
+    path, errors = write_predictions(table, out, force=force, inputs=[input, run])
+    lines = [f"{len(table.ids)} predictions ({predictor.backend.name} backend) written to {path}"]
+    if errors:
+        lines.append(f"[yellow]{len(table.failures)} unreadable inputs listed in {errors}[/]")
+    if submission:
+        written = write_submission(table, submission, submission_out, force=force, inputs=[input, run])
+        lines.append(f"submission written to {written}")
+    return lines

@@ -124,8 +124,10 @@ class TrainConfig:
     backbone_lr_mult: float = doc("Backbone learning rate as a fraction of lr (discriminative learning rates).", 1.0)
     early_stopping: int | None = doc("Stop after this many epochs without a better validation AUROC (None: off).", 5)
     precision: Precision = doc(
-        "Numeric precision; auto: bf16-mixed on GPU and on CPUs with native bf16 (AVX512-BF16 or AMX), else 32.",
+        "Training numerics (Lightning's); auto: bf16-mixed on GPU and on CPUs with native bf16 (AVX512-BF16 or AMX), "
+        "else 32.",
         "auto",
+        flags="--train-precision",  # --precision is the inference option's (PredictorSettings)
     )
     channels_last: bool | None = doc("Channels-last memory format (default: on, GPU and CPU).", None)
     ema_decay: float | None = doc(

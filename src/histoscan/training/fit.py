@@ -318,7 +318,7 @@ def choose_precision(cfg: TrainConfig, cuda: bool) -> str:
 def precision_reason(cfg: TrainConfig, cuda: bool) -> str:
     """Why the precision was chosen, in a few words for the run's first line."""
     if cfg.precision != "auto":
-        return "--precision"
+        return "--train-precision"
     if cuda:
         return "auto: GPU"
     return "auto: CPU with native bf16" if native_bf16_cpu() else "auto: CPU without native bf16"

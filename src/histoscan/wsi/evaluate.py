@@ -23,6 +23,13 @@ class SlideEvaluation:
     positives: int
     table: pd.DataFrame
 
+    def lines(self) -> list[str]:
+        """One line per slide score, as ``histoscan slide evaluate`` prints them."""
+        return [
+            f"slide-level AUROC ({score}, {self.slides} slides, {self.positives} tumour): {value:.4f}"
+            for score, value in self.auroc.items()
+        ]
+
 
 def _read(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     if not path.is_file():
@@ -48,8 +55,14 @@ def _label_values(labels: pd.Series, path: Path) -> np.ndarray:
 
 
 def evaluate_slides(slides_csv: str | Path, labels_csv: str | Path) -> SlideEvaluation:
-    """AUROC of each slide score (max, top-k mean) on the scanned slides that have a label."""
-    scores = _read(Path(slides_csv), ("slide", *SCORES))
+    """AUROC of each slide score (max, top-k mean) on the scanned slides that have a label.
+
+    ``slides_csv``: a scan's slides.csv, or the scan's output folder holding it.
+    """
+    slides_csv = Path(slides_csv)
+    if slides_csv.is_dir():
+        slides_csv = slides_csv / "slides.csv"
+    scores = _read(slides_csv, ("slide", *SCORES))
     labels = _read(Path(labels_csv), ("slide", "label"))
     labels = labels.assign(slide=labels["slide"].map(lambda s: Path(str(s)).stem))
     done = scores[scores.get("status", "done") == "done"] if "status" in scores else scores

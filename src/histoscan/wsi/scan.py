@@ -59,13 +59,14 @@ class ScanSettings:
         "Average the 8 flips/rotations; tiles.csv gains an uncertainty column (default: off, "
         "histoscan.inference.tta's default for slides).",
         None,
+        cli=False,
     )
-    backend: str = doc("torch, onnx, or auto (onnx when model.onnx exists).", "auto")
-    device: str = doc("Torch device (cpu, cuda, mps).", "cpu")
-    batch_size: int = doc("Tiles per forward pass.", 256)
-    workers: int = doc("Background threads reading tiles.", 2)
+    backend: str = doc("torch, onnx, or auto (onnx when model.onnx exists).", "auto", cli=False)
+    device: str = doc("Torch device (cpu, cuda, mps).", "cpu", cli=False)
+    batch_size: int = doc("Tiles per forward pass.", 256, cli=False)
+    workers: int = doc("Workers reading and decoding the inputs in parallel (here: threads reading tiles).", 2)
     prefetch: int = doc("Blocks of tiles read ahead at most (bounds memory).", 8)
-    threads: int | None = doc("CPU threads for the model (default: all cores).", None)
+    threads: int | None = doc("CPU threads for the model (default: all cores).", None, cli=False)
     top_k: int = doc("Slide score: mean of the k highest tile probabilities (and the max).", 10)
     force: bool = doc("Scan slides again even when their outputs exist.", False)
     shard: str | None = doc("I/N: scan only shard I (0-based) of N of the slide list (job arrays).", None)

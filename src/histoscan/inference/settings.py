@@ -1,0 +1,79 @@
+"""``PredictorSettings``: how a command runs a model (backend, device, precision, batch size, threads, TTA).
+
+Every command that runs a model (predict, evaluate, calibrate, slide, slide evaluate's scan, explain, serve)
+takes its model options from this one dataclass, so ``--device`` or ``--precision`` has one spelling, one
+type and one help text everywhere. A field left None is "not given": the command's own default applies
+(for TTA, the default views for the command's use; see ``histoscan.inference.tta.default_views``), so the
+settings change nothing until the user sets them.
+
+The value types (``Backend``, ``Precision``) are the vocabularies of ``histoscan.enums``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from histoscan.enums import Backend, Precision
+from histoscan.errors import ConfigError
+from histoscan.options import check_choices, doc
+
+if TYPE_CHECKING:
+    from histoscan.inference.predictor import Predictor
+
+
+PREDICTOR_FIELDS = ("backend", "device", "precision", "batch_size", "threads", "tta")
+
+
+@dataclass(frozen=True)
+class PredictorSettings:
+    """How a model is run; None everywhere means each command's (and the bundle's) own choice."""
+
+    backend: Backend | None = doc("Inference backend: torch, onnx, or auto (onnx when model.onnx exists).", None)
+    device: str | None = doc("Torch device: cpu, cuda, cuda:1 or mps (default: cpu).", None)
+    precision: Precision | None = doc(
+        "Torch numerics: auto (bf16 where the CPU or GPU has it natively), fp32, bf16 or fp16.", None
+    )
+    batch_size: int | None = doc("Images (or tiles) per forward pass.", None)
+    threads: int | None = doc("CPU threads for the model (default: all cores).", None)
+    tta: bool | None = doc(
+        "Average the 8 flips/rotations; adds an uncertainty (default: the model's TTA policy for this command).",
+        None,
+        flags="--tta/--no-tta",
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        for name in ("batch_size", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {value}")
+
+    def given(self) -> dict[str, Any]:
+        """The fields the user set (not None)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def apply(self, settings: Any) -> Any:
+        """A copy of a command's settings dataclass (``ScanSettings``, ``ExplainSettings``, ``ServeSettings``)
+        with the predictor options given here; fields that settings class lacks are left out."""
+        names = {f.name for f in dataclasses.fields(settings)}
+        return dataclasses.replace(settings, **{k: v for k, v in self.given().items() if k in names})
+
+    def predictor_kwargs(self, **defaults: Any) -> dict[str, Any]:
+        """Keyword arguments for ``Predictor`` (everything but TTA): given values over ``defaults``."""
+        out = {k: v for k, v in defaults.items() if k in PREDICTOR_FIELDS and k != "tta"}
+        out.update({k: v for k, v in self.given().items() if k != "tta"})
+        return out
+
+    def predictor(self, run_dir: str | Path, **defaults: Any) -> Predictor:
+        """The ``Predictor`` of ``run_dir`` under these settings (``defaults``: the command's own choices)."""
+        from histoscan.inference.predictor import Predictor
+
+        return Predictor(run_dir, **self.predictor_kwargs(**defaults))
+
+
+def predictor_settings(values: dict[str, Any]) -> PredictorSettings:
+    """The ``PredictorSettings`` among a command's parsed option values (removed from ``values``)."""
+    return PredictorSettings(**{k: values.pop(k) for k in PREDICTOR_FIELDS if k in values})

@@ -13,6 +13,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from histoscan import __version__
+from histoscan.enums import STAIN_METHODS
 from histoscan.errors import HistoscanError
 from histoscan.inference.settings import PREDICTOR_FIELDS, PredictorSettings, predictor_settings
 from histoscan.options import (
@@ -330,7 +331,7 @@ def synth(
 @stain_app.command("fit")
 def stain_fit(
     source: Path = typer.Argument(..., help="A store, a folder of reference images, or one image."),
-    method: str = typer.Option("macenko", help="reinhard or macenko."),
+    method: str = typer.Option("macenko", help=f"{' or '.join(STAIN_METHODS)}."),  # checked by stain.normalise
     out: Path = typer.Option(Path("target.json"), help="Where the target goes (train --stain-target reads it)."),
     max_patches: int = typer.Option(2000, help="Patches sampled to fit the target."),
     seed: int = typer.Option(0, help="Random seed of the sample."),

@@ -30,9 +30,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED, rss_mb, shared_or_exit
 from histoscan.bundle import read_bundle
-from histoscan.evaluation.metrics import auroc
 from histoscan.inference.export import export_onnx
 from histoscan.inference.predictor import Predictor
+from histoscan.metrics import auroc
 from histoscan.wsi.reader import open_slide
 from histoscan.wsi.scan import ScanSettings, scan_slide
 from histoscan.wsi.synthetic import sparse_tissue_slide, tumour_slide, write_slide

@@ -12,7 +12,7 @@ import torch
 
 from histoscan import enums, thresholds
 from histoscan.bundle import ModelBundle
-from histoscan.data.transforms import CentreSafeCrop, build_augmentation, centre_crop
+from histoscan.data.transforms import CentreSafeCrop, centre_crop
 from histoscan.evaluation.plots import centre_outline
 from histoscan.explain.cam import _METHODS
 from histoscan.explain.explainer import Explainer
@@ -22,6 +22,7 @@ from histoscan.geometry import centre_box, centre_slices, centre_window
 from histoscan.inference.tta import default_views, parse_tta, tta_views
 from histoscan.preprocessing import Preprocessing
 from histoscan.runfolder import InferencePolicy, ReferralRule, TrustPolicy
+from histoscan.stain.augment import build_augmentation
 from histoscan.training.config import TrainConfig
 
 # (height, width, crop): square and not, even and odd margins, a crop of the whole image

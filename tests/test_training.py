@@ -305,8 +305,8 @@ def test_stain_augment_until_stops_re_staining_once_the_plan_passes_it() -> None
     """``stain_augment_until``: the stain preset until that fraction of the plan, then its base alone, for good."""
     import torch
 
-    from histoscan.data.transforms import build_augmentation
     from histoscan.preprocessing import Preprocessing
+    from histoscan.stain.augment import build_augmentation
     from histoscan.training.module import PatchClassifier
 
     cfg = TrainConfig(augment="stain-medium", stain_augment_until=0.8)

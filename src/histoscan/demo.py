@@ -15,10 +15,10 @@ from histoscan.evaluation.evaluate import choose_threshold, evaluate_run
 from histoscan.inference.export import export_onnx
 from histoscan.inference.predict import PredictionTable, predict_input, write_predictions, write_submission
 from histoscan.inference.predictor import Predictor
+from histoscan.rules.referral import describe
 from histoscan.training.config import TrainConfig, resolve_config_path
 from histoscan.training.fit import train
 from histoscan.trust.calibrate import fit_run_referral
-from histoscan.trust.referral import describe
 from histoscan.trust.scoring import trust_lines
 
 

@@ -66,7 +66,15 @@ REFER_BY: tuple[ReferByChoice, ...] = get_args(ReferByChoice)
 #: what a referral rule was asked to reach
 ReferralAsk = Literal["coverage", "accuracy"]
 
+# ---- tuning --------------------------------------------------------------------------------------
+Sampler = Literal["tpe", "random"]
+Pruner = Literal["hyperband", "median", "none"]
+
 # ---- explain -------------------------------------------------------------------------------------
+#: colour scale of explanation pictures: one across images, or each image its own
+CamScale = Literal["global", "image"]
+#: what deleted pixels are filled with in the deletion (faithfulness) test
+DeletionFill = Literal["grey", "blur", "normal"]
 #: CAM methods (pytorch-grad-cam; ``explain.cam`` maps each to its class)
 CamMethod = Literal[
     "gradcam",

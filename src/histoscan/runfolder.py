@@ -216,7 +216,7 @@ class ReferralRule(BaseModel):
 
 
 class TissueCheck(BaseModel):
-    """``trust.tissue_check``: the acceptance region of colour/texture statistics (``histoscan.trust.tissue``)."""
+    """``trust.tissue_check``: the acceptance region of colour/texture statistics (applied by ``histoscan.rules.tissue``, fitted by ``histoscan.trust.tissue``)."""
 
     model_config = _STRICT
     features: list[Name] = Field(min_length=1)

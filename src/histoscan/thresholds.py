@@ -6,7 +6,7 @@ statistic it computes (so the numbers differ, but each is written once, here, be
 - ``eda``: per-patch grey-level statistics (0-255) count blank, dark and blurry patches of a store;
 - ``stain``: per-pixel optical density picks the pixels a stain estimate is made from;
 - ``wsi``: per-pixel HSV saturation and value make a slide's tissue mask;
-- ``trust``: the tissue check's statistics (``trust.tissue.FEATURE_NAMES``) name why a patch is not tissue.
+- ``trust``: the tissue check's statistics (``rules.tissue.FEATURE_NAMES``) name why a patch is not tissue.
 
 Change a value here and every consumer, its report text included, follows. Imports nothing (bottom layer).
 """
@@ -39,7 +39,7 @@ DARK_VALUE = 0.2
 #: specks smaller than this (~70 x 70 um) are dust, not tissue
 MIN_OBJECT_UM2 = 5_000.0
 
-# ---- trust: the tissue check's statistics of a patch (trust.tissue) -------------------------------
+# ---- trust: the tissue check's statistics of a patch (rules.tissue) -------------------------------
 #: a pixel is tissue when its optical density summed over the channels is above this
 TISSUE_OD = 0.3
 #: a pixel is stained (for the DAB-brown statistic) when its summed optical density is above this

@@ -16,18 +16,16 @@ from histoscan import __version__
 from histoscan.bundle import ModelBundle, read_bundle
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
-from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitivity, youden_threshold
 from histoscan.evaluation.report import write_evaluation
 from histoscan.inference.predictor import Prediction, Predictor
 from histoscan.inference.settings import PredictorSettings
 from histoscan.inference.tta import tta_views
+from histoscan.metrics import THRESHOLD_RULES, compute_metrics, pick_threshold
+from histoscan.rules.answers import UNCHECKED, policy_views
+from histoscan.rules.tissue import OK
 from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
 from histoscan.stain.groups import stain_group_names
 from histoscan.stain.shift import Shift, shift_suite, stain_shift_report
-from histoscan.trust.answers import UNCHECKED, policy_views
-from histoscan.trust.tissue import OK
-
-THRESHOLD_RULES = ("youden", "sensitivity")
 
 
 @dataclass
@@ -75,16 +73,6 @@ def choose_threshold(predictor: Predictor, run_dir: Path, store_path: Path, rule
         raise ConfigError("a decision threshold applies to binary models; multi-class models predict the argmax")
     fit = fitting_predictions(run_dir, None, store_path)
     return pick_threshold(fit.labels, fit.probabilities[:, 1], rule, target, fit.source)
-
-
-def pick_threshold(labels: np.ndarray, scores: np.ndarray, rule: str, target: float = 0.95, source: str = "") -> float:
-    """The threshold rule every bundle's stored threshold uses: Youden's J, or the highest reaching ``target`` sensitivity."""
-    if rule not in THRESHOLD_RULES:
-        raise ConfigError(f"threshold rule {rule!r} is not one of {list(THRESHOLD_RULES)}")
-    if len(np.unique(labels)) < 2:
-        raise DataError(f"{source}: the validation predictions hold a single class; cannot choose a threshold")
-    chosen = youden_threshold(labels, scores) if rule == "youden" else threshold_for_sensitivity(labels, scores, target)
-    return float(chosen["threshold"])
 
 
 def evaluate_run(

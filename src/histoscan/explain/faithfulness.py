@@ -22,18 +22,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
+from histoscan.enums import DeletionFill
 from histoscan.errors import ConfigError
 from histoscan.explain.explainer import Explainer
 from histoscan.geometry import centre_slices
 from histoscan.preprocessing import Preprocessing
 
 STRATEGIES = ("map", "random", "block", "centre")
-Fill = Literal["grey", "blur", "normal"]
+Fill = DeletionFill
 
 
 def grey_value(explainer: Explainer) -> np.ndarray:

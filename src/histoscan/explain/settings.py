@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
-from histoscan.enums import CamMethod
+from histoscan.enums import CamMethod, CamScale
 from histoscan.errors import ConfigError
 from histoscan.options import check_choices, doc
 
 Method = CamMethod
-Scale = Literal["global", "image"]
+Scale = CamScale
 
 
 @dataclass

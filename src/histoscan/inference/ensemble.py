@@ -25,6 +25,7 @@ from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.inference.fitting import fitting_predictions
 from histoscan.inference.tta import default_views
+from histoscan.metrics import pick_threshold
 from histoscan.runfolder import SPLIT_FILE, EnsembleDocument, EnsembleMember, RunFolder
 
 MEMBERS_DIR = "members"  # where --copy puts the members' run folders
@@ -64,8 +65,6 @@ def make_ensemble(
     0.5) on out-of-fold predictions when the members are the folds of one cross-validation (from ``oof``,
     an ``oof.csv`` of ``histoscan train --folds``, when given), else on the first member's validation split.
     """
-    from histoscan.evaluation.evaluate import pick_threshold
-
     if threshold_rule not in ("youden", "sensitivity", "none"):
         raise ConfigError(f"--threshold-rule {threshold_rule!r} is not one of youden, sensitivity, none")
     out = Path(out)

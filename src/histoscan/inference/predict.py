@@ -22,8 +22,8 @@ from histoscan.inference.inputs import Batch, input_batches
 from histoscan.inference.predictor import Prediction, Predictor
 from histoscan.inference.settings import PredictorSettings
 from histoscan.inference.tta import tta_views
+from histoscan.rules.answers import check_policy
 from histoscan.system import available_cores
-from histoscan.trust.answers import check_policy
 
 
 @dataclass

@@ -29,8 +29,8 @@ from histoscan.inference.probabilities import logits_of, probabilities
 from histoscan.inference.tta import default_views, tta_views
 from histoscan.inference.tta import parse_tta as parse_tta  # re-exported: callers and tests import it from here
 from histoscan.preprocessing import Groups
-from histoscan.trust.answers import UNCHECKED, answer_images
-from histoscan.trust.tissue import check_images
+from histoscan.rules.answers import UNCHECKED, answer_images
+from histoscan.rules.tissue import check_images
 
 
 @dataclass

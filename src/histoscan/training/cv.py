@@ -137,9 +137,9 @@ def collect_folds(
 
     The out-of-fold predictions use the folds' default TTA for fitting (``default_views``), as their evaluation does.
     """
-    from histoscan.evaluation.metrics import auroc
     from histoscan.inference.predictor import Predictor
     from histoscan.inference.tta import default_views
+    from histoscan.metrics import auroc
 
     cv_dir = Path(cv_dir)
     k = k if k is not None else len(list(cv_dir.glob("fold-*")))

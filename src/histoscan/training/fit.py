@@ -27,7 +27,7 @@ from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.models import create_model
 from histoscan.models.backbones import timm_data_config
-from histoscan.models.registry import count_parameters, list_models
+from histoscan.models.factory import count_parameters, list_models
 from histoscan.preprocessing import Preprocessing, channel_stats
 from histoscan.runfolder import CONFIG_FILE, LAST_CKPT, MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE
 from histoscan.stain.sources import stain_summary, training_stain

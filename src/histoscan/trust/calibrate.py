@@ -66,7 +66,7 @@ def calibrate_run(
     temperature and the referral rule are fitted under (None: the model's default for each).
     """
     from histoscan.inference.calibration import calibrate
-    from histoscan.trust.referral import describe
+    from histoscan.rules.referral import describe
     from histoscan.trust.tissue import fit_run_tissue_check
 
     settings = settings or PredictorSettings()

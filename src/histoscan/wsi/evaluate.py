@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from histoscan.errors import DataError
-from histoscan.evaluation.metrics import auroc
+from histoscan.metrics import auroc
 
 SCORES = ("max_probability", "topk_mean_probability")
 

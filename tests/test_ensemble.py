@@ -77,6 +77,7 @@ def test_folds_training_writes_oof_cv_json_and_an_ensemble(cv: Path, store: Path
     assert isinstance(bundle, EnsembleBundle) and bundle.fitted_on == "oof" and len(bundle.members) == 2
     doc = json.loads((cv / ENSEMBLE_DIR / "model.json").read_text())
     assert doc["kind"] == "ensemble" and doc["members"][0]["run"] == "../fold-0" and "oof" in doc["threshold_rule"]
+    assert "an approximation: single-member scores" in doc["threshold_rule"]  # no calibration rows: labelled
     # the ensemble scores only the test rows: every other row trained one of its members
     split = pd.read_csv(cv / ENSEMBLE_DIR / "split.csv")
     assert set(split["split"]) == {"train", "test"}
@@ -98,8 +99,10 @@ def test_ensemble_of_different_members_is_the_weighted_mean(
 ) -> None:
     member = fold_dir(cv, 0)  # resize 24, no batch norm; tiny_run: resize 48, batch norm
     ens = tmp_path / "ens"
-    r = make_ensemble([tiny_run, member], ens, weights=[1.0, 3.0])
-    assert r.fitted_on == "validation" and "validation split" in r.threshold_source
+    with pytest.raises(ConfigError, match="no calibration rows"):  # not folds of one CV: no rows to fit a threshold on
+        make_ensemble([tiny_run, member], ens, weights=[1.0, 3.0])
+    r = make_ensemble([tiny_run, member], ens, weights=[1.0, 3.0], threshold_rule="none")
+    assert r.fitted_on == "validation" and r.threshold == 0.5
     images = PatchStore(store).batch(list(range(12)))
     a = Predictor(tiny_run, backend="torch").predict_batch(images).probabilities
     b = Predictor(member, backend="torch").predict_batch(images).probabilities
@@ -132,6 +135,7 @@ def test_consumers_take_an_ensemble(cv: Path, store: Path, kaggle_dir: Path, tmp
     assert res.exit_code == 0 and "chosen on the validation split" in res.output, res.output  # (its OOF predictions)
     res = r.invoke(app, ["calibrate", str(ens)])
     assert res.exit_code == 0 and "out-of-fold predictions of the 2 folds" in res.output, res.output
+    assert "an approximation" in res.output
     assert read_bundle(ens).temperature != 1.0 and read_bundle(tmp_path / "fold-0").temperature == 1.0
     res = r.invoke(app, ["compare", str(ens), str(tmp_path / "fold-0"), "--out", str(tmp_path / "board")])
     assert res.exit_code == 0 and "ens" in res.output, res.output

@@ -67,6 +67,7 @@ VOCABULARY: dict[str, tuple[str, str]] = {
     "--mpp": ("float", "resolution of the source in um/px"),
     "--val": ("float", "validation fraction of the split"),
     "--test": ("float", "test fraction of the split"),
+    "--calibration": ("float", "calibration fraction of the split (rows no model trains or validates on)"),
     "--folds": ("int", "number of cross-validation folds"),
     "--split": ("text", "which split of a store: test, val, train or all"),
     "--split-file": ("text", "an id,split CSV instead of the split recipe"),
@@ -294,12 +295,17 @@ def split(
     folds: int = typer.Option(
         0, help="Also write K >= 2 stratified (grouped) folds of the train+val rows, as id,fold (test rows: test)."
     ),
+    calibration: float = typer.Option(
+        0.0,
+        help="Also reserve this fraction as calibration rows (e.g. 0.1), outside train/val/test and every fold: "
+        "ensembles and 'calibrate' fit their threshold and temperature there.",
+    ),
 ) -> None:
     """Make (or reuse) the train/val/test split that 'histoscan train' uses with the same options, saved next to the store."""
     from histoscan.data.splits import write_splits
     from histoscan.data.store import PatchStore
 
-    result = write_splits(PatchStore(store), val=val, test=test, seed=seed, folds=folds)
+    result = write_splits(PatchStore(store), val=val, test=test, seed=seed, folds=folds, calibration=calibration)
     con = _console()
     for line in result.lines():
         con.print(line)
@@ -488,7 +494,9 @@ def calibrate(
     data: Path | None = typer.Option(
         None, help="Store holding the run's validation patches (default: the training store)."
     ),
-    temperature: bool = typer.Option(True, help="Fit temperature scaling on the validation split."),
+    temperature: bool = typer.Option(
+        True, help="Fit temperature scaling on the calibration rows of the run's split (else the validation split)."
+    ),
     refer_coverage: float | None = typer.Option(
         None, help="Fit a referral rule answering this fraction of images (the rest: 'refer'), e.g. 0.9."
     ),
@@ -504,8 +512,9 @@ def calibrate(
     ),
     **values: Any,
 ) -> None:
-    """Fit temperature scaling, a referral rule and the tissue check on the run's data (an ensemble of folds:
-    out-of-fold predictions); store them in model.json. --tta: the policy they are fitted and applied under."""
+    """Fit temperature scaling, a referral rule and the tissue check on the run's data: the calibration rows of its
+    split when it has them, else its validation split (an ensemble of folds: out-of-fold predictions, an
+    approximation); store them in model.json. --tta: the policy they are fitted and applied under."""
     from histoscan.trust.calibrate import calibrate_run
 
     lines = calibrate_run(

@@ -1,4 +1,5 @@
-"""Temperature scaling fitted on the validation split (an ensemble of folds: out-of-fold predictions), stored in
+"""Temperature scaling fitted on the rows ``fitting_predictions`` chooses (the calibration rows of the run's split,
+else its validation split; an ensemble of folds without calibration rows: out-of-fold predictions), stored in
 model.json, applied by the Predictor."""
 
 from __future__ import annotations

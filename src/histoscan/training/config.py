@@ -43,6 +43,11 @@ class TrainConfig:
     seed: int = doc("Random seed for split, initialisation, sampling and augmentation.", 0)
     val: float = doc("Validation fraction of the split.", 0.1)
     test: float = doc("Test fraction of the split.", 0.1)
+    calibration: float = doc(
+        "Calibration fraction of the split (as 'histoscan split --calibration'): rows no run or fold trains or "
+        "validates on, where ensembles and 'calibrate' fit thresholds and temperatures.",
+        0.0,
+    )
     split_file: str | None = doc(
         "A split CSV to use instead of the recipe: id,split (train/val/test), or id,fold from "
         "'histoscan split --folds K' together with --fold.",

@@ -6,7 +6,8 @@ Layout of ``OUT/<name>/``::
     fold-<i>/       a normal run folder per fold (fold i validates, the other folds train; test stays out)
     oof.csv         id,label,fold,prob_<class>...: each non-test patch predicted by the fold that did not train on it
     cv.json         mean and standard deviation of each fold's metrics, and the out-of-fold AUROC
-    ensemble/       an ensemble bundle of the K folds (threshold chosen on the out-of-fold predictions)
+    ensemble/       an ensemble bundle of the K folds (threshold chosen on the calibration rows, scored by the
+                    ensemble, when the split reserves them (--calibration); else on the out-of-fold predictions)
 
 Folds that already finished are never trained again: ``--fold I`` trains one fold (a job array can
 spread them), and a later ``train --folds K --name N`` trains only the missing folds and then writes
@@ -86,14 +87,17 @@ def train_folds(cfg: TrainConfig, printer: Callable[[str], None] = print, ensemb
     name = cfg.name or f"{cfg.model}-cv{k}"
     cv_dir = Path(cfg.out) / name
     store = PatchStore(cfg.data)
-    assignment, folds_name = fold_assignment(store, k, val=cfg.val, test=cfg.test, seed=cfg.seed)
+    assignment, folds_name = fold_assignment(
+        store, k, val=cfg.val, test=cfg.test, seed=cfg.seed, calibration=cfg.calibration
+    )
     folds_path = _same_or_new(store, assignment, folds_name, save_split)
     cv_dir.mkdir(parents=True, exist_ok=True)
     own = cv_dir / FOLDS_FILE
     if own.is_file() and not np.array_equal(read_split_raw(own, store), assignment):
         raise DataError(
             f"{own}: these folds differ from the folds of {cfg.data} with seed {cfg.seed}, val {cfg.val}, "
-            f"test {cfg.test}; use the options this cross-validation started with, or another --name"
+            f"test {cfg.test}, calibration {cfg.calibration}; use the options this cross-validation started with, "
+            "or another --name"
         )
     pd.read_csv(folds_path, dtype=str).to_csv(own, index=False)
     todo = [cfg.fold] if cfg.fold is not None else list(range(k))
@@ -179,7 +183,11 @@ def collect_folds(
         from histoscan.inference.ensemble import make_ensemble
 
         result = make_ensemble(dirs, cv_dir / ENSEMBLE_DIR, oof=cv_dir / OOF_FILE, force=True, printer=printer)
-        summary["ensemble"] = {"path": ENSEMBLE_DIR, "threshold": result.threshold}
+        summary["ensemble"] = {
+            "path": ENSEMBLE_DIR,
+            "threshold": result.threshold,
+            "fitted_on": result.fitted_on,  # calibration rows, or oof: an approximation from single-member scores
+        }
     atomic_write_text(cv_dir / CV_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 

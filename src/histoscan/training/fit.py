@@ -177,7 +177,15 @@ def build_data(cfg: TrainConfig) -> tuple[PatchStore, dict[str, PatchStore], Pat
     if cfg.resume and split_file is None:
         saved = Path(cfg.out) / str(cfg.name) / SPLIT_FILE
         split_file = str(saved) if saved.is_file() else None
-    parts, path = split_store(store, val=cfg.val, test=cfg.test, seed=cfg.seed, split_file=split_file, fold=cfg.fold)
+    parts, path = split_store(
+        store,
+        val=cfg.val,
+        test=cfg.test,
+        seed=cfg.seed,
+        split_file=split_file,
+        fold=cfg.fold,
+        calibration=cfg.calibration,
+    )
     if len(parts["train"]) == 0:
         raise DataError(f"{cfg.data}: the train split is empty (val={cfg.val}, test={cfg.test})")
     if len(parts["val"]) == 0:
@@ -252,6 +260,7 @@ def _bundle(
             "seed": cfg.seed,
             "val": cfg.val,
             "test": cfg.test,
+            **({"calibration": cfg.calibration} if cfg.calibration else {}),
         },
         training={"store": str(Path(cfg.data).resolve()), "parameters": count_parameters(model)},
     )

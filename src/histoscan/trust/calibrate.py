@@ -30,7 +30,7 @@ def fit_run_referral(
     bundle = read_bundle(run_dir)
     bundle.trust.referral = None  # the default TTA is the model's own, not an older rule's
     ks = tta_views(bundle, tta, "fit")
-    fit = fitting_predictions(run_dir, ks, data, settings)  # out-of-fold for an ensemble of folds, else validation
+    fit = fitting_predictions(run_dir, ks, data, settings)  # calibration rows, else out-of-fold or validation
     rule = fit_referral(
         fit.probabilities,
         fit.labels,

@@ -218,3 +218,87 @@ def test_evaluate_and_calibrate_take_the_device(tiny_run: Path, tmp_path: Path) 
     assert res.output.startswith("temperature ")
     res = runner.invoke(app, ["evaluate", str(run), "--precision", "fp64"])
     assert res.exit_code == 2 and "fp64" in res.output and "fp32" in res.output
+
+
+# Every command's settings dataclass ("module:Class"); its options are generated from these and PredictorSettings.
+SETTINGS = {
+    "demo": "histoscan.demo_settings:DemoSettings",
+    "ingest": "histoscan.data.settings:IngestSettings",
+    "info": "histoscan.data.settings:InfoSettings",
+    "split": "histoscan.data.settings:SplitSettings",
+    "synth": "histoscan.data.settings:SynthSettings",
+    "download pcam": "histoscan.data.settings:DownloadPcamSettings",
+    "stain fit": "histoscan.stain.settings:StainFitSettings",
+    "stain show": "histoscan.stain.settings:StainShowSettings",
+    "models": "histoscan.models.settings:ModelsSettings",
+    "predict": "histoscan.inference.settings:PredictSettings",
+    "export": "histoscan.inference.settings:ExportSettings",
+    "ensemble": "histoscan.inference.settings:EnsembleSettings",
+    "calibrate": "histoscan.trust.settings:CalibrateSettings",
+    "eda": "histoscan.eda.settings:EdaSettings",
+    "baselines": "histoscan.baselines.settings:BaselinesSettings",
+    "evaluate": "histoscan.evaluation.settings:EvaluateSettings",
+    "compare": "histoscan.evaluation.settings:CompareSettings",
+    "serve": "histoscan.serving.state:ServeSettings",
+    "tune": "histoscan.tuning.settings:TuneSettings",
+    "explain": "histoscan.explain.settings:ExplainSettings",
+    "train": "histoscan.training.config:TrainConfig",
+    "slide scan": "histoscan.wsi.scan:ScanSettings",
+    "slide evaluate": "histoscan.wsi.settings:SlideEvaluateSettings",
+}
+# The few parameters declared by hand, and why: a config file that fills TrainConfig, tune's KEY=YAML overrides
+# of TrainConfig, explain's inputs (many kinds), and the run, slides and output folder that slide scan feeds
+# run_slides beside ScanSettings.
+BY_HAND = {"train": {"config"}, "tune": {"set_"}, "explain": {"inputs"}, "slide scan": {"run", "slides", "out"}}
+
+
+def test_every_option_comes_from_a_settings_dataclass() -> None:
+    """Each parameter of each command is a documented field of its settings dataclass (or of PredictorSettings),
+    with that field's help text: no command repeats a default or a help text by hand."""
+    import importlib
+
+    commands = _commands()
+    assert set(commands) == set(SETTINGS), "a command without a settings dataclass (or a stale entry)"
+    model = {f.name: f for f in documented_fields(PredictorSettings)}
+    problems = []
+    for path, cmd in commands.items():
+        module, name = SETTINGS[path].split(":")
+        cls = getattr(importlib.import_module(module), name)
+        # the packages own their settings: none lives in the CLI
+        assert not cls.__module__.startswith("histoscan.cli"), path
+        fields = {f.name: f for f in documented_fields(cls)}
+        for p in cmd.params:
+            if p.name in BY_HAND.get(path, set()) or p.name == "help":
+                continue
+            f = fields.get(p.name) or model.get(p.name)
+            if f is None:
+                problems.append(f"{path}: {p.name} is not a field of {name} or PredictorSettings")
+            elif not (p.help or "").startswith(f.metadata["help"]):  # YAML options append an example
+                problems.append(f"{path}: {p.name}'s help is not its field's")
+    assert not problems, "\n".join(problems)
+
+
+def test_settings_dataclasses_keep_the_command_defaults() -> None:
+    """The command line and Python share one set of defaults (a few spot checks of renamed or odd options)."""
+    from histoscan.baselines.settings import BaselinesSettings
+    from histoscan.data.settings import IngestSettings, SynthSettings
+    from histoscan.evaluation.settings import EvaluateSettings
+    from histoscan.inference.settings import EnsembleSettings
+
+    assert SynthSettings(Path("o")).num_classes == 2 and SynthSettings(Path("o")).unlabelled == 0
+    assert IngestSettings(Path("s"), Path("o"), classes="a,b").class_names() == ["a", "b"]
+    assert BaselinesSettings(Path("s")).out == Path("runs/baselines")
+    assert EvaluateSettings(Path("r")).target_sensitivity == [0.95]
+    assert EnsembleSettings([Path("a"), Path("b")], Path("o")).threshold_rule == "youden"
+    commands = _commands()
+    sens = next(p for p in commands["evaluate"].params if p.name == "target_sensitivity")
+    assert sens.multiple and sens.default == [0.95]  # repeatable, as before
+    out = next(p for p in commands["baselines"].params if p.name == "out")
+    assert out.param_type_name == "argument" and str(out.default) == "runs/baselines"
+
+
+def test_train_device_without_folds_names_the_training_options(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["train", "--data", str(tmp_path), "--device", "cuda"])
+    assert res.exit_code == 2
+    assert "--device is where 'train --folds K' predicts its out-of-fold patches" in res.output
+    assert "--accelerator and --devices" in res.output

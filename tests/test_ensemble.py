@@ -22,9 +22,10 @@ from histoscan.inference.ensemble import make_ensemble
 from histoscan.inference.export import ExportError, export_onnx
 from histoscan.inference.fitting import fitting_predictions
 from histoscan.inference.predictor import Predictor
+from histoscan.inference.settings import PredictorSettings
 from histoscan.runfolder import RunFolder
 from histoscan.training.config import TrainConfig
-from histoscan.training.cv import CV_FILE, ENSEMBLE_DIR, OOF_FILE, fold_dir, train_folds
+from histoscan.training.cv import CV_FILE, ENSEMBLE_DIR, OOF_FILE, collect_folds, fold_dir, train_folds
 
 
 def _cfg(store: Path, out: Path, **kw: object) -> TrainConfig:
@@ -92,6 +93,22 @@ def test_one_fold_alone_then_collect_without_retraining(cv: Path, store: Path, t
     r = train_folds(_cfg(store, tmp_path, name="cv2", folds=2), printer=lambda *_: None)
     assert r.trained == [] and r.reused == [0, 1] and (tmp_path / "cv2" / OOF_FILE).is_file()
     assert (tmp_path / "cv2" / "fold-1" / "best.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_cv_predicts_out_of_fold_under_the_given_settings(cv: Path, tmp_path: Path) -> None:
+    """CV's out-of-fold scores run under PredictorSettings (device, TTA, batch size), as evaluate and calibrate do."""
+    for i in range(2):
+        shutil.copytree(fold_dir(cv, i), tmp_path / "cv" / f"fold-{i}")
+    settings = PredictorSettings(device="cpu", tta=False, batch_size=7)
+    summary = collect_folds(tmp_path / "cv", 2, ensemble=False, printer=lambda *_: None, settings=settings)
+    assert summary["tta"] is False and summary["device"] == "cpu"
+    oof = pd.read_csv(tmp_path / "cv" / OOF_FILE)
+    fold0 = oof[oof["fold"] == 0]
+    run = RunFolder(fold_dir(cv, 0))
+    part, _ = run.select_patches(run.data_store(), "val")
+    expected = Predictor(fold_dir(cv, 0), backend="torch").predict_store(part, [0]).probabilities[:, 1]
+    np.testing.assert_allclose(fold0.filter(like="prob_").to_numpy()[:, 1], expected, atol=1e-5)
 
 
 def test_ensemble_of_different_members_is_the_weighted_mean(

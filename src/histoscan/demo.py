@@ -42,6 +42,28 @@ class DemoResult:
     examples: Path | None = None
     trust_lines: list[str] = field(default_factory=list)
 
+    def lines(self) -> list[str]:
+        """What ``histoscan demo`` prints at the end: the test scores, the trust lines, and where each output is."""
+        out = [
+            f"\nheld-out test split ({self.split_sizes['test']} patches): AUROC {self.test_auroc:.3f}, "
+            f"accuracy {self.test_accuracy:.3f}",
+            *self.trust_lines,
+        ]
+        for label, path in [
+            ("synthetic source (Kaggle layout)", self.source),
+            ("packed store", self.store),
+            ("data report", self.eda_report),
+            ("run folder (model bundle)", self.run),
+            ("evaluation report", self.eval_report),
+            ("ONNX model", self.onnx),
+            ("predictions", self.predictions),
+            ("Kaggle submission", self.submission),
+            ("slide scan (heatmap, GeoJSON)", self.slide),
+            ("examples: referred, not tissue", self.examples),
+        ]:
+            out.append(f"{label:34s} {path}")
+        return out
+
 
 def run_demo(
     workdir: str | Path = "histoscan-demo",

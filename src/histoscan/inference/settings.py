@@ -1,7 +1,8 @@
-"""``PredictorSettings``: how a command runs a model (backend, device, precision, batch size, threads, TTA).
+"""``PredictorSettings``: how a command runs a model (backend, device, precision, batch size, threads, TTA); and the
+other options of the inference commands (``PredictSettings``, ``ExportSettings``, ``EnsembleSettings``).
 
-Every command that runs a model (predict, evaluate, calibrate, slide, slide evaluate's scan, explain, serve)
-takes its model options from this one dataclass, so ``--device`` or ``--precision`` has one spelling, one
+Every command that runs a model (predict, evaluate, calibrate, slide, slide evaluate's scan, explain, serve, and
+train --folds for its out-of-fold predictions) takes its model options from this one dataclass, so ``--device`` or ``--precision`` has one spelling, one
 type and one help text everywhere. A field left None is "not given": the command's own default applies
 (for TTA, the default views for the command's use; see ``histoscan.inference.tta.default_views``), so the
 settings change nothing until the user sets them.
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from histoscan.enums import Backend, Precision
 from histoscan.errors import ConfigError
-from histoscan.options import check_choices, doc
+from histoscan.options import WORKERS_HELP, check_choices, doc
 
 if TYPE_CHECKING:
     from histoscan.inference.predictor import Predictor
@@ -74,6 +75,51 @@ class PredictorSettings:
         return Predictor(run_dir, **self.predictor_kwargs(**defaults))
 
 
-def predictor_settings(values: dict[str, Any]) -> PredictorSettings:
-    """The ``PredictorSettings`` among a command's parsed option values (removed from ``values``)."""
-    return PredictorSettings(**{k: values.pop(k) for k in PREDICTOR_FIELDS if k in values})
+def predictor_settings(values: dict[str, Any], only: tuple[str, ...] = PREDICTOR_FIELDS) -> PredictorSettings:
+    """The ``PredictorSettings`` among a command's parsed option values (removed from ``values``); ``only``: the
+    model options this command takes (others of the same name, e.g. train's ``batch_size``, are the command's)."""
+    return PredictorSettings(**{k: values.pop(k) for k in only if k in values})
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """``histoscan predict``: what to predict and where the CSVs go (the model options: ``PredictorSettings``)."""
+
+    run: Path = doc("A run folder (the model bundle).", argument=True)
+    input: Path = doc(
+        "An image, a folder of images (recursive), a Kaggle test folder, a store, or PCam HDF5.",
+        argument=True,
+    )
+    out: Path = doc(
+        "CSV to write: id, prob_<class>..., predicted, answer, quality[, uncertainty].", Path("predictions.csv")
+    )
+    submission: Path | None = doc(
+        "A Kaggle sample_submission.csv: also write submission.csv (id, tumour probability) in its order.", None
+    )
+    submission_out: Path = doc("Where the submission goes.", Path("submission.csv"))
+    workers: int | None = doc(WORKERS_HELP, None)
+    force: bool = doc("Replace an existing --out / --submission-out (never an input).", False)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """``histoscan export``: a run's model as ONNX, checked against PyTorch."""
+
+    run: Path = doc("A run folder.", argument=True)
+    opset: int = doc("ONNX opset.", 18)
+    data: Path | None = doc("Store whose patches verify the export (default: the training store).", None)
+
+
+@dataclass(frozen=True)
+class EnsembleSettings:
+    """``histoscan ensemble``: average runs into one ensemble bundle."""
+
+    runs: list[Path] = doc("Two or more run folders (e.g. the fold-<i>/ folders of a CV).", argument=True)
+    out: Path = doc("Folder for the ensemble bundle (model.json, split.csv).")
+    copy: bool = doc("Copy the members into OUT/members/ (default: refer to them).", False, flags="--copy")
+    member_weights: str | None = doc("Comma-separated member weights, e.g. 1,1,2 (default: equal).", None)
+    oof: Path | None = doc(
+        "An oof.csv of 'train --folds' to choose the threshold on (default: computed from the members).", None
+    )
+    threshold_rule: str = doc("youden, sensitivity (0.95) or none (keep 0.5).", "youden")
+    force: bool = doc("Replace an ensemble already in OUT.", False)

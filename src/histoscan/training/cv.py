@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,9 @@ from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.runfolder import RunFolder, atomic_write_text
 from histoscan.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from histoscan.inference.settings import PredictorSettings
 
 FOLDS_FILE = "folds.csv"
 OOF_FILE = "oof.csv"
@@ -73,9 +76,18 @@ def finished(run_dir: Path) -> bool:
     return run.is_model and run.weights_path.is_file() and bool(run.read_model_json().best_metric)
 
 
-def train_folds(cfg: TrainConfig, printer: Callable[[str], None] = print, ensemble: bool = True) -> CVResult:
+def train_folds(
+    cfg: TrainConfig,
+    printer: Callable[[str], None] = print,
+    ensemble: bool = True,
+    settings: PredictorSettings | None = None,
+) -> CVResult:
     """Train the folds of ``cfg.folds``-fold cross-validation (only ``cfg.fold`` when set) and, once every fold
-    has finished, write oof.csv, cv.json and the folds' ensemble."""
+    has finished, write oof.csv, cv.json and the folds' ensemble.
+
+    ``settings``: how the folds predict their out-of-fold patches (device, precision, batch size, threads, TTA;
+    default: the torch backend on the CPU with each fold's default TTA), as in ``collect_folds``.
+    """
     from histoscan.data.splits import save_split
     from histoscan.training.fit import train
 
@@ -115,8 +127,26 @@ def train_folds(cfg: TrainConfig, printer: Callable[[str], None] = print, ensemb
         trained.append(i)
     result = CVResult(cv_dir, trained, reused)
     if all(finished(fold_dir(cv_dir, i)) for i in range(k)):
-        result.summary = collect_folds(cv_dir, k, ensemble=ensemble, printer=printer)
+        result.summary = collect_folds(cv_dir, k, ensemble=ensemble, printer=printer, settings=settings)
     return result
+
+
+def train_run(
+    cfg: TrainConfig, printer: Callable[[str], None] = print, settings: PredictorSettings | None = None
+) -> Any:
+    """``histoscan train``: one run, or the cross-validation of ``cfg.folds`` folds (``settings``: how the folds
+    predict their out-of-fold patches). Returns the run's or the CV's result (both have ``summary_lines()``).
+
+    A device given without folds is an error: one run trains on ``accelerator`` / ``devices`` and predicts nothing.
+    """
+    from histoscan.training.fit import train
+
+    if not cfg.folds and settings is not None and settings.device is not None:
+        raise ConfigError(
+            "--device is where 'train --folds K' predicts its out-of-fold patches; "
+            "training runs on --accelerator and --devices"
+        )
+    return train_folds(cfg, printer=printer, settings=settings) if cfg.folds else train(cfg, printer=printer)
 
 
 def read_split_raw(path: Path, store: PatchStore) -> np.ndarray:
@@ -135,14 +165,21 @@ def _same_or_new(store: PatchStore, assignment: np.ndarray, name: str, save: Cal
 
 
 def collect_folds(
-    cv_dir: str | Path, k: int | None = None, *, ensemble: bool = True, printer: Callable[[str], None] = print
+    cv_dir: str | Path,
+    k: int | None = None,
+    *,
+    ensemble: bool = True,
+    printer: Callable[[str], None] = print,
+    settings: PredictorSettings | None = None,
 ) -> dict[str, Any]:
     """Write ``oof.csv`` and ``cv.json`` from finished fold folders (and the folds' ensemble); nothing is retrained.
 
-    The out-of-fold predictions use the folds' default TTA for fitting (``default_views``), as their evaluation does.
+    ``settings``: how each fold predicts its validation patches (default: the torch backend on the CPU). The
+    out-of-fold predictions use ``settings.tta`` when given, else the folds' default TTA for fitting
+    (``inference.tta.default_views``), as their evaluation does; cv.json records which (``tta``) and on which device.
     """
-    from histoscan.inference.predictor import Predictor
-    from histoscan.inference.tta import default_views
+    from histoscan.inference.settings import PredictorSettings
+    from histoscan.inference.tta import tta_views
     from histoscan.metrics import auroc
 
     cv_dir = Path(cv_dir)
@@ -154,11 +191,12 @@ def collect_folds(
     rows, fold_metrics = [], []
     classes: list[str] = []
     tta: list[int] = [0]
+    settings = settings or PredictorSettings()
     for i, d in enumerate(dirs):
         run = RunFolder(d)
-        predictor = Predictor(d, backend="torch")
+        predictor = settings.predictor(d, backend="torch")
         classes = predictor.classes
-        tta = default_views(predictor.bundle, "fit")
+        tta = tta_views(predictor.bundle, settings.tta, "fit")
         part, _ = run.select_patches(run.data_store(), "val")
         pred = predictor.predict_store(part, tta)
         frame = pd.DataFrame({"id": part.ids, "label": [classes[j] for j in part.labels], "fold": i})
@@ -175,6 +213,7 @@ def collect_folds(
     summary: dict[str, Any] = {
         "folds": k,
         "tta": len(tta) > 1,
+        "device": str(predictor.device),
         "oof": {"auroc": auroc(labels, probs), "patches": len(oof)},
         "metrics": _mean_std(fold_metrics),
         "per_fold": fold_metrics,

@@ -120,8 +120,11 @@ class ModelBundle:
 
 
 def _same_fields() -> tuple[str, ...]:
-    """The fields ``ModelBundle`` carries exactly as ``model.json`` (``ModelDocument``) has them: all but
-    ``preprocessing`` (a ``Preprocessing``, built from its spec) and ``temperature`` (``calibration.temperature``)."""
+    """The fields ``ModelBundle`` carries exactly as ``model.json`` (``ModelDocument``) has them.
+
+    That is all but ``preprocessing`` (a ``Preprocessing``, built from its spec) and ``temperature``
+    (``calibration.temperature``).
+    """
     return tuple(
         f.name for f in fields(ModelBundle) if f.name in ModelDocument.model_fields and f.name != "preprocessing"
     )
@@ -155,8 +158,11 @@ class EnsembleBundle(ModelBundle):
 
     @property
     def fitted_on(self) -> str:
-        """``calibration`` (its split's calibration rows), ``oof`` (the members are the folds of one
-        cross-validation: single-member out-of-fold scores) or ``validation`` (older ensembles)."""
+        """Which predictions the ensemble's threshold and temperature were fitted on.
+
+        ``calibration`` (its split's calibration rows), ``oof`` (the members are the folds of one
+        cross-validation: single-member out-of-fold scores) or ``validation`` (older ensembles).
+        """
         return self.document.fitted_on if self.document else "validation"
 
     def to_ensemble_document(self) -> EnsembleDocument:
@@ -177,6 +183,7 @@ class EnsembleBundle(ModelBundle):
         return RunFolder(run_dir).write_model_json(self.to_ensemble_document())
 
     def to_dict(self) -> dict[str, Any]:
+        """The ensemble's model.json document as a JSON-ready dict."""
         return self.to_ensemble_document().model_dump(mode="json")
 
     @classmethod
@@ -205,8 +212,11 @@ class EnsembleBundle(ModelBundle):
 
 
 def read_member(run_dir: Path, ensemble_dir: Path | None = None) -> ModelBundle:
-    """One member's bundle; ConfigError naming the member (and the ensemble, when there is one yet) when it is
-    missing or is itself an ensemble."""
+    """One member's bundle of an ensemble.
+
+    One member's bundle; ConfigError naming the member (and the ensemble, when there is one yet) when it is
+    missing or is itself an ensemble.
+    """
     run = RunFolder(run_dir)
     where = f"{ensemble_dir}: " if ensemble_dir is not None else ""
     if not run.model_json.is_file():

@@ -20,8 +20,10 @@ from histoscan.runfolder import DOCUMENT, MODEL_FILE, SCHEMA_VERSION
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of ``model.json`` at the current ``schema_version``: a single model or
-    an ensemble, told apart by ``kind``."""
+    """The JSON Schema (draft 2020-12) of ``model.json`` at the current ``schema_version``.
+
+    It accepts a single model or an ensemble, told apart by ``kind``.
+    """
     schema = DOCUMENT.json_schema(mode="validation")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -1,5 +1,6 @@
-"""Every closed vocabulary of histoscan, defined once: the CLI, the settings dataclasses and the ``model.json``
-schema all take their allowed values from here.
+"""Every closed vocabulary of histoscan, defined once.
+
+The CLI, the settings dataclasses and the ``model.json`` schema all take their allowed values from here.
 
 Each vocabulary is a ``Literal`` alias (what type checkers, pydantic, the option generator in
 ``histoscan.options`` and Typer read) and, where code checks a value at run time, a tuple of its values

@@ -456,34 +456,42 @@ class RunFolder:
     # ---- where things are
     @property
     def model_json(self) -> Path:
+        """Path of model.json."""
         return self.path / MODEL_FILE
 
     @property
     def weights_path(self) -> Path:
+        """Path of the best weights (safetensors)."""
         return self.path / WEIGHTS_FILE
 
     @property
     def onnx_path(self) -> Path:
+        """Path of the exported ONNX model."""
         return self.path / ONNX_FILE
 
     @property
     def last_ckpt(self) -> Path:
+        """Path of the last checkpoint (for ``--resume``)."""
         return self.path / LAST_CKPT
 
     @property
     def config_path(self) -> Path:
+        """Path of the run's config.yaml."""
         return self.path / CONFIG_FILE
 
     @property
     def metrics_path(self) -> Path:
+        """Path of the per-epoch metrics.csv."""
         return self.path / METRICS_FILE
 
     @property
     def split_path(self) -> Path:
+        """Path of the run's split.csv."""
         return self.path / SPLIT_FILE
 
     @property
     def baseline_path(self) -> Path:
+        """Path of a baseline's baseline.json."""
         return self.path / BASELINE_FILE
 
     @property
@@ -497,8 +505,11 @@ class RunFolder:
         return self.baseline_path.is_file()
 
     def eval_dir(self, store: str | Path | None = None, split: str = "test", tta: bool = False) -> Path:
-        """Where an evaluation goes: ``eval/`` for the run's own test split without TTA, else
-        ``eval-<store>-<split>[-tta]``. ``store`` None means the store the run trained on."""
+        """The folder an evaluation is written to.
+
+        Where an evaluation goes: ``eval/`` for the run's own test split without TTA, else
+        ``eval-<store>-<split>[-tta]``. ``store`` None means the store the run trained on.
+        """
         own_test = split == "test" and not tta
         if own_test and store is None:
             return self.path / EVAL_DIR  # without reading model.json: a baseline's folder has none

@@ -243,6 +243,7 @@ class FastTiffReader:
             self.template = TiffTemplate.learn(data) or self.template
 
     def __call__(self, path: str | Path) -> DecodedImage:
+        """Decode one image file, fast for TIFFs laid out like the last one read."""
         p = Path(path)
         if p.suffix.lower() not in TIFF_SUFFIXES:
             return read_image(p)

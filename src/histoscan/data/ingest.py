@@ -255,6 +255,7 @@ def ingest(
         fit: how an image of another size is brought to the store's size: ``pad-edges``
             (white-pad edge patches, resize the rest) or ``resize``; recorded in ``meta.json``.
         progress: ``progress(total)`` returns a callback taking how many entries were just done.
+        force: replace ``out`` when it already exists (never when it is not a store).
     """
     out = Path(out)
     if fit not in FIT_POLICIES:

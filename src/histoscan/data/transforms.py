@@ -69,6 +69,7 @@ class RandomDihedral:
         return self._perms[key]
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Apply a random flip / rotation (of the 8 dihedral elements) to each image."""
         n, c, h, w = x.shape
         ops = torch.randint(0, 8 if h == w else 4, (n,), generator=gen)
         if h != w:
@@ -97,6 +98,7 @@ class ColourJitter:
     saturation: float = 0.2
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Jitter each image's brightness, contrast and saturation."""
         n, c, h, w = x.shape
         b = _uniform(n, self.brightness, gen) if self.brightness else torch.ones(n)
         k = _uniform(n, self.contrast, gen) if self.contrast else torch.ones(n)
@@ -121,6 +123,7 @@ class HEDJitter:
     shift: float = 0.05
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Scale and shift each image's stains in HED optical-density space."""
         n, dev = x.shape[0], x.device
         rgb_from_hed = _RGB_FROM_HED.to(dev)
         hed_from_rgb = torch.linalg.inv(rgb_from_hed)
@@ -146,6 +149,7 @@ class CentreSafeCrop:
     keep: int | None = 32
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Crop each image at random, keeping the labelled centre in view."""
         h, w = x.shape[-2:]
         keep = self.keep if self.keep is not None else max(h, w)
         if self.size > min(h, w) or self.size < keep:
@@ -198,6 +202,7 @@ class Augment:
     name: str = "custom"
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Apply the ops in order."""
         for op in self.ops:
             x = op(x, gen)
         return x
@@ -216,6 +221,7 @@ class RandomApply:
     p: float = 0.5
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Apply the op to a random fraction ``p`` of the images."""
         if self.p >= 1:
             return self.op(x, gen)
         chosen = (torch.rand(x.shape[0], generator=gen) < self.p).nonzero().flatten().to(x.device)

@@ -38,6 +38,7 @@ class PatchStats:
 
     @property
     def dark(self) -> np.ndarray:
+        """Patches whose mean brightness is at or below the dark limit."""
         return self.brightness <= DARK_MEAN
 
     @property

@@ -39,8 +39,11 @@ class EvaluationResult:
     saved_threshold: float | None = None
 
     def lines(self, run_dir: str | Path, save_threshold: str | None = None) -> list[str]:
-        """What ``histoscan evaluate`` prints: the saved threshold, the headline metrics, trust and stain-shift
-        lines and where the report is."""
+        """What ``histoscan evaluate`` prints.
+
+        What ``histoscan evaluate`` prints: the saved threshold, the headline metrics, trust and stain-shift
+        lines and where the report is.
+        """
         from histoscan.evaluation.report import headline
         from histoscan.stain.shift import shift_lines
         from histoscan.trust.scoring import trust_lines
@@ -63,8 +66,11 @@ class EvaluationResult:
 
 
 def choose_threshold(predictor: Predictor, run_dir: Path, store_path: Path, rule: str, target: float) -> float:
-    """A decision threshold chosen on the run's validation split, or an ensemble of folds' out-of-fold predictions
-    (``fitting_predictions``; never on the split being reported)."""
+    """Choose a decision threshold on data the run did not score.
+
+    A decision threshold chosen on the run's validation split, or an ensemble of folds' out-of-fold predictions
+    (``fitting_predictions``; never on the split being reported).
+    """
     from histoscan.inference.fitting import fitting_predictions
 
     if rule not in THRESHOLD_RULES:
@@ -208,6 +214,7 @@ class ShiftedPredict:
         pre.estimate_stain_groups(np.char.add(self.prefix, self.names.astype(str)), read)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities of a batch after the shift, as the Predictor gives them."""
         n = len(batch)
         groups = None
         if self.names is not None:

@@ -1,5 +1,8 @@
-"""Evaluation figures: confusion matrix, ROC and PR curves, reliability diagram, probability histograms,
-learning curves and a grid of the most confident mistakes. Each function writes one PNG."""
+"""Evaluation figures, one PNG per function.
+
+Evaluation figures: confusion matrix, ROC and PR curves, reliability diagram, probability histograms,
+learning curves and a grid of the most confident mistakes. Each function writes one PNG.
+"""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ reads fine nuclear texture as "normal" takes it for tumour, so P(tumour) can ris
 removed. Check a fill on true negatives first: deleting from them must leave P(tumour) where it
 was. On hcd, for the cpu-default, only ``normal`` passed, and only for contiguous deletions (the
 map's, a block, the centre blob): pixels scattered at random make a speckle that raises P(tumour)
-whatever the fill (figures in the README's "Is the map true to the model?").
+whatever the fill (benchmarks/bench_explain.py measures it; docs/guide/explain.md, "Is the map true to the model?").
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class Deletion:
     after: dict[str, np.ndarray]
 
     def drop(self, strategy: str) -> np.ndarray:
+        """Drop in P(tumour) per image when deleting by ``strategy``."""
         return self.before - self.after[strategy]
 
     def ratios(self) -> dict[str, float]:
@@ -106,7 +107,9 @@ class Deletion:
 def fill_images(
     explainer: Explainer, images: np.ndarray, fill: Fill, donors: np.ndarray | None = None, seed: int = 0
 ) -> np.ndarray:
-    """What deleted pixels become: the mean colour, a Gaussian-blurred copy of each image (sigma 4 px),
+    """The fill that deleted pixels are replaced with.
+
+    What deleted pixels become: the mean colour, a Gaussian-blurred copy of each image (sigma 4 px),
     or, for ``normal``, a patch of ``donors`` (normal tissue, in the model's colours) drawn at random per image.
     """
     if fill == "grey":
@@ -151,7 +154,9 @@ def deleted_images(
     fill: Fill = "grey",
     donors: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], Callable[[np.ndarray], np.ndarray]]:
-    """The images in the model's colours, the same with ``fraction`` of the model's view deleted per strategy,
+    """Images with part of the model's view deleted, per deletion strategy.
+
+    The images in the model's colours, the same with ``fraction`` of the model's view deleted per strategy,
     and the scorer (logits) they must be given to.
 
     Every strategy deletes inside the model's view (the centre crop), ``fraction`` of its area: a

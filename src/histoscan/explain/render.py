@@ -38,6 +38,8 @@ class Geometry:
         return cls(box(label_size), box(crop))
 
     def scaled(self, sx: float, sy: float) -> Geometry:
+        """The same geometry with every box scaled by ``sx`` and ``sy``."""
+
         def s(b: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
             return None if b is None else (round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy))
 

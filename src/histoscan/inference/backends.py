@@ -44,7 +44,8 @@ class Backend(Protocol):
 
     name: str
 
-    def logits(self, x: torch.Tensor) -> np.ndarray: ...
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Logits of a preprocessed float batch (N x C x H x W)."""
 
 
 class TorchBackend:
@@ -61,6 +62,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Logits of a preprocessed batch from the torch model."""
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         dtype = _DTYPES.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -123,6 +125,7 @@ class OnnxBackend:
             )
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Logits of a preprocessed batch from the ONNX graph."""
         return self.outputs(x)[0]
 
     def outputs(self, x: torch.Tensor) -> list[np.ndarray]:

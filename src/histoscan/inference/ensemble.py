@@ -44,6 +44,7 @@ class EnsembleResult:
     threshold_source: str
 
     def lines(self) -> list[str]:
+        """What was written, for the terminal."""
         return [
             f"ensemble of {len(self.members)} runs written to {self.path}",
             f"threshold {self.threshold:.4f} chosen on {self.threshold_source}",
@@ -183,8 +184,11 @@ def _assignments(dirs: Sequence[Path]) -> list[tuple[PatchStore, np.ndarray]] | 
 
 
 def folds_of_one_cv(dirs: Sequence[Path]) -> bool:
-    """True when the runs are the folds of one cross-validation over one store: the same test rows, validation
-    folds that do not overlap and that together cover every other row."""
+    """Whether the runs are the folds of one cross-validation.
+
+    True when the runs are the folds of one cross-validation over one store: the same test rows, validation
+    folds that do not overlap and that together cover every other row.
+    """
     parts = _assignments(dirs)
     if parts is None:
         return False
@@ -227,8 +231,11 @@ def _place(dirs: Sequence[Path], out: Path, copy: bool) -> list[str]:
 
 
 def _write_split(dirs: Sequence[Path], out: Path, cv: bool, calibration: set[str]) -> None:
-    """The ensemble's split.csv: folds of one CV score only the test rows (every other row trained some member);
-    other members share the first member's split. The calibration rows of any member are calibration here."""
+    """Write the ensemble's split.csv.
+
+    The ensemble's split.csv: folds of one CV score only the test rows (every other row trained some member);
+    other members share the first member's split. The calibration rows of any member are calibration here.
+    """
     first = RunFolder(dirs[0]).split_path
     if not first.is_file():
         return

@@ -34,8 +34,11 @@ from histoscan.runfolder import RunFolder
 
 
 class FittingPredictions(NamedTuple):
-    """Predictions to fit on: probabilities (N x C, at the bundle's current temperature), labels, the spread
-    across views (None for one view), and where they came from, in words."""
+    """Predictions that a calibration, threshold or trust rule is fitted on.
+
+    Predictions to fit on: probabilities (N x C, at the bundle's current temperature), labels, the spread
+    across views (None for one view), and where they came from, in words.
+    """
 
     probabilities: np.ndarray
     labels: np.ndarray

@@ -251,7 +251,9 @@ def predict_files(
     progress: Callable[[int], None] | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """``histoscan predict``: predict every image of ``input`` with the bundle ``run`` and write the predictions
+    """Predict every image of an input and write the predictions CSV.
+
+    ``histoscan predict``: predict every image of ``input`` with the bundle ``run`` and write the predictions
     CSV (and a Kaggle submission in the order of the ``submission`` sample); returns what happened, in lines.
 
     ``settings``: how the model runs; its ``tta`` None is the default for a submission or for prediction

@@ -35,11 +35,14 @@ from histoscan.rules.tissue import check_images
 
 @dataclass
 class Prediction:
-    """Per-image class probabilities (N x C), predicted class index, and the spread across views when there are
+    """What the Predictor returns for a batch of images.
+
+    Per-image class probabilities (N x C), predicted class index, and the spread across views when there are
     several (TTA elements, ensemble members, or both): the standard deviation of P(positive) for binary models,
     of the predicted class's probability otherwise; None for one view. ``answers``: what each image is
     answered (a class name, ``refer``, ``not tissue`` or ``out of distribution``), with its tissue-check
-    ``quality`` flag (``ok``, what is wrong, or ``unchecked``)."""
+    ``quality`` flag (``ok``, what is wrong, or ``unchecked``).
+    """
 
     probabilities: np.ndarray
     predicted: np.ndarray
@@ -52,6 +55,7 @@ class Prediction:
 
     @staticmethod
     def concat(parts: Sequence[Prediction], num_classes: int) -> Prediction:
+        """Join predictions of consecutive batches into one."""
         if not parts:
             return Prediction(np.zeros((0, num_classes), np.float32), np.zeros(0, np.int64))
         unc = [p.uncertainty for p in parts if p.uncertainty is not None]
@@ -75,6 +79,7 @@ class MemberBackend:
         self.members = list(members)
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Refuse: an ensemble's members preprocess their images themselves."""
         raise ConfigError(
             "an ensemble's members each preprocess the images themselves: use Predictor.views or predict_batch"
         )
@@ -136,10 +141,12 @@ class Predictor:
     # ---- what the model is ---------------------------------------------------------
     @property
     def classes(self) -> list[str]:
+        """The model's class names."""
         return self.bundle.classes
 
     @property
     def threshold(self) -> float:
+        """The model's decision threshold."""
         return self.bundle.threshold
 
     # ---- the core: one batch -----------------------------------------------------------
@@ -158,8 +165,11 @@ class Predictor:
         return probabilities.argmax(axis=1)
 
     def logits(self, images: np.ndarray | Sequence[np.ndarray], k: int = 0, groups: Groups | None = None) -> np.ndarray:
-        """Raw logits of one batch under dihedral element ``k`` (``groups``: see ``predict_batch``; an ensemble:
-        the logits of its members' weighted mean probability, before the ensemble's own temperature)."""
+        """Raw logits of one batch under one dihedral view.
+
+        Raw logits of one batch under dihedral element ``k`` (``groups``: see ``predict_batch``; an ensemble:
+        the logits of its members' weighted mean probability, before the ensemble's own temperature).
+        """
         if isinstance(self.bundle, EnsembleBundle):
             views = self.views(images, [k], groups)
             return logits_of(np.tensordot(self.weights / self.weights.sum(), views, axes=1))

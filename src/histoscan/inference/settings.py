@@ -1,4 +1,6 @@
-"""``PredictorSettings``: how a command runs a model (backend, device, precision, batch size, threads, TTA); and the
+"""How a command runs a model, and the other options of the inference commands.
+
+``PredictorSettings``: how a command runs a model (backend, device, precision, batch size, threads, TTA); and the
 other options of the inference commands (``PredictSettings``, ``ExportSettings``, ``EnsembleSettings``).
 
 Every command that runs a model (predict, evaluate, calibrate, slide, slide evaluate's scan, explain, serve, and
@@ -57,8 +59,11 @@ class PredictorSettings:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
     def apply(self, settings: Any) -> Any:
-        """A copy of a command's settings dataclass (``ScanSettings``, ``ExplainSettings``, ``ServeSettings``)
-        with the predictor options given here; fields that settings class lacks are left out."""
+        """A command's settings with these predictor options applied.
+
+        A copy of a command's settings dataclass (``ScanSettings``, ``ExplainSettings``, ``ServeSettings``)
+        with the predictor options given here; fields that settings class lacks are left out.
+        """
         names = {f.name for f in dataclasses.fields(settings)}
         return dataclasses.replace(settings, **{k: v for k, v in self.given().items() if k in names})
 
@@ -76,8 +81,11 @@ class PredictorSettings:
 
 
 def predictor_settings(values: dict[str, Any], only: tuple[str, ...] = PREDICTOR_FIELDS) -> PredictorSettings:
-    """The ``PredictorSettings`` among a command's parsed option values (removed from ``values``); ``only``: the
-    model options this command takes (others of the same name, e.g. train's ``batch_size``, are the command's)."""
+    """The ``PredictorSettings`` among a command's parsed option values.
+
+    The ``PredictorSettings`` among a command's parsed option values (removed from ``values``); ``only``: the
+    model options this command takes (others of the same name, e.g. train's ``batch_size``, are the command's).
+    """
     return PredictorSettings(**{k: values.pop(k) for k in only if k in values})
 
 

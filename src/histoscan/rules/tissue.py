@@ -111,6 +111,7 @@ class TissueVerdict:
 
     @property
     def accepted(self) -> np.ndarray:
+        """Whether each image passed the tissue check."""
         return np.array([q == OK for q in self.quality])
 
 

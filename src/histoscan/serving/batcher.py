@@ -80,9 +80,11 @@ class MicroBatcher:
         self._running: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        """Start accepting work."""
         self._slots = asyncio.Semaphore(self.max_in_flight)
 
     async def stop(self) -> None:
+        """Cancel the dispatcher and the batches in flight."""
         for task in [self._dispatcher, *self._running]:
             if task is not None:
                 task.cancel()

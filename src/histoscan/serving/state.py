@@ -106,6 +106,19 @@ class ServeSettings:
         1.0,
     )
 
+    # ---- scanned slides in the browser (/slides, /v1/slides) ----
+    slides: str | None = doc(
+        "A folder of scanned slides (the --out folder of 'histoscan slide') to view at /slides; "
+        "each slide is read where its summary.json says it is.",
+        None,
+        metavar="FOLDER",
+    )
+    slide_cache_mb: float = doc(
+        "Memory for encoded Deep Zoom tiles of --slides, in MB; the least recently used are dropped first.", 128.0
+    )
+    slide_workers: int = doc("Threads that read and encode slide tiles, off the event loop.", 2)
+    max_tile_queue: int = doc("Most slide tiles waiting for those threads; 503 with Retry-After above.", 256)
+
     def __post_init__(self) -> None:
         check_choices(self)
         positive = (
@@ -124,6 +137,9 @@ class ServeSettings:
             "max_previews",
             "model_timeout_s",
             "heartbeat_timeout_s",
+            "slide_cache_mb",
+            "slide_workers",
+            "max_tile_queue",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -166,6 +182,7 @@ class ServeState:
 
 
 async def get_state(request: Request) -> ServeState:
+    """The service state; 503 until the model is loaded."""
     state = getattr(request.app.state, "histoscan", None)
     if state is None:
         raise HTTPException(status_code=503, detail="model not loaded yet", headers={"Retry-After": "5"})

@@ -56,6 +56,7 @@ class CVResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
     def summary_lines(self) -> list[str]:
+        """What the cross-validation did, for the terminal."""
         lines = [f"folds trained now: {self.trained or 'none'}; reused: {self.reused or 'none'}"]
         if self.summary:
             s = self.summary
@@ -82,7 +83,9 @@ def train_folds(
     ensemble: bool = True,
     settings: PredictorSettings | None = None,
 ) -> CVResult:
-    """Train the folds of ``cfg.folds``-fold cross-validation (only ``cfg.fold`` when set) and, once every fold
+    """Train the folds of a cross-validation and their ensemble.
+
+    Train the folds of ``cfg.folds``-fold cross-validation (only ``cfg.fold`` when set) and, once every fold
     has finished, write oof.csv, cv.json and the folds' ensemble.
 
     ``settings``: how the folds predict their out-of-fold patches (device, precision, batch size, threads, TTA;
@@ -134,7 +137,9 @@ def train_folds(
 def train_run(
     cfg: TrainConfig, printer: Callable[[str], None] = print, settings: PredictorSettings | None = None
 ) -> Any:
-    """``histoscan train``: one run, or the cross-validation of ``cfg.folds`` folds (``settings``: how the folds
+    """Train one run or a cross-validation, as ``histoscan train`` does.
+
+    ``histoscan train``: one run, or the cross-validation of ``cfg.folds`` folds (``settings``: how the folds
     predict their out-of-fold patches). Returns the run's or the CV's result (both have ``summary_lines()``).
 
     A device given without folds is an error: one run trains on ``accelerator`` / ``devices`` and predicts nothing.

@@ -59,7 +59,9 @@ def calibrate_run(
     tissue_check: bool = False,
     settings: PredictorSettings | None = None,
 ) -> list[str]:
-    """``histoscan calibrate``: fit the temperature, a referral rule (when a coverage or target accuracy is
+    """Calibrate a run, as ``histoscan calibrate`` does.
+
+    ``histoscan calibrate``: fit the temperature, a referral rule (when a coverage or target accuracy is
     given) and the tissue check of ``run_dir``, save them in model.json, and say what was fitted, one line each.
 
     ``settings``: how the model runs (device, precision, ...); its ``tta`` is the TTA policy both the

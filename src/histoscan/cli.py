@@ -372,8 +372,7 @@ def predict(**values: Any) -> None:
     _print(lines)
 
 
-# TTA default: the referral rule's policy when model.json has one, else on for a Kaggle --submission of a
-# binary model, off otherwise (histoscan.inference.predictor.submission_tta).
+# TTA default: histoscan.inference.tta.default_views ("submission" with --submission, else "predict").
 _generated("predict", predict, _options("histoscan.inference.settings:PredictSettings", PREDICTOR_FIELDS, MODEL_SHOWN))
 
 

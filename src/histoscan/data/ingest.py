@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histoscan.data.imageio import FIT_POLICIES, FastTiffReader, ImageReadError, fit_to_size, probe_size
+from histoscan.data.imageio import FastTiffReader, ImageReadError, fit_to_size, probe_size
 from histoscan.data.sources import Entry, Source, open_source
 from histoscan.data.store import StoreWriter
+from histoscan.enums import FIT_POLICIES
 from histoscan.errors import ConfigError, DataError
 from histoscan.system import available_cores
 

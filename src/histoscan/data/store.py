@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from histoscan import __version__
-from histoscan.data.imageio import FIT_POLICIES, FitPolicy
 from histoscan.data.sources.base import Sample
+from histoscan.enums import FIT_POLICIES, FitPolicy
 from histoscan.errors import DataError
 
 IMAGES_FILE = "images.npy"

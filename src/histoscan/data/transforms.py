@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from histoscan.errors import ConfigError
+from histoscan.geometry import centre_slices, centre_window
 
 Tensor = torch.Tensor
 
@@ -156,7 +157,7 @@ class CentreSafeCrop:
                 f"the labelled centre {self.keep}" if self.keep is not None else "the whole image (the label's extent)"
             )
             raise ConfigError(f"random crop {self.size} must lie between {what} and the image size {h}x{w}")
-        oy, ox = (h - self.size) // 2, (w - self.size) // 2
+        oy, ox = centre_window(h, w, self.size)
         # offsets o with o <= (h - keep)//2 and o + size >= (h + keep)//2 keep the centre in view
         lo_y, hi_y = max(0, (h + keep) // 2 - self.size), min(h - self.size, (h - keep) // 2)
         lo_x, hi_x = max(0, (w + keep) // 2 - self.size), min(w - self.size, (w - keep) // 2)
@@ -171,8 +172,8 @@ def centre_crop(x: Tensor, size: int) -> Tensor:
     h, w = x.shape[-2:]
     if size > min(h, w):
         raise ValueError(f"centre crop {size} is larger than the image {h}x{w}")
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top : top + size, left : left + size]
+    rows, cols = centre_slices(h, w, size)
+    return x[..., rows, cols]
 
 
 def resize(x: Tensor, size: int) -> Tensor:

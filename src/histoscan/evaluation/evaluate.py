@@ -17,8 +17,9 @@ from histoscan.bundle import ModelBundle, read_bundle
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.report import write_evaluation
-from histoscan.inference.predictor import Prediction, Predictor, default_tta
+from histoscan.inference.predictor import Prediction, Predictor
 from histoscan.inference.settings import PredictorSettings
+from histoscan.inference.tta import tta_views
 from histoscan.metrics import THRESHOLD_RULES, compute_metrics, pick_threshold
 from histoscan.rules.answers import UNCHECKED, policy_views
 from histoscan.rules.tissue import OK
@@ -104,9 +105,9 @@ def evaluate_run(
     ``sensitivity``, at the first target sensitivity) a threshold chosen on the validation split is
     written into ``model.json`` and the report uses it. ``stain_shift`` also scores the split under the
     stain-shift suite (``histoscan.stain.shift``; one re-staining shift per ``stain_donors`` entry). ``tta`` None
-    is the model's default (``default_tta``: the 8 dihedral elements for binary patch models); the report says
-    which was used. ``settings``: the device, precision and threads the model runs with (its ``backend`` and
-    ``batch_size``, when given, win over the arguments of those names).
+    is the model's default (``inference.tta.default_views(bundle, "evaluate")``: the 8 dihedral elements for
+    binary patch models); the report says which was used. ``settings``: the device, precision and threads the
+    model runs with (its ``backend`` and ``batch_size``, when given, win over the arguments of those names).
     """
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
@@ -129,7 +130,7 @@ def evaluate_run(
         bundle.save(run_dir)
     started = time.perf_counter()
     counted = predictor.bundle.preprocessing.stain_counts()
-    ks = default_tta(bundle) if tta is None else (list(range(8)) if tta else [0])  # the referral's policy by default
+    ks = tta_views(bundle, tta, "evaluate")  # the model's own policy (its referral rule's) by default
     pred = predictor.predict_store(part, ks)
     seconds = time.perf_counter() - started
     metrics = compute_metrics(

@@ -25,9 +25,10 @@ from pytorch_grad_cam import (
 )
 from pytorch_grad_cam.base_cam import BaseCAM
 
+from histoscan.enums import CAM_METHODS
 from histoscan.errors import ConfigError
 
-_METHODS: dict[str, type[BaseCAM]] = {
+_METHODS: dict[str, type[BaseCAM]] = {  # one class per value of enums.CamMethod
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
     "xgradcam": XGradCAM,
@@ -38,7 +39,7 @@ _METHODS: dict[str, type[BaseCAM]] = {
     "eigengradcam": EigenGradCAM,
     "scorecam": ScoreCAM,
 }
-METHODS = tuple(_METHODS)
+METHODS: tuple[str, ...] = CAM_METHODS
 
 
 class RawScale:

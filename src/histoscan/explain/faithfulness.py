@@ -22,17 +22,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
+from histoscan.enums import DeletionFill
 from histoscan.errors import ConfigError
 from histoscan.explain.explainer import Explainer
+from histoscan.geometry import centre_slices
 from histoscan.preprocessing import Preprocessing
 
 STRATEGIES = ("map", "random", "block", "centre")
-Fill = Literal["grey", "blur", "normal"]
+Fill = DeletionFill
 
 
 def grey_value(explainer: Explainer) -> np.ndarray:
@@ -126,10 +127,7 @@ def fill_images(
 def model_view(pre: Preprocessing) -> tuple[slice, slice]:
     """The rows and columns of the fitted image that the model sees: its centre crop, or all of it."""
     h, w = (int(v) for v in pre.image_size)
-    if not pre.crop:
-        return slice(0, h), slice(0, w)
-    top, left = (h - pre.crop) // 2, (w - pre.crop) // 2
-    return slice(top, top + pre.crop), slice(left, left + pre.crop)
+    return centre_slices(h, w, pre.crop)
 
 
 def model_colours(explainer: Explainer, images: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:

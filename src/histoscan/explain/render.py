@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from histoscan.geometry import centre_box
+
 PANEL = 192  # px per panel in the saved PNGs
 LABEL_COLOUR = (0, 230, 0)
 CROP_COLOUR = (0, 200, 255)
@@ -31,8 +33,7 @@ class Geometry:
         def box(side: int | None) -> tuple[int, int, int, int] | None:
             if not side or side >= min(h, w):
                 return None
-            top, left = (h - side) // 2, (w - side) // 2
-            return (left, top, left + side, top + side)
+            return centre_box(h, w, side)
 
         return cls(box(label_size), box(crop))
 

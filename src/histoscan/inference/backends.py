@@ -14,12 +14,11 @@ import numpy as np
 import torch
 
 from histoscan.bundle import EnsembleBundle, ModelBundle, first_line, load_model, read_bundle
+from histoscan.enums import BACKENDS, PRECISIONS
 from histoscan.errors import ConfigError
 from histoscan.runfolder import MODEL_FILE, ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, ONNX_FILE, RunFolder
 from histoscan.system import available_cores, hardware_id, native_bf16_cpu
 
-BACKENDS = ("torch", "onnx", "auto")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

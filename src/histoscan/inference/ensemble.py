@@ -26,7 +26,7 @@ from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.inference.calibration_rows import RESPLIT, calibration_ids, check_unseen
 from histoscan.inference.fitting import fitting_predictions
-from histoscan.inference.predictor import default_tta
+from histoscan.inference.tta import default_views
 from histoscan.metrics import pick_threshold
 from histoscan.runfolder import SPLIT_FILE, EnsembleDocument, EnsembleMember, RunFolder
 
@@ -118,7 +118,7 @@ def make_ensemble(
             scores, labels, source = _read_oof(Path(oof), bundles[0].classes)
         else:
             printer(f"choosing the threshold ({threshold_rule}) on the ensemble's {fitted_on} predictions ...")
-            fit = fitting_predictions(out, default_tta(read_bundle(out)))
+            fit = fitting_predictions(out, default_views(read_bundle(out), "fit"))
             scores, labels, source = fit.probabilities[:, 1], fit.labels, fit.source
             doc = doc.model_copy(update={"fitted_rows": len(labels) if ids else None})
         threshold = pick_threshold(labels, scores, threshold_rule, source=source)

@@ -27,9 +27,9 @@ from histoscan.data.splits import CALIBRATION
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.inference.calibration_rows import RESPLIT, calibration_ids, check_unseen
-from histoscan.inference.predictor import parse_tta
 from histoscan.inference.probabilities import logits_of, probabilities
 from histoscan.inference.settings import PredictorSettings
+from histoscan.inference.tta import parse_tta
 from histoscan.runfolder import RunFolder
 
 

@@ -26,6 +26,8 @@ from histoscan.errors import ConfigError
 from histoscan.inference.backends import Backend, OnnxBackend, TorchBackend, resolve_backend
 from histoscan.inference.inputs import store_input_batches
 from histoscan.inference.probabilities import logits_of, probabilities
+from histoscan.inference.tta import default_views, tta_views
+from histoscan.inference.tta import parse_tta as parse_tta  # re-exported: callers and tests import it from here
 from histoscan.preprocessing import Groups, Preprocessing, dihedral_k
 from histoscan.rules.answers import UNCHECKED, answer_images
 from histoscan.rules.tissue import judge, tissue_features
@@ -108,40 +110,13 @@ class MemberBackend:
 
 
 def default_tta(bundle: ModelBundle) -> list[int]:
-    """The default test-time augmentation of a model.
-
-    The TTA a model is evaluated and submitted with by default: the referral rule's policy when it has one,
-    else model.json's ``inference.tta`` when set, else all 8 dihedral elements for binary patch models (cheap
-    for small models) and none otherwise.
-    """
-    if bundle.trust.referral is not None:
-        return list(bundle.trust.referral.tta)
-    if bundle.inference.tta is not None:
-        return parse_tta(bundle.inference.tta)
-    return parse_tta(bundle.task == "binary")
+    """The model's own TTA policy (``default_views(bundle, "evaluate")``; kept for callers of this name)."""
+    return default_views(bundle, "evaluate")
 
 
-def submission_tta(predictor: Predictor, tta: bool | None, submission: object | None) -> bool | list[int]:
-    """The test-time augmentation ``histoscan predict`` uses.
-
-    ``predict``'s TTA: as asked, else the model's default when writing a Kaggle submission or when the model
-    refers doubtful images (its referral rule's policy), else none.
-    """
-    if tta is not None:
-        return tta
-    return default_tta(predictor.bundle) if submission or predictor.bundle.trust.referral is not None else False
-
-
-def parse_tta(tta: bool | Sequence[int] | None) -> list[int]:
-    """The dihedral elements to average: [0] without TTA, all 8 with ``True``, or a chosen subset."""
-    if not tta:
-        return [0]
-    if tta is True:
-        return list(range(8))
-    ks = sorted({int(k) for k in tta})
-    if not ks or any(k < 0 or k > 7 for k in ks):
-        raise ConfigError(f"TTA elements must be in 0..7, got {list(tta)}")
-    return ks
+def submission_tta(predictor: Predictor, tta: bool | None, submission: object | None) -> list[int]:
+    """``predict``'s views: as asked, else the default for a Kaggle submission or for plain prediction."""
+    return tta_views(predictor.bundle, tta, "submission" if submission else "predict")
 
 
 class Predictor:
@@ -255,10 +230,8 @@ class Predictor:
         return np.stack(by_k, axis=2).transpose(1, 2, 0, 3).reshape(-1, n, len(self.classes))
 
     def tta_views(self, tta: bool | Sequence[int] | None) -> list[int]:
-        """The dihedral elements a prediction runs: as asked, or with None the referral rule's policy (else none)."""
-        if tta is None and self.bundle.trust.referral is not None:
-            return list(self.bundle.trust.referral.tta)
-        return parse_tta(tta)
+        """The dihedral elements a prediction runs: as asked, or with None the default for ``predict``."""
+        return tta_views(self.bundle, tta, "predict")
 
     def quality(self, images: np.ndarray | Sequence[np.ndarray] | Prepared) -> list[str]:
         """The tissue check's flag per image (``unchecked`` when model.json has no check).

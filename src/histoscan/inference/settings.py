@@ -6,11 +6,10 @@ other options of the inference commands (``PredictSettings``, ``ExportSettings``
 Every command that runs a model (predict, evaluate, calibrate, slide, slide evaluate's scan, explain, serve, and
 train --folds for its out-of-fold predictions) takes its model options from this one dataclass, so ``--device`` or ``--precision`` has one spelling, one
 type and one help text everywhere. A field left None is "not given": the command's own default applies
-(for TTA, the bundle's policy; see ``histoscan.inference.predictor.default_tta``), so the settings change
-nothing until the user sets them.
+(for TTA, the default views for the command's use; see ``histoscan.inference.tta.default_views``), so the
+settings change nothing until the user sets them.
 
-The value types below are ``Literal`` aliases defined here because no enumerations module exists yet; when one
-does, these aliases move there and this module imports them.
+The value types (``Backend``, ``Precision``) are the vocabularies of ``histoscan.enums``.
 """
 
 from __future__ import annotations
@@ -18,16 +17,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from histoscan.enums import Backend, Precision
 from histoscan.errors import ConfigError
 from histoscan.options import WORKERS_HELP, check_choices, doc
 
 if TYPE_CHECKING:
     from histoscan.inference.predictor import Predictor
 
-Backend = Literal["auto", "torch", "onnx"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 PREDICTOR_FIELDS = ("backend", "device", "precision", "batch_size", "threads", "tta")
 

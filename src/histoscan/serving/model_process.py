@@ -77,7 +77,7 @@ class ModelRunner(Protocol):
     async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction:
         """Predict a batch of decoded images (``tta`` None: the model's default)."""
 
-    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool | None) -> ExplainAnswer:
         """Grad-CAM map of one image."""
 
 
@@ -114,9 +114,15 @@ def unpack_job(meta: dict[str, Any], data: bytes) -> tuple[list[np.ndarray], boo
     return images, None if meta["tta"] is None else bool(meta["tta"])
 
 
-def pack_explain_job(image: np.ndarray, method: str, target: str, tta: bool) -> bytes:
+def pack_explain_job(image: np.ndarray, method: str, target: str, tta: bool | None) -> bytes:
     """One uint8 image to explain, with the method, the target and the TTA flag."""
-    meta = {"op": "explain", "method": method, "target": target, "tta": bool(tta), "shapes": [list(image.shape)]}
+    meta = {
+        "op": "explain",
+        "method": method,
+        "target": target,
+        "tta": None if tta is None else bool(tta),
+        "shapes": [list(image.shape)],
+    }
     return frame(meta, [image])
 
 
@@ -151,7 +157,7 @@ def explain_one(
     image: np.ndarray,
     method: str,
     target: str,
-    tta: bool,
+    tta: bool | None,
 ) -> ExplainAnswer:
     """Explain one image with the cached Explainer (built on first use: it loads the weights).
 
@@ -273,7 +279,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     threading.Thread(target=out.beat, args=(HEARTBEAT_S,), daemon=True, name="heartbeat").start()
     explaining = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
 
-    def explain(meta: dict[str, Any], image: np.ndarray, tta: bool) -> None:
+    def explain(meta: dict[str, Any], image: np.ndarray, tta: bool | None) -> None:
         try:
             got = explain_one(explainers, args.run_dir, args.device, image, meta["method"], meta["target"], tta)
             out.write(pack_explanation(got))
@@ -295,7 +301,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
             meta = json.loads(body[:meta_len])
             images, tta = unpack_job(meta, body[meta_len:])
             if meta.get("op") == "explain":
-                explaining.submit(explain, meta, images[0].copy(), bool(tta))
+                explaining.submit(explain, meta, images[0].copy(), tta)  # None: the explain default
                 continue
             reply = pack_prediction(predictor.predict_batch(images, tta))
         except Exception as exc:
@@ -484,7 +490,7 @@ class ModelProcess:
         result: Prediction = await self._send(pack_job(images, tta), unpack_prediction, "predict")
         return result
 
-    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool | None) -> ExplainAnswer:
         """Grad-CAM of one image, computed in the model process (never on the server's event loop)."""
         job = pack_explain_job(image, method, target, tta)
         result: ExplainAnswer = await self._send(job, unpack_explanation, "explain")
@@ -586,7 +592,7 @@ class ModelThread:
         except asyncio.TimeoutError:
             raise ModelUnavailable(f"the model did not answer within {self.timeout_s:g} s") from None
 
-    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool | None) -> ExplainAnswer:
         """Grad-CAM of one image in a worker thread (the model's, never the event loop)."""
         run_dir, device = str(self.predictor.run_dir), str(self.predictor.device)
         try:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from fastapi import HTTPException, Request
 
 from histoscan.bundle import ModelBundle
 from histoscan.data.imageio import DecodeBudget
+from histoscan.enums import Backend
 from histoscan.errors import ConfigError
 from histoscan.options import check_choices, doc
 from histoscan.serving.batcher import MicroBatcher
@@ -18,8 +18,6 @@ from histoscan.serving.model_process import ModelRunner
 from histoscan.serving.uploads import DecodePool, UploadDecoder, model_fit
 
 MB = 1_000_000  # every limit and message uses decimal megabytes
-
-Backend = Literal["auto", "torch", "onnx"]
 
 
 @dataclass

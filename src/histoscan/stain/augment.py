@@ -20,6 +20,7 @@ from histoscan.data.transforms import (
     RandomApply,
     RandomDihedral,
 )
+from histoscan.enums import AUGMENT_PRESETS
 from histoscan.stain.colour import from_optical_density, optical_density
 from histoscan.stain.estimate import macenko, sample_pixels
 
@@ -86,7 +87,7 @@ class StainMatrixJitter:
         return out.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
-AUGMENTATION_PRESETS = ("none", "flips", "light", "strong", "stain-light", "stain-medium", "stain-strong")
+AUGMENTATION_PRESETS = AUGMENT_PRESETS  # the vocabulary of histoscan.enums (the name callers import)
 
 
 def build_augmentation(

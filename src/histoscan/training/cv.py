@@ -180,11 +180,11 @@ def collect_folds(
     """Write ``oof.csv`` and ``cv.json`` from finished fold folders (and the folds' ensemble); nothing is retrained.
 
     ``settings``: how each fold predicts its validation patches (default: the torch backend on the CPU). The
-    out-of-fold predictions use ``settings.tta`` when given, else the folds' default TTA (``default_tta``), as
-    their evaluation does; cv.json records which (``tta``) and on which device.
+    out-of-fold predictions use ``settings.tta`` when given, else the folds' default TTA for fitting
+    (``inference.tta.default_views``), as their evaluation does; cv.json records which (``tta``) and on which device.
     """
-    from histoscan.inference.predictor import default_tta, parse_tta
     from histoscan.inference.settings import PredictorSettings
+    from histoscan.inference.tta import tta_views
     from histoscan.metrics import auroc
 
     cv_dir = Path(cv_dir)
@@ -201,7 +201,7 @@ def collect_folds(
         run = RunFolder(d)
         predictor = settings.predictor(d, backend="torch")
         classes = predictor.classes
-        tta = default_tta(predictor.bundle) if settings.tta is None else parse_tta(settings.tta)
+        tta = tta_views(predictor.bundle, settings.tta, "fit")
         part, _ = run.select_patches(run.data_store(), "val")
         pred = predictor.predict_store(part, tta)
         frame = pd.DataFrame({"id": part.ids, "label": [classes[j] for j in part.labels], "fold": i})

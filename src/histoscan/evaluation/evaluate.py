@@ -143,8 +143,7 @@ def evaluate_run(
         seed=seed,
     )
     metrics["trust"] = evaluate_trust(bundle, part.labels, pred, ks, n_boot, seed)
-    passes = len(ks) + (bundle.trust.tissue_check is not None)  # the tissue check sees the normalised patch too
-    stain_counts = stain_split_counts(predictor, part, counted, passes) if bundle.preprocessing.stain else None
+    stain_counts = stain_split_counts(predictor, part, counted) if bundle.preprocessing.stain else None
     if suite is not None:
         shifted = ShiftedPredict(predictor, part, ks)
         metrics["stain_shift"] = stain_shift_report(
@@ -223,11 +222,11 @@ class ShiftedPredict:
         return self.predictor.predict_batch(batch, self.ks, groups).probabilities
 
 
-def stain_split_counts(predictor: Predictor, part: PatchStore, before: dict[str, int], passes: int) -> dict[str, int]:
-    """Stain counts of the scored split: its patches (every TTA pass normalises them the same way) and its groups."""
+def stain_split_counts(predictor: Predictor, part: PatchStore, before: dict[str, int]) -> dict[str, int]:
+    """Stain counts of the scored split: its patches (each normalised once, whatever the TTA views) and its groups."""
     pre = predictor.bundle.preprocessing
     after = pre.stain_counts(set(stain_group_names(part).tolist()))
-    return {k: (v - before[k]) // passes if k in ("patches", "passed_through") else v for k, v in after.items()}
+    return {k: v - before[k] if k in ("patches", "passed_through") else v for k, v in after.items()}
 
 
 def evaluate_trust(

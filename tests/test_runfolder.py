@@ -125,7 +125,7 @@ def test_a_version_1_multiclass_file_keeps_its_classes_and_width() -> None:
     old.update(classes=["lung_aca", "lung_n", "lung_scc"], task="multiclass", num_outputs=3)
     b = ModelBundle.from_dict(old)
     assert b.task == "multiclass" and b.num_outputs == 3 and b.classes == ["lung_aca", "lung_n", "lung_scc"]
-    assert "num_outputs" not in b.to_dict() and b.to_dict()["schema_version"] == 2
+    assert "num_outputs" not in b.to_dict() and b.to_dict()["schema_version"] == SCHEMA_VERSION
 
 
 def test_saving_upgrades_to_the_current_schema_without_derived_copies(tmp_path: Path) -> None:
@@ -134,7 +134,7 @@ def test_saving_upgrades_to_the_current_schema_without_derived_copies(tmp_path: 
     shutil.copy(FIXTURE, run / "model.json")
     read_bundle(run).save(run)
     doc = json.loads((run / "model.json").read_text())
-    assert doc["schema_version"] == SCHEMA_VERSION == 2 and doc["kind"] == "model"
+    assert doc["schema_version"] == SCHEMA_VERSION and doc["kind"] == "model"
     assert "task" not in doc and "num_outputs" not in doc and "input_size" not in doc["preprocessing"]
     assert doc["preprocessing"]["fit"] == "pad-edges" and doc["calibration"] == {"temperature": 1.0}
     assert {k: doc[k] for k in ("inference", "trust")} == {
@@ -205,8 +205,9 @@ def test_new_fields_are_validated_too() -> None:
 
 
 def test_a_newer_schema_is_refused_with_its_version() -> None:
-    with pytest.raises(ConfigError, match=r"m\.json: schema_version 3 was written by a newer histoscan"):
-        parse_document({**_v1(), "schema_version": 3}, "m.json")
+    newer = SCHEMA_VERSION + 1
+    with pytest.raises(ConfigError, match=rf"m\.json: schema_version {newer} was written by a newer histoscan"):
+        parse_document({**_v1(), "schema_version": newer}, "m.json")
     with pytest.raises(ConfigError, match=r"m\.json: schema_version: not a positive whole number"):
         parse_document({**_v1(), "schema_version": "2"}, "m.json")
 

@@ -29,6 +29,7 @@ from histoscan.runfolder import (  # noqa: F401  (file names re-exported for mod
     WEIGHTS_FILE,
     Calibration,
     EnsembleDocument,
+    FittedRecords,
     InferencePolicy,
     ModelDocument,
     PreprocessingSpec,
@@ -62,6 +63,7 @@ class ModelBundle:
     histoscan_version: str = __version__
     inference: InferencePolicy = field(default_factory=InferencePolicy)
     trust: TrustPolicy = field(default_factory=TrustPolicy)
+    fitted: FittedRecords = field(default_factory=FittedRecords)
 
     @property
     def task(self) -> str:
@@ -175,6 +177,7 @@ class EnsembleBundle(ModelBundle):
                 "calibration": Calibration(temperature=self.temperature),
                 "inference": self.inference,
                 "trust": self.trust,
+                "fitted": self.fitted,
             }
         )
 
@@ -204,6 +207,7 @@ class EnsembleBundle(ModelBundle):
             histoscan_version=doc.histoscan_version,
             inference=doc.inference,
             trust=doc.trust,
+            fitted=doc.fitted,
             members=members,
             member_dirs=dirs,
             weights=[m.weight for m in doc.members],

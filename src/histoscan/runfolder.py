@@ -74,7 +74,7 @@ REPORT_HTML = "report.html"
 FIGURES_DIR = "figures"
 
 MODEL_FORMAT: Final = "histoscan-model"
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 # model.onnx carries only this marker in its metadata (never a copy of model.json, which 'calibrate' would make stale)
 ONNX_CONTRACT_KEY = "histoscan_onnx_contract"
 ONNX_CONTRACT_VERSION = "1"
@@ -267,12 +267,39 @@ class TrustPolicy(BaseModel):
         return data
 
 
+class FittedUnder(BaseModel):
+    """The predictor a fitted quantity was fitted under: the settings that must answer for it to hold."""
+
+    model_config = _STRICT
+    tta: list[Annotated[int, Field(ge=0, le=7)]] = Field(min_length=1)  # the dihedral views averaged
+    members: Annotated[int, Field(ge=1)] = 1  # 1 for a single model; an ensemble's member count
+    precision: StoredPrecision | None = None  # the torch backend's numerics (None: not recorded)
+
+
+class FitRecord(BaseModel):
+    """How a quantity of ``model.json`` was fitted: under which predictor, on which rows."""
+
+    model_config = _STRICT
+    under: FittedUnder
+    split: Name  # calibration, val (the rows the run early-stopped on), oof (out-of-fold), ...
+    rows: Annotated[int, Field(ge=1)]
+
+
+class FittedRecords(BaseModel):
+    """``fitted``: the provenance of each fitted quantity (None: not fitted, or fitted before it was recorded)."""
+
+    model_config = _STRICT
+    threshold: FitRecord | None = None
+    temperature: FitRecord | None = None
+    referral: FitRecord | None = None
+
+
 class VersionedDocument(BaseModel):
     """What every ``model.json`` starts with: the format marker and the schema version it was written in."""
 
     model_config = _STRICT
     format: Literal["histoscan-model"] = MODEL_FORMAT
-    schema_version: Literal[2] = SCHEMA_VERSION  # = SCHEMA_VERSION (a type needs the number written out)
+    schema_version: Literal[3] = SCHEMA_VERSION  # = SCHEMA_VERSION (a type needs the number written out)
 
 
 class ModelDocument(VersionedDocument):
@@ -291,6 +318,7 @@ class ModelDocument(VersionedDocument):
     best_metric: dict[str, Any] = Field(default_factory=dict)
     split: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)  # what it trained on and how long: a record, not read back
+    fitted: FittedRecords = Field(default_factory=FittedRecords)
     histoscan_version: str = "unknown"
 
     @field_validator("training")
@@ -333,6 +361,7 @@ class EnsembleDocument(VersionedDocument):
     calibration: Calibration = Field(default_factory=Calibration)
     inference: InferencePolicy = Field(default_factory=InferencePolicy)
     trust: TrustPolicy = Field(default_factory=TrustPolicy)
+    fitted: FittedRecords = Field(default_factory=FittedRecords)
     histoscan_version: str = "unknown"
 
 
@@ -363,7 +392,15 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
 #   3. raise ``SCHEMA_VERSION`` to N + 1 and ``VersionedDocument.schema_version`` to ``Literal[N + 1]``;
 #   4. add a version-N example to ``tests/fixtures/`` (``model-vN.json``): ``tests/test_bundle_schema.py``
 #      checks that every older version has a step, an example, and migrates to a valid newest document.
-_UPGRADES = {1: _upgrade_v1}
+def _upgrade_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 -> 3: add ``fitted``, the record of how each fitted quantity was fitted.
+
+    A version-2 file recorded none, so its fitted quantities are of unknown provenance (an empty ``fitted``).
+    """
+    return {**data, "fitted": {}, "schema_version": 3}
+
+
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2}
 
 
 def migrate(data: dict[str, Any], version: int) -> dict[str, Any]:

@@ -61,6 +61,7 @@ def _one_line_error(text: str) -> str:
     return str(body["error"])
 
 
+@pytest.mark.slow
 def test_every_hostile_upload_gets_its_documented_4xx(server: tuple[str, int, object], good_patch: bytes) -> None:
     import httpx
 
@@ -144,6 +145,7 @@ def _raw(port: int, head: str, body_chunks: Iterator[bytes] = iter(())) -> tuple
     return int(text.split(" ", 2)[1]), text, sent
 
 
+@pytest.mark.slow
 def test_oversized_bodies_are_refused_before_they_are_read(server: tuple[str, int, object], tiny_run: Path) -> None:
     port = server[1]
     head = (
@@ -183,6 +185,7 @@ def _health_probe_timeout_s() -> float:
     return min(float(v) for v in re.findall(r"timeout=(\d+(?:\.\d+)?)", probe))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_health_answers_while_large_uploads_decode(server: tuple[str, int, subprocess.Popen[str]]) -> None:
     """Four 4000x4000 PNGs decode in the worker pool while /health keeps answering (today: seconds of stall).
@@ -362,6 +365,7 @@ def test_ingest_removes_partial_folders_of_dead_processes(kaggle_dir: Path, tmp_
     assert not stale.exists() and alive.exists() and (tmp_path / "store" / "meta.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_works_with_weights_only_loading_forced(
     kaggle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

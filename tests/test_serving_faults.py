@@ -43,6 +43,7 @@ def _wait_for(check: Any, seconds: float) -> bool:
 DEADLINE_SLACK_S = 30.0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_stopped_model_process_gets_a_503_then_is_restarted(tiny_run: Path, patch: tuple[str, bytes, str]) -> None:
     settings = ServeSettings(str(tiny_run), model_timeout_s=4.0, heartbeat_timeout_s=2.0)
@@ -68,6 +69,7 @@ def test_a_stopped_model_process_gets_a_503_then_is_restarted(tiny_run: Path, pa
                 os.kill(old, signal.SIGKILL)  # our own child, if it somehow survived
 
 
+@pytest.mark.slow
 def test_a_long_tta_batch_is_not_taken_for_a_hang(tiny_run: Path) -> None:
     """The heartbeat comes from a thread of the model process, so a batch longer than the timeout is fine."""
     images = [np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)] * 1200
@@ -90,6 +92,7 @@ def test_a_long_tta_batch_is_not_taken_for_a_hang(tiny_run: Path) -> None:
         pytest.skip(f"the batch took only {seconds:.1f} s: too fast to outlast the 1 s heartbeat timeout here")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_model_that_no_longer_loads_backs_off_instead_of_a_restart_storm(
     tiny_run: Path, tmp_path: Path, patch: tuple[str, bytes, str]

@@ -204,6 +204,7 @@ def test_a_slide_is_one_group_estimated_once_from_its_tissue(tmp_path_factory: p
     assert (r.folder / "explain" / "tiles.csv").is_file()
 
 
+@pytest.mark.slow
 def test_the_stain_shift_suite_re_estimates_each_group_under_each_shift(group_run: Path, grouped_store: Path) -> None:
     from histoscan.evaluation.evaluate import ShiftedPredict
     from histoscan.stain.shift import shift_suite, stain_shift_report

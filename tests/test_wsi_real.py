@@ -34,6 +34,7 @@ def test_tissue_mask_is_neither_empty_nor_the_whole_slide(run: Path, name: str, 
     reader.close()
 
 
+@pytest.mark.slow
 def test_cmu_scans_end_to_end(run: Path, tmp_path: Path) -> None:
     r = scan_slide(Predictor(run, backend="torch"), shared("wsi") / CMU, tmp_path, ScanSettings())
     s = r.summary
@@ -45,6 +46,7 @@ def test_cmu_scans_end_to_end(run: Path, tmp_path: Path) -> None:
     assert (tiles.x >= -1).all() and (tiles.x + tiles.width <= 2220 + tiles.width).all()
 
 
+@pytest.mark.slow
 def test_tcga_needs_slide_mpp_and_works_with_it(run: Path, tmp_path: Path) -> None:
     slide = shared("wsi") / TCGA
     with pytest.raises(SlideError, match="--slide-mpp") as e:

@@ -182,6 +182,7 @@ def test_bad_granularity_requests_are_one_line_errors(kaggle_dir: Path, tmp_path
         train(cfg, printer=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_a_slide_is_one_group_estimated_once_from_its_tissue(tmp_path_factory: pytest.TempPathFactory) -> None:
     from histoscan.wsi.scan import ScanSettings, scan_slide
     from histoscan.wsi.synthetic import tumour_slide

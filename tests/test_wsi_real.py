@@ -15,6 +15,10 @@ from histoscan.wsi.scan import ScanSettings, plan_grid, scan_slide, tissue_mask
 from tests.conftest import shared
 from tests.wsi_helpers import train_mosaic_run
 
+# Every test here scans with the mosaic model that train_mosaic_run trains (about 15 s): the slow tier.
+# The fast lane scans slides through test_wsi_alignment.py, without a trained model.
+pytestmark = pytest.mark.slow
+
 CMU = "CMU-1-Small-Region.svs"
 TCGA = "TCGA-CR-7395-01A-01-TS1.svs"
 
@@ -34,7 +38,6 @@ def test_tissue_mask_is_neither_empty_nor_the_whole_slide(run: Path, name: str, 
     reader.close()
 
 
-@pytest.mark.slow
 def test_cmu_scans_end_to_end(run: Path, tmp_path: Path) -> None:
     r = scan_slide(Predictor(run, backend="torch"), shared("wsi") / CMU, tmp_path, ScanSettings())
     s = r.summary
@@ -46,7 +49,6 @@ def test_cmu_scans_end_to_end(run: Path, tmp_path: Path) -> None:
     assert (tiles.x >= -1).all() and (tiles.x + tiles.width <= 2220 + tiles.width).all()
 
 
-@pytest.mark.slow
 def test_tcga_needs_slide_mpp_and_works_with_it(run: Path, tmp_path: Path) -> None:
     slide = shared("wsi") / TCGA
     with pytest.raises(SlideError, match="--slide-mpp") as e:

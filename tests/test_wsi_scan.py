@@ -23,6 +23,10 @@ from histoscan.wsi.scan import ScanSettings, scan_slide
 from histoscan.wsi.synthetic import tumour_slide, write_slide
 from tests.wsi_helpers import MODEL_MPP, train_mosaic_run
 
+# Every test here scans with the mosaic model that train_mosaic_run trains (about 15 s): the slow tier.
+# The fast lane scans slides through test_wsi_alignment.py, without a trained model.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -43,7 +47,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / (a.sum() + b.sum()))
 
 
-@pytest.mark.slow
 def test_tiny_model_recovers_a_known_tumour_region(run: Path, tmp_path: Path) -> None:
     # level 0 at 0.5 um/px with a 2x level at the model's 1.0 um/px: the scan must read level 1
     path, truth = tumour_slide(
@@ -80,7 +83,6 @@ def test_tiny_model_recovers_a_known_tumour_region(run: Path, tmp_path: Path) ->
         assert im.size[0] > 400
 
 
-@pytest.mark.slow
 def test_cli_scans_many_slides_resumes_and_lists_failures(run: Path, slides: Path, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     shutil.copytree(slides, folder)
@@ -198,7 +200,6 @@ def test_demo_slide_step(run: Path, tmp_path: Path) -> None:
     assert summary["tiles"] > 300 and (folder / "heatmap.png").is_file()
 
 
-@pytest.mark.slow
 def test_a_folder_holding_earlier_scans_and_a_non_slide_tiff(run: Path, slides: Path, tmp_path: Path) -> None:
     """Scan outputs kept beside the slides are not taken for slides; a TIFF that is no slide is a listed failure."""
     folder = tmp_path / "in"

@@ -14,13 +14,24 @@ p99 (target <= 100 ms), peak RSS and the largest rise caused by one request unde
 limit (target <= 300 MB), 5xx count (target 0), and 503s counted apart (documented
 backpressure, each must carry Retry-After).
 
-Run: python benchmarks/bench_hostile.py [--seconds 30]
+Issue 36 adds two attacks, each beside one steady client posting good /v1/predict requests one
+after another for ``--attack-seconds``: ``slow_upload`` (``--slow`` connections to
+/v1/predict/batch, each claiming 64 MB and sending a byte a second, reopened whenever the server
+closes one) and ``explain_flood`` (``--flood`` clients posting /v1/explain back to back). For
+each: the share of the good client's requests answered 200 and their p99 (aims: >= 0.99 and
+<= 2 s on 2 cores), and the rise of the server tree's RSS over its value before the attacks
+(aim <= 300 MB; the explain flood's rise includes the explainer built on first use).
+
+Run: python benchmarks/bench_hostile.py [--seconds 30] [--attack-seconds 20] [--attacks-only] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -157,10 +168,172 @@ def one_by_one(url: str, pid: int, good: bytes) -> list[tuple[str, int, float]]:
     return out
 
 
+class Steady(threading.Thread):
+    """One good client: /v1/predict with real patches, one after another, until stopped (bounded in count)."""
+
+    def __init__(self, url: str, patches: list[bytes], limit: int = 100_000) -> None:
+        super().__init__(daemon=True)
+        self.url, self.patches, self.limit = url, patches, limit
+        self.latencies: list[float] = []
+        self.statuses: Counter[int] = Counter()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=60) as c:
+            for k in range(self.limit):
+                if self._halt.is_set():
+                    break
+                t0 = time.perf_counter()
+                try:
+                    code = c.post(
+                        "/v1/predict", files={"file": ("p.tif", self.patches[k % len(self.patches)])}
+                    ).status_code
+                except httpx.HTTPError:
+                    code = 0
+                self.latencies.append(time.perf_counter() - t0)
+                self.statuses[code] += 1
+
+    def stop(self) -> dict[str, float]:
+        self._halt.set()
+        self.join(timeout=90)
+        n = sum(self.statuses.values())
+        return {
+            "good_ok_fraction": round(self.statuses.get(200, 0) / max(n, 1), 4),
+            "p99_ms": round(float(np.percentile(self.latencies, 99)) * 1000, 1) if self.latencies else float("nan"),
+            "requests": n,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+        }
+
+
+class SlowUploads(threading.Thread):
+    """``n`` connections claiming 64 MB each and sending a byte a second; a closed one is reopened."""
+
+    def __init__(self, port: int, n: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.n = port, n
+        self.closed_by_server = 0
+        self._halt = threading.Event()
+
+    def _open(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        head = (
+            "POST /v1/predict/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 64000000\r\n"
+            "Content-Type: multipart/form-data; boundary=XX\r\n\r\n"
+            '--XX\r\nContent-Disposition: form-data; name="files"; filename="a.tif"\r\nContent-Type: image/tiff\r\n\r\n'
+        )
+        s.sendall(head.encode())
+        return s
+
+    def run(self) -> None:
+        conns = [self._open() for _ in range(self.n)]
+        while not self._halt.wait(1.0):
+            for i, s in enumerate(conns):
+                try:
+                    s.sendall(b"x")
+                except OSError:
+                    self.closed_by_server += 1
+                    s.close()
+                    with contextlib.suppress(OSError):  # refused now: try again on the next tick
+                        conns[i] = self._open()
+        for s in conns:
+            s.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+
+
+class ExplainFlood(threading.Thread):
+    """``n`` clients posting /v1/explain back to back until stopped; counts statuses."""
+
+    def __init__(self, url: str, patch: bytes, n: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.patch, self.n = url, patch, n
+        self.statuses: Counter[int] = Counter()
+        self._halt = threading.Event()
+
+    def _client(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.url, timeout=90) as c:
+            for _ in range(10_000):
+                if self._halt.is_set():
+                    return
+                try:
+                    code = c.post("/v1/explain", files={"file": ("p.tif", self.patch)}).status_code
+                except httpx.HTTPError:
+                    code = 0
+                self.statuses[code] += 1
+                if code == 503:
+                    time.sleep(0.05)  # a flood, not a busy loop on this machine's 2 cores
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=120)
+
+
+def attack(url: str, pid: int, patches: list[bytes], seconds: float, attacker: threading.Thread) -> dict:
+    """The steady good client for ``seconds`` beside ``attacker``; its figures and the tree's peak RSS."""
+    peak, done = [tree_rss_mb(pid)], threading.Event()
+    watcher = threading.Thread(target=_watch_slow, args=(pid, peak, done), daemon=True)
+    watcher.start()
+    attacker.start()
+    time.sleep(1.0)  # the attack is under way before the good client starts
+    good = Steady(url, patches)
+    good.start()
+    time.sleep(seconds)
+    figures = good.stop()
+    attacker.stop()  # type: ignore[attr-defined]
+    done.set()
+    watcher.join()
+    figures["peak_rss_mb"] = round(max(peak), 1)
+    return figures
+
+
+def _watch_slow(pid: int, peak: list[float], done: threading.Event) -> None:
+    while not done.is_set() and len(peak) < 100_000:
+        peak.append(tree_rss_mb(pid))
+        time.sleep(0.05)
+
+
+def attacks(url: str, port: int, pid: int, patches: list[bytes], args: argparse.Namespace) -> dict:
+    """The two attacks of issue 36, one after the other; RSS growth over the tree's value before them."""
+    before = tree_rss_mb(pid)
+    slow = SlowUploads(port, args.slow)
+    out = {"slow_upload": attack(url, pid, patches, args.attack_seconds, slow)}
+    out["slow_upload"]["closed_by_server"] = slow.closed_by_server
+    flood = ExplainFlood(url, patches[0], args.flood)
+    out["explain_flood"] = attack(url, pid, patches, args.attack_seconds, flood)
+    out["explain_flood"]["explain_statuses"] = {str(k): v for k, v in sorted(flood.statuses.items())}
+    time.sleep(1.0)
+    after = tree_rss_mb(pid)
+    out["rss_mb"] = {
+        "before": round(before, 1),
+        "peak": round(max(out["slow_upload"]["peak_rss_mb"], out["explain_flood"]["peak_rss_mb"]), 1),
+        "after": round(after, 1),
+    }
+    out["rss_growth_mb"] = round(out["rss_mb"]["peak"] - before, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--n", type=int, default=256, help="Real patches the good clients post.")
+    ap.add_argument("--attack-seconds", type=float, default=20.0, help="Length of each issue-36 attack.")
+    ap.add_argument("--slow", type=int, default=16, help="Slow-upload connections.")
+    ap.add_argument("--flood", type=int, default=48, help="Explain-flood clients.")
+    ap.add_argument("--attacks-only", action="store_true", help="Only the issue-36 attacks (skip the corpus phases).")
+    ap.add_argument("--json", type=Path, default=None, help="Write the figures here.")
     args = ap.parse_args()
     hcd = shared_or_exit("hcd")
     print(f"{os.cpu_count()} CPU cores (other jobs may share them)")
@@ -176,12 +349,27 @@ def main() -> None:
         try:
             load(port, requests[:16], 4, 2.0)  # warm-up
             idle = tree_rss_mb(server.pid)
-            base = phase(url, port, server.pid, requests, args.seconds, None)
-            attacked = phase(url, port, server.pid, requests, args.seconds, good)
-            singles = one_by_one(url, server.pid, good)
+            new = attacks(url, port, server.pid, [p.read_bytes() for p in paths[:32]], args)
+            if not args.attacks_only:
+                base = phase(url, port, server.pid, requests, args.seconds, None)
+                attacked = phase(url, port, server.pid, requests, args.seconds, good)
+                singles = one_by_one(url, server.pid, good)
         finally:
             server.terminate()
             server.wait(timeout=30)
+    for name in ("slow_upload", "explain_flood"):
+        f = new[name]
+        print(
+            f"{name}: good client {f['good_ok_fraction']:.4f} answered 200 (aim >= 0.99), p99 {f['p99_ms']:.0f} ms "
+            f"(aim <= 2000) over {f['requests']} requests, statuses {f['statuses']}"
+        )
+    print(f"explain flood statuses: {new['explain_flood']['explain_statuses']}")
+    print(f"server tree RSS: {new['rss_mb']} -> growth {new['rss_growth_mb']:.0f} MB (aim <= 300)")
+    if args.json:
+        args.json.write_text(json.dumps(new, indent=2))
+        print(f"wrote {args.json}")
+    if args.attacks_only:
+        return
     h: Hostile = attacked["hostile"]
     for name, res in (("without", base), ("with", attacked)):
         s: Sampler = res["sampler"]

@@ -31,9 +31,9 @@ from histoscan.data.ingest import ingest
 from histoscan.inference.export import export_onnx
 from histoscan.inference.predict import predict_input, write_predictions
 from histoscan.inference.predictor import Predictor
+from histoscan.rules.tissue import check_images
 from histoscan.training.config import TrainConfig, resolve_config_path
 from histoscan.training.fit import train
-from histoscan.trust.tissue import check_images
 
 
 def backend_alone(predictor: Predictor, tensors: list[torch.Tensor]) -> float:

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import shared_or_exit
 from histoscan.data.ingest import ingest
 from histoscan.data.store import PatchStore
-from histoscan.evaluation.metrics import auroc
 from histoscan.inference.predictor import Predictor
+from histoscan.metrics import auroc
 from histoscan.runfolder import RunFolder
 from histoscan.training.config import TrainConfig, resolve_config_path
 from histoscan.training.cv import ENSEMBLE_DIR, OOF_FILE, fold_dir, train_folds

@@ -27,8 +27,8 @@ from histoscan.bundle import read_bundle
 from histoscan.data.ingest import ingest
 from histoscan.data.splits import split_store
 from histoscan.data.store import PatchStore
-from histoscan.evaluation.metrics import auroc, bootstrap_interval
 from histoscan.inference.predictor import Predictor
+from histoscan.metrics import auroc, bootstrap_interval
 from histoscan.runfolder import RunFolder
 from histoscan.training.config import TrainConfig, resolve_config_path
 from histoscan.training.fit import train

@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import shared_or_exit
-from histoscan.evaluation.metrics import auroc
 from histoscan.inference.predictor import Predictor
+from histoscan.metrics import auroc
 from histoscan.runfolder import RunFolder
 from histoscan.stain import augment
 from histoscan.stain.shift import shift_suite, shifted_probabilities

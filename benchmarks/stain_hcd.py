@@ -43,8 +43,8 @@ from _common import shared_or_exit
 from histoscan.data.ingest import ingest
 from histoscan.data.splits import split_store
 from histoscan.data.store import PatchStore
-from histoscan.evaluation.metrics import auroc
 from histoscan.inference.predictor import Predictor
+from histoscan.metrics import auroc
 from histoscan.runfolder import RunFolder
 from histoscan.stain.shift import shift_suite, shifted_probabilities
 from histoscan.training.config import TrainConfig, resolve_config_path

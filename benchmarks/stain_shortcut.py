@@ -45,7 +45,7 @@ from _common import shared_or_exit
 from histoscan.data.ingest import ingest
 from histoscan.data.splits import read_split
 from histoscan.data.store import META_FILE, PatchStore
-from histoscan.evaluation.metrics import auroc, bootstrap_interval
+from histoscan.metrics import auroc, bootstrap_interval
 from histoscan.stain.colour import optical_density
 from histoscan.stain.estimate import macenko, sample_pixels
 

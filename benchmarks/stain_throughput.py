@@ -26,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import shared_or_exit
 from histoscan.data.ingest import ingest
 from histoscan.data.store import PatchStore
-from histoscan.data.transforms import build_augmentation
 from histoscan.models import create_model
 from histoscan.preprocessing import Preprocessing
-from histoscan.stain.augment import STAIN_STRENGTHS, StainMatrixJitter
+from histoscan.stain.augment import STAIN_STRENGTHS, StainMatrixJitter, build_augmentation
 from histoscan.stain.groups import select_rows
 from histoscan.stain.normalise import StainNormaliser, fit_target
 from histoscan.training.config import resolve_config_path

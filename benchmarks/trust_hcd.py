@@ -26,10 +26,11 @@ from _common import shared_or_exit
 from histoscan.bundle import read_bundle
 from histoscan.data.imageio import read_image
 from histoscan.evaluation.evaluate import evaluate_run
+from histoscan.rules.referral import describe
+from histoscan.rules.tissue import check_images
 from histoscan.trust.calibrate import fit_run_referral
-from histoscan.trust.referral import describe
 from histoscan.trust.scoring import trust_lines
-from histoscan.trust.tissue import check_images, fit_run_tissue_check
+from histoscan.trust.tissue import fit_run_tissue_check
 
 
 def main() -> None:

@@ -22,9 +22,10 @@ from histoscan.inference.ensemble import make_ensemble
 from histoscan.inference.export import ExportError, export_onnx
 from histoscan.inference.fitting import fitting_predictions
 from histoscan.inference.predictor import Predictor
+from histoscan.inference.settings import PredictorSettings
 from histoscan.runfolder import RunFolder
 from histoscan.training.config import TrainConfig
-from histoscan.training.cv import CV_FILE, ENSEMBLE_DIR, OOF_FILE, fold_dir, train_folds
+from histoscan.training.cv import CV_FILE, ENSEMBLE_DIR, OOF_FILE, collect_folds, fold_dir, train_folds
 
 
 def _cfg(store: Path, out: Path, **kw: object) -> TrainConfig:
@@ -77,6 +78,7 @@ def test_folds_training_writes_oof_cv_json_and_an_ensemble(cv: Path, store: Path
     assert isinstance(bundle, EnsembleBundle) and bundle.fitted_on == "oof" and len(bundle.members) == 2
     doc = json.loads((cv / ENSEMBLE_DIR / "model.json").read_text())
     assert doc["kind"] == "ensemble" and doc["members"][0]["run"] == "../fold-0" and "oof" in doc["threshold_rule"]
+    assert "an approximation: single-member scores" in doc["threshold_rule"]  # no calibration rows: labelled
     # the ensemble scores only the test rows: every other row trained one of its members
     split = pd.read_csv(cv / ENSEMBLE_DIR / "split.csv")
     assert set(split["split"]) == {"train", "test"}
@@ -94,14 +96,31 @@ def test_one_fold_alone_then_collect_without_retraining(cv: Path, store: Path, t
     assert (tmp_path / "cv2" / "fold-1" / "best.safetensors").stat().st_mtime_ns == before
 
 
+def test_cv_predicts_out_of_fold_under_the_given_settings(cv: Path, tmp_path: Path) -> None:
+    """CV's out-of-fold scores run under PredictorSettings (device, TTA, batch size), as evaluate and calibrate do."""
+    for i in range(2):
+        shutil.copytree(fold_dir(cv, i), tmp_path / "cv" / f"fold-{i}")
+    settings = PredictorSettings(device="cpu", tta=False, batch_size=7)
+    summary = collect_folds(tmp_path / "cv", 2, ensemble=False, printer=lambda *_: None, settings=settings)
+    assert summary["tta"] is False and summary["device"] == "cpu"
+    oof = pd.read_csv(tmp_path / "cv" / OOF_FILE)
+    fold0 = oof[oof["fold"] == 0]
+    run = RunFolder(fold_dir(cv, 0))
+    part, _ = run.select_patches(run.data_store(), "val")
+    expected = Predictor(fold_dir(cv, 0), backend="torch").predict_store(part, [0]).probabilities[:, 1]
+    np.testing.assert_allclose(fold0.filter(like="prob_").to_numpy()[:, 1], expected, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_ensemble_of_different_members_is_the_weighted_mean(
     tiny_run: Path, cv: Path, store: Path, tmp_path: Path
 ) -> None:
     member = fold_dir(cv, 0)  # resize 24, no batch norm; tiny_run: resize 48, batch norm
     ens = tmp_path / "ens"
-    r = make_ensemble([tiny_run, member], ens, weights=[1.0, 3.0])
-    assert r.fitted_on == "validation" and "validation split" in r.threshold_source
+    with pytest.raises(ConfigError, match="no calibration rows"):  # not folds of one CV: no rows to fit a threshold on
+        make_ensemble([tiny_run, member], ens, weights=[1.0, 3.0])
+    r = make_ensemble([tiny_run, member], ens, weights=[1.0, 3.0], threshold_rule="none")
+    assert r.fitted_on == "validation" and r.threshold == 0.5
     images = PatchStore(store).batch(list(range(12)))
     a = Predictor(tiny_run, backend="torch").predict_batch(images).probabilities
     b = Predictor(member, backend="torch").predict_batch(images).probabilities
@@ -135,6 +154,7 @@ def test_consumers_take_an_ensemble(cv: Path, store: Path, kaggle_dir: Path, tmp
     assert res.exit_code == 0 and "chosen on the validation split" in res.output, res.output  # (its OOF predictions)
     res = r.invoke(app, ["calibrate", str(ens)])
     assert res.exit_code == 0 and "out-of-fold predictions of the 2 folds" in res.output, res.output
+    assert "an approximation" in res.output
     assert read_bundle(ens).temperature != 1.0 and read_bundle(tmp_path / "fold-0").temperature == 1.0
     res = r.invoke(app, ["compare", str(ens), str(tmp_path / "fold-0"), "--out", str(tmp_path / "board")])
     assert res.exit_code == 0 and "ens" in res.output, res.output
@@ -200,7 +220,7 @@ def test_ensemble_refuses_bad_members_naming_them(tiny_run: Path, cv: Path, tmp_
         make_ensemble([member, coarse], tmp_path / "e4")
     with pytest.raises(ConfigError, match=r"member .*ensemble is itself an ensemble"):
         make_ensemble([member, cv / ENSEMBLE_DIR], tmp_path / "e5")
-    with pytest.raises(ConfigError, match=r"--weights: 3 weights for 2 runs"):
+    with pytest.raises(ConfigError, match=r"--member-weights: 3 weights for 2 runs"):
         make_ensemble([member, fold_dir(cv, 1)], tmp_path / "e6", weights=[1, 1, 1])
     res = CliRunner().invoke(app, ["ensemble", str(member), str(tmp_path / "gone"), "--out", str(tmp_path / "e7")])
     assert res.exit_code == 2 and "gone: no such run folder" in res.output

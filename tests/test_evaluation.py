@@ -17,14 +17,14 @@ from histoscan.cli import app
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.evaluate import evaluate_run
 from histoscan.evaluation.leaderboard import build_leaderboard
-from histoscan.evaluation.metrics import (
+from histoscan.evaluation.report import write_evaluation
+from histoscan.metrics import (
     bootstrap_interval,
     compute_metrics,
     expected_calibration_error,
     threshold_for_sensitivity,
     youden_threshold,
 )
-from histoscan.evaluation.report import write_evaluation
 from tests.conftest import assert_images_load, headless_chrome
 
 

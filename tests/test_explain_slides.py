@@ -38,6 +38,6 @@ def test_explain_top_writes_overlays_of_the_most_suspicious_tiles(run: Path, tmp
 
 
 def test_explain_top_option_and_its_check() -> None:
-    assert "--explain-top" in CliRunner().invoke(app, ["slide", "--help"]).output
+    assert "--explain-top" in CliRunner().invoke(app, ["slide", "scan", "--help"]).output
     with pytest.raises(ConfigError, match="--explain-top"):
         ScanSettings(explain_top=-1)

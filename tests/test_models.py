@@ -9,7 +9,7 @@ import torch
 
 from histoscan.errors import ConfigError
 from histoscan.models import create_model, list_models
-from histoscan.models.registry import count_parameters
+from histoscan.models.factory import count_parameters
 
 TIMM_NAMES = ["resnet18", "resnet50", "densenet121", "densenet169", "efficientnet_b0", "vit_small_patch16_224"]
 HEAVY = {"custom_cnn", *TIMM_NAMES}  # seconds of forward and backward each on 2 CPU cores: slow tier

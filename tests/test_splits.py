@@ -141,3 +141,61 @@ def test_pcam_split_command_and_train_use_the_same_source_split(pcam_dir: Path, 
     assert list(written.parts["val"].ids) == list(trained_on["val"].ids)
     folds = read_split(written.folds_path, store, fold=0)
     assert all(i.startswith("test_") for i in store.ids[folds == "test"])  # the official test file stays test
+
+
+def test_calibration_rows_are_disjoint_stratified_and_grouped() -> None:
+    labels = np.array([0] * 700 + [1] * 300)
+    a = make_split(labels, val=0.1, test=0.2, seed=3, calibration=0.1)
+    for part, frac in (("train", 0.6), ("val", 0.1), ("test", 0.2), ("calibration", 0.1)):
+        sel = a == part
+        assert abs(sel.mean() - frac) < 0.01 and abs(labels[sel].mean() - 0.3) < 0.02
+    # without calibration rows the split is the one earlier versions made; with them the test rows stay
+    before = make_split(labels, val=0.1, test=0.2, seed=3)
+    assert (make_split(labels, val=0.1, test=0.2, seed=3, calibration=0.0) == before).all()
+    assert ((a == "test") == (before == "test")).all()
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 60, 2000).astype(str)
+    g = make_split((rng.random(2000) < 0.3).astype(int), groups, val=0.1, test=0.1, seed=0, calibration=0.1)
+    owners = [set(np.unique(g[groups == k])) for k in np.unique(groups)]
+    assert all(len(o) == 1 for o in owners)  # a patient sits in one part only
+    assert set(g) == {"train", "val", "test", "calibration"}
+    with pytest.raises(DataError, match=r"val=0.5, test=0.3, calibration=0.3 must be in \[0, 1\) and sum below 1"):
+        make_split(labels, val=0.5, test=0.3, calibration=0.3)
+
+
+@pytest.mark.slow  # imports the training stack (Lightning): about 10 s on the shared machine
+def test_calibration_rows_stay_out_of_every_fold_and_of_training(grouped_dir: Path, tmp_path: Path) -> None:
+    from histoscan.training.config import TrainConfig
+    from histoscan.training.fit import build_data
+
+    store = PatchStore(ingest(grouped_dir, tmp_path / "s", workers=1).store)
+    written = write_splits(store, val=0.2, test=0.2, seed=3, folds=3, calibration=0.2)
+    assert written.path.name == "seed3-val0.2-test0.2-cal0.2-grouped.csv" and written.folds_path is not None
+    cal = set(written.parts["calibration"].ids)
+    assert len(cal) > 0 and any("calibration rows" in line for line in written.lines())
+    assert set(written.parts["calibration"].labels) == {0, 1}  # stratified: both classes
+    folds = read_split(written.folds_path, store, fold=0)  # the raw file marks them calibration, not a fold number
+    assert set(store.ids[folds == "calibration"]) == cal
+    raw, _ = fold_assignment(store, 3, val=0.2, test=0.2, seed=3, calibration=0.2)
+    assert set(raw) == {"0", "1", "2", "test", "calibration"} and set(store.ids[raw == "calibration"]) == cal
+    for k in range(3):
+        assignment = read_split(written.folds_path, store, fold=k)
+        assert set(store.ids[assignment == "calibration"]) == cal
+        assert not cal & set(store.ids[(assignment == "train") | (assignment == "val")])
+    # 'histoscan train' with the same recipe (or the folds file) never sees them
+    cfg = TrainConfig(data=str(store.path), val=0.2, test=0.2, seed=3, calibration=0.2)
+    _, parts, path = build_data(cfg)
+    assert path == written.path and not cal & (set(parts["train"].ids) | set(parts["val"].ids))
+    cfg = TrainConfig(data=str(store.path), split_file=str(written.folds_path), fold=1)
+    _, parts, _ = build_data(cfg)
+    assert set(parts["calibration"].ids) == cal and not cal & (set(parts["train"].ids) | set(parts["val"].ids))
+
+
+def test_pcam_calibration_rows_come_from_its_train_part(pcam_dir: Path, tmp_path: Path) -> None:
+    store = PatchStore(ingest(pcam_dir, tmp_path / "s").store)
+    written = write_splits(store, calibration=0.1, seed=0)
+    assert written.source and written.path.name == "source-cal0.1-seed0.csv"
+    assert all(i.startswith("train_") for i in written.parts["calibration"].ids)
+    plain, _ = split_store(store)
+    assert list(written.parts["val"].ids) == list(plain["val"].ids)  # the official val and test parts stay
+    assert list(written.parts["test"].ids) == list(plain["test"].ids)

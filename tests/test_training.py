@@ -216,8 +216,8 @@ def test_config_bare_number_on_the_command_line_asks_for_a_unit(train_store: Pat
 def test_config_help_names_every_field_the_duration_unit_and_choices() -> None:
     res = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0
-    for field in dataclasses.fields(TrainConfig):
-        assert "--" + field.name.replace("_", "-") in res.output
+    for field in dataclasses.fields(TrainConfig):  # by the flag it declares (precision: --train-precision)
+        assert field.metadata.get("flags", "--" + field.name.replace("_", "-")).split("/")[0] in res.output
     assert "90s, 20m, 1h" in res.output and "adamw|adam|sgd" in res.output
     assert "seeds" not in res.output
 
@@ -313,8 +313,8 @@ def test_stain_augment_until_stops_re_staining_once_the_plan_passes_it() -> None
     """``stain_augment_until``: the stain preset until that fraction of the plan, then its base alone, for good."""
     import torch
 
-    from histoscan.data.transforms import build_augmentation
     from histoscan.preprocessing import Preprocessing
+    from histoscan.stain.augment import build_augmentation
     from histoscan.training.module import PatchClassifier
 
     cfg = TrainConfig(augment="stain-medium", stain_augment_until=0.8)

@@ -7,13 +7,11 @@ import pytest
 import torch
 
 from histoscan.data.transforms import (
-    AUGMENTATION_PRESETS,
     CentreSafeCrop,
     ColourJitter,
     HEDJitter,
     RandomApply,
     RandomDihedral,
-    build_augmentation,
     centre_crop,
     dihedral,
     dihedral_inverse,
@@ -21,6 +19,7 @@ from histoscan.data.transforms import (
     resize,
     to_float_nchw,
 )
+from histoscan.stain.augment import AUGMENTATION_PRESETS, build_augmentation
 
 
 def _marked_batch(n: int = 16, size: int = 96) -> torch.Tensor:
@@ -147,7 +146,7 @@ def test_matrix_noise_replaces_only_the_stain_vector_noise() -> None:
 
 def test_a_stain_preset_is_its_base_then_its_stain_ops() -> None:
     """``build_augmentation`` of a stain preset = its base (``restain=False``) followed by ``build_restain``."""
-    from histoscan.data.transforms import build_restain
+    from histoscan.stain.augment import build_restain
 
     x = torch.rand(5, 3, 24, 24)
     whole = build_augmentation("stain-medium", 1.5, matrix_noise=0.02)(x, torch.Generator().manual_seed(3))

@@ -22,9 +22,11 @@ from histoscan.errors import ConfigError, DataError
 from histoscan.inference.predict import predict_input
 from histoscan.inference.predictor import Predictor
 from histoscan.preprocessing import Preprocessing
+from histoscan.rules.referral import refer_mask
+from histoscan.rules.tissue import check_images, judge, tissue_features
 from histoscan.runfolder import parse_model
-from histoscan.trust.referral import fit_referral, refer_mask
-from histoscan.trust.tissue import check_images, fit_tissue_check, judge, tissue_features
+from histoscan.trust.referral import fit_referral
+from histoscan.trust.tissue import fit_tissue_check
 from tests.conftest import shared
 
 
@@ -104,7 +106,7 @@ def test_calibrate_fits_a_rule_the_predictor_applies_under_its_policy(run: Path,
     assert rule is not None and rule.tta == list(range(8))  # the binary model's default TTA, stored with the rule
     table = predict_input(Predictor(run, backend="torch"), kaggle_dir / "test")  # no TTA named: the rule's policy
     assert table.prediction.uncertainty is not None and table.prediction.answers is not None
-    from histoscan.trust.referral import refer_mask as mask
+    from histoscan.rules.referral import refer_mask as mask
 
     refer = mask(rule, table.prediction.probabilities, table.prediction.uncertainty)
     assert [a == "refer" for a in table.prediction.answers] == list(refer)  # flagged patches aside: none here

@@ -128,7 +128,7 @@ def test_geojson_vertices_match_the_cells_above_threshold(tmp_path: Path) -> Non
     assert poly.symmetric_difference(expected).area < 1e-6
     assert poly.bounds[2] == 1010  # clipped at the slide's right edge
     props = regions[0]["properties"]
-    assert props["classification"]["name"] == "tumor"
+    assert props["classification"] == {"name": "Tumor", "color": [200, 0, 0]}  # QuPath's class and colour
     assert props["measurements"]["area_um2"] == pytest.approx(expected.area, rel=1e-6)
     assert props["measurements"]["max_probability"] == pytest.approx(0.9)
     tile_objects = [

@@ -146,7 +146,8 @@ class EnsembleBundle(ModelBundle):
 
     @property
     def fitted_on(self) -> str:
-        """``oof`` (the members are the folds of one cross-validation) or ``validation``."""
+        """``calibration`` (its split's calibration rows), ``oof`` (the members are the folds of one
+        cross-validation: single-member out-of-fold scores) or ``validation`` (older ensembles)."""
         return self.document.fitted_on if self.document else "validation"
 
     def to_ensemble_document(self) -> EnsembleDocument:

@@ -15,10 +15,10 @@ from histoscan.evaluation.evaluate import choose_threshold, evaluate_run
 from histoscan.inference.export import export_onnx
 from histoscan.inference.predict import PredictionTable, predict_input, write_predictions, write_submission
 from histoscan.inference.predictor import Predictor
+from histoscan.rules.referral import describe
 from histoscan.training.config import TrainConfig, resolve_config_path
 from histoscan.training.fit import train
 from histoscan.trust.calibrate import fit_run_referral
-from histoscan.trust.referral import describe
 from histoscan.trust.scoring import trust_lines
 
 
@@ -41,6 +41,28 @@ class DemoResult:
     slide: Path | None = None
     examples: Path | None = None
     trust_lines: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """What ``histoscan demo`` prints at the end: the test scores, the trust lines, and where each output is."""
+        out = [
+            f"\nheld-out test split ({self.split_sizes['test']} patches): AUROC {self.test_auroc:.3f}, "
+            f"accuracy {self.test_accuracy:.3f}",
+            *self.trust_lines,
+        ]
+        for label, path in [
+            ("synthetic source (Kaggle layout)", self.source),
+            ("packed store", self.store),
+            ("data report", self.eda_report),
+            ("run folder (model bundle)", self.run),
+            ("evaluation report", self.eval_report),
+            ("ONNX model", self.onnx),
+            ("predictions", self.predictions),
+            ("Kaggle submission", self.submission),
+            ("slide scan (heatmap, GeoJSON)", self.slide),
+            ("examples: referred, not tissue", self.examples),
+        ]:
+            out.append(f"{label:34s} {path}")
+        return out
 
 
 def run_demo(

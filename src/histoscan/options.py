@@ -7,7 +7,10 @@ documented field into a Typer parameter: ``Literal`` fields become a choice of t
 settings a config file fills first, None: "not given"); ``given_values`` keeps only the values given.
 
 Optional field metadata besides ``help``: ``flags`` (the option's declaration, e.g. ``"--model-process/--in-process"``),
-``argument`` (a positional argument), ``metavar``, and ``cli: False`` (not on the command line, e.g. a secret).
+``argument`` (a positional argument; a list field takes one or more), ``multiple`` (a list field given by repeating
+the option, e.g. ``--stain-donor A --stain-donor B``), ``hidden`` (left out of ``--help``, e.g. a deprecated
+spelling), ``metavar``, and ``cli: False`` (not on the command line, e.g. a secret). ``Path`` fields reach the
+command as ``Path``.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 from histoscan.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
-_SCALARS: tuple[type, ...] = (bool, int, float, str)
+WORKERS_HELP = "Workers reading and decoding the inputs in parallel (default: one per core)."
+_SCALARS: tuple[type, ...] = (bool, int, float, str, Path)
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **meta: Any) -> Any:
@@ -36,14 +41,19 @@ def doc(text: str, default: Any = dataclasses.MISSING, **meta: Any) -> Any:
 class FieldType:
     """What a field's annotation says about the values it takes."""
 
-    scalar: type  # bool, int, float or str (anything else is given as str)
+    scalar: type  # bool, int, float, str or Path (anything else is given as str)
     choices: tuple[str, ...] = ()
     optional: bool = False
     structured: bool = False  # a list or mapping, given as YAML
 
 
-def field_type(hint: Any) -> FieldType:
-    """Classify an annotation: ``int | None``, ``Literal["a", "b"]``, ``dict[str, Any]``, ``str | Pruner``..."""
+def field_type(hint: Any, multiple: bool = False) -> FieldType:
+    """Classify an annotation: ``int | None``, ``Literal["a", "b"]``, ``dict[str, Any]``, ``str | Pruner``...
+
+    With ``multiple`` (a list given by repeating an option, or a list argument) a ``list[X]`` is classified as X.
+    """
+    if multiple and get_origin(hint) is list:
+        return field_type(get_args(hint)[0])
     args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
     optional = type(None) in args
     args = tuple(a for a in args if a is not type(None))
@@ -69,11 +79,16 @@ def _shown_default(f: dataclasses.Field[Any]) -> str | bool:
         value = f.default_factory()
     else:
         return False
+    return False if value in (None, "") or value == [] or value == {} else _shown_value(f, value)
+
+
+def _shown_value(f: dataclasses.Field[Any], value: Any) -> str:
+    """``value`` as ``--help`` shows a default (a bool as the flag that gives it)."""
     if isinstance(value, bool):
         flags = str(f.metadata.get("flags", "")).split("/")
         name = f.name.replace("_", "-")
         return (flags[0] if value else flags[-1]) if len(flags) == 2 else f"--{'' if value else 'no-'}{name}"
-    return False if value in (None, "") or value == [] or value == {} else str(value)
+    return str(value)
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
@@ -82,40 +97,69 @@ def _default(f: dataclasses.Field[Any]) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else ...
 
 
-def _parameter(f: dataclasses.Field[Any], kind: FieldType, defaults: bool) -> inspect.Parameter:
+def _is_list(hint: Any) -> bool:
+    """Whether an annotation is a list (``list[Path]``, ``list[float]``)."""
+    return get_origin(hint) is list
+
+
+def _parameter(f: dataclasses.Field[Any], hint: Any, defaults: bool, shown: Any = None) -> inspect.Parameter:
     import typer
 
     help_text: str = f.metadata["help"]
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    many = _is_list(hint) and bool(f.metadata.get("multiple") or f.metadata.get("argument"))
+    kind = field_type(hint, multiple=many)
+    scalar: Any = Literal[kind.choices] if kind.choices else kind.scalar  # Typer lists a Literal's values
+    if many:
+        scalar = list[scalar]
     if f.metadata.get("argument"):
         info: Any = typer.Argument(
-            ... if required else None, help=help_text, show_default=_shown_default(f), metavar=f.metadata.get("metavar")
+            ... if required else (_default(f) if defaults else None),
+            help=help_text,
+            show_default=True if defaults and not required and _default(f) is not None else _shown_default(f),
+            metavar=f.metadata.get("metavar"),
         )
-        annotation: Any = str if required else str | None
+        annotation: Any = scalar if required else scalar | None
         return inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=info, annotation=annotation)
     flag = "--" + f.name.replace("_", "-")
-    flags = f.metadata.get("flags", f"{flag}/--no-{flag[2:]}" if kind.scalar is bool else flag)
+    flags = f.metadata.get("flags", f"{flag}/--no-{flag[2:]}" if kind.scalar is bool and not many else flag)
     default = _default(f) if defaults and not kind.structured else None
     extra: dict[str, Any] = {"show_default": True if defaults and default is not None else _shown_default(f)}
-    scalar: Any = Literal[kind.choices] if kind.choices else kind.scalar  # Typer lists a Literal's values
+    if shown is not None:  # the command's own default of a shared option whose field default is None
+        extra["show_default"] = _shown_value(f, shown)
     if kind.structured:
         help_text += " YAML, e.g. '[1, 1.5]'."
         extra["metavar"] = "YAML"
     if "metavar" in f.metadata:
         extra["metavar"] = f.metadata["metavar"]
+    if f.metadata.get("hidden"):
+        extra["hidden"] = True
     info = typer.Option(... if required else default, flags, help=help_text, **extra)
     annotation = scalar if required else scalar | None
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
 
-def dataclass_options(cls: type, *, defaults: bool = True) -> list[inspect.Parameter]:
+def dataclass_options(
+    cls: type,
+    *,
+    defaults: bool = True,
+    only: Collection[str] | None = None,
+    shown: Mapping[str, Any] | None = None,
+) -> list[inspect.Parameter]:
     """One Typer parameter per documented field of ``cls`` (positional arguments first).
 
     With ``defaults=False`` every option defaults to None ("not given") and only shows the field's default
-    in ``--help``: for settings that a config file fills before the command line overrides it.
+    in ``--help``: for settings that a config file fills before the command line overrides it. ``only`` keeps
+    the named fields; ``shown`` gives the default ``--help`` shows for a field whose own default is None (a
+    shared option such as ``--batch-size`` whose default is each command's).
     """
     hints = get_type_hints(cls)
-    params = [_parameter(f, field_type(hints[f.name]), defaults) for f in documented_fields(cls)]
+    shown = shown or {}
+    params = [
+        _parameter(f, hints[f.name], defaults, shown.get(f.name))
+        for f in documented_fields(cls)
+        if only is None or f.name in only
+    ]
     return sorted(params, key=lambda p: p.kind != inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -138,11 +182,13 @@ def parse_yaml(text: str, name: str) -> Any:
 def given_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """The options the user gave (None means not given), with YAML-valued fields parsed."""
     hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     out = {}
     for name, value in values.items():
         if value is None:
             continue
-        out[name] = parse_yaml(value, name) if field_type(hints[name]).structured else value
+        many = fields[name].metadata.get("multiple") or fields[name].metadata.get("argument")
+        out[name] = parse_yaml(value, name) if field_type(hints[name], bool(many)).structured else value
     return out
 
 
@@ -156,3 +202,60 @@ def check_choices(obj: Any) -> None:
             continue  # an object (e.g. an Optuna pruner) where the field also takes one is the caller's choice
         if str(value) not in kind.choices:
             raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(kind.choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Deprecated:
+    """An old option spelling that still works until the next minor version: ``use`` is its new spelling
+    (None: the option does nothing and is dropped), ``note`` says why in a few words."""
+
+    use: str | None
+    note: str = ""
+
+    def message(self, old: str) -> str:
+        """The one warning line for ``old``."""
+        text = f"option {old} is deprecated: " + (f"use {self.use}" if self.use else "it does nothing")
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def _option_name(token: str) -> str:
+    return token.split("=", 1)[0] if token.startswith("--") else token
+
+
+def deprecated_args(
+    args: list[str], old: Mapping[str, Deprecated], warn: Callable[[str], None], flags: Collection[str] = ()
+) -> list[str]:
+    """``args`` with old option spellings replaced by new ones (``--old=v`` too), each old spelling warned about
+    once however often it is given; a dropped option is removed, with its value unless it is in ``flags``.
+    Arguments after ``--`` are left alone."""
+    out: list[str] = []
+    warned: set[str] = set()
+    rest = iter(args)
+    for token in rest:
+        if token == "--":
+            out += [token, *rest]
+            break
+        name = _option_name(token)
+        if name not in old:
+            out.append(token)
+            continue
+        if name not in warned:
+            warned.add(name)
+            warn(old[name].message(name))
+        new = old[name].use
+        if new is not None:
+            out.append(new + token[len(name) :])
+        elif "=" not in token and name not in flags:
+            next(rest, None)  # the dropped option's value
+    return out
+
+
+def misplaced_option(command: str, args: list[str], elsewhere: Mapping[str, str]) -> None:
+    """Raise ConfigError when the arguments of ``command`` hold an option of another command or mode
+    (``elsewhere``: option -> which command to use instead)."""
+    for token in args:
+        if token == "--":
+            return
+        name = _option_name(token)
+        if name in elsewhere:
+            raise ConfigError(f"{name} is not an option of 'histoscan {command}': {elsewhere[name]}")

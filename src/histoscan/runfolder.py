@@ -210,7 +210,7 @@ class ReferralRule(BaseModel):
 
 
 class TissueCheck(BaseModel):
-    """``trust.tissue_check``: the acceptance region of colour/texture statistics (``histoscan.trust.tissue``)."""
+    """``trust.tissue_check``: the acceptance region of colour/texture statistics (applied by ``histoscan.rules.tissue``, fitted by ``histoscan.trust.tissue``)."""
 
     model_config = _STRICT
     features: list[Name] = Field(min_length=1)
@@ -287,8 +287,10 @@ class EnsembleDocument(BaseModel):
     Each member keeps its own ``model.json`` (architecture, preprocessing, temperature); the ensemble adds
     how they are combined (``combine``: the weighted mean of the members' probabilities), its own threshold
     and temperature (applied to the averaged probabilities), and which predictions those were fitted on
-    (``fitted_on``: ``oof`` when the members are the folds of one cross-validation, else ``validation``,
-    the first member's validation split).
+    (``fitted_on``: ``calibration``, the calibration rows of its split that no member trained or validated on,
+    scored by the ensemble itself, ``fitted_rows`` of them; ``oof`` when the members are the folds of one
+    cross-validation without calibration rows, an approximation from single-member out-of-fold scores;
+    ``validation``, the first member's validation split, only in ensembles written before calibration rows).
     """
 
     model_config = _STRICT
@@ -300,7 +302,8 @@ class EnsembleDocument(BaseModel):
     combine: Literal["mean"] = "mean"
     threshold: Probability = 0.5
     threshold_rule: str | None = None  # how the threshold was chosen (e.g. "youden on oof"); None: the default 0.5
-    fitted_on: Literal["oof", "validation"] = "validation"
+    fitted_on: Literal["calibration", "oof", "validation"] = "validation"
+    fitted_rows: int | None = Field(default=None, ge=1)  # how many calibration rows (fitted_on: calibration)
     calibration: Calibration = Field(default_factory=Calibration)
     inference: InferencePolicy = Field(default_factory=InferencePolicy)
     trust: TrustPolicy = Field(default_factory=TrustPolicy)

@@ -30,8 +30,8 @@ from histoscan.data.splits import SPLIT_NAMES as SPLITS
 from histoscan.data.splits import split_store
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
-from histoscan.evaluation.metrics import compute_metrics
 from histoscan.evaluation.report import write_evaluation
+from histoscan.metrics import compute_metrics
 from histoscan.runfolder import RunFolder
 
 

@@ -36,6 +36,16 @@ class EdaResult:
     figures: dict[str, Path]
     seconds: float
 
+    def lines(self) -> list[str]:
+        """What ``histoscan eda`` prints: counts, quality checks, figures, and where the report is."""
+        q = self.summary["quality"]
+        return [
+            f"{self.summary['patches']:,} patches {self.summary['counts']}; blank {q['blank']}, dark {q['dark']}, "
+            f"blurry {q['blurry']}, duplicate groups {self.summary['duplicate_groups']}; {len(self.figures)} figures "
+            f"in {self.seconds:.1f} s",
+            f"report: {self.out / REPORT_HTML}",
+        ]
+
 
 def run_eda(
     store_path: str | Path,

@@ -16,16 +16,15 @@ from histoscan import __version__
 from histoscan.bundle import ModelBundle, read_bundle
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
-from histoscan.evaluation.metrics import compute_metrics, threshold_for_sensitivity, youden_threshold
 from histoscan.evaluation.report import write_evaluation
 from histoscan.inference.predictor import Prediction, Predictor, default_tta
+from histoscan.inference.settings import PredictorSettings
+from histoscan.metrics import THRESHOLD_RULES, compute_metrics, pick_threshold
+from histoscan.rules.answers import UNCHECKED, policy_views
+from histoscan.rules.tissue import OK
 from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
 from histoscan.stain.groups import stain_group_names
 from histoscan.stain.shift import Shift, shift_suite, stain_shift_report
-from histoscan.trust.answers import UNCHECKED, policy_views
-from histoscan.trust.tissue import OK
-
-THRESHOLD_RULES = ("youden", "sensitivity")
 
 
 @dataclass
@@ -37,6 +36,29 @@ class EvaluationResult:
     split: str
     store: Path
     saved_threshold: float | None = None
+
+    def lines(self, run_dir: str | Path, save_threshold: str | None = None) -> list[str]:
+        """What ``histoscan evaluate`` prints: the saved threshold, the headline metrics, trust and stain-shift
+        lines and where the report is."""
+        from histoscan.evaluation.report import headline
+        from histoscan.stain.shift import shift_lines
+        from histoscan.trust.scoring import trust_lines
+
+        out = []
+        if self.saved_threshold is not None:
+            out.append(
+                f"threshold {self.saved_threshold:.4f} ({save_threshold}, chosen on the validation split) saved in "
+                f"{Path(run_dir) / 'model.json'}"
+            )
+        out.append(f"{self.split} split of {self.store}:")
+        for k, v in headline(self.metrics).items():
+            out.append(f"  {k:20s} {v:.4f}" if isinstance(v, float) else f"  {k:20s} {v}")
+        if "trust" in self.metrics:
+            out += trust_lines(self.metrics["trust"])
+        if "stain_shift" in self.metrics:
+            out += shift_lines(self.metrics["stain_shift"])
+        out.append(f"report: {self.out / 'report.html'}")
+        return out
 
 
 def choose_threshold(predictor: Predictor, run_dir: Path, store_path: Path, rule: str, target: float) -> float:
@@ -50,16 +72,6 @@ def choose_threshold(predictor: Predictor, run_dir: Path, store_path: Path, rule
         raise ConfigError("a decision threshold applies to binary models; multi-class models predict the argmax")
     fit = fitting_predictions(run_dir, None, store_path)
     return pick_threshold(fit.labels, fit.probabilities[:, 1], rule, target, fit.source)
-
-
-def pick_threshold(labels: np.ndarray, scores: np.ndarray, rule: str, target: float = 0.95, source: str = "") -> float:
-    """The threshold rule every bundle's stored threshold uses: Youden's J, or the highest reaching ``target`` sensitivity."""
-    if rule not in THRESHOLD_RULES:
-        raise ConfigError(f"threshold rule {rule!r} is not one of {list(THRESHOLD_RULES)}")
-    if len(np.unique(labels)) < 2:
-        raise DataError(f"{source}: the validation predictions hold a single class; cannot choose a threshold")
-    chosen = youden_threshold(labels, scores) if rule == "youden" else threshold_for_sensitivity(labels, scores, target)
-    return float(chosen["threshold"])
 
 
 def evaluate_run(
@@ -77,6 +89,7 @@ def evaluate_run(
     seed: int = 0,
     stain_shift: bool = False,
     stain_donors: Sequence[str | Path] = (),
+    settings: PredictorSettings | None = None,
 ) -> EvaluationResult:
     """Score ``run_dir`` on ``split`` of ``data`` (default: the test split of the store it trained on).
 
@@ -86,7 +99,8 @@ def evaluate_run(
     written into ``model.json`` and the report uses it. ``stain_shift`` also scores the split under the
     stain-shift suite (``histoscan.stain.shift``; one re-staining shift per ``stain_donors`` entry). ``tta`` None
     is the model's default (``default_tta``: the 8 dihedral elements for binary patch models); the report says
-    which was used.
+    which was used. ``settings``: the device, precision and threads the model runs with (its ``backend`` and
+    ``batch_size``, when given, win over the arguments of those names).
     """
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
@@ -95,7 +109,7 @@ def evaluate_run(
     if not part.labelled or (part.labels < 0).any():
         raise DataError(f"{part.path}: the store has no labels; evaluation needs labelled patches")
     suite = shift_suite(stain_donors) if stain_shift else None  # a bad donor fails before any scoring
-    predictor = Predictor(run_dir, backend=backend, batch_size=batch_size)
+    predictor = (settings or PredictorSettings()).predictor(run_dir, backend=backend, batch_size=batch_size)
     saved = None
     if save_threshold:
         saved = choose_threshold(

@@ -253,3 +253,25 @@ def build_leaderboard(
     )
     comparable = len(set(zip(table["evaluated_on"], table["patches"]))) == 1
     return Leaderboard(table, metric, comparable, skipped)
+
+
+def compare_runs(
+    runs: Sequence[str | Path],
+    *,
+    metric: str = "auroc",
+    out: str | Path = "leaderboard",
+    select: bool = False,
+    evaluate_missing: bool = True,
+    printer: Callable[[str], None] = print,
+) -> tuple[Leaderboard, list[str]]:
+    """``histoscan compare``: the leaderboard of ``runs`` written to ``out`` (and, with ``select``, the best run
+    in ``out/selection.json``); returns the board and what happened, in lines (a warning first when the runs
+    were not scored on the same rows)."""
+    board = build_leaderboard(runs, metric, evaluate_missing, printer=printer)
+    lines = [] if board.comparable else [f"warning: {board.warning()}"]
+    paths = board.write(out)
+    lines.append(f"written: {', '.join(str(p) for p in paths.values())}")
+    if select:
+        sel = board.select(out)
+        lines.append(f"best: {sel['best_run']} - {sel['reason']}\nselection: {Path(out) / 'selection.json'}")
+    return board, lines

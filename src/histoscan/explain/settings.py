@@ -32,7 +32,9 @@ class ExplainSettings:
     target: str = doc(
         "Class whose evidence is mapped: tumour (the positive class), predicted, or a class name.", "tumour"
     )
-    tta: bool = doc("Average the maps of the 8 flips/rotations (each turned back) and the probabilities.", False)
+    tta: bool = doc(
+        "Average the maps of the 8 flips/rotations (each turned back) and the probabilities.", False, cli=False
+    )
     save_maps: bool = doc("Also write each raw map as maps/<id>.npy (float32, one scale across images).", False)
     scale: Scale = doc(
         "Colour scale of the pictures: global (one scale across images) or image (each its own max).", "global"
@@ -41,9 +43,9 @@ class ExplainSettings:
     ids: str | None = doc("Only these ids: comma-separated, or a file with one id per line.", None)
     labels: str | None = doc("An id,label CSV giving the true labels of image files (a store has its own).", None)
     layer: str | None = doc("A layer name to read instead of the architecture's default.", None)
-    device: str = doc("Torch device (cpu, cuda, mps).", "cpu")
-    batch_size: int = doc("Images per forward/backward pass.", 32)
-    workers: int | None = doc("Decoding threads for image folders (default: one per core).", None)
+    device: str = doc("Torch device (cpu, cuda, mps).", "cpu", cli=False)
+    batch_size: int = doc("Images per forward/backward pass.", 32, cli=False)
+    workers: int | None = doc("Workers reading and decoding the inputs in parallel (default: one per core).", None)
     gallery_limit: int = doc("Most pictures per group in explain.html (the most confident first).", 100)
     force: bool = doc("Write into an existing non-empty --out folder.", False)
 

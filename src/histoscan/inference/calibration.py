@@ -1,4 +1,5 @@
-"""Temperature scaling fitted on the validation split (an ensemble of folds: out-of-fold predictions), stored in
+"""Temperature scaling fitted on the rows ``fitting_predictions`` chooses (the calibration rows of the run's split,
+else its validation split; an ensemble of folds without calibration rows: out-of-fold predictions), stored in
 model.json, applied by the Predictor."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from histoscan.bundle import read_bundle
 from histoscan.inference.fitting import fitting_predictions
 from histoscan.inference.probabilities import logits_of, probabilities
+from histoscan.inference.settings import PredictorSettings
 
 
 @dataclass
@@ -59,7 +61,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def calibrate(
-    run_dir: str | Path, data: str | Path | None = None, tta: bool | Sequence[int] | None = None
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    tta: bool | Sequence[int] | None = None,
+    settings: PredictorSettings | None = None,
 ) -> CalibrationResult:
     """Fit the temperature on the predictions ``fitting_predictions`` chooses (the validation split, or an
     ensemble's out-of-fold predictions) and save it in model.json.
@@ -68,7 +73,7 @@ def calibrate(
     so calibrating twice changes nothing.
     """
     bundle = read_bundle(run_dir)
-    fitting = fitting_predictions(run_dir, tta, data)
+    fitting = fitting_predictions(run_dir, tta, data, settings)
     logits, labels = logits_of(fitting.probabilities), fitting.labels
     factor = fit_temperature(logits, labels)
     t = float(np.clip(bundle.temperature * factor, 0.05, 20.0))

@@ -2,7 +2,8 @@
 
 The bundle is a folder with ``model.json`` (``kind: ensemble``: the members, relative to the folder
 or copied into it, their weights, ``combine: mean`` of probabilities, a threshold and which
-predictions it was chosen on) and ``split.csv`` (which patches the ensemble may be scored on).
+predictions it was chosen on) and ``split.csv`` (which patches the ensemble may be scored on, and its
+calibration rows: the rows no member trained or validated on, where its threshold is fitted).
 Everything is checked here, once: a member that is missing, of another task, with other classes, at
 another resolution or image geometry, or an ensemble itself is one line naming it.
 """
@@ -19,12 +20,14 @@ import numpy as np
 import pandas as pd
 
 from histoscan import __version__
-from histoscan.bundle import ModelBundle, read_member
-from histoscan.data.splits import read_split
+from histoscan.bundle import ModelBundle, read_bundle, read_member
+from histoscan.data.splits import CALIBRATION, read_split
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
+from histoscan.inference.calibration_rows import RESPLIT, calibration_ids, check_unseen
 from histoscan.inference.fitting import fitting_predictions
 from histoscan.inference.predictor import default_tta
+from histoscan.metrics import pick_threshold
 from histoscan.runfolder import SPLIT_FILE, EnsembleDocument, EnsembleMember, RunFolder
 
 MEMBERS_DIR = "members"  # where --copy puts the members' run folders
@@ -61,11 +64,12 @@ def make_ensemble(
     """Write an ensemble of ``runs`` to ``out`` and choose its threshold (binary tasks).
 
     The threshold is chosen by ``threshold_rule`` (``youden``, ``sensitivity`` at 0.95, or ``none`` to keep
-    0.5) on out-of-fold predictions when the members are the folds of one cross-validation (from ``oof``,
-    an ``oof.csv`` of ``histoscan train --folds``, when given), else on the first member's validation split.
+    0.5) on the calibration rows of the members' split (``histoscan split --calibration``), scored by the
+    ensemble as deployed (every member, its default TTA); every member's split file must keep those rows
+    out of its training and validation rows. Without calibration rows, the folds of one cross-validation
+    fit on out-of-fold predictions (``oof``, an ``oof.csv`` of ``histoscan train --folds``, when given),
+    labelled an approximation; any other ensemble is refused unless ``threshold_rule`` is ``none``.
     """
-    from histoscan.evaluation.evaluate import pick_threshold
-
     if threshold_rule not in ("youden", "sensitivity", "none"):
         raise ConfigError(f"--threshold-rule {threshold_rule!r} is not one of youden, sensitivity, none")
     out = Path(out)
@@ -75,34 +79,47 @@ def make_ensemble(
     if len(dirs) < 2:
         raise ConfigError(f"an ensemble needs at least 2 runs, got {len(dirs)}")
     if weights is not None and len(weights) != len(dirs):
-        raise ConfigError(f"--weights: {len(weights)} weights for {len(dirs)} runs")
+        raise ConfigError(f"--member-weights: {len(weights)} weights for {len(dirs)} runs")
     if weights is not None and any(not (w > 0) for w in weights):
-        raise ConfigError(f"--weights must be positive numbers, got {list(weights)}")
+        raise ConfigError(f"--member-weights must be positive numbers, got {list(weights)}")
     bundles = [_member(d) for d in dirs]
     for d, b in zip(dirs[1:], bundles[1:]):
         check_compatible(dirs[0], bundles[0], d, b)
-    fitted_on = "oof" if folds_of_one_cv(dirs) else "validation"
-    if fitted_on == "validation":
+    cv = folds_of_one_cv(dirs)
+    if not cv:
         _check_same_test(dirs)
+    ids = set().union(*(calibration_ids(RunFolder(d).split_path) for d in dirs))
+    check_unseen(dirs, ids)  # no calibration row in any member's training or validation rows
+    fits = threshold_rule != "none" and bundles[0].task == "binary"
+    fitted_on = CALIBRATION if ids else ("oof" if cv else "validation")
+    if fitted_on == "validation" and fits:
+        raise ConfigError(
+            f"{RunFolder(dirs[0]).split_path}: these members are not the folds of one cross-validation and their "
+            "split has no calibration rows, so every row the ensemble could fit its threshold on trained or "
+            f"early-stopped a member; reserve some with '{RESPLIT}' and retrain the members on that split (or "
+            "pass --threshold-rule none to keep 0.5)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     RunFolder(out).onnx_path.unlink(missing_ok=True)  # a graph of the members this replaces would be stale
     members = _place(dirs, out, copy)
-    _write_split(dirs, out, fitted_on)
+    _write_split(dirs, out, cv, ids)
     doc = EnsembleDocument(
         members=[EnsembleMember(run=m, weight=float(w)) for m, w in zip(members, weights or [1.0] * len(dirs))],
         classes=list(bundles[0].classes),
         fitted_on=fitted_on,  # type: ignore[arg-type]
+        fitted_rows=len(ids) or None,
         histoscan_version=__version__,
     )
     RunFolder(out).write_model_json(doc)
     threshold, source = 0.5, "nothing (threshold rule none: the default 0.5)"
-    if threshold_rule != "none" and bundles[0].task == "binary":
-        if oof is not None:
+    if fits:
+        if oof is not None and not ids:
             scores, labels, source = _read_oof(Path(oof), bundles[0].classes)
         else:
             printer(f"choosing the threshold ({threshold_rule}) on the ensemble's {fitted_on} predictions ...")
-            fit = fitting_predictions(out, default_tta(bundles[0]))
+            fit = fitting_predictions(out, default_tta(read_bundle(out)))
             scores, labels, source = fit.probabilities[:, 1], fit.labels, fit.source
+            doc = doc.model_copy(update={"fitted_rows": len(labels) if ids else None})
         threshold = pick_threshold(labels, scores, threshold_rule, source=source)
         RunFolder(out).write_model_json(
             doc.model_copy(update={"threshold": threshold, "threshold_rule": f"{threshold_rule} on {source}"})
@@ -111,13 +128,13 @@ def make_ensemble(
 
 
 def parse_weights(text: str | None) -> list[float] | None:
-    """``--weights 1,1,2`` as numbers (None when not given)."""
+    """``--member-weights 1,1,2`` as numbers (None when not given)."""
     if text is None:
         return None
     try:
         return [float(w) for w in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--weights: {text!r} is not a comma-separated list of numbers") from None
+        raise ConfigError(f"--member-weights: {text!r} is not a comma-separated list of numbers") from None
 
 
 def _member(run: Path) -> ModelBundle:
@@ -171,13 +188,13 @@ def folds_of_one_cv(dirs: Sequence[Path]) -> bool:
     parts = _assignments(dirs)
     if parts is None:
         return False
-    test = parts[0][1] == "test"
+    test, reserved = parts[0][1] == "test", parts[0][1] == CALIBRATION
     seen = np.zeros(len(test), dtype=np.int64)
     for _, a in parts:
-        if not np.array_equal(a == "test", test):
+        if not (np.array_equal(a == "test", test) and np.array_equal(a == CALIBRATION, reserved)):
             return False
         seen += a == "val"
-    return bool(np.all(seen[~test] == 1))
+    return bool(np.all(seen[~test & ~reserved] == 1))
 
 
 def _check_same_test(dirs: Sequence[Path]) -> None:
@@ -209,15 +226,16 @@ def _place(dirs: Sequence[Path], out: Path, copy: bool) -> list[str]:
     return names
 
 
-def _write_split(dirs: Sequence[Path], out: Path, fitted_on: str) -> None:
+def _write_split(dirs: Sequence[Path], out: Path, cv: bool, calibration: set[str]) -> None:
     """The ensemble's split.csv: folds of one CV score only the test rows (every other row trained some member);
-    other members share the first member's split."""
+    other members share the first member's split. The calibration rows of any member are calibration here."""
     first = RunFolder(dirs[0]).split_path
     if not first.is_file():
         return
     frame = pd.read_csv(first, dtype=str, keep_default_na=False)
-    if fitted_on == "oof":
-        frame["split"] = np.where(frame["split"] == "test", "test", "train")
+    if cv:
+        frame["split"] = np.where(frame["split"].isin(["test", CALIBRATION]), frame["split"], "train")
+    frame.loc[frame["id"].isin(calibration), "split"] = CALIBRATION
     frame.to_csv(out / SPLIT_FILE, index=False)
 
 
@@ -233,4 +251,5 @@ def _read_oof(path: Path, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarra
     labels = frame["label"].map({c: i for i, c in enumerate(classes)})
     if labels.isna().any():
         raise DataError(f"{path}: label values other than {list(classes)}")
-    return frame[column].to_numpy(np.float64), labels.to_numpy(np.int64), f"the out-of-fold predictions in {path}"
+    source = f"the out-of-fold predictions in {path} (an approximation: single-member scores, no calibration rows)"
+    return frame[column].to_numpy(np.float64), labels.to_numpy(np.int64), source

@@ -1,11 +1,17 @@
 """Which predictions a bundle's fitted values (temperature, threshold, referral band) are fitted on.
 
-One rule for every fitted value: an ensemble whose members are the folds of one cross-validation
-(``fitted_on: oof``) is fitted on its out-of-fold predictions, each non-test patch predicted by the
-one member that did not train on it (its validation fold); every other run, single or ensemble, on
-its validation split (an ensemble's is its first member's). The validation split already chose each
-fold's best epoch, so the out-of-fold predictions are slightly optimistic, as a run's validation
-predictions are.
+One rule for every fitted value, in this order:
+
+1. The calibration rows of the bundle's split (``histoscan split --calibration``), when it has them:
+   rows no member trained or early-stopped on (checked against each member's split file), scored by
+   the bundle as deployed (an ensemble: the ensemble Predictor, every member, the TTA asked for).
+2. An ensemble whose members are the folds of one cross-validation (``fitted_on: oof``) without
+   calibration rows: its out-of-fold predictions, each non-test patch predicted by the one member that
+   did not train on it. An approximation: single-member scores stand in for the ensemble's mean, and
+   the validation fold already chose each fold's best epoch.
+3. A single run without calibration rows: its validation split (on which it early-stopped).
+
+Any other ensemble has no rows to fit on and is refused.
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ from typing import NamedTuple
 import numpy as np
 
 from histoscan.bundle import EnsembleBundle, read_bundle
+from histoscan.data.splits import CALIBRATION
 from histoscan.data.store import PatchStore
-from histoscan.errors import DataError
-from histoscan.inference.predictor import Predictor, parse_tta
+from histoscan.errors import ConfigError, DataError
+from histoscan.inference.calibration_rows import RESPLIT, calibration_ids, check_unseen
+from histoscan.inference.predictor import parse_tta
 from histoscan.inference.probabilities import logits_of, probabilities
+from histoscan.inference.settings import PredictorSettings
 from histoscan.runfolder import RunFolder
 
 
@@ -35,26 +44,55 @@ class FittingPredictions(NamedTuple):
 
 
 def fitting_predictions(
-    run_dir: str | Path, tta: bool | Sequence[int] | None = None, data: str | Path | None = None
+    run_dir: str | Path,
+    tta: bool | Sequence[int] | None = None,
+    data: str | Path | None = None,
+    settings: PredictorSettings | None = None,
 ) -> FittingPredictions:
     """The predictions ``run_dir``'s fitted values are chosen on (see the module text), under ``tta``.
 
-    ``data``: the store holding the validation patches (default: the store the run trained on).
-    Out-of-fold predictions come from single members, so their uncertainty is the TTA spread alone
-    (None without TTA); an ensemble's own uncertainty also spreads across members.
+    ``data``: the store holding the patches (default: the store the run trained on). Out-of-fold
+    predictions come from single members, so their uncertainty is the TTA spread alone (None without
+    TTA); an ensemble's own uncertainty also spreads across members. ``settings``: the device,
+    precision, ... the model runs with (default: the torch backend on the CPU).
     """
+    settings = settings or PredictorSettings()
     bundle = read_bundle(run_dir)
-    if isinstance(bundle, EnsembleBundle) and bundle.fitted_on == "oof":
-        return _out_of_fold(bundle, tta, data)
     run = RunFolder(run_dir)
+    ids = calibration_ids(run.split_path)
+    if ids:
+        if isinstance(bundle, EnsembleBundle):
+            check_unseen(bundle.member_dirs, ids)
+        part, _ = run.select_patches(run.data_store(data), CALIBRATION)
+        _check_labelled(part, "calibration")
+        pred = settings.predictor(run_dir, backend="torch").predict_store(part, tta)
+        scorer = (
+            f"scored by the ensemble of {len(bundle.member_dirs)} members as deployed"
+            if isinstance(bundle, EnsembleBundle)
+            else "scored by the model"
+        )
+        source = f"the {len(part)} calibration rows of {part.path} (no member trained or validated on them; {scorer})"
+        return FittingPredictions(pred.probabilities, part.labels, pred.uncertainty, source)
+    if isinstance(bundle, EnsembleBundle):
+        if bundle.fitted_on == "oof":
+            return _out_of_fold(bundle, tta, data, settings)
+        raise ConfigError(
+            f"{run.split_path}: ensemble {run_dir} has no calibration rows and its members are not the folds of one "
+            f"cross-validation, so every row it could fit on trained or early-stopped a member; reserve some with "
+            f"'{RESPLIT}', retrain the members on that split and write the ensemble again"
+        )
     part, _ = run.select_patches(run.data_store(data), "val")
     _check_labelled(part, "validation")
-    pred = Predictor(run_dir, backend="torch").predict_store(part, tta)
-    return FittingPredictions(pred.probabilities, part.labels, pred.uncertainty, f"the validation split of {part.path}")
+    pred = settings.predictor(run_dir, backend="torch").predict_store(part, tta)
+    source = (
+        f"the validation split of {part.path} (the split has no calibration rows, so these are the rows the run "
+        f"early-stopped on; '{RESPLIT}' reserves some)"
+    )
+    return FittingPredictions(pred.probabilities, part.labels, pred.uncertainty, source)
 
 
 def _out_of_fold(
-    bundle: EnsembleBundle, tta: bool | Sequence[int] | None, data: str | Path | None
+    bundle: EnsembleBundle, tta: bool | Sequence[int] | None, data: str | Path | None, settings: PredictorSettings
 ) -> FittingPredictions:
     """Each member (a fold) predicts its own validation fold; the ensemble's temperature applies on top."""
     probs, labels, spreads = [], [], []
@@ -64,7 +102,7 @@ def _out_of_fold(
         part, _ = run.select_patches(run.data_store(data), "val")
         _check_labelled(part, "out-of-fold")
         store = part.path
-        pred = Predictor(member, backend="torch").predict_store(part, tta)
+        pred = settings.predictor(member, backend="torch").predict_store(part, tta)
         probs.append(pred.probabilities)
         labels.append(part.labels)
         spreads.append(pred.uncertainty)
@@ -72,9 +110,11 @@ def _out_of_fold(
     if bundle.temperature != 1.0:
         p = probabilities(logits_of(p), bundle.temperature)
     unc = np.concatenate([s for s in spreads if s is not None]) if len(parse_tta(tta)) > 1 else None
-    return FittingPredictions(
-        p, np.concatenate(labels), unc, f"out-of-fold predictions of the {len(bundle.member_dirs)} folds of {store}"
+    source = (
+        f"out-of-fold predictions of the {len(bundle.member_dirs)} folds of {store} (an approximation: "
+        "single-member scores, not the ensemble's mean; no calibration rows)"
     )
+    return FittingPredictions(p, np.concatenate(labels), unc, source)
 
 
 def _check_labelled(part: PatchStore, what: str) -> None:

@@ -19,9 +19,10 @@ from histoscan.data.store import META_FILE as STORE_META
 from histoscan.data.store import PatchStore
 from histoscan.errors import DataError
 from histoscan.inference.inputs import Batch, input_batches
-from histoscan.inference.predictor import Prediction, Predictor
+from histoscan.inference.predictor import Prediction, Predictor, submission_tta
+from histoscan.inference.settings import PredictorSettings
+from histoscan.rules.answers import check_policy
 from histoscan.system import available_cores
-from histoscan.trust.answers import check_policy
 
 
 @dataclass
@@ -234,3 +235,37 @@ def write_submission(
 
     _atomic_write(target, write)
     return Path(out)
+
+
+def predict_files(
+    run: str | Path,
+    input: str | Path,
+    *,
+    out: str | Path = "predictions.csv",
+    submission: str | Path | None = None,
+    submission_out: str | Path = "submission.csv",
+    workers: int | None = None,
+    force: bool = False,
+    settings: PredictorSettings | None = None,
+    progress: Callable[[int], None] | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> list[str]:
+    """``histoscan predict``: predict every image of ``input`` with the bundle ``run`` and write the predictions
+    CSV (and a Kaggle submission in the order of the ``submission`` sample); returns what happened, in lines.
+
+    ``settings``: how the model runs; its ``tta`` None is ``submission_tta``'s choice. An existing ``out`` is
+    refused before any work unless ``force``.
+    """
+    settings = settings or PredictorSettings()
+    check_output(out, force, [input, run])  # before the work, not after it
+    predictor = settings.predictor(run)
+    tta = submission_tta(predictor, settings.tta, submission)
+    table = predict_input(predictor, input, tta=tta, workers=workers, progress=progress, notice=notice)
+    path, errors = write_predictions(table, out, force=force, inputs=[input, run])
+    lines = [f"{len(table.ids)} predictions ({predictor.backend.name} backend) written to {path}"]
+    if errors:
+        lines.append(f"[yellow]{len(table.failures)} unreadable inputs listed in {errors}[/]")
+    if submission:
+        written = write_submission(table, submission, submission_out, force=force, inputs=[input, run])
+        lines.append(f"submission written to {written}")
+    return lines

@@ -27,8 +27,8 @@ from histoscan.inference.backends import Backend, OnnxBackend, TorchBackend, res
 from histoscan.inference.inputs import store_input_batches
 from histoscan.inference.probabilities import logits_of, probabilities
 from histoscan.preprocessing import Groups
-from histoscan.trust.answers import UNCHECKED, answer_images
-from histoscan.trust.tissue import check_images
+from histoscan.rules.answers import UNCHECKED, answer_images
+from histoscan.rules.tissue import check_images
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,8 +16,10 @@ from histoscan import __version__
 from histoscan.bundle import read_bundle
 from histoscan.inference.predictor import Predictor
 from histoscan.serving import page, routes_explain, routes_health, routes_predict
-from histoscan.serving.batcher import MicroBatcher, Overloaded
-from histoscan.serving.guard import RequestGuard, request_id
+from histoscan.serving.admission import Admission, Overloaded
+from histoscan.serving.batcher import MicroBatcher
+from histoscan.serving.guard import RequestGuard, UploadBudget, request_id
+from histoscan.serving.metrics import ServeMetrics
 from histoscan.serving.model_process import ModelProcess, ModelRunner, ModelThread, ModelUnavailable
 from histoscan.serving.state import ServeSettings, ServeState
 from histoscan.serving.uploads import UploadError
@@ -27,16 +30,22 @@ log = logging.getLogger("histoscan.serve")
 def create_app(settings: ServeSettings) -> FastAPI:
     """An app serving ``settings.run_dir``, behind the RequestGuard; nothing is loaded until the server starts."""
 
+    budget = UploadBudget(int(settings.max_inflight_mb * 1_000_000), settings.max_client_share)
+    metrics = ServeMetrics(budget)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = load_model_runner(settings)
         await model.start()
+        s = settings
+        admission = Admission({"predict": s.max_queue, "explain": s.max_explain_queue, "preview": s.max_previews})
         batcher = MicroBatcher(
-            model, settings.max_batch, settings.max_wait_ms, settings.max_in_flight, settings.max_queue
+            model, s.max_batch, s.max_wait_ms, s.max_in_flight, s.max_queue, admission, s.model_timeout_s
         )
         await batcher.start()
         state = ServeState(settings, read_bundle(settings.run_dir), model, batcher)
         app.state.histoscan = state
+        metrics.admission = admission
         try:
             yield
         finally:
@@ -44,6 +53,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             await model.stop()
             state.pool.close()
             app.state.histoscan = None
+            metrics.admission = None
 
     app = FastAPI(
         title="histoscan",
@@ -53,6 +63,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.histoscan = None
+    app.state.metrics = metrics
     app.include_router(routes_health.router)
     app.include_router(routes_predict.router)
     app.include_router(routes_explain.router)
@@ -87,8 +98,27 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         return server_error(request, 500, "internal error", exc)
 
-    app.add_middleware(RequestGuard, settings=settings)
+    app.add_middleware(RequestGuard, settings=settings, budget=budget, metrics=metrics)
+    describe_model_in_openapi(app)
     return app
+
+
+def describe_model_in_openapi(app: FastAPI) -> None:
+    """Once the model is loaded, the OpenAPI lists its own choices (explain's targets are its class names)."""
+    generic = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = generic()
+        state = app.state.histoscan
+        if state is None:
+            app.openapi_schema = None  # not loaded yet: describe the model once it is
+        else:
+            routes_explain.describe_targets(spec, list(state.bundle.classes))
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def server_error(
@@ -111,4 +141,4 @@ def load_model_runner(settings: ServeSettings) -> ModelRunner:
     if settings.model_process:
         return ModelProcess.from_settings(settings)
     predictor = Predictor(settings.run_dir, backend=settings.backend, device=settings.device, threads=settings.threads)
-    return ModelThread(predictor, settings.model_timeout_s)
+    return ModelThread(predictor, settings.model_timeout_s, settings.explain_warm)

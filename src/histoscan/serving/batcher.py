@@ -1,28 +1,24 @@
-"""Gather concurrent single-image requests into batches for the model."""
+"""Gather concurrent single-image requests into batches for the model; explanations wait behind them."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from histoscan.inference.predictor import Prediction
-from histoscan.serving.model_process import ModelRunner
+from histoscan.serving.admission import Admission, Overloaded
+from histoscan.serving.model_process import ExplainAnswer, ModelRunner, ModelUnavailable
+
+__all__ = ["MicroBatcher", "Overloaded"]
 
 Result = tuple[
     np.ndarray, int, "float | None", "str | None", "str | None"
 ]  # probs, class, uncertainty, answer, quality
-
-
-class Overloaded(RuntimeError):
-    """The queue for the model is full: the client should retry after ``retry_after`` seconds (503)."""
-
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -30,6 +26,15 @@ class _Item:
     image: np.ndarray
     tta: bool | None
     future: asyncio.Future[Result]
+
+
+@dataclass
+class _Explain:
+    image: np.ndarray
+    method: str
+    target: str
+    tta: bool
+    future: asyncio.Future[ExplainAnswer]
 
 
 class MicroBatcher:
@@ -41,6 +46,11 @@ class MicroBatcher:
     ``max_wait_ms`` > 0 a batch smaller than ``max_batch`` waits that long for company first.
     At most ``max_queue`` images wait (single requests and batch requests together); beyond
     that a request is refused at once with Overloaded instead of the queue growing.
+
+    Explanations go through the same dispatcher but yield to predictions: one is sent to the
+    model only when no prediction is waiting, and at most one is with the model at a time, so
+    a flood of explanations delays a prediction by one explanation at most. Every wait for an
+    answer (queue and model together) is bounded by ``timeout_s`` (ModelUnavailable, a 503).
     """
 
     def __init__(
@@ -50,6 +60,8 @@ class MicroBatcher:
         max_wait_ms: float = 0.0,
         max_in_flight: int = 2,
         max_queue: int = 512,
+        admission: Admission | None = None,
+        timeout_s: float = 30.0,
     ) -> None:
         if max_batch < 1 or max_wait_ms < 0 or max_in_flight < 1 or max_queue < 1:
             raise ValueError(
@@ -57,9 +69,12 @@ class MicroBatcher:
                 f"{max_batch}, {max_wait_ms}, {max_in_flight}, {max_queue}"
             )
         self.model, self.max_batch, self.max_wait = model, max_batch, max_wait_ms / 1000.0
-        self.max_in_flight, self.max_queue = max_in_flight, max_queue
-        self.queued = 0  # images waiting for or with the model
+        self.max_in_flight, self.max_queue, self.timeout_s = max_in_flight, max_queue, timeout_s
+        self.admission = admission or Admission({"predict": max_queue, "explain": 2, "preview": 8})
         self._pending: deque[_Item] = deque()
+        self._explains: deque[_Explain] = deque()
+        self._explaining = False  # an explanation is with the model
+        self._changed = asyncio.Event()
         self._slots: asyncio.Semaphore | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -73,47 +88,89 @@ class MicroBatcher:
                 task.cancel()
         self._dispatcher = None
 
+    @property
+    def queued(self) -> int:
+        """Images waiting for or with the model."""
+        return self.admission.used["predict"]
+
     async def predict(self, image: np.ndarray, tta: bool | None = None) -> Result:
         """Probabilities, predicted class, uncertainty (with several views), answer and quality flag for one image."""
         if self._slots is None:
             raise RuntimeError("MicroBatcher.start() was not called")
-        self._admit(1)
-        try:
+        with self.admission.slot("predict"):
             future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
             self._pending.append(_Item(image, tta, future))
-            if self._dispatcher is None or self._dispatcher.done():
-                self._dispatcher = asyncio.create_task(self._dispatch())
-            return await future
-        finally:
-            self.queued -= 1
+            self._wake()
+            return await self._answer(future)
 
     async def predict_many(self, images: Sequence[np.ndarray], tta: bool | None = None) -> Prediction:
         """A whole batch request goes straight to the model (it is a batch already)."""
-        self._admit(len(images))
-        try:
+        with self.admission.slot("predict", len(images)):
             return await self.model.predict(images, tta)
-        finally:
-            self.queued -= len(images)
 
-    def _admit(self, n: int) -> None:
-        if self.queued + n > self.max_queue:
-            raise Overloaded(f"server busy: {self.queued} images are waiting for the model (limit {self.max_queue})")
-        self.queued += n
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+        """Grad-CAM of one image, sent to the model when no prediction waits (admit it with kind "explain" first)."""
+        if self._slots is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
+        future: asyncio.Future[ExplainAnswer] = asyncio.get_running_loop().create_future()
+        self._explains.append(_Explain(image, method, target, tta, future))
+        self._wake()
+        return await self._answer(future)
+
+    async def _answer(self, future: asyncio.Future[Any]) -> Any:
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)  # a timeout cancels it: the dispatcher skips it
+        except asyncio.TimeoutError:
+            raise ModelUnavailable(f"the model did not answer within {self.timeout_s:g} s") from None
+
+    def _wake(self) -> None:
+        self._changed.set()
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.create_task(self._dispatch())
 
     async def _dispatch(self) -> None:
         assert self._slots is not None
-        while self._pending:
+        while self._pending or self._explains:
             await self._slots.acquire()
-            if self.max_wait > 0 and len(self._pending) < self.max_batch:
+            if self.max_wait > 0 and 0 < len(self._pending) < self.max_batch:
                 await asyncio.sleep(self.max_wait)
-            items = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
-            items = [it for it in items if not it.future.done()]  # clients that went away
-            if not items:
+            if self._pending:
+                items = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+                items = [it for it in items if not it.future.done()]  # clients that went away
+                if not items:
+                    self._slots.release()
+                    continue
+                self._spawn(self._run(items))
+            elif self._explains and not self._explaining:
+                job = self._explains.popleft()
+                if job.future.done():
+                    self._slots.release()
+                    continue
+                self._explaining = True
+                self._spawn(self._run_explain(job))
+            else:  # only explanations wait, and one is with the model: wait for it or for a prediction
                 self._slots.release()
-                continue
-            task = asyncio.create_task(self._run(items))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+                self._changed.clear()
+                await self._changed.wait()
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(job)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run_explain(self, job: _Explain) -> None:
+        assert self._slots is not None
+        try:
+            got = await self.model.explain(job.image, job.method, job.target, job.tta)
+            if not job.future.done():
+                job.future.set_result(got)
+        except Exception as exc:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        finally:
+            self._explaining = False
+            self._slots.release()
+            self._changed.set()
 
     async def _run(self, items: list[_Item]) -> None:
         assert self._slots is not None

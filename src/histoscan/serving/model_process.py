@@ -7,8 +7,10 @@ took 6.2 ms alone and 70 ms beside a busy Python thread. In its own process the 
 at its own speed, and the server talks to it over a pipe.
 
 Protocol (stdin / stdout of the child), both ways: a 12-byte header ``<IQ`` (JSON length,
-data length), the JSON, then raw array bytes. The child answers jobs in the order they came,
-so the parent may send the next batch while one is running.
+data length), the JSON, then raw array bytes. The child answers predictions in the order they
+came, so the parent may send the next batch while one is running. Explanations run in a thread
+of their own in the child (one at a time, answered in their order, marked ``"op": "explain"``),
+so a slow explanation, or the explainer being built, never holds a prediction up.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -26,6 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
@@ -55,6 +59,9 @@ class ModelRunner(Protocol):
 
     @property
     def alive(self) -> bool: ...
+
+    @property
+    def explainer_ready(self) -> bool: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -110,6 +117,7 @@ def pack_explanation(answer: ExplainAnswer) -> bytes:
     h, w = answer.map.shape
     meta = {
         "ok": True,
+        "op": "explain",
         "c": int(probs.shape[0]),
         "h": h,
         "w": w,
@@ -135,14 +143,32 @@ def explain_one(
     target: str,
     tta: bool,
 ) -> ExplainAnswer:
-    """Explain one image with a cached Explainer per (method, target) (built on first use: it loads the weights)."""
-    from histoscan.explain import Explainer
+    """Explain one image with the cached Explainer (built on first use: it loads the weights).
 
+    At most one Explainer is kept: asking for another method or target drops the old one
+    first, so the memory explanations hold is bounded by one explainer (its footprint is
+    measured in docs/incoming/36.md).
+    """
     key = (method, target)
     if key not in explainers:
-        explainers[key] = Explainer(run_dir, method=method, target=target, device=device, batch_size=1)
+        explainers.clear()
+        gc.collect()
+        warm_explainer(explainers, run_dir, device, method, target)
     e = explainers[key].explain_batch([image], tta)
     return ExplainAnswer(e.probabilities[0], int(e.predicted[0]), e.maps[0], e.targets[0])
+
+
+def warm_explainer(
+    explainers: dict[tuple[str, str], Explainer],
+    run_dir: str,
+    device: str,
+    method: str = "gradcam",
+    target: str = "tumour",
+) -> None:
+    """Build the Explainer for ``(method, target)`` now (the page's default: Grad-CAM of the tumour class)."""
+    from histoscan.explain import Explainer
+
+    explainers[(method, target)] = Explainer(run_dir, method=method, target=target, device=device, batch_size=1)
 
 
 def pack_prediction(pred: Prediction) -> bytes:
@@ -210,6 +236,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--backend", required=True)
     ap.add_argument("--device", required=True)
     ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--explain-warm", action="store_true")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the server, which closes our stdin
     # the protocol owns the original stdout; anything printed by libraries goes to stderr
@@ -224,32 +251,44 @@ def child_main(argv: Sequence[str] | None = None) -> int:
             # torch only preprocesses here: one thread keeps its OpenMP workers from spinning
             # against ONNX Runtime's (a batch of 16: 1,975 -> 2,553 img/s on 2 cores)
             torch.set_num_threads(1)
+        explainers: dict[tuple[str, str], Explainer] = {}
+        if args.explain_warm:
+            warm_explainer(explainers, args.run_dir, args.device)
     except Exception as exc:
         out.write(frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
         return 1
     out.write(frame({"ok": True, "backend": predictor.backend.name}))
-    explainers: dict[tuple[str, str], Explainer] = {}
     threading.Thread(target=out.beat, args=(HEARTBEAT_S,), daemon=True, name="heartbeat").start()
+    explaining = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
+
+    def explain(meta: dict[str, Any], image: np.ndarray, tta: bool) -> None:
+        try:
+            got = explain_one(explainers, args.run_dir, args.device, image, meta["method"], meta["target"], tta)
+            out.write(pack_explanation(got))
+        except Exception as exc:
+            out.write(frame({"ok": False, "op": "explain", "error": f"{type(exc).__name__}: {exc}"}))
+
     while True:
         header = _read_exact(inp, _HEADER.size)
         if header is None:
+            explaining.shutdown(wait=False, cancel_futures=True)
             return 0
         meta_len, data_len = _HEADER.unpack(header)
         body = _read_exact(inp, meta_len + data_len)
         if body is None:
+            explaining.shutdown(wait=False, cancel_futures=True)
             return 0
+        meta: dict[str, Any] = {}
         try:
             meta = json.loads(body[:meta_len])
             images, tta = unpack_job(meta, body[meta_len:])
             if meta.get("op") == "explain":
-                answer = explain_one(
-                    explainers, args.run_dir, args.device, images[0], meta["method"], meta["target"], bool(tta)
-                )
-                reply = pack_explanation(answer)
-            else:
-                reply = pack_prediction(predictor.predict_batch(images, tta))
+                explaining.submit(explain, meta, images[0].copy(), bool(tta))
+                continue
+            reply = pack_prediction(predictor.predict_batch(images, tta))
         except Exception as exc:
-            reply = frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            op = {"op": "explain"} if meta.get("op") == "explain" else {}
+            reply = frame({"ok": False, **op, "error": f"{type(exc).__name__}: {exc}"})
         out.write(reply)
 
 
@@ -275,12 +314,17 @@ class ModelProcess:
     heartbeat_timeout_s: float
     backoff_s: float
     start_timeout_s: float = 120.0
+    explain_warm: bool = False
 
     def __post_init__(self) -> None:
         self.backend = self.backend_choice
         self.starts = 0  # child processes launched (tests and /ready read it)
         self._proc: asyncio.subprocess.Process | None = None
-        self._waiting: deque[tuple[asyncio.Future[Any], Callable[[dict[str, Any], bytes], Any]]] = deque()
+        # answers come back in order within each lane: predictions, and explanations (their own thread)
+        self._waiting: dict[str, deque[tuple[asyncio.Future[Any], Callable[[dict[str, Any], bytes], Any]]]] = {
+            "predict": deque(),
+            "explain": deque(),
+        }
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -288,13 +332,21 @@ class ModelProcess:
         self._failures = 0
         self._retry_at = 0.0
         self._problem: str | None = None
+        self.explainer_ready = False  # an explainer is built in the child (warm, or after a first explanation)
 
     @classmethod
     def from_settings(cls, settings: ServeSettings) -> ModelProcess:
         """The model process ``histoscan serve`` runs with these settings (the one place its options are read)."""
         s = settings
         return cls(
-            s.run_dir, s.backend, s.device, s.threads, s.model_timeout_s, s.heartbeat_timeout_s, s.restart_backoff_s
+            s.run_dir,
+            s.backend,
+            s.device,
+            s.threads,
+            s.model_timeout_s,
+            s.heartbeat_timeout_s,
+            s.restart_backoff_s,
+            explain_warm=s.explain_warm,
         )
 
     @property
@@ -332,6 +384,7 @@ class ModelProcess:
             self.device,
             "--threads",
             str(self.threads or 0),
+            *(["--explain-warm"] if self.explain_warm else []),
         ]
         self.starts += 1
         self._proc = await asyncio.create_subprocess_exec(
@@ -350,6 +403,7 @@ class ModelProcess:
             log.error("the model process could not load %s: %s", self.run_dir, meta.get("error"))
             raise ModelUnavailable("the model could not be loaded")
         self.backend = str(meta["backend"])
+        self.explainer_ready = self.explain_warm
         self._failures, self._retry_at, self._problem = 0, 0.0, None
         self._last_beat = time.monotonic()
         self._reader = asyncio.create_task(self._read_answers())
@@ -414,21 +468,23 @@ class ModelProcess:
 
     async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction:
         """Send one job; the answer comes back in order (ModelUnavailable after ``timeout_s``)."""
-        result: Prediction = await self._send(pack_job(images, tta), unpack_prediction)
+        result: Prediction = await self._send(pack_job(images, tta), unpack_prediction, "predict")
         return result
 
     async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
         """Grad-CAM of one image, computed in the model process (never on the server's event loop)."""
-        result: ExplainAnswer = await self._send(pack_explain_job(image, method, target, tta), unpack_explanation)
+        job = pack_explain_job(image, method, target, tta)
+        result: ExplainAnswer = await self._send(job, unpack_explanation, "explain")
+        self.explainer_ready = (method, target) == ("gradcam", "tumour")
         return result
 
-    async def _send(self, message: bytes, unpack: Callable[[dict[str, Any], bytes], Any]) -> Any:
+    async def _send(self, message: bytes, unpack: Callable[[dict[str, Any], bytes], Any], lane: str) -> Any:
         await self._ensure_running()
         async with self._lock:  # one writer at a time
             if self._proc is None or self._proc.stdin is None:
                 raise ModelUnavailable("the model process is restarting")
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._waiting.append((future, unpack))
+            self._waiting[lane].append((future, unpack))
             self._proc.stdin.write(message)
             try:
                 await self._proc.stdin.drain()
@@ -455,7 +511,7 @@ class ModelProcess:
             while True:
                 meta, data = await self._read_message()
                 self._last_beat = time.monotonic()
-                future, unpack = self._waiting.popleft()
+                future, unpack = self._waiting["explain" if meta.get("op") == "explain" else "predict"].popleft()
                 if future.done():
                     continue
                 if meta.get("ok"):
@@ -468,8 +524,10 @@ class ModelProcess:
             self._fail_waiting(ModelUnavailable("the model process exited"))
 
     def _fail_waiting(self, exc: BaseException) -> None:
-        while self._waiting:
-            future, _ = self._waiting.popleft()
+        waiting = [w for lane in self._waiting.values() for w in lane]
+        for lane in self._waiting.values():
+            lane.clear()
+        for future, _ in waiting:
             if not future.done():
                 future.set_exception(exc)
 
@@ -477,10 +535,15 @@ class ModelProcess:
 class ModelThread:
     """The model in a worker thread of this process: no start-up cost (used by tests and embedding)."""
 
-    def __init__(self, predictor: Predictor, timeout_s: float = 30.0) -> None:
-        self.predictor, self.timeout_s = predictor, timeout_s
+    def __init__(self, predictor: Predictor, timeout_s: float = 30.0, explain_warm: bool = False) -> None:
+        self.predictor, self.timeout_s, self.explain_warm = predictor, timeout_s, explain_warm
         self.backend = predictor.backend.name
         self._explainers: dict[tuple[str, str], Explainer] = {}
+
+    @property
+    def explainer_ready(self) -> bool:
+        """The page's default explainer (Grad-CAM of the tumour class) is built."""
+        return ("gradcam", "tumour") in self._explainers
 
     @property
     def alive(self) -> bool:
@@ -490,7 +553,9 @@ class ModelThread:
         return {"ready": True}
 
     async def start(self) -> None:
-        return None
+        if self.explain_warm:
+            run_dir, device = str(self.predictor.run_dir), str(self.predictor.device)
+            await asyncio.to_thread(warm_explainer, self._explainers, run_dir, device)
 
     async def stop(self) -> None:
         return None

@@ -1,9 +1,14 @@
 """GET /: a small page to try the model in a browser (plain HTML and JavaScript, no build step).
 
 Every upload is shown as a picture: the browser's own decoding where it can, else (TIFF, the
-Kaggle format, which browsers do not display) a PNG preview from ``/v1/preview``. After a
-prediction the card shows the answer (the class, or ``refer`` / ``not tissue`` / ``out of
-distribution`` in amber), the model's class, the uncertainty and the tissue check's flag; "Why?" asks ``/v1/explain`` for the Grad-CAM overlay and shows it beside the patch.
+Kaggle format, which browsers do not display) a PNG preview from ``/v1/preview``. Cards come in
+upload order. After a prediction the card shows P(tumour) as the bar (the model's probability of
+the tumour class, whatever class it predicts), with the answer (the class, or ``refer`` / ``not
+tissue`` / ``out of distribution`` in amber) and the model's class beside it, the uncertainty and
+the tissue check's flag. "Why?" asks ``/v1/explain`` for the Grad-CAM overlay and shows it beside
+the patch. Overlays share one scale across the page (full colour = the largest map value seen so
+far; earlier overlays are redrawn when it grows), or, with the box ticked, each its own maximum;
+the caption says which. When the explainer is not built yet the page says the first map is slow.
 """
 
 from __future__ import annotations
@@ -26,21 +31,32 @@ PAGE = """<!doctype html>
  .bar div{background:#b2386e;height:12px;border-radius:4px}
  .error{color:#b00} .withheld{color:#a60;font-weight:bold} .detail{font-size:.85rem;color:#555}
  .why{margin-left:.5rem} .card img.overlay{width:144px;height:144px}
- input[type=password]{width:16rem}
+ input[type=password]{width:16rem} .ptumour{font-variant-numeric:tabular-nums}
 </style></head>
 <body>
 <h1>histoscan</h1>
 <p id="model">loading model card...</p>
 <div id="drop">Drop patches here (TIFF, PNG, JPEG) or <input id="pick" type="file" multiple accept=".tif,.tiff,.png,.jpg,.jpeg,image/*"></div>
 <p><label>API key (if the server needs one): <input id="key" type="password" autocomplete="off"></label></p>
+<p><label><input id="perimage" type="checkbox"> scale each Grad-CAM map to its own maximum (default: one scale
+across the page, so a weak map looks weak)</label></p>
+<p id="slow" class="detail" hidden>The first "Why?" map takes a few seconds longer: the explainer is built on
+first use (start the server with --explain-warm to build it at start-up).</p>
 <div id="results"></div>
 <script>
 const $ = (id) => document.getElementById(id);
+let positive = null;  // the tumour class: the bar shows its probability
+let shared = 0;       // one overlay scale across the page: the largest map value seen so far
+const explained = []; // {file, box} of every overlay drawn on the shared scale, redrawn when it grows
 function headers() { const k = $("key").value; return k ? {"Authorization": "Bearer " + k} : {}; }
+function tumourClass(classes) {
+  return classes.find((c) => ["tumor", "tumour"].includes(c.toLowerCase())) || classes[classes.length - 1];
+}
 async function card() {
   const r = await fetch("/v1/model", {headers: headers()});
   const j = await r.json();
   $("model").textContent = r.ok ? `model ${j.model}: ${j.architecture}, classes ${j.classes.join(" / ")}, input ${j.input_size} px` : j.error;
+  if (r.ok) { positive = tumourClass(j.classes); $("slow").hidden = !!j.explainer_ready; }
 }
 function show(file, j) {
   const row = document.createElement("div"); row.className = "card";
@@ -50,8 +66,10 @@ function show(file, j) {
   if (j.error) { info.innerHTML = `<b></b><div class="error"></div>`; info.querySelector("b").textContent = file.name;
                  info.querySelector(".error").textContent = j.error; }
   else {
-    const pct = (100 * j.confidence).toFixed(1);
-    info.innerHTML = `<b></b> <span class="answer"></span> <span class="conf"></span><div class="bar"><div></div></div>` +
+    const cls = positive || tumourClass(Object.keys(j.probabilities));
+    const pct = (100 * j.probabilities[cls]).toFixed(1);
+    info.innerHTML = `<b></b> <span class="ptumour"></span> <span class="answer"></span>` +
+      `<div class="bar" title="P(tumour)"><div></div></div>` +
       `<div class="detail"><span class="label"></span> <span class="uncertainty"></span> <span class="quality"></span></div>`;
     info.querySelector("b").textContent = file.name;
     const said = j.answer || j.label;
@@ -60,13 +78,13 @@ function show(file, j) {
     info.querySelector(".label").textContent = `model's class: ${j.label}`;
     info.querySelector(".uncertainty").textContent = j.uncertainty == null ? "" : `uncertainty ${j.uncertainty.toFixed(4)}`;
     info.querySelector(".quality").textContent = j.quality ? `tissue check: ${j.quality}` : "";
-    info.querySelector(".conf").textContent = pct + "%";
+    info.querySelector(".ptumour").textContent = `P(${cls}) ${pct}%`;
     info.querySelector(".bar div").style.width = pct + "%";
     const why = document.createElement("button"); why.className = "why"; why.textContent = "Why?";
     why.addEventListener("click", () => explain(file, row, why));
-    info.querySelector(".conf").after(why);
+    info.querySelector(".answer").after(why);
   }
-  row.appendChild(info); $("results").prepend(row);
+  row.appendChild(info); $("results").appendChild(row);
 }
 function preview(file, img) {
   // browsers decode PNG and JPEG; a TIFF (the Kaggle format) fails, and the server sends a PNG of it
@@ -79,20 +97,36 @@ function preview(file, img) {
   });
   const reader = new FileReader(); reader.onload = () => { img.src = reader.result; }; reader.readAsDataURL(file);
 }
+async function overlay(file, scale) {
+  const body = new FormData(); body.append("file", file);
+  const q = scale ? `?scale=${scale}` : "";
+  const r = await fetch("/v1/explain" + q, {method: "POST", body, headers: headers()});
+  return [r, await r.json()];
+}
+function draw(box, r, j, perImage) {
+  box.replaceChildren(); box.className = "explanation";
+  if (!r.ok) { box.className = "error"; box.textContent = j.error; return; }
+  const ov = document.createElement("img"); ov.className = "overlay"; ov.alt = "Grad-CAM overlay";
+  ov.src = "data:image/png;base64," + j.overlay_png;
+  const cap = document.createElement("div"); cap.className = "caption";
+  const how = perImage ? "per-image scale: full colour = this map's max" : "one scale across the page: full colour";
+  cap.textContent = `evidence for ${j.target} (${j.method}; ${how} = map value ${j.scale.toPrecision(3)}; ` +
+    `this map's max ${j.map_max.toPrecision(3)})`;
+  box.appendChild(ov); box.appendChild(cap);
+}
 async function explain(file, row, button) {
   button.disabled = true; button.textContent = "explaining...";
-  const body = new FormData(); body.append("file", file);
-  const r = await fetch("/v1/explain", {method: "POST", body, headers: headers()});
-  const j = await r.json();
-  const box = document.createElement("div"); box.className = "explanation";
-  if (!r.ok) { box.className = "error"; box.textContent = j.error; }
-  else {
-    const ov = document.createElement("img"); ov.className = "overlay"; ov.alt = "Grad-CAM overlay";
-    ov.src = "data:image/png;base64," + j.overlay_png;
-    const cap = document.createElement("div");
-    cap.textContent = `evidence for ${j.target} (${j.method}; brightest = map value ${j.scale.toPrecision(3)})`;
-    box.appendChild(ov); box.appendChild(cap);
+  const perImage = $("perimage").checked;
+  let [r, j] = await overlay(file, perImage ? 0 : shared);
+  const box = document.createElement("div");
+  if (r.ok) $("slow").hidden = true;
+  if (r.ok && !perImage && j.map_max > shared) {
+    shared = j.map_max;  // a new largest value: this map is drawn at it, the earlier ones are redrawn
+    if (j.scale !== shared) [r, j] = await overlay(file, shared);
+    for (const e of explained) { const [r2, j2] = await overlay(e.file, shared); draw(e.box, r2, j2, false); }
   }
+  draw(box, r, j, perImage);
+  if (r.ok && !perImage) explained.push({file, box});
   row.appendChild(box); button.remove();
 }
 async function send(files) {

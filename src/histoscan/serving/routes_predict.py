@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, File, Query, UploadFile
 from pydantic import BaseModel, Field
 
 from histoscan.inference.predictor import parse_tta
+from histoscan.serving.responses import UPLOAD_ERRORS, errors
 from histoscan.serving.state import ServeState, get_state, require_key
 from histoscan.serving.uploads import UploadError, check_size
 
@@ -106,7 +107,9 @@ async def _decode(upload: UploadFile, name: str, state: ServeState) -> np.ndarra
     return await state.pool.decode(data, name, upload.content_type)
 
 
-@router.post("/predict", response_model=PatchPrediction, response_model_exclude_none=True)
+@router.post(
+    "/predict", response_model=PatchPrediction, response_model_exclude_none=True, responses=errors(*UPLOAD_ERRORS)
+)
 async def predict_one(
     file: UploadFile = File(..., description="A TIFF, PNG or JPEG patch."),
     tta: bool | None = Query(
@@ -119,7 +122,8 @@ async def predict_one(
     """Classify one patch: probabilities, uncertainty and the answer (a class, refer, not tissue, out of distribution).
 
     A model with per-group stain normalisation treats the image as its own group: its stain is
-    estimated from the image alone (the service knows no patient or slide).
+    estimated from the image alone (the service knows no patient or slide). An empty file is
+    refused (400).
     """
     tta = _views(state, tta)
     image = await _decode(file, file.filename or "file", state)
@@ -127,16 +131,22 @@ async def predict_one(
     return PatchPrediction(**answer(state, probs, predicted, unc, said, quality))
 
 
-@router.post("/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True)
+@router.post(
+    "/predict/batch",
+    response_model=BatchPrediction,
+    response_model_exclude_none=True,
+    responses=errors(*UPLOAD_ERRORS),
+)
 async def predict_batch(
-    files: list[UploadFile] = File(..., description="Several patches."),
+    files: list[UploadFile] = File(..., min_length=1, description="Several patches (at least one)."),
     tta: bool | None = Query(None, description="As for /v1/predict."),
     state: ServeState = Depends(get_state),
 ) -> BatchPrediction:
     """Classify many patches; results in the same order, each with its own error if that file was bad.
 
     A model with per-group stain normalisation treats each image as its own group (the files of
-    one request are not assumed to share a patient or slide).
+    one request are not assumed to share a patient or slide). A request without files is refused
+    (422); an empty file gets its own 400 entry while the others are answered.
     """
     tta = _views(state, tta)
     if len(files) > state.settings.max_batch_files:

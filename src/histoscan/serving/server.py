@@ -43,4 +43,8 @@ def serve(settings: ServeSettings) -> None:
         log_level="info",
         timeout_graceful_shutdown=5,
         access_log=settings.access_log,
+        # X-Forwarded-For is believed only from the proxies named (none by default: uvicorn's own
+        # default trusts 127.0.0.1, which would let any local client pick its address for the per-client limits)
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )

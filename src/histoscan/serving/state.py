@@ -29,11 +29,11 @@ class ServeSettings:
     run_dir: str = doc("A run folder (the model bundle).", argument=True, metavar="RUN")
     host: str = doc("Address to listen on (0.0.0.0 in a container).", "127.0.0.1")
     port: int = doc("Port.", 8000)
-    workers: int = doc("Server processes (each loads the model once).", 1)
+    workers: int = doc("Server processes (each loads the model once).", 1, flags="--processes")
     access_log: bool = doc("Log every request (about 8% of throughput on 2 cores).", True)
-    backend: Backend = doc("Inference backend; auto: onnx when model.onnx exists, else torch.", "auto")
-    device: str = doc("Torch device for the torch backend (cpu, cuda, cuda:1, mps).", "cpu")
-    threads: int | None = doc("CPU threads for the model in each process (default: all cores).", None)
+    backend: Backend = doc("Inference backend; auto: onnx when model.onnx exists, else torch.", "auto", cli=False)
+    device: str = doc("Torch device for the torch backend (cpu, cuda, cuda:1, mps).", "cpu", cli=False)
+    threads: int | None = doc("CPU threads for the model in each process (default: all cores).", None, cli=False)
     max_upload_mb: float = doc("Largest accepted upload in MB (1 MB = 1,000,000 bytes); 413 above.", 20.0)
     max_batch_files: int = doc("Most files in one /v1/predict/batch request.", 64)
     max_batch: int = doc("Most single-image requests gathered into one model batch.", 64)
@@ -66,9 +66,38 @@ class ServeSettings:
     max_pages: int = doc("Most pages (TIFF) an uploaded file may hold; 413 above.", 8)
     decode_workers: int = doc("Threads that decode uploads, off the event loop (each decodes one image).", 2)
     max_inflight_mb: float = doc(
-        "Most request-body bytes being received or decoded at once, in MB; 503 with Retry-After above.", 256.0
+        "Most request-body bytes received and not yet answered, counted as they arrive, in MB; 503 with "
+        "Retry-After above.",
+        256.0,
+    )
+    max_client_share: float = doc(
+        "Largest share (0-1] of --max-inflight-mb one client address may hold at once; 503 with Retry-After above.",
+        0.25,
+    )
+    body_idle_timeout_s: float = doc(
+        "Longest silence between two chunks of a request body, in s; 408 and the connection closed after.", 10.0
+    )
+    body_deadline_s: float = doc(
+        "Longest time to receive a whole request body from the end of its headers, in s; 408 and the "
+        "connection closed after.",
+        60.0,
+    )
+    forwarded_allow_ips: str = doc(
+        "Addresses of trusted reverse proxies (comma-separated, '*' for any) whose X-Forwarded-For gives the "
+        "client's address for the per-client limits; default: none (the peer's address counts).",
+        "",
     )
     max_queue: int = doc("Most images waiting for the model; 503 with Retry-After above (backpressure).", 512)
+    max_explain_queue: int = doc(
+        "Most /v1/explain requests admitted at once (they wait behind predictions); 503 with Retry-After above.", 2
+    )
+    max_previews: int = doc("Most /v1/preview requests admitted at once; 503 with Retry-After above.", 8)
+    explain_warm: bool = doc(
+        "Build the Grad-CAM explainer when the server starts (costs its memory at once) instead of on the "
+        "first /v1/explain (which then takes seconds longer).",
+        False,
+        flags="--explain-warm/--explain-lazy",
+    )
     model_timeout_s: float = doc("Longest wait for the model's answer to one batch, in s; 503 after.", 30.0)
     heartbeat_timeout_s: float = doc(
         "A model process whose heartbeat is silent this long (s) is hung: /ready turns 503 and it is restarted.", 10.0
@@ -89,13 +118,20 @@ class ServeSettings:
             "max_pages",
             "decode_workers",
             "max_inflight_mb",
+            "max_client_share",
+            "body_idle_timeout_s",
+            "body_deadline_s",
             "max_queue",
+            "max_explain_queue",
+            "max_previews",
             "model_timeout_s",
             "heartbeat_timeout_s",
         )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"serve option {name.replace('_', '-')}: must be > 0, got {getattr(self, name)}")
+        if self.max_client_share > 1:
+            raise ConfigError(f"serve option max-client-share: must be in (0, 1], got {self.max_client_share}")
 
     @property
     def upload_limit(self) -> int:
@@ -134,7 +170,7 @@ class ServeState:
 async def get_state(request: Request) -> ServeState:
     state = getattr(request.app.state, "histoscan", None)
     if state is None:
-        raise HTTPException(status_code=503, detail="model not loaded yet")
+        raise HTTPException(status_code=503, detail="model not loaded yet", headers={"Retry-After": "5"})
     return state
 
 

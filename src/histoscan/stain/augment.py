@@ -1,4 +1,9 @@
-"""Stain augmentation on float [0, 1] NCHW batches: perturb each patch's own fitted stain matrix and concentrations."""
+"""Stain augmentation on float [0, 1] NCHW batches: perturb each patch's own fitted stain matrix and concentrations.
+
+The augmentation presets training picks by name (``build_augmentation``) live here too: they combine the
+geometric and colour ops of ``histoscan.data.transforms`` with the stain ops of this module, and data,
+the lower layer, cannot import stain.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
+from histoscan.data.transforms import (
+    Augment,
+    BatchOp,
+    CentreSafeCrop,
+    ColourJitter,
+    HEDJitter,
+    RandomApply,
+    RandomDihedral,
+)
 from histoscan.stain.colour import from_optical_density, optical_density
 from histoscan.stain.estimate import macenko, sample_pixels
 
@@ -69,3 +83,73 @@ class StainMatrixJitter:
         od = optical_density(rgb.reshape(n, h * w, 3))
         out = from_optical_density(torch.bmm(od, matrix)).div_(255.0)
         return out.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+
+
+AUGMENTATION_PRESETS = ("none", "flips", "light", "strong", "stain-light", "stain-medium", "stain-strong")
+
+
+def build_augmentation(
+    preset: str = "light",
+    strength: float = 1.0,
+    crop: int | None = None,
+    keep: int | None = 32,
+    stain_p: float = 1.0,
+    matrix_noise: float | None = None,
+    restain: bool = True,
+) -> Augment:
+    """An augmentation preset by name, scaled by ``strength``.
+
+    - ``none``: nothing.
+    - ``flips``: the 8 dihedral transforms.
+    - ``light``: flips + brightness/contrast/saturation jitter.
+    - ``strong``: light + H&E stain jitter, with stronger colour changes.
+    - ``stain-light`` / ``stain-medium`` / ``stain-strong``: ``light`` (flips + brightness/contrast/
+      saturation jitter) + HED jitter + perturbation of each patch's fitted stain matrix and
+      concentrations, at the named strength (``histoscan.stain.augment.STAIN_STRENGTHS``), all scaled
+      by ``strength``. They build on ``light`` so that choosing a stain preset adds stain
+      robustness without dropping the default's robustness to brightness and contrast. ``stain_p``
+      is the fraction of patches the two stain ops re-stain (together); the rest keep their colours.
+      ``matrix_noise`` replaces the preset's stain-vector noise (sd, before ``strength``): on HCD that
+      noise alone buys the robustness to hue shifts and costs the clean AUROC (README, stain protocol).
+      ``restain=False`` builds a stain preset without its stain ops: its base, ``light``.
+
+    ``crop`` adds a centre-safe random crop to that size (before any resize) that keeps the
+    centre ``keep`` px (the label's extent; None: the whole image) in view.
+    """
+    if preset not in AUGMENTATION_PRESETS:
+        raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {list(AUGMENTATION_PRESETS)}")
+    if not 0 < stain_p <= 1:
+        raise ValueError(f"stain_p must be in (0, 1], got {stain_p}")
+    if matrix_noise is not None and matrix_noise < 0:
+        raise ValueError(f"matrix_noise cannot be negative, got {matrix_noise}")
+    ops: list[BatchOp] = []
+    if crop:
+        ops.append(CentreSafeCrop(crop, keep))
+    if preset in ("flips", "light", "strong") or preset.startswith("stain-"):
+        ops.append(RandomDihedral())
+    if preset == "light" or preset.startswith("stain-"):
+        ops.append(ColourJitter(0.15 * strength, 0.15 * strength, 0.15 * strength))
+    if preset == "strong":
+        ops.append(ColourJitter(0.25 * strength, 0.25 * strength, 0.25 * strength))
+        ops.append(HEDJitter(0.05 * strength, 0.05 * strength))
+    if restain:
+        ops += build_restain(preset, strength, stain_p, matrix_noise).ops
+    return Augment(ops, preset)
+
+
+def build_restain(
+    preset: str, strength: float = 1.0, stain_p: float = 1.0, matrix_noise: float | None = None
+) -> Augment:
+    """The stain ops of a ``stain-*`` preset alone (HED jitter, then stain-matrix perturbation), as
+    ``build_augmentation`` appends them after the preset's base; empty for any other preset.
+
+    Training with a stain-consistency term applies them to a copy of the base-augmented batch.
+    """
+    if not preset.startswith("stain-"):
+        return Augment([], "none")
+    s = STAIN_STRENGTHS[preset.removeprefix("stain-")]
+    stain_ops: list[BatchOp] = [
+        HEDJitter(s.hed_scale * strength, s.hed_shift * strength),
+        StainMatrixJitter((s.matrix if matrix_noise is None else matrix_noise) * strength, s.concentration * strength),
+    ]
+    return Augment(stain_ops if stain_p >= 1 else [RandomApply(Augment(stain_ops, "stain"), stain_p)], "stain")

@@ -31,7 +31,7 @@ import torch
 
 from histoscan.data.store import PatchStore
 from histoscan.data.transforms import HEDJitter
-from histoscan.evaluation.metrics import auroc, bootstrap_interval
+from histoscan.metrics import auroc, bootstrap_interval
 from histoscan.reports.html import HtmlReport
 from histoscan.stain.colour import from_optical_density, lab_to_rgb, optical_density, rgb_to_lab, to_uint8
 from histoscan.stain.normalise import StainNormaliser

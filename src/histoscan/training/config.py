@@ -38,6 +38,11 @@ class TrainConfig:
     seed: int = doc("Random seed for split, initialisation, sampling and augmentation.", 0)
     val: float = doc("Validation fraction of the split.", 0.1)
     test: float = doc("Test fraction of the split.", 0.1)
+    calibration: float = doc(
+        "Calibration fraction of the split (as 'histoscan split --calibration'): rows no run or fold trains or "
+        "validates on, where ensembles and 'calibrate' fit thresholds and temperatures.",
+        0.0,
+    )
     split_file: str | None = doc(
         "A split CSV to use instead of the recipe: id,split (train/val/test), or id,fold from "
         "'histoscan split --folds K' together with --fold.",
@@ -119,8 +124,10 @@ class TrainConfig:
     backbone_lr_mult: float = doc("Backbone learning rate as a fraction of lr (discriminative learning rates).", 1.0)
     early_stopping: int | None = doc("Stop after this many epochs without a better validation AUROC (None: off).", 5)
     precision: Precision = doc(
-        "Numeric precision; auto: bf16-mixed on GPU and on CPUs with native bf16 (AVX512-BF16 or AMX), else 32.",
+        "Training numerics (Lightning's); auto: bf16-mixed on GPU and on CPUs with native bf16 (AVX512-BF16 or AMX), "
+        "else 32.",
         "auto",
+        flags="--train-precision",  # --precision is the inference option's (PredictorSettings)
     )
     channels_last: bool | None = doc("Channels-last memory format (default: on, GPU and CPU).", None)
     ema_decay: float | None = doc(

@@ -6,7 +6,8 @@ Layout of ``OUT/<name>/``::
     fold-<i>/       a normal run folder per fold (fold i validates, the other folds train; test stays out)
     oof.csv         id,label,fold,prob_<class>...: each non-test patch predicted by the fold that did not train on it
     cv.json         mean and standard deviation of each fold's metrics, and the out-of-fold AUROC
-    ensemble/       an ensemble bundle of the K folds (threshold chosen on the out-of-fold predictions)
+    ensemble/       an ensemble bundle of the K folds (threshold chosen on the calibration rows, scored by the
+                    ensemble, when the split reserves them (--calibration); else on the out-of-fold predictions)
 
 Folds that already finished are never trained again: ``--fold I`` trains one fold (a job array can
 spread them), and a later ``train --folds K --name N`` trains only the missing folds and then writes
@@ -20,7 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,9 @@ from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.runfolder import RunFolder, atomic_write_text
 from histoscan.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from histoscan.inference.settings import PredictorSettings
 
 FOLDS_FILE = "folds.csv"
 OOF_FILE = "oof.csv"
@@ -72,9 +76,18 @@ def finished(run_dir: Path) -> bool:
     return run.is_model and run.weights_path.is_file() and bool(run.read_model_json().best_metric)
 
 
-def train_folds(cfg: TrainConfig, printer: Callable[[str], None] = print, ensemble: bool = True) -> CVResult:
+def train_folds(
+    cfg: TrainConfig,
+    printer: Callable[[str], None] = print,
+    ensemble: bool = True,
+    settings: PredictorSettings | None = None,
+) -> CVResult:
     """Train the folds of ``cfg.folds``-fold cross-validation (only ``cfg.fold`` when set) and, once every fold
-    has finished, write oof.csv, cv.json and the folds' ensemble."""
+    has finished, write oof.csv, cv.json and the folds' ensemble.
+
+    ``settings``: how the folds predict their out-of-fold patches (device, precision, batch size, threads, TTA;
+    default: the torch backend on the CPU with each fold's default TTA), as in ``collect_folds``.
+    """
     from histoscan.data.splits import save_split
     from histoscan.training.fit import train
 
@@ -86,14 +99,17 @@ def train_folds(cfg: TrainConfig, printer: Callable[[str], None] = print, ensemb
     name = cfg.name or f"{cfg.model}-cv{k}"
     cv_dir = Path(cfg.out) / name
     store = PatchStore(cfg.data)
-    assignment, folds_name = fold_assignment(store, k, val=cfg.val, test=cfg.test, seed=cfg.seed)
+    assignment, folds_name = fold_assignment(
+        store, k, val=cfg.val, test=cfg.test, seed=cfg.seed, calibration=cfg.calibration
+    )
     folds_path = _same_or_new(store, assignment, folds_name, save_split)
     cv_dir.mkdir(parents=True, exist_ok=True)
     own = cv_dir / FOLDS_FILE
     if own.is_file() and not np.array_equal(read_split_raw(own, store), assignment):
         raise DataError(
             f"{own}: these folds differ from the folds of {cfg.data} with seed {cfg.seed}, val {cfg.val}, "
-            f"test {cfg.test}; use the options this cross-validation started with, or another --name"
+            f"test {cfg.test}, calibration {cfg.calibration}; use the options this cross-validation started with, "
+            "or another --name"
         )
     pd.read_csv(folds_path, dtype=str).to_csv(own, index=False)
     todo = [cfg.fold] if cfg.fold is not None else list(range(k))
@@ -111,8 +127,26 @@ def train_folds(cfg: TrainConfig, printer: Callable[[str], None] = print, ensemb
         trained.append(i)
     result = CVResult(cv_dir, trained, reused)
     if all(finished(fold_dir(cv_dir, i)) for i in range(k)):
-        result.summary = collect_folds(cv_dir, k, ensemble=ensemble, printer=printer)
+        result.summary = collect_folds(cv_dir, k, ensemble=ensemble, printer=printer, settings=settings)
     return result
+
+
+def train_run(
+    cfg: TrainConfig, printer: Callable[[str], None] = print, settings: PredictorSettings | None = None
+) -> Any:
+    """``histoscan train``: one run, or the cross-validation of ``cfg.folds`` folds (``settings``: how the folds
+    predict their out-of-fold patches). Returns the run's or the CV's result (both have ``summary_lines()``).
+
+    A device given without folds is an error: one run trains on ``accelerator`` / ``devices`` and predicts nothing.
+    """
+    from histoscan.training.fit import train
+
+    if not cfg.folds and settings is not None and settings.device is not None:
+        raise ConfigError(
+            "--device is where 'train --folds K' predicts its out-of-fold patches; "
+            "training runs on --accelerator and --devices"
+        )
+    return train_folds(cfg, printer=printer, settings=settings) if cfg.folds else train(cfg, printer=printer)
 
 
 def read_split_raw(path: Path, store: PatchStore) -> np.ndarray:
@@ -131,14 +165,22 @@ def _same_or_new(store: PatchStore, assignment: np.ndarray, name: str, save: Cal
 
 
 def collect_folds(
-    cv_dir: str | Path, k: int | None = None, *, ensemble: bool = True, printer: Callable[[str], None] = print
+    cv_dir: str | Path,
+    k: int | None = None,
+    *,
+    ensemble: bool = True,
+    printer: Callable[[str], None] = print,
+    settings: PredictorSettings | None = None,
 ) -> dict[str, Any]:
     """Write ``oof.csv`` and ``cv.json`` from finished fold folders (and the folds' ensemble); nothing is retrained.
 
-    The out-of-fold predictions use the folds' default TTA (``default_tta``), as their evaluation does.
+    ``settings``: how each fold predicts its validation patches (default: the torch backend on the CPU). The
+    out-of-fold predictions use ``settings.tta`` when given, else the folds' default TTA (``default_tta``), as
+    their evaluation does; cv.json records which (``tta``) and on which device.
     """
-    from histoscan.evaluation.metrics import auroc
-    from histoscan.inference.predictor import Predictor, default_tta
+    from histoscan.inference.predictor import default_tta, parse_tta
+    from histoscan.inference.settings import PredictorSettings
+    from histoscan.metrics import auroc
 
     cv_dir = Path(cv_dir)
     k = k if k is not None else len(list(cv_dir.glob("fold-*")))
@@ -149,11 +191,12 @@ def collect_folds(
     rows, fold_metrics = [], []
     classes: list[str] = []
     tta: list[int] = [0]
+    settings = settings or PredictorSettings()
     for i, d in enumerate(dirs):
         run = RunFolder(d)
-        predictor = Predictor(d, backend="torch")
+        predictor = settings.predictor(d, backend="torch")
         classes = predictor.classes
-        tta = default_tta(predictor.bundle)
+        tta = default_tta(predictor.bundle) if settings.tta is None else parse_tta(settings.tta)
         part, _ = run.select_patches(run.data_store(), "val")
         pred = predictor.predict_store(part, tta)
         frame = pd.DataFrame({"id": part.ids, "label": [classes[j] for j in part.labels], "fold": i})
@@ -170,6 +213,7 @@ def collect_folds(
     summary: dict[str, Any] = {
         "folds": k,
         "tta": len(tta) > 1,
+        "device": str(predictor.device),
         "oof": {"auroc": auroc(labels, probs), "patches": len(oof)},
         "metrics": _mean_std(fold_metrics),
         "per_fold": fold_metrics,
@@ -178,7 +222,11 @@ def collect_folds(
         from histoscan.inference.ensemble import make_ensemble
 
         result = make_ensemble(dirs, cv_dir / ENSEMBLE_DIR, oof=cv_dir / OOF_FILE, force=True, printer=printer)
-        summary["ensemble"] = {"path": ENSEMBLE_DIR, "threshold": result.threshold}
+        summary["ensemble"] = {
+            "path": ENSEMBLE_DIR,
+            "threshold": result.threshold,
+            "fitted_on": result.fitted_on,  # calibration rows, or oof: an approximation from single-member scores
+        }
     atomic_write_text(cv_dir / CV_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -27,7 +27,7 @@ from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.models import create_model
 from histoscan.models.backbones import timm_data_config
-from histoscan.models.registry import count_parameters, list_models
+from histoscan.models.factory import count_parameters, list_models
 from histoscan.preprocessing import Preprocessing, channel_stats
 from histoscan.runfolder import CONFIG_FILE, LAST_CKPT, MODEL_FILE, SPLIT_FILE, WEIGHTS_FILE
 from histoscan.stain.sources import stain_summary, training_stain
@@ -177,7 +177,15 @@ def build_data(cfg: TrainConfig) -> tuple[PatchStore, dict[str, PatchStore], Pat
     if cfg.resume and split_file is None:
         saved = Path(cfg.out) / str(cfg.name) / SPLIT_FILE
         split_file = str(saved) if saved.is_file() else None
-    parts, path = split_store(store, val=cfg.val, test=cfg.test, seed=cfg.seed, split_file=split_file, fold=cfg.fold)
+    parts, path = split_store(
+        store,
+        val=cfg.val,
+        test=cfg.test,
+        seed=cfg.seed,
+        split_file=split_file,
+        fold=cfg.fold,
+        calibration=cfg.calibration,
+    )
     if len(parts["train"]) == 0:
         raise DataError(f"{cfg.data}: the train split is empty (val={cfg.val}, test={cfg.test})")
     if len(parts["val"]) == 0:
@@ -252,6 +260,7 @@ def _bundle(
             "seed": cfg.seed,
             "val": cfg.val,
             "test": cfg.test,
+            **({"calibration": cfg.calibration} if cfg.calibration else {}),
         },
         training={"store": str(Path(cfg.data).resolve()), "parameters": count_parameters(model)},
     )
@@ -318,7 +327,7 @@ def choose_precision(cfg: TrainConfig, cuda: bool) -> str:
 def precision_reason(cfg: TrainConfig, cuda: bool) -> str:
     """Why the precision was chosen, in a few words for the run's first line."""
     if cfg.precision != "auto":
-        return "--precision"
+        return "--train-precision"
     if cuda:
         return "auto: GPU"
     return "auto: CPU with native bf16" if native_bf16_cpu() else "auto: CPU without native bf16"

@@ -14,10 +14,11 @@ import torchmetrics
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from histoscan.data.transforms import Augment, build_augmentation, build_restain
+from histoscan.data.transforms import Augment
 from histoscan.inference.probabilities import probabilities
-from histoscan.models.registry import classifier_parameters
+from histoscan.models.factory import classifier_parameters
 from histoscan.preprocessing import Preprocessing
+from histoscan.stain.augment import build_augmentation, build_restain
 from histoscan.training.config import TrainConfig
 from histoscan.training.schedule import SchedulePlan
 

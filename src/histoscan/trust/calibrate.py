@@ -8,6 +8,7 @@ from pathlib import Path
 from histoscan.bundle import read_bundle
 from histoscan.inference.fitting import fitting_predictions
 from histoscan.inference.predictor import default_tta, parse_tta
+from histoscan.inference.settings import PredictorSettings
 from histoscan.runfolder import ReferralRule
 from histoscan.trust.referral import fit_referral
 
@@ -20,6 +21,7 @@ def fit_run_referral(
     target_accuracy: float | None = None,
     by: str = "auto",
     tta: bool | Sequence[int] | None = None,
+    settings: PredictorSettings | None = None,
 ) -> ReferralRule:
     """Fit the referral rule on the run's fitting predictions and save it (with its TTA policy) in model.json.
 
@@ -28,7 +30,7 @@ def fit_run_referral(
     bundle = read_bundle(run_dir)
     bundle.trust.referral = None  # the default TTA is the model's own, not an older rule's
     ks = default_tta(bundle) if tta is None else parse_tta(tta)
-    fit = fitting_predictions(run_dir, ks, data)  # out-of-fold for an ensemble of folds, else validation
+    fit = fitting_predictions(run_dir, ks, data, settings)  # calibration rows, else out-of-fold or validation
     rule = fit_referral(
         fit.probabilities,
         fit.labels,
@@ -44,3 +46,52 @@ def fit_run_referral(
     bundle.trust.referral = rule
     bundle.save(run_dir)
     return rule
+
+
+def calibrate_run(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    *,
+    temperature: bool = True,
+    refer_coverage: float | None = None,
+    target_accuracy: float | None = None,
+    refer_by: str = "auto",
+    tissue_check: bool = False,
+    settings: PredictorSettings | None = None,
+) -> list[str]:
+    """``histoscan calibrate``: fit the temperature, a referral rule (when a coverage or target accuracy is
+    given) and the tissue check of ``run_dir``, save them in model.json, and say what was fitted, one line each.
+
+    ``settings``: how the model runs (device, precision, ...); its ``tta`` is the TTA policy both the
+    temperature and the referral rule are fitted under (None: the model's default for each).
+    """
+    from histoscan.inference.calibration import calibrate
+    from histoscan.rules.referral import describe
+    from histoscan.trust.tissue import fit_run_tissue_check
+
+    settings = settings or PredictorSettings()
+    lines = []
+    if temperature:
+        r = calibrate(run_dir, data, settings.tta, settings)
+        lines.append(
+            f"temperature {r.temperature:.3f} on {r.count} patches ({r.source}): "
+            f"NLL {r.nll_before:.4f} -> {r.nll_after:.4f}"
+        )
+    if refer_coverage is not None or target_accuracy is not None:
+        rule = fit_run_referral(
+            run_dir,
+            data,
+            coverage=refer_coverage,
+            target_accuracy=target_accuracy,
+            by=refer_by,
+            tta=settings.tta,
+            settings=settings,
+        )
+        aurocs = ", ".join(f"{k} {v:.3f}" for k, v in rule.error_auroc.items())
+        lines += [f"error-detection AUROC on {rule.fitted_on}: {aurocs}", describe(rule)]
+    if tissue_check:
+        check = fit_run_tissue_check(run_dir, data)
+        lines.append(
+            f"tissue check fitted on {check.count} training patches: Mahalanobis distance limit {check.threshold:.2f}"
+        )
+    return lines

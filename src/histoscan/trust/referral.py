@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from histoscan.errors import ConfigError, DataError
+from histoscan.rules.referral import refer_mask
 from histoscan.runfolder import ReferralRule
 
-REFER = "refer"
 REFER_BY = ("auto", "probability", "uncertainty")
 _CLIP = 1e-6
 
@@ -95,7 +95,7 @@ def fit_referral(
     scores = candidates(probabilities, threshold, uncertainty)
     if by == "uncertainty" and "uncertainty" not in scores:
         raise ConfigError("--refer-by uncertainty needs a TTA policy of at least 2 views (--tta)")
-    from histoscan.evaluation.metrics import classify
+    from histoscan.metrics import classify
 
     wrong = classify(probabilities, threshold) != labels
     aurocs = {name: error_auroc(d, wrong) for name, d in scores.items()}
@@ -147,31 +147,3 @@ def fit_referral(
     rule.coverage = float(1 - refer.mean())
     rule.accuracy = float((~wrong)[~refer].mean()) if (~refer).any() else 0.0
     return rule
-
-
-def refer_mask(rule: ReferralRule, probabilities: np.ndarray, uncertainty: np.ndarray | None) -> np.ndarray:
-    """True where the rule refers the image."""
-    if rule.by == "uncertainty":
-        if uncertainty is None:
-            raise ConfigError("the referral rule is by uncertainty, but the prediction has none (a single view)")
-        return np.asarray(uncertainty) > float(rule.max_uncertainty or 0.0)
-    lo, hi = rule.band or (0.0, 0.0)
-    if probabilities.shape[1] == 2:
-        p = probabilities[:, 1]
-        return (p > lo) & (p < hi)
-    return probabilities.max(axis=1) < hi
-
-
-def describe(rule: ReferralRule) -> str:
-    """One line saying what the rule refers."""
-    if rule.by == "uncertainty":
-        what = f"uncertainty above {rule.max_uncertainty:.4f}"
-    elif rule.band is not None and rule.band[0] > 0:
-        what = f"P(positive) between {rule.band[0]:.4f} and {rule.band[1]:.4f}"
-    else:
-        what = f"top probability below {(rule.band or [0, 0])[1]:.4f}"
-    asked = f"coverage {rule.target:.2f}" if rule.asked == "coverage" else f"accuracy {rule.target:.3f}"
-    return (
-        f"refer images with {what} (asked: {asked}; on {rule.count} predictions, {rule.fitted_on}: "
-        f"coverage {rule.coverage:.3f}, accuracy of the answered {rule.accuracy:.4f}; TTA views {rule.tta})"
-    )

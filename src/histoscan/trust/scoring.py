@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from histoscan.evaluation.metrics import bootstrap_statistic, classify
+from histoscan.metrics import bootstrap_statistic, classify
+from histoscan.rules.referral import refer_mask
 from histoscan.runfolder import ReferralRule
-from histoscan.trust.referral import baseline_doubt, error_auroc, probability_doubt, refer_mask
+from histoscan.trust.referral import baseline_doubt, error_auroc, probability_doubt
 
 COVERAGES = (0.8, 0.9, 0.95)
 

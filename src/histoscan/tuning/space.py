@@ -189,10 +189,9 @@ def _check_names(path: Path, base: dict[str, Any], params: list[Param]) -> None:
 
 def _model_arguments(model: str) -> set[str] | None:
     """Argument names of a histoscan model's builder (None for timm models, which take many)."""
-    from histoscan.models.registry import _REGISTRY, _ensure_builtin
+    from histoscan.models.registry import registered  # the package's __init__ has registered the built-in CNNs
 
-    _ensure_builtin()
-    fn = _REGISTRY.get(model)
+    fn = registered(model)
     if fn is None:
         return None
     return set(inspect.signature(fn).parameters) - {"num_outputs", "input_size"}

@@ -12,13 +12,18 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import pandas as pd
 
 from histoscan.errors import ConfigError, HistoscanError
 from histoscan.wsi import outputs
+from histoscan.wsi.provenance import identity_key
 from histoscan.wsi.reader import SLIDE_SUFFIXES
-from histoscan.wsi.scan import Progress, ScanSettings, SlideResult, scan_slide
+from histoscan.wsi.scan import Progress, ScanSettings, SlideResult, check_settings, scan_identity, scan_slide
+
+if TYPE_CHECKING:
+    from histoscan.inference.predictor import Predictor
 
 SLIDES_FILE = "slides.csv"
 FAILED_DIR = "_failed"
@@ -32,6 +37,12 @@ SLIDE_COLUMNS = [
     "tissue_mm2",
     "tiles",
     "seconds",
+    "slide_mpp",
+    "slide_mpp_source",
+    "threshold",
+    "model",
+    "identity_key",
+    "run",
     "path",
     "error",
 ]
@@ -43,6 +54,7 @@ class BatchResult:
 
     scanned: list[SlideResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    recomputed: list[str] = field(default_factory=list)  # had outputs made by another model or settings
     failed: dict[str, str] = field(default_factory=dict)
     slides_csv: Path | None = None
 
@@ -51,6 +63,12 @@ class BatchResult:
         lines = [
             f"{len(self.scanned)} scanned, {len(self.skipped)} already done (--force redoes them), {len(self.failed)} failed"
         ]
+        if self.recomputed:
+            lines.append(
+                f"{len(self.recomputed)} rescanned because their outputs were made by another model or settings: "
+                + ", ".join(self.recomputed[:5])
+                + (" ..." if len(self.recomputed) > 5 else "")
+            )
         lines += [f"{name}: {error}" for name, error in self.failed.items()]
         if self.slides_csv is not None:
             lines.append(f"slides: {self.slides_csv}")
@@ -118,9 +136,31 @@ def in_shard(slide: Path, shard: tuple[int, int] | None) -> bool:
     return zlib.crc32(slide.stem.encode()) % shard[1] == shard[0]
 
 
-def is_done(out: Path, name: str) -> bool:
-    """A slide is finished when its folder holds summary.json (written last, published by one rename)."""
-    return (out / name / outputs.SUMMARY_FILE).is_file()
+def is_done(out: Path, name: str, key: str | None = None) -> bool:
+    """A slide is finished when its folder holds summary.json (written last, published by one rename).
+
+    With ``key`` (an identity key), only a summary made by that same model and settings counts.
+    """
+    path = out / name / outputs.SUMMARY_FILE
+    if not path.is_file():
+        return False
+    if key is None:
+        return True
+    try:
+        return json.loads(path.read_text()).get("identity_key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def one_line(slide: Path, exc: BaseException) -> str:
+    """A failure as one line naming the slide (HistoscanErrors already name it)."""
+    if isinstance(exc, HistoscanError):
+        text = str(exc)
+    elif isinstance(exc, MemoryError):
+        text = f"{slide}: out of memory ({exc or 'MemoryError'}); check its resolution or scan with a larger --stride"
+    else:
+        text = f"{slide}: {type(exc).__name__}: {exc}"
+    return " ".join(text.split())
 
 
 def run_slides(
@@ -133,28 +173,46 @@ def run_slides(
 ) -> BatchResult:
     """Scan every slide of this shard not already done; one slide's failure never stops the others.
 
-    ``predictor_factory`` builds the Predictor once, only when a slide needs scanning. slides.csv
-    is gathered at the end unless this is one shard of several.
+    ``predictor_factory`` builds the Predictor once, when there are slides; the settings are checked
+    against it and the slides before any slide is read. A slide whose outputs exist is skipped only when
+    they were made by the same model, predictor settings and scan settings (its summary's identity);
+    otherwise it is rescanned. Any exception inside one slide (out of memory included) becomes that
+    slide's failed row. slides.csv is gathered at the end unless this is one shard of several.
     """
     out = Path(out)
     shard = parse_shard(settings.shard)
     slides = [s for s in list_slides(inputs) if in_shard(s, shard)]
     result = BatchResult()
-    predictor = None
+    if not slides:
+        if shard is None and out.exists():
+            result.slides_csv = collect(out)
+        return result
+    predictor = cast("Predictor", predictor_factory())
+    check_settings(predictor, settings, slides)
     for i, slide in enumerate(slides, start=1):
         name = slide.stem
-        if is_done(out, name) and not settings.force:
-            result.skipped.append(name)
-            continue
-        printer(f"[{i}/{len(slides)}] {slide}")
+        error: str | None = None
         try:
-            if predictor is None:
-                predictor = predictor_factory()
-            r = scan_slide(predictor, slide, out, settings, progress(name) if progress else None)  # type: ignore[arg-type]
-        except HistoscanError as exc:
-            result.failed[name] = str(exc)
-            _write_failure(out, name, slide, str(exc))
-            printer(f"  failed: {exc}")
+            key: str | None = identity_key(scan_identity(predictor, settings, slide))
+        except Exception as exc:  # e.g. an unreadable mask file: this slide's failed row
+            key, error = None, one_line(slide, exc)
+        rescan = ""
+        if error is None and not settings.force and is_done(out, name):
+            if is_done(out, name, key):
+                result.skipped.append(name)
+                continue
+            result.recomputed.append(name)
+            rescan = " (its outputs were made by another model or settings: rescanning)"
+        printer(f"[{i}/{len(slides)}] {slide}{rescan}")
+        try:
+            if error is not None:
+                raise ConfigError(error)
+            r = scan_slide(predictor, slide, out, settings, progress(name) if progress else None)
+        except Exception as exc:  # any error of one slide (MemoryError included) becomes its failed row
+            message = one_line(slide, exc)
+            result.failed[name] = message
+            _write_failure(out, name, slide, message)
+            printer(f"  failed: {message}")
             continue
         _clear_failure(out, name)
         result.scanned.append(r)
@@ -182,15 +240,17 @@ def _clear_failure(out: Path, name: str) -> None:
 def collect(out: str | Path) -> Path:
     """Gather every slide's summary (and failure note) under ``out`` into ``out/slides.csv``, atomically."""
     out = Path(out)
-    rows = []
+    rows: dict[str, dict[str, object]] = {}
+    written: dict[str, float] = {}
     for summary in sorted(out.glob(f"*/{outputs.SUMMARY_FILE}")):
-        rows.append(json.loads(summary.read_text()))
-    done = {r["slide"] for r in rows}
+        row = json.loads(summary.read_text())
+        rows[row["slide"]], written[row["slide"]] = row, summary.stat().st_mtime
     for note in sorted((out / FAILED_DIR).glob("*.json")):
         failure = json.loads(note.read_text())
-        if failure["slide"] not in done:
-            rows.append(failure)
-    frame = pd.DataFrame(rows).reindex(columns=SLIDE_COLUMNS)
+        # a failure newer than the slide's outputs (a rescan by another model failed) is what stands
+        if failure["slide"] not in rows or note.stat().st_mtime >= written[failure["slide"]]:
+            rows[failure["slide"]] = failure
+    frame = pd.DataFrame(list(rows.values())).reindex(columns=SLIDE_COLUMNS)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{SLIDES_FILE}.tmp"
     frame.to_csv(tmp, index=False)

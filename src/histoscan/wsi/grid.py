@@ -14,8 +14,15 @@ import numpy as np
 
 from histoscan.errors import ConfigError
 from histoscan.preprocessing import Preprocessing
-from histoscan.wsi.reader import Bounds
+from histoscan.wsi.reader import Bounds, SlideError
 from histoscan.wsi.resolution import LevelChoice
+
+# What one slide's grid may cost before anything is allocated. The scan holds a few arrays per cell
+# (tissue fraction, scanned flag, probability, order: ~24 bytes) plus per scanned cell its tiles.csv row;
+# 48 bytes a cell is the conservative sum. 25 M cells is a 160,000 px slide at 1 um/px with 8 px steps.
+GRID_MAX_CELLS = 25_000_000
+GRID_BYTES_PER_CELL = 48
+GRID_MAX_BYTES = 1_500_000_000
 
 
 @dataclass(frozen=True)
@@ -71,9 +78,12 @@ class SlideGrid:
     slide_mpp: float
     rows: int
     cols: int
+    mpp_source: str = "metadata"  # where slide_mpp came from (see resolution.SlideResolution)
 
     @classmethod
-    def over(cls, spec: TileSpec, bounds: Bounds, level: LevelChoice, slide_mpp: float) -> SlideGrid:
+    def over(
+        cls, spec: TileSpec, bounds: Bounds, level: LevelChoice, slide_mpp: float, mpp_source: str = "metadata"
+    ) -> SlideGrid:
         """Cells covering ``bounds`` completely (the last row and column run past its edge)."""
         scale = level.downsample * level.factor
         cell = spec.stride * scale
@@ -84,7 +94,20 @@ class SlideGrid:
             slide_mpp,
             max(1, math.ceil(bounds.height / cell)),
             max(1, math.ceil(bounds.width / cell)),
+            mpp_source,
         )
+
+    def check_budget(self, path: object, max_cells: int = GRID_MAX_CELLS, max_bytes: int = GRID_MAX_BYTES) -> None:
+        """Refuse a grid over budget (cells or bytes) before anything is allocated for it."""
+        cells = self.rows * self.cols
+        need = cells * GRID_BYTES_PER_CELL
+        if cells > max_cells or need > max_bytes:
+            raise SlideError(
+                f"{path}: at {self.slide_mpp:.4g} um/px ({self.mpp_source}) the grid would be {self.rows:,} x "
+                f"{self.cols:,} = {cells:,} cells (~{need / 1e9:.1f} GB), over the budget of {max_cells:,} cells "
+                f"/ {max_bytes / 1e9:.1f} GB; check the slide's resolution (give the true one with "
+                "--slide-mpp-override) or use a larger --stride"
+            )
 
     @property
     def scale(self) -> float:

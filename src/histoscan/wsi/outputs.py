@@ -25,8 +25,10 @@ PROB_META_FILE = "probabilities.json"
 TILES_FILE = "tiles.csv"
 REGIONS_FILE = "regions.geojson"
 SUMMARY_FILE = "summary.json"
-TUMOUR_COLOUR = [200, 0, 0]
-HEATMAP_SIDE = 1600  # thumbnail pixels drawn under the heatmap (the figure is about 900 px wide)
+TUMOUR_CLASS = "Tumor"  # QuPath's built-in class, so regions take its colour and count with its annotations
+TUMOUR_COLOUR = [200, 0, 0]  # QuPath's colour for Tumor, as its GeoJSON export writes it
+PYRAMID_MIN_SIDE = 64  # probabilities.tif: halve until the longer side is at most this
+HEATMAP_SIDE = 1000  # thumbnail pixels drawn under the heatmap (the figure is 880 px wide: about 1:1)
 
 
 def cell_edges(grid: SlideGrid) -> tuple[np.ndarray, np.ndarray]:
@@ -37,11 +39,49 @@ def cell_edges(grid: SlideGrid) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
+def _halve(a: np.ndarray) -> np.ndarray:
+    """The next pyramid level: the mean of each 2 x 2 block's scanned cells (NaN where none was scanned)."""
+    h, w = a.shape
+    p = np.full((h + h % 2, w + w % 2), np.nan, np.float32)
+    p[:h, :w] = a
+    blocks = p.reshape(p.shape[0] // 2, 2, p.shape[1] // 2, 2)
+    count = np.sum(~np.isnan(blocks), axis=(1, 3))
+    total = np.nansum(blocks, axis=(1, 3))
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
+
+
+def probability_pyramid(probs: np.ndarray) -> list[np.ndarray]:
+    """Level 0 and its halvings, down to a longer side of ``PYRAMID_MIN_SIDE`` (at least one halving)."""
+    levels = [probs.astype(np.float32)]
+    while min(levels[-1].shape) >= 2 and (len(levels) == 1 or max(levels[-1].shape) > PYRAMID_MIN_SIDE):
+        levels.append(_halve(levels[-1]))
+    return levels
+
+
 def write_probabilities(folder: Path, grid: SlideGrid, probs: np.ndarray) -> None:
-    """float32 grid of P(tumour) (NaN = not scanned) as a TIFF, with its geometry in a JSON beside it."""
+    """float32 grid of P(tumour) (NaN = not scanned) as a pyramidal OME-TIFF, with its geometry in a JSON beside it.
+
+    The OME-XML states the cell size (PhysicalSizeX/Y, um) and where the grid's top-left corner lies on
+    the slide (Plane PositionX/Y, um from level-0 pixel (0, 0)); levels are SubIFDs, as OME-TIFF pyramids are.
+    """
     import tifffile
 
-    tifffile.imwrite(folder / PROB_FILE, probs.astype(np.float32), compression="zlib")
+    levels = probability_pyramid(probs)
+    x_um, y_um = grid.bounds.x * grid.slide_mpp, grid.bounds.y * grid.slide_mpp
+    metadata = {
+        "axes": "YX",
+        "Name": "P(tumour) per heatmap cell",
+        "PhysicalSizeX": grid.cell_um,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": grid.cell_um,
+        "PhysicalSizeYUnit": "µm",
+        "Plane": {"PositionX": [x_um], "PositionXUnit": ["µm"], "PositionY": [y_um], "PositionYUnit": ["µm"]},
+    }
+    opts: dict[str, Any] = {"tile": (256, 256), "compression": "zlib"}
+    with tifffile.TiffWriter(folder / PROB_FILE, ome=True) as tw:
+        tw.write(levels[0], subifds=len(levels) - 1, metadata=metadata, **opts)
+        for level in levels[1:]:
+            tw.write(level, subfiletype=1, **opts)
     meta = {
         "file": PROB_FILE,
         "rows": grid.rows,
@@ -50,6 +90,8 @@ def write_probabilities(folder: Path, grid: SlideGrid, probs: np.ndarray) -> Non
         "cell_level0_px": grid.cell_px,
         "cell_um": grid.cell_um,
         "slide_mpp": grid.slide_mpp,
+        "origin_um": [x_um, y_um],
+        "pyramid_levels": [list(level.shape) for level in levels],
         "nodata": "NaN (cell not scanned: too little tissue)",
         "cell_to_level0": "x = origin_x + col * cell_level0_px, y = origin_y + row * cell_level0_px (top-left)",
         "qupath_offset_px": [grid.bounds.x, grid.bounds.y],
@@ -94,6 +136,11 @@ def regions_geojson(
     """Tumour regions above ``threshold`` as QuPath annotations (holes kept), plus optional tile objects.
 
     Coordinates are level-0 pixels minus the slide's bounds origin, which is where QuPath puts them.
+    Each region is the union of its cells simplified within half a cell (staircases become their
+    diagonals), made valid, and oriented as RFC 7946 asks: exterior rings counter-clockwise and holes
+    clockwise in the written coordinates (shapely's ``orient`` on those values; drawn with y pointing
+    down, as image viewers do, they look the other way round). Its class is QuPath's ``Tumor``; the
+    measurements (area of its cells, mean and max probability) are those of its cells.
     """
     from scipy import ndimage
     from shapely import box, union_all
@@ -117,27 +164,49 @@ def regions_geojson(
         if geom.is_empty:
             continue
         p = probs[rr, cc]
-        for poly in getattr(geom, "geoms", [geom]):
-            if poly.geom_type != "Polygon" or poly.area <= 0:
+        for cells in getattr(geom, "geoms", [geom]):
+            if cells.geom_type != "Polygon" or cells.area <= 0:
                 continue
-            features.append(
-                _feature(
-                    mapping(poly),
-                    "annotation",
-                    class_name,
-                    {
-                        "area_um2": round(float(poly.area) * mpp2, 3),
-                        "mean_probability": round(float(np.mean(p)), 6),
-                        "max_probability": round(float(np.max(p)), 6),
-                    },
-                )
+            region = _simplified(cells, grid.cell_px / 2.0)
+            feature = _feature(
+                mapping(region),
+                "annotation",
+                TUMOUR_CLASS,
+                {
+                    "area_um2": round(float(cells.area) * mpp2, 3),
+                    "mean_probability": round(float(np.mean(p)), 6),
+                    "max_probability": round(float(np.max(p)), 6),
+                },
             )
+            feature["properties"]["name"] = f"{class_name} (P >= {threshold:.3g})"
+            features.append(feature)
     if tiles is not None:
         cells = tiles[["x", "y", "width", "height", "probability"]].to_numpy(np.float64)
         for x, y, w, h, p_tile in cells:
             geom = mapping(box(x - b.x, y - b.y, x - b.x + w, y - b.y + h))
             features.append(_feature(geom, "tile", None, {"probability": float(p_tile)}))
     return {"type": "FeatureCollection", "features": features}
+
+
+def _simplified(cells: Any, tolerance: float) -> Any:
+    """A region's cell union simplified within ``tolerance``, valid, exterior CCW and holes CW as written.
+
+    Douglas-Peucker with topology preserved keeps rings from crossing; should the result still be
+    invalid, ``make_valid`` repairs it (a MultiPolygon then); a ring collapsed by simplification keeps the cells.
+    """
+    from shapely import MultiPolygon, make_valid
+    from shapely.geometry.polygon import orient
+
+    geom = cells.simplify(tolerance, preserve_topology=True)
+    if geom.is_empty or geom.area <= 0:
+        geom = cells
+    if not geom.is_valid:
+        geom = make_valid(geom)
+        polys = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type == "Polygon" and g.area > 0]
+        geom = cells if not polys else polys[0] if len(polys) == 1 else MultiPolygon(polys)
+    if geom.geom_type == "Polygon":
+        return orient(geom, sign=1.0)
+    return MultiPolygon([orient(g, sign=1.0) for g in geom.geoms])
 
 
 def _feature(geometry: Any, kind: str, class_name: str | None, measurements: dict[str, float]) -> dict[str, Any]:
@@ -162,7 +231,7 @@ def write_heatmap(folder: Path, grid: SlideGrid, probs: np.ndarray, thumb: np.nd
     xs, ys = cell_edges(grid)
     aspect = h0 / w0
     fig, ax = plt.subplots(figsize=(8, max(2.5, min(16, 8 * aspect))), dpi=110)
-    ax.imshow(thumb, extent=(0, w0, h0, 0), interpolation="bilinear")
+    ax.imshow(thumb, extent=(0, w0, h0, 0), interpolation="antialiased")  # already shrunk to about 1:1
     overlay = np.ma.masked_invalid(probs)
     im = ax.imshow(
         overlay,
@@ -183,7 +252,7 @@ def write_heatmap(folder: Path, grid: SlideGrid, probs: np.ndarray, thumb: np.nd
     ax.set_ylabel("level-0 y (px)")
     fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02, label="P(tumour)")
     fig.tight_layout()
-    fig.savefig(folder / HEATMAP_FILE)
+    fig.savefig(folder / HEATMAP_FILE, pil_kwargs={"compress_level": 1})  # fast zlib: 1/4 of the encode time
     plt.close(fig)
 
 

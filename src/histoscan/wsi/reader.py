@@ -38,7 +38,8 @@ class SlideReader(Protocol):
     dimensions: tuple[int, int]
     level_dimensions: list[tuple[int, int]]
     level_downsamples: list[float]
-    mpp: float | None
+    mpp: float | None  # as stated by the file (checked by ``resolution.slide_resolution``)
+    objective_power: float | None  # the scan's objective magnification, when the file states it
     bounds: Bounds
     background: tuple[int, int, int]
 
@@ -118,6 +119,7 @@ class OpenSlideReader:
         self.level_dimensions: list[tuple[int, int]] = [(int(w), int(h)) for w, h in self._slide.level_dimensions]
         self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
         self.mpp = _slide_mpp(props)
+        self.objective_power = _positive(props.get("openslide.objective-power"))
         w, h = self.dimensions
         self.bounds = Bounds(
             int(props.get("openslide.bounds-x", 0)),
@@ -133,7 +135,10 @@ class OpenSlideReader:
         try:
             region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
         except openslide.OpenSlideError as exc:
-            raise SlideError(f"{self.path}: unreadable region at ({x}, {y}) ({exc})") from exc
+            raise SlideError(
+                f"{self.path}: unreadable region at ({x}, {y}) ({exc}); the file is corrupt or truncated: "
+                "copy it again or re-export it"
+            ) from exc
         return composite(np.asarray(region), self.background)
 
     def thumbnail(self, max_side: int) -> np.ndarray:
@@ -155,6 +160,14 @@ class OpenSlideReader:
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _positive(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else 0.0
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def _slide_mpp(props: object) -> float | None:
@@ -213,6 +226,7 @@ class ImageReader:
         self.level_dimensions = [(w, h)]
         self.level_downsamples = [1.0]
         self.mpp = mpp
+        self.objective_power: float | None = None
         self.bounds = Bounds(0, 0, w, h)
         self.background = (255, 255, 255)
 

@@ -58,14 +58,116 @@ def model_mpp(run_dir: str | Path, stored: float | None, override: float | None)
     return float(value)
 
 
-def slide_mpp(path: str | Path, stated: float | None, override: float | None) -> float:
-    """The slide's level-0 um/px: its metadata, else ``override`` (--slide-mpp), else a one-line error.
+PLAUSIBLE_MPP = (0.1, 10.0)  # level-0 um/px of slide scanners (100x oil ~0.1 to macro overviews ~10)
+# What image writers put in a resolution tag when they know nothing: screen and print dpi, and round
+# px/cm values. Each becomes a "resolution" (72 dpi = 352.8 um/px) that OpenSlide 4 reports as mpp.
+COMMON_DPI = (72.0, 96.0, 100.0, 150.0, 200.0, 240.0, 300.0, 600.0, 1200.0, 2400.0)
+COMMON_PX_PER_CM = (1.0, 10.0, 28.3465, 37.7953, 100.0)
+OBJECTIVE_UM = 10.0  # um/px x objective power of a typical scanner: 20x ~ 0.5, 40x ~ 0.25 um/px
+OBJECTIVE_TOLERANCE = 1.5  # stated resolution and objective power further apart than this: refused
+
+
+@dataclass(frozen=True)
+class SlideResolution:
+    """A slide's level-0 um/px and where it came from (for the log and summary.json)."""
+
+    mpp: float
+    source: str  # "metadata", "--slide-mpp" (filled in) or "--slide-mpp-override"
+    note: str = ""  # why metadata was not used, when it was not
+
+
+def _default_tag(mpp: float) -> str | None:
+    """The dpi or px/cm placeholder ``mpp`` comes from, or None."""
+    for dpi in COMMON_DPI:
+        if abs(mpp / (25400.0 / dpi) - 1.0) < 0.005:
+            return f"{dpi:g} dpi"
+    for ppcm in COMMON_PX_PER_CM:
+        if abs(mpp / (10000.0 / ppcm) - 1.0) < 0.005:
+            return f"{ppcm:g} px/cm"
+    return None
+
+
+def implausible(mpp: float) -> str | None:
+    """Why a stated level-0 resolution cannot be a slide's (a default dpi tag, or out of range), else None."""
+    tag = _default_tag(mpp)
+    if tag is not None:
+        return f"{mpp:.4g} um/px is a {tag} resolution tag (an image writer's default, not a scanner's)"
+    lo, hi = PLAUSIBLE_MPP
+    if not lo <= mpp <= hi:
+        return f"{mpp:.4g} um/px is outside the {lo:g}-{hi:g} um/px of slide scanners"
+    return None
+
+
+def slide_resolution(
+    path: str | Path,
+    stated: float | None,
+    fill_in: float | None = None,
+    override: float | None = None,
+    objective: float | None = None,
+) -> SlideResolution:
+    """The slide's level-0 um/px, checked: ``override`` wins; else plausible metadata; else ``fill_in``.
+
+    Metadata is refused when it is a default dpi/px-per-cm tag or outside ``PLAUSIBLE_MPP`` (then
+    ``fill_in`` is used as for a slide that states nothing), and when it contradicts the objective power by
+    more than ``OBJECTIVE_TOLERANCE`` times (an error naming both: the user decides with the override).
+    """
+    for value, option in ((fill_in, "--slide-mpp"), (override, "--slide-mpp-override")):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{option} must be positive, got {value} um/px")
+    if override is not None:
+        return SlideResolution(float(override), "--slide-mpp-override")
+    note = ""
+    if stated is not None and stated > 0:
+        why = implausible(stated)
+        if why is None:
+            if objective is not None and objective > 0:
+                expected = OBJECTIVE_UM / objective
+                if max(stated / expected, expected / stated) > OBJECTIVE_TOLERANCE:
+                    raise SlideError(
+                        f"{path}: its metadata says {stated:.4g} um/px but objective power {objective:g}x "
+                        f"(~{expected:.3g} um/px); check the slide and give the true value with "
+                        "--slide-mpp-override UM_PER_PX"
+                    )
+            return SlideResolution(float(stated), "metadata")
+        note = f"metadata refused: {why}"
+        if fill_in is None:
+            raise SlideError(
+                f"{path}: the slide's resolution metadata is not credible ({why}); give its true resolution "
+                "with --slide-mpp UM_PER_PX (or --slide-mpp-override)"
+            )
+    if fill_in is None:
+        raise SlideError(f"{path}: the slide states no resolution (um/px); give --slide-mpp UM_PER_PX")
+    return SlideResolution(float(fill_in), "--slide-mpp", note)
+
+
+def slide_mpp(path: str | Path, stated: float | None, fill_in: float | None) -> float:
+    """The slide's level-0 um/px: plausible metadata, else ``fill_in`` (--slide-mpp), else a one-line error.
 
     Metadata wins so that one --slide-mpp for a folder fills in only the slides that lack it.
     """
-    value = stated if stated is not None else override
-    if value is None:
-        raise SlideError(f"{path}: the slide states no resolution (um/px); give --slide-mpp UM_PER_PX")
-    if value <= 0:
-        raise ConfigError(f"slide resolution must be positive, got {value} um/px")
-    return float(value)
+    return slide_resolution(path, stated, fill_in).mpp
+
+
+def describe_slide_resolution(path: str | Path) -> str:
+    """One line on what a slide states about its resolution and whether a scan would accept it.
+
+    For checking a slide before scanning it: ``python -c "from histoscan.wsi.resolution import
+    describe_slide_resolution as d; print(d('slide.svs'))"``.
+    """
+    from histoscan.wsi.reader import open_slide
+
+    reader = open_slide(path)
+    try:
+        stated, power = reader.mpp, reader.objective_power
+        w, h = reader.dimensions
+        levels = ", ".join(f"{d:.3g}" for d in reader.level_downsamples)
+    finally:
+        reader.close()
+    what = f"{path}: {w}x{h} px, level downsamples {levels}; "
+    what += f"states {stated:.4g} um/px" if stated else "states no resolution"
+    what += f" at {power:g}x" if power else ", no objective power"
+    try:
+        res = slide_resolution(path, stated, None, None, power)
+    except SlideError as exc:
+        return f"{what}. A scan refuses it: {str(exc).removeprefix(f'{path}: ')}"
+    return f"{what}. A scan uses {res.mpp:.4g} um/px (from its {res.source})"

@@ -21,15 +21,16 @@ import pandas as pd
 from PIL import Image
 
 from histoscan import __version__
-from histoscan.errors import ConfigError, HistoscanError
+from histoscan.errors import ConfigError
 from histoscan.inference.predictor import Predictor
 from histoscan.stain.groups import sample_positions
 from histoscan.training.config import doc
 from histoscan.wsi import outputs
 from histoscan.wsi.grid import SlideGrid, TileSpec
+from histoscan.wsi.provenance import file_digest, identity_key, model_fingerprint
 from histoscan.wsi.reader import SlideError, SlideReader, open_slide
-from histoscan.wsi.resolution import choose_level, model_mpp, slide_mpp
-from histoscan.wsi.tissue import MASK_MAX_SIDE, TissueMask, detect_tissue, load_mask
+from histoscan.wsi.resolution import choose_level, model_mpp, slide_resolution
+from histoscan.wsi.tissue import MASK_MAX_SIDE, MASK_SUFFIXES, TissueMask, detect_tissue, load_mask
 
 Progress = Callable[[int], Callable[[int], None]]  # start(total) -> advance(n), as the CLI's progress bars
 
@@ -46,7 +47,13 @@ class ScanSettings:
     )
     model_mpp: float | None = doc("The model's resolution in um/px when model.json does not state it.", None)
     slide_mpp: float | None = doc(
-        "Level-0 resolution in um/px for slides whose metadata lacks it (stated ones win).", None
+        "Level-0 resolution in um/px for slides whose metadata lacks it or states a default dpi tag "
+        "(credible stated ones win).",
+        None,
+    )
+    slide_mpp_override: float | None = doc(
+        "Level-0 resolution in um/px for every slide, winning over its metadata (a slide that states a wrong one).",
+        None,
     )
     tile: int | None = doc("Tile side in model px (must be the model's input size; default: that size).", None)
     stride: int | None = doc("Step between tiles in model px (default: the labelled centre, e.g. 32 for PCam).", None)
@@ -54,15 +61,18 @@ class ScanSettings:
     positive_class: str | None = doc("Class whose probability is mapped (default: the second of a binary model).", None)
     threshold: float | None = doc("Probability above which cells form tumour regions (default: the run's).", None)
     geojson_tiles: bool = doc("Also write one GeoJSON 'tile' object per heatmap cell with its probability.", False)
-    tta: bool = doc("Average the 8 flips/rotations; tiles.csv gains an uncertainty column.", False)
-    backend: str = doc("torch, onnx, or auto (onnx when model.onnx exists).", "auto")
-    device: str = doc("Torch device (cpu, cuda, mps).", "cpu")
-    batch_size: int = doc("Tiles per forward pass.", 256)
-    workers: int = doc("Background threads reading tiles.", 2)
+    tta: bool = doc("Average the 8 flips/rotations; tiles.csv gains an uncertainty column.", False, cli=False)
+    backend: str = doc("torch, onnx, or auto (onnx when model.onnx exists).", "auto", cli=False)
+    device: str = doc("Torch device (cpu, cuda, mps).", "cpu", cli=False)
+    batch_size: int = doc("Tiles per forward pass.", 256, cli=False)
+    workers: int = doc("Workers reading and decoding the inputs in parallel (here: threads reading tiles).", 2)
     prefetch: int = doc("Blocks of tiles read ahead at most (bounds memory).", 8)
-    threads: int | None = doc("CPU threads for the model (default: all cores).", None)
+    threads: int | None = doc("CPU threads for the model (default: all cores).", None, cli=False)
     top_k: int = doc("Slide score: mean of the k highest tile probabilities (and the max).", 10)
-    force: bool = doc("Scan slides again even when their outputs exist.", False)
+    force: bool = doc(
+        "Scan slides again even when their outputs exist (outputs made by another model or settings are redone anyway).",
+        False,
+    )
     shard: str | None = doc("I/N: scan only shard I (0-based) of N of the slide list (job arrays).", None)
     explain_top: int = doc(
         "Also write Grad-CAM overlays of the K most suspicious tiles into <slide>/explain/ (needs best.safetensors).",
@@ -79,6 +89,12 @@ class ScanSettings:
             raise ConfigError(f"--explain-top must be at least 0, got {self.explain_top}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must be in [0, 1], got {self.threshold}")
+        if self.slide_mpp is not None and self.slide_mpp_override is not None:
+            raise ConfigError("give --slide-mpp (fills in missing values) or --slide-mpp-override (wins), not both")
+        for name in ("slide_mpp", "slide_mpp_override", "model_mpp"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value} um/px")
 
 
 @dataclass
@@ -106,10 +122,77 @@ def plan_grid(reader: SlideReader, predictor: Predictor, settings: ScanSettings)
     """The grid for a slide: resolutions (or a one-line error), level choice and tile geometry."""
     pre = predictor.bundle.preprocessing
     target = model_mpp(predictor.run_dir, pre.mpp, settings.model_mpp)
-    s_mpp = slide_mpp(reader.path, reader.mpp, settings.slide_mpp)
+    res = slide_resolution(
+        reader.path, reader.mpp, settings.slide_mpp, settings.slide_mpp_override, reader.objective_power
+    )
     spec = TileSpec.for_model(pre, settings.tile, settings.stride, settings.overlap)
-    level = choose_level(target, s_mpp, reader.level_downsamples)
-    return SlideGrid.over(spec, reader.bounds, level, s_mpp)
+    level = choose_level(target, res.mpp, reader.level_downsamples)
+    source = f"{res.source} ({res.note})" if res.note else res.source
+    grid = SlideGrid.over(spec, reader.bounds, level, res.mpp, source)
+    grid.check_budget(reader.path)
+    return grid
+
+
+def check_settings(predictor: Predictor, settings: ScanSettings, slides: list[Path] | None = None) -> None:
+    """Refuse settings that cannot work with this model or these slides, before any slide is read."""
+    from histoscan.bundle import EnsembleBundle
+    from histoscan.runfolder import RunFolder
+
+    if settings.explain_top:
+        if isinstance(predictor.bundle, EnsembleBundle):
+            raise ConfigError(
+                f"--explain-top: {predictor.run_dir} is an ensemble; Grad-CAM explains one model: give a member's run"
+            )
+        if not RunFolder(predictor.run_dir).weights_path.is_file():
+            raise ConfigError(
+                f"--explain-top: {predictor.run_dir} has no best.safetensors (Grad-CAM needs the torch weights, "
+                "not model.onnx alone)"
+            )
+    positive_index(predictor, settings.positive_class)
+    if settings.mask:
+        m = Path(settings.mask)
+        if not m.exists():
+            raise ConfigError(f"--mask {m}: no such file or folder")
+        if m.is_file() and m.suffix.lower() not in MASK_SUFFIXES:
+            raise ConfigError(f"--mask {m}: a mask is a PNG or a QuPath GeoJSON ({', '.join(MASK_SUFFIXES)})")
+        for slide in slides or []:
+            mask_for(m, slide)
+
+
+def scan_identity(predictor: Predictor, settings: ScanSettings, slide: Path) -> dict[str, Any]:
+    """What decides a slide's outputs: the model's files, the predictor settings, and the scan settings.
+
+    Settings that only change speed (workers, batch size, threads, device) are left out.
+    """
+    members = getattr(predictor.bundle, "member_dirs", [])
+    mask: str | None = None
+    if settings.mask:
+        m = mask_for(settings.mask, slide)
+        mask = f"{m.name}:{file_digest(m)[:16]}"
+    threshold = settings.threshold if settings.threshold is not None else float(predictor.threshold)
+    return {
+        "model": model_fingerprint(predictor.run_dir, members),
+        "predictor": {
+            "backend": predictor.backend.name,
+            "tta": settings.tta,
+            "precision": str(getattr(predictor.backend, "precision", "")),
+        },
+        "threshold": threshold,
+        "positive_class": predictor.classes[positive_index(predictor, settings.positive_class)],
+        "scan": {
+            "min_tissue": settings.min_tissue,
+            "mask": mask,
+            "model_mpp": settings.model_mpp,
+            "slide_mpp": settings.slide_mpp,
+            "slide_mpp_override": settings.slide_mpp_override,
+            "tile": settings.tile,
+            "stride": settings.stride,
+            "overlap": settings.overlap,
+            "top_k": settings.top_k,
+            "geojson_tiles": settings.geojson_tiles,
+            "explain_top": settings.explain_top,
+        },
+    }
 
 
 def tissue_mask(reader: SlideReader, grid: SlideGrid, settings: ScanSettings) -> tuple[TissueMask, np.ndarray]:
@@ -206,16 +289,18 @@ def scan_slide(
     path = Path(path)
     name = name or path.stem
     out = Path(out)
+    check_settings(predictor, settings, [path])
+    identity = scan_identity(predictor, settings, path)
     reader = open_slide(path)
     try:
         grid = plan_grid(reader, predictor, settings)
         pos = positive_index(predictor, settings.positive_class)
         mask, thumb = tissue_mask(reader, grid, settings)
         mask_seconds = time.perf_counter() - started
-        rows, cols = np.mgrid[0 : grid.rows, 0 : grid.cols]
-        rows, cols = rows.ravel(), cols.ravel()
-        frac = mask.fraction(grid.label_boxes(rows, cols))
-        scanned = frac >= max(settings.min_tissue, 1e-9)
+        frac_grid = tissue_fractions(grid, mask)
+        scanned = frac_grid.ravel() >= max(settings.min_tissue, 1e-9)
+        rows, cols = np.divmod(np.flatnonzero(scanned), grid.cols)
+        frac = frac_grid.ravel()[scanned]
         if not scanned.any():
             raise SlideError(
                 f"{path}: no tissue found (no tile has {settings.min_tissue:.0%} tissue in its centre); "
@@ -228,7 +313,7 @@ def scan_slide(
         infer_seconds = time.perf_counter() - started - mask_seconds
         prob_grid = np.full((grid.rows, grid.cols), np.nan, np.float32)
         prob_grid.ravel()[scanned] = probs
-        tiles = outputs.tiles_frame(grid, rows[scanned], cols[scanned], frac[scanned], probs, unc)
+        tiles = outputs.tiles_frame(grid, rows, cols, frac, probs, unc)
         threshold = settings.threshold if settings.threshold is not None else float(predictor.threshold)
         out.mkdir(parents=True, exist_ok=True)
         tmp = outputs.scratch_folder(out, name)
@@ -237,7 +322,7 @@ def scan_slide(
             if settings.explain_top:
                 from histoscan.explain.slides import explain_top_tiles
 
-                r_s, c_s = rows[scanned], cols[scanned]
+                r_s, c_s = rows, cols
                 explain_top_tiles(
                     predictor.run_dir,
                     lambda r, c: _read_block(reader, grid, (r, r + 1, c, c + 1)),
@@ -250,11 +335,14 @@ def scan_slide(
                     settings.device,
                     stain_sample,
                 )
-        except HistoscanError:
+        except Exception:  # any failure: discard what was written (a kill leaves it, removed by the next scan)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         times = (time.perf_counter() - started, mask_seconds, infer_seconds)
         summary = _summary(path, name, predictor, settings, grid, mask, probs, threshold, times)
+        summary["identity"] = identity
+        summary["identity_key"] = identity_key(identity)
+        summary["model"] = identity["model"]
         if stain_key is not None:  # per-group stain model: the slide's one estimate, and whether it was usable
             summary["stain_group_passed_through"] = (
                 stain_key in predictor.bundle.preprocessing.stain_groups.passed_through()
@@ -264,6 +352,22 @@ def scan_slide(
         return SlideResult(name, folder, summary)
     finally:
         reader.close()
+
+
+def tissue_fractions(grid: SlideGrid, mask: TissueMask, chunk_cells: int = 1_000_000) -> np.ndarray:
+    """Tissue fraction of every cell's labelled centre (float32 rows x cols), a band of rows at a time.
+
+    Bands keep the per-cell temporaries (coordinates, boxes, integral look-ups) to ``chunk_cells`` cells.
+    """
+    out = np.empty((grid.rows, grid.cols), np.float32)
+    band = max(1, chunk_cells // grid.cols)
+    cols = np.arange(grid.cols)
+    for r0 in range(0, grid.rows, band):
+        r1 = min(grid.rows, r0 + band)
+        rr = np.repeat(np.arange(r0, r1), grid.cols)
+        cc = np.tile(cols, r1 - r0)
+        out[r0:r1] = mask.fraction(grid.label_boxes(rr, cc)).reshape(r1 - r0, grid.cols)
+    return out
 
 
 def _write_outputs(
@@ -384,6 +488,7 @@ def _summary(
         "path": str(path),
         "status": "done",
         "slide_mpp": grid.slide_mpp,
+        "slide_mpp_source": grid.mpp_source,
         "model_mpp": grid.model_mpp,
         "level": grid.level.level,
         "level_downsample": grid.level.downsample,

@@ -37,8 +37,15 @@ def write_tiled_pyramid(
     downsamples: Sequence[int] = (1, 4, 16),
     tile: int = 256,
     compression: str = "zlib",
+    resolution_tag: tuple[float, str] | None = None,
+    description: str | None = None,
 ) -> Path:
-    """A pyramidal tiled TIFF of ``size`` = (height, width) whose tiles come from ``fn``, level by level."""
+    """A pyramidal tiled TIFF of ``size`` = (height, width) whose tiles come from ``fn``, level by level.
+
+    ``resolution_tag`` = (value, "INCH" or "CENTIMETER") writes that level-0 tag instead of ``mpp``'s (to
+    build files that lie, e.g. (72, "INCH")); ``description`` is the first page's ImageDescription (an
+    Aperio-style one makes OpenSlide read it as SVS, objective power included).
+    """
     import tifffile
 
     path = Path(path)
@@ -48,9 +55,14 @@ def write_tiled_pyramid(
         for k, d in enumerate(downsamples):
             h, w = max(1, h0 // d), max(1, w0 // d)
             res: dict[str, Any] = {}
-            if mpp is not None:
+            if resolution_tag is not None:
+                value = resolution_tag[0] / d
+                res = {"resolution": (value, value), "resolutionunit": resolution_tag[1]}
+            elif mpp is not None:
                 ppcm = 1e4 / (mpp * d)
                 res = {"resolution": (ppcm, ppcm), "resolutionunit": "CENTIMETER"}
+            if description is not None:
+                res.update(description=description if k == 0 else "", metadata=None)
             tw.write(
                 _tiles(fn, float(d), h, w, tile),
                 shape=(h, w, 3),
@@ -71,6 +83,8 @@ def write_slide(
     downsamples: Sequence[int] = (1, 2, 4),
     tile: int = 128,
     compression: str = "zlib",
+    resolution_tag: tuple[float, str] | None = None,
+    description: str | None = None,
 ) -> Path:
     """A small in-memory level-0 image as a pyramidal slide (levels shrunk with a box filter)."""
     h, w = image.shape[:2]
@@ -84,7 +98,7 @@ def write_slide(
     def fn(d: float, y: int, x: int, th: int, tw_: int) -> np.ndarray:
         return levels[int(d)][y : y + th, x : x + tw_]
 
-    return write_tiled_pyramid(path, (h, w), fn, mpp, downsamples, tile, compression)
+    return write_tiled_pyramid(path, (h, w), fn, mpp, downsamples, tile, compression, resolution_tag, description)
 
 
 def crop_pool(n: int, seed: int, cell: int = 32) -> tuple[np.ndarray, np.ndarray]:

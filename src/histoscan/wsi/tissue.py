@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ MIN_SATURATION = 0.05  # glass is below this whatever Otsu says (a blank slide h
 DARK_VALUE = 0.2  # slide edges, black marker and folds darker than this are not tissue
 MIN_OBJECT_UM2 = 5_000.0  # specks smaller than ~70 x 70 um are dust, not tissue
 MASK_MAX_SIDE = 4096
+MASK_SUFFIXES = (".png", ".geojson", ".json")  # what --mask reads: a PNG or a QuPath GeoJSON
 
 
 @dataclass
@@ -27,12 +28,15 @@ class TissueMask:
     scale_x: float
     scale_y: float
     source: str = "detected"
+    _integral: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def fraction(self, boxes: np.ndarray) -> np.ndarray:
         """Tissue fraction inside each level-0 (x, y, w, h) box, from an integral image (area-weighted)."""
         h, w = self.mask.shape
-        integral = np.zeros((h + 1, w + 1), np.int32)  # exact counts, half the memory of float64
-        integral[1:, 1:] = self.mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
+        if self._integral is None or self._integral.shape != (h + 1, w + 1):  # built once, asked band by band
+            self._integral = np.zeros((h + 1, w + 1), np.int32)  # exact counts, half the memory of float64
+            self._integral[1:, 1:] = self.mask.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
+        integral = self._integral
 
         def corner(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
             # bilinear lookup of the integral image makes the sum area-exact at fractional mask pixels

@@ -2,6 +2,8 @@
 
 Everything is computed from ``labels`` (class index per patch) and ``probabilities`` (N x C,
 rows summing to 1): the same function scores CNN runs, classical baselines and tuning trials.
+Pure functions of labels and scores, so the module sits in the core layer: stain, trust and
+evaluation all use it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from histoscan.errors import DataError
+from histoscan.errors import ConfigError, DataError
 
 ECE_BINS = 15
+THRESHOLD_RULES = ("youden", "sensitivity")
 
 
 def check_inputs(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> None:
@@ -105,6 +108,16 @@ def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, target: fl
         "sensitivity": float(tpr[i]),
         "specificity": float(1 - fpr[i]),
     }
+
+
+def pick_threshold(labels: np.ndarray, scores: np.ndarray, rule: str, target: float = 0.95, source: str = "") -> float:
+    """The threshold rule every bundle's stored threshold uses: Youden's J, or the highest reaching ``target`` sensitivity."""
+    if rule not in THRESHOLD_RULES:
+        raise ConfigError(f"threshold rule {rule!r} is not one of {list(THRESHOLD_RULES)}")
+    if len(np.unique(labels)) < 2:
+        raise DataError(f"{source}: the validation predictions hold a single class; cannot choose a threshold")
+    chosen = youden_threshold(labels, scores) if rule == "youden" else threshold_for_sensitivity(labels, scores, target)
+    return float(chosen["threshold"])
 
 
 def _finite(t: float) -> float:

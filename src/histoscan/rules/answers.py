@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from histoscan.errors import ConfigError
+from histoscan.rules.referral import REFER, refer_mask
+from histoscan.rules.tissue import answers_for
 from histoscan.runfolder import TrustPolicy
-from histoscan.trust.referral import REFER, refer_mask
-from histoscan.trust.tissue import answers_for
 
 UNCHECKED = "unchecked"  # the quality flag of a run without a tissue check (model.json predates it)
 ANSWER_KINDS = ("refer", "not tissue", "out of distribution")

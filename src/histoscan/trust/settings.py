@@ -1,0 +1,32 @@
+"""Options of ``histoscan calibrate`` (each field's help text is its ``--help``); its model options are
+``histoscan.inference.settings.PredictorSettings``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from histoscan.options import doc
+
+
+@dataclass(frozen=True)
+class CalibrateSettings:
+    """``histoscan calibrate``: what to fit on a run's validation data."""
+
+    run: Path = doc("A run folder.", argument=True)
+    data: Path | None = doc("Store holding the run's validation patches (default: the training store).", None)
+    temperature: bool = doc(
+        "Fit temperature scaling on the calibration rows of the run's split (else the validation split).", True
+    )
+    refer_coverage: float | None = doc(
+        "Fit a referral rule answering this fraction of images (the rest: 'refer'), e.g. 0.9.", None
+    )
+    target_accuracy: float | None = doc(
+        "Fit a referral rule whose answered images reach this accuracy, e.g. 0.98.", None
+    )
+    refer_by: str = doc(
+        "Refer by probability (a band around the threshold), uncertainty, or auto (the better on validation).", "auto"
+    )
+    tissue_check: bool = doc(
+        "Fit the tissue check (not tissue / out of distribution) on the training split (new runs have it).", False
+    )

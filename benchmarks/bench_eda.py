@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import rss_mb
+from _common import Recorder, add_json_option, rss_mb
 from histoscan.data.synthetic import write_synthetic_store
 from histoscan.eda.report import run_eda
 
@@ -25,7 +25,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--sample", type=int, default=5000)
+    add_json_option(ap)
     args = ap.parse_args()
+    rec = Recorder("bench_eda", "Data report (eda) speed and memory", args.json)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         store = write_synthetic_store(Path(tmp) / "store", args.n)
@@ -47,6 +49,15 @@ def main() -> None:
             f"(aim < 500 MB)"
         )
         print(f"quality: {r.summary['quality']}, counts {r.summary['counts']}")
+        rec.figures.update(
+            patches=args.n,
+            sample_per_class=args.sample,
+            eda_seconds=round(r.seconds, 1),
+            figures=len(r.figures),
+            rss_growth_peak_mb=round(peak[0] - before),
+            rss_growth_end_mb=round(rss_mb() - before),
+        )
+    rec.write()
 
 
 if __name__ == "__main__":

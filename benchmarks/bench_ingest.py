@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import rss_mb, shared_or_exit
+from _common import Recorder, add_json_option, rss_mb, shared_or_exit
 from histoscan.data.ingest import ingest
 from histoscan.data.store import PatchStore
 from histoscan.data.synthetic import write_synthetic_store
@@ -35,7 +35,7 @@ def pillow_loop(paths: list[Path]) -> list[np.ndarray]:
     return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
 
 
-def bench_ingest(repeats: int, work: Path) -> None:
+def bench_ingest(repeats: int, work: Path) -> dict[str, float]:
     root = shared_or_exit("hcd")
     paths = sorted((root / "train").glob("*.tif"))
     for p in paths:  # warm the page cache so both sides read from memory
@@ -56,9 +56,11 @@ def bench_ingest(repeats: int, work: Path) -> None:
         f"ingest hcd ({len(paths)} tif, {available_cores()} workers): {o:,.0f} img/s; "
         f"Pillow loop: {b:,.0f} img/s; ratio {o / b:.2f} (target >= 1.6)"
     )
+    return {"patches": len(paths), "workers": available_cores(), "ingest_img_s": round(o), "pillow_loop_img_s": round(b),
+            "ratio": round(o / b, 3)}  # fmt: skip
 
 
-def bench_stream(n: int, work: Path, seconds: float) -> None:
+def bench_stream(n: int, work: Path, seconds: float) -> dict[str, float]:
     t = time.perf_counter()
     path = write_synthetic_store(work / "big", n, seed=0)
     print(f"built a {n:,}-patch synthetic store in {time.perf_counter() - t:.0f} s")
@@ -86,6 +88,8 @@ def bench_stream(n: int, work: Path, seconds: float) -> None:
         f"random batches of 256 + dihedral + colour jitter: {done / dt:,.0f} img/s over {done:,} images "
         f"({torch.get_num_threads()} torch threads; target >= 5,000); RSS growth {peak - rss0:.0f} MB (target < 300 MB)"
     )
+    return {"store_patches": n, "img_s": round(done / dt), "images": done, "torch_threads": torch.get_num_threads(),
+            "rss_growth_mb": round(peak - rss0)}  # fmt: skip
 
 
 def main() -> None:
@@ -93,10 +97,13 @@ def main() -> None:
     ap.add_argument("--n-store", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stream-seconds", type=float, default=30.0)
+    add_json_option(ap)
     args = ap.parse_args()
+    rec = Recorder("bench_ingest", "Ingest and store-reading speed", args.json)
     with tempfile.TemporaryDirectory(prefix="histoscan-bench-") as tmp:
-        bench_ingest(args.repeats, Path(tmp))
-        bench_stream(args.n_store, Path(tmp), args.stream_seconds)
+        rec.figures["ingest"] = bench_ingest(args.repeats, Path(tmp))
+        rec.figures["stream"] = bench_stream(args.n_store, Path(tmp), args.stream_seconds)
+    rec.write()
 
 
 if __name__ == "__main__":

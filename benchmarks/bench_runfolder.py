@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _common import Recorder, add_json_option
 from histoscan.bundle import ModelBundle, check_state, load_model, read_bundle, read_weights, save_weights
 from histoscan.inference.backends import check_model
 from histoscan.inference.export import export_onnx
@@ -53,32 +54,44 @@ def make_run(root: Path, arch: str, size: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
+    add_json_option(ap)
     args = ap.parse_args()
+    rec = Recorder("bench_runfolder", "Reading and checking a run folder", args.json)
     with tempfile.TemporaryDirectory(prefix="bench-runfolder-") as tmp:
         root = Path(tmp)
         old = root / "v1"
         old.mkdir()
         shutil.copy(FIXTURE, old / "model.json")
-        print(
-            f"read_bundle, version-1 model.json (upgraded in memory): {median_ms(lambda: read_bundle(old), args.repeats):.2f} ms"
-        )
-        for arch, size in (("simple_cnn", 96), ("resnet50", 224)):
+        v1_ms = median_ms(lambda: read_bundle(old), args.repeats)
+        print(f"read_bundle, version-1 model.json (upgraded in memory): {v1_ms:.2f} ms")
+        rec.figures["read_bundle_v1_ms"] = round(v1_ms, 3)
+        rows = [
             report(make_run(root, arch, size), arch, args.repeats)
+            for arch, size in (("simple_cnn", 96), ("resnet50", 224))
+        ]
+        rec.tables["Median milliseconds per call"] = rows
+    rec.write()
 
 
-def report(run: Path, arch: str, repeats: int) -> None:
-    """Print the three costs for one run folder."""
+def report(run: Path, arch: str, repeats: int) -> dict[str, object]:
+    """Print the three costs for one run folder; return them as one table row."""
     mb = RunFolder(run).weights_path.stat().st_size / 1e6
     reps = max(3, repeats // 4)
+    row: dict[str, object] = {"model": arch, "weights_mb": round(mb, 1)}
     print(f"{arch} ({mb:.1f} MB of weights):")
-    print(f"  read_bundle (validated model.json)  {median_ms(lambda: read_bundle(run), repeats):8.2f} ms")
-    print(f"  load_model (every check)            {median_ms(lambda: load_model(run), reps):8.1f} ms")
+    row["read_bundle_ms"] = median_ms(lambda: read_bundle(run), repeats)
+    print(f"  read_bundle (validated model.json)  {row['read_bundle_ms']:8.2f} ms")
+    row["load_model_ms"] = median_ms(lambda: load_model(run), reps)
+    print(f"  load_model (every check)            {row['load_model_ms']:8.1f} ms")
     model, bundle = load_model(run)
     state = read_weights(RunFolder(run).weights_path)
-    shapes = median_ms(lambda: check_state(model, state, "w", bundle), repeats)
-    print(f"    of which the shape check          {shapes:8.2f} ms")
-    print(f"  check_model, torch backend          {median_ms(lambda: check_model(run, 'torch'), reps):8.1f} ms")
-    print(f"  check_model, onnx backend           {median_ms(lambda: check_model(run, 'onnx'), reps):8.1f} ms")
+    row["shape_check_ms"] = median_ms(lambda: check_state(model, state, "w", bundle), repeats)
+    print(f"    of which the shape check          {row['shape_check_ms']:8.2f} ms")
+    row["check_model_torch_ms"] = median_ms(lambda: check_model(run, "torch"), reps)
+    print(f"  check_model, torch backend          {row['check_model_torch_ms']:8.1f} ms")
+    row["check_model_onnx_ms"] = median_ms(lambda: check_model(run, "onnx"), reps)
+    print(f"  check_model, onnx backend           {row['check_model_onnx_ms']:8.1f} ms")
+    return row
 
 
 if __name__ == "__main__":

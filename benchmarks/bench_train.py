@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import Recorder, add_json_option
 from histoscan.data.synthetic import write_synthetic_store
 from histoscan.models import create_model
 from histoscan.runfolder import RunFolder
@@ -84,7 +85,9 @@ def main() -> None:
     ap.add_argument("--config", default="cpu-default")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=2)
+    add_json_option(ap)
     args = ap.parse_args()
+    rec = Recorder("bench_train", "Training throughput of a shipped config", args.json)
     keep_freed_memory()  # the bare loop gets the same allocator setting the pipeline uses
     cfg = TrainConfig.from_yaml(resolve_config_path(args.config), {"data": "unused"})
     size = cfg.resize or cfg.crop or 96
@@ -122,6 +125,20 @@ def main() -> None:
         print(
             f"new / old pipeline: {n / o:.2f}x (target >= 1.7); new pipeline / bare loop: {n / b:.2f} (target >= 0.9)"
         )
+        rec.figures.update(
+            config=args.config,
+            steps=args.steps,
+            numerics=f"{'bf16-mixed' if bf16 else 'fp32'}, {'channels-last' if channels_last else 'contiguous'}",
+            new_over_old=round(n / o, 3),
+            new_over_bare_loop=round(n / b, 3),
+        )
+        rec.tables["Images per second (best of the repeats)"] = [
+            {"path": "full pipeline, new defaults", "img_s": round(n, 1)},
+            {"path": "full pipeline, fp32 contiguous, no EMA", "img_s": round(o, 1)},
+            {"path": "bare loop, new numerics", "img_s": round(b, 1)},
+            {"path": "bare loop, fp32 contiguous", "img_s": round(bo, 1)},
+        ]
+    rec.write()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit
+from _common import Recorder, add_json_option, finish, shared_or_exit
 from histoscan.data.ingest import ingest
 from histoscan.data.store import PatchStore
 from histoscan.inference.predictor import Predictor
@@ -70,7 +70,9 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="reuse an ingested hcd store")
     ap.add_argument("--out", default=None, help="where to keep the runs (default: a temporary folder)")
     ap.add_argument("--serve-seconds", type=float, default=0.0, help="served throughput per model (0: skip)")
+    add_json_option(ap)
     args = ap.parse_args()
+    Recorder("cv_hcd", "Cross-validation and a fold ensemble of the CPU default on real patches", args.json).tee()
     started = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="histoscan-cv-")
     work = Path(args.out or tmp.name)
@@ -138,3 +140,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

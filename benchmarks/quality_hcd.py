@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit
+from _common import Recorder, add_json_option, finish, shared_or_exit
 from histoscan.bundle import read_bundle
 from histoscan.data.ingest import ingest
 from histoscan.data.splits import split_store
@@ -42,7 +42,9 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="reuse an ingested hcd store")
     ap.add_argument("--out", default=None, help="where to keep the run (default: a temporary folder)")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value (YAML values)")
+    add_json_option(ap)
     args = ap.parse_args()
+    Recorder("quality_hcd", "Quality of the CPU default on real patches under a time budget", args.json).tee()
     tmp = tempfile.TemporaryDirectory(prefix="histoscan-quality-")
     work = Path(args.out or tmp.name)
     store_path = Path(args.store) if args.store else ingest(shared_or_exit("hcd"), work / "store").store
@@ -86,3 +88,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

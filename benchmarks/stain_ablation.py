@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit
+from _common import Recorder, add_json_option, finish, shared_or_exit
 from histoscan.inference.predictor import Predictor
 from histoscan.metrics import auroc
 from histoscan.runfolder import RunFolder
@@ -89,7 +89,9 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="reuse an ingested hcd store")
     ap.add_argument("--out", default="/tmp/stain-ablation", help="where runs and results go")
     ap.add_argument("--reference", nargs="*", default=[], help="finished runs to score alongside")
+    add_json_option(ap)
     args = ap.parse_args()
+    Recorder("stain_ablation", "Which stain-augmentation op costs the clean AUROC", args.json).tee()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store, split = prepare(out, args.store)
@@ -121,3 +123,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -39,7 +39,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit
+from _common import Recorder, add_json_option, finish, shared_or_exit
 from histoscan.data.ingest import ingest
 from histoscan.data.splits import split_store
 from histoscan.data.store import PatchStore
@@ -99,7 +99,9 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="reuse an ingested hcd store")
     ap.add_argument("--out", default="/tmp/stain-hcd", help="where runs and results go")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    add_json_option(ap)
     args = ap.parse_args()
+    Recorder("stain_hcd", "Stain robustness of the CPU default on real patches", args.json).tee()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store_path, fixed_split = prepare(out, args.store)
@@ -226,3 +228,4 @@ def summarise(labels: np.ndarray, probs: dict[str, dict[str, list[np.ndarray]]],
 
 if __name__ == "__main__":
     main()
+    finish()

@@ -41,7 +41,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit
+from _common import Recorder, add_json_option, finish, shared_or_exit
 from histoscan.data.ingest import ingest
 from histoscan.data.splits import read_split
 from histoscan.data.store import META_FILE, PatchStore
@@ -116,7 +116,9 @@ def main() -> None:
     ap.add_argument("--results", required=True, help="the --out folder of stain_hcd.py")
     ap.add_argument("--neighbours", type=int, default=25)
     ap.add_argument("--idc", action="store_true", help="also the patient-split control on ../shared/data/idc")
+    add_json_option(ap)
     args = ap.parse_args()
+    Recorder("stain_shortcut", "What the stain of a patch says about its label", args.json).tee()
     res = Path(args.results)
     store = PatchStore(res / "store")
     split = read_split(res / "split.csv", store)
@@ -170,3 +172,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

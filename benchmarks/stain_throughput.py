@@ -23,7 +23,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit
+from _common import Recorder, add_json_option, finish, shared_or_exit
 from histoscan.data.ingest import ingest
 from histoscan.data.store import PatchStore
 from histoscan.models import create_model
@@ -60,7 +60,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-training", action="store_true", help="skip the training-step timings")
+    add_json_option(ap)
     args = ap.parse_args()
+    Recorder("stain_throughput", "Stain normalisation and augmentation throughput", args.json).tee()
     torch.set_num_threads(args.threads)
     store_path = Path(args.store) if args.store else ingest(shared_or_exit("hcd"), Path("/tmp/stain-bench-store")).store
     store = PatchStore(store_path)
@@ -105,3 +107,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

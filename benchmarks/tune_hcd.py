@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit
+from _common import Recorder, add_json_option, finish, shared_or_exit
 from histoscan.data.ingest import ingest
 from histoscan.tuning.study import TuneSettings, tune
 
@@ -30,7 +30,9 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="reuse an ingested hcd store")
     ap.add_argument("--out", default=None, help="keep the studies here (default: a temporary folder)")
     ap.add_argument("--set", nargs="*", default=[], help="training overrides key=value (YAML values)")
+    add_json_option(ap)
     args = ap.parse_args()
+    Recorder("tune_hcd", "Tuning: TPE + Hyperband against random search", args.json).tee()
     overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
@@ -66,3 +68,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

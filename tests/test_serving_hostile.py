@@ -261,28 +261,45 @@ def test_a_flood_of_explanations_gets_503_while_predictions_succeed(
 
 
 # ---- 3. numbers checked as numbers ----------------------------------------------------------------------
-def _numeric_params(spec: dict[str, Any]) -> list[tuple[str, str]]:
-    """(path, name) of every number or integer query parameter in the OpenAPI."""
+def _numeric_params(spec: dict[str, Any]) -> list[tuple[str, str, str, str, dict[str, Any]]]:
+    """(method, path, where, name, schema) of every number or integer parameter (query or path) in the OpenAPI."""
     out = []
     for path, ops in spec["paths"].items():
-        for op in ops.values():
+        for method, op in ops.items():
             for p in op.get("parameters", []):
                 schema = p.get("schema", {})
                 types = {schema.get("type")} | {s.get("type") for s in schema.get("anyOf", [])}
                 if types & {"number", "integer"}:
-                    out.append((path, p["name"]))
+                    out.append((method, path, p["in"], p["name"], schema))
     return out
 
 
+def _allowed(value: str, schema: dict[str, Any]) -> bool:
+    """Whether ``value`` is a valid number for ``schema`` (finite, an integer where asked, within its bounds)."""
+    x = float(value)
+    if not math.isfinite(x) or (schema.get("type") == "integer" and (x != int(x) or "e" in value)):
+        return False
+    low, high = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
+    above = schema.get("exclusiveMinimum", -math.inf)
+    return low <= x <= high and x > above and abs(x) < 1e12
+
+
 def test_every_numeric_parameter_refuses_non_finite_huge_and_negative(
-    tiny_run: Path, patch: tuple[str, bytes, str]
+    tiny_run: Path, patch: tuple[str, bytes, str], tmp_path: Path
 ) -> None:
-    with TestClient(create_app(_settings(tiny_run, api_key=None))) as c:
+    settings = _settings(tiny_run, api_key=None, slides=str(tmp_path))  # an empty folder: the slide routes answer
+    with TestClient(create_app(settings)) as c:
         params = _numeric_params(c.get("/openapi.json").json())
-        assert ("/v1/explain", "scale") in params
-        for path, name in params:
+        names = {(path, name) for _, path, _, name, _ in params}
+        assert ("/v1/explain", "scale") in names and ("/v1/slides", "limit") in names
+        assert ("/v1/slides/{slide}_files/{level}/{col}_{row}.jpeg", "level") in names
+        for method, path, where, name, schema in params:
             for value in ("inf", "-inf", "Infinity", "nan", "1e309", "1e300", "-1", "0"):
-                r = c.post(f"{path}?{name}={value}", files={"file": patch})
+                if _allowed(value, schema):
+                    continue  # 0 is a valid offset or tile column: not a refusal to test here
+                url = re.sub(r"\{(\w+)\}", lambda m: value if m.group(1) == name else "1", path)  # noqa: B023
+                url += f"?{name}={value}" if where == "query" else ""
+                r = c.post(url, files={"file": patch}) if method == "post" else c.request(method, url)
                 assert r.status_code == 422, (path, name, value, r.status_code, r.text)
                 assert name in r.json()["error"]
         r = c.post("/v1/explain?scale=0.5", files={"file": patch})
@@ -305,6 +322,15 @@ def test_openapi_lists_every_status_with_the_error_schema(tiny_run: Path) -> Non
     assert "empty file" in spec["paths"]["/v1/predict"]["post"]["responses"]["400"]["description"]
     for path in ("/ready", "/metrics", "/v1/model"):
         assert "401" in spec["paths"][path]["get"]["responses"], path
+    slide_routes = [p for p in spec["paths"] if p.startswith("/v1/slides")]
+    assert len(slide_routes) == 6, slide_routes
+    for path in slide_routes:  # the viewer's routes: keyed, limited, each status with the error body
+        responses = spec["paths"][path]["get"]["responses"]
+        for status in ("401", "404", "422", "500", "503"):
+            assert responses[status]["content"]["application/json"]["schema"]["$ref"] == error_ref, (path, status)
+        assert "Retry-After" in responses["503"]["headers"], path
+    tile = spec["paths"]["/v1/slides/{slide}_files/{level}/{col}_{row}.jpeg"]["get"]["responses"]
+    assert {"400", "409", "410"} <= set(tile) and "scan failed" in tile["409"]["description"]
 
 
 def test_docs_and_page_are_open_everything_else_but_health_needs_the_key(server: str) -> None:

@@ -298,7 +298,7 @@ def test_tta_is_the_default_for_evaluation_and_submissions_of_binary_models(tiny
     p = Predictor(tiny_run, backend="torch")
     assert default_tta(p.bundle) == list(range(8))
     assert submission_tta(p, None, "sample_submission.csv") == list(range(8))
-    assert submission_tta(p, None, None) is False and submission_tta(p, False, "s.csv") is False
+    assert submission_tta(p, None, None) == [0] and submission_tta(p, False, "s.csv") == [0]  # no TTA
     with_tta = evaluate_run(tiny_run, out=tmp_path / "a", n_boot=10)
     without = evaluate_run(tiny_run, tta=False, out=tmp_path / "b", n_boot=10)
     import json

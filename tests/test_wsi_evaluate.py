@@ -130,3 +130,29 @@ def test_froc_counts_ties_together_and_steps_without_interpolation() -> None:
     hits = [(0.9, [(0, 0)]), (0.9, None), (0.5, [(1, 0)]), (0.4, None), (0.4, None)]
     curve = froc(hits, n_lesions=2, n_slides=2, rates=(0.25, 0.5, 1.0, 2.0))
     assert curve == {0.25: 0.0, 0.5: 1.0, 1.0: 1.0, 2.0: 1.0}
+
+
+@pytest.mark.slow  # three scanned slides in the fixture: about 6 s
+def test_slide_evaluate_cli_runs_the_froc_from_a_folder_or_files(scans: tuple[Path, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histoscan.cli import app
+
+    out, ann = scans
+    runner = CliRunner()
+    res = runner.invoke(app, ["slide", "evaluate", str(out), "--annotations", str(ann), "--bootstrap", "50"])
+    assert res.exit_code == 0, res.output
+    expected = evaluate_slides(out, settings=SlideEvaluationSettings(annotations=ann, bootstrap=50))
+    assert expected.froc_score is not None and "lesion FROC (3 lesions" in res.output
+    for line in expected.lines():  # the same figures as the Python call
+        assert line in res.output, line
+    files = ["--annotations", str(ann / "a.geojson"), "--annotations", str(ann / "b.xml")]
+    res = runner.invoke(app, ["slide", "evaluate", str(out), *files, "--bootstrap", "0"])
+    assert res.exit_code == 0, res.output
+    assert "lesion FROC (3 lesions" in res.output and "95% CI" not in res.output  # no resamples: no interval
+    stray = tmp_path / "z.xml"
+    stray.write_text((ann / "b.xml").read_text())
+    res = runner.invoke(app, ["slide", "evaluate", str(out), "--annotations", str(stray)])
+    assert res.exit_code == 2 and "z.xml: names no scanned slide" in res.output
+    res = runner.invoke(app, ["slide", "evaluate", str(out)])
+    assert res.exit_code == 2 and "give slide labels" in res.output

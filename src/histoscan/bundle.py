@@ -7,11 +7,12 @@ schema belong to ``histoscan.runfolder``.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from histoscan import __version__
@@ -38,12 +39,16 @@ from histoscan.runfolder import (  # noqa: F401  (file names re-exported for mod
     training_store,
 )
 
-BUNDLE_FORMAT = MODEL_FORMAT
-
 
 @dataclass
 class ModelBundle:
-    """What ``model.json`` says about a trained model."""
+    """What ``model.json`` says about a trained model: the working object built from its validated document.
+
+    ``histoscan.runfolder.ModelDocument`` is the one description of the file; this view holds its fields
+    under the same names (``to_document`` / ``from_document`` convert by name, see ``_same_fields``), except
+    ``preprocessing`` (a ``Preprocessing``, which also runs it) and ``temperature`` (``calibration.temperature``).
+    A field added to the schema is added here under the same name (``tests/test_bundle_schema.py`` checks).
+    """
 
     architecture: str
     classes: list[str]
@@ -74,28 +79,20 @@ class ModelBundle:
         return training_store(self.training)
 
     def to_document(self, source: str | Path = MODEL_FILE) -> ModelDocument:
-        """The ``model.json`` document (current schema), validated (ConfigError naming ``source``)."""
+        """The ``model.json`` document (current schema), validated (ConfigError naming ``source``).
+
+        Field by field by name (``_same_fields``): only the two that differ in shape are spelt out.
+        """
         pre = asdict(self.preprocessing)
-        return parse_model(
-            {
-                "format": MODEL_FORMAT,
-                "schema_version": SCHEMA_VERSION,
-                "kind": "model",
-                "architecture": self.architecture,
-                "model_args": self.model_args,
-                "classes": list(self.classes),
-                "preprocessing": {name: pre[name] for name in PreprocessingSpec.model_fields if name in pre},
-                "threshold": self.threshold,
-                "calibration": {"temperature": self.temperature},
-                "inference": self.inference.model_dump(mode="json"),
-                "trust": self.trust.model_dump(mode="json"),
-                "best_metric": self.best_metric,
-                "split": self.split,
-                "training": self.training,
-                "histoscan_version": self.histoscan_version,
-            },
-            str(source),
+        data = {name: _plain(getattr(self, name)) for name in _same_fields()}
+        data.update(
+            format=MODEL_FORMAT,
+            schema_version=SCHEMA_VERSION,
+            kind="model",
+            preprocessing={name: pre[name] for name in PreprocessingSpec.model_fields},
+            calibration={"temperature": self.temperature},
         )
+        return parse_model(data, str(source))
 
     def to_dict(self) -> dict[str, Any]:
         """``model.json`` as a plain dict."""
@@ -104,19 +101,11 @@ class ModelBundle:
     @classmethod
     def from_document(cls, doc: ModelDocument) -> ModelBundle:
         """The bundle a validated ``model.json`` describes."""
+        same = {name: _copy(getattr(doc, name)) for name in _same_fields()}
         return cls(
-            architecture=doc.architecture,
-            classes=list(doc.classes),
             preprocessing=Preprocessing(**doc.preprocessing.model_dump()),
-            model_args=dict(doc.model_args),
-            threshold=doc.threshold,
             temperature=doc.calibration.temperature,
-            best_metric=dict(doc.best_metric),
-            split=dict(doc.split),
-            training=dict(doc.training),
-            histoscan_version=doc.histoscan_version,
-            inference=doc.inference,
-            trust=doc.trust,
+            **same,
         )
 
     @classmethod
@@ -128,6 +117,29 @@ class ModelBundle:
         """Write ``model.json`` atomically."""
         run = RunFolder(run_dir)
         return run.write_model_json(self.to_document(run.model_json))
+
+
+def _same_fields() -> tuple[str, ...]:
+    """The fields ``ModelBundle`` carries exactly as ``model.json`` (``ModelDocument``) has them.
+
+    That is all but ``preprocessing`` (a ``Preprocessing``, built from its spec) and ``temperature``
+    (``calibration.temperature``).
+    """
+    return tuple(
+        f.name for f in fields(ModelBundle) if f.name in ModelDocument.model_fields and f.name != "preprocessing"
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A field's value as JSON-like data (a pydantic part dumped, lists and dicts copied)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return type(value)(value) if isinstance(value, (list, dict)) else value
+
+
+def _copy(value: Any) -> Any:
+    """A document's value for a bundle: lists and dicts copied (pydantic parts shared, as the bundle edits them)."""
+    return type(value)(value) if isinstance(value, (list, dict)) else value
 
 
 @dataclass
@@ -146,8 +158,11 @@ class EnsembleBundle(ModelBundle):
 
     @property
     def fitted_on(self) -> str:
-        """``calibration`` (its split's calibration rows), ``oof`` (the members are the folds of one
-        cross-validation: single-member out-of-fold scores) or ``validation`` (older ensembles)."""
+        """Which predictions the ensemble's threshold and temperature were fitted on.
+
+        ``calibration`` (its split's calibration rows), ``oof`` (the members are the folds of one
+        cross-validation: single-member out-of-fold scores) or ``validation`` (older ensembles).
+        """
         return self.document.fitted_on if self.document else "validation"
 
     def to_ensemble_document(self) -> EnsembleDocument:
@@ -168,6 +183,7 @@ class EnsembleBundle(ModelBundle):
         return RunFolder(run_dir).write_model_json(self.to_ensemble_document())
 
     def to_dict(self) -> dict[str, Any]:
+        """The ensemble's model.json document as a JSON-ready dict."""
         return self.to_ensemble_document().model_dump(mode="json")
 
     @classmethod
@@ -196,8 +212,11 @@ class EnsembleBundle(ModelBundle):
 
 
 def read_member(run_dir: Path, ensemble_dir: Path | None = None) -> ModelBundle:
-    """One member's bundle; ConfigError naming the member (and the ensemble, when there is one yet) when it is
-    missing or is itself an ensemble."""
+    """One member's bundle of an ensemble.
+
+    One member's bundle; ConfigError naming the member (and the ensemble, when there is one yet) when it is
+    missing or is itself an ensemble.
+    """
     run = RunFolder(run_dir)
     where = f"{ensemble_dir}: " if ensemble_dir is not None else ""
     if not run.model_json.is_file():

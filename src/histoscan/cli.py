@@ -71,6 +71,7 @@ VOCABULARY: dict[str, tuple[str, str]] = {
     "--split": ("text", "which split of a store: test, val, train or all"),
     "--split-file": ("text", "an id,split CSV instead of the split recipe"),
     "--labels": ("text", "a CSV of true labels"),
+    "--bootstrap": ("int", "bootstrap resamples for a 95% interval"),
     "--method": ("text", "the algorithm this command applies (stain fitting, CAM)"),
     "--max-patches": ("int", "patches sampled at most"),
     "--resume": ("bool", "continue an interrupted run"),
@@ -91,9 +92,12 @@ def _path(ctx: Any) -> list[str]:
 
 
 class _Group(TyperGroup):
-    """Turns HistoscanError into one red line on stderr and exit code 2; builds generated commands on demand;
+    """The histoscan command group: one-line errors, lazy commands, deprecated spellings.
+
+    Turns HistoscanError into one red line on stderr and exit code 2; builds generated commands on demand;
     translates deprecated option spellings (warning once) and names the command an out-of-place option
-    belongs to."""
+    belongs to.
+    """
 
     def invoke(self, ctx: Any) -> object:
         try:
@@ -120,8 +124,11 @@ class _Group(TyperGroup):
 
 
 class _DefaultGroup(_Group):
-    """A group whose first sub-command runs when the first argument names none (``slide RUN ...`` is
-    ``slide scan RUN ...``)."""
+    """A group that runs its first sub-command when no sub-command is named.
+
+    A group whose first sub-command runs when the first argument names none (``slide RUN ...`` is
+    ``slide scan RUN ...``).
+    """
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
@@ -140,8 +147,11 @@ app = typer.Typer(
 def predictor_options(
     only: tuple[str, ...] = PREDICTOR_FIELDS, shown: dict[str, Any] | None = None
 ) -> list[inspect.Parameter]:
-    """The model options (``PredictorSettings``) a command takes: one declaration for every command; ``shown``:
-    the command's own defaults, as ``--help`` shows them."""
+    """The model options (``PredictorSettings``) a command takes.
+
+    The model options (``PredictorSettings``) a command takes: one declaration for every command; ``shown``:
+    the command's own defaults, as ``--help`` shows them.
+    """
     return dataclass_options(PredictorSettings, only=only, shown=shown)
 
 
@@ -155,8 +165,11 @@ def _settings_class(path: str) -> type:
 def _options(
     settings: str, model: tuple[str, ...] = (), shown: dict[str, Any] | None = None
 ) -> Callable[[], list[inspect.Parameter]]:
-    """The options of a command: one per documented field of ``settings`` (``"module:Class"``), then the model
-    options named in ``model`` (``shown``: the command's own defaults of those)."""
+    """The options of a command, from its settings dataclass and the model options.
+
+    The options of a command: one per documented field of ``settings`` (``"module:Class"``), then the model
+    options named in ``model`` (``shown``: the command's own defaults of those).
+    """
 
     def params() -> list[inspect.Parameter]:
         own = dataclass_options(_settings_class(settings))
@@ -168,8 +181,11 @@ def _options(
 def _generated(
     name: str, fn: Callable[..., None], params: Callable[[], list[inspect.Parameter]], into: Any = None
 ) -> None:
-    """Register ``fn(**values)`` as command ``name`` of the root (built when first needed) or of the Typer app
-    ``into``, its options from ``params()``."""
+    """Register a command whose options are generated from ``params()``.
+
+    Register ``fn(**values)`` as command ``name`` of the root (built when first needed) or of the Typer app
+    ``into``, its options from ``params()``.
+    """
     if into is not None:
         into.command(name)(with_parameters(fn, params()))
         return
@@ -356,8 +372,7 @@ def predict(**values: Any) -> None:
     _print(lines)
 
 
-# TTA default: the referral rule's policy when model.json has one, else on for a Kaggle --submission of a
-# binary model, off otherwise (histoscan.inference.predictor.submission_tta).
+# TTA default: histoscan.inference.tta.default_views ("submission" with --submission, else "predict").
 _generated("predict", predict, _options("histoscan.inference.settings:PredictSettings", PREDICTOR_FIELDS, MODEL_SHOWN))
 
 
@@ -401,9 +416,12 @@ _generated("ensemble", ensemble, _options("histoscan.inference.settings:Ensemble
 
 
 def calibrate(**values: Any) -> None:
-    """Fit temperature scaling, a referral rule and the tissue check on the run's data: the calibration rows of its
+    """Calibrate a run: temperature, referral rule and tissue check.
+
+    Fit temperature scaling, a referral rule and the tissue check on the run's data: the calibration rows of its
     split when it has them, else its validation split (an ensemble of folds: out-of-fold predictions, an
-    approximation); store them in model.json. --tta: the policy they are fitted and applied under."""
+    approximation); store them in model.json. --tta: the policy they are fitted and applied under.
+    """
     from histoscan.trust.calibrate import calibrate_run
     from histoscan.trust.settings import CalibrateSettings
 
@@ -711,8 +729,11 @@ _generated("train", train, _train_options)
 
 
 def slide_scan(run: Path, slides: list[Path] | None, out: Path, **values: Any) -> None:
-    """Scan whole-slide images into heatmaps, probability grids, tiles.csv and QuPath GeoJSON regions
-    ('histoscan slide RUN ...' is this command)."""
+    """Scan whole-slide images into heatmaps and QuPath regions.
+
+    Scan whole-slide images into heatmaps, probability grids, tiles.csv and QuPath GeoJSON regions
+    ('histoscan slide RUN ...' is this command).
+    """
     from histoscan.wsi.batch import run_slides
     from histoscan.wsi.scan import ScanSettings
 
@@ -763,7 +784,7 @@ def slide_evaluate(**values: Any) -> None:
     from histoscan.wsi.settings import SlideEvaluateSettings
 
     s = SlideEvaluateSettings(**values)
-    _print(evaluate_slides(s.scan, s.labels).lines())
+    _print(evaluate_slides(s.scan, s.labels, s.evaluation()).lines())
 
 
 def _slide_group() -> Any:

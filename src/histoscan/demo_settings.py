@@ -1,5 +1,8 @@
-"""Options of ``histoscan demo`` (kept apart from ``histoscan.demo``, which imports the whole flow, so that
-``histoscan demo --help`` stays quick)."""
+"""Options of ``histoscan demo``.
+
+Options of ``histoscan demo`` (kept apart from ``histoscan.demo``, which imports the whole flow, so that
+``histoscan demo --help`` stays quick).
+"""
 
 from __future__ import annotations
 

@@ -206,8 +206,11 @@ def check_choices(obj: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Deprecated:
-    """An old option spelling that still works until the next minor version: ``use`` is its new spelling
-    (None: the option does nothing and is dropped), ``note`` says why in a few words."""
+    """An old option spelling that still works until the next minor version.
+
+    An old option spelling that still works until the next minor version: ``use`` is its new spelling
+    (None: the option does nothing and is dropped), ``note`` says why in a few words.
+    """
 
     use: str | None
     note: str = ""
@@ -225,9 +228,12 @@ def _option_name(token: str) -> str:
 def deprecated_args(
     args: list[str], old: Mapping[str, Deprecated], warn: Callable[[str], None], flags: Collection[str] = ()
 ) -> list[str]:
-    """``args`` with old option spellings replaced by new ones (``--old=v`` too), each old spelling warned about
+    """Replace old option spellings by new ones, warning once about each.
+
+    ``args`` with old option spellings replaced by new ones (``--old=v`` too), each old spelling warned about
     once however often it is given; a dropped option is removed, with its value unless it is in ``flags``.
-    Arguments after ``--`` are left alone."""
+    Arguments after ``--`` are left alone.
+    """
     out: list[str] = []
     warned: set[str] = set()
     rest = iter(args)
@@ -251,8 +257,11 @@ def deprecated_args(
 
 
 def misplaced_option(command: str, args: list[str], elsewhere: Mapping[str, str]) -> None:
-    """Raise ConfigError when the arguments of ``command`` hold an option of another command or mode
-    (``elsewhere``: option -> which command to use instead)."""
+    """Refuse an option that belongs to another command or mode.
+
+    Raise ConfigError when the arguments of ``command`` hold an option of another command or mode
+    (``elsewhere``: option -> which command to use instead).
+    """
     for token in args:
         if token == "--":
             return

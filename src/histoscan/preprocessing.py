@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from histoscan.data.imageio import FIT_POLICIES, FitPolicy, fit_to_size
+from histoscan.data.imageio import fit_to_size
 from histoscan.data.store import PatchStore
 from histoscan.data.transforms import centre_crop, dihedral, normalise, resize
+from histoscan.enums import FIT_POLICIES, FitPolicy
 from histoscan.errors import ConfigError
+from histoscan.geometry import centre_slices
 from histoscan.stain.groups import GroupStains, estimate_groups, stain_group_names
 from histoscan.stain.normalise import StainNormaliser, StainTarget
 
@@ -41,6 +43,10 @@ Groups = Sequence[object] | np.ndarray
 @dataclass
 class Preprocessing:
     """uint8 images -> the model's input tensor, with every parameter stored in ``model.json``.
+
+    The stored fields are those of ``model.json``'s ``preprocessing`` (``histoscan.runfolder.PreprocessingSpec``,
+    which validates them and is the one description of the file; ``histoscan.bundle`` converts field by field
+    and a test keeps the two field lists equal). A run's ``Preprocessing`` is built from its validated spec.
 
     Attributes:
         image_size: (height, width) the model was trained on; every image is first fitted to it.
@@ -144,16 +150,6 @@ class Preprocessing:
             d["stain"] = StainTarget.from_dict(self.stain).to_dict()
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        """Read the ``preprocessing`` entry of ``model.json`` (fields it lacks take their defaults)."""
-        d = dict(d)
-        # A model.json without "fit" was written before the policy was stored. That version's ingest
-        # white-padded the edge patches of its training data (imageio.fit_to_size), so its models were
-        # trained on padded edge patches: "pad-edges" is what they saw.
-        d.setdefault("fit", "pad-edges")
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
     # ---- stage 1: fit to size (uint8) ------------------------------------------------
     def fit_image(self, img: np.ndarray) -> np.ndarray:
         """uint8 HxWx3 of any size -> uint8 at ``image_size``, under the ``fit`` policy."""
@@ -239,8 +235,8 @@ class Preprocessing:
         t = self._fitted(batch, device, groups)
         if self.crop:
             h, w = (int(v) for v in self.image_size)
-            top, left = (h - self.crop) // 2, (w - self.crop) // 2
-            t = t[:, top : top + self.crop, left : left + self.crop]
+            rows, cols = centre_slices(h, w, self.crop)
+            t = t[:, rows, cols]
         x = t.permute(0, 3, 1, 2).float()
         if self.resize:
             x = resize(x, self.resize)

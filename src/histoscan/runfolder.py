@@ -26,7 +26,12 @@ physical resolution ``preprocessing.mpp``; stain target ``preprocessing.stain``;
 ``preprocessing.label_size``; numeric precision and the default TTA ``inference.precision`` /
 ``inference.tta``; referral rule and tissue check ``trust.referral`` / ``trust.tissue_check`` (both documents).
 A new field is added here, with a default, and ``SCHEMA_VERSION`` goes up only when an old file
-would be read differently.
+would be read differently (how to add that version step: the comment above ``_UPGRADES``).
+
+This schema is the one description of ``model.json``: ``histoscan.bundle.ModelBundle`` and
+``histoscan.preprocessing.Preprocessing`` are the objects built from it (their conversions go field by field
+by name, and tests fail when a field of the schema has no home there); ``histoscan.bundle_schema.json_schema``
+exports it as JSON Schema for the documentation.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from pydantic import (
 )
 
 from histoscan.data.store import PatchStore
+from histoscan.enums import FitPolicy, ReferBy, ReferralAsk, StainGranularity, StainMethod, StoredPrecision
 from histoscan.errors import ConfigError, DataError
 
 MODEL_FILE = "model.json"
@@ -115,8 +121,8 @@ class StainSpec(BaseModel):
     """``preprocessing.stain``: a fitted stain normalisation target (``histoscan.stain.normalise.StainTarget``)."""
 
     model_config = _STRICT
-    method: Literal["reinhard", "macenko"]
-    granularity: Literal["patch", "group"] = "patch"  # group: one estimate per patient / slide
+    method: StainMethod
+    granularity: StainGranularity = "patch"  # group: one estimate per patient / slide
     stain_matrix: list[Annotated[list[Finite], Field(min_length=3, max_length=3)]] | None = Field(
         default=None, min_length=2, max_length=2
     )
@@ -140,7 +146,7 @@ class PreprocessingSpec(BaseModel):
 
     model_config = _STRICT
     image_size: list[Side] = Field(min_length=2, max_length=2)
-    fit: Literal["pad-edges", "resize"] = "resize"
+    fit: FitPolicy = "resize"
     crop: Side | None = None
     resize: Side | None = None
     mean: list[Finite] = Field(min_length=3, max_length=3)
@@ -170,7 +176,7 @@ class InferencePolicy(BaseModel):
     """``inference``: how the model is meant to be run (slots for later issues; None = the caller decides)."""
 
     model_config = _STRICT
-    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    precision: StoredPrecision | None = None
     tta: list[Annotated[int, Field(ge=0, le=7)]] | None = None  # dihedral elements averaged by default
 
 
@@ -184,11 +190,11 @@ class ReferralRule(BaseModel):
     """
 
     model_config = _STRICT
-    by: Literal["probability", "uncertainty"]
+    by: ReferBy
     band: list[Probability] | None = Field(default=None, min_length=2, max_length=2)
     max_uncertainty: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     tta: list[Annotated[int, Field(ge=0, le=7)]] = Field(min_length=1)
-    asked: Literal["coverage", "accuracy"]
+    asked: ReferralAsk
     target: Probability  # the coverage or the accuracy asked for
     fitted_on: Name = "val"  # which predictions it was chosen on
     count: Annotated[int, Field(ge=1)]
@@ -245,12 +251,18 @@ class TrustPolicy(BaseModel):
         return data
 
 
-class ModelDocument(BaseModel):
-    """``model.json`` of a single model (``kind: "model"``)."""
+class VersionedDocument(BaseModel):
+    """What every ``model.json`` starts with: the format marker and the schema version it was written in."""
 
     model_config = _STRICT
     format: Literal["histoscan-model"] = MODEL_FORMAT
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION  # = SCHEMA_VERSION (a type needs the number written out)
+
+
+class ModelDocument(VersionedDocument):
+    """``model.json`` of a single model (``kind: "model"``)."""
+
+    model_config = _STRICT
     kind: Literal["model"] = "model"
     architecture: Name
     model_args: dict[str, Any] = Field(default_factory=dict)
@@ -281,7 +293,7 @@ class EnsembleMember(BaseModel):
     weight: Positive = 1.0
 
 
-class EnsembleDocument(BaseModel):
+class EnsembleDocument(VersionedDocument):
     """``model.json`` of an ensemble (``kind: "ensemble"``): member runs whose probabilities are averaged.
 
     Each member keeps its own ``model.json`` (architecture, preprocessing, temperature); the ensemble adds
@@ -294,8 +306,6 @@ class EnsembleDocument(BaseModel):
     """
 
     model_config = _STRICT
-    format: Literal["histoscan-model"] = MODEL_FORMAT
-    schema_version: Literal[2] = SCHEMA_VERSION
     kind: Literal["ensemble"] = "ensemble"
     members: list[EnsembleMember] = Field(min_length=2)
     classes: ClassNames
@@ -311,7 +321,7 @@ class EnsembleDocument(BaseModel):
 
 
 Document = Annotated[ModelDocument | EnsembleDocument, Field(discriminator="kind")]
-_DOCUMENT: TypeAdapter[ModelDocument | EnsembleDocument] = TypeAdapter(Document)
+DOCUMENT: TypeAdapter[ModelDocument | EnsembleDocument] = TypeAdapter(Document)
 
 
 def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -328,7 +338,24 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The migration chain: schema version N -> the function that turns a version-N document into version N + 1.
+# ``parse_document`` applies the steps in turn, so a file of any older version reads as the newest.
+# To add a step (a change under which an old file would read differently):
+#   1. write ``_upgrade_vN(data) -> data``: pure (a new dict; never mutate ``data``), sets "schema_version": N + 1
+#      and only what version N + 1 changed; it may assume a version-N document but must not fail on one;
+#   2. register it here as ``N: _upgrade_vN``;
+#   3. raise ``SCHEMA_VERSION`` to N + 1 and ``VersionedDocument.schema_version`` to ``Literal[N + 1]``;
+#   4. add a version-N example to ``tests/fixtures/`` (``model-vN.json``): ``tests/test_bundle_schema.py``
+#      checks that every older version has a step, an example, and migrates to a valid newest document.
 _UPGRADES = {1: _upgrade_v1}
+
+
+def migrate(data: dict[str, Any], version: int) -> dict[str, Any]:
+    """A decoded ``model.json`` of ``version`` (1 .. SCHEMA_VERSION) upgraded step by step to ``SCHEMA_VERSION``."""
+    while version < SCHEMA_VERSION:
+        data = _UPGRADES[version](data)
+        version = data["schema_version"]
+    return data
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -370,11 +397,9 @@ def parse_document(data: object, source: str = MODEL_FILE) -> ModelDocument | En
         raise ConfigError(
             f"{source}: schema_version {version} was written by a newer histoscan; this one reads 1 to {SCHEMA_VERSION}"
         )
-    while version < SCHEMA_VERSION:
-        data = _UPGRADES[version](data)
-        version = data["schema_version"]
+    data = migrate(data, version)
     try:
-        return _DOCUMENT.validate_python(data)
+        return DOCUMENT.validate_python(data)
     except ValidationError as exc:
         raise _one_line(source, exc) from None
 
@@ -431,34 +456,42 @@ class RunFolder:
     # ---- where things are
     @property
     def model_json(self) -> Path:
+        """Path of model.json."""
         return self.path / MODEL_FILE
 
     @property
     def weights_path(self) -> Path:
+        """Path of the best weights (safetensors)."""
         return self.path / WEIGHTS_FILE
 
     @property
     def onnx_path(self) -> Path:
+        """Path of the exported ONNX model."""
         return self.path / ONNX_FILE
 
     @property
     def last_ckpt(self) -> Path:
+        """Path of the last checkpoint (for ``--resume``)."""
         return self.path / LAST_CKPT
 
     @property
     def config_path(self) -> Path:
+        """Path of the run's config.yaml."""
         return self.path / CONFIG_FILE
 
     @property
     def metrics_path(self) -> Path:
+        """Path of the per-epoch metrics.csv."""
         return self.path / METRICS_FILE
 
     @property
     def split_path(self) -> Path:
+        """Path of the run's split.csv."""
         return self.path / SPLIT_FILE
 
     @property
     def baseline_path(self) -> Path:
+        """Path of a baseline's baseline.json."""
         return self.path / BASELINE_FILE
 
     @property
@@ -472,8 +505,11 @@ class RunFolder:
         return self.baseline_path.is_file()
 
     def eval_dir(self, store: str | Path | None = None, split: str = "test", tta: bool = False) -> Path:
-        """Where an evaluation goes: ``eval/`` for the run's own test split without TTA, else
-        ``eval-<store>-<split>[-tta]``. ``store`` None means the store the run trained on."""
+        """The folder an evaluation is written to.
+
+        Where an evaluation goes: ``eval/`` for the run's own test split without TTA, else
+        ``eval-<store>-<split>[-tta]``. ``store`` None means the store the run trained on.
+        """
         own_test = split == "test" and not tta
         if own_test and store is None:
             return self.path / EVAL_DIR  # without reading model.json: a baseline's folder has none

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from histoscan.enums import FIT_POLICIES
 from histoscan.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"})
@@ -242,6 +243,7 @@ class FastTiffReader:
             self.template = TiffTemplate.learn(data) or self.template
 
     def __call__(self, path: str | Path) -> DecodedImage:
+        """Decode one image file, fast for TIFFs laid out like the last one read."""
         p = Path(path)
         if p.suffix.lower() not in TIFF_SUFFIXES:
             return read_image(p)
@@ -415,10 +417,6 @@ def resize_rgb(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if pixels.shape[0] == h and pixels.shape[1] == w:
         return pixels
     return np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR))
-
-
-FitPolicy = Literal["pad-edges", "resize"]
-FIT_POLICIES: tuple[FitPolicy, ...] = ("pad-edges", "resize")
 
 
 def fit_to_size(pixels: np.ndarray, size: tuple[int, int], policy: str = "pad-edges") -> tuple[np.ndarray, str | None]:

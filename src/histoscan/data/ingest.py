@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from histoscan.data.imageio import FIT_POLICIES, FastTiffReader, ImageReadError, fit_to_size, probe_size
+from histoscan.data.imageio import FastTiffReader, ImageReadError, fit_to_size, probe_size
 from histoscan.data.sources import Entry, Source, open_source
 from histoscan.data.store import StoreWriter
+from histoscan.enums import FIT_POLICIES
 from histoscan.errors import ConfigError, DataError
 from histoscan.system import available_cores
 
@@ -254,6 +255,7 @@ def ingest(
         fit: how an image of another size is brought to the store's size: ``pad-edges``
             (white-pad edge patches, resize the rest) or ``resize``; recorded in ``meta.json``.
         progress: ``progress(total)`` returns a callback taking how many entries were just done.
+        force: replace ``out`` when it already exists (never when it is not a store).
     """
     out = Path(out)
     if fit not in FIT_POLICIES:

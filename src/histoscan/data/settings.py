@@ -1,4 +1,6 @@
-"""Options of the data commands (``ingest``, ``info``, ``split``, ``synth``, ``download pcam``): one dataclass per
+"""Options of the data commands, one dataclass per command.
+
+Options of the data commands (``ingest``, ``info``, ``split``, ``synth``, ``download pcam``): one dataclass per
 command, each field's help text its ``--help`` line, so the command line and Python share one set of defaults.
 
 Values are checked by the functions they feed (``histoscan.data.ingest.ingest``, ``write_synthetic``, ...), which

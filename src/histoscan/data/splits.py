@@ -252,7 +252,9 @@ def fold_assignment(
     use_source_split: bool = True,
     calibration: float = 0.0,
 ) -> tuple[np.ndarray, str]:
-    """K stratified (and grouped) folds of the rows outside the test and calibration parts: a fold number per
+    """K stratified (and grouped) folds of the rows outside the test and calibration parts.
+
+    K stratified (and grouped) folds of the rows outside the test and calibration parts: a fold number per
     row, "test" or "calibration".
 
     The test and calibration parts are the ones ``split_store`` makes with the same arguments (PCam: the

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from histoscan import __version__
-from histoscan.data.imageio import FIT_POLICIES, FitPolicy
 from histoscan.data.sources.base import Sample
+from histoscan.enums import FIT_POLICIES, FitPolicy
 from histoscan.errors import DataError
 
 IMAGES_FILE = "images.npy"
@@ -61,14 +61,17 @@ class PatchStore:
 
     @property
     def class_names(self) -> list[str]:
+        """The class names, in label order."""
         return list(self.meta["classes"])
 
     @property
     def num_classes(self) -> int:
+        """How many classes the store has."""
         return len(self.meta["classes"])
 
     @property
     def image_size(self) -> tuple[int, int]:
+        """Image height and width in pixels."""
         h, w = self.meta["image_size"]
         return int(h), int(w)
 
@@ -100,6 +103,7 @@ class PatchStore:
 
     @property
     def ids(self) -> np.ndarray:
+        """Patch ids of the rows in view."""
         return self._index["id"].to_numpy()[self._indices]
 
     @property
@@ -110,6 +114,7 @@ class PatchStore:
 
     @property
     def labelled(self) -> bool:
+        """Whether the store's patches have labels."""
         return bool(self.meta.get("labelled", False))
 
     @property

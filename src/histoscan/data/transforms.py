@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from histoscan.errors import ConfigError
+from histoscan.geometry import centre_slices, centre_window
 
 Tensor = torch.Tensor
 
@@ -68,6 +69,7 @@ class RandomDihedral:
         return self._perms[key]
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Apply a random flip / rotation (of the 8 dihedral elements) to each image."""
         n, c, h, w = x.shape
         ops = torch.randint(0, 8 if h == w else 4, (n,), generator=gen)
         if h != w:
@@ -96,6 +98,7 @@ class ColourJitter:
     saturation: float = 0.2
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Jitter each image's brightness, contrast and saturation."""
         n, c, h, w = x.shape
         b = _uniform(n, self.brightness, gen) if self.brightness else torch.ones(n)
         k = _uniform(n, self.contrast, gen) if self.contrast else torch.ones(n)
@@ -120,6 +123,7 @@ class HEDJitter:
     shift: float = 0.05
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Scale and shift each image's stains in HED optical-density space."""
         n, dev = x.shape[0], x.device
         rgb_from_hed = _RGB_FROM_HED.to(dev)
         hed_from_rgb = torch.linalg.inv(rgb_from_hed)
@@ -145,6 +149,7 @@ class CentreSafeCrop:
     keep: int | None = 32
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Crop each image at random, keeping the labelled centre in view."""
         h, w = x.shape[-2:]
         keep = self.keep if self.keep is not None else max(h, w)
         if self.size > min(h, w) or self.size < keep:
@@ -152,7 +157,7 @@ class CentreSafeCrop:
                 f"the labelled centre {self.keep}" if self.keep is not None else "the whole image (the label's extent)"
             )
             raise ConfigError(f"random crop {self.size} must lie between {what} and the image size {h}x{w}")
-        oy, ox = (h - self.size) // 2, (w - self.size) // 2
+        oy, ox = centre_window(h, w, self.size)
         # offsets o with o <= (h - keep)//2 and o + size >= (h + keep)//2 keep the centre in view
         lo_y, hi_y = max(0, (h + keep) // 2 - self.size), min(h - self.size, (h - keep) // 2)
         lo_x, hi_x = max(0, (w + keep) // 2 - self.size), min(w - self.size, (w - keep) // 2)
@@ -167,8 +172,8 @@ def centre_crop(x: Tensor, size: int) -> Tensor:
     h, w = x.shape[-2:]
     if size > min(h, w):
         raise ValueError(f"centre crop {size} is larger than the image {h}x{w}")
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top : top + size, left : left + size]
+    rows, cols = centre_slices(h, w, size)
+    return x[..., rows, cols]
 
 
 def resize(x: Tensor, size: int) -> Tensor:
@@ -197,6 +202,7 @@ class Augment:
     name: str = "custom"
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Apply the ops in order."""
         for op in self.ops:
             x = op(x, gen)
         return x
@@ -215,6 +221,7 @@ class RandomApply:
     p: float = 0.5
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Apply the op to a random fraction ``p`` of the images."""
         if self.p >= 1:
             return self.op(x, gen)
         chosen = (torch.rand(x.shape[0], generator=gen) < self.p).nonzero().flatten().to(x.device)

@@ -59,8 +59,11 @@ def run_eda(
     """Explore ``store_path`` and write ``out/report.html``, ``out/eda.json`` and the PNG figures.
 
     Args:
+        store_path: the packed store to explore.
+        out: the folder the report and figures are written to (created when missing).
         sample: patches per class for mean images and histograms (per-patch checks cover every patch).
         grid: example patches per class in the sample grids.
+        seed: seed of the per-class samples and of the example grids.
         progress: ``start(total) -> advance(n)`` for a progress bar over the per-patch pass.
     """
     started = time.perf_counter()

@@ -15,11 +15,10 @@ import torch.nn.functional as F
 
 from histoscan.data.store import PatchStore
 
+# thresholds on the 0-255 grey scale, named so the report can say what they mean (defined in histoscan.thresholds)
+from histoscan.thresholds import BLANK_MEAN, BLANK_STD, BLURRY_SHARPNESS, DARK_MEAN
+
 CHUNK = 2048
-# Thresholds on the 0-255 grey scale; named so the report can say what they mean.
-BLANK_MEAN, BLANK_STD = 220.0, 20.0
-DARK_MEAN = 60.0
-BLURRY_SHARPNESS = 50.0
 _GREY = (0.299, 0.587, 0.114)
 _LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
 
@@ -39,6 +38,7 @@ class PatchStats:
 
     @property
     def dark(self) -> np.ndarray:
+        """Patches whose mean brightness is at or below the dark limit."""
         return self.brightness <= DARK_MEAN
 
     @property

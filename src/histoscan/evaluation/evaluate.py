@@ -17,8 +17,9 @@ from histoscan.bundle import ModelBundle, read_bundle
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.evaluation.report import write_evaluation
-from histoscan.inference.predictor import Prediction, Predictor, default_tta
+from histoscan.inference.predictor import Prediction, Predictor
 from histoscan.inference.settings import PredictorSettings
+from histoscan.inference.tta import tta_views
 from histoscan.metrics import THRESHOLD_RULES, compute_metrics, pick_threshold
 from histoscan.rules.answers import UNCHECKED, policy_views
 from histoscan.rules.tissue import OK
@@ -38,8 +39,11 @@ class EvaluationResult:
     saved_threshold: float | None = None
 
     def lines(self, run_dir: str | Path, save_threshold: str | None = None) -> list[str]:
-        """What ``histoscan evaluate`` prints: the saved threshold, the headline metrics, trust and stain-shift
-        lines and where the report is."""
+        """What ``histoscan evaluate`` prints.
+
+        What ``histoscan evaluate`` prints: the saved threshold, the headline metrics, trust and stain-shift
+        lines and where the report is.
+        """
         from histoscan.evaluation.report import headline
         from histoscan.stain.shift import shift_lines
         from histoscan.trust.scoring import trust_lines
@@ -62,8 +66,11 @@ class EvaluationResult:
 
 
 def choose_threshold(predictor: Predictor, run_dir: Path, store_path: Path, rule: str, target: float) -> float:
-    """A decision threshold chosen on the run's validation split, or an ensemble of folds' out-of-fold predictions
-    (``fitting_predictions``; never on the split being reported)."""
+    """Choose a decision threshold on data the run did not score.
+
+    A decision threshold chosen on the run's validation split, or an ensemble of folds' out-of-fold predictions
+    (``fitting_predictions``; never on the split being reported).
+    """
     from histoscan.inference.fitting import fitting_predictions
 
     if rule not in THRESHOLD_RULES:
@@ -98,9 +105,9 @@ def evaluate_run(
     ``sensitivity``, at the first target sensitivity) a threshold chosen on the validation split is
     written into ``model.json`` and the report uses it. ``stain_shift`` also scores the split under the
     stain-shift suite (``histoscan.stain.shift``; one re-staining shift per ``stain_donors`` entry). ``tta`` None
-    is the model's default (``default_tta``: the 8 dihedral elements for binary patch models); the report says
-    which was used. ``settings``: the device, precision and threads the model runs with (its ``backend`` and
-    ``batch_size``, when given, win over the arguments of those names).
+    is the model's default (``inference.tta.default_views(bundle, "evaluate")``: the 8 dihedral elements for
+    binary patch models); the report says which was used. ``settings``: the device, precision and threads the
+    model runs with (its ``backend`` and ``batch_size``, when given, win over the arguments of those names).
     """
     run_dir = Path(run_dir)
     run = RunFolder(run_dir)
@@ -123,7 +130,7 @@ def evaluate_run(
         bundle.save(run_dir)
     started = time.perf_counter()
     counted = predictor.bundle.preprocessing.stain_counts()
-    ks = default_tta(bundle) if tta is None else (list(range(8)) if tta else [0])  # the referral's policy by default
+    ks = tta_views(bundle, tta, "evaluate")  # the model's own policy (its referral rule's) by default
     pred = predictor.predict_store(part, ks)
     seconds = time.perf_counter() - started
     metrics = compute_metrics(
@@ -207,6 +214,7 @@ class ShiftedPredict:
         pre.estimate_stain_groups(np.char.add(self.prefix, self.names.astype(str)), read)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities of a batch after the shift, as the Predictor gives them."""
         n = len(batch)
         groups = None
         if self.names is not None:

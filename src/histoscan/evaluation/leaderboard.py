@@ -99,6 +99,7 @@ class Leaderboard:
         )
 
     def warning(self) -> str:
+        """A warning that the runs were scored on different patches."""
         return (
             "runs were evaluated on different patches ("
             + "; ".join(sorted(set(self.table["evaluated_on"])))
@@ -264,9 +265,12 @@ def compare_runs(
     evaluate_missing: bool = True,
     printer: Callable[[str], None] = print,
 ) -> tuple[Leaderboard, list[str]]:
-    """``histoscan compare``: the leaderboard of ``runs`` written to ``out`` (and, with ``select``, the best run
+    """Build and write the leaderboard, as ``histoscan compare`` does.
+
+    ``histoscan compare``: the leaderboard of ``runs`` written to ``out`` (and, with ``select``, the best run
     in ``out/selection.json``); returns the board and what happened, in lines (a warning first when the runs
-    were not scored on the same rows)."""
+    were not scored on the same rows).
+    """
     board = build_leaderboard(runs, metric, evaluate_missing, printer=printer)
     lines = [] if board.comparable else [f"warning: {board.warning()}"]
     paths = board.write(out)

@@ -1,5 +1,8 @@
-"""Evaluation figures: confusion matrix, ROC and PR curves, reliability diagram, probability histograms,
-learning curves and a grid of the most confident mistakes. Each function writes one PNG."""
+"""Evaluation figures, one PNG per function.
+
+Evaluation figures: confusion matrix, ROC and PR curves, reliability diagram, probability histograms,
+learning curves and a grid of the most confident mistakes. Each function writes one PNG.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import pandas as pd
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from sklearn import metrics as skm
 
+from histoscan.geometry import centre_window
 from histoscan.reports.figures import image_grid, new_figure, save_png
 
 SQUARE = (560, 520)
@@ -210,7 +214,7 @@ def centre_outline(image_size: Sequence[int], region: int = 32) -> tuple[int, in
     """The labelled centre box of HCD/PCam-style 96 px patches (None for other sizes)."""
     h, w = int(image_size[0]), int(image_size[1])
     if h == w == 96:
-        return ((h - region) // 2, region)
+        return (centre_window(h, w, region)[0], region)
     return None
 
 

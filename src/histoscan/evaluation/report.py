@@ -37,6 +37,14 @@ def write_evaluation(
     """Write ``out/metrics.json`` (``metrics`` plus ``info``), ``out/figures/*.png`` and ``out/report.html``.
 
     Args:
+        out: the evaluation folder.
+        labels: true class index per image (N).
+        probabilities: class probabilities per image (N x C).
+        classes: the class names, in the model's order.
+        metrics: the computed metrics (``evaluation.metrics``), written as they are.
+        title: the report's title.
+        info: what was evaluated (run, store, split, TTA...), added to metrics.json and shown in the report.
+        image_size: the images' height and width, for the grid of mistakes.
         images: loads uint8 images by position (for the grid of confident mistakes), or None.
         metrics_csv: a run's per-epoch ``metrics.csv`` for the learning curves, or None.
     """

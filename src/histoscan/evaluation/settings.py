@@ -1,5 +1,8 @@
-"""Options of ``histoscan evaluate`` and ``histoscan compare`` (each field's help text is its ``--help``); the
-model options of ``evaluate`` are ``histoscan.inference.settings.PredictorSettings``."""
+"""Options of ``histoscan evaluate`` and ``histoscan compare``.
+
+Options of ``histoscan evaluate`` and ``histoscan compare`` (each field's help text is its ``--help``); the
+model options of ``evaluate`` are ``histoscan.inference.settings.PredictorSettings``.
+"""
 
 from __future__ import annotations
 

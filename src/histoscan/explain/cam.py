@@ -25,9 +25,10 @@ from pytorch_grad_cam import (
 )
 from pytorch_grad_cam.base_cam import BaseCAM
 
+from histoscan.enums import CAM_METHODS
 from histoscan.errors import ConfigError
 
-_METHODS: dict[str, type[BaseCAM]] = {
+_METHODS: dict[str, type[BaseCAM]] = {  # one class per value of enums.CamMethod
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
     "xgradcam": XGradCAM,
@@ -38,13 +39,14 @@ _METHODS: dict[str, type[BaseCAM]] = {
     "eigengradcam": EigenGradCAM,
     "scorecam": ScoreCAM,
 }
-METHODS = tuple(_METHODS)
+METHODS: tuple[str, ...] = CAM_METHODS
 
 
 class RawScale:
     """Mixin for a BaseCAM subclass: maps keep raw values, upsampled bilinearly to the input size."""
 
     def compute_cam_per_layer(self: Any, input_tensor: torch.Tensor, targets: list[Any], eigen_smooth: bool) -> list:
+        """Raw (not min-max scaled) maps of each target layer."""
         acts = [a.cpu().data.numpy() for a in self.activations_and_grads.activations]
         grads = [g.cpu().data.numpy() for g in self.activations_and_grads.gradients]
         size = tuple(input_tensor.shape[-2:])
@@ -57,6 +59,7 @@ class RawScale:
         return out
 
     def aggregate_multi_layers(self: Any, cam_per_target_layer: list) -> np.ndarray:
+        """Average the layers' maps, negative values clipped to zero."""
         return np.maximum(np.concatenate(cam_per_target_layer, axis=1), 0).mean(axis=1).astype(np.float32)
 
 
@@ -88,4 +91,5 @@ class LogitTarget:
         self.index, self.sign = index, sign
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        """The logit to explain per image: ``sign * output[index]``."""
         return self.sign * (output[self.index] if output.ndim == 1 else output[:, self.index])

@@ -20,8 +20,10 @@ import torch
 from histoscan.errors import ConfigError
 from histoscan.explain.cam import LogitTarget, cam_class, upsample
 from histoscan.explain.layers import target_layer
+from histoscan.geometry import centre_slices
 from histoscan.inference.backends import TorchBackend
-from histoscan.inference.predictor import Predictor, parse_tta
+from histoscan.inference.predictor import Predictor
+from histoscan.inference.tta import tta_views
 from histoscan.runfolder import EnsembleDocument, RunFolder, member_dir
 
 TUMOUR_NAMES = ("tumour", "tumor", "cancer", "malignant", "metastasis", "positive")
@@ -154,8 +156,8 @@ class Explainer:
         if not crop:
             return maps.astype(np.float32)
         out = np.zeros((len(maps), h, w), np.float32)
-        top, left = (h - crop) // 2, (w - crop) // 2
-        out[:, top : top + crop, left : left + crop] = maps
+        rows, cols = centre_slices(h, w, crop)
+        out[:, rows, cols] = maps
         return out
 
     def explain_batch(
@@ -169,7 +171,7 @@ class Explainer:
         ``groups``: per-group stain models: each image's stain group, estimated before
         (``pre.estimate_stain_groups`` / ``estimate_store_groups``); without it each image is its own group.
         """
-        ks = parse_tta(tta)
+        ks = tta_views(self.bundle, tta, "explain")
         maps: list[np.ndarray] = []
         probs, preds = [], []
         for start in range(0, len(images), self.batch_size):

@@ -14,7 +14,7 @@ reads fine nuclear texture as "normal" takes it for tumour, so P(tumour) can ris
 removed. Check a fill on true negatives first: deleting from them must leave P(tumour) where it
 was. On hcd, for the cpu-default, only ``normal`` passed, and only for contiguous deletions (the
 map's, a block, the centre blob): pixels scattered at random make a speckle that raises P(tumour)
-whatever the fill (figures in the README's "Is the map true to the model?").
+whatever the fill (benchmarks/bench_explain.py measures it; docs/guide/explain.md, "Is the map true to the model?").
 """
 
 from __future__ import annotations
@@ -22,17 +22,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
+from histoscan.enums import DeletionFill
 from histoscan.errors import ConfigError
 from histoscan.explain.explainer import Explainer
+from histoscan.geometry import centre_slices
 from histoscan.preprocessing import Preprocessing
 
 STRATEGIES = ("map", "random", "block", "centre")
-Fill = Literal["grey", "blur", "normal"]
+Fill = DeletionFill
 
 
 def grey_value(explainer: Explainer) -> np.ndarray:
@@ -82,6 +83,7 @@ class Deletion:
     after: dict[str, np.ndarray]
 
     def drop(self, strategy: str) -> np.ndarray:
+        """Drop in P(tumour) per image when deleting by ``strategy``."""
         return self.before - self.after[strategy]
 
     def ratios(self) -> dict[str, float]:
@@ -105,7 +107,9 @@ class Deletion:
 def fill_images(
     explainer: Explainer, images: np.ndarray, fill: Fill, donors: np.ndarray | None = None, seed: int = 0
 ) -> np.ndarray:
-    """What deleted pixels become: the mean colour, a Gaussian-blurred copy of each image (sigma 4 px),
+    """The fill that deleted pixels are replaced with.
+
+    What deleted pixels become: the mean colour, a Gaussian-blurred copy of each image (sigma 4 px),
     or, for ``normal``, a patch of ``donors`` (normal tissue, in the model's colours) drawn at random per image.
     """
     if fill == "grey":
@@ -123,10 +127,7 @@ def fill_images(
 def model_view(pre: Preprocessing) -> tuple[slice, slice]:
     """The rows and columns of the fitted image that the model sees: its centre crop, or all of it."""
     h, w = (int(v) for v in pre.image_size)
-    if not pre.crop:
-        return slice(0, h), slice(0, w)
-    top, left = (h - pre.crop) // 2, (w - pre.crop) // 2
-    return slice(top, top + pre.crop), slice(left, left + pre.crop)
+    return centre_slices(h, w, pre.crop)
 
 
 def model_colours(explainer: Explainer, images: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
@@ -153,7 +154,9 @@ def deleted_images(
     fill: Fill = "grey",
     donors: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], Callable[[np.ndarray], np.ndarray]]:
-    """The images in the model's colours, the same with ``fraction`` of the model's view deleted per strategy,
+    """Images with part of the model's view deleted, per deletion strategy.
+
+    The images in the model's colours, the same with ``fraction`` of the model's view deleted per strategy,
     and the scorer (logits) they must be given to.
 
     Every strategy deletes inside the model's view (the centre crop), ``fraction`` of its area: a

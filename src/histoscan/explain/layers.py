@@ -20,6 +20,8 @@ def target_layer(model: nn.Module, architecture: str, layer: str | None = None) 
     * other timm models: the last feature stage (``feature_info[-1]``).
 
     Args:
+        model: the network (as ``histoscan.models.create_model`` builds it).
+        architecture: its architecture name, for error messages.
         layer: a submodule name (``model.get_submodule``) instead of the default.
 
     Raises:

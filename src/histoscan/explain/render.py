@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from histoscan.geometry import centre_box
+
 PANEL = 192  # px per panel in the saved PNGs
 LABEL_COLOUR = (0, 230, 0)
 CROP_COLOUR = (0, 200, 255)
@@ -31,12 +33,13 @@ class Geometry:
         def box(side: int | None) -> tuple[int, int, int, int] | None:
             if not side or side >= min(h, w):
                 return None
-            top, left = (h - side) // 2, (w - side) // 2
-            return (left, top, left + side, top + side)
+            return centre_box(h, w, side)
 
         return cls(box(label_size), box(crop))
 
     def scaled(self, sx: float, sy: float) -> Geometry:
+        """The same geometry with every box scaled by ``sx`` and ``sy``."""
+
         def s(b: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
             return None if b is None else (round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy))
 

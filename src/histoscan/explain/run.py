@@ -26,6 +26,7 @@ from histoscan.explain.render import Geometry, overlay_png, panel, png_bytes
 from histoscan.explain.settings import ExplainSettings
 from histoscan.inference.inputs import Batch, input_batches, store_input_batches
 from histoscan.inference.predict import InputStainGroups
+from histoscan.inference.tta import tta_views
 from histoscan.runfolder import RunFolder
 from histoscan.system import available_cores, release_free_memory
 
@@ -171,7 +172,7 @@ def explain_inputs(
                 "run": str(s.run_dir),
                 "method": ex.method,
                 "target": s.target,
-                "tta": s.tta,
+                "tta": len(tta_views(ex.bundle, s.tta, "explain")) > 1,
                 "scale": s.scale,
                 "global_max": vmax,
                 "count": count,

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
+from histoscan.enums import CamMethod, CamScale
 from histoscan.errors import ConfigError
 from histoscan.options import check_choices, doc
 
-Method = Literal[
-    "gradcam",
-    "gradcam++",
-    "xgradcam",
-    "hirescam",
-    "layercam",
-    "gradcam-elementwise",
-    "eigencam",
-    "eigengradcam",
-    "scorecam",
-]
-Scale = Literal["global", "image"]
+Method = CamMethod
+Scale = CamScale
 
 
 @dataclass
@@ -32,8 +22,11 @@ class ExplainSettings:
     target: str = doc(
         "Class whose evidence is mapped: tumour (the positive class), predicted, or a class name.", "tumour"
     )
-    tta: bool = doc(
-        "Average the maps of the 8 flips/rotations (each turned back) and the probabilities.", False, cli=False
+    tta: bool | None = doc(
+        "Average the maps of the 8 flips/rotations (each turned back) and the probabilities "
+        "(default: off, histoscan.inference.tta's default for explaining).",
+        None,
+        cli=False,
     )
     save_maps: bool = doc("Also write each raw map as maps/<id>.npy (float32, one scale across images).", False)
     scale: Scale = doc(

@@ -29,8 +29,15 @@ def explain_top_tiles(
     """Write ``folder/explain/``: one PNG (tile, map, overlay) per top-``k`` tile, one colour scale, and tiles.csv.
 
     Args:
+        run_dir: the run folder of the model to explain.
         read_tile: reads the context tile of cell (row, col) at the model's size (uint8 HxWx3).
-        rows, cols, probs, boxes: the scanned cells, their probabilities and level-0 tile boxes (x, y, w, h).
+        rows: the scanned cells' grid rows.
+        cols: the scanned cells' grid columns.
+        probs: the cells' probabilities.
+        boxes: the cells' level-0 tile boxes (x, y, w, h).
+        k: how many of the most probable tiles to explain.
+        folder: the slide's output folder; the overlays go to its ``explain/`` sub-folder.
+        device: torch device of the explainer.
         stain_sample: per-group stain models: the slide's stain sample (``wsi.scan.slide_stain``), so the
             tiles are explained under the slide's one estimate, as they were scanned.
     """

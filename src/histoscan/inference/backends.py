@@ -14,12 +14,11 @@ import numpy as np
 import torch
 
 from histoscan.bundle import EnsembleBundle, ModelBundle, first_line, load_model, read_bundle
+from histoscan.enums import BACKENDS, PRECISIONS
 from histoscan.errors import ConfigError
 from histoscan.runfolder import MODEL_FILE, ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, ONNX_FILE, RunFolder
 from histoscan.system import available_cores, native_bf16_cpu
 
-BACKENDS = ("torch", "onnx", "auto")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -45,7 +44,8 @@ class Backend(Protocol):
 
     name: str
 
-    def logits(self, x: torch.Tensor) -> np.ndarray: ...
+    def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Logits of a preprocessed float batch (N x C x H x W)."""
 
 
 class TorchBackend:
@@ -62,6 +62,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Logits of a preprocessed batch from the torch model."""
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         dtype = _DTYPES.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -124,6 +125,7 @@ class OnnxBackend:
             )
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Logits of a preprocessed batch from the ONNX graph."""
         return self.outputs(x)[0]
 
     def outputs(self, x: torch.Tensor) -> list[np.ndarray]:

@@ -1,6 +1,9 @@
-"""Temperature scaling fitted on the rows ``fitting_predictions`` chooses (the calibration rows of the run's split,
+"""Temperature scaling, stored in model.json and applied by the Predictor.
+
+Temperature scaling fitted on the rows ``fitting_predictions`` chooses (the calibration rows of the run's split,
 else its validation split; an ensemble of folds without calibration rows: out-of-fold predictions), stored in
-model.json, applied by the Predictor."""
+model.json, applied by the Predictor.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +69,9 @@ def calibrate(
     tta: bool | Sequence[int] | None = None,
     settings: PredictorSettings | None = None,
 ) -> CalibrationResult:
-    """Fit the temperature on the predictions ``fitting_predictions`` chooses (the validation split, or an
+    """Fit and store a run's temperature.
+
+    Fit the temperature on the predictions ``fitting_predictions`` chooses (the validation split, or an
     ensemble's out-of-fold predictions) and save it in model.json.
 
     The fit is relative to the stored temperature (the new one is the stored one times the fitted factor),

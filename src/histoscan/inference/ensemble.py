@@ -26,7 +26,7 @@ from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.inference.calibration_rows import RESPLIT, calibration_ids, check_unseen
 from histoscan.inference.fitting import fitting_predictions
-from histoscan.inference.predictor import default_tta
+from histoscan.inference.tta import default_views
 from histoscan.metrics import pick_threshold
 from histoscan.runfolder import SPLIT_FILE, EnsembleDocument, EnsembleMember, RunFolder
 
@@ -44,6 +44,7 @@ class EnsembleResult:
     threshold_source: str
 
     def lines(self) -> list[str]:
+        """What was written, for the terminal."""
         return [
             f"ensemble of {len(self.members)} runs written to {self.path}",
             f"threshold {self.threshold:.4f} chosen on {self.threshold_source}",
@@ -117,7 +118,7 @@ def make_ensemble(
             scores, labels, source = _read_oof(Path(oof), bundles[0].classes)
         else:
             printer(f"choosing the threshold ({threshold_rule}) on the ensemble's {fitted_on} predictions ...")
-            fit = fitting_predictions(out, default_tta(read_bundle(out)))
+            fit = fitting_predictions(out, default_views(read_bundle(out), "fit"))
             scores, labels, source = fit.probabilities[:, 1], fit.labels, fit.source
             doc = doc.model_copy(update={"fitted_rows": len(labels) if ids else None})
         threshold = pick_threshold(labels, scores, threshold_rule, source=source)
@@ -183,8 +184,11 @@ def _assignments(dirs: Sequence[Path]) -> list[tuple[PatchStore, np.ndarray]] | 
 
 
 def folds_of_one_cv(dirs: Sequence[Path]) -> bool:
-    """True when the runs are the folds of one cross-validation over one store: the same test rows, validation
-    folds that do not overlap and that together cover every other row."""
+    """Whether the runs are the folds of one cross-validation.
+
+    True when the runs are the folds of one cross-validation over one store: the same test rows, validation
+    folds that do not overlap and that together cover every other row.
+    """
     parts = _assignments(dirs)
     if parts is None:
         return False
@@ -227,8 +231,11 @@ def _place(dirs: Sequence[Path], out: Path, copy: bool) -> list[str]:
 
 
 def _write_split(dirs: Sequence[Path], out: Path, cv: bool, calibration: set[str]) -> None:
-    """The ensemble's split.csv: folds of one CV score only the test rows (every other row trained some member);
-    other members share the first member's split. The calibration rows of any member are calibration here."""
+    """Write the ensemble's split.csv.
+
+    The ensemble's split.csv: folds of one CV score only the test rows (every other row trained some member);
+    other members share the first member's split. The calibration rows of any member are calibration here.
+    """
     first = RunFolder(dirs[0]).split_path
     if not first.is_file():
         return

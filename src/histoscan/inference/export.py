@@ -137,9 +137,12 @@ def export_onnx(
 
 
 class EnsembleModule(torch.nn.Module):
-    """The members' networks on one input preprocessed by the first member's recipe: logits of their weighted mean
+    """An ensemble as one network for ONNX export.
+
+    The members' networks on one input preprocessed by the first member's recipe: logits of their weighted mean
     probability, and each member's probabilities (N x M x C). Each member's own normalisation is re-applied
-    exactly: x_j = (x * std_0 + mean_0 - mean_j) / std_j."""
+    exactly: x_j = (x * std_0 + mean_0 - mean_j) / std_j.
+    """
 
     def __init__(self, models: list[torch.nn.Module], bundles: list[ModelBundle], weights: list[float]) -> None:
         super().__init__()
@@ -157,6 +160,7 @@ class EnsembleModule(torch.nn.Module):
         self.register_buffer("weights", w / w.sum())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the weighted mean probability, and each member's probabilities."""
         scale, shift, temps = (
             cast(torch.Tensor, self.scale),
             cast(torch.Tensor, self.shift),

@@ -27,15 +27,18 @@ from histoscan.data.splits import CALIBRATION
 from histoscan.data.store import PatchStore
 from histoscan.errors import ConfigError, DataError
 from histoscan.inference.calibration_rows import RESPLIT, calibration_ids, check_unseen
-from histoscan.inference.predictor import parse_tta
 from histoscan.inference.probabilities import logits_of, probabilities
 from histoscan.inference.settings import PredictorSettings
+from histoscan.inference.tta import parse_tta
 from histoscan.runfolder import RunFolder
 
 
 class FittingPredictions(NamedTuple):
-    """Predictions to fit on: probabilities (N x C, at the bundle's current temperature), labels, the spread
-    across views (None for one view), and where they came from, in words."""
+    """Predictions that a calibration, threshold or trust rule is fitted on.
+
+    Predictions to fit on: probabilities (N x C, at the bundle's current temperature), labels, the spread
+    across views (None for one view), and where they came from, in words.
+    """
 
     probabilities: np.ndarray
     labels: np.ndarray

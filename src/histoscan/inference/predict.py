@@ -19,8 +19,9 @@ from histoscan.data.store import META_FILE as STORE_META
 from histoscan.data.store import PatchStore
 from histoscan.errors import DataError
 from histoscan.inference.inputs import Batch, input_batches
-from histoscan.inference.predictor import Prediction, Predictor, submission_tta
+from histoscan.inference.predictor import Prediction, Predictor
 from histoscan.inference.settings import PredictorSettings
+from histoscan.inference.tta import tta_views
 from histoscan.rules.answers import check_policy
 from histoscan.system import available_cores
 
@@ -250,16 +251,19 @@ def predict_files(
     progress: Callable[[int], None] | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """``histoscan predict``: predict every image of ``input`` with the bundle ``run`` and write the predictions
+    """Predict every image of an input and write the predictions CSV.
+
+    ``histoscan predict``: predict every image of ``input`` with the bundle ``run`` and write the predictions
     CSV (and a Kaggle submission in the order of the ``submission`` sample); returns what happened, in lines.
 
-    ``settings``: how the model runs; its ``tta`` None is ``submission_tta``'s choice. An existing ``out`` is
+    ``settings``: how the model runs; its ``tta`` None is the default for a submission or for prediction
+    (``histoscan.inference.tta``). An existing ``out`` is
     refused before any work unless ``force``.
     """
     settings = settings or PredictorSettings()
     check_output(out, force, [input, run])  # before the work, not after it
     predictor = settings.predictor(run)
-    tta = submission_tta(predictor, settings.tta, submission)
+    tta = tta_views(predictor.bundle, settings.tta, "submission" if submission else "predict")
     table = predict_input(predictor, input, tta=tta, workers=workers, progress=progress, notice=notice)
     path, errors = write_predictions(table, out, force=force, inputs=[input, run])
     lines = [f"{len(table.ids)} predictions ({predictor.backend.name} backend) written to {path}"]

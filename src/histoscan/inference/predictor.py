@@ -26,6 +26,8 @@ from histoscan.errors import ConfigError
 from histoscan.inference.backends import Backend, OnnxBackend, TorchBackend, resolve_backend
 from histoscan.inference.inputs import store_input_batches
 from histoscan.inference.probabilities import logits_of, probabilities
+from histoscan.inference.tta import default_views, tta_views
+from histoscan.inference.tta import parse_tta as parse_tta  # re-exported: callers and tests import it from here
 from histoscan.preprocessing import Groups
 from histoscan.rules.answers import UNCHECKED, answer_images
 from histoscan.rules.tissue import check_images
@@ -33,11 +35,14 @@ from histoscan.rules.tissue import check_images
 
 @dataclass
 class Prediction:
-    """Per-image class probabilities (N x C), predicted class index, and the spread across views when there are
+    """What the Predictor returns for a batch of images.
+
+    Per-image class probabilities (N x C), predicted class index, and the spread across views when there are
     several (TTA elements, ensemble members, or both): the standard deviation of P(positive) for binary models,
     of the predicted class's probability otherwise; None for one view. ``answers``: what each image is
     answered (a class name, ``refer``, ``not tissue`` or ``out of distribution``), with its tissue-check
-    ``quality`` flag (``ok``, what is wrong, or ``unchecked``)."""
+    ``quality`` flag (``ok``, what is wrong, or ``unchecked``).
+    """
 
     probabilities: np.ndarray
     predicted: np.ndarray
@@ -50,6 +55,7 @@ class Prediction:
 
     @staticmethod
     def concat(parts: Sequence[Prediction], num_classes: int) -> Prediction:
+        """Join predictions of consecutive batches into one."""
         if not parts:
             return Prediction(np.zeros((0, num_classes), np.float32), np.zeros(0, np.int64))
         unc = [p.uncertainty for p in parts if p.uncertainty is not None]
@@ -73,40 +79,20 @@ class MemberBackend:
         self.members = list(members)
 
     def logits(self, x: torch.Tensor) -> np.ndarray:
+        """Refuse: an ensemble's members preprocess their images themselves."""
         raise ConfigError(
             "an ensemble's members each preprocess the images themselves: use Predictor.views or predict_batch"
         )
 
 
 def default_tta(bundle: ModelBundle) -> list[int]:
-    """The TTA a model is evaluated and submitted with by default: the referral rule's policy when it has one,
-    else model.json's ``inference.tta`` when set, else all 8 dihedral elements for binary patch models (cheap
-    for small models) and none otherwise."""
-    if bundle.trust.referral is not None:
-        return list(bundle.trust.referral.tta)
-    if bundle.inference.tta is not None:
-        return parse_tta(bundle.inference.tta)
-    return parse_tta(bundle.task == "binary")
+    """The model's own TTA policy (``default_views(bundle, "evaluate")``; kept for callers of this name)."""
+    return default_views(bundle, "evaluate")
 
 
-def submission_tta(predictor: Predictor, tta: bool | None, submission: object | None) -> bool | list[int]:
-    """``predict``'s TTA: as asked, else the model's default when writing a Kaggle submission or when the model
-    refers doubtful images (its referral rule's policy), else none."""
-    if tta is not None:
-        return tta
-    return default_tta(predictor.bundle) if submission or predictor.bundle.trust.referral is not None else False
-
-
-def parse_tta(tta: bool | Sequence[int] | None) -> list[int]:
-    """The dihedral elements to average: [0] without TTA, all 8 with ``True``, or a chosen subset."""
-    if not tta:
-        return [0]
-    if tta is True:
-        return list(range(8))
-    ks = sorted({int(k) for k in tta})
-    if not ks or any(k < 0 or k > 7 for k in ks):
-        raise ConfigError(f"TTA elements must be in 0..7, got {list(tta)}")
-    return ks
+def submission_tta(predictor: Predictor, tta: bool | None, submission: object | None) -> list[int]:
+    """``predict``'s views: as asked, else the default for a Kaggle submission or for plain prediction."""
+    return tta_views(predictor.bundle, tta, "submission" if submission else "predict")
 
 
 class Predictor:
@@ -155,10 +141,12 @@ class Predictor:
     # ---- what the model is ---------------------------------------------------------
     @property
     def classes(self) -> list[str]:
+        """The model's class names."""
         return self.bundle.classes
 
     @property
     def threshold(self) -> float:
+        """The model's decision threshold."""
         return self.bundle.threshold
 
     # ---- the core: one batch -----------------------------------------------------------
@@ -177,8 +165,11 @@ class Predictor:
         return probabilities.argmax(axis=1)
 
     def logits(self, images: np.ndarray | Sequence[np.ndarray], k: int = 0, groups: Groups | None = None) -> np.ndarray:
-        """Raw logits of one batch under dihedral element ``k`` (``groups``: see ``predict_batch``; an ensemble:
-        the logits of its members' weighted mean probability, before the ensemble's own temperature)."""
+        """Raw logits of one batch under one dihedral view.
+
+        Raw logits of one batch under dihedral element ``k`` (``groups``: see ``predict_batch``; an ensemble:
+        the logits of its members' weighted mean probability, before the ensemble's own temperature).
+        """
         if isinstance(self.bundle, EnsembleBundle):
             views = self.views(images, [k], groups)
             return logits_of(np.tensordot(self.weights / self.weights.sum(), views, axes=1))
@@ -203,10 +194,8 @@ class Predictor:
         return np.stack(by_k, axis=2).transpose(1, 2, 0, 3).reshape(-1, len(fitted), len(self.classes))
 
     def tta_views(self, tta: bool | Sequence[int] | None) -> list[int]:
-        """The dihedral elements a prediction runs: as asked, or with None the referral rule's policy (else none)."""
-        if tta is None and self.bundle.trust.referral is not None:
-            return list(self.bundle.trust.referral.tta)
-        return parse_tta(tta)
+        """The dihedral elements a prediction runs: as asked, or with None the default for ``predict``."""
+        return tta_views(self.bundle, tta, "predict")
 
     def quality(self, images: np.ndarray | Sequence[np.ndarray]) -> list[str]:
         """The tissue check's flag per image (``unchecked`` when model.json has no check)."""

@@ -1,14 +1,15 @@
-"""``PredictorSettings``: how a command runs a model (backend, device, precision, batch size, threads, TTA); and the
+"""How a command runs a model, and the other options of the inference commands.
+
+``PredictorSettings``: how a command runs a model (backend, device, precision, batch size, threads, TTA); and the
 other options of the inference commands (``PredictSettings``, ``ExportSettings``, ``EnsembleSettings``).
 
 Every command that runs a model (predict, evaluate, calibrate, slide, slide evaluate's scan, explain, serve, and
 train --folds for its out-of-fold predictions) takes its model options from this one dataclass, so ``--device`` or ``--precision`` has one spelling, one
 type and one help text everywhere. A field left None is "not given": the command's own default applies
-(for TTA, the bundle's policy; see ``histoscan.inference.predictor.default_tta``), so the settings change
-nothing until the user sets them.
+(for TTA, the default views for the command's use; see ``histoscan.inference.tta.default_views``), so the
+settings change nothing until the user sets them.
 
-The value types below are ``Literal`` aliases defined here because no enumerations module exists yet; when one
-does, these aliases move there and this module imports them.
+The value types (``Backend``, ``Precision``) are the vocabularies of ``histoscan.enums``.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from histoscan.enums import Backend, Precision
 from histoscan.errors import ConfigError
 from histoscan.options import WORKERS_HELP, check_choices, doc
 
 if TYPE_CHECKING:
     from histoscan.inference.predictor import Predictor
 
-Backend = Literal["auto", "torch", "onnx"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 PREDICTOR_FIELDS = ("backend", "device", "precision", "batch_size", "threads", "tta")
 
@@ -59,8 +59,11 @@ class PredictorSettings:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
     def apply(self, settings: Any) -> Any:
-        """A copy of a command's settings dataclass (``ScanSettings``, ``ExplainSettings``, ``ServeSettings``)
-        with the predictor options given here; fields that settings class lacks are left out."""
+        """A command's settings with these predictor options applied.
+
+        A copy of a command's settings dataclass (``ScanSettings``, ``ExplainSettings``, ``ServeSettings``)
+        with the predictor options given here; fields that settings class lacks are left out.
+        """
         names = {f.name for f in dataclasses.fields(settings)}
         return dataclasses.replace(settings, **{k: v for k, v in self.given().items() if k in names})
 
@@ -78,8 +81,11 @@ class PredictorSettings:
 
 
 def predictor_settings(values: dict[str, Any], only: tuple[str, ...] = PREDICTOR_FIELDS) -> PredictorSettings:
-    """The ``PredictorSettings`` among a command's parsed option values (removed from ``values``); ``only``: the
-    model options this command takes (others of the same name, e.g. train's ``batch_size``, are the command's)."""
+    """The ``PredictorSettings`` among a command's parsed option values.
+
+    The ``PredictorSettings`` among a command's parsed option values (removed from ``values``); ``only``: the
+    model options this command takes (others of the same name, e.g. train's ``batch_size``, are the command's).
+    """
     return PredictorSettings(**{k: values.pop(k) for k in only if k in values})
 
 

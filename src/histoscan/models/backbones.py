@@ -33,7 +33,7 @@ def create_timm_model(
 
 
 def timm_data_config(model: nn.Module) -> dict[str, Any]:
-    """timm's mean/std/input size for a model (``resolve_model_data_config``)."""
+    """Timm's mean/std/input size for a model (``resolve_model_data_config``)."""
     import timm.data
 
     return dict(timm.data.resolve_model_data_config(model))

@@ -74,16 +74,20 @@ class PatchCNN(nn.Module):
         return last[-1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps before the pooling (timm's interface)."""
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, dense layers and classifier (``pre_logits``: stop before the classifier)."""
         x = self.dense(torch.flatten(self.pool(x), 1))
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch."""
         return self.forward_head(self.forward_features(x))
 
     def get_classifier(self) -> nn.Module:
+        """The final classifier layer (timm's interface)."""
         return self.classifier
 
 
@@ -109,10 +113,13 @@ def simple_cnn_flatten(num_outputs: int = 1, input_size: int = 96, dropout: floa
 def custom_cnn(
     num_outputs: int = 1, input_size: int = 96, dropout: float = 0.5, conv_dropout: float = 0.25
 ) -> PatchCNN:
-    """The seeds' deeper custom CNN (about 2.3 M parameters): three stages of three 3x3 convs with
+    """The reference notebooks' deeper custom CNN.
+
+    The seeds' deeper custom CNN (about 2.3 M parameters): three stages of three 3x3 convs with
     32, 64 and 128 filters, batch norm, max-pool and dropout; average-pooled to 4x4, flattened; dense
     768 and 256 with dropout 0.5. The pooling keeps the parameter count independent of the input size
-    (for ONNX export the input side must be a multiple of 32: 32, 64, 96, 128, 192, 224 ...)."""
+    (for ONNX export the input side must be a multiple of 32: 32, 64, 96, 128, 192, 224 ...).
+    """
     blocks = [
         conv_block(3, 32, convs=3, batch_norm=True, dropout=conv_dropout),
         conv_block(32, 64, convs=3, batch_norm=True, dropout=conv_dropout),
@@ -135,10 +142,13 @@ def nas_cnn(
     dense_units: Sequence[int] = (512, 256),
     dense_dropout: float = 0.4,
 ) -> PatchCNN:
-    """A CNN from the architecture-search space (the seeds' NAS): ``num_blocks`` (3-5) stages of two
+    """A CNN from the architecture-search space.
+
+    A CNN from the architecture-search space (the seeds' NAS): ``num_blocks`` (3-5) stages of two
     k x k convs with ``8 * filter_mult * 2**i`` filters (capped at 512), optional batch norm, max-pool
     and conv dropout; global average pool; dense layers ``dense_units`` with ``dense_dropout``.
-    The defaults are the architecture the seeds' search found: 4 blocks, x4 filters, kernels 3,3,5,3, no BN."""
+    The defaults are the architecture the seeds' search found: 4 blocks, x4 filters, kernels 3,3,5,3, no BN.
+    """
     if not 1 <= num_blocks <= 6:
         raise ValueError(f"num_blocks must be 1..6, got {num_blocks}")
     kernels = list(kernel_sizes) + [3] * max(0, num_blocks - len(kernel_sizes))

@@ -40,28 +40,34 @@ class HtmlReport:
     parts: list[str] = field(default_factory=list)
 
     def heading(self, text: str) -> None:
+        """Add a section heading."""
         self.parts.append(f"<h2>{html.escape(text)}</h2>")
 
     def paragraph(self, text: str, note: bool = False) -> None:
+        """Add a paragraph (``note``: in the smaller note style)."""
         cls = ' class="note"' if note else ""
         self.parts.append(f"<p{cls}>{html.escape(text)}</p>")
 
     def key_values(self, items: dict[str, Any]) -> None:
+        """Add a two-column table of names and values."""
         rows = "".join(f"<tr><th>{html.escape(str(k))}</th>{_cell(v)}</tr>" for k, v in items.items())
         self.parts.append(f"<table>{rows}</table>")
 
     def table(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Add a table with a header row."""
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
         body = "".join("<tr>" + "".join(_cell(v) for v in r) + "</tr>" for r in rows)
         self.parts.append(f"<table><tr>{head}</tr>{body}</table>")
 
     def figure(self, png: str | Path, caption: str = "") -> None:
+        """Embed a PNG (base64, so the report is one file) with a caption."""
         data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
         alt = html.escape(caption or Path(png).stem)
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
         self.parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{alt}">{cap}</figure>')
 
     def render(self) -> str:
+        """The whole report as one HTML document."""
         sub = f'<p class="sub">{html.escape(self.subtitle)}</p>' if self.subtitle else ""
         return (
             f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
@@ -69,6 +75,7 @@ class HtmlReport:
         )
 
     def write(self, path: str | Path) -> Path:
+        """Write the report to ``path``; return the path."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(self.render(), encoding="utf-8")

@@ -18,9 +18,18 @@ import torch
 
 from histoscan.preprocessing import Images, Preprocessing
 from histoscan.runfolder import TissueCheck
+from histoscan.thresholds import (
+    FLAG_BLANK_TISSUE,
+    FLAG_DARK_GREY,
+    FLAG_GRAYSCALE_CHROMA,
+    FLAG_NOISE_SMOOTHNESS,
+    FLAG_UNIFORM_CONTRAST,
+    STAINED_OD,
+    TISSUE_OD,
+)
 
 FEATURE_NAMES = [
-    "tissue_fraction",  # logit of the fraction of pixels with optical density above 0.3
+    "tissue_fraction",  # logit of the fraction of pixels with optical density above TISSUE_OD (0.3)
     "brightness",  # logit of the mean grey level
     "contrast",  # log standard deviation of the grey level
     "chroma",  # log mean of max - min over the channels
@@ -52,7 +61,7 @@ def tissue_features(x: torch.Tensor) -> np.ndarray:
     x = x.float().clamp(0, 1).contiguous()  # per-channel planes (to_float gives a channels-last view)
     od = _LOG_256 - torch.log1p(x * 255.0)  # optical density per channel: -log((255 x + 1) / 256)
     od_sum = od.sum(dim=1)  # N H W
-    tissue = (od_sum > 0.3).float()
+    tissue = (od_sum > TISSUE_OD).float()
     grey = x.mean(dim=1)
     chroma = x.amax(dim=1) - x.amin(dim=1)
     dx = (grey[:, :, 1:] - grey[:, :, :-1]).abs().mean(dim=(1, 2))
@@ -69,7 +78,7 @@ def tissue_features(x: torch.Tensor) -> np.ndarray:
     off = (od[:, 0] * normal[0] + od[:, 1] * normal[1] + od[:, 2] * normal[2]) / (length + _EPS)
     off = torch.where(tissue > 0, off, torch.nan).flatten(1)
     off_plane = torch.nan_to_num(torch.nanquantile(off, 0.9, dim=1), nan=0.0)  # the most off-plane tenth of tissue
-    stained = od_sum > 0.6
+    stained = od_sum > STAINED_OD
     blue_first = (stained & (od[:, 2] > od[:, 1]) & (od[:, 2] > od[:, 0])).float().sum(dim=(1, 2))
     brown = (blue_first + 1.0) / (stained.float().sum(dim=(1, 2)) + 2.0)
     feats = torch.stack(
@@ -102,6 +111,7 @@ class TissueVerdict:
 
     @property
     def accepted(self) -> np.ndarray:
+        """Whether each image passed the tissue check."""
         return np.array([q == OK for q in self.quality])
 
 
@@ -125,15 +135,15 @@ def judge(check: TissueCheck, features: np.ndarray) -> TissueVerdict:
 def flag(row: np.ndarray) -> str:
     """What a rejected image looks like, from its statistics (the region decides *whether*; this names *why*)."""
     f = dict(zip(FEATURE_NAMES, row))
-    if f["brightness"] < _logit(0.15):
+    if f["brightness"] < _logit(FLAG_DARK_GREY):
         return "dark"
-    if f["tissue_fraction"] < _logit(0.05):
+    if f["tissue_fraction"] < _logit(FLAG_BLANK_TISSUE):
         return "blank"
-    if f["contrast"] < np.log(0.01 + _EPS):
+    if f["contrast"] < np.log(FLAG_UNIFORM_CONTRAST + _EPS):
         return "uniform"
-    if f["chroma"] < np.log(0.002 + _EPS):  # no colour at all (R = G = B); faded H&E keeps some
+    if f["chroma"] < np.log(FLAG_GRAYSCALE_CHROMA + _EPS):  # no colour at all (R = G = B); faded H&E keeps some
         return "grayscale"
-    if f["smoothness"] < np.log(0.35):  # white noise keeps about 1/4 of its contrast after 4x4 pooling
+    if f["smoothness"] < np.log(FLAG_NOISE_SMOOTHNESS):  # white noise keeps about 1/4 of its contrast after pooling
         return "noise"
     return "out of distribution"
 

@@ -1,6 +1,7 @@
-"""One bounded admission for all model work: predictions, batches, explanations and previews.
+"""One bounded admission for all model work (predictions, batches, explanations, previews) and slide tiles.
 
-Each kind of work has its own limit (images for predictions, requests for the others); a
+Each kind of work has its own limit (images for predictions, requests for the others; ``tile``:
+Deep Zoom tiles, overlays and regions of ``--slides`` waiting for the tile threads); a
 request over its kind's limit is refused at once with Overloaded (503 with Retry-After)
 instead of queueing without bound. The counts are what ``/ready`` and ``/metrics`` report.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-KINDS = ("predict", "explain", "preview")
+KINDS = ("predict", "explain", "preview", "tile")
 
 
 class Overloaded(RuntimeError):
@@ -36,6 +37,10 @@ class Admission:
         """The Overloaded that admitting ``n`` units of ``kind`` now would raise (None: there is room)."""
         if self.used[kind] + n <= self.limits[kind]:
             return None
+        if kind == "tile":
+            return Overloaded(
+                f"server busy: {self.used[kind]} slide tiles queued (limit {self.limits[kind]}); retry shortly", 1
+            )
         unit = "images are" if kind == "predict" else f"{kind} requests are"
         return Overloaded(
             f"server busy: {self.used[kind]} {unit} waiting for the model (limit {self.limits[kind]})",

@@ -21,6 +21,7 @@ from histoscan.serving.batcher import MicroBatcher
 from histoscan.serving.guard import RequestGuard, UploadBudget, request_id
 from histoscan.serving.metrics import ServeMetrics
 from histoscan.serving.model_process import ModelProcess, ModelRunner, ModelThread, ModelUnavailable
+from histoscan.serving.slides import routes as slides
 from histoscan.serving.state import ServeSettings, ServeState
 from histoscan.serving.uploads import UploadError
 
@@ -29,7 +30,6 @@ log = logging.getLogger("histoscan.serve")
 
 def create_app(settings: ServeSettings) -> FastAPI:
     """An app serving ``settings.run_dir``, behind the RequestGuard; nothing is loaded until the server starts."""
-
     budget = UploadBudget(int(settings.max_inflight_mb * 1_000_000), settings.max_client_share)
     metrics = ServeMetrics(budget)
 
@@ -38,7 +38,15 @@ def create_app(settings: ServeSettings) -> FastAPI:
         model = load_model_runner(settings)
         await model.start()
         s = settings
-        admission = Admission({"predict": s.max_queue, "explain": s.max_explain_queue, "preview": s.max_previews})
+        admission = Admission(
+            {
+                "predict": s.max_queue,
+                "explain": s.max_explain_queue,
+                "preview": s.max_previews,
+                "tile": s.max_tile_queue,
+            }
+        )
+        slides.attach(app, admission)  # slide tiles are admitted (and counted) with the model work
         batcher = MicroBatcher(
             model, s.max_batch, s.max_wait_ms, s.max_in_flight, s.max_queue, admission, s.model_timeout_s
         )
@@ -52,6 +60,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             await batcher.stop()
             await model.stop()
             state.pool.close()
+            slides.close(app)
             app.state.histoscan = None
             metrics.admission = None
 
@@ -68,6 +77,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.include_router(routes_predict.router)
     app.include_router(routes_explain.router)
     app.include_router(page.router)
+    slides.register(app, settings)  # /slides and /v1/slides (a folder of scanned slides, when --slides names one)
 
     @app.exception_handler(UploadError)
     async def upload_error(_: Request, exc: UploadError) -> JSONResponse:

@@ -33,7 +33,7 @@ class _Explain:
     image: np.ndarray
     method: str
     target: str
-    tta: bool
+    tta: bool | None  # None: the explain default (histoscan.inference.tta)
     future: asyncio.Future[ExplainAnswer]
 
 
@@ -80,9 +80,11 @@ class MicroBatcher:
         self._running: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        """Start accepting work."""
         self._slots = asyncio.Semaphore(self.max_in_flight)
 
     async def stop(self) -> None:
+        """Cancel the dispatcher and the batches in flight."""
         for task in [self._dispatcher, *self._running]:
             if task is not None:
                 task.cancel()
@@ -108,7 +110,7 @@ class MicroBatcher:
         with self.admission.slot("predict", len(images)):
             return await self.model.predict(images, tta)
 
-    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool | None) -> ExplainAnswer:
         """Grad-CAM of one image, sent to the model when no prediction waits (admit it with kind "explain" first)."""
         if self._slots is None:
             raise RuntimeError("MicroBatcher.start() was not called")

@@ -120,6 +120,7 @@ class RequestGuard:
         return self.settings.upload_limit + MULTIPART_SLACK, "upload"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the key and the request's size limits, then pass the request on."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

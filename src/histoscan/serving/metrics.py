@@ -60,7 +60,12 @@ class ServeMetrics:
     def observe(self, scope: MutableMapping[str, Any], status: int, seconds: float) -> None:
         """Count one answered request (routes outside the API are pooled as "other": bounded labels)."""
         path = str(scope.get("path", "")).rstrip("/") or "/"
-        route = path if path in ROUTES or path in ("/health", "/ready", "/metrics", "/v1/model") else "other"
+        if path in ROUTES or path in ("/health", "/ready", "/metrics", "/v1/model", "/v1/slides"):
+            route = path
+        elif path.startswith("/v1/slides/"):
+            route = slide_route(path)
+        else:
+            route = "other"
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
         if status == 503 and route != "/ready":  # /ready's 503 is a probe's answer, not refused work
@@ -83,3 +88,17 @@ class ServeMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
+
+
+def slide_route(path: str) -> str:
+    """The template of a ``/v1/slides/...`` path (one label per route, whatever the slide or tile)."""
+    rest = path[len("/v1/slides/") :]
+    if "_files/" in rest:
+        return "/v1/slides/{slide}_files/{level}/{col}_{row}.jpeg"
+    if rest.endswith("/overlay.png"):
+        return "/v1/slides/{slide}/overlay.png"
+    if rest.endswith("/regions.geojson"):
+        return "/v1/slides/{slide}/regions.geojson"
+    if rest.endswith(".dzi"):
+        return "/v1/slides/{slide}.dzi"
+    return "/v1/slides/{slide}"

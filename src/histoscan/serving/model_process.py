@@ -58,20 +58,27 @@ class ModelRunner(Protocol):
     backend: str
 
     @property
-    def alive(self) -> bool: ...
+    def alive(self) -> bool:
+        """Whether the model answers."""
 
     @property
-    def explainer_ready(self) -> bool: ...
+    def explainer_ready(self) -> bool:
+        """Whether an explainer is built, so an explanation starts at once."""
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> dict[str, Any]:
+        """Readiness and, when not ready, why."""
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Load the model."""
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Stop the model."""
 
-    async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction: ...
+    async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction:
+        """Predict a batch of decoded images (``tta`` None: the model's default)."""
 
-    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer: ...
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool | None) -> ExplainAnswer:
+        """Grad-CAM map of one image."""
 
 
 @dataclass
@@ -98,6 +105,7 @@ def pack_job(images: Sequence[np.ndarray], tta: bool | None) -> bytes:
 
 
 def unpack_job(meta: dict[str, Any], data: bytes) -> tuple[list[np.ndarray], bool | None]:
+    """Images and TTA flag of a job, from its frame."""
     images, pos = [], 0
     for shape in meta["shapes"]:
         n = int(np.prod(shape))
@@ -106,13 +114,20 @@ def unpack_job(meta: dict[str, Any], data: bytes) -> tuple[list[np.ndarray], boo
     return images, None if meta["tta"] is None else bool(meta["tta"])
 
 
-def pack_explain_job(image: np.ndarray, method: str, target: str, tta: bool) -> bytes:
+def pack_explain_job(image: np.ndarray, method: str, target: str, tta: bool | None) -> bytes:
     """One uint8 image to explain, with the method, the target and the TTA flag."""
-    meta = {"op": "explain", "method": method, "target": target, "tta": bool(tta), "shapes": [list(image.shape)]}
+    meta = {
+        "op": "explain",
+        "method": method,
+        "target": target,
+        "tta": None if tta is None else bool(tta),
+        "shapes": [list(image.shape)],
+    }
     return frame(meta, [image])
 
 
 def pack_explanation(answer: ExplainAnswer) -> bytes:
+    """Frame a Grad-CAM answer for the pipe."""
     probs = answer.probabilities.astype(np.float32)
     h, w = answer.map.shape
     meta = {
@@ -128,6 +143,7 @@ def pack_explanation(answer: ExplainAnswer) -> bytes:
 
 
 def unpack_explanation(meta: dict[str, Any], data: bytes) -> ExplainAnswer:
+    """A Grad-CAM answer from its frame."""
     c, h, w = int(meta["c"]), int(meta["h"]), int(meta["w"])
     probs = np.frombuffer(data, np.float32, c, 0)
     m = np.frombuffer(data, np.float32, h * w, 4 * c).reshape(h, w)
@@ -141,7 +157,7 @@ def explain_one(
     image: np.ndarray,
     method: str,
     target: str,
-    tta: bool,
+    tta: bool | None,
 ) -> ExplainAnswer:
     """Explain one image with the cached Explainer (built on first use: it loads the weights).
 
@@ -172,6 +188,7 @@ def warm_explainer(
 
 
 def pack_prediction(pred: Prediction) -> bytes:
+    """Frame a prediction for the pipe."""
     arrays: list[np.ndarray] = [pred.probabilities.astype(np.float32), pred.predicted.astype(np.int64)]
     if pred.uncertainty is not None:
         arrays.append(pred.uncertainty.astype(np.float32))
@@ -181,6 +198,7 @@ def pack_prediction(pred: Prediction) -> bytes:
 
 
 def unpack_prediction(meta: dict[str, Any], data: bytes) -> Prediction:
+    """A prediction from its frame."""
     n, c = int(meta["n"]), int(meta["c"])
     probs = np.frombuffer(data, np.float32, n * c, 0).reshape(n, c)
     predicted = np.frombuffer(data, np.int64, n, 4 * n * c)
@@ -261,7 +279,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     threading.Thread(target=out.beat, args=(HEARTBEAT_S,), daemon=True, name="heartbeat").start()
     explaining = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
 
-    def explain(meta: dict[str, Any], image: np.ndarray, tta: bool) -> None:
+    def explain(meta: dict[str, Any], image: np.ndarray, tta: bool | None) -> None:
         try:
             got = explain_one(explainers, args.run_dir, args.device, image, meta["method"], meta["target"], tta)
             out.write(pack_explanation(got))
@@ -283,7 +301,7 @@ def child_main(argv: Sequence[str] | None = None) -> int:
             meta = json.loads(body[:meta_len])
             images, tta = unpack_job(meta, body[meta_len:])
             if meta.get("op") == "explain":
-                explaining.submit(explain, meta, images[0].copy(), bool(tta))
+                explaining.submit(explain, meta, images[0].copy(), tta)  # None: the explain default
                 continue
             reply = pack_prediction(predictor.predict_batch(images, tta))
         except Exception as exc:
@@ -429,6 +447,7 @@ class ModelProcess:
             await self._launch()
 
     async def stop(self) -> None:
+        """Stop the watchdog and the model process."""
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -471,7 +490,7 @@ class ModelProcess:
         result: Prediction = await self._send(pack_job(images, tta), unpack_prediction, "predict")
         return result
 
-    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool | None) -> ExplainAnswer:
         """Grad-CAM of one image, computed in the model process (never on the server's event loop)."""
         job = pack_explain_job(image, method, target, tta)
         result: ExplainAnswer = await self._send(job, unpack_explanation, "explain")
@@ -547,20 +566,25 @@ class ModelThread:
 
     @property
     def alive(self) -> bool:
+        """Always true: the model runs in this process."""
         return True
 
     def status(self) -> dict[str, Any]:
+        """Always ready."""
         return {"ready": True}
 
     async def start(self) -> None:
+        """Build the explainer now when asked to (``explain_warm``); the model was loaded with the runner."""
         if self.explain_warm:
             run_dir, device = str(self.predictor.run_dir), str(self.predictor.device)
             await asyncio.to_thread(warm_explainer, self._explainers, run_dir, device)
 
     async def stop(self) -> None:
+        """Nothing to stop."""
         return None
 
     async def predict(self, images: Sequence[np.ndarray], tta: bool | None) -> Prediction:
+        """Predict in a worker thread, with the request timeout."""
         try:
             return await asyncio.wait_for(
                 asyncio.to_thread(self.predictor.predict_batch, list(images), tta), self.timeout_s
@@ -568,7 +592,7 @@ class ModelThread:
         except asyncio.TimeoutError:
             raise ModelUnavailable(f"the model did not answer within {self.timeout_s:g} s") from None
 
-    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
+    async def explain(self, image: np.ndarray, method: str, target: str, tta: bool | None) -> ExplainAnswer:
         """Grad-CAM of one image in a worker thread (the model's, never the event loop)."""
         run_dir, device = str(self.predictor.run_dir), str(self.predictor.device)
         try:

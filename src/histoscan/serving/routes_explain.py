@@ -67,7 +67,9 @@ async def explain_one(
     file: UploadFile = File(..., description="A TIFF, PNG or JPEG patch."),
     method: str = Query("gradcam", description=f"CAM method: {', '.join(METHODS)}."),
     target: str = Query("tumour", description="tumour, predicted, or a class name."),
-    tta: bool = Query(False, description="Average the maps of the 8 flips/rotations."),
+    tta: bool | None = Query(
+        None, description="Average the maps of the 8 flips/rotations (default: off, the default for explaining)."
+    ),
     scale: float | None = Query(
         None,
         gt=0,

@@ -44,8 +44,11 @@ class ReadyBody(BaseModel):
     responses={401: errors(401)[401], 503: {"model": ReadyBody, "description": "Not ready or saturated (and why)."}},
 )
 def ready(request: Request) -> JSONResponse:
-    """200 when the model is loaded, answering and not saturated; 503 with the reason when not (probes read the
-    status)."""
+    """Whether the service can take work: 200, or 503 with the reason.
+
+    200 when the model is loaded, answering and not saturated; 503 with the reason when not (probes read the
+    status).
+    """
     state = getattr(request.app.state, "histoscan", None)
     status = {"ready": False, "reason": "the model is not loaded yet"} if state is None else state.model.status()
     load = request.app.state.metrics.saturation()
@@ -68,8 +71,11 @@ def metrics(request: Request) -> Response:
 
 @router.get("/v1/model", dependencies=[Depends(require_key)], responses=errors(*KEYED_ERRORS))
 def model_card(state: ServeState = Depends(get_state)) -> dict[str, Any]:
-    """Architecture, classes, input size, threshold, calibration, referral rule, tissue check, validation metric,
-    versions."""
+    """The model card of the served model.
+
+    Architecture, classes, input size, threshold, calibration, referral rule, tissue check, validation metric,
+    versions.
+    """
     b = state.bundle
     rule = b.trust.referral
     return {

@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 from pydantic import BaseModel, Field
 
-from histoscan.inference.predictor import parse_tta
+from histoscan.inference.tta import parse_tta
 from histoscan.serving.responses import UPLOAD_ERRORS, errors
 from histoscan.serving.state import ServeState, get_state, require_key
 from histoscan.serving.uploads import UploadError, check_size

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from histoscan.inference.backends import check_model
 from histoscan.serving.app import create_app
+from histoscan.serving.slides.library import SlideLibrary
 from histoscan.serving.state import ServeSettings
 
 SETTINGS_ENV = "HISTOSCAN_SERVE_SETTINGS"
@@ -31,6 +32,8 @@ def serve(settings: ServeSettings) -> None:
     import uvicorn
 
     check_model(settings.run_dir, settings.backend, settings.device)  # a file that lies: one line, before starting
+    if settings.slides:
+        SlideLibrary(settings.slides)  # a --slides that is no folder: one line, before starting
     public = asdict(settings)
     public.pop("api_key", None)  # the key stays in its own variable, never in the settings blob
     os.environ[SETTINGS_ENV] = json.dumps(public)

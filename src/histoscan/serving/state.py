@@ -5,12 +5,12 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from fastapi import HTTPException, Request
 
 from histoscan.bundle import ModelBundle
 from histoscan.data.imageio import DecodeBudget
+from histoscan.enums import Backend
 from histoscan.errors import ConfigError
 from histoscan.options import check_choices, doc
 from histoscan.serving.batcher import MicroBatcher
@@ -18,8 +18,6 @@ from histoscan.serving.model_process import ModelRunner
 from histoscan.serving.uploads import DecodePool, UploadDecoder, model_fit
 
 MB = 1_000_000  # every limit and message uses decimal megabytes
-
-Backend = Literal["auto", "torch", "onnx"]
 
 
 @dataclass
@@ -108,6 +106,19 @@ class ServeSettings:
         1.0,
     )
 
+    # ---- scanned slides in the browser (/slides, /v1/slides) ----
+    slides: str | None = doc(
+        "A folder of scanned slides (the --out folder of 'histoscan slide') to view at /slides; "
+        "each slide is read where its summary.json says it is.",
+        None,
+        metavar="FOLDER",
+    )
+    slide_cache_mb: float = doc(
+        "Memory for encoded Deep Zoom tiles of --slides, in MB; the least recently used are dropped first.", 128.0
+    )
+    slide_workers: int = doc("Threads that read and encode slide tiles, off the event loop.", 2)
+    max_tile_queue: int = doc("Most slide tiles waiting for those threads; 503 with Retry-After above.", 256)
+
     def __post_init__(self) -> None:
         check_choices(self)
         positive = (
@@ -126,6 +137,9 @@ class ServeSettings:
             "max_previews",
             "model_timeout_s",
             "heartbeat_timeout_s",
+            "slide_cache_mb",
+            "slide_workers",
+            "max_tile_queue",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -168,6 +182,7 @@ class ServeState:
 
 
 async def get_state(request: Request) -> ServeState:
+    """The service state; 503 until the model is loaded."""
     state = getattr(request.app.state, "histoscan", None)
     if state is None:
         raise HTTPException(status_code=503, detail="model not loaded yet", headers={"Retry-After": "5"})

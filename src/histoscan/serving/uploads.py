@@ -85,9 +85,11 @@ class UploadDecoder:
 
     @property
     def hits(self) -> int:
+        """How many TIFF uploads were read by the fast path."""
         return self.tiffs.hits
 
     def __call__(self, data: bytes, name: str, content_type: str | None) -> np.ndarray:
+        """Decode one upload to uint8 RGB, checking its type and limits first."""
         check_type(name, content_type)
         pixels = self.tiffs.fast(data)
         if pixels is None:
@@ -108,4 +110,5 @@ class DecodePool:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.decoder, data, name, content_type)
 
     def close(self) -> None:
+        """Shut the decoding threads down."""
         self._pool.shutdown(wait=False, cancel_futures=True)

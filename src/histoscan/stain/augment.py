@@ -20,6 +20,7 @@ from histoscan.data.transforms import (
     RandomApply,
     RandomDihedral,
 )
+from histoscan.enums import AUGMENT_PRESETS
 from histoscan.stain.colour import from_optical_density, optical_density
 from histoscan.stain.estimate import macenko, sample_pixels
 
@@ -69,6 +70,7 @@ class StainMatrixJitter:
     concentration: float = 0.2
 
     def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Perturb each patch's stain vectors and concentrations."""
         n, c, h, w = x.shape
         rgb = x.permute(0, 2, 3, 1).mul(255.0)
         est = macenko(optical_density(sample_pixels(rgb)))
@@ -85,7 +87,7 @@ class StainMatrixJitter:
         return out.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
-AUGMENTATION_PRESETS = ("none", "flips", "light", "strong", "stain-light", "stain-medium", "stain-strong")
+AUGMENTATION_PRESETS = AUGMENT_PRESETS  # the vocabulary of histoscan.enums (the name callers import)
 
 
 def build_augmentation(
@@ -110,7 +112,7 @@ def build_augmentation(
       robustness without dropping the default's robustness to brightness and contrast. ``stain_p``
       is the fraction of patches the two stain ops re-stain (together); the rest keep their colours.
       ``matrix_noise`` replaces the preset's stain-vector noise (sd, before ``strength``): on HCD that
-      noise alone buys the robustness to hue shifts and costs the clean AUROC (README, stain protocol).
+      noise alone buys the robustness to hue shifts and costs the clean AUROC (benchmarks/stain_ablation.py).
       ``restain=False`` builds a stain preset without its stain ops: its base, ``light``.
 
     ``crop`` adds a centre-safe random crop to that size (before any resize) that keeps the
@@ -140,7 +142,9 @@ def build_augmentation(
 def build_restain(
     preset: str, strength: float = 1.0, stain_p: float = 1.0, matrix_noise: float | None = None
 ) -> Augment:
-    """The stain ops of a ``stain-*`` preset alone (HED jitter, then stain-matrix perturbation), as
+    """The stain ops of a stain preset, without its base augmentation.
+
+    The stain ops of a ``stain-*`` preset alone (HED jitter, then stain-matrix perturbation), as
     ``build_augmentation`` appends them after the preset's base; empty for any other preset.
 
     Training with a stain-consistency term applies them to a copy of the base-augmented batch.

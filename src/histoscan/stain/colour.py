@@ -63,7 +63,7 @@ def to_uint8(rgb: Tensor) -> Tensor:
 
 
 def rgb_to_lab(rgb: Tensor) -> Tensor:
-    """sRGB on the 0..255 scale (channels last) -> CIE L*a*b* (D65), float32."""
+    """SRGB on the 0..255 scale (channels last) -> CIE L*a*b* (D65), float32."""
     c = rgb.float() / 255.0
     lin = torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055).pow(2.4))
     xyz = lin @ _RGB_TO_XYZ.to(rgb.device).T / _WHITE.to(rgb.device)

@@ -13,15 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from histoscan.stain.colour import optical_density, rgb_to_lab
+from histoscan.thresholds import MIN_TISSUE_FRACTION, OD_BACKGROUND, OD_DARK  # which pixels are tissue
 
 Tensor = torch.Tensor
 
-#: optical density below which a pixel is background in every channel (Macenko et al. 2009: 0.15)
-OD_BACKGROUND = 0.15
-#: optical density above which a pixel is too dark to measure in every channel (max intensity below 20 of 255)
-OD_DARK = 2.5
-#: fewest tissue pixels (as a fraction of the sampled pixels) an estimate needs
-MIN_TISSUE_FRACTION = 0.05
 #: percentile of the stain-vector angles / concentrations taken as the robust extreme (Macenko: 1 and 99)
 ALPHA = 1.0
 #: pixels sampled per patch for estimation (a regular sub-grid; application uses every pixel)

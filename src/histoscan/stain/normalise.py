@@ -9,20 +9,21 @@ counted in ``passed_through``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from histoscan.enums import STAIN_METHODS, StainGranularity, StainMethod, values
 from histoscan.errors import ConfigError, DataError
 from histoscan.stain.colour import apply_od_matrix, lab_to_rgb, optical_density, rgb_to_lab, to_uint8
 from histoscan.stain.estimate import Estimate, LabStats, MacenkoEstimate, lab_stats, macenko, sample_pixels
 
 Tensor = torch.Tensor
-Method = Literal["reinhard", "macenko"]
-Granularity = Literal["patch", "group"]
-METHODS: tuple[str, ...] = ("reinhard", "macenko")
-GRANULARITIES: tuple[str, ...] = ("patch", "group")
+Method = StainMethod
+Granularity = StainGranularity
+METHODS: tuple[str, ...] = STAIN_METHODS
+GRANULARITIES: tuple[str, ...] = values(StainGranularity)
 #: fewest usable patches a target is fitted from
 MIN_TARGET_PATCHES = 8
 

@@ -29,6 +29,7 @@ class LastCheckpoint(Checkpoint):
         self.path = RunFolder(run_dir).last_ckpt
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Save last.ckpt at the end of each epoch."""
         if trainer.sanity_checking:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -56,9 +57,11 @@ class EpochSummary(Checkpoint):
         self._t0 = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the epoch's clock."""
         self._t0 = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Print the epoch's line and keep the best weights."""
         if trainer.sanity_checking:
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -123,9 +126,11 @@ class EpochSummary(Checkpoint):
                 self.printer(f"{self.run.path}: {self.diverged}")
 
     def state_dict(self) -> dict[str, Any]:
+        """The best score so far, for the checkpoint."""
         return {"best": self.best, "best_epoch": self.best_epoch, "best_weights": self.best_weights}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the best score from a checkpoint."""
         self.best = state_dict.get("best", -math.inf)
         self.best_epoch = state_dict.get("best_epoch", -1)
         self.best_weights = state_dict.get("best_weights", "model")

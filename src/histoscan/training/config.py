@@ -5,21 +5,26 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, get_type_hints
 
 import yaml
 
 from histoscan.duration import DURATION_HELP, parse_duration
+from histoscan.enums import (
+    Accelerator,
+    AugmentPreset,
+    Optimizer,
+    Schedule,
+    StainChoice,
+    StainGranularity,
+    TrainPrecision,
+)
 from histoscan.errors import ConfigError
 from histoscan.options import check_choices, doc, field_type
 
-Optimizer = Literal["adamw", "adam", "sgd"]
-Schedule = Literal["cosine", "onecycle", "plateau", "constant"]
-AugmentPreset = Literal["none", "flips", "light", "strong", "stain-light", "stain-medium", "stain-strong"]
-StainMethod = Literal["none", "reinhard", "macenko"]
-StainGranularity = Literal["patch", "group"]
-Precision = Literal["auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64"]
-Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
+# the vocabularies live in histoscan.enums (named here as the fields have always been typed)
+StainMethod = StainChoice
+Precision = TrainPrecision
 
 
 @dataclass

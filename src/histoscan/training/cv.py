@@ -56,6 +56,7 @@ class CVResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
     def summary_lines(self) -> list[str]:
+        """What the cross-validation did, for the terminal."""
         lines = [f"folds trained now: {self.trained or 'none'}; reused: {self.reused or 'none'}"]
         if self.summary:
             s = self.summary
@@ -82,7 +83,9 @@ def train_folds(
     ensemble: bool = True,
     settings: PredictorSettings | None = None,
 ) -> CVResult:
-    """Train the folds of ``cfg.folds``-fold cross-validation (only ``cfg.fold`` when set) and, once every fold
+    """Train the folds of a cross-validation and their ensemble.
+
+    Train the folds of ``cfg.folds``-fold cross-validation (only ``cfg.fold`` when set) and, once every fold
     has finished, write oof.csv, cv.json and the folds' ensemble.
 
     ``settings``: how the folds predict their out-of-fold patches (device, precision, batch size, threads, TTA;
@@ -134,7 +137,9 @@ def train_folds(
 def train_run(
     cfg: TrainConfig, printer: Callable[[str], None] = print, settings: PredictorSettings | None = None
 ) -> Any:
-    """``histoscan train``: one run, or the cross-validation of ``cfg.folds`` folds (``settings``: how the folds
+    """Train one run or a cross-validation, as ``histoscan train`` does.
+
+    ``histoscan train``: one run, or the cross-validation of ``cfg.folds`` folds (``settings``: how the folds
     predict their out-of-fold patches). Returns the run's or the CV's result (both have ``summary_lines()``).
 
     A device given without folds is an error: one run trains on ``accelerator`` / ``devices`` and predicts nothing.
@@ -175,11 +180,11 @@ def collect_folds(
     """Write ``oof.csv`` and ``cv.json`` from finished fold folders (and the folds' ensemble); nothing is retrained.
 
     ``settings``: how each fold predicts its validation patches (default: the torch backend on the CPU). The
-    out-of-fold predictions use ``settings.tta`` when given, else the folds' default TTA (``default_tta``), as
-    their evaluation does; cv.json records which (``tta``) and on which device.
+    out-of-fold predictions use ``settings.tta`` when given, else the folds' default TTA for fitting
+    (``inference.tta.default_views``), as their evaluation does; cv.json records which (``tta``) and on which device.
     """
-    from histoscan.inference.predictor import default_tta, parse_tta
     from histoscan.inference.settings import PredictorSettings
+    from histoscan.inference.tta import tta_views
     from histoscan.metrics import auroc
 
     cv_dir = Path(cv_dir)
@@ -196,7 +201,7 @@ def collect_folds(
         run = RunFolder(d)
         predictor = settings.predictor(d, backend="torch")
         classes = predictor.classes
-        tta = default_tta(predictor.bundle) if settings.tta is None else parse_tta(settings.tta)
+        tta = tta_views(predictor.bundle, settings.tta, "fit")
         part, _ = run.select_patches(run.data_store(), "val")
         pred = predictor.predict_store(part, tta)
         frame = pd.DataFrame({"id": part.ids, "label": [classes[j] for j in part.labels], "fold": i})

@@ -98,6 +98,7 @@ class PatchClassifier(L.LightningModule):
 
     # ---- forward and loss ------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a preprocessed batch."""
         return self.model(x)
 
     def _inputs(self, images: torch.Tensor, train: bool, groups: np.ndarray | None = None) -> torch.Tensor:
@@ -139,6 +140,7 @@ class PatchClassifier(L.LightningModule):
         return self.pre(images, groups=groups)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Classification loss with label smoothing and class weights."""
         eps = self.cfg.label_smoothing
         if self.binary:
             target = y.float() * (1 - eps) + 0.5 * eps
@@ -173,6 +175,7 @@ class PatchClassifier(L.LightningModule):
 
     # ---- steps -----------------------------------------------------------------
     def training_step(self, batch: tuple[Any, ...], batch_idx: int) -> torch.Tensor:
+        """Loss of one training batch (plus the stain-consistency term when set)."""
         images, y, groups = _unpack(batch)
         logits = self(self._inputs(images, train=True, groups=groups))
         if self.consistency_active():  # two views (_preprocess): the base views, then the re-stained ones
@@ -186,6 +189,7 @@ class PatchClassifier(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Any, ...], batch_idx: int) -> None:
+        """Score one validation batch."""
         images, y, groups = _unpack(batch)
         logits = self(self._inputs(images, train=False, groups=groups))
         self.log("val_loss", self.loss(logits, y), on_epoch=True, batch_size=y.shape[0], sync_dist=True)
@@ -194,17 +198,20 @@ class PatchClassifier(L.LightningModule):
             self.val_ema_auroc.update(self.probabilities(self.ema(self._inputs(images, train=False, groups=groups))), y)
 
     def on_train_epoch_start(self) -> None:
+        """Seed dropout for the epoch and freeze or unfreeze the backbone."""
         torch.manual_seed(self.cfg.seed * 1009 + self.current_epoch)  # dropout: same after a resume
         self._set_frozen(self.current_epoch < self.cfg.freeze_epochs)
         self._epoch_start, self._seen = time.perf_counter(), 0
         self._last_batch_end = self._epoch_start
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Update the weight average."""
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self._last_batch_end = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
+        """Log the epoch's training metrics."""
         self.log_dict(self.train_metrics.compute(), sync_dist=True)
         self.train_metrics.reset()
         elapsed = max(self._last_batch_end - self._epoch_start, 1e-9)  # training steps only, not validation
@@ -212,6 +219,7 @@ class PatchClassifier(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
 
     def on_validation_epoch_end(self) -> None:
+        """Log the epoch's validation metrics (model and weight average)."""
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
         if self.ema is not None:
@@ -229,6 +237,7 @@ class PatchClassifier(L.LightningModule):
 
     # ---- optimisation ----------------------------------------------------------
     def configure_optimizers(self) -> Any:
+        """The optimizer and learning-rate schedule of the config."""
         cfg = self.cfg
         head_ids = {id(p) for p in classifier_parameters(self.model)} if cfg.backbone_lr_mult != 1.0 else set()
         head = [p for p in self.model.parameters() if id(p) in head_ids]

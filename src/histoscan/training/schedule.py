@@ -102,9 +102,11 @@ class SchedulePlan(Callback):
 
     # ---- Lightning hooks ---------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the clock of the time budget."""
         self._fit_start = time.monotonic()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Re-plan the remaining epochs to fit the time budget."""
         self._epoch_start = time.monotonic()
         steps = int(trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else 0
         if steps and steps != self.steps_per_epoch:  # the first epoch of a session: plan from what is known
@@ -124,11 +126,13 @@ class SchedulePlan(Callback):
             trainer.should_stop = True  # the plan is finished: the next epoch would not fit
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Add this fit's time to the time spent."""
         self.elapsed_s += time.monotonic() - self._fit_start
         self._fit_start = time.monotonic()
 
     # ---- saved in last.ckpt ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The plan, for the checkpoint."""
         elapsed = self.elapsed_s + time.monotonic() - self._fit_start
         return {
             "planned_epochs": self.planned_epochs,
@@ -142,6 +146,7 @@ class SchedulePlan(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the plan from a checkpoint."""
         for key in ("planned_epochs", "progress", "step0", "rate", "steps_per_epoch", "elapsed_s", "recent_s"):
             if key in state_dict:
                 setattr(self, key, state_dict[key])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from histoscan.bundle import read_bundle
 from histoscan.inference.fitting import fitting_predictions
-from histoscan.inference.predictor import default_tta, parse_tta
 from histoscan.inference.settings import PredictorSettings
+from histoscan.inference.tta import tta_views
 from histoscan.runfolder import ReferralRule
 from histoscan.trust.referral import fit_referral
 
@@ -29,7 +29,7 @@ def fit_run_referral(
     """
     bundle = read_bundle(run_dir)
     bundle.trust.referral = None  # the default TTA is the model's own, not an older rule's
-    ks = default_tta(bundle) if tta is None else parse_tta(tta)
+    ks = tta_views(bundle, tta, "fit")
     fit = fitting_predictions(run_dir, ks, data, settings)  # calibration rows, else out-of-fold or validation
     rule = fit_referral(
         fit.probabilities,
@@ -59,7 +59,9 @@ def calibrate_run(
     tissue_check: bool = False,
     settings: PredictorSettings | None = None,
 ) -> list[str]:
-    """``histoscan calibrate``: fit the temperature, a referral rule (when a coverage or target accuracy is
+    """Calibrate a run, as ``histoscan calibrate`` does.
+
+    ``histoscan calibrate``: fit the temperature, a referral rule (when a coverage or target accuracy is
     given) and the tissue check of ``run_dir``, save them in model.json, and say what was fitted, one line each.
 
     ``settings``: how the model runs (device, precision, ...); its ``tta`` is the TTA policy both the

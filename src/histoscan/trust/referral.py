@@ -20,11 +20,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from histoscan.enums import REFER_BY
 from histoscan.errors import ConfigError, DataError
 from histoscan.rules.referral import refer_mask
 from histoscan.runfolder import ReferralRule
 
-REFER_BY = ("auto", "probability", "uncertainty")
 _CLIP = 1e-6
 
 

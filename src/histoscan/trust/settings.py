@@ -1,5 +1,8 @@
-"""Options of ``histoscan calibrate`` (each field's help text is its ``--help``); its model options are
-``histoscan.inference.settings.PredictorSettings``."""
+"""Options of ``histoscan calibrate``.
+
+Options of ``histoscan calibrate`` (each field's help text is its ``--help``); its model options are
+``histoscan.inference.settings.PredictorSettings``.
+"""
 
 from __future__ import annotations
 

@@ -6,9 +6,10 @@ Kept apart from ``study`` so that the command line can build its options without
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from histoscan.duration import DURATION_HELP, parse_duration
+from histoscan.enums import Pruner, Sampler
 from histoscan.errors import ConfigError
 from histoscan.options import check_choices, doc, parse_yaml
 
@@ -16,9 +17,6 @@ if TYPE_CHECKING:
     from optuna.pruners import BasePruner
 else:
     BasePruner = object  # resolved at run time without importing Optuna (see the module docstring)
-
-Sampler = Literal["tpe", "random"]
-Pruner = Literal["hyperband", "median", "none"]
 
 
 @dataclass

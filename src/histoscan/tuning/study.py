@@ -85,6 +85,7 @@ class PruneOnValidation(L.Callback):
         self.pruned_at: int | None = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Report the validation AUROC to Optuna and prune the trial when it says so."""
         value = trainer.callback_metrics.get(MONITOR)
         if trainer.sanity_checking or value is None:
             return
@@ -111,6 +112,7 @@ def tune(settings: TuneSettings, printer: Callable[[str], None] = print) -> Tune
 
 
 def storage_url(settings: TuneSettings, study_dir: Path) -> str:
+    """The study's storage: the shared URL, else a SQLite file in the study folder."""
     return settings.storage or f"sqlite:///{(study_dir / STUDY_DB).resolve()}"
 
 

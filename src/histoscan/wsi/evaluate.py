@@ -29,7 +29,8 @@ FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 class SlideEvaluationSettings:
     """How a scan folder is evaluated."""
 
-    annotations: str | Path | None = None  # folder of <slide>.geojson / <slide>.xml: lesion-level FROC
+    # a folder of <slide>.geojson / <slide>.xml, or such files (their stems name the slides): lesion-level FROC
+    annotations: str | Path | tuple[str | Path, ...] | None = None
     bootstrap: int = 1000  # resamples for the AUROC interval (0: none)
     seed: int = 0
     threshold: float | None = None  # slide call threshold (default: the run's, from slides.csv)
@@ -75,11 +76,11 @@ class SlideEvaluation:
         """What the command prints."""
         out = []
         for s, v in self.auroc.items():
-            lo, hi = self.auroc_ci.get(s, (float("nan"), float("nan")))
-            out.append(
-                f"slide-level AUROC ({s}, {self.slides} slides, {self.positives} tumour): {v:.4f} "
-                f"(95% CI {lo:.4f}-{hi:.4f})"
-            )
+            line = f"slide-level AUROC ({s}, {self.slides} slides, {self.positives} tumour): {v:.4f}"
+            if s in self.auroc_ci:  # no interval without bootstrap resamples (bootstrap=0)
+                lo, hi = self.auroc_ci[s]
+                line += f" (95% CI {lo:.4f}-{hi:.4f})"
+            out.append(line)
         if self.threshold is not None and self.sensitivity is not None:
             out.append(
                 f"at the run's threshold {self.threshold:.4g} (max probability): sensitivity {self.sensitivity:.4f}, "
@@ -186,6 +187,37 @@ def froc(
     return {r: max(s for f, s in points if f <= r) for r in rates}
 
 
+def _annotation_finder(spec: str | Path | tuple[str | Path, ...] | None, slides: set[str]) -> tuple[Any, str | None]:
+    """The annotation file of each scanned slide, from a folder or a list of files.
+
+    (slide -> its annotation file or None, a name for messages) from a folder or a list of files; (None, None)
+    without annotations. A file that does not exist, or whose name is no scanned slide, is refused.
+    """
+    if spec is None or (isinstance(spec, tuple) and not spec):
+        return None, None
+    if not isinstance(spec, tuple):
+        folder = Path(spec)
+        if not folder.is_dir():
+            raise DataError(f"{folder}: annotation folder not found")
+        return partial(annotation_for, folder), str(folder)
+    files: dict[str, Path] = {}
+    for f in map(Path, spec):
+        if f.is_dir():
+            raise DataError(f"{f}: give one annotation folder, or annotation files, not both")
+        if not f.is_file():
+            raise DataError(f"{f}: annotation file not found")
+        if f.suffix.lower() not in (".geojson", ".json", ".xml"):
+            raise DataError(f"{f}: an annotation file is QuPath GeoJSON (.geojson, .json) or ASAP XML (.xml)")
+        if f.stem not in slides:
+            raise DataError(
+                f"{f}: names no scanned slide (the file's name is the slide's, e.g. {sorted(slides)[0]}.xml)"
+            )
+        if f.stem in files:
+            raise DataError(f"{f}: slide {f.stem} already has annotations ({files[f.stem]})")
+        files[f.stem] = f
+    return files.get, f"the annotation files ({len(files)})"
+
+
 def evaluate_slides(
     slides_csv: str | Path, labels_csv: str | Path | None = None, settings: SlideEvaluationSettings | None = None
 ) -> SlideEvaluation:
@@ -194,7 +226,7 @@ def evaluate_slides(
     ``slides_csv``: a scan's slides.csv, or the scan's output folder holding it. Slide labels come
     from ``labels_csv`` (slide,label), else from the annotations (a slide whose file
     holds a lesion is tumour; a slide without a file is normal). The lesion FROC needs
-    ``settings.annotations``; each slide's outputs are read from the folder beside slides.csv.
+    ``settings.annotations`` (a folder, or a tuple of files named after their slides); each slide's outputs are read from the folder beside slides.csv.
     """
     settings = settings or SlideEvaluationSettings()
     slides_csv = Path(slides_csv)
@@ -204,15 +236,13 @@ def evaluate_slides(
     done = scores[scores["status"] == "done"] if "status" in scores else scores
     if done.empty:
         raise DataError(f"{slides_csv}: no finished slide to evaluate")
-    ann_dir = Path(settings.annotations) if settings.annotations is not None else None
-    if ann_dir is not None and not ann_dir.is_dir():
-        raise DataError(f"{ann_dir}: annotation folder not found")
+    find, ann_dir = _annotation_finder(settings.annotations, set(done["slide"]))
     annotations: dict[str, Any] = {}
-    if ann_dir is not None:
+    if find is not None:
         for _, row in done.iterrows():
             meta = slides_csv.parent / row["slide"] / "probabilities.json"
             origin = tuple(json.loads(meta.read_text())["origin_level0_px"]) if meta.is_file() else (0.0, 0.0)
-            f = annotation_for(ann_dir, row["slide"])
+            f = find(row["slide"])
             annotations[row["slide"]] = read_annotations(f, (origin[0], origin[1])) if f is not None else None
     if labels_csv is not None:
         labels = _read(Path(labels_csv), ("slide", "label"))
@@ -240,7 +270,8 @@ def evaluate_slides(
         p = table[s].to_numpy(np.float64)
         two = np.stack([1 - p, p], axis=1)
         result[s] = auroc(y, two)
-        ci[s] = bootstrap_statistic(partial(_resampled_auroc, y, p), len(y), settings.bootstrap, settings.seed)
+        if settings.bootstrap > 0:  # 0: no interval (not a NaN one)
+            ci[s] = bootstrap_statistic(partial(_resampled_auroc, y, p), len(y), settings.bootstrap, settings.seed)
     ev = SlideEvaluation(result, len(table), int(y.sum()), table, ci)
     threshold = settings.threshold
     if threshold is None and "threshold" in table and table["threshold"].notna().all():
@@ -254,12 +285,12 @@ def evaluate_slides(
         ev.sensitivity = float(called[y == 1].mean())
         ev.specificity = float((~called[y == 0]).mean())
     if ann_dir is not None:
-        _lesion_froc(ev, slides_csv.parent, annotations, settings)
+        _lesion_froc(ev, slides_csv.parent, annotations, settings, ann_dir)
     return ev
 
 
 def _lesion_froc(
-    ev: SlideEvaluation, root: Path, annotations: dict[str, Any], settings: SlideEvaluationSettings
+    ev: SlideEvaluation, root: Path, annotations: dict[str, Any], settings: SlideEvaluationSettings, source: str
 ) -> None:
     """Fill in the FROC: detections inside an exclusion region (and hitting no lesion) are not counted."""
     from shapely import Point, prepared
@@ -285,6 +316,6 @@ def _lesion_froc(
                 hits.append((score, None))
     ev.lesions, ev.detections = n_lesions, len(hits)
     if n_lesions == 0:
-        raise DataError(f"{settings.annotations}: no tumour lesion in the annotations of the scanned slides")
+        raise DataError(f"{source}: no tumour lesion in the annotations of the scanned slides")
     ev.froc = froc(hits, n_lesions, len(ev.table), settings.fp_rates)
     ev.froc_score = float(np.mean(list(ev.froc.values())))

@@ -130,6 +130,7 @@ class OpenSlideReader:
         self.background = _hex_colour(props.get("openslide.background-color"))
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """Read a region of a level as uint8 RGB, composited on the background."""
         import openslide
 
         try:
@@ -142,6 +143,7 @@ class OpenSlideReader:
         return composite(np.asarray(region), self.background)
 
     def thumbnail(self, max_side: int) -> np.ndarray:
+        """The whole slide, scaled down to at most ``max_side`` pixels."""
         w, h = self.dimensions
         scale = max(1.0, max(w, h) / max_side)
         level = self._slide.get_best_level_for_downsample(scale)
@@ -159,6 +161,7 @@ class OpenSlideReader:
         return np.concatenate(parts, axis=0)
 
     def close(self) -> None:
+        """Close the slide."""
         self._slide.close()
 
 
@@ -231,6 +234,7 @@ class ImageReader:
         self.background = (255, 255, 255)
 
     def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """Read a region as uint8 RGB (background outside the image)."""
         out = np.empty((height, width, 3), np.uint8)
         out[:] = self.background
         w, h = self.dimensions
@@ -240,12 +244,14 @@ class ImageReader:
         return out
 
     def thumbnail(self, max_side: int) -> np.ndarray:
+        """The whole image, scaled down to at most ``max_side`` pixels."""
         w, h = self.dimensions
         scale = max(1.0, max(w, h) / max_side)
         size = (max(1, round(w / scale)), max(1, round(h / scale)))
         return np.asarray(Image.fromarray(self._pixels).resize(size, Image.Resampling.BILINEAR))
 
     def close(self) -> None:
+        """Release the pixels."""
         self._pixels = np.zeros((0, 0, 3), np.uint8)
 
 

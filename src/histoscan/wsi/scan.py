@@ -23,6 +23,7 @@ from PIL import Image
 from histoscan import __version__
 from histoscan.errors import ConfigError
 from histoscan.inference.predictor import Predictor
+from histoscan.inference.tta import tta_views
 from histoscan.stain.groups import sample_positions
 from histoscan.training.config import doc
 from histoscan.wsi import outputs
@@ -61,7 +62,12 @@ class ScanSettings:
     positive_class: str | None = doc("Class whose probability is mapped (default: the second of a binary model).", None)
     threshold: float | None = doc("Probability above which cells form tumour regions (default: the run's).", None)
     geojson_tiles: bool = doc("Also write one GeoJSON 'tile' object per heatmap cell with its probability.", False)
-    tta: bool = doc("Average the 8 flips/rotations; tiles.csv gains an uncertainty column.", False, cli=False)
+    tta: bool | None = doc(
+        "Average the 8 flips/rotations; tiles.csv gains an uncertainty column (default: off, "
+        "histoscan.inference.tta's default for slides).",
+        None,
+        cli=False,
+    )
     backend: str = doc("torch, onnx, or auto (onnx when model.onnx exists).", "auto", cli=False)
     device: str = doc("Torch device (cpu, cuda, mps).", "cpu", cli=False)
     batch_size: int = doc("Tiles per forward pass.", 256, cli=False)
@@ -430,7 +436,8 @@ def _infer(
     order[scanned] = np.arange(int(scanned.sum()))
     n = int(scanned.sum())
     probs = np.empty(n, np.float32)
-    unc = np.empty(n, np.float32) if settings.tta else None
+    views = tta_views(predictor.bundle, settings.tta, "slide")
+    unc = np.empty(n, np.float32) if len(views) > 1 else None
     advance = progress(n) if progress else None
     batch = np.empty((settings.batch_size, spec.tile, spec.tile, 3), np.uint8)
     where = np.empty(settings.batch_size, np.int64)
@@ -441,7 +448,7 @@ def _infer(
         if not filled:
             return
         groups = np.full(filled, stain_group) if stain_group is not None else None
-        pred = predictor.predict_batch(batch[:filled], tta=settings.tta, groups=groups)
+        pred = predictor.predict_batch(batch[:filled], tta=views, groups=groups)
         probs[where[:filled]] = pred.probabilities[:, pos]
         if unc is not None and pred.uncertainty is not None:
             unc[where[:filled]] = pred.uncertainty
@@ -509,7 +516,7 @@ def _summary(
         "topk_mean_probability": float(top.mean()),
         "top_k": settings.top_k,
         "tiles": len(probs),
-        "tta": settings.tta,
+        "tta": len(tta_views(predictor.bundle, settings.tta, "slide")) > 1,
         "backend": predictor.backend.name,
         "seconds": round(seconds, 3),
         "mask_seconds": round(mask_seconds, 3),

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from histoscan.data.synthetic import _write_kaggle_part, synth_patch
+from histoscan.geometry import centre_slices
 
 TileFn = Callable[[float, int, int, int, int], np.ndarray]  # (downsample, y, x, h, w) -> uint8 RGB of that level
 
@@ -104,9 +105,9 @@ def write_slide(
 def crop_pool(n: int, seed: int, cell: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """``n`` normal and ``n`` tumour labelled centres (cell x cell crops of synthetic 96 px patches, easy classes)."""
     rng = np.random.default_rng(seed)
-    lo = (96 - cell) // 2
-    normal = np.stack([synth_patch(rng, 0, 96, 0.0)[lo : lo + cell, lo : lo + cell] for _ in range(n)])
-    tumour = np.stack([synth_patch(rng, 1, 96, 0.0)[lo : lo + cell, lo : lo + cell] for _ in range(n)])
+    rows, cols = centre_slices(96, 96, cell)
+    normal = np.stack([synth_patch(rng, 0, 96, 0.0)[rows, cols] for _ in range(n)])
+    tumour = np.stack([synth_patch(rng, 1, 96, 0.0)[rows, cols] for _ in range(n)])
     return normal, tumour
 
 

@@ -11,11 +11,9 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from histoscan.errors import DataError
+from histoscan.thresholds import DARK_VALUE, MIN_OBJECT_UM2, MIN_SATURATION
 from histoscan.wsi.reader import Bounds, SlideReader
 
-MIN_SATURATION = 0.05  # glass is below this whatever Otsu says (a blank slide has no tissue, not noise)
-DARK_VALUE = 0.2  # slide edges, black marker and folds darker than this are not tissue
-MIN_OBJECT_UM2 = 5_000.0  # specks smaller than ~70 x 70 um are dust, not tissue
 MASK_MAX_SIDE = 4096
 MASK_SUFFIXES = (".png", ".geojson", ".json")  # what --mask reads: a PNG or a QuPath GeoJSON
 

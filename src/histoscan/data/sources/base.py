@@ -47,6 +47,7 @@ class Listing:
 
     @property
     def labelled(self) -> bool:
+        """Whether any entry has a label."""
         return any(e.label is not None for e in self.entries)
 
 
@@ -72,6 +73,7 @@ class Source:
         self._listing: Listing | None = None
 
     def scan(self) -> Listing:  # pragma: no cover - abstract
+        """List the source's entries (id, where to read it, label, group) without decoding them."""
         raise NotImplementedError
 
     @property
@@ -108,6 +110,7 @@ class Source:
         self.close()
 
     def describe(self) -> str:
+        """The source in words, for messages."""
         return f"{self.layout} at {self.root}"
 
 

@@ -37,6 +37,7 @@ class ClassFolderSource(Source):
         return pairs
 
     def scan(self) -> Listing:
+        """List ``<class>/<image>`` files as entries labelled by folder name."""
         pairs = self._pairs()
         if not pairs:
             raise DataError(f"{self.root}: no image files found in class sub-folders")

@@ -69,6 +69,7 @@ class KaggleSource(Source):
         self.image_dir = self.root / images
 
     def scan(self) -> Listing:
+        """List ``train/<id>.tif`` files with their labels from ``train_labels.csv``."""
         if not self.labels_path.is_file():
             raise DataError(f"{self.labels_path}: labels file not found")
         if not self.image_dir.is_dir():
@@ -105,6 +106,7 @@ class UnlabelledFolderSource(Source):
         self.order_file = Path(order_file) if order_file else None
 
     def scan(self) -> Listing:
+        """List the folder's images, in ``sample_submission.csv`` order when there is one."""
         from histoscan.data.imageio import is_image_file
         from histoscan.data.sources.base import natural_key
 

@@ -20,6 +20,7 @@ class ManifestSource(Source):
         self.class_names = class_names
 
     def scan(self) -> Listing:
+        """List the manifest's rows (paths relative to the CSV) as entries."""
         base = self.csv_path.parent
         rows: list[tuple[Path, str | None, str | None, int]] = []
         missing: list[str] = []

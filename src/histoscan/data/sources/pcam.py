@@ -84,6 +84,7 @@ class PCamSource(Source):
         return self._handles[key]
 
     def scan(self) -> Listing:
+        """List the patches of every PCam split file found."""
         splits = find_pcam_splits(self.root)
         if not splits:
             raise DataError(f"{self.root}: no PCam files ({PCAM_PREFIX}<split>_x.h5[.gz])")
@@ -128,6 +129,7 @@ class PCamSource(Source):
         return df["wsi"].astype(str).tolist()
 
     def load(self, entry: Entry) -> DecodedImage:
+        """Read one patch from its HDF5 file."""
         return self.load_block([entry])[0]
 
     def load_block(self, entries: list[Entry]) -> list[DecodedImage]:
@@ -151,6 +153,7 @@ class PCamSource(Source):
         return [o for o in out if o is not None]
 
     def close(self) -> None:
+        """Close the open HDF5 files."""
         for h in self._handles.values():
             h.close()
         self._handles.clear()

@@ -51,7 +51,9 @@ def good_patch(kaggle_dir: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tiny_run: Path) -> Iterator[tuple[str, int, subprocess.Popen[str]]]:
-    with _serve(tiny_run, None, "--backend", "torch") as s:
+    # every client here is 127.0.0.1: one address may hold the whole upload allowance (its per-client share
+    # is tested in test_serving_hostile.py), so concurrent uploads stand for several clients
+    with _serve(tiny_run, None, "--backend", "torch", "--max-client-share", "1.0") as s:
         yield s
 
 

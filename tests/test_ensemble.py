@@ -235,14 +235,17 @@ def test_ensemble_refuses_bad_members_naming_them(tiny_run: Path, cv: Path, tmp_
 
 @pytest.mark.slow
 def test_fitting_predictions_of_a_single_run_is_its_validation_split(tiny_run: Path, tmp_path: Path) -> None:
-    fit = fitting_predictions(tiny_run)
+    fit = fitting_predictions(tiny_run)  # under the fitting default: all 8 views for a binary model
     val, _ = RunFolder(tiny_run).select_patches(RunFolder(tiny_run).data_store(), "val")
-    assert len(fit.labels) == len(val) and fit.uncertainty is None and "validation split" in fit.source
+    assert len(fit.labels) == len(val) and fit.uncertainty is not None and "validation split" in fit.source
+    assert fit.record.under.tta == list(range(8)) and fit.record.split == "val" and fit.record.rows == len(val)
+    one = fitting_predictions(tiny_run, False)
+    assert one.uncertainty is None and one.record.under.tta == [0]
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    before = Predictor(run).predict_store(val).predicted
+    before = Predictor(run).predict_store(val, True).predicted
     calibrate(run)
-    assert (Predictor(run).predict_store(val).predicted == before).all()  # the threshold moves with the temperature
+    assert (Predictor(run).predict_store(val, True).predicted == before).all()  # the threshold moves with the temperature
 
 
 def test_cli_train_folds_collects_finished_folds_and_refuses_bad_options(cv: Path, store: Path, tmp_path: Path) -> None:

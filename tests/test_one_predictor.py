@@ -3,6 +3,7 @@ follows what export measured; bf16 only where the hardware computes it natively.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -124,3 +125,94 @@ def test_bf16_on_the_cpu_only_with_native_support(tiny_run: Path, monkeypatch: p
     for native, want in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(backends, "native_bf16_cpu", lambda native=native: native)
         assert resolve_precision("auto", bundle, torch.device("cpu")) == want
+
+
+# ---- fitted under, fitted on -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_what_is_fitted_under_8_views_differs_from_one_view_and_answers_only_under_its_own(
+    tiny_run: Path, tmp_path: Path, kaggle_dir: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from histoscan.cli import app
+    from histoscan.evaluation.evaluate import evaluate_run
+    from histoscan.inference.calibration import calibrate
+
+    eight, one = _copy(tiny_run, tmp_path / "eight"), _copy(tiny_run, tmp_path / "one")
+    for run, tta in ((eight, True), (one, False)):
+        evaluate_run(run, save_threshold="youden", tta=tta, n_boot=0, out=tmp_path / f"eval-{run.name}")
+        calibrate(run, tta=tta)
+    b8, b1 = read_bundle(eight), read_bundle(one)
+    for b, views in ((b8, list(range(8))), (b1, [0])):
+        assert b.fitted.threshold is not None and b.fitted.temperature is not None
+        assert b.fitted.threshold.under.tta == views and b.fitted.temperature.under.tta == views
+        assert b.fitted.threshold.split == "val" and b.fitted.threshold.rows > 0
+        assert b.inference.tta == views  # the deployed predictor is the one they were fitted under
+    assert b8.temperature != pytest.approx(b1.temperature, abs=1e-4)  # TTA changes the scores, so the fits differ
+    assert b8.threshold != pytest.approx(b1.threshold, abs=1e-6)
+    p8 = Predictor(eight, backend="torch")
+    assert p8.tta_views(None) == list(range(8)) and p8.fitted_notices(list(range(8))) == []
+    lines = p8.fitted_notices([0])
+    assert len(lines) == 2 and all("fitted under 8 TTA views" in line and "runs 1 view" in line for line in lines)
+    assert "the threshold" in lines[0] and "the temperature" in lines[1] and str(eight / "model.json") in lines[0]
+    # the CLI says so when asked for other views, and the CSV's side file names what produced it
+    res = CliRunner().invoke(app, ["predict", str(eight), str(kaggle_dir / "train"), "--out", str(tmp_path / "p.csv"), "--no-tta"])  # fmt: skip
+    assert res.exit_code == 0 and "fitted under 8 TTA views" in " ".join(res.output.split()), res.output
+    side = json.loads((tmp_path / "p.csv.json").read_text())
+    assert side["tta"] == [0] and side["threshold"] == pytest.approx(b8.threshold)
+    assert side["fitted"]["threshold"]["under"]["tta"] == list(range(8))
+
+
+def test_the_fitted_record_round_trips_and_old_files_are_of_unknown_provenance(tiny_run: Path, tmp_path: Path) -> None:
+    from histoscan.runfolder import FitRecord, FittedUnder
+
+    run = _copy(tiny_run, tmp_path / "run")
+    bundle = read_bundle(run)
+    bundle.threshold = 0.3
+    bundle.fitted.threshold = FitRecord(
+        under=FittedUnder(tta=[0, 2], members=1, precision="bf16"), split="calibration", rows=40
+    )
+    bundle.save(run)
+    doc = json.loads((run / "model.json").read_text())
+    assert doc["schema_version"] == 3
+    assert doc["fitted"]["threshold"] == {"under": {"tta": [0, 2], "members": 1, "precision": "bf16"}, "split": "calibration", "rows": 40}  # fmt: skip
+    assert read_bundle(run) == bundle
+    # a version-2 file recorded nothing: its fitted threshold is reported as of unknown provenance
+    doc.pop("fitted")
+    (run / "model.json").write_text(json.dumps({**doc, "schema_version": 2}))
+    predictor = Predictor(run, backend="torch")
+    lines = predictor.fitted_notices([0])
+    assert len(lines) == 1 and "threshold was fitted before histoscan recorded how (unknown provenance" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"tta": [0, 9]}, "fitted.threshold.under.tta"),
+        ({"members": 2}, "fitted.threshold.under.members is 2 but the bundle has 1 member(s)"),
+    ],
+)
+def test_a_record_naming_a_predictor_that_cannot_run_is_refused_in_one_line(
+    tiny_run: Path, tmp_path: Path, change: dict[str, object], words: str
+) -> None:
+    from histoscan.errors import ConfigError
+
+    run = _copy(tiny_run, tmp_path / "run")
+    doc = json.loads((run / "model.json").read_text())
+    doc["fitted"] = {"threshold": {"under": {"tta": [0], "members": 1, **change}, "split": "val", "rows": 10}}
+    (run / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError) as err:
+        Predictor(run, backend="torch")
+    assert words in str(err.value) and "model.json" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_onnx_answers_as_torch_on_the_prepare_once_path(tiny_run: Path, tmp_path: Path) -> None:
+    run = _with_stain(_copy(tiny_run, tmp_path / "run"))
+    export_onnx(run, check=16, time_backends=False)
+    images = stained(12, HE_B, side=96)
+    a = Predictor(run, backend="torch", precision="fp32").predict_batch(images, tta=True)
+    b = Predictor(run, backend="onnx").predict_batch(images, tta=True)
+    assert np.abs(a.probabilities - b.probabilities).max() < 1e-4
+    assert a.uncertainty is not None and b.uncertainty is not None
+    assert np.abs(a.uncertainty - b.uncertainty).max() < 1e-4

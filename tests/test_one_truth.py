@@ -112,12 +112,14 @@ def _bundle(classes: int = 2, referral: list[int] | None = None, tta: list[int] 
 
 
 ALL = list(range(8))
-# what each use ran by default before the defaults were decided in one place (behaviour kept)
+# without a deployed predictor (inference.tta), what each use ran before the defaults were decided in one place;
+# with one, every use but explain runs the deployed views (the fitting commands set them to what they fitted under)
 CASES: list[tuple[dict[str, Any], dict[str, list[int]]]] = [
     ({}, {"evaluate": ALL, "fit": ALL, "submission": ALL, "predict": [0], "slide": [0], "explain": [0]}),
     ({"classes": 3}, {"evaluate": [0], "fit": [0], "submission": [0], "predict": [0], "slide": [0], "explain": [0]}),
-    ({"tta": [0, 4]}, {"evaluate": [0, 4], "fit": [0, 4], "submission": [0, 4], "predict": [0], "slide": [0]}),
-    ({"referral": [0, 1], "tta": [0, 4]}, {"evaluate": [0, 1], "submission": [0, 1], "predict": [0, 1], "slide": [0]}),
+    ({"referral": [0, 1]}, {"evaluate": [0, 1], "submission": [0, 1], "predict": [0, 1], "slide": [0]}),
+    ({"tta": [0, 4]}, {"evaluate": [0, 4], "fit": [0, 4], "submission": [0, 4], "predict": [0, 4], "slide": [0, 4]}),
+    ({"referral": [0, 1], "tta": [0, 1]}, {"evaluate": [0, 1], "predict": [0, 1], "slide": [0, 1], "explain": [0]}),
 ]
 
 

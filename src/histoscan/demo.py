@@ -113,9 +113,11 @@ def run_demo(
         "test split, exporting to ONNX"
     )
     bundle = read_bundle(trained.run_dir)
-    bundle.threshold = choose_threshold(
+    bundle.threshold, record = choose_threshold(
         Predictor(trained.run_dir, "torch"), trained.run_dir, result.store, "youden", 0.95
     )
+    bundle.fitted.threshold = record
+    bundle.inference.tta = list(record.under.tta)  # the deployed predictor is the one the threshold was fitted under
     bundle.save(trained.run_dir)
     printer(f"threshold {bundle.threshold:.4f} (Youden's J on validation)")
     printer(describe(fit_run_referral(trained.run_dir, coverage=0.9)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from histoscan.inference.tta import tta_views
 from histoscan.metrics import THRESHOLD_RULES, compute_metrics, pick_threshold
 from histoscan.rules.answers import UNCHECKED, policy_views
 from histoscan.rules.tissue import OK
-from histoscan.runfolder import EVAL_DIR, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
+from histoscan.runfolder import EVAL_DIR, FitRecord, RunFolder  # noqa: F401  (EVAL_DIR: imported from here before runfolder)
 from histoscan.stain.groups import stain_group_names
 from histoscan.stain.shift import Shift, shift_suite, stain_shift_report
 
@@ -37,6 +37,7 @@ class EvaluationResult:
     split: str
     store: Path
     saved_threshold: float | None = None
+    notices: list[str] = field(default_factory=list)  # fitted quantities fitted under another predictor
 
     def lines(self, run_dir: str | Path, save_threshold: str | None = None) -> list[str]:
         """What ``histoscan evaluate`` prints.
@@ -48,7 +49,7 @@ class EvaluationResult:
         from histoscan.stain.shift import shift_lines
         from histoscan.trust.scoring import trust_lines
 
-        out = []
+        out = list(self.notices)
         if self.saved_threshold is not None:
             out.append(
                 f"threshold {self.saved_threshold:.4f} ({save_threshold}, chosen on the validation split) saved in "
@@ -65,7 +66,14 @@ class EvaluationResult:
         return out
 
 
-def choose_threshold(predictor: Predictor, run_dir: Path, store_path: Path, rule: str, target: float) -> float:
+def choose_threshold(
+    predictor: Predictor,
+    run_dir: Path,
+    store_path: Path,
+    rule: str,
+    target: float,
+    views: Sequence[int] | None = None,
+) -> tuple[float, FitRecord]:
     """Choose a decision threshold on data the run did not score.
 
     A decision threshold chosen on the run's validation split, or an ensemble of folds' out-of-fold predictions
@@ -77,8 +85,8 @@ def choose_threshold(predictor: Predictor, run_dir: Path, store_path: Path, rule
         raise ConfigError(f"--save-threshold {rule!r} is not one of {list(THRESHOLD_RULES)}")
     if predictor.bundle.task != "binary":
         raise ConfigError("a decision threshold applies to binary models; multi-class models predict the argmax")
-    fit = fitting_predictions(run_dir, None, store_path)
-    return pick_threshold(fit.labels, fit.probabilities[:, 1], rule, target, fit.source)
+    fit = fitting_predictions(run_dir, views, store_path)
+    return pick_threshold(fit.labels, fit.probabilities[:, 1], rule, target, fit.source), fit.record
 
 
 def evaluate_run(
@@ -118,19 +126,23 @@ def evaluate_run(
     suite = shift_suite(stain_donors) if stain_shift else None  # a bad donor fails before any scoring
     predictor = (settings or PredictorSettings()).predictor(run_dir, backend=backend, batch_size=batch_size)
     saved = None
+    ks = tta_views(bundle, tta, "evaluate")  # the deployed predictor's views by default
     if save_threshold:
-        saved = choose_threshold(
+        saved, record = choose_threshold(
             predictor,
             run_dir,
             bundle.training_store or part.path,
             save_threshold,
             target_sensitivities[0] if target_sensitivities else 0.95,
+            ks,
         )
-        bundle.threshold = saved
+        bundle.threshold = predictor.bundle.threshold = saved
+        bundle.fitted.threshold = predictor.bundle.fitted.threshold = record
+        bundle.inference.tta = list(record.under.tta)  # what is fitted is what answers: the deployed views
         bundle.save(run_dir)
+    notices = predictor.fitted_notices(ks)
     started = time.perf_counter()
     counted = predictor.bundle.preprocessing.stain_counts()
-    ks = tta_views(bundle, tta, "evaluate")  # the model's own policy (its referral rule's) by default
     pred = predictor.predict_store(part, ks)
     seconds = time.perf_counter() - started
     metrics = compute_metrics(
@@ -165,6 +177,7 @@ def evaluate_run(
         "split": split_name,
         "tta": len(ks) > 1,
         "backend": predictor.backend.name,
+        "predictor": predictor.settings_record(ks),
         "inference_images_per_s": round(len(part) / max(seconds, 1e-9), 1),
         "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "histoscan_version": __version__,
@@ -182,7 +195,7 @@ def evaluate_run(
         image_size=part.image_size,
         metrics_csv=run.metrics_path,
     )
-    return EvaluationResult(out, metrics, split_name, part.path, saved)
+    return EvaluationResult(out, metrics, split_name, part.path, saved, notices)
 
 
 class ShiftedPredict:

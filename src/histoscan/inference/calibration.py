@@ -84,6 +84,8 @@ def calibrate(
     t = float(np.clip(bundle.temperature * factor, 0.05, 20.0))
     result = CalibrationResult(t, nll(logits, labels), nll(logits, labels, factor), len(labels), fitting.source)
     bundle.temperature = t
+    bundle.fitted.temperature = fitting.record
+    bundle.inference.tta = list(fitting.record.under.tta)  # what is fitted is what answers: the deployed views
     if bundle.task == "binary" and 0 < bundle.threshold < 1:  # the same decisions at the new temperature
         bundle.threshold = float(
             probabilities(logits_of(np.array([[1 - bundle.threshold, bundle.threshold]])) / factor)[0, 1]

@@ -28,7 +28,14 @@ from histoscan.inference.calibration_rows import RESPLIT, calibration_ids, check
 from histoscan.inference.fitting import fitting_predictions
 from histoscan.inference.tta import default_views
 from histoscan.metrics import pick_threshold
-from histoscan.runfolder import SPLIT_FILE, EnsembleDocument, EnsembleMember, RunFolder
+from histoscan.runfolder import (
+    SPLIT_FILE,
+    EnsembleDocument,
+    EnsembleMember,
+    FittedRecords,
+    InferencePolicy,
+    RunFolder,
+)
 
 MEMBERS_DIR = "members"  # where --copy puts the members' run folders
 
@@ -120,7 +127,13 @@ def make_ensemble(
             printer(f"choosing the threshold ({threshold_rule}) on the ensemble's {fitted_on} predictions ...")
             fit = fitting_predictions(out, default_views(read_bundle(out), "fit"))
             scores, labels, source = fit.probabilities[:, 1], fit.labels, fit.source
-            doc = doc.model_copy(update={"fitted_rows": len(labels) if ids else None})
+            doc = doc.model_copy(
+                update={
+                    "fitted_rows": len(labels) if ids else None,
+                    "fitted": FittedRecords(threshold=fit.record),
+                    "inference": InferencePolicy(tta=list(fit.record.under.tta)),
+                }
+            )
         threshold = pick_threshold(labels, scores, threshold_rule, source=source)
         RunFolder(out).write_model_json(
             doc.model_copy(update={"threshold": threshold, "threshold_rule": f"{threshold_rule} on {source}"})

@@ -29,21 +29,23 @@ from histoscan.errors import ConfigError, DataError
 from histoscan.inference.calibration_rows import RESPLIT, calibration_ids, check_unseen
 from histoscan.inference.probabilities import logits_of, probabilities
 from histoscan.inference.settings import PredictorSettings
-from histoscan.inference.tta import parse_tta
-from histoscan.runfolder import RunFolder
+from histoscan.inference.tta import parse_tta, tta_views
+from histoscan.runfolder import FitRecord, FittedUnder, RunFolder
 
 
 class FittingPredictions(NamedTuple):
     """Predictions that a calibration, threshold or trust rule is fitted on.
 
     Predictions to fit on: probabilities (N x C, at the bundle's current temperature), labels, the spread
-    across views (None for one view), and where they came from, in words.
+    across views (None for one view), where they came from in words, and ``record``: the predictor they were
+    made under and the rows (what ``model.json``'s ``fitted`` keeps for whatever is fitted on them).
     """
 
     probabilities: np.ndarray
     labels: np.ndarray
     uncertainty: np.ndarray | None
     source: str
+    record: FitRecord
 
 
 def fitting_predictions(
@@ -61,6 +63,7 @@ def fitting_predictions(
     """
     settings = settings or PredictorSettings()
     bundle = read_bundle(run_dir)
+    views = tta_views(bundle, tta, "fit")  # the deployed predictor's views unless asked: what will answer
     run = RunFolder(run_dir)
     ids = calibration_ids(run.split_path)
     if ids:
@@ -68,17 +71,19 @@ def fitting_predictions(
             check_unseen(bundle.member_dirs, ids)
         part, _ = run.select_patches(run.data_store(data), CALIBRATION)
         _check_labelled(part, "calibration")
-        pred = settings.predictor(run_dir, backend="torch").predict_store(part, tta)
+        predictor = settings.predictor(run_dir, backend="torch")
+        pred = predictor.predict_store(part, views)
         scorer = (
             f"scored by the ensemble of {len(bundle.member_dirs)} members as deployed"
             if isinstance(bundle, EnsembleBundle)
             else "scored by the model"
         )
         source = f"the {len(part)} calibration rows of {part.path} (no member trained or validated on them; {scorer})"
-        return FittingPredictions(pred.probabilities, part.labels, pred.uncertainty, source)
+        record = FitRecord(under=predictor.under(views), split=CALIBRATION, rows=len(part))
+        return FittingPredictions(pred.probabilities, part.labels, pred.uncertainty, source, record)
     if isinstance(bundle, EnsembleBundle):
         if bundle.fitted_on == "oof":
-            return _out_of_fold(bundle, tta, data, settings)
+            return _out_of_fold(bundle, views, data, settings)
         raise ConfigError(
             f"{run.split_path}: ensemble {run_dir} has no calibration rows and its members are not the folds of one "
             f"cross-validation, so every row it could fit on trained or early-stopped a member; reserve some with "
@@ -86,12 +91,14 @@ def fitting_predictions(
         )
     part, _ = run.select_patches(run.data_store(data), "val")
     _check_labelled(part, "validation")
-    pred = settings.predictor(run_dir, backend="torch").predict_store(part, tta)
+    predictor = settings.predictor(run_dir, backend="torch")
+    pred = predictor.predict_store(part, views)
+    record = FitRecord(under=predictor.under(views), split="val", rows=len(part))
     source = (
         f"the validation split of {part.path} (the split has no calibration rows, so these are the rows the run "
         f"early-stopped on; '{RESPLIT}' reserves some)"
     )
-    return FittingPredictions(pred.probabilities, part.labels, pred.uncertainty, source)
+    return FittingPredictions(pred.probabilities, part.labels, pred.uncertainty, source, record)
 
 
 def _out_of_fold(
@@ -100,12 +107,15 @@ def _out_of_fold(
     """Each member (a fold) predicts its own validation fold; the ensemble's temperature applies on top."""
     probs, labels, spreads = [], [], []
     store = None
+    precision = None
     for member in bundle.member_dirs:
         run = RunFolder(member)
         part, _ = run.select_patches(run.data_store(data), "val")
         _check_labelled(part, "out-of-fold")
         store = part.path
-        pred = settings.predictor(member, backend="torch").predict_store(part, tta)
+        predictor = settings.predictor(member, backend="torch")
+        precision = predictor.precision
+        pred = predictor.predict_store(part, tta)
         probs.append(pred.probabilities)
         labels.append(part.labels)
         spreads.append(pred.uncertainty)
@@ -117,7 +127,11 @@ def _out_of_fold(
         f"out-of-fold predictions of the {len(bundle.member_dirs)} folds of {store} (an approximation: "
         "single-member scores, not the ensemble's mean; no calibration rows)"
     )
-    return FittingPredictions(p, np.concatenate(labels), unc, source)
+    # single members answered these rows: the record says so (members 1), so the ensemble's answers under all its
+    # members are reported as fitted under another predictor, an approximation
+    under = FittedUnder(tta=parse_tta(tta), members=1, precision=precision)  # type: ignore[arg-type]
+    record = FitRecord(under=under, split="oof", rows=len(p))
+    return FittingPredictions(p, np.concatenate(labels), unc, source, record)
 
 
 def _check_labelled(part: PatchStore, what: str) -> None:

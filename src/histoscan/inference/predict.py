@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ class PredictionTable:
     prediction: Prediction
     classes: list[str]
     failures: list[tuple[str, str, str]] = field(default_factory=list)
+    settings: dict[str, object] | None = None  # what produced them (``Predictor.settings_record``)
 
     def frame(self) -> pd.DataFrame:
         """id, prob_<class>..., predicted, answer, quality[, uncertainty].
@@ -70,7 +72,10 @@ def predict_input(
     ``tta`` None is the referral rule's policy when model.json has one; other views are then a ConfigError.
     """
     workers = workers if workers is not None else available_cores()
-    check_policy(predictor.bundle.trust, predictor.tta_views(tta), str(predictor.run_dir / MODEL_FILE))
+    views = predictor.tta_views(tta)
+    check_policy(predictor.bundle.trust, views, str(predictor.run_dir / MODEL_FILE))
+    for line in predictor.fitted_notices(views):  # fitted under another predictor: said, never silent
+        (notice or (lambda _: None))(line)
     ids: list[str] = []
     parts: list[Prediction] = []
     failures: list[tuple[str, str, str]] = []
@@ -86,7 +91,13 @@ def predict_input(
     if not ids:
         first = f" (first failure: {failures[0][1]}: {failures[0][2]})" if failures else ""
         raise DataError(f"{path}: no readable images{first}")
-    return PredictionTable(ids, Prediction.concat(parts, len(predictor.classes)), predictor.classes, failures)
+    return PredictionTable(
+        ids,
+        Prediction.concat(parts, len(predictor.classes)),
+        predictor.classes,
+        failures,
+        predictor.settings_record(views),
+    )
 
 
 #: the stain group of every image of an input that is not a store with groups (per-group stain models)
@@ -162,9 +173,9 @@ def check_output(out: str | Path, force: bool = False, inputs: Sequence[str | Pa
 def write_predictions(
     table: PredictionTable, out: str | Path, *, force: bool = False, inputs: Sequence[str | Path] = ()
 ) -> tuple[Path, Path | None]:
-    """Write the CSV, and ``<out>.errors.csv`` listing unreadable inputs when there are any.
+    """Write the CSV, ``<out>.json`` naming what produced it, and ``<out>.errors.csv`` for unreadable inputs.
 
-    Both are written atomically (a temporary file renamed into place); an errors file left by an
+    All are written atomically (a temporary file renamed into place); an errors file left by an
     earlier run is removed when this run has none, so it always describes the CSV beside it.
     """
     out = check_output(out, force, inputs)
@@ -173,6 +184,8 @@ def write_predictions(
         check_output(errors, True, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(out, lambda fh: table.frame().to_csv(fh, index=False))
+    if table.settings is not None:  # the predictor settings, threshold and fitted records behind every row
+        _atomic_write(out.with_name(out.name + ".json"), lambda fh: json.dump(table.settings, fh, indent=2))
     if not table.failures:
         errors.unlink(missing_ok=True)
         return out, None

@@ -30,7 +30,9 @@ from histoscan.inference.tta import default_views, tta_views
 from histoscan.inference.tta import parse_tta as parse_tta  # re-exported: callers and tests import it from here
 from histoscan.preprocessing import Groups, Preprocessing, dihedral_k
 from histoscan.rules.answers import UNCHECKED, answer_images
+from histoscan.rules.provenance import check_fitted, fitted_notices
 from histoscan.rules.tissue import judge, tissue_features
+from histoscan.runfolder import MODEL_FILE, FittedUnder
 
 
 @dataclass
@@ -161,6 +163,53 @@ class Predictor:
             raise ConfigError(f"backend {backend!r} is not one of torch, onnx, auto")
         self.batch_size = batch_size
         self.device = torch.device(device if backend == "torch" else "cpu")
+        check_fitted(self.bundle.fitted, self.member_count, str(self.run_dir / MODEL_FILE))
+
+    # ---- the predictor it is, against what was fitted -------------------------------------
+    @property
+    def member_count(self) -> int:
+        """How many models answer: an ensemble's members, else 1."""
+        return len(self.bundle.member_dirs) if isinstance(self.bundle, EnsembleBundle) else 1
+
+    @property
+    def precision(self) -> str:
+        """The numerics the network runs in: the torch backend's resolved precision, fp32 for ONNX Runtime."""
+        backend = self.members[0].backend if self.members else self.backend
+        return str(getattr(backend, "precision", "fp32"))
+
+    def under(self, ks: Sequence[int]) -> FittedUnder:
+        """This predictor under TTA views ``ks``, as ``model.json``'s ``fitted`` records describe one."""
+        return FittedUnder(tta=sorted({int(k) for k in ks}), members=self.member_count, precision=self.precision)  # type: ignore[arg-type]
+
+    def fitted_notices(self, ks: Sequence[int]) -> list[str]:
+        """Lines naming each fitted quantity fitted under other settings than these.
+
+        One line per threshold, temperature or referral rule fitted under another predictor, or of unknown
+        provenance (``histoscan.rules.provenance``).
+        """
+        b = self.bundle
+        return fitted_notices(
+            b.fitted,
+            self.under(ks),
+            threshold=b.threshold,
+            temperature=b.temperature,
+            has_referral=b.trust.referral is not None,
+            source=str(self.run_dir / MODEL_FILE),
+        )
+
+    def settings_record(self, ks: Sequence[int]) -> dict[str, object]:
+        """What produced a prediction: the run, backend, device, precision, TTA views, members, threshold."""
+        return {
+            "run": str(self.run_dir),
+            "backend": self.backend.name,
+            "device": str(self.device),
+            "precision": self.precision,
+            "tta": sorted({int(k) for k in ks}),
+            "members": self.member_count,
+            "threshold": self.threshold,
+            "temperature": self.bundle.temperature,
+            "fitted": self.bundle.fitted.model_dump(mode="json"),
+        }
 
     # ---- what the model is ---------------------------------------------------------
     @property

@@ -6,7 +6,9 @@ said", a bool, or the elements) and what the prediction is for (``use``, a ``his
 ``tta_views`` answers. Only ``default_views`` decides what "not said" means, so changing a default is
 a change to that one function.
 
-Today's defaults:
+The deployed predictor comes first: when ``model.json``'s ``inference.tta`` is set (every fitting command
+sets it to the views it fitted the threshold, temperature or referral rule under), every use but ``explain``
+runs those views, so what was fitted is what answers. Without it (a run nothing was fitted on yet):
 
 - ``evaluate``, ``fit`` (calibration, referral rules, thresholds and out-of-fold predictions) and
   ``submission`` (a Kaggle submission): the model's own policy: its referral rule's views when it has one,
@@ -46,12 +48,14 @@ def default_views(bundle: ModelBundle, use: TtaUse) -> list[int]:
     """The views a prediction for ``use`` runs when its caller does not say (see the module docstring)."""
     if use not in TTA_USES:
         raise ConfigError(f"TTA use {use!r} is not one of {', '.join(TTA_USES)}")
+    if use == "explain":
+        return [0]  # a map is drawn from the plain view
+    if bundle.inference.tta is not None:
+        return parse_tta(bundle.inference.tta)  # the deployed predictor's views
     rule = bundle.trust.referral
     if use in ("evaluate", "fit", "submission"):
         if rule is not None:
             return list(rule.tta)
-        if bundle.inference.tta is not None:
-            return parse_tta(bundle.inference.tta)
         return parse_tta(bundle.task == "binary")
     if use == "predict":
         return list(rule.tta) if rule is not None else [0]

@@ -275,7 +275,9 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         out.write(frame({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
         return 1
-    out.write(frame({"ok": True, "backend": predictor.backend.name}))
+    views = predictor.tta_views(None)
+    settings = {**predictor.settings_record(views), "notices": predictor.fitted_notices(views)}
+    out.write(frame({"ok": True, "backend": predictor.backend.name, "predictor": settings}))
     threading.Thread(target=out.beat, args=(HEARTBEAT_S,), daemon=True, name="heartbeat").start()
     explaining = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
 
@@ -336,6 +338,7 @@ class ModelProcess:
 
     def __post_init__(self) -> None:
         self.backend = self.backend_choice
+        self.predictor_settings: dict[str, Any] = {}  # what answers: Predictor.settings_record and its notices
         self.starts = 0  # child processes launched (tests and /ready read it)
         self._proc: asyncio.subprocess.Process | None = None
         # answers come back in order within each lane: predictions, and explanations (their own thread)
@@ -421,6 +424,7 @@ class ModelProcess:
             log.error("the model process could not load %s: %s", self.run_dir, meta.get("error"))
             raise ModelUnavailable("the model could not be loaded")
         self.backend = str(meta["backend"])
+        self.predictor_settings = dict(meta.get("predictor") or {})
         self.explainer_ready = self.explain_warm
         self._failures, self._retry_at, self._problem = 0, 0.0, None
         self._last_beat = time.monotonic()
@@ -557,6 +561,11 @@ class ModelThread:
     def __init__(self, predictor: Predictor, timeout_s: float = 30.0, explain_warm: bool = False) -> None:
         self.predictor, self.timeout_s, self.explain_warm = predictor, timeout_s, explain_warm
         self.backend = predictor.backend.name
+        views = predictor.tta_views(None)
+        self.predictor_settings: dict[str, Any] = {
+            **predictor.settings_record(views),
+            "notices": predictor.fitted_notices(views),
+        }
         self._explainers: dict[tuple[str, str], Explainer] = {}
 
     @property

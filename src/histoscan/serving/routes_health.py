@@ -93,6 +93,9 @@ def model_card(state: ServeState = Depends(get_state)) -> dict[str, Any]:
         "tissue_check": b.trust.tissue_check is not None,
         "validation": b.best_metric,
         "backend": state.model.backend,
+        # what answers: backend, precision, TTA views, members, threshold and how each fitted value was fitted,
+        # with a line for each one fitted under another predictor
+        "predictor": getattr(state.model, "predictor_settings", {}),
         "explainer_ready": state.model.explainer_ready,
         "trained_with": b.histoscan_version,
         "histoscan_version": __version__,

@@ -44,6 +44,8 @@ def fit_run_referral(
     )
     bundle = read_bundle(run_dir)
     bundle.trust.referral = rule
+    bundle.fitted.referral = fit.record
+    bundle.inference.tta = list(fit.record.under.tta)  # what is fitted is what answers: the deployed views
     bundle.save(run_dir)
     return rule
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 import pandas as pd
 
 from histoscan.errors import ConfigError, HistoscanError
+from histoscan.inference.tta import tta_views
 from histoscan.wsi import outputs
 from histoscan.wsi.provenance import identity_key
 from histoscan.wsi.reader import SLIDE_SUFFIXES
@@ -189,6 +190,8 @@ def run_slides(
         return result
     predictor = cast("Predictor", predictor_factory())
     check_settings(predictor, settings, slides)
+    for line in predictor.fitted_notices(tta_views(predictor.bundle, settings.tta, "slide")):
+        printer(line)  # a threshold fitted under another predictor is said before the regions are drawn with it
     for i, slide in enumerate(slides, start=1):
         name = slide.stem
         error: str | None = None

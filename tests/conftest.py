@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,31 @@ def shared(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data folder {path} is absent (CI has it; see ../shared/data/README.md)")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_xdist_worker() -> Iterator[None]:
+    """Under ``pytest -n N`` (pytest-xdist) each worker computes on one thread, so N workers do not fight over cores.
+
+    Sets torch's intra-op threads in the worker and OMP/MKL threads for the processes it starts (servers, CLIs).
+    A plain ``pytest`` run is left as it is.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import torch
+
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    before = torch.get_num_threads()
+    os.environ.update({k: "1" for k in saved})
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ def test_colour_features_are_finite_and_see_the_centre() -> None:
     assert not np.allclose(fa, fb)
 
 
+@pytest.mark.slow
 def test_baselines_write_runs_that_the_leaderboard_ranks(tiny_run: Path, tmp_path: Path) -> None:
     from histoscan.bundle import read_bundle
 
@@ -56,6 +57,7 @@ def test_baselines_write_runs_that_the_leaderboard_ranks(tiny_run: Path, tmp_pat
         run_baselines(store, tmp_path / "c", models=["svm"])
 
 
+@pytest.mark.slow
 def test_baselines_on_real_hcd_beat_chance(tmp_path: Path) -> None:
     store = ingest(shared("hcd"), tmp_path / "hcd", workers=2).store
     view = PatchStore(store)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -17,6 +18,7 @@ from histoscan.options import dataclass_options, doc, given_values, with_paramet
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     res = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--n", "200", "--epochs", "2"])
     assert res.exit_code == 0, res.output

@@ -70,6 +70,7 @@ def test_class_sample_mean_image_and_histograms(odd_store: Path) -> None:
     assert cs.grey_density.sum() == pytest.approx(1)
 
 
+@pytest.mark.slow
 def test_eda_report(odd_store: Path, tmp_path: Path) -> None:
     r = run_eda(odd_store, tmp_path / "eda", sample=50, grid=8)
     s = r.summary
@@ -101,6 +102,7 @@ def test_eda_report(odd_store: Path, tmp_path: Path) -> None:
         assert_images_load(browser, r.out / "report.html", expected=len(r.figures))
 
 
+@pytest.mark.slow
 def test_eda_on_real_grouped_multiclass_stores(tmp_path: Path) -> None:
     idc = ingest(shared("idc"), tmp_path / "idc", workers=2).store
     r = run_eda(idc, tmp_path / "idc-eda", sample=200)
@@ -113,6 +115,7 @@ def test_eda_on_real_grouped_multiclass_stores(tmp_path: Path) -> None:
     assert r.summary["duplicate_groups"] == 4 and "duplicates" in r.figures  # this LC25000 subset holds 4 exact copies
 
 
+@pytest.mark.slow
 def test_cli_eda(odd_store: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["eda", str(odd_store), str(tmp_path / "out"), "--sample", "20"])
     assert res.exit_code == 0, res.output

@@ -84,6 +84,7 @@ def test_folds_training_writes_oof_cv_json_and_an_ensemble(cv: Path, store: Path
     assert set(split["split"]) == {"train", "test"}
 
 
+@pytest.mark.slow
 def test_one_fold_alone_then_collect_without_retraining(cv: Path, store: Path, tmp_path: Path) -> None:
     shutil.copytree(fold_dir(cv, 0), tmp_path / "cv2" / "fold-0")
     r = train_folds(_cfg(store, tmp_path, name="cv2", folds=2, fold=1), printer=lambda *_: None)
@@ -95,7 +96,6 @@ def test_one_fold_alone_then_collect_without_retraining(cv: Path, store: Path, t
     assert (tmp_path / "cv2" / "fold-1" / "best.safetensors").stat().st_mtime_ns == before
 
 
-@pytest.mark.slow
 def test_cv_predicts_out_of_fold_under_the_given_settings(cv: Path, tmp_path: Path) -> None:
     """CV's out-of-fold scores run under PredictorSettings (device, TTA, batch size), as evaluate and calibrate do."""
     for i in range(2):
@@ -111,6 +111,7 @@ def test_cv_predicts_out_of_fold_under_the_given_settings(cv: Path, tmp_path: Pa
     np.testing.assert_allclose(fold0.filter(like="prob_").to_numpy()[:, 1], expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ensemble_of_different_members_is_the_weighted_mean(
     tiny_run: Path, cv: Path, store: Path, tmp_path: Path
 ) -> None:
@@ -136,6 +137,7 @@ def test_ensemble_of_different_members_is_the_weighted_mean(
         Explainer(ens)
 
 
+@pytest.mark.slow
 def test_consumers_take_an_ensemble(cv: Path, store: Path, kaggle_dir: Path, tmp_path: Path) -> None:
     ens = tmp_path / "ens"
     shutil.copytree(cv / ENSEMBLE_DIR, ens)  # members are ../fold-<i>: keep them beside it
@@ -231,6 +233,7 @@ def test_ensemble_refuses_bad_members_naming_them(tiny_run: Path, cv: Path, tmp_
         Predictor(ens)
 
 
+@pytest.mark.slow
 def test_fitting_predictions_of_a_single_run_is_its_validation_split(tiny_run: Path, tmp_path: Path) -> None:
     fit = fitting_predictions(tiny_run)
     val, _ = RunFolder(tiny_run).select_patches(RunFolder(tiny_run).data_store(), "val")

@@ -138,6 +138,7 @@ def evaluated_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return run
 
 
+@pytest.mark.slow
 def test_evaluate_run_on_its_test_split(evaluated_run: Path) -> None:
     from histoscan.data.splits import read_split
     from histoscan.data.store import PatchStore
@@ -166,6 +167,7 @@ def test_save_threshold_is_chosen_on_validation(evaluated_run: Path, tmp_path: P
         evaluate_run(run, save_threshold="best", n_boot=0, out=tmp_path / "e2")
 
 
+@pytest.mark.slow
 def test_foreign_store_without_splits_needs_split_all(evaluated_run: Path, tmp_path: Path) -> None:
     from histoscan.data.ingest import ingest
     from histoscan.data.synthetic import write_synthetic
@@ -177,6 +179,7 @@ def test_foreign_store_without_splits_needs_split_all(evaluated_run: Path, tmp_p
     assert r.split == "all" and r.metrics["count"] == 40 and r.out.name == "eval-other-all"
 
 
+@pytest.mark.slow
 def test_leaderboard_and_selection(evaluated_run: Path, tmp_path: Path) -> None:
     second = tmp_path / "second"
     shutil.copytree(evaluated_run, second)
@@ -211,6 +214,7 @@ def test_leaderboard_and_selection(evaluated_run: Path, tmp_path: Path) -> None:
         build_leaderboard([folder / "broken"], printer=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_cli_evaluate_and_compare(evaluated_run: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["evaluate", str(evaluated_run), "--bootstrap", "50", "--out", str(tmp_path / "ev")])

@@ -74,9 +74,9 @@ def patches(n: int, seed: int = 0, label: int = 1, size: int = 96) -> np.ndarray
     ("arch", "pre"),
     [
         ("simple_cnn", {"crop": 64, "resize": 48}),
-        ("custom_cnn", {"resize": 64}),
-        ("resnet18", {"resize": 64}),
-        ("vit_tiny_patch16_224", {"resize": 32}),
+        pytest.param("custom_cnn", {"resize": 64}, marks=pytest.mark.slow),
+        pytest.param("resnet18", {"resize": 64}, marks=pytest.mark.slow),
+        pytest.param("vit_tiny_patch16_224", {"resize": 32}, marks=pytest.mark.slow),
     ],
 )
 def test_every_architecture_gives_float32_maps_on_the_image(tmp_path: Path, arch: str, pre: dict) -> None:
@@ -166,6 +166,7 @@ def test_synthetic_positive_maps_put_most_mass_in_the_centre(tiny_run: Path) -> 
     assert float(np.mean(mass)) > 0.5, mass  # the centre half of each side is a quarter of the area
 
 
+@pytest.mark.slow
 def test_deletion_beats_random_and_randomised_weights_change_the_maps(tiny_run: Path, tmp_path: Path) -> None:
     e = Explainer(tiny_run)
     images = patches(24, seed=7, label=1)
@@ -224,6 +225,7 @@ def test_normal_fill_takes_the_deleted_pixels_from_a_normal_patch(tmp_path: Path
         deleted_images(e, images, maps, 0.3, fill="normal")
 
 
+@pytest.mark.slow
 def test_real_tissue_maps(tiny_run: Path) -> None:
     from histoscan.data.imageio import read_image
 
@@ -287,6 +289,7 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc to read RSS")
 def test_memory_stays_flat_and_hooks_are_released(tmp_path: Path) -> None:
     run = make_run(tmp_path / "m", "simple_cnn", resize=32)

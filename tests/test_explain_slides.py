@@ -22,6 +22,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_mosaic_run(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_explain_top_writes_overlays_of_the_most_suspicious_tiles(run: Path, tmp_path: Path) -> None:
     path, _ = tumour_slide(tmp_path / "a.tif", 10, 12, (2, 8, 3, 9), MODEL_MPP, seed=1)
     r = scan_slide(Predictor(run, backend="torch"), path, tmp_path / "out", ScanSettings(explain_top=3))

@@ -201,8 +201,11 @@ def test_cli_predict_export_calibrate(tiny_run: Path, kaggle_dir: Path, tmp_path
     assert res.exit_code == 2 and "no such file" in res.output
 
 
+SLOW_EXPORTS = ("custom_cnn", "nas_cnn", "resnet18", "efficientnet_b0", "densenet121")  # each trains, then exports
+
+
 @pytest.mark.parametrize(
-    "model", ["simple_cnn_flatten", "custom_cnn", "nas_cnn", "resnet18", "efficientnet_b0", "densenet121"]
+    "model", ["simple_cnn_flatten", *(pytest.param(m, marks=pytest.mark.slow) for m in SLOW_EXPORTS)]
 )
 def test_export_works_for_seed_cnns_and_timm_backbones(model: str, tiny_run: Path, tmp_path: Path) -> None:
     from histoscan.training.config import TrainConfig

@@ -12,9 +12,14 @@ from histoscan.models import create_model, list_models
 from histoscan.models.factory import count_parameters
 
 TIMM_NAMES = ["resnet18", "resnet50", "densenet121", "densenet169", "efficientnet_b0", "vit_small_patch16_224"]
+HEAVY = {"custom_cnn", *TIMM_NAMES}  # seconds of forward and backward each on 2 CPU cores: slow tier
 
 
-@pytest.mark.parametrize("name", list_models() + TIMM_NAMES)
+def _tiered(name: str) -> object:
+    return pytest.param(name, marks=pytest.mark.slow) if name in HEAVY else name
+
+
+@pytest.mark.parametrize("name", [_tiered(n) for n in list_models() + TIMM_NAMES])
 @pytest.mark.parametrize("size", [96, 224])
 def test_model_forward_backward(name: str, size: int) -> None:
     torch.manual_seed(0)

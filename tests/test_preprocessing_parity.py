@@ -86,9 +86,9 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize(
     "store_name,settings",
     [
-        ("kaggle", {"crop": 48}),  # a crop model
-        ("kaggle", {"resize": 40}),  # a resize model
-        ("folders", {"crop": 40, "resize": 48}),  # a multi-class model, crop then resize
+        pytest.param("kaggle", {"crop": 48}, marks=pytest.mark.slow),  # a crop model
+        pytest.param("kaggle", {"resize": 40}, marks=pytest.mark.slow),  # a resize model
+        ("folders", {"crop": 40, "resize": 48}),  # a multi-class model, crop then resize (the fast lane's case)
     ],
     ids=["crop", "resize", "multiclass"],
 )

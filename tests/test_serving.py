@@ -141,6 +141,7 @@ def test_grayscale_rgba_and_16_bit_are_converted(client: TestClient) -> None:
         assert r.status_code == 200, (name, r.text)
 
 
+@pytest.mark.slow
 def test_api_key(tiny_run: Path, patch_files: list[Path]) -> None:
     with TestClient(create_app(ServeSettings(str(tiny_run), api_key="s3cret"))) as c:
         assert c.get("/health").status_code == 200
@@ -176,6 +177,7 @@ def test_in_process_model_answers_the_same(client: TestClient, tiny_run: Path, p
         assert c.post("/v1/predict", files=upload).json() == client.post("/v1/predict", files=upload).json()
 
 
+@pytest.mark.slow
 def test_a_dead_model_process_is_reported_then_restarted(tiny_run: Path, patch_files: list[Path]) -> None:
     f = patch_files[0]
     with TestClient(create_app(ServeSettings(str(tiny_run)))) as c:
@@ -251,6 +253,7 @@ def live_server(tiny_run: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 def test_serve_options_reach_the_server(tiny_run: Path, patch_files: list[Path]) -> None:
     import httpx
 
@@ -274,6 +277,7 @@ def test_serve_options_reach_the_server(tiny_run: Path, patch_files: list[Path])
         assert r.json()["probabilities"]["tumor"] == pytest.approx(float(want.probabilities[0, 1]), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_live_server_under_16_concurrent_clients(live_server: str, tiny_run: Path, patch_files: list[Path]) -> None:
     import httpx
 
@@ -313,6 +317,7 @@ def test_live_server_under_16_concurrent_clients(live_server: str, tiny_run: Pat
     assert httpx.get(live_server + "/health", timeout=5).status_code == 200
 
 
+@pytest.mark.slow
 def test_web_page_in_a_real_browser(live_server: str, tiny_run: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -339,6 +344,7 @@ def test_web_page_in_a_real_browser(live_server: str, tiny_run: Path) -> None:
         assert "evidence for" in browser.find_element(By.CSS_SELECTOR, ".explanation").text
 
 
+@pytest.mark.slow
 def test_container_entry_command_starts_the_server(tiny_run: Path, tmp_path: Path) -> None:
     """The Dockerfile's CMD (histoscan serve /model --host 0.0.0.0 --port 8000), from a plain install."""
     import httpx

@@ -34,6 +34,7 @@ def _post(c: TestClient, f: Path, path: str = "/v1/explain", **kw: object) -> ob
     return c.post(path, files={"file": (f.name, f.read_bytes(), "image/tiff")}, **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_explain_returns_the_prediction_and_the_overlay(client: TestClient, tiny_run: Path, patch_file: Path) -> None:
     r = _post(client, patch_file)
     assert r.status_code == 200, r.text  # type: ignore[attr-defined]

@@ -108,6 +108,7 @@ def test_protocol_round_trip() -> None:
     assert got.uncertainty is not None and np.allclose(got.uncertainty, [0.01, 0.02])
 
 
+@pytest.mark.slow
 def test_model_process_answers_like_the_predictor_and_restarts_after_dying(tiny_run: Path, kaggle_dir: Path) -> None:
     files = sorted((kaggle_dir / "test").glob("*.tif"))[:5]
     images = [read_image(f).pixels for f in files] + [np.full((200, 150, 3), 128, np.uint8)]  # one needs resizing

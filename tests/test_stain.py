@@ -226,6 +226,7 @@ def stain_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ingest(root / "src", root / "store", workers=1).store
 
 
+@pytest.mark.slow
 def test_train_with_macenko_and_stain_augmentation_then_evaluate_under_shifts(
     stain_store: Path, tmp_path: Path
 ) -> None:
@@ -274,6 +275,7 @@ def test_train_with_macenko_and_stain_augmentation_then_evaluate_under_shifts(
     assert counts["patches"] == report["patches"] and 0 <= counts["passed_through"] <= counts["patches"]
 
 
+@pytest.mark.slow
 def test_cli_fit_show_and_train_from_a_target(stain_store: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     target = tmp_path / "target.json"
@@ -321,6 +323,7 @@ def test_real_tissue_never_gives_nan_and_is_mostly_normalised() -> None:
     assert _angle(he[0], np.array(target.stain_matrix[0])) < 8
 
 
+@pytest.mark.slow
 def test_the_eda_report_has_the_stain_section(stain_store: Path, tmp_path: Path) -> None:
     from histoscan.eda.report import run_eda
 

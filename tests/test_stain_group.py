@@ -182,6 +182,7 @@ def test_bad_granularity_requests_are_one_line_errors(kaggle_dir: Path, tmp_path
         train(cfg, printer=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_a_slide_is_one_group_estimated_once_from_its_tissue(tmp_path_factory: pytest.TempPathFactory) -> None:
     from histoscan.wsi.scan import ScanSettings, scan_slide
     from histoscan.wsi.synthetic import tumour_slide
@@ -204,6 +205,7 @@ def test_a_slide_is_one_group_estimated_once_from_its_tissue(tmp_path_factory: p
     assert (r.folder / "explain" / "tiles.csv").is_file()
 
 
+@pytest.mark.slow
 def test_the_stain_shift_suite_re_estimates_each_group_under_each_shift(group_run: Path, grouped_store: Path) -> None:
     from histoscan.evaluation.evaluate import ShiftedPredict
     from histoscan.stain.shift import shift_suite, stain_shift_report

@@ -71,6 +71,7 @@ def first_run(train_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return train(_quick(train_store, out, "first")).run_dir
 
 
+@pytest.mark.slow
 def test_run_folder_is_complete_and_model_beats_chance(first_run: Path, train_store: Path) -> None:
     assert {p.name for p in first_run.iterdir()} >= RUN_FILES
     assert len(_val_aurocs(first_run)) == 4
@@ -87,12 +88,14 @@ def test_run_folder_is_complete_and_model_beats_chance(first_run: Path, train_st
     assert roc_auc_score(test.labels, probs) > 0.8
 
 
+@pytest.mark.slow
 def test_rerunning_the_saved_config_reproduces_the_run(first_run: Path, tmp_path: Path) -> None:
     cfg = TrainConfig.from_yaml(first_run / "config.yaml", {"out": str(tmp_path), "name": "again"})
     again = train(cfg).run_dir
     np.testing.assert_allclose(_val_aurocs(again), _val_aurocs(first_run), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(first_run: Path, tmp_path: Path) -> None:
     cfg = TrainConfig.from_yaml(first_run / "config.yaml", {"out": str(tmp_path), "name": "killed"})
     cfg.to_yaml(tmp_path / "killed.yaml")
@@ -121,6 +124,7 @@ def test_resume_after_kill_matches_uninterrupted_run(first_run: Path, tmp_path: 
     np.testing.assert_allclose(resumed, _val_aurocs(first_run), atol=0.02)
 
 
+@pytest.mark.slow
 def test_cli_train_with_shipped_config_and_overrides(train_store: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(
         app,
@@ -218,6 +222,7 @@ def test_config_help_names_every_field_the_duration_unit_and_choices() -> None:
     assert "seeds" not in res.output
 
 
+@pytest.mark.slow
 def test_existing_run_is_never_overwritten(first_run: Path, train_store: Path) -> None:
     with pytest.raises(ConfigError, match="exists"):
         train(_quick(train_store, first_run.parent, first_run.name))
@@ -230,6 +235,7 @@ def test_every_shipped_config_parses_and_builds(name: str) -> None:
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
+@pytest.mark.slow
 def test_ddp_with_two_cpu_processes(train_store: Path, tmp_path: Path) -> None:
     cmd = [
         sys.executable,
@@ -270,6 +276,7 @@ def test_ddp_with_two_cpu_processes(train_store: Path, tmp_path: Path) -> None:
     load_model(run)
 
 
+@pytest.mark.slow
 def test_multiclass_on_real_lc25000(tmp_path: Path) -> None:
     store = ingest(shared("lc25000-lung"), tmp_path / "store").store
     result = train(_quick(store, tmp_path, "lung", resize=48, max_epochs=3, batch_size=32))
@@ -291,6 +298,7 @@ def test_multiclass_on_real_lc25000(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_grouped_split_on_real_idc(tmp_path: Path) -> None:
     store_path = ingest(shared("idc"), tmp_path / "store").store
     result = train(_quick(store_path, tmp_path, "idc", resize=None, max_epochs=1, limit_train_batches=10))
@@ -381,6 +389,7 @@ def test_stain_consistency_trains_on_a_base_view_and_its_re_stained_copy() -> No
     assert module._preprocess(images, train=False).shape[0] == 6  # evaluation: one view, never augmented
 
 
+@pytest.mark.slow
 def test_a_run_whose_loss_stops_being_a_number_stops_and_keeps_its_best_weights(
     train_store: Path, tmp_path: Path
 ) -> None:

@@ -80,6 +80,7 @@ def test_auto_precision_follows_the_cpu_and_precision_overrides(
     assert choose_precision(cfg, cuda=True) == "bf16-mixed"
 
 
+@pytest.mark.slow
 def test_run_says_its_precision_first_and_records_it(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -196,6 +197,7 @@ def _rows(run: Path) -> list[dict[str, str]]:
     return RunFolder(run).read_metrics()
 
 
+@pytest.mark.slow
 def test_time_budget_finishes_the_schedule_logs_the_plan_and_resumes_it(
     store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -220,6 +222,7 @@ def test_time_budget_finishes_the_schedule_logs_the_plan_and_resumes_it(
 
 
 # ---- the weight average -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ema_is_kept_in_last_ckpt_with_batchnorm_buffers(store: Path, tmp_path: Path) -> None:
     run = train(_cfg(store, tmp_path, "ema", max_epochs=2, ema_decay=0.9), lambda _: None).run_dir
     state = torch.load(run / "last.ckpt", weights_only=False)["state_dict"]
@@ -290,6 +293,7 @@ def test_predictor_precision_auto_follows_the_cpu_and_model_json(
         Predictor(tiny_run, backend="torch", precision="int8")
 
 
+@pytest.mark.slow
 def test_tta_is_the_default_for_evaluation_and_submissions_of_binary_models(tiny_run: Path, tmp_path: Path) -> None:
     p = Predictor(tiny_run, backend="torch")
     assert default_tta(p.bundle) == list(range(8))

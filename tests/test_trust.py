@@ -118,6 +118,7 @@ def test_calibrate_fits_a_rule_the_predictor_applies_under_its_policy(run: Path,
     assert bad.exit_code == 2 and "between 0 and 1" in bad.output
 
 
+@pytest.mark.slow
 def test_evaluate_reports_error_detection_coverage_and_the_rule(run: Path) -> None:
     from histoscan.evaluation.evaluate import evaluate_run
     from histoscan.trust.calibrate import fit_run_referral
@@ -192,6 +193,7 @@ def _images(folder: Path, n: int, seed: int = 0) -> list[np.ndarray]:
     return [read_image(f).pixels for f in files[:n]]
 
 
+@pytest.mark.slow
 def test_tissue_check_on_real_patches() -> None:
     """Fitted on hcd: every bad kind flagged; >= 99% of held-out hcd and >= 95% of other labs' H&E accepted."""
     hcd = shared("hcd")

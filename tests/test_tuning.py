@@ -73,6 +73,7 @@ def test_bad_space_files_are_clear_errors(tmp_path: Path, params: dict, message:
         load_space(_space(tmp_path, params))
 
 
+@pytest.mark.slow
 def test_study_prunes_records_failures_and_writes_the_best_config(tune_store: Path, tmp_path: Path) -> None:
     space = _space(tmp_path, {"lr": {"choice": [3.0e-3, 10.0, 1.0e-2]}, "model_args.dropout": {"choice": [0.2, 7.0]}})
     # enqueue known trials: a good one, one that cannot learn (lr 10 kills every ReLU: AUROC 0.5),
@@ -174,6 +175,7 @@ def _tune_cmd(store: Path, space: Path, root: Path, name: str, trials: int, *ext
     ]
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_without_repeating_finished_trials(tune_store: Path, tmp_path: Path) -> None:
     space = _space(tmp_path, {"lr": {"float": [1e-3, 1e-2], "log": True}})
     proc = subprocess.Popen(
@@ -218,6 +220,7 @@ def test_killed_study_resumes_without_repeating_finished_trials(tune_store: Path
     assert len(set(run_dirs)) == len(run_dirs)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(tune_store: Path, tmp_path: Path) -> None:
     space = _space(tmp_path, {"lr": {"float": [1e-3, 1e-2], "log": True}})
     (tmp_path / "w").mkdir()

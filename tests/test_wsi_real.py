@@ -15,6 +15,10 @@ from histoscan.wsi.scan import ScanSettings, plan_grid, scan_slide, tissue_mask
 from tests.conftest import shared
 from tests.wsi_helpers import train_mosaic_run
 
+# Every test here scans with the mosaic model that train_mosaic_run trains (about 15 s): the slow tier.
+# The fast lane scans slides through test_wsi_alignment.py, without a trained model.
+pytestmark = pytest.mark.slow
+
 CMU = "CMU-1-Small-Region.svs"
 TCGA = "TCGA-CR-7395-01A-01-TS1.svs"
 

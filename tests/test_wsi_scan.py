@@ -23,6 +23,10 @@ from histoscan.wsi.scan import ScanSettings, scan_slide
 from histoscan.wsi.synthetic import tumour_slide, write_slide
 from tests.wsi_helpers import MODEL_MPP, train_mosaic_run
 
+# Every test here scans with the mosaic model that train_mosaic_run trains (about 15 s): the slow tier.
+# The fast lane scans slides through test_wsi_alignment.py, without a trained model.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import socket
 import sys
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.hostile_corpus import image_corpus, large_allowed, malformed_multipart, tree_rss_mb
 
-from _common import shared_or_exit
+from _common import Recorder, add_json_option, shared_or_exit
 from bench_serve import free_port, load, make_run, multipart_request, start_server
 from histoscan.data.ingest import ingest
 
@@ -333,8 +332,9 @@ def main() -> None:
     ap.add_argument("--slow", type=int, default=16, help="Slow-upload connections.")
     ap.add_argument("--flood", type=int, default=48, help="Explain-flood clients.")
     ap.add_argument("--attacks-only", action="store_true", help="Only the issue-36 attacks (skip the corpus phases).")
-    ap.add_argument("--json", type=Path, default=None, help="Write the figures here.")
+    add_json_option(ap)
     args = ap.parse_args()
+    rec = Recorder("bench_hostile", "Serving under hostile clients (slow uploads, explain floods)", args.json)
     hcd = shared_or_exit("hcd")
     print(f"{os.cpu_count()} CPU cores (other jobs may share them)")
     with tempfile.TemporaryDirectory(prefix="histoscan-bench-hostile-") as tmp:
@@ -365,9 +365,8 @@ def main() -> None:
         )
     print(f"explain flood statuses: {new['explain_flood']['explain_statuses']}")
     print(f"server tree RSS: {new['rss_mb']} -> growth {new['rss_growth_mb']:.0f} MB (aim <= 300)")
-    if args.json:
-        args.json.write_text(json.dumps(new, indent=2))
-        print(f"wrote {args.json}")
+    rec.figures.update(new)
+    rec.write()
     if args.attacks_only:
         return
     h: Hostile = attacked["hostile"]

@@ -20,7 +20,6 @@ Run: python benchmarks/bench_predict.py [--n 2000] [--repeats 2] [--json OUT.jso
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import shared_or_exit
+from _common import Recorder, add_json_option, shared_or_exit
 from histoscan.bundle import read_bundle
 from histoscan.data.ingest import ingest
 from histoscan.inference.backends import resolve_backend
@@ -79,8 +78,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    add_json_option(ap)
     args = ap.parse_args()
+    rec = Recorder("bench_predict", "Batch prediction speed: decode, backend, end to end", args.json)
     hcd = shared_or_exit("hcd")
     out: dict[str, object] = {"n": args.n, "batch": args.batch, "torch": torch.__version__}
     with tempfile.TemporaryDirectory(prefix="histoscan-bench-predict-") as tmp:
@@ -167,9 +167,8 @@ def main() -> None:
             }
         out["rows"] = rows
         out["auto_backend"] = out["auto_backend_default"]
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    rec.figures.update(out)
+    rec.write()
 
 
 def store_sample(store: Path, n: int = 64) -> np.ndarray:

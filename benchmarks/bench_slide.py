@@ -29,7 +29,7 @@ import pandas as pd
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED, rss_mb, shared_or_exit
+from _common import SHARED, Recorder, add_json_option, rss_mb, shared_or_exit
 from histoscan.bundle import read_bundle
 from histoscan.inference.export import export_onnx
 from histoscan.inference.predictor import Predictor
@@ -309,8 +309,9 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], help="parts to skip: e2e throughput big hcd svs")
     ap.add_argument("--backends", nargs="*", default=["torch", "onnx"], help="backends for the end-to-end ratio")
     ap.add_argument("--big-tissue", type=float, default=0.10, help="tissue fraction of the generated 100,000 px slide")
-    ap.add_argument("--json", default=None, metavar="OUT", help="also write the figures to this JSON file")
+    add_json_option(ap)
     args = ap.parse_args()
+    rec = Recorder("bench_slide", "Slide scanning end to end against the Predictor, and peak memory", args.json)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     run = prepare(Path(args.run) if args.run else train_hcd_model(cache, args.minutes))
@@ -355,9 +356,8 @@ def main() -> None:
             f"(aim <= 1536; {b['rss_before_scan_mb']:.0f} MB with the model loaded, before the scan); tissue mask in "
             f"{b['mask_seconds']:.2f} s (aim <= 5)"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
-        print(f"figures: {args.json}")
+    rec.figures.update(figures)
+    rec.write()
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ any source tree to compare before and after a change:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import grimp
 import networkx as nx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Recorder, add_json_option
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,8 +66,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", type=Path, default=ROOT / "src", help="the folder holding the package")
     ap.add_argument("--no-type-checking", action="store_true", help="leave out imports under TYPE_CHECKING")
-    ap.add_argument("--json", type=Path, help="write the figures here")
+    add_json_option(ap)
     args = ap.parse_args()
+    rec = Recorder("import_cycles", "Import cycles between the units and modules of the package", args.json)
     result = measure(args.src, type_checking=not args.no_type_checking)
     print(f"{result['src']}: {result['units']} units, {result['src_lines']} lines of Python")
     cycles = result["unit_cycles"]
@@ -78,8 +81,8 @@ def main() -> None:
     print(f"module-level cycles: {len(module_cycles)}")
     for scc in module_cycles:
         print(f"  {scc}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    rec.figures.update(result)
+    rec.write()
 
 
 if __name__ == "__main__":

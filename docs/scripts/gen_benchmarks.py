@@ -58,7 +58,8 @@ def provenance(doc: dict[str, Any]) -> list[str]:
     """The lines saying how to reproduce a result and where it came from."""
     m = doc.get("machine", {})
     where = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-    quiet = "quiet" if doc.get("quiet") else f"busy (load {doc.get('load_at_start', '?')} at the start)"
+    load = doc.get("load_at_start")
+    quiet = "quiet" if doc.get("quiet") else ("busy" + (f" (load {load} at the start)" if load is not None else ""))
     return [
         "```bash",
         doc["command"],
@@ -70,7 +71,7 @@ def provenance(doc: dict[str, Any]) -> list[str]:
         f"| date | {doc.get('date', '?')} |",
         f"| machine | {where}; Python {m.get('python', '?')}, torch {m.get('torch', '?')} |",
         f"| machine was | {quiet} |",
-        f"| run time | {doc.get('seconds', '?')} s |",
+        *([f"| run time | {doc['seconds']} s |"] if "seconds" in doc else []),
         "",
     ]
 

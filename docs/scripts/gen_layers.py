@@ -37,6 +37,63 @@ DESIGN_LAYERS = [
     "core: errors, settings and options, progress, io helpers, metrics",
 ]
 
+CHECK = """## Checking the layers
+
+Imports inside functions count like any other import. Both contracts are *exhaustive* and list no
+exceptions: a new top-level module or subpackage of `histoscan` (or of `histoscan.models`) fails the check
+until it is given a layer in `pyproject.toml`. From the repository root, with the dev extra installed:
+
+```bash
+lint-imports
+```
+
+It prints `Contracts: 2 kept, 0 broken.` when the layers hold. An upward import, for example
+`histoscan/data/transforms.py` importing `histoscan.stain.augment` inside a function, makes it exit with
+status 1 and print:
+
+```text
+histoscan layers
+----------------
+
+histoscan.data is not allowed to import histoscan.stain:
+
+- histoscan.data.transforms -> histoscan.stain.augment (l.35)
+```
+
+Import cycles between the package's units and modules are measured by `benchmarks/import_cycles.py`
+(`python benchmarks/import_cycles.py --src src --json cycles.json`, on any source tree): the results
+[before the contracts](../benchmarks/import_cycles_before.md) and
+[after them](../benchmarks/import_cycles_after.md).
+
+## Where things live
+
+Code that trust rules apply sits low (`histoscan.rules`); code that fits them sits high
+(`histoscan.trust`). Paths that moved when the layers were drawn (the old paths no longer exist, since a
+re-export from the old place would be an upward import):
+
+| before | now |
+| --- | --- |
+| `histoscan.evaluation.metrics` | `histoscan.metrics` |
+| `histoscan.evaluation.evaluate.pick_threshold`, `THRESHOLD_RULES` | `histoscan.metrics` (still importable from `histoscan.evaluation.evaluate`) |
+| `histoscan.data.transforms.build_augmentation`, `build_restain`, `AUGMENTATION_PRESETS` | `histoscan.stain.augment` |
+| `histoscan.trust.answers` | `histoscan.rules.answers` |
+| `histoscan.trust.referral.refer_mask`, `describe`, `REFER` | `histoscan.rules.referral` (fitting, `fit_referral`, stays in `histoscan.trust.referral`) |
+| `histoscan.trust.tissue.tissue_features`, `judge`, `flag`, `check_images`, `answers_for`, `TissueVerdict` | `histoscan.rules.tissue` (fitting, `fit_tissue_check`, `fit_run_tissue_check`, stays in `histoscan.trust.tissue`) |
+| `histoscan.models.registry.create_model`, `list_models`, `is_model`, `count_parameters` | `histoscan.models.factory` (and `from histoscan.models import create_model` as before) |
+
+```python
+from histoscan.metrics import auroc, pick_threshold
+from histoscan.models import create_model, register_model
+from histoscan.rules.tissue import check_images
+from histoscan.stain.augment import build_augmentation
+from histoscan.trust.calibrate import fit_run_referral
+from histoscan.trust.tissue import fit_run_tissue_check
+```
+
+A model of your own registers as before: decorate its builder with `histoscan.models.register_model` and
+`create_model` finds it by name.
+"""
+
 WHY = """## Why layers
 
 - **One inference path.** Batch prediction, the HTTP service, slide scanning and evaluation all run the
@@ -114,7 +171,7 @@ def render() -> str:
             *diagram(DESIGN_LAYERS, "", {}),
             "",
         ]
-    lines += [WHY]
+    lines += [CHECK, WHY] if found else [WHY]
     return "\n".join(lines)
 
 

@@ -245,7 +245,9 @@ def test_fitting_predictions_of_a_single_run_is_its_validation_split(tiny_run: P
     shutil.copytree(tiny_run, run)
     before = Predictor(run).predict_store(val, True).predicted
     calibrate(run)
-    assert (Predictor(run).predict_store(val, True).predicted == before).all()  # the threshold moves with the temperature
+    assert (
+        Predictor(run).predict_store(val, True).predicted == before
+    ).all()  # the threshold moves with the temperature
 
 
 def test_cli_train_folds_collects_finished_folds_and_refuses_bad_options(cv: Path, store: Path, tmp_path: Path) -> None:

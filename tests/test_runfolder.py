@@ -138,7 +138,7 @@ def test_saving_upgrades_to_the_current_schema_without_derived_copies(tmp_path: 
     assert "task" not in doc and "num_outputs" not in doc and "input_size" not in doc["preprocessing"]
     assert doc["preprocessing"]["fit"] == "pad-edges" and doc["calibration"] == {"temperature": 1.0}
     assert {k: doc[k] for k in ("inference", "trust")} == {
-        "inference": {"precision": None, "tta": None},
+        "inference": {"precision": None, "tta": None, "backend_speed": None},
         "trust": {"referral": None, "tissue_check": None},
     }
     again = read_bundle(run)

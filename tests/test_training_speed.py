@@ -77,7 +77,9 @@ def test_auto_precision_follows_the_cpu_and_precision_overrides(
     assert choose_precision(cfg, cuda=False) == chosen
     assert choose_precision(cfg.replace(precision="32"), cuda=False) == "32"
     assert choose_precision(cfg.replace(precision="bf16-mixed"), cuda=False) == "bf16-mixed"
-    assert choose_precision(cfg, cuda=True) == "bf16-mixed"
+    for major, on_cuda in ((8, "bf16-mixed"), (7, "16-mixed")):  # bf16 units from Ampere (8.0) on, fp16 before
+        monkeypatch.setattr(fit.torch.cuda, "get_device_capability", lambda *_, m=major: (m, 0))
+        assert choose_precision(cfg, cuda=True) == on_cuda
 
 
 @pytest.mark.slow
@@ -92,7 +94,7 @@ def test_run_says_its_precision_first_and_records_it(
     assert training["precision"] == "bf16-mixed" and training["channels_last"] is True
     lines.clear()
     run = train(_cfg(store, tmp_path, "fp32", max_epochs=1, precision="32", channels_last=False), lines.append).run_dir
-    assert "precision 32-true (--precision)" in lines[0] and "contiguous" in lines[0]
+    assert "precision 32-true (--train-precision)" in lines[0] and "contiguous" in lines[0]
     assert read_bundle(run).training["precision"] == "32-true" and read_bundle(run).training["channels_last"] is False
 
 

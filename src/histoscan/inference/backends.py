@@ -151,14 +151,18 @@ def resolve_backend(run_dir: str | Path, backend: str = "auto", device: str = "c
 
     ``auto`` is whichever was faster for this bundle on this hardware when ``histoscan export`` timed both
     (model.json's ``inference.backend_speed``): ONNX only when the run has ``model.onnx``, the device is the
-    CPU and the measurement was made on hardware like this one; otherwise torch.
+    CPU and the measurement was made on hardware like this one (or the bundle ships no PyTorch weights);
+    otherwise torch.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    if device != "cpu" or not RunFolder(run_dir).onnx_path.is_file():
+    run = RunFolder(run_dir)
+    if device != "cpu" or not run.onnx_path.is_file():
         return "torch"
+    if not run.weights_path.is_file() and not isinstance(read_bundle(run_dir), EnsembleBundle):
+        return "onnx"  # an ONNX-only bundle (weights not shipped): the one backend it can run
     speed = read_bundle(run_dir).inference.backend_speed
     return speed.faster if speed is not None and speed.hardware == hardware_id(device) else "torch"
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from histoscan.bundle import ModelBundle, read_bundle
 from histoscan.inference.predictor import Prediction, Predictor
@@ -76,6 +77,8 @@ class CoordinatePredictor(Predictor):
         self.bundle = ModelBundle("none", ["normal", "tumor"], pre, threshold=0.5)
         self.run_dir = Path("coordinate-model")
         self.batch_size = 256
+        self.members: list[Predictor] = []  # a single model
+        self.device = torch.device("cpu")
         self.probability = probability
         self.seen: list[tuple[int, int]] = []
 

@@ -161,9 +161,10 @@ def resolve_backend(run_dir: str | Path, backend: str = "auto", device: str = "c
     run = RunFolder(run_dir)
     if device != "cpu" or not run.onnx_path.is_file():
         return "torch"
-    if not run.weights_path.is_file() and not isinstance(read_bundle(run_dir), EnsembleBundle):
+    bundle = read_bundle(run_dir)
+    if not run.weights_path.is_file() and not isinstance(bundle, EnsembleBundle):
         return "onnx"  # an ONNX-only bundle (weights not shipped): the one backend it can run
-    speed = read_bundle(run_dir).inference.backend_speed
+    speed = bundle.inference.backend_speed
     return speed.faster if speed is not None and speed.hardware == hardware_id(device) else "torch"
 
 

@@ -204,7 +204,7 @@ class Predictor:
             "backend": self.backend.name,
             "device": str(self.device),
             "precision": self.precision,
-            "tta": sorted({int(k) for k in ks}),
+            "tta": self.under(ks).tta,
             "members": self.member_count,
             "threshold": self.threshold,
             "temperature": self.bundle.temperature,

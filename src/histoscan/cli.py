@@ -660,6 +660,8 @@ def explain(inputs: list[Path], **values: Any) -> None:
     with progress_bar("explaining") as start:
         r = explain_inputs(settings, inputs, progress=start(None))
     con = _console()
+    for line in r.warnings:
+        con.print(f"[yellow]warning: {line}[/]")
     con.print(f"{r.count:,} maps (largest value {r.scale:.4g}) in {r.out}; gallery: {r.gallery}")
     if r.errors is not None:
         con.print(f"[yellow]{len(r.failures)} unreadable inputs listed in {r.errors}[/]")

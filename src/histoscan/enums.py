@@ -76,8 +76,10 @@ Pruner = Literal["hyperband", "median", "none"]
 CamScale = Literal["global", "image"]
 #: what deleted pixels are filled with in the deletion (faithfulness) test
 DeletionFill = Literal["grey", "blur", "normal"]
-#: CAM methods (pytorch-grad-cam; ``explain.cam`` maps each to its class)
+#: CAM methods (pytorch-grad-cam; ``explain.cam`` maps each to its class); ``auto`` chooses from the model's
+#: structure (HiResCAM for a flattening head, LayerCAM with ``--finer``, Grad-CAM otherwise)
 CamMethod = Literal[
+    "auto",
     "gradcam",
     "gradcam++",
     "xgradcam",

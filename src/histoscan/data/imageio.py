@@ -434,13 +434,29 @@ def fit_to_size(pixels: np.ndarray, size: tuple[int, int], policy: str = "pad-ed
         raise ConfigError(f"fit policy {policy!r} is not one of {list(FIT_POLICIES)}")
     h, w = pixels.shape[:2]
     th, tw = size
-    if (h, w) == (th, tw):
+    kind = fit_kind((h, w), size, policy)
+    if kind is None:
         return pixels, None
-    if policy == "pad-edges" and h <= th and w <= tw and (h == th or w == tw):
+    if kind == "padded":
         out = np.full((th, tw, 3), 255, dtype=np.uint8)
         out[:h, :w] = pixels
         return out, "padded"
     return resize_rgb(pixels, size), "resized"
+
+
+def fit_kind(shape: tuple[int, int], size: tuple[int, int], policy: str) -> str | None:
+    """How ``fit_to_size`` brings an image of ``shape`` (rows, columns) to ``size``: "padded", "resized" or None.
+
+    "padded" means white on the bottom/right, the image's own pixels kept at the top-left (what maps
+    computed on the fitted image must be cropped back to); the one place the rule is written.
+    """
+    h, w = (int(v) for v in shape)
+    th, tw = (int(v) for v in size)
+    if (h, w) == (th, tw):
+        return None
+    if policy == "pad-edges" and h <= th and w <= tw and (h == th or w == tw):
+        return "padded"
+    return "resized"
 
 
 def probe_size(path: str | Path) -> tuple[int, int] | None:

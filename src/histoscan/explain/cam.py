@@ -28,7 +28,7 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from histoscan.enums import CAM_METHODS
 from histoscan.errors import ConfigError
 
-_METHODS: dict[str, type[BaseCAM]] = {  # one class per value of enums.CamMethod
+_METHODS: dict[str, type[BaseCAM]] = {  # one class per value of enums.CamMethod ("auto" is resolved to one)
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
     "xgradcam": XGradCAM,
@@ -69,6 +69,13 @@ def upsample(maps: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
         return maps
     t = torch.from_numpy(np.ascontiguousarray(maps))[:, None]
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def auto_method(flattens: bool, finer: bool) -> str:
+    """The method ``auto`` stands for: HiResCAM where the head flattens (a weight per position, so
+    Grad-CAM's gradient average over positions would mix weights that are not shared), LayerCAM on a
+    finer (earlier) stage, where Grad-CAM's channel averages are noisy, and Grad-CAM otherwise."""
+    return "hirescam" if flattens else "layercam" if finer else "gradcam"
 
 
 def cam_class(method: str) -> type[BaseCAM]:

@@ -2,13 +2,17 @@
 
 The map is computed on the model's input (after the stored crop / resize, in float32 whatever
 precision the model serves in) and mapped back onto the image: resized back to the crop, placed
-at the crop's offset, zero outside it. Values are the method's raw values, one scale across
-images (``cam.RawScale``), so a confident negative is not drawn as hot as a tumour.
+at the crop's offset, zero outside it; then onto the image as it was given: an edge patch that the
+``pad-edges`` fit padded keeps its own rows and columns (the padding is cropped away), any other
+size is resized. Values are the method's raw values, one scale across images (``cam.RawScale``),
+so a confident negative is not drawn as hot as a tumour. The layer and, with ``method="auto"``,
+the method are chosen from the model's structure (``explain.layers``).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +21,10 @@ from typing import cast
 import numpy as np
 import torch
 
+from histoscan.data.imageio import fit_kind
 from histoscan.errors import ConfigError
-from histoscan.explain.cam import LogitTarget, cam_class, upsample
-from histoscan.explain.layers import target_layer
+from histoscan.explain.cam import LogitTarget, auto_method, cam_class, upsample
+from histoscan.explain.layers import choose_layer
 from histoscan.geometry import centre_slices
 from histoscan.inference.backends import TorchBackend
 from histoscan.inference.predictor import Predictor
@@ -47,24 +52,32 @@ class Explainer:
 
     Args:
         run_dir: a run folder with ``best.safetensors`` (Grad-CAM needs the weights; ONNX is not enough).
-        method: one of ``histoscan.explain.cam.METHODS``.
+        method: one of ``histoscan.explain.cam.METHODS``; ``auto`` chooses from the model's structure
+            (``cam.auto_method``).
         target: ``tumour`` (the positive class), ``predicted`` (each image's predicted class) or a class name.
         device: torch device.
         batch_size: images per forward/backward pass.
-        layer: a submodule name to read instead of the architecture's default layer.
+        layer: a submodule name to read instead of the layer chosen from the structure (``layers.choose_layer``).
+        finer: read the stage before the chosen layer (twice the resolution; LayerCAM under ``auto``).
+
+    Raises:
+        ConfigError: an unknown method, target or layer, or a model the explainer cannot handle (before any
+            image is read).
     """
 
     def __init__(
         self,
         run_dir: str | Path,
-        method: str = "gradcam",
+        method: str = "auto",
         target: str = "tumour",
         device: str = "cpu",
         batch_size: int = 32,
         layer: str | None = None,
+        finer: bool = False,
     ) -> None:
         self.method = method.lower()
-        self.cam_cls = cam_class(self.method)
+        if self.method != "auto":
+            cam_class(self.method)  # an unknown method is refused before the run is read
         run = RunFolder(run_dir)
         doc = run.read_document()
         if isinstance(doc, EnsembleDocument):
@@ -81,7 +94,20 @@ class Explainer:
         self.pre = self.bundle.preprocessing
         backend = cast(TorchBackend, self.predictor.backend)
         self.model = backend.model.float().eval()  # maps in fp32 whatever precision the model serves in
-        self.layer, self.reshape = target_layer(self.model, self.bundle.architecture, layer)
+        try:
+            self.choice = choose_layer(self.model, self.bundle.architecture, self.pre.input_size, layer, finer)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a network that cannot run at its stored input size, or one of a shape we cannot read
+            raise ConfigError(
+                f"model {self.bundle.architecture!r} cannot be explained at input size {self.pre.input_size}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        self.layer, self.reshape = self.choice.module, self.choice.reshape
+        if self.method == "auto":
+            self.method = auto_method(self.choice.flattens, finer)
+        self.cam_cls = cam_class(self.method)
+        self.seconds_per_image = float("nan")  # measured by _check on one image (a rough, warm-up-including figure)
         self.target = target
         self._fixed = None if target == "predicted" else self._class_index(target)
         self.batch_size = batch_size
@@ -112,7 +138,9 @@ class Explainer:
         """Run one tiny image through the method: a layer it cannot use fails here, naming method and model."""
         h, w = (int(v) for v in self.pre.image_size)
         try:
+            start = time.perf_counter()
             self._maps_on_input(np.zeros((1, h, w, 3), np.uint8), [0], None)
+            self.seconds_per_image = time.perf_counter() - start
         except ConfigError:
             raise
         except Exception as exc:  # the package raises builtin kinds (ValueError, IndexError, RuntimeError)
@@ -160,6 +188,19 @@ class Explainer:
         out[:, rows, cols] = maps
         return out
 
+    def to_image(self, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """A map on the fitted image (H, W) -> on the image as given (``shape``): the fit undone.
+
+        ``pad-edges`` put an edge patch's pixels at the top-left and white below / right of them: the
+        map is cropped to those pixels (resizing would shift it); a resized image gets the map resized.
+        """
+        kind = fit_kind((int(shape[0]), int(shape[1])), tuple(m.shape), self.pre.fit)  # type: ignore[arg-type]
+        if kind is None:
+            return m
+        if kind == "padded":
+            return np.ascontiguousarray(m[: shape[0], : shape[1]])
+        return upsample(m[None], (int(shape[0]), int(shape[1])))[0]
+
     def explain_batch(
         self,
         images: np.ndarray | Sequence[np.ndarray],
@@ -184,8 +225,7 @@ class Explainer:
             m, p = self._maps_on_input(batch, ks, classes, g)
             on_patch = self.to_patch(m)
             for i, img in enumerate(chunk):
-                size = tuple(np.asarray(img).shape[:2])
-                maps.append(on_patch[i] if size == on_patch.shape[1:] else upsample(on_patch[i : i + 1], size)[0])
+                maps.append(self.to_image(on_patch[i], tuple(np.asarray(img).shape[:2])))
             probs.append(p)
             preds.append(self.predictor.classify(p) if classes is None else classes)
         c = len(self.bundle.classes)

@@ -42,6 +42,7 @@ class ExplainResult:
     table: Path
     failures: list[tuple[str, str, str]] = field(default_factory=list)
     errors: Path | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -119,7 +120,8 @@ def explain_inputs(
     for given in inputs:
         if not Path(given).exists():
             raise DataError(f"{given}: no such file or folder")
-    ex = explainer or Explainer(s.run_dir, s.method, s.target, s.device, s.batch_size, s.layer)
+    ex = explainer or Explainer(s.run_dir, s.method, s.target, s.device, s.batch_size, s.layer, s.finer)
+    warnings = slow_warning(ex, s.slow_seconds)
     label_of = (
         {pid: int(lab) for pid, lab, _ in read_id_table(Path(s.labels), True)[0] if lab is not None} if s.labels else {}
     )
@@ -171,6 +173,8 @@ def explain_inputs(
             {
                 "run": str(s.run_dir),
                 "method": ex.method,
+                "layer": ex.choice.name,
+                "grid": list(ex.choice.grid),
                 "target": s.target,
                 "tta": len(tta_views(ex.bundle, s.tta, "explain")) > 1,
                 "scale": s.scale,
@@ -181,7 +185,18 @@ def explain_inputs(
             indent=2,
         )
     )
-    return ExplainResult(out, count, vmax, gallery, table, failures, errors)
+    return ExplainResult(out, count, vmax, gallery, table, failures, errors, warnings)
+
+
+def slow_warning(ex: Explainer, limit: float) -> list[str]:
+    """A warning (the explanation still runs) when one map took longer than ``limit`` seconds on the first image."""
+    took = ex.seconds_per_image
+    if not took > limit:
+        return []
+    return [
+        f"{ex.method} on model {ex.bundle.architecture!r} at input size {ex.pre.input_size}: {took:.1f} s for one map "
+        f"(more than {limit:g} s); expect a long run, or use fewer images, --method gradcam, or a GPU (--device)"
+    ]
 
 
 def _draw(out: Path, parked: Path, ex: Explainer, s: ExplainSettings, vmax: float) -> tuple[Path, Path]:

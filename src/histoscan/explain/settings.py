@@ -18,7 +18,10 @@ class ExplainSettings:
 
     run_dir: str = doc("A run folder with best.safetensors (Grad-CAM needs the weights).", argument=True, metavar="RUN")
     out: str = doc("Folder for the PNGs, explain.csv, explain.html (and maps/ with --save-maps).", "explain")
-    method: Method = doc("CAM method (pytorch-grad-cam).", "gradcam")
+    method: Method = doc(
+        "CAM method (pytorch-grad-cam); auto: HiResCAM where the head flattens, LayerCAM with --finer, else Grad-CAM.",
+        "auto",
+    )
     target: str = doc(
         "Class whose evidence is mapped: tumour (the positive class), predicted, or a class name.", "tumour"
     )
@@ -35,7 +38,15 @@ class ExplainSettings:
     split: str | None = doc("For a store: test, val, train or all (as 'histoscan evaluate').", None)
     ids: str | None = doc("Only these ids: comma-separated, or a file with one id per line.", None)
     labels: str | None = doc("An id,label CSV giving the true labels of image files (a store has its own).", None)
-    layer: str | None = doc("A layer name to read instead of the architecture's default.", None)
+    layer: str | None = doc("A layer name to read instead of the one chosen from the model's structure.", None)
+    finer: bool = doc(
+        "Read the stage before the last one (twice the resolution: 6 x 6 instead of 3 x 3 for a timm CNN at "
+        "96 px), with LayerCAM unless --method names another.",
+        False,
+    )
+    slow_seconds: float = doc(
+        "Warn when one map takes longer than this (seconds, measured on a first blank image).", 2.0, cli=False
+    )
     device: str = doc("Torch device (cpu, cuda, mps).", "cpu", cli=False)
     batch_size: int = doc("Images per forward/backward pass.", 32, cli=False)
     workers: int | None = doc("Workers reading and decoding the inputs in parallel (default: one per core).", None)

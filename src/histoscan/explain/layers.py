@@ -127,12 +127,14 @@ def _outputs(model: nn.Module, input_size: int) -> tuple[list[_Output], torch.Te
 
 
 def _spatial(model: nn.Module, outputs: list[_Output]) -> dict[str, tuple[_Output, tuple[int, int], ReshapeFn | None]]:
+    """The modules with a spatial output, in the model's own (definition) order, each with its grid and reshape."""
     found = {}
     for out in outputs:
         lay = _layout(model, out)
         if lay is not None and out.name not in found:
             found[out.name] = (out, *lay)
-    return found
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(found.items(), key=lambda item: order.get(item[0], len(order))))
 
 
 def _listing(names: list[str]) -> str:

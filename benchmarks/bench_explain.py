@@ -1,22 +1,21 @@
-"""Grad-CAM speed, memory and faithfulness on real tissue (../shared/data/hcd).
+"""Grad-CAM faithfulness against baselines that could beat it, speed beside prediction, and memory.
 
-(a) maps/s, batched, for the CPU default model (cpu-default architecture) and resnet18, against plain
-    prediction throughput of the same model in the same run (Predictor, torch backend, same images).
-    Target: ratio >= 0.25 for Grad-CAM.
-(b) RSS over 5,000 maps, read every --every maps: as glibc leaves it, and after malloc_trim(0) at each
-    reading (growth that survives the trim is a leak, growth a trim removes is allocator retention);
-    the trend (least-squares slope over the second half) and live Python objects. Target: growth <= 100 MB.
-    Run it again under MALLOC_ARENA_MAX=2 to see the effect of fewer glibc arenas.
-(c) Faithfulness: on real tumour patches (held-out split) that the run calls positive, delete the 20%
-    of the crop's pixels with the highest map values, 20% at random, a random block and a centred Gaussian
-    blob of the same area, with each fill (grey, blur, normal tissue), after checking on true negatives
-    whether the fill itself raises P(tumour); report P(tumour) drops, ratios and deletion curves; the
-    randomised-weights sanity check.
+(faith) On held-out tumour patches (the run's test split) that the run calls positive: ROAD most- and
+    least-relevant-first at 10-50% removed and their combination (pytorch-grad-cam's ROAD metrics), and
+    deletion / insertion AUC with the neutral fill (the same pixels of a held-out normal patch the run
+    calls negative), for the map and for six baselines: random pixels, a random block, a centred disc,
+    another image's map (shuffled), the mean of the other maps, and a nuclei-density map (haematoxylin
+    optical density by colour deconvolution: no model). Per baseline: the paired per-image difference
+    map - baseline (oriented so that > 0 favours the map), its 95% bootstrap interval and the per-image win
+    rate. Pre-registered aim (docs/guide/explain.md): the map beats every baseline's ROAD combined score
+    with an interval that excludes zero.
+(speed) maps/s against plain predictions/s of the same model on the same real patches (torch backend),
+    for each run and for untrained timm families at the first run's preprocessing (--speed-archs).
+(memory) RSS over --maps maps, as the allocator leaves it and after malloc_trim(0) (growth that survives
+    the trim is a leak).
 
-Without --run, trains the cpu-default config for --epochs epochs on hcd first (a few minutes on 2 cores).
-
-Run: python benchmarks/bench_explain.py [--run RUN | --keep DIR] [--epochs 4] [--maps 5000] [--every 500]
-     [--faith 200] [--parts memory,speed,faith] [--picture PNG]
+Run: python benchmarks/bench_explain.py --run RUN [--run RUN ...] [--n 150] [--n-timm 80]
+     [--parts faith,speed] [--speed-archs resnet18,...] [--json OUT] [--picture PNG]
 """
 
 from __future__ import annotations
@@ -24,36 +23,36 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import rss_mb, shared_or_exit
+from _common import Recorder, add_json_option, rss_mb
 from histoscan.bundle import ModelBundle, build_model, save_weights
-from histoscan.data.ingest import ingest
 from histoscan.data.store import PatchStore
 from histoscan.explain import Explainer
-from histoscan.explain.faithfulness import STRATEGIES, Deletion, Fill, deletion_curve, model_view, rank_correlation
+from histoscan.explain.road import (
+    BASELINES,
+    FRACTIONS,
+    ProbabilityTarget,
+    baseline_maps,
+    deletion_insertion_auc,
+    paired_interval,
+    rank_maps,
+    road,
+    view_nuclei_maps,
+)
+from histoscan.models.registry import registered
 from histoscan.runfolder import RunFolder
 from histoscan.system import release_free_memory
-from histoscan.training.config import TrainConfig
-from histoscan.training.fit import train
-
-
-def train_default(work: Path, epochs: int) -> Path:
-    """The cpu-default config on hcd for a few epochs (enough for a model that scores real patches)."""
-    hcd = shared_or_exit("hcd")
-    store = ingest(hcd, work / "store").store
-    cfg = TrainConfig.load("cpu-default", {"data": str(store), "out": str(work / "runs"), "name": "default"})
-    cfg = cfg.replace(seed=0)
-    cfg = cfg.replace(max_epochs=epochs, progress=False, early_stopping=None)
-    return train(cfg, printer=lambda *_: None).run_dir
 
 
 def untrained_run(work: Path, architecture: str, like: ModelBundle, seed: int = 0) -> Path:
@@ -145,128 +144,210 @@ def picture(run: Path, path: Path) -> None:
     ex = e.explain_batch(images)
     i = int(np.argmax(ex.probabilities[:, 1]))
     pre = e.pre
-    caption = [f"held-out hcd tumour patch, P(tumour) = {ex.probabilities[i, 1]:.3f} (Grad-CAM, cpu-default)"]
+    caption = [
+        f"held-out hcd tumour patch, P(tumour) = {ex.probabilities[i, 1]:.3f} ({e.method}, {e.bundle.architecture})"
+    ]
     geometry = Geometry.from_preprocessing(pre.image_size, pre.label_size, pre.crop)
     path.write_bytes(png_bytes(panel(images[i], ex.maps[i], float(ex.maps[i].max()), caption, geometry)))
     print(f"picture: {path}")
 
 
-def print_curve(curve: list[Deletion], fill: str) -> Deletion:
-    """One fill's deletion curve, and the 20% point's drops, ratios and per-image wins (returned)."""
-    print(f"    deletion by {fill}: mean P(tumour) after (before: {float(curve[0].before.mean()):.3f})")
-    print("    fraction " + " ".join(f"{s:>8s}" for s in STRATEGIES))
-    for d in curve:
-        print(f"    {d.fraction:8.2f} " + " ".join(f"{float(d.after[s].mean()):8.3f}" for s in STRATEGIES))
-    a = next(d for d in curve if abs(d.fraction - 0.2) < 1e-9)
-    print(
-        f"    at 20% ({fill}): mean drop map {float(a.drop('map').mean()):+.3f}, "
-        + ", ".join(f"{k} {float(a.drop(k).mean()):+.3f}" for k in STRATEGIES[1:])
-        + "; ratio map/baseline: "
-        + ", ".join(f"{k} {v:.2f}x" for k, v in a.ratios().items())
-        + "; images where the map wins: "
-        + ", ".join(f"{k} {v:.0%}" for k, v in a.wins().items())
-    )
-    return a
+# (metric, what it is per image, True when higher is more faithful)
+METRICS = (
+    ("ROAD combined", "mean over 10-50% of (LeRF - MoRF) / 2", True),
+    ("ROAD MoRF", "change of P(tumour), most relevant removed first, mean over 10-50%", False),
+    ("ROAD LeRF", "change of P(tumour), least relevant removed first, mean over 10-50%", True),
+    ("deletion AUC", "P(tumour) as the top pixels become normal tissue, 0-100%", False),
+    ("insertion AUC", "P(tumour) as the top pixels are put into normal tissue, 0-100%", True),
+)
 
 
-def fill_check(e: Explainer, negatives: np.ndarray, fill: Fill, donors: np.ndarray) -> None:
-    """Does the fill itself look like tumour? P(tumour) of true negatives before and after random deletion."""
-    zeros = np.zeros(negatives.shape[:3], np.float32)
-    d = deletion_curve(e, negatives, zeros, 1, [0.2, 1.0], fill=fill, donors=donors)
-    print(
-        f"    fill {fill}: on {len(negatives)} test-split negatives the model calls negative, mean P(tumour) "
-        f"{float(d[0].before.mean()):.3f} -> with 20% of the crop deleted as random pixels "
-        f"{float(d[0].after['random'].mean()):.3f}, a random block {float(d[0].after['block'].mean()):.3f}, "
-        f"the centre blob {float(d[0].after['centre'].mean()):.3f}; all of the crop {float(d[1].after['random'].mean()):.3f}"
-    )
-
-
-def faithfulness(run: Path, work: Path, n: int) -> None:
-    """Deletion curves and ratios on held-out real tumour patches the run calls positive; randomised weights."""
+def held_out(run: Path, n: int) -> tuple[Explainer, np.ndarray, np.ndarray, str, int]:
+    """The explainer, up to ``n`` test-split tumour patches it calls positive, normal donors it calls negative."""
     r = RunFolder(run)
     store, split = r.select_patches(r.data_store(), "test")
+    e = Explainer(run, batch_size=32)
     tumour, normal = np.flatnonzero(store.labels == 1), np.flatnonzero(store.labels == 0)
-    images = store.batch(tumour[: 4 * n])
-    e = Explainer(run, batch_size=64)
-    ex = e.explain_batch(images)
-    keep = np.flatnonzero(ex.predicted == 1)[:n]
-    images, maps = images[keep], np.stack(ex.maps)[keep]
-    print(f"\n(c) faithfulness: {len(keep)} {split}-split tumour patches the run calls positive (of {len(tumour)})")
-    # true negatives the run calls negative: half are the patches the fills are checked on, half the donors of
-    # the "normal" fill (never a patch's own pixels)
-    negatives = store.batch(normal[: 4 * n])
-    negatives = negatives[e.predictor.predict_batch(negatives).predicted == 0][: 2 * n]
-    checked, donors = negatives[0::2], negatives[1::2]
-    fills: tuple[Fill, ...] = ("grey", "blur", "normal")
-    for fill in fills:
-        fill_check(e, checked, fill, donors)
-    fractions = [0.05, 0.1, 0.2, 0.3, 0.5]
-    at20 = {
-        fill: print_curve(deletion_curve(e, images, maps, 1, fractions, fill=fill, donors=donors), fill)
-        for fill in fills
-    }
-    rand = untrained_run(work, e.bundle.architecture, e.bundle)
-    rmaps = np.stack(Explainer(rand, batch_size=64).explain_batch(images).maps)
-    # inside the crop the model sees: outside it both maps are zero by construction, which would inflate the correlation
-    rows, cols = model_view(e.pre)
-    corr = np.array([rank_correlation(a[rows, cols], b[rows, cols]) for a, b in zip(maps, rmaps)])
-    flat = np.array([m.max() == m.min() for m in rmaps])
-    shaped = f"{np.mean(corr[~flat]):.2f}" if (~flat).any() else "n/a"
+    cand = store.batch(tumour[: 3 * n])
+    images = cand[e.predictor.predict_batch(cand).predicted == 1][:n]
+    norm = store.batch(normal[: 2 * n])
+    donors = norm[e.predictor.predict_batch(norm).predicted == 0]
+    return e, images, donors, split, len(tumour)
+
+
+def faithfulness(run: Path, n: int, boot: int, seed: int, rec: Recorder) -> dict[str, Any]:
+    """ROAD and deletion / insertion AUC of the map and every baseline; paired intervals; per-image wins."""
+    name = run.name
+    t0 = time.perf_counter()
+    e, images, donors, split, tumours = held_out(run, n)
+    rng = np.random.default_rng(seed)
+    maps, x, _ = e.input_maps(images)
+    fill = e.pre(e.pre.fit_batch(donors[rng.integers(0, len(donors), len(images))]), "cpu", 0).float()
+    candidates = {"map": maps, **baseline_maps(maps, view_nuclei_maps(e, images), rng)}
+    ranks = {k: rank_maps(v, rng) for k, v in candidates.items()}
+    target = ProbabilityTarget(1, e.bundle.temperature)
     print(
-        f"    randomised weights (seed 0): Spearman rank correlation with the trained maps inside the crop, mean "
-        f"{np.mean(corr):.2f} (median {np.median(corr):.2f}; {int(flat.sum())} of {len(rmaps)} random maps are flat, "
-        f"mean over the others {shaped})"
+        f"\n[{name}] {e.bundle.architecture}, {e.method} on {e.choice.name!r} ({e.choice.grid[0]} x "
+        f"{e.choice.grid[1]} grid, input {e.pre.input_size} px): {len(images)} {split}-split tumour patches it calls "
+        f"positive (of {tumours}); {len(donors)} normal donors it calls negative"
     )
-    for fill in fills:
-        d_rand = deletion_curve(e, images, rmaps, 1, [0.2], fill=fill, donors=donors)[0]
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    fraction_rows = []
+    for k, rm in ranks.items():
+        rd = road(e.model, x, rm, target, FRACTIONS, seed=seed)
+        dele, ins = deletion_insertion_auc(e.model, x, fill, rm, target)
+        scores[k] = {
+            "ROAD combined": rd.combined,
+            "ROAD MoRF": rd.morf.mean(axis=0),
+            "ROAD LeRF": rd.lerf.mean(axis=0),
+            "deletion AUC": dele,
+            "insertion AUC": ins,
+        }
+        row: dict[str, Any] = {"model": name, "map": k}
+        row.update({f"MoRF {round(f * 100)}%": float(v.mean()) for f, v in zip(FRACTIONS, rd.morf)})
+        row.update({f"LeRF {round(f * 100)}%": float(v.mean()) for f, v in zip(FRACTIONS, rd.lerf)})
+        fraction_rows.append(row)
         print(
-            f"      {fill}: deleting the random maps' top 20% drops the trained model's P(tumour) by "
-            f"{float(d_rand.drop('map').mean()):+.3f} (its own maps' top 20%: {float(at20[fill].drop('map').mean()):+.3f}; "
-            f"random pixels {float(at20[fill].drop('random').mean()):+.3f})"
+            f"  {k:9s} ROAD combined {float(rd.combined.mean()):+.4f}  MoRF {float(rd.morf.mean()):+.4f}  "
+            f"LeRF {float(rd.lerf.mean()):+.4f}  deletion AUC {float(dele.mean()):.4f}  insertion AUC {float(ins.mean()):.4f}"
         )
+    rows, figures = [], {}
+    for metric, _, higher in METRICS:
+        for b in BASELINES:
+            sign = 1.0 if higher else -1.0
+            diff = sign * (scores["map"][metric] - scores[b][metric])
+            mean, lo, hi = paired_interval(diff, boot, seed)
+            rows.append(
+                {
+                    "model": name,
+                    "metric": metric,
+                    "baseline": b,
+                    "map": float(scores["map"][metric].mean()),
+                    "baseline score": float(scores[b][metric].mean()),
+                    "map better by": mean,
+                    "95% low": lo,
+                    "95% high": hi,
+                    "map wins (images)": float((diff > 0).mean()),
+                }
+            )
+            if metric == "ROAD combined":
+                figures[b] = {"difference": mean, "ci_low": lo, "ci_high": hi, "win_rate": float((diff > 0).mean())}
+    missed = [b for b in BASELINES if not figures[b]["ci_low"] > 0]
+    print(f"  map better by (ROAD combined; 95% interval; images won), n = {len(images)}:")
+    for b in BASELINES:
+        f = figures[b]
+        print(f"    vs {b:9s} {f['difference']:+.4f} [{f['ci_low']:+.4f}, {f['ci_high']:+.4f}]  {f['win_rate']:.0%}")
+    verdict = "met" if not missed else f"missed (interval does not exclude zero against: {', '.join(missed)})"
+    print(f"  pre-registered aim (beat every baseline's ROAD combined score): {verdict}")
+    rec.tables.setdefault("map minus baseline (> 0 favours the map; paired 95% bootstrap intervals)", []).extend(rows)
+    rec.tables.setdefault("ROAD: mean change of P(tumour) at each fraction removed", []).extend(fraction_rows)
+    return {
+        "architecture": e.bundle.architecture,
+        "method": e.method,
+        "layer": e.choice.name,
+        "grid": list(e.choice.grid),
+        "input_size": e.pre.input_size,
+        "n": len(images),
+        "aim_met": not missed,
+        "road_combined_map": float(scores["map"]["ROAD combined"].mean()),
+        "road_combined_vs": figures,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def speed(runs: list[Path], archs: list[str], work: Path, n: int, rec: Recorder) -> dict[str, Any]:
+    """maps/s and predictions/s per architecture, same model and images (torch backend, batches of 32)."""
+    store = PatchStore(RunFolder(runs[0]).data_store())
+    images = store.batch(np.arange(min(n, len(store))))
+    like = Explainer(runs[0]).bundle
+    subjects = [(r.name, r) for r in runs] + [(f"{a} (untrained)", untrained_run(work, a, like)) for a in archs]
+    out: dict[str, Any] = {}
+    print(f"\n(speed) {len(images)} real patches, batches of 32, torch backend on {torch.get_num_threads()} threads:")
+    for name, run in subjects:
+        e = Explainer(run, batch_size=32)
+        maps, preds = throughput(run, images, 32)
+        row = {
+            "model": name,
+            "architecture": e.bundle.architecture,
+            "method": e.method,
+            "input px": e.pre.input_size,
+            "maps/s": maps,
+            "predictions/s": preds,
+            "ratio": maps / preds,
+        }
+        rec.tables.setdefault("speed: maps/s beside plain prediction", []).append(row)
+        out[name] = {"maps_per_s": maps, "predictions_per_s": preds, "ratio": maps / preds}
+        print(f"  {name:32s} {maps:8.1f} maps/s  {preds:8.1f} predictions/s  ratio {maps / preds:.2f}")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, help="An existing trained cpu-default run on hcd (default: train one)")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--maps", type=int, default=5000)
+    ap.add_argument("--run", type=Path, action="append", required=True, help="A trained run on hcd (repeatable)")
+    ap.add_argument("--n", type=int, default=150, help="Held-out tumour patches per histoscan model")
+    ap.add_argument("--n-timm", type=int, default=80, help="Held-out tumour patches per timm model (slower)")
+    ap.add_argument("--boot", type=int, default=2000, help="Bootstrap resamples")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", default="faith,speed", help="Comma-separated: faith, speed, memory")
+    ap.add_argument("--speed-archs", default="", help="Untrained architectures to time too, comma-separated")
+    ap.add_argument("--speed-n", type=int, default=64, help="Images per throughput measurement")
+    ap.add_argument("--maps", type=int, default=5000, help="Maps for the memory part")
     ap.add_argument("--every", type=int, default=500, help="Read RSS every this many maps")
-    ap.add_argument("--faith", type=int, default=200)
-    ap.add_argument("--n", type=int, default=512, help="Images per throughput measurement")
-    ap.add_argument("--keep", type=Path, help="Keep the trained run (and its store) in this folder")
-    ap.add_argument("--picture", type=Path, help="Write an example panel PNG here")
-    ap.add_argument("--parts", default="memory,speed,faith", help="Comma-separated parts to run: memory, speed, faith")
+    ap.add_argument("--picture", type=Path, help="Write an example panel PNG of the first run here")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="Merge into the existing --json file: its other runs' sections are kept, its command listed in the notes",
+    )
+    add_json_option(ap)
     args = ap.parse_args()
+    rec = Recorder("bench_explain", "Grad-CAM faithfulness against baselines, and speed", args.json)
+    rec.tee()
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
-        work = args.keep or Path(tmp)
-        t = time.perf_counter()
-        run = args.run or train_default(work, args.epochs)
-        if not args.run:
-            print(f"trained cpu-default for {args.epochs} epochs on hcd in {time.perf_counter() - t:.0f} s")
-        store = PatchStore(RunFolder(run).data_store())
-        images = store.batch(np.arange(min(args.n, len(store))))
-        if "memory" in parts:  # first: a fresh process, this model only
-            arena = os.environ.get("MALLOC_ARENA_MAX", "unset")
-            print(f"(b) memory over {args.maps:,} maps in batches of 100 (MALLOC_ARENA_MAX {arena}):")
-            for trim in (False, True):
-                t = time.perf_counter()
-                samples = memory(run, images, args.maps, 100, args.every, trim)
-                label = "after malloc_trim(0) at each reading" if trim else "as the allocator leaves it"
-                report_memory(samples, f"{label} ({args.maps / (time.perf_counter() - t):.0f} maps/s)")
-        if "speed" in parts:
-            bundle = Explainer(run).bundle
-            print(
-                f"(a) throughput on {len(images)} real 96 px patches, Grad-CAM vs prediction (torch backend, same model):"
-            )
-            for name, r, batch in [("cpu-default", run, 64), ("resnet18", untrained_run(work, "resnet18", bundle), 32)]:
-                maps, preds = throughput(r, images if name == "cpu-default" else images[:128], batch)
-                print(f"    {name:12s} {maps:8.1f} maps/s  {preds:8.1f} predictions/s  ratio {maps / preds:.2f}")
         if "faith" in parts:
-            faithfulness(run, work, args.faith)
+            for run in args.run:
+                arch = json.loads((run / "model.json").read_text())["architecture"]
+                n = args.n if registered(arch) is not None else args.n_timm
+                rec.figures.setdefault("faithfulness", {})[run.name] = faithfulness(run, n, args.boot, args.seed, rec)
+        if "speed" in parts:
+            archs = [a for a in args.speed_archs.split(",") if a]
+            rec.figures["speed"] = speed(args.run, archs, Path(tmp), args.speed_n, rec)
+        if "memory" in parts:
+            run = args.run[0]
+            images = PatchStore(RunFolder(run).data_store()).batch(np.arange(256))
+            arena = os.environ.get("MALLOC_ARENA_MAX", "unset")
+            print(f"\n(memory) over {args.maps:,} maps in batches of 100 (MALLOC_ARENA_MAX {arena}):")
+            for trim in (False, True):
+                samples = memory(run, images, args.maps, 100, args.every, trim)
+                report_memory(samples, "after malloc_trim(0) at each reading" if trim else "as the allocator leaves it")
         if args.picture:
-            picture(run, args.picture)
+            picture(args.run[0], args.picture)
+    rec.notes.append(
+        "Faithfulness: every map (the CAM map and each baseline) is ranked, ties broken at random, before ROAD "
+        "thresholds it; ROAD uses pytorch-grad-cam's noisy linear imputation; P(tumour) uses the run's temperature."
+    )
+    if args.append and args.json is not None and args.json.is_file():
+        merge_earlier(rec, json.loads(args.json.read_text()), {r.name for r in args.run})
+    rec.write()
+
+
+def merge_earlier(rec: Recorder, earlier: dict[str, Any], names: set[str]) -> None:
+    """Keep an earlier run's sections of models not measured now (one file, per-model sections)."""
+    for part, models in earlier.get("figures", {}).items():
+        mine = rec.figures.setdefault(part, {})
+        for name, figures in models.items():
+            mine.setdefault(name, figures)
+    for title, rows in earlier.get("tables", {}).items():
+        kept = [r for r in rows if str(r.get("model", "")).split(" ")[0] not in names]
+        rec.tables[title] = kept + rec.tables.get(title, [])
+    rec.output = [*earlier.get("output", []), *rec.output]
+    rec.notes.insert(
+        0,
+        f"Earlier sections from: {earlier.get('command')} (commit {earlier.get('commit')}, {earlier.get('date')}, "
+        f"machine {'quiet' if earlier.get('quiet') else 'busy'}).",
+    )
+    rec.notes = list(dict.fromkeys(rec.notes))
 
 
 if __name__ == "__main__":

@@ -72,9 +72,12 @@ def upsample(maps: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
 
 
 def auto_method(flattens: bool, finer: bool) -> str:
-    """The method ``auto`` stands for: HiResCAM where the head flattens (a weight per position, so
-    Grad-CAM's gradient average over positions would mix weights that are not shared), LayerCAM on a
-    finer (earlier) stage, where Grad-CAM's channel averages are noisy, and Grad-CAM otherwise."""
+    """The method ``auto`` stands for, from the model's structure.
+
+    HiResCAM where the head flattens (a weight per position, so Grad-CAM's gradient average over
+    positions would mix weights that are not shared), LayerCAM on a finer (earlier) stage, where
+    Grad-CAM's channel averages are noisy, and Grad-CAM otherwise.
+    """
     return "hirescam" if flattens else "layercam" if finer else "gradcam"
 
 

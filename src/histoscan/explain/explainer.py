@@ -175,6 +175,20 @@ class Explainer:
                 cam.outputs = None  # drop the graph before the next view
         return np.mean(maps, axis=0).astype(np.float32), np.mean(probs, axis=0)
 
+    def input_maps(self, images: np.ndarray | Sequence[np.ndarray]) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+        """Maps on the network's input (N, s, s), that input (N, 3, s, s, normalised) and the probabilities.
+
+        No TTA: what faithfulness metrics perturb is this one input. Split by ``batch_size``.
+        """
+        maps, inputs, probs = [], [], []
+        for start in range(0, len(images), self.batch_size):
+            batch = self.pre.fit_batch(images[start : start + self.batch_size])
+            m, p = self._maps_on_input(batch, [0], None)
+            maps.append(m)
+            probs.append(p)
+            inputs.append(self.pre(batch, self.predictor.device, 0).float().cpu())
+        return np.concatenate(maps), torch.cat(inputs), np.concatenate(probs)
+
     def to_patch(self, maps: np.ndarray) -> np.ndarray:
         """Maps on the model's input (N, s, s) -> maps on the fitted image (N, H, W): zero outside a centre crop."""
         h, w = (int(v) for v in self.pre.image_size)
@@ -194,7 +208,7 @@ class Explainer:
         ``pad-edges`` put an edge patch's pixels at the top-left and white below / right of them: the
         map is cropped to those pixels (resizing would shift it); a resized image gets the map resized.
         """
-        kind = fit_kind((int(shape[0]), int(shape[1])), tuple(m.shape), self.pre.fit)  # type: ignore[arg-type]
+        kind = fit_kind((int(shape[0]), int(shape[1])), (int(m.shape[0]), int(m.shape[1])), self.pre.fit)
         if kind is None:
             return m
         if kind == "padded":

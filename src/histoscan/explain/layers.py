@@ -116,7 +116,8 @@ def _outputs(model: nn.Module, input_size: int) -> tuple[list[_Output], torch.Te
     try:
         with torch.no_grad():
             x = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
-            features = model.forward_features(x) if hasattr(model, "forward_features") else None
+            forward = getattr(model, "forward_features", None)
+            features = forward(x) if callable(forward) else None
             if features is None:
                 model(x)
     finally:

@@ -288,6 +288,12 @@ def main() -> None:
     ap.add_argument("--n-timm", type=int, default=80, help="Held-out tumour patches per timm model (slower)")
     ap.add_argument("--boot", type=int, default=2000, help="Bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--faith-threads",
+        type=int,
+        default=1,
+        help="Torch threads for the faithfulness part (1: on a shared, oversubscribed machine 2 threads were slower)",
+    )
     ap.add_argument("--parts", default="faith,speed", help="Comma-separated: faith, speed, memory")
     ap.add_argument("--speed-archs", default="", help="Untrained architectures to time too, comma-separated")
     ap.add_argument("--speed-n", type=int, default=64, help="Images per throughput measurement")
@@ -306,10 +312,13 @@ def main() -> None:
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory(prefix="bench-explain-") as tmp:
         if "faith" in parts:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(args.faith_threads)  # not a timing figure: only the wall time of the run
             for run in args.run:
                 arch = json.loads((run / "model.json").read_text())["architecture"]
                 n = args.n if registered(arch) is not None else args.n_timm
                 rec.figures.setdefault("faithfulness", {})[run.name] = faithfulness(run, n, args.boot, args.seed, rec)
+            torch.set_num_threads(threads)
         if "speed" in parts:
             archs = [a for a in args.speed_archs.split(",") if a]
             rec.figures["speed"] = speed(args.run, archs, Path(tmp), args.speed_n, rec)

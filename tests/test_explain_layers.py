@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from histoscan.cli import app
 from histoscan.errors import ConfigError
 from histoscan.explain import Explainer
+from histoscan.explain.layers import choose_layer
 from histoscan.models.registry import register_model, registered, registered_names
 from tests.test_explain import make_run, patches
 
@@ -170,6 +171,9 @@ def test_every_architecture_maps_its_pooled_grid_onto_the_right_pixels(tmp_path:
         assert grid == _structural_grid(e), (arch, crop, e.choice.name)
         if arch == "efficientnet_b0":
             assert e.choice.name == "bn2"  # after conv_head, what the classifier pools; not blocks.6
+        if "vit" not in arch:  # --finer: the stage before, at least twice the resolution (a ViT has none)
+            finer = choose_layer(e.model, arch, e.pre.input_size, finer=True)
+            assert finer.grid[0] >= 2 * grid[0] - 1 and finer.grid[1] >= 2 * grid[1] - 1, (arch, finer.name)
         side = crop or 96
         off = (96 - side) // 2
         cell = (0, grid[1] - 1)  # top-right: a swapped height and width would put it bottom-left

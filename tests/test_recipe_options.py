@@ -204,3 +204,31 @@ def test_combine_groups_links_rows_that_share_a_group_in_either_grouping() -> No
     b = np.array(["p", "q", "q", "r", "s"])
     out = combine_groups(a, b)
     assert out[0] == out[1] == out[2] and len({out[2], out[3], out[4]}) == 3
+
+
+# ---- the GPU config, on CPU (no GPU lent when it was written: unmeasured) ----------------------------------
+def test_gpu_config_trains_end_to_end_on_cpu_with_a_tiny_backbone(kaggle_store: Path, tmp_path: Path) -> None:
+    """gpu-resnet50 as shipped, with a tiny timm backbone and CPU numerics in place of the GPU's."""
+    shipped = TrainConfig.load("gpu-resnet50")
+    assert (shipped.model, shipped.pretrained, shipped.crop, shipped.resize) == ("resnet50", False, None, 160)
+    cfg = TrainConfig.load(
+        "gpu-resnet50",
+        {
+            "data": str(kaggle_store),
+            "out": str(tmp_path),
+            "name": "gpu-on-cpu",
+            "model": "resnet10t",  # the same timm family, small enough for a CPU test
+            "resize": 64,
+            "batch_size": 16,
+            "max_epochs": 1,
+            "limit_train_batches": 3,
+            "accelerator": "cpu",
+            "precision": "32-true",
+            "progress": False,
+            "threads": 1,
+        },
+    )
+    result = train(cfg)
+    assert result.epochs == 1 and (result.run_dir / "best.safetensors").is_file()
+    saved = TrainConfig.from_yaml(result.run_dir / "config.yaml")
+    assert (saved.weight_decay, saved.ema_decay, saved.schedule) == (shipped.weight_decay, shipped.ema_decay, "cosine")

@@ -317,6 +317,23 @@ def records(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
     return by
 
 
+def weighted_auroc(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """AUROC of ``scores`` under each row of ``counts`` (bootstrap resamples as counts per row), vectorised.
+
+    The Mann-Whitney form with weights: sum over positive i, negative j of w_i w_j [s_i > s_j] (ties 1/2) over
+    the product of the classes' total weights; sorted once, every resample in one pass (2,000 resamples of
+    691 rows in well under a second, where a loop over roc_auc_score takes tens of seconds).
+    """
+    order = np.argsort(scores, kind="mergesort")
+    s, y, w = scores[order], labels[order], counts[:, order].astype(np.float64)
+    pos, neg = w * (y == 1), w * (y != 1)
+    _, start = np.unique(s, return_index=True)  # groups of tied scores
+    below = np.concatenate([np.zeros((len(w), 1)), np.cumsum(neg, axis=1)], axis=1)[:, start]
+    gpos, gneg = np.add.reduceat(pos, start, axis=1), np.add.reduceat(neg, start, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (gpos * (below + 0.5 * gneg)).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
 def compare(cand: dict[int, dict], base: dict[int, dict], n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any] | None:
     """Paired comparison over the seeds both ran: per-seed differences, t-interval, bootstrap over validation rows."""
     seeds = sorted(set(cand) & set(base))
@@ -334,17 +351,10 @@ def compare(cand: dict[int, dict], base: dict[int, dict], n_boot: int = N_BOOT, 
 
         half = float(stats.t.ppf(0.975, len(seeds) - 1) * d.std(ddof=1) / np.sqrt(len(seeds)))
         out["t_interval"] = [float(d.mean() - half), float(d.mean() + half)]
-    rng = np.random.default_rng(seed)
-    from sklearn.metrics import roc_auc_score
-
-    boots = []
-    n = len(labels)
-    while len(boots) < n_boot:
-        idx = rng.integers(0, n, n)
-        y = labels[idx]
-        if y.min() == y.max():
-            continue
-        boots.append(np.mean([roc_auc_score(y, pc[i, idx]) - roc_auc_score(y, pb[i, idx]) for i in range(len(seeds))]))
+    counts = np.random.default_rng(seed).multinomial(len(labels), np.full(len(labels), 1 / len(labels)), size=n_boot)
+    diffs = np.mean([weighted_auroc(pc[i], labels, counts) - weighted_auroc(pb[i], labels, counts)
+                     for i in range(len(seeds))], axis=0)  # fmt: skip
+    boots = diffs[np.isfinite(diffs)]  # a resample without one of the classes has no AUROC
     out["bootstrap_interval"] = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
     return out
 

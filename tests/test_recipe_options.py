@@ -232,3 +232,9 @@ def test_gpu_config_trains_end_to_end_on_cpu_with_a_tiny_backbone(kaggle_store: 
     assert result.epochs == 1 and (result.run_dir / "best.safetensors").is_file()
     saved = TrainConfig.from_yaml(result.run_dir / "config.yaml")
     assert (saved.weight_decay, saved.ema_decay, saved.schedule) == (shipped.weight_decay, shipped.ema_decay, "cosine")
+
+
+def test_no_automatic_choice_for_a_path_that_is_not_a_store(tmp_path: Path) -> None:
+    said: list[str] = []
+    cfg = load_for_store(None, {"data": str(tmp_path)}, printer=said.append)  # training says what is wrong later
+    assert not said and cfg.data == str(tmp_path)

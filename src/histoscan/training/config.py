@@ -20,7 +20,7 @@ from histoscan.enums import (
     StainGranularity,
     TrainPrecision,
 )
-from histoscan.errors import ConfigError
+from histoscan.errors import ConfigError, HistoscanError
 from histoscan.options import check_choices, doc, field_type
 
 # the vocabularies live in histoscan.enums (named here as the fields have always been typed)
@@ -330,8 +330,11 @@ def load_for_store(
     if config is None and "model" not in overrides and overrides.get("data"):
         from histoscan.data.store import PatchStore
 
-        store = PatchStore(overrides["data"])
-        if store.label_size is None:
+        try:
+            whole_tile = PatchStore(overrides["data"]).label_size is None
+        except HistoscanError:  # not a store: training reports that itself, after the options are checked
+            whole_tile = False
+        if whole_tile:
             printer(
                 f"note: {overrides['data']} labels whole images (no labelled centre), so the shipped config "
                 f"{WHOLE_TILE_CONFIG} is used (the whole image resized, no centre crop); --config or --model "

@@ -238,3 +238,15 @@ def test_no_automatic_choice_for_a_path_that_is_not_a_store(tmp_path: Path) -> N
     said: list[str] = []
     cfg = load_for_store(None, {"data": str(tmp_path)}, printer=said.append)  # training says what is wrong later
     assert not said and cfg.data == str(tmp_path)
+
+
+def test_random_crop_on_whole_image_labels_says_it_is_not_applied(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from histoscan.training.fit import _geometry
+
+    root = tmp_path_factory.mktemp("wholecrop")
+    write_synthetic(root / "src", "folders", 12, seed=3, size=64)
+    store = PatchStore(ingest(root / "src", root / "store", workers=1).store)
+    said: list[str] = []
+    pre = _geometry(TrainConfig(data=str(store.path), crop=48, random_crop=True), store, said.append)
+    assert pre.crop is None and pre.resize == 48
+    assert len(said) == 1 and "random_crop, which keeps a labelled centre in view, is not applied either" in said[0]

@@ -243,9 +243,3 @@ def _earlier_stage(model: nn.Module, architecture: str, chosen: LayerChoice, spa
             f"{chosen.grid[1]}); name a layer with --layer instead"
         )
     return _choice(model, spatial, finer[-1])
-
-
-def target_layer(model: nn.Module, architecture: str, layer: str | None = None) -> tuple[nn.Module, ReshapeFn | None]:
-    """The chosen module and its reshape at a 96 px input (kept for callers of the first version)."""
-    choice = choose_layer(model, architecture, 96, layer)
-    return choice.module, choice.reshape

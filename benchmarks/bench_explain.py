@@ -337,26 +337,28 @@ def main() -> None:
         "thresholds it; ROAD uses pytorch-grad-cam's noisy linear imputation; P(tumour) uses the run's temperature."
     )
     if args.append and args.json is not None and args.json.is_file():
-        merge_earlier(rec, json.loads(args.json.read_text()), {r.name for r in args.run})
+        merge_earlier(rec, json.loads(args.json.read_text()))
     rec.write()
 
 
-def merge_earlier(rec: Recorder, earlier: dict[str, Any], names: set[str]) -> None:
-    """Keep an earlier run's sections of models not measured now (one file, per-model sections)."""
+def merge_earlier(rec: Recorder, earlier: dict[str, Any]) -> None:
+    """Keep an earlier file's sections that this run did not measure again (one file, per-model sections).
+
+    A section is replaced only where this run wrote the same part (figures) or table rows of the same model.
+    """
     for part, models in earlier.get("figures", {}).items():
         mine = rec.figures.setdefault(part, {})
         for name, figures in models.items():
             mine.setdefault(name, figures)
     for title, rows in earlier.get("tables", {}).items():
-        kept = [r for r in rows if str(r.get("model", "")).split(" ")[0] not in names]
-        rec.tables[title] = kept + rec.tables.get(title, [])
+        measured = {r.get("model") for r in rec.tables.get(title, [])}
+        rec.tables[title] = [r for r in rows if r.get("model") not in measured] + rec.tables.get(title, [])
     rec.output = [*earlier.get("output", []), *rec.output]
-    rec.notes.insert(
-        0,
+    source = (
         f"Earlier sections from: {earlier.get('command')} (commit {earlier.get('commit')}, {earlier.get('date')}, "
-        f"machine {'quiet' if earlier.get('quiet') else 'busy'}).",
+        f"machine {'quiet' if earlier.get('quiet') else 'busy'})."
     )
-    rec.notes = list(dict.fromkeys(rec.notes))
+    rec.notes = list(dict.fromkeys([*earlier.get("notes", []), source, *rec.notes]))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,15 @@ from pydantic import (
 )
 
 from histoscan.data.store import PatchStore
-from histoscan.enums import FitPolicy, ReferBy, ReferralAsk, StainGranularity, StainMethod, StoredPrecision
+from histoscan.enums import (
+    FitPolicy,
+    ReferBy,
+    ReferralAsk,
+    ReferralMethod,
+    StainGranularity,
+    StainMethod,
+    StoredPrecision,
+)
 from histoscan.errors import ConfigError, DataError
 
 MODEL_FILE = "model.json"
@@ -202,7 +210,14 @@ class ReferralRule(BaseModel):
     ``by: probability`` refers a binary model's images whose P(positive) lies in ``band`` (a multi-class
     model's whose top probability is below ``band[1]``, ``band[0]`` being 0); ``by: uncertainty`` refers
     images whose uncertainty (spread over TTA views or members) is above ``max_uncertainty``. ``tta`` is the
-    policy it was fitted under: the Predictor predicts with it whenever the rule is applied.
+    policy it was fitted under: the Predictor predicts with it whenever the rule is applied (``fitted.referral``
+    records the whole predictor and the rows).
+
+    The guarantee (``histoscan.trust.guarantee``; absent from rules fitted before it): ``method`` says how the
+    limit was chosen (``empirical``: the quantile reaching a coverage; ``learn-then-test``: a target certified
+    at confidence 1 - ``delta``); ``bound`` is a lower confidence bound, at 1 - ``delta``, on the asked quantity
+    for new images like the ``count`` fitting rows (a target: the target itself, certified; a coverage: the
+    fitted coverage less the Dvoretzky-Kiefer-Wolfowitz margin); ``p_value`` is the test's at the chosen limit.
     """
 
     model_config = _STRICT
@@ -217,6 +232,12 @@ class ReferralRule(BaseModel):
     coverage: Probability  # achieved on the fitting predictions
     accuracy: Probability  # of the answered images there
     error_auroc: dict[str, Finite] = Field(default_factory=dict)  # each candidate score's error-detection AUROC
+    margin: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None  # binary by probability: in logits
+    sensitivity: Probability | None = None  # among the answered tumour images of the fitting rows (binary)
+    method: ReferralMethod | None = None  # None: fitted before the guarantee was recorded
+    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None = None
+    bound: Probability | None = None
+    p_value: Probability | None = None
 
     @model_validator(mode="after")
     def _one_rule(self) -> ReferralRule:

@@ -152,11 +152,9 @@ def fit_referral(
         grid, starts = _limits(by, binary)
         found = certify(doubt[counted], wrong[counted], grid, 1.0 - target, delta, starts)
         if found.limit is None:
-            what = "tumour images" if ask == "sensitivity" else "images"
             raise DataError(
                 f"no referral limit reaches {ask} {target:.3f} with confidence {1 - delta:.2f} on {n} predictions "
-                f"({fitted_on}): {found.errors} errors among the {found.answered} surest {what} already fail it; "
-                "lower the target, raise --delta or fit on more rows"
+                f"({fitted_on}); lower the target, raise --delta or fit on more rows"
             )
         limit, p_value, method = found.limit, found.p_value, LEARN_THEN_TEST
     band, max_unc, margin = None, None, None

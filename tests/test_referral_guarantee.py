@@ -93,7 +93,7 @@ def test_certify_on_a_generic_score_and_its_p_values() -> None:
 
 def test_a_target_no_margin_reaches_is_one_clear_error() -> None:
     probs, labels = _known_risk(300, np.random.default_rng(2))
-    with pytest.raises(DataError, match="no referral limit reaches sensitivity 0.999 with confidence 0.95 on 300"):
+    with pytest.raises(DataError, match=r"no referral limit reaches sensitivity 0\.999 with confidence 0\.95 on 300"):
         fit_referral(probs, labels, None, threshold=0.5, tta=[0], target_sensitivity=0.999)
     with pytest.raises(ConfigError, match="exactly one of --refer-coverage, --target-accuracy and --target-sens"):
         fit_referral(probs, labels, None, threshold=0.5, tta=[0], target_accuracy=0.9, target_sensitivity=0.9)

@@ -67,6 +67,7 @@ def _limits(by: str, binary: bool) -> tuple[np.ndarray, list[int]]:
     """The grid of doubt limits a target is tested over, most conservative first, and its chains' starts."""
     from histoscan.trust import guarantee as g
 
+    starts: tuple[float, ...]
     if by == "uncertainty":
         grid, starts = g.UNCERTAINTY_GRID, g.UNCERTAINTY_STARTS
     elif binary:
@@ -83,7 +84,7 @@ def _check_request(
     given = {k: v for k, v in asked.items() if v is not None}
     if len(given) != 1:
         raise ConfigError("give exactly one of --refer-coverage, --target-accuracy and --target-sensitivity")
-    (ask, target), = given.items()
+    ((ask, target),) = given.items()
     if not 0 < target < 1:
         raise ConfigError(
             f"the coverage, accuracy or sensitivity asked for must be between 0 and 1 (exclusive), got {target}"
@@ -153,7 +154,7 @@ def fit_referral(
         found = certify(doubt[counted], wrong[counted], grid, 1.0 - target, delta, starts)
         if found.limit is None:
             raise DataError(
-                f"no referral limit reaches {ask} {target:.3f} with confidence {1 - delta:.2f} on {n} predictions "
+                f"no referral limit reaches {ask} {target:g} with confidence {1 - delta:.2f} on {n} predictions "
                 f"({fitted_on}); lower the target, raise --delta or fit on more rows"
             )
         limit, p_value, method = found.limit, found.p_value, LEARN_THEN_TEST

@@ -95,12 +95,12 @@ def test_a_target_no_margin_reaches_is_one_clear_error() -> None:
     probs, labels = _known_risk(300, np.random.default_rng(2))
     with pytest.raises(DataError, match=r"no referral limit reaches sensitivity 0\.999 with confidence 0\.95 on 300"):
         fit_referral(probs, labels, None, threshold=0.5, tta=[0], target_sensitivity=0.999)
-    with pytest.raises(ConfigError, match="exactly one of --refer-coverage, --target-accuracy and --target-sens"):
+    with pytest.raises(ConfigError, match="exactly one of --refer-coverage, --target-accuracy and --refer-sens"):
         fit_referral(probs, labels, None, threshold=0.5, tta=[0], target_accuracy=0.9, target_sensitivity=0.9)
     with pytest.raises(ConfigError, match="--delta must be between 0 and 1"):
         fit_referral(probs, labels, None, threshold=0.5, tta=[0], target_accuracy=0.9, delta=0)
     three = np.full((300, 3), 1 / 3)
-    with pytest.raises(ConfigError, match="--target-sensitivity applies to binary models"):
+    with pytest.raises(ConfigError, match="--refer-sensitivity applies to binary models"):
         fit_referral(three, labels, None, threshold=0.5, tta=[0], target_sensitivity=0.9)
 
 

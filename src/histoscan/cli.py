@@ -49,7 +49,6 @@ ELSEWHERE: dict[str, dict[str, str]] = {
         "--submission": "a Kaggle submission is 'histoscan predict RUN TEST_DIR --submission SAMPLE.csv'",
         "--refer-coverage": "a referral rule is fitted by 'histoscan calibrate RUN --refer-coverage C'",
         "--target-accuracy": "a referral rule is fitted by 'histoscan calibrate RUN --target-accuracy A'",
-        "--target-sensitivity": "a referral rule is fitted by 'histoscan calibrate RUN --target-sensitivity S'",
     },
     "calibrate": {"--save-threshold": "a threshold is chosen by 'histoscan evaluate RUN --save-threshold RULE'"},
 }
@@ -431,7 +430,7 @@ def calibrate(**values: Any) -> None:
         temperature=s.temperature,
         refer_coverage=s.refer_coverage,
         target_accuracy=s.target_accuracy,
-        target_sensitivity=s.target_sensitivity,
+        target_sensitivity=s.refer_sensitivity,
         delta=s.delta,
         refer_by=s.refer_by,
         tissue_check=s.tissue_check,

@@ -83,7 +83,7 @@ def _check_request(
     asked = {"coverage": coverage, "accuracy": target_accuracy, "sensitivity": target_sensitivity}
     given = {k: v for k, v in asked.items() if v is not None}
     if len(given) != 1:
-        raise ConfigError("give exactly one of --refer-coverage, --target-accuracy and --target-sensitivity")
+        raise ConfigError("give exactly one of --refer-coverage, --target-accuracy and --refer-sensitivity")
     ((ask, target),) = given.items()
     if not 0 < target < 1:
         raise ConfigError(
@@ -128,7 +128,7 @@ def fit_referral(
     labels = np.asarray(labels)
     binary = probabilities.shape[1] == 2
     if ask == "sensitivity" and not binary:
-        raise ConfigError("--target-sensitivity applies to binary models (the tumour class); use --target-accuracy")
+        raise ConfigError("--refer-sensitivity applies to binary models (the tumour class); use --target-accuracy")
     n = len(labels)
     if n < 10:
         raise DataError(f"a referral rule needs at least 10 labelled predictions to fit on, got {n}")

@@ -27,8 +27,10 @@ class CalibrateSettings:
     target_accuracy: float | None = doc(
         "Fit a referral rule whose answered images reach this accuracy (guaranteed at 1 - delta), e.g. 0.98.", None
     )
-    target_sensitivity: float | None = doc(
-        "Fit a referral rule whose answered tumour images reach this sensitivity (binary models), e.g. 0.98.", None
+    refer_sensitivity: float | None = doc(
+        "Fit a referral rule whose answered tumour images reach this sensitivity (guaranteed at 1 - delta; binary "
+        "models), e.g. 0.98.",
+        None,
     )
     delta: float = doc(
         "A target's guarantee holds with confidence 1 - delta over the fitting rows (Learn-then-Test).", 0.05

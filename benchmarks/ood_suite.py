@@ -238,9 +238,16 @@ def idc(n: int, rng: np.random.Generator) -> list[np.ndarray]:
     return [np.asarray(Image.open(files[i]).convert("RGB")) for i in pick]
 
 
-def save_shift(out: Path, name: str, images: list[np.ndarray] | np.ndarray, labels: np.ndarray) -> None:
-    """One shift's npz: ``images`` when every image has one size, else ``image_0000``, ``image_0001``..."""
+def save_shift(
+    out: Path, name: str, images: list[np.ndarray] | np.ndarray, labels: np.ndarray, rows: np.ndarray | None = None
+) -> None:
+    """One shift's npz: ``images`` when every image has one size, else ``image_0000``, ``image_0001``...
+
+    ``rows``: for a tissue-based shift, which rows of ``hcd_test`` each image was made from.
+    """
     arrays: dict[str, np.ndarray] = {"labels": np.asarray(labels, np.int64)}
+    if rows is not None:
+        arrays["rows"] = np.asarray(rows, np.int64)
     if len({im.shape for im in images}) == 1:
         arrays["images"] = np.stack(list(images)).astype(np.uint8)
     else:
@@ -248,13 +255,14 @@ def save_shift(out: Path, name: str, images: list[np.ndarray] | np.ndarray, labe
     np.savez_compressed(out / f"{name}.npz", **arrays)  # type: ignore[arg-type]
 
 
-def load_shift(path: Path) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
-    """A shift's images (one array, or a list when sizes differ) and labels (-1: none kept)."""
+def load_shift(path: Path) -> tuple[np.ndarray | list[np.ndarray], np.ndarray, np.ndarray | None]:
+    """A shift's images (one array, or a list when sizes differ), labels (-1: none kept) and source rows (or None)."""
     with np.load(path, allow_pickle=False) as z:
         labels = z["labels"]
+        rows = z["rows"] if "rows" in z.files else None
         if "images" in z.files:
-            return z["images"], labels
-        return [z[k] for k in sorted(k for k in z.files if k.startswith("image_"))], labels
+            return z["images"], labels, rows
+        return [z[k] for k in sorted(k for k in z.files if k.startswith("image_"))], labels, rows
 
 
 def generate(run: Path, out: Path, n: int = 200, seed: int = 0, n_synthetic: int = 100, n_other: int = 300) -> dict:
@@ -271,6 +279,7 @@ def generate(run: Path, out: Path, n: int = 200, seed: int = 0, n_synthetic: int
     meta["shifts"][REFERENCE] = {"count": len(ids), "labels": True, "what": DESCRIPTIONS[REFERENCE]}
     for k, name in enumerate(SHIFTS):
         rng = np.random.default_rng([seed, k])  # each shift its own stream: adding one changes no other
+        rows = None
         if name in SYNTHETIC:
             images: list[np.ndarray] | np.ndarray = [SYNTHETIC[name](rng) for _ in range(n_synthetic)]
             labels = np.full(n_synthetic, -1)
@@ -281,7 +290,7 @@ def generate(run: Path, out: Path, n: int = 200, seed: int = 0, n_synthetic: int
         else:
             images = lung(n_other, rng) if name == "lc25000_lung" else idc(n_other, rng)
             labels = np.full(len(images), -1)  # another organ's task: the model's classes do not apply
-        save_shift(out, name, images, labels)
+        save_shift(out, name, images, labels, rows)
         group = "not tissue" if name in NOT_TISSUE else "damaged" if name in DAMAGED else "other organ"
         meta["shifts"][name] = {
             "count": len(images),

@@ -27,7 +27,7 @@ import tifffile
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED  # noqa: E402
+from _common import SHARED
 
 SIZE = 96  # hcd patches
 # Ruifrok and Johnston's stain vectors (optical density per RGB channel), as skimage.color.hed2rgb uses them;

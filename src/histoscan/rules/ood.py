@@ -3,9 +3,9 @@
 Every score is computed from the pass that predicts (higher: further from the training data):
 
 - ``msp``: 1 - the largest class probability of the first view;
-- ``energy``: minus the log-sum-exp of the first view's logits (a binary model's single logit z is read as the
-  symmetric pair -z/2, z/2, so the score grows with the distance from the decision boundary's far side only
-  through |z|, as a softmax over two logits would);
+- ``energy``: minus the log-sum-exp of the first view's logits (Liu et al., 2020); a binary model's single
+  logit z is read as the symmetric pair (-z/2, z/2), so the score depends on |z| alone and ranks images as
+  ``msp`` does;
 - ``spread``: the spread of P(positive) over the TTA views (the Predictor's ``uncertainty``);
 - ``mahalanobis``: the smallest Mahalanobis distance of the first view's pooled features to a class mean of the
   training split under one shared covariance (Lee et al., 2018);

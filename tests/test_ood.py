@@ -164,6 +164,7 @@ def test_calibrate_ood_and_the_metrics_count_answers(tiny_run: Path, tmp_path: P
         assert j["answer"] == OOD and j["quality"] == OOD
         c.post("/v1/predict", files={"file": ("b.png", black.getvalue(), "image/png")})
         text = c.get("/metrics").text
+        assert c.get("/v1/model").json()["ood"]["score"] == "mahalanobis"
     assert 'histoscan_answers_total{answer="out of distribution"} 1.0' in text
     assert 'histoscan_answers_total{answer="not tissue"} 1.0' in text
     assert 'histoscan_answers_total{answer="refer"} 0.0' in text

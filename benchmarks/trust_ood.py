@@ -29,6 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Recorder, add_json_option
+from histoscan.bundle import read_bundle
 from histoscan.errors import HistoscanError
 from histoscan.inference.predictor import Predictor
 from histoscan.inference.settings import PredictorSettings
@@ -40,6 +41,17 @@ from ood_suite import DAMAGED, NOT_TISSUE, OTHER_ORGANS, REFERENCE, load_shift
 
 ALL_VIEWS = list(range(8))
 TARGETED = (*NOT_TISSUE, *DAMAGED)
+BOOTSTRAP = 200  # resamples for the 95% intervals
+
+
+def _resamples(n_ref: int, n_shift: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Bootstrap draws of the reference and the shifted images, shared by every score (paired)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, n_ref, n_ref), rng.integers(0, n_shift, n_shift)) for _ in range(BOOTSTRAP)]
+
+
+def _interval(values: list[float]) -> list[float]:
+    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
 
 
 def _detection_auroc(reference: np.ndarray, shifted: np.ndarray) -> float:
@@ -95,8 +107,24 @@ def ood_results(run: str | Path, suite_dir: str | Path, threads: int | None = No
         n: float(np.mean([_detection_auroc(ref.scores[n], shifts[s][0].scores[n]) for s in TARGETED])) for n in names
     }
     chosen = max(names, key=lambda n: mean_auroc[n])
+    # paired bootstrap: the same draws of images for every score, per shift
+    draws = {s: _resamples(len(ref_labels), len(shifts[s][1]), k) for k, s in enumerate(shifts)}
+    boot = {
+        s: {
+            n: np.array([_detection_auroc(ref.scores[n][i], shifts[s][0].scores[n][j]) for i, j in draws[s]])
+            for n in names
+        }
+        for s in shifts
+    }
+    mean_boot = {n: np.mean([boot[s][n] for s in TARGETED], axis=0) for n in names}
     out: dict[str, Any] = {
-        "_chosen": {"score": chosen, "mean_auroc_targeted": mean_auroc, "thresholds_val": thresholds},
+        "_chosen": {
+            "score": chosen,
+            "mean_auroc_targeted": mean_auroc,
+            "thresholds_val": thresholds,
+            # 95% paired bootstrap interval of (chosen - other) mean AUROC over the targeted shifts
+            "difference_ci": {n: _interval(list(mean_boot[chosen] - mean_boot[n])) for n in names if n != chosen},
+        },
     }
 
     def flags(scored: ScoredRows, quality: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +144,7 @@ def ood_results(run: str | Path, suite_dir: str | Path, threads: int | None = No
         tissue, det = flags(scored, quality)
         entry: dict[str, Any] = {"count": len(labels)}
         entry.update({n: _detection_auroc(ref.scores[n], scored.scores[n]) for n in names})
+        entry[f"{chosen}_ci"] = _interval(list(boot[name][chosen]))
         entry.update(_model_figures(scored, labels, threshold))
         if rows is not None and labels.min() >= 0:
             clean = ScoredRows({}, ref.probabilities[rows], ref.features[rows])
@@ -146,41 +175,81 @@ def aims(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def measure(source: Path, run: Path, suite: Path, threads: int | None) -> tuple[dict[str, Any], Any, float]:
+    """Copy ``source`` to ``run``, fit both checks there, measure the suite, store the chosen detector, count answers."""
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("last.ckpt", "tensorboard", "eval", "*.onnx"))
+    try:
+        if read_bundle(run).trust.tissue_check is None:  # new runs fit it at the end of training
+            fit_run_tissue_check(run)
+        fit_run_ood(run, settings=PredictorSettings(threads=threads))  # the arrays; the score is chosen below
+        results = ood_results(run, suite, threads)
+        chosen = results["_chosen"]["score"]
+        spec = fit_run_ood(run, score=chosen, settings=PredictorSettings(threads=threads, tta=chosen == "spread"))
+        images, _, _ = load_shift(suite / f"{REFERENCE}.npz")
+        answers = Predictor(run, "torch", threads=threads).predict_batch(images).answers or []
+    except HistoscanError as exc:
+        sys.exit(f"error: {exc}")
+    withheld = float(np.mean([a in ANSWER_KINDS and a != "refer" for a in answers]))
+    print(f"  chosen {chosen}; aims {aims(results)}")
+    return results, spec, withheld
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="a run trained on an hcd store (it is copied, not changed)")
+    ap.add_argument(
+        "--run",
+        type=Path,
+        required=True,
+        action="append",
+        help="a run trained on an hcd store (copied, not changed); repeat for seeds: the first is the one reported in full",
+    )
     ap.add_argument("--suite", type=Path, required=True, help="the folder benchmarks/ood_suite.py wrote")
     ap.add_argument("--threads", type=int, default=None)
     add_json_option(ap)
     args = ap.parse_args()
     rec = Recorder("trust_ood", "Out of distribution, measured apart (issue 38)", args.json)
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / args.run.name
-        shutil.copytree(args.run, run, ignore=shutil.ignore_patterns("last.ckpt", "tensorboard", "eval", "*.onnx"))
-        settings = PredictorSettings(threads=args.threads)
-        try:
-            fit_run_tissue_check(run)
-            fit_run_ood(run, settings=settings)  # the arrays (score-independent); the score is chosen below
-            results = ood_results(run, args.suite, args.threads)
-            chosen = results["_chosen"]["score"]
-            spec = fit_run_ood(
-                run, score=chosen, settings=PredictorSettings(threads=args.threads, tta=chosen == "spread")
-            )
-            images, _, _ = load_shift(args.suite / f"{REFERENCE}.npz")
-            answers = Predictor(run, "torch", threads=args.threads).predict_batch(images).answers or []
-        except HistoscanError as exc:
-            sys.exit(f"error: {exc}")
-    withheld = float(np.mean([a in ANSWER_KINDS and a != "refer" for a in answers]))
+        per_run = {}
+        for source in args.run:
+            print(f"{source}:")
+            per_run[source.name] = measure(source, Path(tmp) / source.name, args.suite, args.threads)
+    first = args.run[0].name
+    results, spec, withheld = per_run[first]
+    chosen = results["_chosen"]["score"]
     met = aims(results)
     rec.figures = {"ood": {k: v for k, v in results.items() if not k.startswith("_")}, "chosen": results["_chosen"]}
     rec.figures["aims"] = met
     rec.figures["end_to_end"] = {"score": spec.score, "threshold": spec.threshold, "hcd_test_withheld": withheld}
+    rec.figures["runs"] = {
+        name: {
+            "chosen": r["_chosen"]["score"],
+            "mean_auroc_targeted": r["_chosen"]["mean_auroc_targeted"],
+            "aims": aims(r),
+            "end_to_end_hcd_test_withheld": w,
+        }
+        for name, (r, _, w) in per_run.items()
+    }
+    rec.tables["Each run (seed): the chosen score, its AUROC on out_of_focus and pen_ink, shares flagged"] = [
+        {
+            "run": name,
+            "chosen": r["_chosen"]["score"],
+            **{f"mean AUROC {n}": v for n, v in r["_chosen"]["mean_auroc_targeted"].items()},
+            "out_of_focus": aims(r)["out_of_focus_auroc"],
+            "pen_ink": aims(r)["pen_ink_auroc"],
+            "hcd_test flagged": r[REFERENCE]["flagged"],
+            "lc25000_lung flagged": r["lc25000_lung"]["flagged"],
+            "idc_breast flagged": r["idc_breast"]["flagged"],
+            "not tissue flagged (least)": min(r[s]["flagged"] for s in NOT_TISSUE),
+        }
+        for name, (r, _, _) in per_run.items()
+    ]
     scores = list(results["_chosen"]["mean_auroc_targeted"])
     rec.tables["Detection AUROC against hcd_test, accuracy and share flagged per shift"] = [
         {
             "shift": name,
             "n": r["count"],
             **{s: r[s] for s in scores},
+            f"{chosen} 95% CI": r.get(f"{chosen}_ci"),
             "accuracy": r["accuracy"],
             "clean accuracy": r.get("clean_accuracy"),
             "model AUROC": r["model_auroc"],
@@ -193,7 +262,12 @@ def main() -> None:
         if not name.startswith("_")
     ]
     rec.tables["Mean detection AUROC over the targeted shifts (the choice)"] = [
-        {"score": s, "mean AUROC": a, "threshold (99% of val)": results["_chosen"]["thresholds_val"][s]}
+        {
+            "score": s,
+            "mean AUROC": a,
+            f"{chosen} minus this, 95% paired CI": results["_chosen"]["difference_ci"].get(s),
+            "threshold (99% of val)": results["_chosen"]["thresholds_val"][s],
+        }
         for s, a in results["_chosen"]["mean_auroc_targeted"].items()
     ]
     print(f"chosen score: {chosen} (threshold {spec.threshold:.4g} on val)")

@@ -198,3 +198,13 @@ def test_suite_generator_is_deterministic(tmp_path: Path) -> None:
     assert rows is not None and np.array_equal(labels, np.asarray(ref_labels)[rows])  # labels kept from the clean rows
     assert np.asarray(images).shape == (4, 96, 96, 3) and np.asarray(images).std() < np.asarray(ref)[rows].std()
     assert (ood_suite.load_shift(tmp_path / "a" / "grayscale.npz")[1] == -1).all()  # not tissue: no label
+
+
+def test_onnx_cannot_give_features_so_auto_runs_torch_and_onnx_is_refused(ood_run: Path) -> None:
+    from histoscan.inference.backends import resolve_backend
+    from histoscan.inference.export import export_onnx
+
+    assert export_onnx(ood_run).speed is None  # the graph is written; the backends are not raced (torch must run)
+    assert resolve_backend(ood_run, "auto") == "torch"
+    with pytest.raises(ConfigError, match="trust.ood scores the network's pooled features"):
+        Predictor(ood_run, backend="onnx")

@@ -17,7 +17,7 @@ from histoscan.bundle import EnsembleBundle, ModelBundle, first_line, load_model
 from histoscan.enums import BACKENDS, PRECISIONS
 from histoscan.errors import ConfigError
 from histoscan.models.factory import logits_and_pooled
-from histoscan.rules.ood import FEATURE_SCORES
+from histoscan.rules.ood import needs_features
 from histoscan.runfolder import MODEL_FILE, ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, ONNX_FILE, RunFolder
 from histoscan.system import available_cores, hardware_id, native_bf16_cpu
 
@@ -175,7 +175,7 @@ def resolve_backend(run_dir: str | Path, backend: str = "auto", device: str = "c
     bundle = read_bundle(run_dir)
     if not run.weights_path.is_file() and not isinstance(bundle, EnsembleBundle):
         return "onnx"  # an ONNX-only bundle (weights not shipped): the one backend it can run
-    if bundle.trust.ood is not None and bundle.trust.ood.score in FEATURE_SCORES:
+    if needs_features(bundle.trust.ood):
         return "torch"  # the graph outputs no pooled features (the documented fallback of trust.ood)
     speed = bundle.inference.backend_speed
     return speed.faster if speed is not None and speed.hardware == hardware_id(device) else "torch"

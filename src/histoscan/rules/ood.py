@@ -144,6 +144,11 @@ def all_scores(
     return out
 
 
+def needs_features(spec: OodDetector | None) -> bool:
+    """Whether a stored detector reads the network's pooled features (which only the torch backend gives)."""
+    return spec is not None and spec.score in FEATURE_SCORES
+
+
 def check_views(spec: OodDetector, tta: Sequence[int], source: str = MODEL_FILE) -> None:
     """ConfigError when the stored score is the TTA spread and the prediction runs other views than it was fitted under."""
     if spec.score == "spread" and sorted(spec.tta) != sorted(int(k) for k in tta):

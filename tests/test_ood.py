@@ -206,5 +206,19 @@ def test_onnx_cannot_give_features_so_auto_runs_torch_and_onnx_is_refused(ood_ru
 
     assert export_onnx(ood_run).speed is None  # the graph is written; the backends are not raced (torch must run)
     assert resolve_backend(ood_run, "auto") == "torch"
-    with pytest.raises(ConfigError, match="trust.ood scores the network's pooled features"):
+    with pytest.raises(ConfigError, match=r"trust\.ood scores the network's pooled features"):
         Predictor(ood_run, backend="onnx")
+
+
+@pytest.mark.parametrize("name", ["simple_cnn_flatten", "nas_cnn", "resnet18"])
+def test_pooled_features_come_from_the_pass_that_gives_the_logits(name: str) -> None:
+    import torch
+
+    from histoscan.models.factory import create_model, logits_and_pooled
+
+    model = create_model(name, num_classes=2, input_size=64).eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.inference_mode():
+        logits, pooled = logits_and_pooled(model, x)
+        assert torch.allclose(logits, model(x), atol=1e-5)
+    assert pooled.shape == (3, model.num_features)  # the global average of the last feature maps

@@ -222,3 +222,17 @@ def test_pooled_features_come_from_the_pass_that_gives_the_logits(name: str) -> 
         logits, pooled = logits_and_pooled(model, x)
         assert torch.allclose(logits, model(x), atol=1e-5)
     assert pooled.shape == (3, model.num_features)  # the global average of the last feature maps
+
+
+def test_predict_writes_the_score_and_answers_out_of_distribution(ood_run: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    for i, img in enumerate(synth_batch(4, seed=2)[0]):
+        Image.fromarray(img).save(folder / f"p{i}.png")
+    _set_threshold(ood_run, -1.0)
+    res = CliRunner().invoke(app, ["predict", str(ood_run), str(folder), "--out", str(tmp_path / "preds.csv")])
+    assert res.exit_code == 0, res.output
+    preds = pd.read_csv(tmp_path / "preds.csv")
+    assert (preds["answer"] == OOD).all() and (preds["ood_score"] > -1.0).all()

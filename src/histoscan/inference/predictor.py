@@ -30,7 +30,7 @@ from histoscan.inference.tta import default_views, tta_views
 from histoscan.inference.tta import parse_tta as parse_tta  # re-exported: callers and tests import it from here
 from histoscan.preprocessing import Groups, Preprocessing, dihedral_k
 from histoscan.rules.answers import UNCHECKED, answer_images
-from histoscan.rules.ood import FEATURE_SCORES, OodArrays, all_scores, check_views, load_arrays, with_ood
+from histoscan.rules.ood import FEATURE_SCORES, OodArrays, check_views, load_arrays, score_of, with_ood
 from histoscan.rules.provenance import check_fitted, fitted_notices
 from histoscan.rules.tissue import judge, tissue_features
 from histoscan.runfolder import MODEL_FILE, FittedUnder, OodDetector
@@ -316,12 +316,13 @@ class Predictor:
             prepared.first_logits = logits
         return logits
 
-    def ood_scores(self, prepared: Prepared, probs: np.ndarray, spread: np.ndarray | None) -> dict[str, np.ndarray]:
-        """Every out-of-distribution score of a batch the Predictor has just run (``views`` on ``prepared``)."""
-        spec = self.bundle.trust.ood
+    def ood_score(
+        self, spec: OodDetector, prepared: Prepared, probs: np.ndarray, spread: np.ndarray | None
+    ) -> np.ndarray:
+        """The stored detector's score of a batch the Predictor has just run (``views`` on ``prepared``)."""
         logits = prepared.first_logits if prepared.first_logits is not None else logits_of(probs[0])
-        k = spec.k if spec is not None else 10
-        return all_scores(self.ood_arrays, k, probs[0], logits, spread, prepared.features, self.bundle.temperature)
+        t = self.bundle.temperature
+        return score_of(spec.score, self.ood_arrays, spec.k, probs[0], logits, spread, prepared.features, t)
 
     def tta_views(self, tta: bool | Sequence[int] | None) -> list[int]:
         """The dihedral elements a prediction runs: as asked, or with None the default for ``predict``."""
@@ -379,7 +380,7 @@ class Predictor:
             if self.bundle.trust.ood is not None:
                 spec = self.bundle.trust.ood
                 check_views(spec, ks, str(self.run_dir / MODEL_FILE))
-                ood = self.ood_scores(prepared, probs, unc)[spec.score]
+                ood = self.ood_score(spec, prepared, probs, unc)
                 quality = with_ood(quality, ood > spec.threshold)
             answers = answer_images(self.bundle.trust, self.classes, mean, predicted, unc, quality, ks)
             parts.append(Prediction(mean, predicted, unc, answers, quality, ood))

@@ -21,7 +21,7 @@ Fitting (the arrays, the threshold on validation rows) is ``histoscan.trust.ood`
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,13 +135,33 @@ def all_scores(
     temperature: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """Every candidate score that the inputs allow (``spread`` needs several views, the feature scores ``arrays``)."""
-    out = {"msp": msp_score(probabilities), "energy": energy_score(logits, temperature)}
-    if spread is not None:
-        out["spread"] = np.asarray(spread, np.float64)
-    if arrays is not None and features is not None:
-        out["mahalanobis"] = mahalanobis_score(features, arrays.means, arrays.precision)
-        out["knn"] = knn_score(features, arrays.bank, k)
-    return out
+    names = ["msp", "energy"] + (["spread"] if spread is not None else [])
+    names += list(FEATURE_SCORES) if arrays is not None and features is not None else []
+    return {n: score_of(n, arrays, k, probabilities, logits, spread, features, temperature) for n in names}
+
+
+def score_of(
+    name: str,
+    arrays: OodArrays | None,
+    k: int,
+    probabilities: np.ndarray,
+    logits: np.ndarray,
+    spread: np.ndarray | None,
+    features: np.ndarray | None,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """One score (see the module docstring); ConfigError when this prediction lacks what it reads."""
+    if name == "msp":
+        return msp_score(probabilities)
+    if name == "energy":
+        return energy_score(logits, temperature)
+    if name == "spread" and spread is not None:
+        return np.asarray(spread, np.float64)
+    if name in FEATURE_SCORES and arrays is not None and features is not None:
+        if name == "mahalanobis":
+            return mahalanobis_score(features, arrays.means, arrays.precision)
+        return knn_score(features, arrays.bank, k)
+    raise ConfigError(f"{MODEL_FILE}: trust.ood.score {name!r} cannot be computed for this prediction")
 
 
 def needs_features(spec: OodDetector | None) -> bool:
@@ -156,13 +176,6 @@ def check_views(spec: OodDetector, tta: Sequence[int], source: str = MODEL_FILE)
             f"{source}: trust.ood scores the spread over TTA views {spec.tta}, but {list(tta)} were asked; "
             "leave the TTA option out to predict under its views"
         )
-
-
-def flagged(spec: OodDetector, scores: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Which images the stored detector flags: its score above its threshold."""
-    if spec.score not in scores:
-        raise ConfigError(f"{MODEL_FILE}: trust.ood.score {spec.score!r} cannot be computed for this prediction")
-    return np.asarray(scores[spec.score]) > spec.threshold
 
 
 def with_ood(quality: Sequence[str], flags: np.ndarray) -> list[str]:

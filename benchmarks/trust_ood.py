@@ -226,6 +226,7 @@ def main() -> None:
             "mean_auroc_targeted": r["_chosen"]["mean_auroc_targeted"],
             "aims": aims(r),
             "end_to_end_hcd_test_withheld": w,
+            "ood": {k: v for k, v in r.items() if not k.startswith("_")},
         }
         for name, (r, _, w) in per_run.items()
     }
@@ -240,6 +241,8 @@ def main() -> None:
             "lc25000_lung flagged": r["lc25000_lung"]["flagged"],
             "idc_breast flagged": r["idc_breast"]["flagged"],
             "not tissue flagged (least)": min(r[s]["flagged"] for s in NOT_TISSUE),
+            "lc25000_lung flagged by detector": r["lc25000_lung"]["flagged_detector"],
+            "idc_breast flagged by detector": r["idc_breast"]["flagged_detector"],
         }
         for name, (r, _, _) in per_run.items()
     ]

@@ -305,7 +305,13 @@ def split(**values: Any) -> None:
     s = SplitSettings(**values)
     _print(
         write_splits(
-            PatchStore(s.store), val=s.val, test=s.test, seed=s.seed, folds=s.folds, calibration=s.calibration
+            PatchStore(s.store),
+            val=s.val,
+            test=s.test,
+            seed=s.seed,
+            folds=s.folds,
+            calibration=s.calibration,
+            dedup=s.dedup,
         ).lines()
     )
 
@@ -693,12 +699,12 @@ def train(config: str | None, **values: Any) -> None:
 
     With --folds, --device is where the folds predict their out-of-fold patches (oof.csv).
     """
-    from histoscan.training.config import TrainConfig
+    from histoscan.training.config import TrainConfig, load_for_store
     from histoscan.training.cv import train_run
 
     model = predictor_settings(values, only=TRAIN_MODEL_OPTIONS)
-    cfg = TrainConfig.load(config, given_values(TrainConfig, values))
     con = _console()
+    cfg = load_for_store(config, given_values(TrainConfig, values), printer=con.print)
     _print(train_run(cfg, printer=con.print, settings=model).summary_lines())
 
 

@@ -9,6 +9,7 @@ A run folder is what ``histoscan train`` (or ``histoscan baselines``) leaves beh
     metrics.csv         one row per epoch (``METRIC_COLUMNS``)
     split.csv           ``id,split`` over the store it trained on
     model.onnx          the exported graph (``histoscan export``)
+    ood.safetensors     the out-of-distribution detector's arrays (``histoscan calibrate --ood``; trust.ood)
     baseline.json       a classical baseline's card (instead of model.json and weights)
     eval/               the evaluation of its own test split: metrics.json, figures/, report.html
 

@@ -9,6 +9,7 @@ A run folder is what ``histoscan train`` (or ``histoscan baselines``) leaves beh
     metrics.csv         one row per epoch (``METRIC_COLUMNS``)
     split.csv           ``id,split`` over the store it trained on
     model.onnx          the exported graph (``histoscan export``)
+    ood.safetensors     the out-of-distribution detector's arrays (``histoscan calibrate --ood``; trust.ood)
     baseline.json       a classical baseline's card (instead of model.json and weights)
     eval/               the evaluation of its own test split: metrics.json, figures/, report.html
 
@@ -272,12 +273,41 @@ class TissueCheck(BaseModel):
         return self
 
 
+OOD_FILE = "ood.safetensors"  # the out-of-distribution detector's fitted arrays (trust.ood)
+OodScore = Literal["msp", "energy", "spread", "mahalanobis", "knn"]
+
+
+class OodDetector(BaseModel):
+    """``trust.ood``: the out-of-distribution detector (fitted by ``histoscan.trust.ood``, applied by ``histoscan.rules.ood``).
+
+    Its arrays (class means and shared precision of the training split's pooled features, and the normalised
+    feature bank for kNN) lie in the side file ``file``, checked against ``sha256`` whenever the run is loaded.
+    An image whose ``score`` exceeds ``threshold`` (the ``quantile`` of the score on ``fitted_on`` rows,
+    ``rows`` of them) is answered ``out of distribution``. ``tta``: the views the scores were fitted under
+    (only the ``spread`` score depends on them; the others read the first view).
+    """
+
+    model_config = _STRICT
+    score: OodScore
+    threshold: Finite
+    quantile: Probability
+    file: Name = OOD_FILE
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    features: Annotated[int, Field(ge=1)]  # width of the pooled features
+    k: Annotated[int, Field(ge=1)] = 10  # the kNN score's neighbour
+    train_rows: Annotated[int, Field(ge=1)]  # training patches the arrays were fitted on
+    fitted_on: Name = "val"
+    rows: Annotated[int, Field(ge=1)]
+    tta: list[Annotated[int, Field(ge=0, le=7)]] = Field(min_length=1)
+
+
 class TrustPolicy(BaseModel):
-    """``trust``: when to refer an image, and which images are not tissue at all (both optional)."""
+    """``trust``: when to refer an image, which images are not tissue at all, and which are out of distribution (all optional)."""
 
     model_config = _STRICT
     referral: ReferralRule | None = None
     tissue_check: TissueCheck | None = None
+    ood: OodDetector | None = None
 
     @model_validator(mode="before")
     @classmethod

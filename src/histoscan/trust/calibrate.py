@@ -67,12 +67,15 @@ def calibrate_run(
     delta: float = 0.05,
     refer_by: str = "probability",
     tissue_check: bool = False,
+    ood: bool = False,
     settings: PredictorSettings | None = None,
 ) -> list[str]:
     """Calibrate a run, as ``histoscan calibrate`` does.
 
     ``histoscan calibrate``: fit the temperature, a referral rule (when a coverage, a target accuracy or a
-    target sensitivity is given; a target with a guarantee at confidence 1 - ``delta``) and the tissue check of ``run_dir``, save them in model.json, and say what was fitted, one line each.
+    target sensitivity is given; a target with a guarantee at confidence 1 - ``delta``), the tissue check and
+    the out-of-distribution detector (``ood``) of ``run_dir``, save them in model.json, and say what was
+    fitted, one line each.
 
     ``settings``: how the model runs (device, precision, ...); its ``tta`` is the TTA policy both the
     temperature and the referral rule are fitted under (None: the model's default for each).
@@ -108,4 +111,9 @@ def calibrate_run(
         lines.append(
             f"tissue check fitted on {check.count} training patches: Mahalanobis distance limit {check.threshold:.2f}"
         )
+    if ood:
+        from histoscan.trust.ood import describe as describe_ood
+        from histoscan.trust.ood import fit_run_ood
+
+        lines.append(describe_ood(fit_run_ood(run_dir, data, settings=settings)))
     return lines

@@ -43,3 +43,8 @@ class CalibrateSettings:
     tissue_check: bool = doc(
         "Fit the tissue check (not tissue / out of distribution) on the training split (new runs have it).", False
     )
+    ood: bool = doc(
+        "Fit the out-of-distribution detector (pooled-feature distances from the training split; threshold: 99% of "
+        "validation rows) into ood.safetensors.",
+        False,
+    )

@@ -20,10 +20,14 @@ held-out rows (the split's ``calibration`` and ``test`` rows; a run needs a spli
 - **tool**: the same through the tool, as a user runs it: ``calibrate`` (temperature and the coverage rule)
   and ``evaluate`` on the copy, whose AURC and achieved coverage should match the in-memory figures.
 
-``referral_results(run, ...)`` returns one run's figures as a dict (``{"aurc", "coverage", "guarantee",
-"tool"}``), so another script (the out-of-distribution suite's) can add its ``"ood"`` key beside them.
+- **ood** (with ``--ood-suite DIR``, the suite ``benchmarks/ood_suite.py`` wrote): on a copy of each run, the
+  out-of-distribution detector fitted and measured as ``benchmarks/trust_ood.py`` does (``measure``):
+  ``{SHIFT: {SCORE: detection AUROC against the hcd test split, "accuracy": ..., "flagged": ...}}``.
 
-Run: python benchmarks/trust_hcd.py --run RUN [--run RUN2 ...] [--json benchmarks/results/trust_hcd.json]
+``referral_results(run, ...)`` returns one run's figures as a dict (``{"aurc", "coverage", "guarantee",
+"tool"}``); ``ood_figures`` adds the ``"ood"`` key beside them.
+
+Run: python benchmarks/trust_hcd.py --run RUN [--run RUN2 ...] [--ood-suite DIR] [--json benchmarks/results/trust_hcd.json]
 """
 
 from __future__ import annotations
@@ -370,6 +374,22 @@ def _row(name: str, r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def ood_figures(run: Path, suite: Path, threads: int | None) -> dict[str, Any]:
+    """The out-of-distribution suite on a copy of ``run``, measured as ``benchmarks/trust_ood.py`` does.
+
+    Returns ``{SHIFT: {SCORE: auroc, "accuracy": ..., "flagged": ...}}`` plus ``"chosen"`` (the score chosen
+    on the suite) and ``"hcd_test_withheld"`` (the share of the hcd test split the stored checks withhold).
+    """
+    from trust_ood import measure  # the OOD script's imports only when the suite is asked for
+
+    with tempfile.TemporaryDirectory(prefix="histoscan-trust-ood-") as work:
+        results, spec, withheld = measure(run, Path(work) / run.name, suite, threads)
+    out: dict[str, Any] = {k: v for k, v in results.items() if not k.startswith("_")}
+    out["chosen"] = spec.score
+    out["hcd_test_withheld"] = withheld
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, action="append", help="an hcd run with calibration rows (repeatable)")
@@ -380,6 +400,8 @@ def main() -> None:
     ap.add_argument("--resplits", type=int, default=200)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--no-tool", action="store_true", help="skip the calibrate + evaluate pass through the tool")
+    ap.add_argument("--ood-suite", type=Path, help="the out-of-distribution suite (benchmarks/ood_suite.py --out)")
+    ap.add_argument("--threads", type=int, help="CPU threads for the out-of-distribution pass")
     add_json_option(ap)
     args = ap.parse_args()
     rec = Recorder("trust_hcd", "Referral with a guarantee (issue 38): AURC, coverage, the guarantee", args.json)
@@ -399,6 +421,8 @@ def main() -> None:
             through_tool=not args.no_tool,
             keep=kept[-1],
         )
+        if args.ood_suite is not None:
+            r["ood"] = ood_figures(Path(run), args.ood_suite, args.threads)
         per_run[name] = r
         a, c, g = r["aurc"], r["coverage"], r["guarantee"]
         print(f"{name} ({r['rows']['calibration']} calibration + {r['rows']['test']} test rows):")
@@ -428,6 +452,8 @@ def main() -> None:
                 f"{t['coverage_achieved']:.3f}"
             )
     rec.figures = per_run[next(iter(per_run))] if len(per_run) == 1 else _mean_figures(per_run)
+    if args.ood_suite is not None and "ood" not in rec.figures:  # several runs: the first run's (the default seed)
+        rec.figures["ood"] = per_run[next(iter(per_run))]["ood"]
     if len(per_run) > 1:
         rec.figures["aurc"].update(_across_runs(kept, args.bootstrap))
         a = rec.figures["aurc"]

@@ -419,7 +419,7 @@ _generated("ensemble", ensemble, _options("histoscan.inference.settings:Ensemble
 
 
 def calibrate(**values: Any) -> None:
-    """Calibrate a run: temperature, referral rule and tissue check.
+    """Calibrate a run: temperature, referral rule, tissue check and out-of-distribution detector.
 
     Fit temperature scaling, a referral rule and the tissue check on the run's data: the calibration rows of its
     split when it has them, else its validation split (an ensemble of folds: out-of-fold predictions, an
@@ -436,8 +436,11 @@ def calibrate(**values: Any) -> None:
         temperature=s.temperature,
         refer_coverage=s.refer_coverage,
         target_accuracy=s.target_accuracy,
+        target_sensitivity=s.refer_sensitivity,
+        delta=s.delta,
         refer_by=s.refer_by,
         tissue_check=s.tissue_check,
+        ood=s.ood,
         settings=model,
     )
     _print(lines, highlight=False)

@@ -189,7 +189,7 @@ class _SlowModel:
     async def explain(self, image: np.ndarray, method: str, target: str, tta: bool) -> ExplainAnswer:
         self.log.append("explain")
         await asyncio.sleep(self.explain_s)
-        return ExplainAnswer(np.array([0.5, 0.5], np.float32), 0, np.zeros((4, 4), np.float32), target)
+        return ExplainAnswer(np.array([0.5, 0.5], np.float32), 0, np.zeros((4, 4), np.float32), target, method)
 
 
 def test_explanations_yield_to_predictions_one_at_a_time_and_waits_are_bounded() -> None:

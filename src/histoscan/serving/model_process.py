@@ -89,6 +89,7 @@ class ExplainAnswer:
     predicted: int
     map: np.ndarray
     target: str
+    method: str  # the CAM method that ran ('auto' resolved from the model's structure)
 
 
 # ---- framing ---------------------------------------------------------------------------
@@ -138,6 +139,7 @@ def pack_explanation(answer: ExplainAnswer) -> bytes:
         "w": w,
         "predicted": answer.predicted,
         "target": answer.target,
+        "method": answer.method,
     }
     return frame(meta, [probs, answer.map.astype(np.float32)])
 
@@ -147,7 +149,7 @@ def unpack_explanation(meta: dict[str, Any], data: bytes) -> ExplainAnswer:
     c, h, w = int(meta["c"]), int(meta["h"]), int(meta["w"])
     probs = np.frombuffer(data, np.float32, c, 0)
     m = np.frombuffer(data, np.float32, h * w, 4 * c).reshape(h, w)
-    return ExplainAnswer(probs, int(meta["predicted"]), m, str(meta["target"]))
+    return ExplainAnswer(probs, int(meta["predicted"]), m, str(meta["target"]), str(meta["method"]))
 
 
 def explain_one(
@@ -171,17 +173,17 @@ def explain_one(
         gc.collect()
         warm_explainer(explainers, run_dir, device, method, target)
     e = explainers[key].explain_batch([image], tta)
-    return ExplainAnswer(e.probabilities[0], int(e.predicted[0]), e.maps[0], e.targets[0])
+    return ExplainAnswer(e.probabilities[0], int(e.predicted[0]), e.maps[0], e.targets[0], explainers[key].method)
 
 
 def warm_explainer(
     explainers: dict[tuple[str, str], Explainer],
     run_dir: str,
     device: str,
-    method: str = "gradcam",
+    method: str = "auto",
     target: str = "tumour",
 ) -> None:
-    """Build the Explainer for ``(method, target)`` now (the page's default: Grad-CAM of the tumour class)."""
+    """Build the Explainer for ``(method, target)`` now (the page's default: the auto method on the tumour class)."""
     from histoscan.explain import Explainer
 
     explainers[(method, target)] = Explainer(run_dir, method=method, target=target, device=device, batch_size=1)
@@ -498,7 +500,7 @@ class ModelProcess:
         """Grad-CAM of one image, computed in the model process (never on the server's event loop)."""
         job = pack_explain_job(image, method, target, tta)
         result: ExplainAnswer = await self._send(job, unpack_explanation, "explain")
-        self.explainer_ready = (method, target) == ("gradcam", "tumour")
+        self.explainer_ready = (method, target) == ("auto", "tumour")
         return result
 
     async def _send(self, message: bytes, unpack: Callable[[dict[str, Any], bytes], Any], lane: str) -> Any:
@@ -570,8 +572,8 @@ class ModelThread:
 
     @property
     def explainer_ready(self) -> bool:
-        """The page's default explainer (Grad-CAM of the tumour class) is built."""
-        return ("gradcam", "tumour") in self._explainers
+        """The page's default explainer (the auto method, tumour class) is built."""
+        return ("auto", "tumour") in self._explainers
 
     @property
     def alive(self) -> bool:

@@ -30,7 +30,9 @@ MAX_SCALE = 1e6  # far above any Grad-CAM map value; bounds what reaches the ren
 class PatchExplanation(PatchPrediction):
     """The prediction, and the Grad-CAM overlay as a base64 PNG."""
 
-    method: str = Field(description="CAM method.", examples=["gradcam"])
+    method: str = Field(
+        description="The CAM method that ran (auto resolved from the model's structure).", examples=["gradcam"]
+    )
     target: str = Field(description="The class whose evidence the map shows.", examples=["tumor"])
     map_max: float = Field(description="Largest raw map value (compare images on this scale).")
     scale: float = Field(description="The map value drawn at full colour in the overlay.")
@@ -65,7 +67,9 @@ def _overlay(state: ServeState, image: Any, m: Any, vmax: float) -> bytes:
 async def explain_one(
     request: Request,
     file: UploadFile = File(..., description="A TIFF, PNG or JPEG patch."),
-    method: str = Query("gradcam", description=f"CAM method: {', '.join(METHODS)}."),
+    method: str = Query(
+        "auto", description=f"CAM method: {', '.join(METHODS)} (auto: chosen from the model's structure, as the CLI)."
+    ),
     target: str = Query("tumour", description="tumour, predicted, or a class name."),
     tta: bool | None = Query(
         None, description="Average the maps of the 8 flips/rotations (default: off, the default for explaining)."
@@ -106,7 +110,7 @@ async def explain_one(
         return Response(png, media_type="image/png", headers=headers)
     body = PatchExplanation(
         **fields,
-        method=method.lower(),
+        method=got.method,
         target=got.target,
         map_max=round(map_max, 9),
         scale=round(vmax, 9),

@@ -293,7 +293,7 @@ class Predictor:
             return [UNCHECKED] * len(images)
         prepared = images if isinstance(images, Prepared) else self.prepare(images)
         pre = self.bundle.preprocessing
-        return judge(check, tissue_features(pre.as_float(prepared.get(pre)))).quality
+        return judge(check, tissue_features(prepared.get(pre))).quality  # the prepared uint8 batch itself
 
     def predict_batch(
         self,

@@ -70,12 +70,24 @@ def tissue_features(images: Images) -> np.ndarray:
     those of ``_reference_features`` up to float32 rounding (tests/test_tissue_features.py holds the old
     float implementation), so acceptance regions already stored in bundles keep their meaning.
     """
-    import cv2  # imported here: the CLI's start-up does not pay for it
-
     u = _uint8_nhwc(images)
     n, h, w, _ = u.shape
     if n == 0:
         return np.zeros((0, len(FEATURE_NAMES)))
+    # a few images at a time: their ~20 intermediate planes then stay in the core's cache (measured 1.5x)
+    step = max(1, _CHUNK_PIXELS // (h * w))
+    return np.concatenate([_features(u[i : i + step]) for i in range(0, n, step)])
+
+
+#: pixels per chunk of ``tissue_features``: 16 patches of 96 x 96 px, a float32 plane of them fits a core's L2
+_CHUNK_PIXELS = 16 * 96 * 96
+
+
+def _features(u: np.ndarray) -> np.ndarray:
+    """``tissue_features`` of a contiguous uint8 NHWC chunk."""
+    import cv2  # imported here: the CLI's start-up does not pay for it
+
+    n, h, w, _ = u.shape
     t = _tables()
     npx = h * w
     planes = cv2.split(u.reshape(n * h, w, 3))  # R, G, B: (n*h) x w uint8 each, one row per image row
@@ -189,6 +201,8 @@ def _coarse_std(s: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
 def _nan_quantile_rows(values: np.ndarray, keep: np.ndarray, q: float) -> np.ndarray:
     """Per row, the ``q`` quantile of ``values`` where ``keep`` (0 where none), as ``torch.nanquantile`` computes it.
 
+    ``values`` is scratch: it is overwritten.
+
     The ranks are float32 as torch's, interpolated linearly between the two order statistics. The rows'
     kept values are partitioned to the top of the row (the rest are -inf), so only the top ``1 - q`` of
     each row is sorted: a fraction of the full sort ``nanquantile`` runs.
@@ -201,8 +215,9 @@ def _nan_quantile_rows(values: np.ndarray, keep: np.ndarray, q: float) -> np.nda
     weight = ranks - below.astype(np.float32)
     width = values.shape[1]
     k = int(max(1, (count - below).max()))
-    part = np.partition(np.where(keep, values, -np.inf), width - k, axis=1)[:, width - k :]
-    top = np.sort(part, axis=1)  # ascending; the kept values' rank r sits at k - count + r
+    np.copyto(values, -np.inf, where=~keep)  # in place: the caller's scratch array
+    values.partition(width - k, axis=1)
+    top = np.sort(values[:, width - k :], axis=1)  # ascending; the kept values' rank r sits at k - count + r
     rows = np.arange(len(values))
     lo = top[rows, np.clip(k - count + below, 0, k - 1)]
     hi = top[rows, np.clip(k - count + above, 0, k - 1)]

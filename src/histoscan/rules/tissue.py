@@ -74,17 +74,19 @@ def tissue_features(images: Images) -> np.ndarray:
     n, h, w, _ = u.shape
     if n == 0:
         return np.zeros((0, len(FEATURE_NAMES)))
-    # a few images at a time: their ~20 intermediate planes then stay in the core's cache (measured 1.5x)
+    # a few images at a time: their ~20 intermediate planes then stay in the core's cache (measured 1.5x);
+    # the per-image sums of every chunk are turned into the statistics once, over the whole batch
     step = max(1, _CHUNK_PIXELS // (h * w))
-    return np.concatenate([_features(u[i : i + step]) for i in range(0, n, step)])
+    return _finish(np.concatenate([_sums(u[i : i + step]) for i in range(0, n, step)]), h, w)
 
 
-#: pixels per chunk of ``tissue_features``: 16 patches of 96 x 96 px (a float32 plane of them, 0.6 MB, fits a core's 1 MB L2; 32 patches measured 2x slower)
+#: pixels per chunk of ``tissue_features``: 16 patches of 96 x 96 px (a float32 plane of them, 0.6 MB, fits a
+#: core's 1 MB L2; 32 patches measured 2x slower)
 _CHUNK_PIXELS = 16 * 96 * 96
 
 
-def _features(u: np.ndarray) -> np.ndarray:
-    """``tissue_features`` of a contiguous uint8 NHWC chunk."""
+def _sums(u: np.ndarray) -> np.ndarray:
+    """Per image of a contiguous uint8 NHWC chunk, the sums the statistics are made of (columns of ``_finish``)."""
     import cv2  # imported here: the CLI's start-up does not pay for it
 
     n, h, w, _ = u.shape
@@ -95,47 +97,62 @@ def _features(u: np.ndarray) -> np.ndarray:
     od_sum = cv2.add(cv2.add(od[0], od[1]), od[2])  # the same float32 sum as the channels' od.sum()
     tissue = (od_sum > np.float32(TISSUE_OD)).reshape(n, npx)
     stained = (od_sum > np.float32(STAINED_OD)).reshape(n, npx)
-    od_mean = np.hstack([_row_sums(c.reshape(n, npx)) for c in od]) / npx  # N 3
-    hue = od_mean / (od_mean.sum(axis=1, keepdims=True) + _EPS)  # the colour of the absorbed light
 
     # grey statistics on s = R + G + B (3 x 255 x grey), exact in float32 and summed in float64
     s = cv2.add(cv2.add(planes[0], planes[1], dtype=cv2.CV_32F), planes[2], dtype=cv2.CV_32F)
-    s1 = _row_sums(s.reshape(n, npx))[:, 0]
-    s2 = _row_sums(cv2.multiply(s, s).reshape(n, npx))[:, 0]
-    grey_mean = s1 / (765.0 * npx)
-    contrast = _std(s1, s2, npx) / 765.0
-    dx = _row_sums(cv2.absdiff(s[:, 1:], s[:, :-1]).reshape(n, h * (w - 1)))[:, 0] / (765.0 * h * (w - 1))
     dy_rows = np.append(_row_sums(cv2.absdiff(s[1:], s[:-1]))[:, 0], 0.0).reshape(n, h)  # last row: next image
-    dy = dy_rows[:, : h - 1].sum(axis=1) / (765.0 * (h - 1) * w)
     most = cv2.max(cv2.max(planes[0], planes[1]), planes[2])
     least = cv2.min(cv2.min(planes[0], planes[1]), planes[2])
-    chroma = _row_sums(cv2.subtract(most, least).reshape(n, npx))[:, 0] / (255.0 * npx)
-    coarse = _coarse_std(s, n, h, w) / 765.0  # 4 x 4 pooled grey: white noise loses its variance, tissue keeps it
 
     # the cosine of each pixel's OD vector with the H&E plane's normal, over the tissue pixels
     length = cv2.sqrt(cv2.add(cv2.add(cv2.LUT(planes[0], t.sq), cv2.LUT(planes[1], t.sq)), cv2.LUT(planes[2], t.sq)))
     dot = cv2.add(cv2.add(cv2.LUT(planes[0], t.dot[0]), cv2.LUT(planes[1], t.dot[1])), cv2.LUT(planes[2], t.dot[2]))
     off = np.divide(dot, length + np.float32(_EPS)).reshape(n, npx)
-    off_plane = _nan_quantile_rows(off, tissue, 0.9)  # the most off-plane tenth of tissue; 0 without tissue
 
     blue = planes[2]  # optical density falls as the value rises: absorbing blue most = the lowest blue value
     blue_first = (stained & ((blue < planes[1]) & (blue < planes[0])).reshape(n, npx)).sum(axis=1)
-    brown = (blue_first + 1.0) / (stained.sum(axis=1) + 2.0)
-    tissue_fraction = np.count_nonzero(tissue, axis=1) / npx
+    return np.column_stack(
+        [
+            np.count_nonzero(tissue, axis=1),
+            _row_sums(s.reshape(n, npx)),
+            _row_sums(cv2.multiply(s, s).reshape(n, npx)),
+            _row_sums(cv2.absdiff(s[:, 1:], s[:, :-1]).reshape(n, h * (w - 1))),
+            dy_rows[:, : h - 1].sum(axis=1),
+            _row_sums(cv2.subtract(most, least).reshape(n, npx)),
+            *[_row_sums(c.reshape(n, npx)) for c in od],
+            _coarse_std(s, n, h, w),  # 4 x 4 pooled grey: white noise loses its variance, tissue keeps it
+            _nan_quantile_rows(off, tissue, 0.9),  # the most off-plane tenth of tissue; 0 without tissue
+            blue_first,
+            np.count_nonzero(stained, axis=1),
+        ]
+    )
+
+
+def _finish(sums: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The statistics (``FEATURE_NAMES``) from the per-image sums of ``_sums``."""
+    tissue, s1, s2, dx, dy, chroma, od_r, od_g, od_b, coarse, off_plane, blue_first, stained = sums.T
+    npx = h * w
+    grey_mean = s1 / (765.0 * npx)
+    contrast = _std(s1, s2, npx) / 765.0
+    dx = dx / (765.0 * h * (w - 1))
+    dy = dy / (765.0 * (h - 1) * w)
+    od_mean = np.column_stack([od_r, od_g, od_b]) / npx
+    hue = od_mean / (od_mean.sum(axis=1, keepdims=True) + _EPS)  # the colour of the absorbed light
+    brown = (blue_first + 1.0) / (stained + 2.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         feats = np.stack(
             [
-                _logits(np.clip(tissue_fraction, 0.01, 0.99)),
+                _logits(np.clip(tissue / npx, 0.01, 0.99)),
                 _logits(np.clip(grey_mean, 0.01, 0.99)),
                 np.log(contrast + _EPS),
-                np.log(chroma + _EPS),
+                np.log(chroma / (255.0 * npx) + _EPS),
                 np.log((dx + dy) / 2 / (contrast + _EPS) + _EPS),
                 np.log(od_mean[:, 0] + _EPS),
                 np.log(od_mean[:, 1] + _EPS),
                 np.log(od_mean[:, 2] + _EPS),
                 hue[:, 0],
                 hue[:, 2],
-                np.log(coarse / (contrast + _EPS) + _EPS),
+                np.log(coarse / 765.0 / (contrast + _EPS) + _EPS),
                 off_plane,
                 _logits(np.clip(brown, 0.005, 0.995)),
             ],

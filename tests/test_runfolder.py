@@ -139,7 +139,7 @@ def test_saving_upgrades_to_the_current_schema_without_derived_copies(tmp_path: 
     assert doc["preprocessing"]["fit"] == "pad-edges" and doc["calibration"] == {"temperature": 1.0}
     assert {k: doc[k] for k in ("inference", "trust")} == {
         "inference": {"precision": None, "tta": None, "backend_speed": None},
-        "trust": {"referral": None, "tissue_check": None},
+        "trust": {"referral": None, "tissue_check": None, "ood": None},
     }
     again = read_bundle(run)
     assert again == read_bundle(run) and again.to_dict() == doc

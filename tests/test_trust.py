@@ -59,8 +59,8 @@ def test_coverage_rule_is_a_band_around_the_threshold_and_reaches_the_coverage()
 
 def test_target_accuracy_rule_and_auto_choice() -> None:
     probs, labels, unc = _doubtful()
-    rule = fit_referral(probs, labels, unc, threshold=0.5, tta=[0, 1], target_accuracy=0.97)
-    assert rule.accuracy >= 0.97 and 0 < rule.coverage < 1 and rule.asked == "accuracy"
+    rule = fit_referral(probs, labels, unc, threshold=0.5, tta=[0, 1], target_accuracy=0.93, by="auto")
+    assert rule.accuracy >= 0.93 and 0 < rule.coverage < 1 and rule.asked == "accuracy"
     assert rule.by == max(rule.error_auroc, key=lambda k: rule.error_auroc[k])  # auto: the better error finder
     by_unc = fit_referral(probs, labels, unc, threshold=0.5, tta=[0, 1], coverage=0.8, by="uncertainty")
     assert by_unc.max_uncertainty is not None and by_unc.band is None
@@ -88,7 +88,7 @@ def test_bad_referral_requests_are_clear() -> None:
         fit_referral(probs, labels, unc, threshold=0.5, tta=[0], coverage=1.5)
     with pytest.raises(ConfigError, match="2 views"):
         fit_referral(probs, labels, None, threshold=0.5, tta=[0], coverage=0.9, by="uncertainty")
-    with pytest.raises(DataError, match="no set of answered images reaches accuracy"):
+    with pytest.raises(DataError, match=r"no referral limit reaches accuracy 0\.9999 with confidence 0\.95"):
         fit_referral(np.full((100, 2), 0.5), np.zeros(100, int), None, threshold=0.5, tta=[0], target_accuracy=0.9999)
 
 
@@ -102,8 +102,11 @@ def test_calibrate_fits_a_rule_the_predictor_applies_under_its_policy(run: Path,
     result = CliRunner().invoke(app, ["calibrate", str(run), "--refer-coverage", "0.7", "--no-temperature"])
     assert result.exit_code == 0, result.output
     assert "refer images with" in result.output and "error-detection AUROC" in result.output
+    assert "with confidence 0.95 (DKW)" in result.output
     rule = read_bundle(run).trust.referral
     assert rule is not None and rule.tta == list(range(8))  # the binary model's default TTA, stored with the rule
+    assert rule.method == "empirical" and rule.delta == 0.05 and rule.bound is not None and rule.margin is not None
+    assert read_bundle(run).fitted.referral is not None  # the predictor and rows it was fitted under
     table = predict_input(Predictor(run, backend="torch"), kaggle_dir / "test")  # no TTA named: the rule's policy
     assert table.prediction.uncertainty is not None and table.prediction.answers is not None
     from histoscan.rules.referral import refer_mask as mask
@@ -130,6 +133,10 @@ def test_evaluate_reports_error_detection_coverage_and_the_rule(run: Path) -> No
     assert set(trust["accuracy_at_coverage"]) == {"0.8", "0.9", "0.95"}
     ref = trust["referral"]
     assert ref["applied"] and 0 <= ref["coverage_achieved"] <= 1 and len(ref["coverage_ci95"]) == 2
+    assert set(ref["coverage_per_class"]) == {"normal", "tumor"} and "sensitivity_answered" in ref
+    assert set(trust["aurc"]) == set(trust["error_detection"])
+    assert all(a["e_aurc"] >= -1e-12 and a["aurc"] >= a["e_aurc"] for a in trust["aurc"].values())
+    assert any("AURC" in line for line in r.lines(run))
     assert trust["tissue_check"]["checked"]
     assert (r.out / "figures" / "risk_coverage.png").is_file()
     assert "Knowing when not to answer" in (r.out / "report.html").read_text()

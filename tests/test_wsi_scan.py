@@ -98,7 +98,7 @@ def test_cli_scans_many_slides_resumes_and_lists_failures(run: Path, slides: Pat
     failed = table[table.status == "failed"].set_index("slide")
     assert set(failed.index) == {"corrupt", "blank"}
     assert "corrupt.svs" in failed.loc["corrupt", "error"] and "no tissue" in failed.loc["blank", "error"]
-    assert "uncertainty" in pd.read_csv(out / "a" / "tiles.csv").columns
+    assert {"uncertainty", "answer"} <= set(pd.read_csv(out / "a" / "tiles.csv").columns)
     done = table[table.status == "done"].set_index("slide")
     assert done.loc["a", "max_probability"] > done.loc["b", "max_probability"]
     stamp = (out / "a" / "summary.json").stat().st_mtime_ns
@@ -217,3 +217,22 @@ def test_a_folder_holding_earlier_scans_and_a_non_slide_tiff(run: Path, slides: 
     table = pd.read_csv(tmp_path / "out" / "slides.csv").set_index("slide")
     assert set(table.index) == {"a", "b", "c", "not-a-slide"}  # nothing from folder/scans/
     assert table.loc["not-a-slide", "status"] == "failed" and "not-a-slide.tif" in table.loc["not-a-slide", "error"]
+
+
+def test_each_tile_carries_the_answer_under_the_referral_rule_fitted_for_it(
+    run: Path, slides: Path, tmp_path: Path
+) -> None:
+    from histoscan.trust.calibrate import fit_run_referral
+
+    mine = Path(shutil.copytree(run, tmp_path / "run"))
+    rule = fit_run_referral(mine, coverage=0.6, tta=[0])  # the slide's default views follow the deployed ones
+    r = scan_slide(Predictor(mine, backend="torch"), slides / "a.tif", tmp_path / "out", ScanSettings())
+    tiles = pd.read_csv(r.folder / "tiles.csv")
+    lo, hi = rule.band or (0.0, 0.0)
+    refer = tiles.answer == "refer"
+    assert refer.any() and ((tiles.probability[refer] > lo - 1e-6) & (tiles.probability[refer] < hi + 1e-6)).all()
+    answered = tiles[~tiles.answer.isin(["refer", "not tissue", "out of distribution"])]
+    assert set(answered.answer) <= set(read_bundle(mine).classes)
+    inside = (answered.probability > lo + 1e-6) & (answered.probability < hi - 1e-6)
+    assert not inside.any()  # every tile in the band was referred
+    assert r.summary["referred_tiles"] == int(refer.sum())

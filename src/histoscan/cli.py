@@ -305,7 +305,13 @@ def split(**values: Any) -> None:
     s = SplitSettings(**values)
     _print(
         write_splits(
-            PatchStore(s.store), val=s.val, test=s.test, seed=s.seed, folds=s.folds, calibration=s.calibration
+            PatchStore(s.store),
+            val=s.val,
+            test=s.test,
+            seed=s.seed,
+            folds=s.folds,
+            calibration=s.calibration,
+            dedup=s.dedup,
         ).lines()
     )
 
@@ -413,7 +419,7 @@ _generated("ensemble", ensemble, _options("histoscan.inference.settings:Ensemble
 
 
 def calibrate(**values: Any) -> None:
-    """Calibrate a run: temperature, referral rule and tissue check.
+    """Calibrate a run: temperature, referral rule, tissue check and out-of-distribution detector.
 
     Fit temperature scaling, a referral rule and the tissue check on the run's data: the calibration rows of its
     split when it has them, else its validation split (an ensemble of folds: out-of-fold predictions, an
@@ -430,8 +436,11 @@ def calibrate(**values: Any) -> None:
         temperature=s.temperature,
         refer_coverage=s.refer_coverage,
         target_accuracy=s.target_accuracy,
+        target_sensitivity=s.refer_sensitivity,
+        delta=s.delta,
         refer_by=s.refer_by,
         tissue_check=s.tissue_check,
+        ood=s.ood,
         settings=model,
     )
     _print(lines, highlight=False)
@@ -692,12 +701,12 @@ def train(config: str | None, **values: Any) -> None:
 
     With --folds, --device is where the folds predict their out-of-fold patches (oof.csv).
     """
-    from histoscan.training.config import TrainConfig
+    from histoscan.training.config import TrainConfig, load_for_store
     from histoscan.training.cv import train_run
 
     model = predictor_settings(values, only=TRAIN_MODEL_OPTIONS)
-    cfg = TrainConfig.load(config, given_values(TrainConfig, values))
     con = _console()
+    cfg = load_for_store(config, given_values(TrainConfig, values), printer=con.print)
     _print(train_run(cfg, printer=con.print, settings=model).summary_lines())
 
 

@@ -64,8 +64,10 @@ ReferBy = Literal["probability", "uncertainty"]
 #: ``calibrate --refer-by``: one of ``ReferBy``, or auto (the one that detects errors best)
 ReferByChoice = Literal["auto", "probability", "uncertainty"]
 REFER_BY: tuple[ReferByChoice, ...] = get_args(ReferByChoice)
-#: what a referral rule was asked to reach
-ReferralAsk = Literal["coverage", "accuracy"]
+#: what a referral rule was asked to reach (sensitivity: among the answered tumour images)
+ReferralAsk = Literal["coverage", "accuracy", "sensitivity"]
+#: how a referral rule's limit was chosen: the empirical quantile (a coverage), or Learn-then-Test (a target)
+ReferralMethod = Literal["empirical", "learn-then-test"]
 
 # ---- tuning --------------------------------------------------------------------------------------
 Sampler = Literal["tpe", "random"]

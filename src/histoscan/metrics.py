@@ -226,3 +226,46 @@ def bootstrap_statistic(
     alpha = (1 - level) / 2
     lo, hi = np.quantile(finite, [alpha, 1 - alpha])
     return float(lo), float(hi)
+
+
+# ---- selective classification: answering the surest first ---------------------------------------------------
+def selective_risks(doubt: np.ndarray, wrong: np.ndarray) -> np.ndarray:
+    """Error rate of the ``k`` surest answers for ``k`` = 1..n (the least doubt answered first).
+
+    Images of equal doubt cannot be told apart, so within a run of ties the errors count as spread evenly
+    (the expectation over the orders of the tie): a score that ties everything gets the full error rate at
+    every coverage, never a lucky order.
+    """
+    d = np.asarray(doubt, dtype=np.float64)
+    w = np.asarray(wrong, dtype=bool)
+    n = len(d)
+    if n == 0:
+        raise DataError("no predictions to rank")
+    order = np.argsort(d, kind="stable")
+    d, w = d[order], w[order]
+    cum = np.concatenate([[0.0], np.cumsum(w, dtype=np.float64)])
+    starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])
+    ends = np.r_[starts[1:], n]
+    sizes = ends - starts
+    group = np.repeat(np.arange(len(starts)), sizes)
+    within = np.arange(1, n + 1) - starts[group]
+    errors = cum[starts][group] + (cum[ends] - cum[starts])[group] * within / sizes[group]
+    return errors / np.arange(1, n + 1)
+
+
+def aurc(doubt: np.ndarray, wrong: np.ndarray) -> float:
+    """Area under the risk-coverage curve: the mean error rate of the ``k`` surest answers over every ``k``."""
+    return float(selective_risks(doubt, wrong).mean())
+
+
+def optimal_aurc(wrong: np.ndarray) -> float:
+    """The AURC of a perfect ranking (every error after every correct answer) at the same error count."""
+    w = np.asarray(wrong, dtype=bool)
+    n, correct = len(w), int((~w).sum())
+    k = np.arange(1, n + 1)
+    return float((np.maximum(0, k - correct) / k).mean())
+
+
+def excess_aurc(doubt: np.ndarray, wrong: np.ndarray) -> float:
+    """E-AURC: the AURC above a perfect ranking's, so ranking quality is seen apart from accuracy (0: perfect)."""
+    return aurc(doubt, wrong) - optimal_aurc(wrong)

@@ -9,6 +9,7 @@ A run folder is what ``histoscan train`` (or ``histoscan baselines``) leaves beh
     metrics.csv         one row per epoch (``METRIC_COLUMNS``)
     split.csv           ``id,split`` over the store it trained on
     model.onnx          the exported graph (``histoscan export``)
+    ood.safetensors     the out-of-distribution detector's arrays (``histoscan calibrate --ood``; trust.ood)
     baseline.json       a classical baseline's card (instead of model.json and weights)
     eval/               the evaluation of its own test split: metrics.json, figures/, report.html
 
@@ -56,7 +57,15 @@ from pydantic import (
 )
 
 from histoscan.data.store import PatchStore
-from histoscan.enums import FitPolicy, ReferBy, ReferralAsk, StainGranularity, StainMethod, StoredPrecision
+from histoscan.enums import (
+    FitPolicy,
+    ReferBy,
+    ReferralAsk,
+    ReferralMethod,
+    StainGranularity,
+    StainMethod,
+    StoredPrecision,
+)
 from histoscan.errors import ConfigError, DataError
 
 MODEL_FILE = "model.json"
@@ -202,7 +211,14 @@ class ReferralRule(BaseModel):
     ``by: probability`` refers a binary model's images whose P(positive) lies in ``band`` (a multi-class
     model's whose top probability is below ``band[1]``, ``band[0]`` being 0); ``by: uncertainty`` refers
     images whose uncertainty (spread over TTA views or members) is above ``max_uncertainty``. ``tta`` is the
-    policy it was fitted under: the Predictor predicts with it whenever the rule is applied.
+    policy it was fitted under: the Predictor predicts with it whenever the rule is applied (``fitted.referral``
+    records the whole predictor and the rows).
+
+    The guarantee (``histoscan.trust.guarantee``; absent from rules fitted before it): ``method`` says how the
+    limit was chosen (``empirical``: the quantile reaching a coverage; ``learn-then-test``: a target certified
+    at confidence 1 - ``delta``); ``bound`` is a lower confidence bound, at 1 - ``delta``, on the asked quantity
+    for new images like the ``count`` fitting rows (a target: the target itself, certified; a coverage: the
+    fitted coverage less the Dvoretzky-Kiefer-Wolfowitz margin); ``p_value`` is the test's at the chosen limit.
     """
 
     model_config = _STRICT
@@ -217,6 +233,12 @@ class ReferralRule(BaseModel):
     coverage: Probability  # achieved on the fitting predictions
     accuracy: Probability  # of the answered images there
     error_auroc: dict[str, Finite] = Field(default_factory=dict)  # each candidate score's error-detection AUROC
+    margin: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None  # binary by probability: in logits
+    sensitivity: Probability | None = None  # among the answered tumour images of the fitting rows (binary)
+    method: ReferralMethod | None = None  # None: fitted before the guarantee was recorded
+    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None = None
+    bound: Probability | None = None
+    p_value: Probability | None = None
 
     @model_validator(mode="after")
     def _one_rule(self) -> ReferralRule:
@@ -251,12 +273,41 @@ class TissueCheck(BaseModel):
         return self
 
 
+OOD_FILE = "ood.safetensors"  # the out-of-distribution detector's fitted arrays (trust.ood)
+OodScore = Literal["msp", "energy", "spread", "mahalanobis", "knn"]
+
+
+class OodDetector(BaseModel):
+    """``trust.ood``: the out-of-distribution detector (fitted by ``histoscan.trust.ood``, applied by ``histoscan.rules.ood``).
+
+    Its arrays (class means and shared precision of the training split's pooled features, and the normalised
+    feature bank for kNN) lie in the side file ``file``, checked against ``sha256`` whenever the run is loaded.
+    An image whose ``score`` exceeds ``threshold`` (the ``quantile`` of the score on ``fitted_on`` rows,
+    ``rows`` of them) is answered ``out of distribution``. ``tta``: the views the scores were fitted under
+    (only the ``spread`` score depends on them; the others read the first view).
+    """
+
+    model_config = _STRICT
+    score: OodScore
+    threshold: Finite
+    quantile: Probability
+    file: Name = OOD_FILE
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    features: Annotated[int, Field(ge=1)]  # width of the pooled features
+    k: Annotated[int, Field(ge=1)] = 10  # the kNN score's neighbour
+    train_rows: Annotated[int, Field(ge=1)]  # training patches the arrays were fitted on
+    fitted_on: Name = "val"
+    rows: Annotated[int, Field(ge=1)]
+    tta: list[Annotated[int, Field(ge=0, le=7)]] = Field(min_length=1)
+
+
 class TrustPolicy(BaseModel):
-    """``trust``: when to refer an image, and which images are not tissue at all (both optional)."""
+    """``trust``: when to refer an image, which images are not tissue at all, and which are out of distribution (all optional)."""
 
     model_config = _STRICT
     referral: ReferralRule | None = None
     tissue_check: TissueCheck | None = None
+    ood: OodDetector | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -63,6 +63,11 @@ class SplitSettings:
         "ensembles and 'calibrate' fit their threshold and temperature there.",
         0.0,
     )
+    dedup: bool = doc(
+        "Keep near-duplicate images (perceptual hash within 10 of 64 bits, any flip or rotation) on one side of "
+        "the split: for sets made by augmenting a few originals, such as LC25000. Writes <name>-dedup.csv.",
+        False,
+    )
 
 
 @dataclass(frozen=True)

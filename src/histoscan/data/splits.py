@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
+from histoscan.data.dedup import DuplicateGroups, near_duplicate_groups
 from histoscan.data.store import SPLITS_DIR, PatchStore
 from histoscan.errors import DataError
 
@@ -162,14 +163,45 @@ def _fold_to_split(path: Path, values: np.ndarray, fold: int | None) -> np.ndarr
     return out
 
 
+def combine_groups(*groupings: np.ndarray) -> np.ndarray:
+    """One group number per row such that rows sharing a group in any of ``groupings`` share one here."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(groupings[0])
+    rows, cols, offset = [], [], n
+    for g in groupings:
+        _, codes = np.unique(np.asarray(g), return_inverse=True)
+        rows.append(np.arange(n))
+        cols.append(codes + offset)  # link each row to a node for its group
+        offset += int(codes.max()) + 1 if n else 0
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(r), dtype=np.int8), (r, c)), shape=(offset, offset))
+    _, labels = connected_components(graph, directed=False)
+    return labels[:n].astype(np.int64)
+
+
 def _base_split(
-    store: PatchStore, val: float, test: float, seed: int, use_source_split: bool, calibration: float = 0.0
+    store: PatchStore,
+    val: float,
+    test: float,
+    seed: int,
+    use_source_split: bool,
+    calibration: float = 0.0,
+    dedup: DuplicateGroups | None = None,
 ) -> tuple[np.ndarray, str]:
     """The recipe's train/val/test(/calibration) assignment (the source's own split when it has one) and its name.
 
     With the source's own split, ``calibration`` rows are held out of its train part (PCam's val and
-    test stay the official ones).
+    test stay the official ones). ``dedup``: near-duplicate groups (``histoscan.data.dedup``) kept on one
+    side each, together with the store's own groups; the split's name ends in ``-dedup``.
     """
+    if dedup is not None:
+        if has_source_split(store):
+            raise DataError(f"{store.path}: the source has its own split; --dedup makes a new one and cannot apply")
+        groups = dedup.groups if store.groups is None else combine_groups(dedup.groups, store.groups)
+        name = split_name(val, test, seed, calibration) + "-dedup"
+        return make_split(store.labels, groups, val=val, test=test, seed=seed, calibration=calibration), name
     if use_source_split and has_source_split(store):
         source = np.asarray(store.source_splits, dtype=object)
         if not calibration:
@@ -279,12 +311,17 @@ class StoreSplits:
     source: bool
     folds_path: Path | None = None
     folds: int = 0
+    dedup: DuplicateGroups | None = None
 
     def lines(self) -> list[str]:
         """A human summary, one line per fact."""
         out = [", ".join(f"{k}: {len(v)} {v.counts()}" for k, v in self.parts.items())]
         how = "the source's own split (as 'histoscan train' uses it)" if self.source else "split"
+        if self.dedup is not None:
+            out.append(self.dedup.line())
         out.append(f"{how} saved to {self.path}")
+        if self.dedup is not None:
+            out.append(f"train on it with: histoscan train --split-file {self.path}")
         if CALIBRATION in self.parts:
             out.append(
                 f"{len(self.parts[CALIBRATION])} calibration rows: never trained or validated on; ensembles and "
@@ -299,13 +336,32 @@ class StoreSplits:
 
 
 def write_splits(
-    store: PatchStore, *, val: float = 0.1, test: float = 0.1, seed: int = 0, folds: int = 0, calibration: float = 0.0
+    store: PatchStore,
+    *,
+    val: float = 0.1,
+    test: float = 0.1,
+    seed: int = 0,
+    folds: int = 0,
+    calibration: float = 0.0,
+    dedup: bool = False,
 ) -> StoreSplits:
     """Make (or reuse) the split ``histoscan train`` would use with the same arguments, and ``folds`` folds.
 
     ``calibration``: also reserve that fraction of the store as calibration rows, outside train, val, test
-    and every fold (stratified, and grouped by patient or slide where the store has groups).
+    and every fold (stratified, and grouped by patient or slide where the store has groups). ``dedup``:
+    instead, a split that keeps each group of near-duplicate images (``histoscan.data.dedup``) on one side,
+    saved as ``splits/<name>-dedup.csv`` for ``histoscan train --split-file``.
     """
+    if dedup:
+        if folds:
+            raise DataError("--dedup makes a train/val/test split; it cannot be combined with --folds")
+        groups = near_duplicate_groups(store)
+        assignment, name = _base_split(store, val, test, seed, False, calibration, dedup=groups)
+        path = save_split(store, assignment, name)
+        parts = {s: store.subset(np.flatnonzero(assignment == s)) for s in SPLIT_NAMES}
+        if (assignment == CALIBRATION).any():
+            parts[CALIBRATION] = store.subset(np.flatnonzero(assignment == CALIBRATION))
+        return StoreSplits(parts, path, source=False, dedup=groups)
     parts, path = split_store(store, val=val, test=test, seed=seed, calibration=calibration)
     result = StoreSplits(parts, path, source=path.stem.startswith("source") and has_source_split(store))
     if folds:

@@ -257,6 +257,7 @@ def evaluate_trust(
         threshold=bundle.threshold,
         rule=rule if applies else None,
         views=len(ks),
+        classes=bundle.classes,
         n_boot=n_boot,
         seed=seed,
     )

@@ -16,6 +16,8 @@ import torch
 from histoscan.bundle import EnsembleBundle, ModelBundle, first_line, load_model, read_bundle
 from histoscan.enums import BACKENDS, PRECISIONS
 from histoscan.errors import ConfigError
+from histoscan.models.factory import logits_and_pooled
+from histoscan.rules.ood import needs_features
 from histoscan.runfolder import MODEL_FILE, ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, ONNX_FILE, RunFolder
 from histoscan.system import available_cores, hardware_id, native_bf16_cpu
 
@@ -79,6 +81,15 @@ class TorchBackend:
         dtype = _DTYPES.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return self.model(x).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def logits_and_features(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and pooled features (before the classifier) of a preprocessed batch, in one pass of the trunk."""
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        dtype = _DTYPES.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits, features = logits_and_pooled(self.model, x)
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
 
 class OnnxBackend:
@@ -164,6 +175,8 @@ def resolve_backend(run_dir: str | Path, backend: str = "auto", device: str = "c
     bundle = read_bundle(run_dir)
     if not run.weights_path.is_file() and not isinstance(bundle, EnsembleBundle):
         return "onnx"  # an ONNX-only bundle (weights not shipped): the one backend it can run
+    if needs_features(bundle.trust.ood):
+        return "torch"  # the graph outputs no pooled features (the documented fallback of trust.ood)
     speed = bundle.inference.backend_speed
     return speed.faster if speed is not None and speed.hardware == hardware_id(device) else "torch"
 

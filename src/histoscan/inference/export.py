@@ -36,6 +36,7 @@ from histoscan.bundle import EnsembleBundle, ModelBundle, first_line, load_model
 from histoscan.data.store import PatchStore
 from histoscan.errors import HistoscanError
 from histoscan.inference.probabilities import probabilities
+from histoscan.rules.ood import needs_features
 from histoscan.runfolder import ONNX_CONTRACT_KEY, ONNX_CONTRACT_VERSION, BackendSpeed, RunFolder
 from histoscan.system import hardware_id
 
@@ -155,7 +156,7 @@ def export_onnx(
         )
     os.replace(tmp, path)
     speed = None
-    if time_backends:
+    if time_backends and not needs_features(bundle.trust.ood):  # else auto runs torch: the graph gives no features
         speed = measure_backends(run, images)
         bundle = read_bundle(run)
         bundle.inference.backend_speed = speed

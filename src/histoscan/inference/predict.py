@@ -38,10 +38,11 @@ class PredictionTable:
     settings: dict[str, object] | None = None  # what produced them (``Predictor.settings_record``)
 
     def frame(self) -> pd.DataFrame:
-        """id, prob_<class>..., predicted, answer, quality[, uncertainty].
+        """id, prob_<class>..., predicted, answer, quality[, uncertainty][, ood_score].
 
         ``answer`` is the class, ``refer``, ``not tissue`` or ``out of distribution``; ``quality`` is the tissue
-        check's flag (``ok``, what is wrong, or ``unchecked`` for a run without the check).
+        check's flag (``ok``, what is wrong, or ``unchecked`` for a run without the check); ``ood_score``: the
+        out-of-distribution detector's score, when the run has one (``trust.ood``).
         """
         df = pd.DataFrame({"id": self.ids})
         for j, name in enumerate(self.classes):
@@ -53,6 +54,8 @@ class PredictionTable:
             df["quality"] = self.prediction.quality
         if self.prediction.uncertainty is not None:
             df["uncertainty"] = self.prediction.uncertainty
+        if self.prediction.ood is not None:
+            df["ood_score"] = self.prediction.ood
         return df
 
 

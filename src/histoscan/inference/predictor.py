@@ -30,9 +30,10 @@ from histoscan.inference.tta import default_views, tta_views
 from histoscan.inference.tta import parse_tta as parse_tta  # re-exported: callers and tests import it from here
 from histoscan.preprocessing import Groups, Preprocessing, dihedral_k
 from histoscan.rules.answers import UNCHECKED, answer_images
+from histoscan.rules.ood import FEATURE_SCORES, OodArrays, check_views, load_arrays, score_of, with_ood
 from histoscan.rules.provenance import check_fitted, fitted_notices
 from histoscan.rules.tissue import judge, tissue_features
-from histoscan.runfolder import MODEL_FILE, FittedUnder
+from histoscan.runfolder import MODEL_FILE, FittedUnder, OodDetector
 
 
 @dataclass
@@ -43,7 +44,8 @@ class Prediction:
     several (TTA elements, ensemble members, or both): the standard deviation of P(positive) for binary models,
     of the predicted class's probability otherwise; None for one view. ``answers``: what each image is
     answered (a class name, ``refer``, ``not tissue`` or ``out of distribution``), with its tissue-check
-    ``quality`` flag (``ok``, what is wrong, or ``unchecked``).
+    ``quality`` flag (``ok``, what is wrong, or ``unchecked``), and the out-of-distribution detector's score
+    ``ood`` when the run has one (``trust.ood``).
     """
 
     probabilities: np.ndarray
@@ -51,6 +53,7 @@ class Prediction:
     uncertainty: np.ndarray | None = None
     answers: list[str] | None = None
     quality: list[str] | None = None
+    ood: np.ndarray | None = None  # the stored out-of-distribution detector's score (None: the run has none)
 
     def __len__(self) -> int:
         return int(self.probabilities.shape[0])
@@ -63,12 +66,14 @@ class Prediction:
         unc = [p.uncertainty for p in parts if p.uncertainty is not None]
         answers = [p.answers for p in parts if p.answers is not None]
         quality = [p.quality for p in parts if p.quality is not None]
+        ood = [p.ood for p in parts if p.ood is not None]
         return Prediction(
             np.concatenate([p.probabilities for p in parts]),
             np.concatenate([p.predicted for p in parts]),
             np.concatenate(unc) if len(unc) == len(parts) else None,
             [a for part in answers for a in part] if len(answers) == len(parts) else None,
             [q for part in quality for q in part] if len(quality) == len(parts) else None,
+            np.concatenate(ood) if len(ood) == len(parts) else None,
         )
 
 
@@ -84,6 +89,9 @@ class Prepared:
         self.device = device
         self.groups = groups
         self._by_key: dict[str, torch.Tensor] = {}
+        # the first view's raw logits and pooled features, kept by the pass that predicts (trust.ood reads them)
+        self.first_logits: np.ndarray | None = None
+        self.features: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.fitted)
@@ -164,6 +172,24 @@ class Predictor:
         self.batch_size = batch_size
         self.device = torch.device(device if backend == "torch" else "cpu")
         check_fitted(self.bundle.fitted, self.member_count, str(self.run_dir / MODEL_FILE))
+        self.ood_arrays: OodArrays | None = None  # the out-of-distribution detector's fitted arrays (trust.ood)
+        self.keep_features = False  # also read the first view's pooled features (set when trust.ood needs them)
+        if self.bundle.trust.ood is not None:
+            self._load_ood(self.bundle.trust.ood)
+
+    def _load_ood(self, spec: OodDetector) -> None:
+        """Check and load ``trust.ood``'s side file; refuse a backend that cannot give its score's features."""
+        where = self.run_dir / MODEL_FILE
+        if isinstance(self.bundle, EnsembleBundle):
+            raise ConfigError(f"{where}: trust.ood is fitted per single model; an ensemble's document cannot hold one")
+        self.ood_arrays = load_arrays(self.run_dir, spec)
+        if spec.score in FEATURE_SCORES:
+            if not isinstance(self.backend, TorchBackend):
+                raise ConfigError(
+                    f"{where}: trust.ood scores the network's pooled features ({spec.score}), which the ONNX graph "
+                    "does not output; predict with --backend torch"
+                )
+            self.keep_features = True
 
     # ---- the predictor it is, against what was fitted -------------------------------------
     @property
@@ -268,7 +294,9 @@ class Predictor:
         fmt = self.memory_format
         if not isinstance(self.bundle, EnsembleBundle):
             x = self.bundle.preprocessing.network_input(prepared.get(self.bundle.preprocessing), memory_format=fmt)
-            return np.stack([self.probabilities_from_logits(self.backend.logits(dihedral_k(x, k, fmt))) for k in ks])
+            return np.stack(
+                [self.probabilities_from_logits(self._logits(prepared, x, k, i == 0)) for i, k in enumerate(ks)]
+            )
         if self.members:
             per_member = [m.views(prepared, ks) for m in self.members]  # each: K x N x C
             return np.concatenate(per_member)
@@ -283,6 +311,25 @@ class Predictor:
     def memory_format(self) -> torch.memory_format:
         """The layout this predictor's backend reads without a copy: NCHW for ONNX Runtime, else channels-last."""
         return torch.contiguous_format if isinstance(self.backend, OnnxBackend) else torch.channels_last
+
+    def _logits(self, prepared: Prepared, x: torch.Tensor, k: int, first: bool) -> np.ndarray:
+        """Logits of view ``k``; the first view's are kept on ``prepared``, with its pooled features when wanted."""
+        view = dihedral_k(x, k, self.memory_format)
+        if first and self.keep_features and isinstance(self.backend, TorchBackend):
+            logits, prepared.features = self.backend.logits_and_features(view)
+        else:
+            logits = self.backend.logits(view)
+        if first:
+            prepared.first_logits = logits
+        return logits
+
+    def ood_score(
+        self, spec: OodDetector, prepared: Prepared, probs: np.ndarray, spread: np.ndarray | None
+    ) -> np.ndarray:
+        """The stored detector's score of a batch the Predictor has just run (``views`` on ``prepared``)."""
+        logits = prepared.first_logits if prepared.first_logits is not None else logits_of(probs[0])
+        t = self.bundle.temperature
+        return score_of(spec.score, self.ood_arrays, spec.k, probs[0], logits, spread, prepared.features, t)
 
     def tta_views(self, tta: bool | Sequence[int] | None) -> list[int]:
         """The dihedral elements a prediction runs: as asked, or with None the default for ``predict``."""
@@ -336,8 +383,14 @@ class Predictor:
                 mean = self.probabilities_from_logits(logits_of(mean))
             predicted = self.classify(mean)
             quality = self.quality(prepared)
+            ood = None
+            if self.bundle.trust.ood is not None:
+                spec = self.bundle.trust.ood
+                check_views(spec, ks, str(self.run_dir / MODEL_FILE))
+                ood = self.ood_score(spec, prepared, probs, unc)
+                quality = with_ood(quality, ood > spec.threshold)
             answers = answer_images(self.bundle.trust, self.classes, mean, predicted, unc, quality, ks)
-            parts.append(Prediction(mean, predicted, unc, answers, quality))
+            parts.append(Prediction(mean, predicted, unc, answers, quality, ood))
         return Prediction.concat(parts, len(self.classes))
 
     def predict_batches(

@@ -110,3 +110,20 @@ def classifier_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     if not isinstance(head, nn.Module):
         raise ConfigError(f"{type(model).__name__} exposes no classifier; cannot freeze its backbone")
     return list(head.parameters())
+
+
+def logits_and_pooled(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the pooled features of the last feature maps, from one pass of the trunk.
+
+    timm's split (``forward_features``, then ``forward_head``), which histoscan's own CNNs follow too. The
+    features are the global average of the last feature maps (what a timm CNN's ``pre_logits`` gives; for
+    histoscan's CNNs, whose heads flatten or add dense layers, the same global average of the trunk's
+    output); a model whose ``forward_features`` gives tokens rather than maps (a ViT) gives its ``pre_logits``.
+    """
+    forward_features = getattr(model, "forward_features", None)
+    forward_head = getattr(model, "forward_head", None)
+    if not (callable(forward_features) and callable(forward_head)):
+        raise ConfigError(f"{type(model).__name__} has no forward_features/forward_head; its features cannot be read")
+    maps = forward_features(x)
+    pooled = maps.float().mean(dim=(2, 3)) if maps.ndim == 4 else torch.flatten(forward_head(maps, pre_logits=True), 1)
+    return forward_head(maps), pooled

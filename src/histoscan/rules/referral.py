@@ -34,8 +34,19 @@ def describe(rule: ReferralRule) -> str:
         what = f"P(positive) between {rule.band[0]:.4f} and {rule.band[1]:.4f}"
     else:
         what = f"top probability below {(rule.band or [0, 0])[1]:.4f}"
-    asked = f"coverage {rule.target:.2f}" if rule.asked == "coverage" else f"accuracy {rule.target:.3f}"
-    return (
+    if rule.margin is not None:
+        what += f" (a calibrated margin under {rule.margin:.2f} logits)"
+    asked = f"coverage {rule.target:.2f}" if rule.asked == "coverage" else f"{rule.asked} {rule.target:.3f}"
+    sens = f", sensitivity among the answered tumours {rule.sensitivity:.4f}" if rule.sensitivity is not None else ""
+    line = (
         f"refer images with {what} (asked: {asked}; on {rule.count} predictions, {rule.fitted_on}: "
-        f"coverage {rule.coverage:.3f}, accuracy of the answered {rule.accuracy:.4f}; TTA views {rule.tta})"
+        f"coverage {rule.coverage:.3f}, accuracy of the answered {rule.accuracy:.4f}{sens}; TTA views {rule.tta})"
     )
+    if rule.method == "learn-then-test" and rule.delta is not None:
+        line += (
+            f"; guaranteed: {rule.asked} at least {rule.target:.3f} with confidence {1 - rule.delta:.2f} "
+            f"(Learn-then-Test, fixed sequence, binomial p-value {rule.p_value:.3g})"
+        )
+    elif rule.bound is not None and rule.delta is not None:
+        line += f"; coverage at least {rule.bound:.3f} with confidence {1 - rule.delta:.2f} (DKW)"
+    return line

@@ -51,7 +51,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             model, s.max_batch, s.max_wait_ms, s.max_in_flight, s.max_queue, admission, s.model_timeout_s
         )
         await batcher.start()
-        state = ServeState(settings, read_bundle(settings.run_dir), model, batcher)
+        state = ServeState(settings, read_bundle(settings.run_dir), model, batcher, on_answer=metrics.count_answer)
         app.state.histoscan = state
         metrics.admission = admission
         try:

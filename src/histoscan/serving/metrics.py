@@ -16,6 +16,7 @@ from histoscan.serving.admission import KINDS, Admission
 from histoscan.serving.guard import UploadBudget
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ANSWERS = ("class", "refer", "not tissue", "out of distribution")  # the labels of histoscan_answers
 ROUTES = ("/v1/predict", "/v1/predict/batch", "/v1/explain", "/v1/preview")
 
 
@@ -39,6 +40,14 @@ class ServeMetrics:
         )
         self.busy = Counter("histoscan_busy_refusals", "Requests answered 503 (any cause).", registry=r)
         self.late = Counter("histoscan_timeouts", "Request bodies answered 408 (too slow).", registry=r)
+        self.answers = Counter(
+            "histoscan_answers",
+            "Images answered, by answer: class, refer, not tissue, out of distribution (a drift shows here).",
+            ["answer"],
+            registry=r,
+        )
+        for kind in ANSWERS:
+            self.answers.labels(kind)  # every kind exported from the start, at 0
         queue = Gauge("histoscan_queue_depth", "Work admitted and not yet answered, by kind.", ["kind"], registry=r)
         limit = Gauge("histoscan_queue_limit", "Admission limit, by kind.", ["kind"], registry=r)
         for kind in KINDS:
@@ -72,6 +81,11 @@ class ServeMetrics:
             self.busy.inc()
         elif status == 408:
             self.late.inc()
+
+    def count_answer(self, answer: str | None) -> None:
+        """Count one image's answer (a class name counts as ``class``; None: a run without answers)."""
+        if answer is not None:
+            self.answers.labels(answer if answer in ANSWERS else "class").inc()
 
     def saturation(self) -> dict[str, Any]:
         """What ``/ready`` reports: queue depths and limits, upload bytes held, and what is full."""

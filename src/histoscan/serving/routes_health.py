@@ -73,8 +73,8 @@ def metrics(request: Request) -> Response:
 def model_card(state: ServeState = Depends(get_state)) -> dict[str, Any]:
     """The model card of the served model.
 
-    Architecture, classes, input size, threshold, calibration, referral rule, tissue check, validation metric,
-    versions.
+    Architecture, classes, input size, threshold, calibration, referral rule, tissue check, out-of-distribution
+    detector, validation metric, versions.
     """
     b = state.bundle
     rule = b.trust.referral
@@ -91,6 +91,9 @@ def model_card(state: ServeState = Depends(get_state)) -> dict[str, Any]:
         "calibration": {"temperature": b.temperature},
         "referral": None if rule is None else rule.model_dump(mode="json", exclude={"error_auroc"}),
         "tissue_check": b.trust.tissue_check is not None,
+        "ood": None
+        if b.trust.ood is None
+        else b.trust.ood.model_dump(mode="json", include={"score", "threshold", "quantile", "fitted_on", "rows"}),
         "validation": b.best_metric,
         "backend": state.model.backend,
         # what answers: backend, precision, TTA views, members, threshold and how each fitted value was fitted,

@@ -75,8 +75,10 @@ def answer(
     answer: str | None = None,
     quality: str | None = None,
 ) -> dict[str, Any]:
-    """The fields of one image's answer."""
+    """The fields of one image's answer (counted for ``/metrics``)."""
     classes = state.bundle.classes
+    if state.on_answer is not None:
+        state.on_answer(answer)
     return {
         "label": classes[predicted],
         "prediction": predicted,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +170,7 @@ class ServeState:
     model: ModelRunner
     batcher: MicroBatcher
     run_name: str = ""
+    on_answer: Callable[[str | None], None] | None = None  # counts each image's answer (/metrics)
     decoder: UploadDecoder = field(init=False)
     pool: DecodePool = field(init=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -19,7 +20,7 @@ from histoscan.enums import (
     StainGranularity,
     TrainPrecision,
 )
-from histoscan.errors import ConfigError
+from histoscan.errors import ConfigError, HistoscanError
 from histoscan.options import check_choices, doc, field_type
 
 # the vocabularies live in histoscan.enums (named here as the fields have always been typed)
@@ -79,6 +80,17 @@ class TrainConfig:
     schedule: Schedule = doc("Learning-rate schedule (cosine has a linear warmup).", "cosine")
     warmup_epochs: float = doc("Linear warmup length in epochs (cosine).", 0.0)
     label_smoothing: float = doc("Label smoothing (0 = off).", 0.0)
+    mixup: float = doc(
+        "Mixup: blend each training batch with a shuffled copy of itself, weight drawn from Beta(a, a) "
+        "(0: off; 0.2 is usual). With cutmix too, each batch uses one of the two at random.",
+        0.0,
+    )
+    cutmix: float = doc(
+        "CutMix: paste a box (area drawn from Beta(a, a)) of a shuffled copy into each training batch (0: off; "
+        "1.0 is usual). The mixed label is the share of the labelled region (the store's centre label_size, "
+        "else the whole image) each patch contributes.",
+        0.0,
+    )
     class_weights: list | None = doc(
         "Loss weight per class, e.g. [1.0, 1.5] (the reference notebooks' transfer recipe weights tumour 1.5).", None
     )
@@ -123,6 +135,11 @@ class TrainConfig:
         "A target.json from 'histoscan stain fit' to normalise to (needs --stain-norm).", None
     )
     crop: int | None = doc("Centre crop side before the network (e.g. 32: the labelled centre only).", None)
+    random_crop: bool = doc(
+        "Training only: take the crop at a random offset that keeps the labelled centre in view (CentreSafeCrop) "
+        "instead of centred; validation and prediction stay centred. Needs crop smaller than the images.",
+        False,
+    )
     resize: int | None = doc("Resize side before the network (e.g. 192 to upscale 96 px patches).", None)
     mpp: float | None = doc("Micrometres per pixel of the training patches (default: what the store recorded).", None)
     freeze_epochs: int = doc("Train only the classifier for this many epochs, then unfreeze (transfer learning).", 0)
@@ -189,6 +206,12 @@ class TrainConfig:
             )
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError(f"mixup and cutmix must be at least 0 (0: off), got {self.mixup} and {self.cutmix}")
+        if (self.mixup or self.cutmix) and self.stain_consistency:
+            raise ConfigError("mixup / cutmix and stain_consistency cannot be combined (choose one)")
+        if self.random_crop and self.crop is None:
+            raise ConfigError("random_crop needs crop (the side of the crop taken at a random offset)")
         if self.pretrained and self.weights:
             raise ConfigError("give either pretrained (timm hub) or weights (local file), not both")
         if self.balanced_sampler and self.class_weights:
@@ -290,6 +313,35 @@ class TrainConfig:
 
 
 _ALLOWED: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+
+WHOLE_TILE_CONFIG = "cpu-wholetile"
+
+
+def load_for_store(
+    config: str | None, overrides: dict[str, Any], printer: Callable[[str], None] = print
+) -> TrainConfig:
+    """``TrainConfig.load``, choosing the shipped config by the store's label geometry when none is named.
+
+    With neither a config nor a model given, a store whose labels describe whole images (it records no
+    labelled centre: LC25000, IDC, class folders) trains with ``cpu-wholetile``, and ``printer`` says so;
+    any other store keeps the built-in defaults. Options given on top still win.
+    """
+    if config is None and "model" not in overrides and overrides.get("data"):
+        from histoscan.data.store import PatchStore
+
+        try:
+            whole_tile = PatchStore(overrides["data"]).label_size is None
+        except HistoscanError:  # not a store: training reports that itself, after the options are checked
+            whole_tile = False
+        if whole_tile:
+            printer(
+                f"note: {overrides['data']} labels whole images (no labelled centre), so the shipped config "
+                f"{WHOLE_TILE_CONFIG} is used (the whole image resized, no centre crop); --config or --model "
+                "chooses another"
+            )
+            config = WHOLE_TILE_CONFIG
+    return TrainConfig.load(config, overrides)
 
 
 def shipped_configs() -> dict[str, Path]:

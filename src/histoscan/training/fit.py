@@ -215,6 +215,11 @@ def _geometry(cfg: TrainConfig, store: PatchStore, printer: Callable[[str], None
         printer(
             f"note: {cfg.data} records no labelled centre (its labels describe whole images), so the centre "
             f"crop {crop} is not applied; the whole image is resized to {size or crop} px instead"
+            + (
+                " (and random_crop, which keeps a labelled centre in view, is not applied either)"
+                if cfg.random_crop
+                else ""
+            )
         )
         crop, size = None, size or crop
     if crop and crop > min(h, w):

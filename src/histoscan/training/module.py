@@ -20,6 +20,7 @@ from histoscan.models.factory import classifier_parameters
 from histoscan.preprocessing import Preprocessing
 from histoscan.stain.augment import build_augmentation, build_restain
 from histoscan.training.config import TrainConfig
+from histoscan.training.mixing import MixedBatch, label_region, mix_batch
 from histoscan.training.schedule import SchedulePlan
 
 
@@ -60,16 +61,19 @@ class PatchClassifier(L.LightningModule):
         super().__init__()
         self.model, self.cfg, self.pre, self.num_classes = model, cfg, preprocessing, num_classes
         self.binary = num_classes == 2
+        # random crop offsets (training only): CentreSafeCrop to the stored crop side, keeping the labelled centre
+        crop = preprocessing.crop if cfg.random_crop else None
         self.augment = build_augmentation(
             cfg.augment,
             cfg.augment_strength,
+            crop=crop,
             keep=preprocessing.label_size,
             stain_p=cfg.stain_augment_p,
             matrix_noise=cfg.stain_matrix_noise,
         )
         # after stain_augment_until of the plan: the preset without its stain ops (flips + colour jitter)
         self.augment_late = build_augmentation(
-            cfg.augment, cfg.augment_strength, keep=preprocessing.label_size, restain=False
+            cfg.augment, cfg.augment_strength, crop=crop, keep=preprocessing.label_size, restain=False
         )
         # stain consistency: the stain ops alone, applied to a copy of the base-augmented batch
         self.restain = build_restain(cfg.augment, cfg.augment_strength, cfg.stain_augment_p, cfg.stain_matrix_noise)
@@ -177,16 +181,31 @@ class PatchClassifier(L.LightningModule):
     def training_step(self, batch: tuple[Any, ...], batch_idx: int) -> torch.Tensor:
         """Loss of one training batch (plus the stain-consistency term when set)."""
         images, y, groups = _unpack(batch)
-        logits = self(self._inputs(images, train=True, groups=groups))
+        x = self._inputs(images, train=True, groups=groups)
+        mixed = self._mix(x)
+        logits = self(mixed.x if mixed is not None else x)
         if self.consistency_active():  # two views (_preprocess): the base views, then the re-stained ones
             logits, restained = logits.chunk(2)
             loss = self.loss(logits, y) + self.cfg.stain_consistency * self.consistency(logits, restained)
+        elif mixed is not None:  # the loss is linear in the target: mix the two labels' losses
+            loss = mixed.lam * self.loss(logits, y) + (1 - mixed.lam) * self.loss(logits, y[mixed.perm])
         else:
             loss = self.loss(logits, y)
         self.train_metrics.update(self.probabilities(logits.detach()), y)
         self._seen += y.shape[0]
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0], sync_dist=False)
         return loss
+
+    def _mix(self, x: torch.Tensor) -> MixedBatch | None:
+        """Mixup / CutMix of a training batch of network inputs (None when both are off)."""
+        cfg = self.cfg
+        if not (cfg.mixup or cfg.cutmix):
+            return None
+        rng = np.random.default_rng([cfg.seed, self.current_epoch, self.global_step])  # same after a resume
+        pre = self.pre
+        source = pre.crop or min(pre.image_size)
+        keep = label_region(x.shape[-1], pre.label_size, source)
+        return mix_batch(x, cfg.mixup, cfg.cutmix, keep, rng)
 
     def validation_step(self, batch: tuple[Any, ...], batch_idx: int) -> None:
         """Score one validation batch."""

@@ -19,12 +19,16 @@ def fit_run_referral(
     *,
     coverage: float | None = None,
     target_accuracy: float | None = None,
-    by: str = "auto",
+    target_sensitivity: float | None = None,
+    delta: float = 0.05,
+    by: str = "probability",
     tta: bool | Sequence[int] | None = None,
     settings: PredictorSettings | None = None,
 ) -> ReferralRule:
     """Fit the referral rule on the run's fitting predictions and save it (with its TTA policy) in model.json.
 
+    The fitting predictions are the deployed predictor's (``fitting_predictions``: the calibration rows when the
+    split has them, at the stored temperature); ``fitted.referral`` records that predictor and the rows.
     ``tta`` None is the model's default TTA (all 8 dihedral views for a binary patch model).
     """
     bundle = read_bundle(run_dir)
@@ -39,6 +43,8 @@ def fit_run_referral(
         tta=ks,
         coverage=coverage,
         target_accuracy=target_accuracy,
+        target_sensitivity=target_sensitivity,
+        delta=delta,
         by=by,
         fitted_on=fit.source,
     )
@@ -57,14 +63,19 @@ def calibrate_run(
     temperature: bool = True,
     refer_coverage: float | None = None,
     target_accuracy: float | None = None,
-    refer_by: str = "auto",
+    target_sensitivity: float | None = None,
+    delta: float = 0.05,
+    refer_by: str = "probability",
     tissue_check: bool = False,
+    ood: bool = False,
     settings: PredictorSettings | None = None,
 ) -> list[str]:
     """Calibrate a run, as ``histoscan calibrate`` does.
 
-    ``histoscan calibrate``: fit the temperature, a referral rule (when a coverage or target accuracy is
-    given) and the tissue check of ``run_dir``, save them in model.json, and say what was fitted, one line each.
+    ``histoscan calibrate``: fit the temperature, a referral rule (when a coverage, a target accuracy or a
+    target sensitivity is given; a target with a guarantee at confidence 1 - ``delta``), the tissue check and
+    the out-of-distribution detector (``ood``) of ``run_dir``, save them in model.json, and say what was
+    fitted, one line each.
 
     ``settings``: how the model runs (device, precision, ...); its ``tta`` is the TTA policy both the
     temperature and the referral rule are fitted under (None: the model's default for each).
@@ -81,12 +92,14 @@ def calibrate_run(
             f"temperature {r.temperature:.3f} on {r.count} patches ({r.source}): "
             f"NLL {r.nll_before:.4f} -> {r.nll_after:.4f}"
         )
-    if refer_coverage is not None or target_accuracy is not None:
+    if any(v is not None for v in (refer_coverage, target_accuracy, target_sensitivity)):
         rule = fit_run_referral(
             run_dir,
             data,
             coverage=refer_coverage,
             target_accuracy=target_accuracy,
+            target_sensitivity=target_sensitivity,
+            delta=delta,
             by=refer_by,
             tta=settings.tta,
             settings=settings,
@@ -98,4 +111,9 @@ def calibrate_run(
         lines.append(
             f"tissue check fitted on {check.count} training patches: Mahalanobis distance limit {check.threshold:.2f}"
         )
+    if ood:
+        from histoscan.trust.ood import describe as describe_ood
+        from histoscan.trust.ood import fit_run_ood
+
+        lines.append(describe_ood(fit_run_ood(run_dir, data, settings=settings)))
     return lines

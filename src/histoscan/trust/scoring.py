@@ -1,20 +1,22 @@
 """How well a model knows when not to answer: the trust part of ``histoscan evaluate``.
 
 From labels, probabilities, the uncertainty (when there are several views) and the stored referral
-rule: the risk-coverage curve, the error-detection AUROC of the uncertainty next to the plain
-baseline 1 - max probability, accuracy at fixed coverages, and the coverage the referral rule
-actually achieves against the coverage asked for, each with a bootstrap interval.
+rule: the risk-coverage curve with its area (AURC) and the area above a perfect ranking's (E-AURC), the
+error-detection AUROC of the uncertainty next to the plain baseline 1 - max probability, accuracy at fixed
+coverages, and what the referral rule achieves: its coverage against the coverage asked for, the accuracy of
+the answered, the sensitivity among the answered tumour images and each class's coverage, each with a
+bootstrap interval.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from histoscan.metrics import bootstrap_statistic, classify
+from histoscan.metrics import aurc, bootstrap_statistic, classify, excess_aurc
 from histoscan.rules.referral import refer_mask
 from histoscan.runfolder import ReferralRule
 from histoscan.trust.referral import baseline_doubt, error_auroc, probability_doubt
@@ -54,6 +56,7 @@ def trust_metrics(
     threshold: float,
     rule: ReferralRule | None,
     views: int,
+    classes: Sequence[str] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -68,10 +71,15 @@ def trust_metrics(
     }
     if uncertainty is not None:
         doubts["uncertainty"] = np.asarray(uncertainty, dtype=np.float64)
-    detection = {}
+    detection, areas = {}, {}
     for name, d in doubts.items():
         lo, hi = bootstrap_statistic(_error_auroc_of(d, wrong), n, n_boot, seed)
         detection[name] = {"auroc": error_auroc(d, wrong), "ci95": [lo, hi]}
+        areas[name] = {
+            "aurc": aurc(d, wrong),
+            "ci95": list(bootstrap_statistic(_aurc_of(d, wrong), n, n_boot, seed)),
+            "e_aurc": excess_aurc(d, wrong),
+        }
     ranking = "uncertainty" if uncertainty is not None else "probability_margin"
     if rule is not None:
         ranking = "uncertainty" if rule.by == "uncertainty" else "probability_margin"
@@ -85,6 +93,7 @@ def trust_metrics(
         "views": views,
         "errors": int(wrong.sum()),
         "error_detection": detection,
+        "aurc": areas,
         "ranked_by": ranking,
         "accuracy_full_coverage": {"accuracy": float(correct.mean()), "ci95": [lo, hi]},
         "accuracy_at_coverage": at,
@@ -97,22 +106,66 @@ def trust_metrics(
         refer = refer_mask(rule, probabilities, uncertainty)
         answered = ~refer
 
-        def acc(i: np.ndarray) -> float:
-            a = answered[i]
-            return float(correct[i][a].mean()) if a.any() else float("nan")
-
         out["referral"] = {
             "applied": True,
             "by": rule.by,
             "asked": rule.asked,
             "target": rule.target,
+            "method": rule.method,
+            "delta": rule.delta,
+            "bound": rule.bound,
             "coverage_fitted": rule.coverage,
-            "coverage_achieved": float(answered.mean()),
-            "coverage_ci95": list(bootstrap_statistic(lambda i: float(answered[i].mean()), n, n_boot, seed)),
-            "accuracy_answered": acc(np.arange(n)),
-            "accuracy_answered_ci95": list(bootstrap_statistic(acc, n, n_boot, seed)),
+            **rule_achieved(answered, correct, labels, classes=classes, n_boot=n_boot, seed=seed),
             "referred": int(refer.sum()),
         }
+    return out
+
+
+def _aurc_of(doubt: np.ndarray, wrong: np.ndarray) -> Callable[[np.ndarray], float]:
+    return lambda i: aurc(doubt[i], wrong[i])
+
+
+def _share(hit: np.ndarray, among: np.ndarray) -> Callable[[np.ndarray], float]:
+    """``hit``'s share of the ``among`` rows of a resample (NaN when it has none)."""
+
+    def share(i: np.ndarray) -> float:
+        a = among[i]
+        return float(hit[i][a].mean()) if a.any() else float("nan")
+
+    return share
+
+
+def rule_achieved(
+    answered: np.ndarray,
+    correct: np.ndarray,
+    labels: np.ndarray,
+    *,
+    classes: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """What a referral rule achieves on labelled rows, each with a 95% bootstrap interval.
+
+    The coverage, the accuracy of the answered, for a binary model (two ``classes``, or labels 0 and 1 only) the
+    sensitivity among the answered tumour images (label 1), and each class's coverage (keyed by class name).
+    """
+    answered, correct, labels = np.asarray(answered, bool), np.asarray(correct, bool), np.asarray(labels)
+    n = len(labels)
+    binary = len(classes) == 2 if classes is not None else set(np.unique(labels).tolist()) <= {0, 1}
+    parts = [("coverage", answered, np.ones(n, bool)), ("accuracy_answered", correct, answered)]
+    if binary:
+        parts.append(("sensitivity_answered", correct, answered & (labels == 1)))
+    out: dict[str, Any] = {}
+    for key, hit, among in parts:
+        share = _share(hit, among)
+        out["coverage_achieved" if key == "coverage" else key] = share(np.arange(n))
+        out[f"{key}_ci95"] = list(bootstrap_statistic(share, n, n_boot, seed))
+    per_class = {}
+    for k in np.unique(labels):
+        share = _share(answered, labels == k)
+        name = classes[int(k)] if classes is not None else str(int(k))
+        per_class[name] = {"coverage": share(np.arange(n)), "ci95": list(bootstrap_statistic(share, n, n_boot, seed))}
+    out["coverage_per_class"] = per_class
     return out
 
 
@@ -123,6 +176,9 @@ def trust_lines(trust: dict[str, Any]) -> list[str]:
     for name, d in det.items():
         lo, hi = d["ci95"]
         lines.append(f"  error-detection AUROC, {name:34s} {d['auroc']:.4f} [{lo:.4f}, {hi:.4f}]")
+    for name, a in trust.get("aurc", {}).items():
+        lo, hi = a["ci95"]
+        lines.append(f"  AURC, {name:51s} {a['aurc']:.4f} [{lo:.4f}, {hi:.4f}] (E-AURC {a['e_aurc']:.4f})")
     full = trust["accuracy_full_coverage"]
     lines.append(f"  accuracy at full coverage {full['accuracy']:.4f} [{full['ci95'][0]:.4f}, {full['ci95'][1]:.4f}]")
     for c, a in trust["accuracy_at_coverage"].items():
@@ -133,13 +189,31 @@ def trust_lines(trust: dict[str, Any]) -> list[str]:
     ref = trust.get("referral")
     if ref and ref.get("applied"):
         lo, hi = ref["coverage_ci95"]
+        alo, ahi = ref["accuracy_answered_ci95"]
         lines.append(
-            f"  referral ({ref['by']}): coverage achieved {ref['coverage_achieved']:.3f} [{lo:.3f}, {hi:.3f}] "
-            f"(fitted {ref['coverage_fitted']:.3f}), accuracy of the answered {ref['accuracy_answered']:.4f}"
+            f"  referral ({ref['by']}, {ref['asked']} {ref['target']:g} asked{_guarantee(ref)}): coverage achieved "
+            f"{ref['coverage_achieved']:.3f} [{lo:.3f}, {hi:.3f}] (fitted {ref['coverage_fitted']:.3f}), accuracy of "
+            f"the answered {ref['accuracy_answered']:.4f} [{alo:.4f}, {ahi:.4f}]"
         )
+        if "sensitivity_answered" in ref:
+            slo, shi = ref["sensitivity_answered_ci95"]
+            lines.append(
+                f"  referral: sensitivity among the answered tumour images {ref['sensitivity_answered']:.4f} "
+                f"[{slo:.4f}, {shi:.4f}]"
+            )
+        per_class = ", ".join(f"{k} {v['coverage']:.3f}" for k, v in ref.get("coverage_per_class", {}).items())
+        if per_class:
+            lines.append(f"  referral: coverage per class {per_class}")
     elif ref:
         lines.append(f"  referral not scored: {ref['why']}")
     return lines
+
+
+def _guarantee(ref: dict[str, Any]) -> str:
+    """``, guaranteed at 95% (learn-then-test)`` for a certified target, else nothing."""
+    if ref.get("method") == "learn-then-test" and ref.get("delta") is not None:
+        return f", guaranteed at {1 - ref['delta']:.0%} (learn-then-test)"
+    return ""
 
 
 def risk_coverage_png(trust: dict[str, Any], path: Path) -> Path:
@@ -149,7 +223,9 @@ def risk_coverage_png(trust: dict[str, Any], path: Path) -> Path:
     fig, ax = new_figure((640, 420))
     a = ax[0, 0]
     for name, curve in trust["risk_coverage"].items():
-        a.plot(curve["coverage"], curve["risk"], label=f"referring by {name.replace('_', ' ')}")
+        area = trust.get("aurc", {}).get(name)
+        label = f"referring by {name.replace('_', ' ')}" + (f" (AURC {area['aurc']:.4f})" if area else "")
+        a.plot(curve["coverage"], curve["risk"], label=label)
     ref = trust.get("referral")
     if ref and ref.get("applied"):
         a.axvline(ref["coverage_achieved"], color="black", ls="--", lw=1, label="the stored referral rule")
@@ -171,6 +247,19 @@ def add_trust_section(rep: Any, trust: dict[str, Any]) -> None:
         f"over {trust['views']} view(s) per image."
     )
     rep.table(["score", "error-detection AUROC", "95% CI"], rows)
+    if trust.get("aurc"):
+        rep.paragraph(
+            "Area under the risk-coverage curve (AURC: the mean error rate of the answered as more are referred; "
+            "lower is better) and E-AURC (the AURC above a perfect ranking's at the same accuracy: ranking quality "
+            "apart from accuracy; 0 = perfect)."
+        )
+        rep.table(
+            ["score", "AURC", "95% CI", "E-AURC"],
+            [
+                [name.replace("_", " "), a["aurc"], f"[{a['ci95'][0]:.4f}, {a['ci95'][1]:.4f}]", a["e_aurc"]]
+                for name, a in trust["aurc"].items()
+            ],
+        )
     full = trust["accuracy_full_coverage"]
     cov_rows = [["100%", full["accuracy"], f"[{full['ci95'][0]:.4f}, {full['ci95'][1]:.4f}]"]]
     cov_rows += [
@@ -188,15 +277,21 @@ def add_trust_section(rep: Any, trust: dict[str, Any]) -> None:
     else:
         lo, hi = ref["coverage_ci95"]
         alo, ahi = ref["accuracy_answered_ci95"]
-        rep.key_values(
-            {
-                "referral rule": f"by {ref['by']}, {ref['asked']} {ref['target']:g} asked",
-                "coverage on fitting data": ref["coverage_fitted"],
-                "coverage achieved here": f"{ref['coverage_achieved']:.4f} [{lo:.4f}, {hi:.4f}]",
-                "accuracy of the answered": f"{ref['accuracy_answered']:.4f} [{alo:.4f}, {ahi:.4f}]",
-                "referred": ref["referred"],
-            }
-        )
+        values = {
+            "referral rule": f"by {ref['by']}, {ref['asked']} {ref['target']:g} asked{_guarantee(ref)}",
+            "coverage on fitting data": ref["coverage_fitted"],
+            "coverage achieved here": f"{ref['coverage_achieved']:.4f} [{lo:.4f}, {hi:.4f}]",
+            "accuracy of the answered": f"{ref['accuracy_answered']:.4f} [{alo:.4f}, {ahi:.4f}]",
+        }
+        if "sensitivity_answered" in ref:
+            slo, shi = ref["sensitivity_answered_ci95"]
+            values["sensitivity among the answered tumour images"] = (
+                f"{ref['sensitivity_answered']:.4f} [{slo:.4f}, {shi:.4f}]"
+            )
+        for name, c in ref.get("coverage_per_class", {}).items():
+            values[f"coverage of {name}"] = f"{c['coverage']:.4f} [{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}]"
+        values["referred"] = ref["referred"]
+        rep.key_values(values)
     tissue = trust.get("tissue_check")
     if tissue is not None:
         rep.paragraph(

@@ -25,11 +25,26 @@ class CalibrateSettings:
         "Fit a referral rule answering this fraction of images (the rest: 'refer'), e.g. 0.9.", None
     )
     target_accuracy: float | None = doc(
-        "Fit a referral rule whose answered images reach this accuracy, e.g. 0.98.", None
+        "Fit a referral rule whose answered images reach this accuracy (guaranteed at 1 - delta), e.g. 0.98.", None
+    )
+    refer_sensitivity: float | None = doc(
+        "Fit a referral rule whose answered tumour images reach this sensitivity (guaranteed at 1 - delta; binary "
+        "models), e.g. 0.98.",
+        None,
+    )
+    delta: float = doc(
+        "A target's guarantee holds with confidence 1 - delta over the fitting rows (Learn-then-Test).", 0.05
     )
     refer_by: str = doc(
-        "Refer by probability (a band around the threshold), uncertainty, or auto (the better on validation).", "auto"
+        "Refer by probability (the calibrated margin from the threshold), uncertainty, or auto (the better on the "
+        "fitting rows).",
+        "probability",
     )
     tissue_check: bool = doc(
         "Fit the tissue check (not tissue / out of distribution) on the training split (new runs have it).", False
+    )
+    ood: bool = doc(
+        "Fit the out-of-distribution detector (pooled-feature distances from the training split; threshold: 99% of "
+        "validation rows) into ood.safetensors.",
+        False,
     )

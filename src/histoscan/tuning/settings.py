@@ -30,6 +30,11 @@ class TuneSettings:
     study: str | None = doc("Study name (default: the space's name).", None)
     out: str = doc("Folder holding study folders (trials, study.db, plots, best.yaml).", "studies")
     storage: str | None = doc("Optuna RDB URL shared by many workers (default: SQLite in the study folder).", None)
+    heartbeat: int = doc(
+        "Seconds without a heartbeat after which a worker's running trial counts as dead (its worker was killed or "
+        "lost): any worker of the study then marks it failed and runs its parameters once more.",
+        60,
+    )
     sampler: Sampler = doc("Optuna sampler.", "tpe")
     pruner: Pruner | BasePruner = doc("Optuna pruner (from Python, any Optuna pruner object).", "hyperband")
     seed: int = doc("Split seed of every trial, and the sampler's seed.", 0)
@@ -46,6 +51,8 @@ class TuneSettings:
             parse_duration(self.timeout, "timeout")
         if self.trials < 1:
             raise ConfigError(f"trials must be at least 1, got {self.trials}")
+        if self.heartbeat < 3:
+            raise ConfigError(f"heartbeat must be at least 3 seconds, got {self.heartbeat}")
 
     @property
     def timeout_seconds(self) -> float | None:

@@ -116,9 +116,54 @@ def storage_url(settings: TuneSettings, study_dir: Path) -> str:
     return settings.storage or f"sqlite:///{(study_dir / STUDY_DB).resolve()}"
 
 
+# the DB-API driver of each database SQLAlchemy may map a bare URL to, in the order tried: the first importable one
+# is written into the URL (SQLAlchemy 2.1 maps postgresql:// to psycopg 3, 2.0 to psycopg2: either works here)
+_DRIVERS = {
+    "postgresql": (("psycopg", "psycopg"), ("psycopg2", "psycopg2")),
+    "mysql": (("mysqldb", "MySQLdb"), ("pymysql", "pymysql")),
+}
+_INSTALL = {
+    "postgresql": "pip install 'histoscan[postgres]' (psycopg2-binary)",
+    "mysql": "pip install pymysql",
+}
+
+
+def database_url(url: str) -> str:
+    """A storage URL with its database driver made explicit: the one installed, or a ConfigError naming the one to install.
+
+    ``postgresql://`` (or ``postgres://``) becomes ``postgresql+psycopg://`` when psycopg 3 is importable, else
+    ``postgresql+psycopg2://``; ``mysql://`` becomes ``mysql+mysqldb://`` or ``mysql+pymysql://``. A URL that
+    names its driver keeps it, and a driver that is not installed is named in the error. SQLite needs none.
+    """
+    import importlib.util
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")  # the spelling many hosts print
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"--storage {url}: not a database URL ({exc})") from exc
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend not in _DRIVERS:
+        return url
+    shown = parsed.render_as_string(hide_password=True)
+    if driver:
+        module = dict(_DRIVERS[backend]).get(driver, driver)
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"--storage {shown}: the {driver} driver is not installed; {_INSTALL[backend]}")
+        return url
+    for name, module in _DRIVERS[backend]:
+        if importlib.util.find_spec(module) is not None:
+            return parsed.set(drivername=f"{backend}+{name}").render_as_string(hide_password=False)
+    raise ConfigError(f"--storage {shown}: no {backend} driver is installed; {_INSTALL[backend]}")
+
+
 def open_study(settings: TuneSettings, name: str, study_dir: Path) -> optuna.Study:
     """Create the study, or load it with ``resume`` (a shared storage URL is joined as it is)."""
-    url = storage_url(settings, study_dir)
+    url = database_url(storage_url(settings, study_dir))
     local = settings.storage is None
     if local:
         study_dir.mkdir(parents=True, exist_ok=True)
@@ -126,20 +171,21 @@ def open_study(settings: TuneSettings, name: str, study_dir: Path) -> optuna.Stu
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
-            # a trial whose worker died (no heartbeat for 60 s) is marked failed and its parameters retried once
+            # a trial whose worker died (no heartbeat for settings.heartbeat s) is marked failed and retried once
             storage = optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine,
-                heartbeat_interval=20,
-                grace_period=60,
+                heartbeat_interval=max(1, settings.heartbeat // 3),
+                grace_period=settings.heartbeat,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
-    except Exception as exc:  # bad URL, missing driver, unreachable server
-        raise ConfigError(f"--storage {url}: cannot open the study storage ({exc})") from exc
+    except Exception as exc:  # bad URL, unreachable server, wrong password
+        shown = _hide_password(url)
+        raise ConfigError(f"--storage {shown}: cannot open the study storage ({exc})".replace(url, shown)) from exc
     exists = name in optuna.study.get_all_study_names(storage)
     if exists and not settings.resume:
         raise ConfigError(
-            f"study {name!r} already exists in {url}; pass --resume to continue it (or join it from "
+            f"study {name!r} already exists in {_hide_password(url)}; pass --resume to continue it (or join it from "
             "another worker), or choose another --study"
         )
     sampler = (
@@ -163,6 +209,15 @@ def open_study(settings: TuneSettings, name: str, study_dir: Path) -> optuna.Stu
     study.set_user_attr("space", settings.space)
     study.set_user_attr("data", str(Path(settings.data).resolve()))
     return study
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide
+        return url
 
 
 def _worker_seed(seed: int) -> int:

@@ -100,9 +100,18 @@ def write_probabilities(folder: Path, grid: SlideGrid, probs: np.ndarray) -> Non
 
 
 def tiles_frame(
-    grid: SlideGrid, rows: np.ndarray, cols: np.ndarray, tissue: np.ndarray, probs: np.ndarray, unc: np.ndarray | None
+    grid: SlideGrid,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    tissue: np.ndarray,
+    probs: np.ndarray,
+    unc: np.ndarray | None,
+    answers: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One row per scanned cell: the labelled cell and the context tile in level-0 px, tissue, probability."""
+    """One row per scanned cell: the labelled cell and the context tile in level-0 px, tissue, probability.
+
+    With ``answers``: each cell's answer (its class, ``refer``, ``not tissue`` or ``out of distribution``).
+    """
     lab = grid.label_boxes(rows, cols)
     til = grid.tile_boxes(rows, cols)
     frame = pd.DataFrame(
@@ -123,6 +132,8 @@ def tiles_frame(
     )
     if unc is not None:
         frame["uncertainty"] = unc.astype(np.float64).round(6)
+    if answers is not None:
+        frame["answer"] = answers
     return frame
 
 

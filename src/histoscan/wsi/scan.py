@@ -315,13 +315,13 @@ def scan_slide(
                 "check the slide, or give --mask or a lower --min-tissue"
             )
         stain_key, stain_sample = slide_stain(reader, grid, predictor, scanned)
-        probs, unc = _infer(
+        probs, unc, answers = _infer(
             reader, grid, predictor, settings, scanned.reshape(grid.rows, grid.cols), pos, progress, stain_key
         )
         infer_seconds = time.perf_counter() - started - mask_seconds
         prob_grid = np.full((grid.rows, grid.cols), np.nan, np.float32)
         prob_grid.ravel()[scanned] = probs
-        tiles = outputs.tiles_frame(grid, rows, cols, frac, probs, unc)
+        tiles = outputs.tiles_frame(grid, rows, cols, frac, probs, unc, answers)
         threshold = settings.threshold if settings.threshold is not None else float(predictor.threshold)
         out.mkdir(parents=True, exist_ok=True)
         tmp = outputs.scratch_folder(out, name)
@@ -351,6 +351,7 @@ def scan_slide(
         summary["identity"] = identity
         summary["identity_key"] = identity_key(identity)
         summary["model"] = identity["model"]
+        summary["referred_tiles"] = int((answers == "refer").sum())  # under the rule fitted for these settings
         if stain_key is not None:  # per-group stain model: the slide's one estimate, and whether it was usable
             summary["stain_group_passed_through"] = (
                 stain_key in predictor.bundle.preprocessing.stain_groups.passed_through()
@@ -427,8 +428,11 @@ def _infer(
     pos: int,
     progress: Progress | None,
     stain_group: str | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """P(positive) (and TTA spread) of every scanned cell, in row-major order of the scanned cells.
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """P(positive), TTA spread and answer of every scanned cell, in row-major order of the scanned cells.
+
+    The answer is the Predictor's (``refer`` under the referral rule fitted for these settings, a tissue-check
+    flag, else the class), as every other command gives it.
 
     ``stain_group``: the slide's stain group (per-group stain models), estimated before.
     """
@@ -440,6 +444,7 @@ def _infer(
     probs = np.empty(n, np.float32)
     views = tta_views(predictor.bundle, settings.tta, "slide")
     unc = np.empty(n, np.float32) if len(views) > 1 else None
+    answers = np.empty(n, object)
     advance = progress(n) if progress else None
     batch = np.empty((settings.batch_size, spec.tile, spec.tile, 3), np.uint8)
     where = np.empty(settings.batch_size, np.int64)
@@ -454,6 +459,8 @@ def _infer(
         probs[where[:filled]] = pred.probabilities[:, pos]
         if unc is not None and pred.uncertainty is not None:
             unc[where[:filled]] = pred.uncertainty
+        if pred.answers is not None:
+            answers[where[:filled]] = pred.answers
         if advance:
             advance(filled)
         filled = 0
@@ -474,7 +481,7 @@ def _infer(
         flush()
     finally:
         tile_reader.close()
-    return probs, unc
+    return probs, unc, answers
 
 
 def _summary(

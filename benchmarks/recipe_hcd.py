@@ -1,0 +1,548 @@
+"""Recipe round 3 (issue 40): train the candidates of benchmarks/PROTOCOL.md one at a time and compare them on
+validation only; score the test split once, for the chosen recipe.
+
+Every candidate is ``cpu-default`` with a few overrides (CANDIDATES below, as PROTOCOL.md section 2 lists
+them), trained on the frozen split (``--store S``: ``S/splits/seed0-val0.1-test0.1-cal0.1.csv``) with
+``--max-time`` 20 minutes. Each finished candidate x seed leaves ``OUT/candidates/<name>-s<seed>.json``: its
+overrides, run folder, commit, epochs, median img/s, the load average sampled every 30 s (``busy`` when its
+mean exceeds the cores + 0.5), and its validation probabilities and AUROC with and without 8-way TTA. A rerun
+skips what is done, so the queue resumes after a stop (an interrupted training is set aside and run again:
+a partial budget is not comparable).
+
+  queue:    python benchmarks/recipe_hcd.py --store S --out OUT --queue screen      (PROTOCOL section 3)
+            python benchmarks/recipe_hcd.py --store S --out OUT --queue finals
+            python benchmarks/recipe_hcd.py --store S --out OUT --candidates wd smooth --seeds 0 1 2
+  adopt:    python benchmarks/recipe_hcd.py --store S --out OUT --adopt RUN --candidate baseline --seed 0
+  define:   python benchmarks/recipe_hcd.py --out OUT --define combo --set crop=96 weight_decay=0.05
+  summary:  python benchmarks/recipe_hcd.py --out OUT --summary [--json OUT.json]    (validation rows only)
+  final:    python benchmarks/recipe_hcd.py --store S --out OUT --final NAME            (the test split, once)
+
+``--set`` adds overrides to every run of this call (e.g. a smoke: ``--minutes 0.5 --set limit_train_batches=3``);
+they are recorded, and the summary names any candidate whose seeds ran with different ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Recorder, _git_commit, add_json_option, finish, load_average, shared_or_exit
+from histoscan.inference.predictor import Predictor
+from histoscan.metrics import auroc, bootstrap_interval
+from histoscan.runfolder import RunFolder
+from histoscan.stain.shift import shift_suite, shifted_probabilities
+from histoscan.training.config import TrainConfig, resolve_config_path
+from histoscan.training.fit import train
+
+SPLIT = "splits/seed0-val0.1-test0.1-cal0.1.csv"  # PROTOCOL section 1: histoscan split S --calibration 0.1
+BASE_CONFIG = "cpu-default"
+BASELINE = "baseline"
+TTA = list(range(8))  # pinned: 8 dihedral views (other issues change the default)
+N_BOOT = 2000
+# PROTOCOL section 2, in the screen's order
+CANDIDATES: dict[str, dict[str, Any]] = {
+    BASELINE: {},
+    "randcrop": {"random_crop": True},
+    "crop96": {"crop": 96},
+    "wd": {"weight_decay": 0.05},
+    "smooth": {"label_smoothing": 0.1},
+    "mixup": {"mixup": 0.2},
+    "cutmix": {"cutmix": 1.0},
+    "wider": {"model_args.filter_mult": 3},
+    "deeper": {"model_args.num_blocks": 5},
+    "stain-consist": {"augment": "stain-medium", "stain_consistency": 12.0},
+}
+SCREEN = [*[c for c in CANDIDATES if c != BASELINE], "baseline-ctl"]
+# fields that make a recipe (everything else: where, what, how it is shown)
+NOT_RECIPE = {"data", "out", "name", "seed", "split_file", "max_time", "progress", "resume", "num_workers", "threads"}
+
+
+# ---- the round's folder ----------------------------------------------------------------------------------
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def manifest(out: Path, store: Path | None) -> dict[str, Any]:
+    """The round's manifest (OUT/manifest.json): written on first use, checked on every later use."""
+    path = out / "manifest.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if store is not None and sha256(store / SPLIT) != saved["split_sha256"]:
+            sys.exit(f"{store / SPLIT} differs from the round's split ({saved['split_file']}): not the frozen split")
+        return saved
+    if store is None:
+        sys.exit(f"{out}: no manifest yet; give --store S (the store of PROTOCOL.md section 1)")
+    if not (store / SPLIT).is_file():
+        sys.exit(f"{store / SPLIT}: missing; make it with 'histoscan split {store} --calibration 0.1'")
+    saved = {
+        "store": str(store.resolve()),
+        "split_file": str((store / SPLIT).resolve()),
+        "split_sha256": sha256(store / SPLIT),
+        "base_config": BASE_CONFIG,
+        "commit_at_start": _git_commit(),
+        "created": _now(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write(path, saved)
+    return saved
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _write(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def overrides_of(out: Path, name: str) -> dict[str, Any]:
+    """A candidate's overrides: PROTOCOL's list, or one defined for this round (``--define``: combo, fp32)."""
+    if name == "baseline-ctl":
+        return {}
+    if name in CANDIDATES:
+        return dict(CANDIDATES[name])
+    defined = out / "defined" / f"{name}.json"
+    if defined.is_file():
+        return dict(json.loads(defined.read_text())["overrides"])
+    sys.exit(f"unknown candidate {name!r}: one of {list(CANDIDATES)}, or define it with --define {name} --set ...")
+
+
+def define(out: Path, name: str, overrides: dict[str, Any]) -> None:
+    """Fix a new candidate's overrides once (a second definition must be the same)."""
+    if name in CANDIDATES or name == "baseline-ctl":
+        sys.exit(f"{name!r} is one of PROTOCOL's candidates; choose another name")
+    path = out / "defined" / f"{name}.json"
+    if path.is_file():
+        if json.loads(path.read_text())["overrides"] != overrides:
+            sys.exit(f"{path}: {name} is already defined with other overrides; the round does not redefine")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, {"name": name, "overrides": overrides, "defined": _now(), "commit": _git_commit()})
+    print(f"defined {name}: {overrides}")
+
+
+def config_for(name: str, seed: int, out: Path, man: dict[str, Any], minutes: float, extra: dict) -> TrainConfig:
+    values: dict[str, Any] = yaml.safe_load(resolve_config_path(BASE_CONFIG).read_text())
+    for key, value in {**overrides_of(out, name), **extra}.items():
+        if key.startswith("model_args."):
+            values.setdefault("model_args", {})[key.split(".", 1)[1]] = value
+        else:
+            values[key] = value
+    values.update(
+        data=man["store"],
+        split_file=man["split_file"],
+        seed=seed,
+        out=str(out / "runs"),
+        name=f"{name}-s{seed}",
+        max_time=f"{minutes:g}m",
+        progress=False,
+    )
+    return TrainConfig.from_dict(values, source=f"candidate {name}")
+
+
+def record_path(out: Path, name: str, seed: int) -> Path:
+    return out / "candidates" / f"{name}-s{seed}.json"
+
+
+# ---- one candidate x seed ----------------------------------------------------------------------------------
+class LoadSampler:
+    """The one-minute load average every ``every`` seconds while a run trains (in a thread)."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.every, self.samples = every, [load_average()]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(load_average())
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(load_average())
+
+    def summary(self) -> dict[str, Any]:
+        cores = os.cpu_count() or 1
+        mean = float(np.nanmean(self.samples))
+        return {"load_mean": round(mean, 2), "load_max": round(float(np.nanmax(self.samples)), 2),
+                "load_samples": len(self.samples), "busy": bool(mean > cores + 0.5)}  # fmt: skip
+
+
+def _finished(run_dir: Path) -> bool:
+    model = run_dir / "model.json"
+    return model.is_file() and "epochs" in json.loads(model.read_text()).get("training", {})
+
+
+def score_val(run_dir: Path, store: str) -> dict[str, Any]:
+    """Validation AUROC (8-way TTA as pinned, and without) and the probabilities the summary bootstraps."""
+    val, _ = RunFolder(run_dir).select_patches(store, "val")
+    predictor = Predictor(run_dir, backend="torch", precision="fp32")
+    out: dict[str, Any] = {
+        "val_count": len(val),
+        "val_ids_sha256": hashlib.sha256("\n".join(val.ids).encode()).hexdigest(),
+    }
+    for key, views in (("tta8", TTA), ("no_tta", [0])):
+        p = predictor.predict_store(val, views).probabilities
+        out[f"val_auroc_{key}"] = auroc(val.labels, p)
+        out[f"val_p1_{key}"] = [round(float(v), 6) for v in p[:, 1]]
+    out["val_labels"] = val.labels.astype(int).tolist()
+    return out
+
+
+def run_facts(run_dir: Path) -> dict[str, Any]:
+    bundle = json.loads((run_dir / "model.json").read_text())
+    rows = RunFolder(run_dir).read_metrics()
+    speeds = [float(r["images_per_s"]) for r in rows if r.get("images_per_s")]
+    return {
+        "epochs": bundle["training"].get("epochs"),
+        "train_seconds": bundle["training"].get("seconds"),
+        "precision": bundle["training"].get("precision"),
+        "best_epoch": bundle.get("best_metric", {}).get("epoch"),
+        "best_weights": bundle.get("best_metric", {}).get("weights"),
+        "images_per_s_median": round(float(np.median(speeds)), 1) if speeds else None,
+        "planned_epochs_at_end": rows[-1].get("planned_epochs") if rows else None,
+    }
+
+
+def run_one(name: str, seed: int, out: Path, man: dict, minutes: float, extra: dict, busy: bool) -> None:
+    path = record_path(out, name, seed)
+    if path.is_file():
+        print(f"[{name}-s{seed}] done already: {path}")
+        return
+    cfg = config_for(name, seed, out, man, minutes, extra)
+    run_dir = Path(cfg.out) / str(cfg.name)
+    if run_dir.exists() and not _finished(run_dir):  # an interrupted training: a partial budget is not comparable
+        aside = run_dir.with_name(f"{run_dir.name}.interrupted-{int(time.time())}")
+        run_dir.rename(aside)
+        print(f"[{name}-s{seed}] an interrupted run was set aside ({aside}); training again")
+    burner = None
+    if busy:  # one CPU-bound process competing for the whole run (PROTOCOL section 3, step 5)
+        burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with LoadSampler() as load:
+            if not run_dir.exists():
+                train(cfg, printer=lambda line: print(f"[{name}-s{seed}] {line}", flush=True))
+    finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
+    record = {
+        "candidate": name,
+        "seed": seed,
+        "overrides": overrides_of(out, name),
+        "extra_overrides": extra,
+        "minutes": minutes,
+        "run_dir": str(run_dir.resolve()),
+        "commit": _git_commit(),
+        "date": _now(),
+        "adopted": False,
+        "forced_busy": busy,
+        **load.summary(),
+        **run_facts(run_dir),
+        **score_val(run_dir, man["store"]),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, record)
+    print(f"[{name}-s{seed}] val AUROC {record['val_auroc_tta8']:.4f} (TTA x8), {record['val_auroc_no_tta']:.4f} "
+          f"(none); {record['epochs']} epochs, {record['images_per_s_median']} img/s, load {record['load_mean']}"
+          f"{' BUSY' if record['busy'] else ''} -> {path}")  # fmt: skip
+
+
+def adopt(run: Path, name: str, seed: int, out: Path, man: dict, minutes: float) -> None:
+    """Record a run trained elsewhere on the frozen split (the lead's default-s{0,1,2}) as a candidate x seed."""
+    path = record_path(out, name, seed)
+    if path.is_file():
+        sys.exit(f"{path}: {name} seed {seed} is recorded already")
+    if not _finished(run):
+        sys.exit(f"{run}: not a finished run (no training record in model.json)")
+    if sha256(run / "split.csv") != man["split_sha256"]:
+        sys.exit(f"{run}: trained on another split than the round's ({man['split_file']})")
+    saved = TrainConfig.from_yaml(run / "config.yaml")
+    want = config_for(name, seed, out, man, minutes, {})
+    if saved.seed != seed:
+        sys.exit(f"{run}: trained with seed {saved.seed}, not {seed}")
+    differ = {
+        k: (v, getattr(want, k)) for k, v in saved.to_dict().items() if k not in NOT_RECIPE and v != getattr(want, k)
+    }
+    if differ or saved.max_time_seconds != want.max_time_seconds:
+        sys.exit(
+            f"{run}: not candidate {name}'s recipe at {minutes:g} min: {differ or saved.max_time} (run, candidate)"
+        )
+    record = {
+        "candidate": name,
+        "seed": seed,
+        "overrides": overrides_of(out, name),
+        "extra_overrides": {},
+        "minutes": minutes,
+        "run_dir": str(run.resolve()),
+        "commit": "adopted (trained outside this script)",
+        "date": _now(),
+        "adopted": True,
+        "forced_busy": False,
+        "load_mean": None,
+        "busy": None,  # not sampled here: judge by images_per_s_median against the round's quiet runs
+        **run_facts(run),
+        **score_val(run, man["store"]),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, record)
+    print(f"adopted {run} as {name} seed {seed}: val AUROC {record['val_auroc_tta8']:.4f} (TTA x8) -> {path}")
+
+
+# ---- the comparison (validation rows only) ------------------------------------------------------------------
+def records(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    by: dict[str, dict[int, dict[str, Any]]] = {}
+    for path in sorted((out / "candidates").glob("*.json")):
+        r = json.loads(path.read_text())
+        by.setdefault(r["candidate"], {})[r["seed"]] = r
+    return by
+
+
+def weighted_auroc(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """AUROC of ``scores`` under each row of ``counts`` (bootstrap resamples as counts per row), vectorised.
+
+    The Mann-Whitney form with weights: sum over positive i, negative j of w_i w_j [s_i > s_j] (ties 1/2) over
+    the product of the classes' total weights; sorted once, every resample in one pass (2,000 resamples of
+    691 rows in well under a second, where a loop over roc_auc_score takes tens of seconds).
+    """
+    order = np.argsort(scores, kind="mergesort")
+    s, y, w = scores[order], labels[order], counts[:, order].astype(np.float64)
+    pos, neg = w * (y == 1), w * (y != 1)
+    _, start = np.unique(s, return_index=True)  # groups of tied scores
+    below = np.concatenate([np.zeros((len(w), 1)), np.cumsum(neg, axis=1)], axis=1)[:, start]
+    gpos, gneg = np.add.reduceat(pos, start, axis=1), np.add.reduceat(neg, start, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (gpos * (below + 0.5 * gneg)).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
+def compare(cand: dict[int, dict], base: dict[int, dict], n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any] | None:
+    """Paired comparison over the seeds both ran: per-seed differences, t-interval, bootstrap over validation rows."""
+    seeds = sorted(set(cand) & set(base))
+    if not seeds:
+        return None
+    labels = np.asarray(base[seeds[0]]["val_labels"])
+    if any(cand[s]["val_ids_sha256"] != base[s]["val_ids_sha256"] for s in seeds):
+        raise SystemExit("validation rows differ between candidate and baseline: not the frozen split")
+    pc = np.array([cand[s]["val_p1_tta8"] for s in seeds])
+    pb = np.array([base[s]["val_p1_tta8"] for s in seeds])
+    d = np.array([cand[s]["val_auroc_tta8"] - base[s]["val_auroc_tta8"] for s in seeds])
+    out: dict[str, Any] = {"seeds": seeds, "per_seed_delta": d.round(5).tolist(), "mean_delta": float(d.mean())}
+    if len(seeds) >= 2:
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.975, len(seeds) - 1) * d.std(ddof=1) / np.sqrt(len(seeds)))
+        out["t_interval"] = [float(d.mean() - half), float(d.mean() + half)]
+    counts = np.random.default_rng(seed).multinomial(len(labels), np.full(len(labels), 1 / len(labels)), size=n_boot)
+    diffs = np.mean([weighted_auroc(pc[i], labels, counts) - weighted_auroc(pb[i], labels, counts)
+                     for i in range(len(seeds))], axis=0)  # fmt: skip
+    boots = diffs[np.isfinite(diffs)]  # a resample without one of the classes has no AUROC
+    out["bootstrap_interval"] = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]
+    return out
+
+
+def summary(out: Path, json_out: Path | None) -> None:
+    rec = Recorder("recipe_hcd", "Recipe round 3: candidates on validation (PROTOCOL.md)", json_out)
+    rec.tee()
+    by = records(out)
+    if BASELINE not in by:
+        sys.exit(f"{out}: no baseline recorded yet (adopt the lead's default-s0..2 with --adopt)")
+    rows = []
+    print(f"{'candidate':14s} {'seeds':7s} {'val AUROC (TTA x8)':>18s} {'delta':>8s} {'bootstrap 95%':>20s} "
+          f"{'t 95% (seeds)':>20s} {'img/s':>6s}  busy  decision")  # fmt: skip
+    for name, seeds in sorted(by.items(), key=lambda kv: kv[0] != BASELINE):
+        values = [seeds[s]["val_auroc_tta8"] for s in sorted(seeds)]
+        cmp_ = compare(seeds, by[BASELINE]) if name != BASELINE else None
+        speed = np.median([seeds[s]["images_per_s_median"] or np.nan for s in seeds])
+        busy = any(seeds[s].get("busy") for s in seeds)
+        extras = {json.dumps(seeds[s]["extra_overrides"], sort_keys=True) for s in seeds}
+        decision = decide(name, cmp_, busy, len(extras) > 1)
+        rows.append({"candidate": name, "seeds": sorted(seeds), "val_auroc_tta8": values,
+                     "val_auroc_mean": float(np.mean(values)), "comparison": cmp_, "images_per_s": float(speed),
+                     "busy": busy, "decision": decision,
+                     "val_auroc_no_tta_mean": float(np.mean([seeds[s]["val_auroc_no_tta"] for s in seeds]))})  # fmt: skip
+        boot = cmp_["bootstrap_interval"] if cmp_ else None
+        t = cmp_.get("t_interval") if cmp_ else None
+        print(f"{name:14s} {','.join(map(str, sorted(seeds))):7s} {np.mean(values):18.4f} "
+              f"{(cmp_['mean_delta'] if cmp_ else 0):+8.4f} "
+              f"{f'[{boot[0]:+.4f}, {boot[1]:+.4f}]' if boot else '-':>20s} "
+              f"{f'[{t[0]:+.4f}, {t[1]:+.4f}]' if t else '-':>20s} {speed:6.0f}  {'yes' if busy else 'no ':3s}   {decision}")  # fmt: skip
+    rec.tables["candidates"] = rows
+    rec.figures["final"] = json.loads((out / "final.json").read_text()) if (out / "final.json").is_file() else None
+    rec.notes.append("validation rows only; the test split is scored once, by --final (figures.final)")
+
+
+def decide(name: str, cmp_: dict | None, busy: bool, mixed: bool) -> str:
+    """PROTOCOL section 4, as a word: what the rule says of this candidate now."""
+    if name == BASELINE:
+        return "control"
+    if name == "baseline-ctl":
+        return "control (the machine's drift since the baseline)"
+    if cmp_ is None:
+        return "no paired baseline seed yet"
+    if busy:
+        return "busy: not compared (rerun quiet)"
+    if mixed:
+        return "seeds ran with different --set overrides: not compared"
+    lo = cmp_["bootstrap_interval"][0]
+    if len(cmp_["seeds"]) < 3:
+        return "screen: advances (delta > 0)" if cmp_["mean_delta"] > 0 else "screen: stops (delta <= 0)"
+    return "gain shown" if lo > 0 else "stopped: interval overlaps zero"
+
+
+# ---- the test split, once ------------------------------------------------------------------------------------
+def final(out: Path, name: str, man: dict, n_boot: int = 1000) -> None:
+    started, done = out / "final.started", out / "final.json"
+    for p in (started, done):
+        if p.exists():
+            sys.exit(f"{p}: the test split was already scored this round ({p.read_text().strip()[:200]}); "
+                     "PROTOCOL section 5 allows it once")  # fmt: skip
+    seeds = records(out).get(name, {})
+    if len(seeds) < 3:
+        sys.exit(f"{name}: {len(seeds)} seed(s) recorded; the test split is scored for a candidate with 3 seeds")
+    started.write_text(f"{name} {_now()} {_git_commit()}\n")  # from here on the test split counts as seen
+    rec = Recorder("recipe_hcd_final", f"Recipe round 3: the test split, once ({name})", out / "final-envelope.json")
+    rec.tee()
+    result: dict[str, Any] = {"candidate": name, "seeds": sorted(seeds), "date": _now(), "commit": _git_commit()}
+    probs: dict[str, list[np.ndarray]] = {"tta8": [], "no_tta": []}
+    shifted: dict[str, list[np.ndarray]] = {}
+    suite = shift_suite([shared_or_exit("idc"), shared_or_exit("lc25000-lung")])
+    labels = np.empty(0)
+    for s in sorted(seeds):
+        run_dir = Path(seeds[s]["run_dir"])
+        test, _ = RunFolder(run_dir).select_patches(man["store"], "test")
+        labels = test.labels
+        predictor = Predictor(run_dir, backend="torch", precision="fp32")
+        for key, views in (("tta8", TTA), ("no_tta", [0])):
+            probs[key].append(predictor.predict_store(test, views).probabilities)
+
+        def predict(batch: np.ndarray, p: Predictor = predictor) -> np.ndarray:
+            return p.predict_batch(batch, [0]).probabilities
+
+        for shift in suite:  # the stain-shift suite (evaluate --stain-shift's), without TTA
+            shifted.setdefault(shift.name, []).append(shifted_probabilities(predict, test, shift))
+    for key, ps in probs.items():
+        per_seed = [auroc(labels, p) for p in ps]
+        mean_p = np.mean(ps, axis=0)
+        lo, hi = bootstrap_interval(labels, mean_p, n_boot, 0)
+        result[key] = {"per_seed": per_seed, "mean": float(np.mean(per_seed)),
+                       "seed_average_auroc": auroc(labels, mean_p), "seed_average_ci95": [lo, hi],
+                       "accuracy_mean": float(np.mean([((p[:, 1] >= 0.5) == (labels == 1)).mean() for p in ps]))}  # fmt: skip
+        print(f"test ({len(labels)} patches) {key}: AUROC per seed {[round(v, 4) for v in per_seed]}, mean "
+              f"{np.mean(per_seed):.4f}; seed-averaged model {auroc(labels, mean_p):.4f} [{lo:.4f}, {hi:.4f}]")  # fmt: skip
+    result["stain_shift"] = stain_drops(labels, probs["no_tta"], shifted, {sh.name: sh.family for sh in suite})
+    worst = result["stain_shift"]["worst_out_of_family"]
+    print(f"stain shifts (seed-averaged, no TTA): worst out-of-family drop {worst['drop']:+.4f} "
+          f"[{worst['ci95'][0]:+.4f}, {worst['ci95'][1]:+.4f}] ({worst['shift']}); aim <= 0.01, upper end <= 0.015")  # fmt: skip
+    result["aim"] = {"test_auroc_tta_mean_at_least": 0.97, "met": bool(result["tta8"]["mean"] >= 0.97)}
+    print(f"aim (test AUROC with TTA, mean of 3 seeds >= 0.97): {'met' if result['aim']['met'] else 'MISSED'}")
+    _write(done, result)
+    rec.figures.update(result)
+
+
+def stain_drops(
+    labels: np.ndarray, clean: list[np.ndarray], shifted: dict[str, list[np.ndarray]], family: dict[str, str]
+) -> dict[str, Any]:
+    """Each shift's AUROC drop from clean (seed-averaged probabilities) and the worst out-of-family one, with a
+    paired 95% bootstrap interval over test rows."""
+    clean_p = np.mean(clean, axis=0)[:, 1]
+    base = auroc(labels, np.mean(clean, axis=0))
+    drops = {name: base - auroc(labels, np.mean(ps, axis=0)) for name, ps in shifted.items()}
+    out_names = [n for n in drops if family[n] == "out"]
+    worst = max(out_names, key=lambda n: drops[n])
+    counts = np.random.default_rng(0).multinomial(len(labels), np.full(len(labels), 1 / len(labels)), size=N_BOOT)
+    boot = weighted_auroc(clean_p, labels, counts) - weighted_auroc(
+        np.mean(shifted[worst], axis=0)[:, 1], labels, counts
+    )
+    boot = boot[np.isfinite(boot)]
+    return {"clean_auroc_no_tta": base, "drops": drops, "family": family,
+            "worst_out_of_family": {"shift": worst, "drop": drops[worst],
+                                    "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]}}  # fmt: skip
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+def queue(args: argparse.Namespace, out: Path) -> list[tuple[str, int]]:
+    if args.queue == "screen":
+        return [(c, 0) for c in SCREEN]
+    if args.queue == "finals":
+        by = records(out)
+        screened = []
+        for name in CANDIDATES:
+            if name in (BASELINE,) or name not in by or 0 not in by[name] or BASELINE not in by:
+                continue
+            cmp_ = compare({0: by[name][0]}, by[BASELINE])
+            if cmp_ and cmp_["mean_delta"] > 0 and name != "stain-consist":
+                screened.append((cmp_["mean_delta"], name))
+        best = [n for _, n in sorted(screened, reverse=True)[:3]]
+        print(f"finals: the screen's best with delta > 0: {best or 'none'}; combo and stain-consist at seeds 1, 2")
+        if not (out / "defined" / "combo.json").is_file():
+            print("note: combo is not defined yet (--define combo --set ...): left out of this queue")
+        combo = ["combo"] if (out / "defined" / "combo.json").is_file() else []
+        return ([(n, s) for n in best for s in (1, 2)] + [(c, s) for c in combo for s in (0, 1, 2)]
+                + [("stain-consist", s) for s in (1, 2)])  # fmt: skip
+    return [(c, s) for c in args.candidates for s in args.seeds]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="the round's folder (manifest, runs, candidates)")
+    ap.add_argument("--store", type=Path, default=None, help="the store of PROTOCOL section 1 (with its split)")
+    ap.add_argument("--minutes", type=float, default=20.0, help="training budget per run (PROTOCOL: 20)")
+    ap.add_argument("--queue", choices=["screen", "finals"], default=None)
+    ap.add_argument("--candidates", nargs="+", default=[])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--busy", action="store_true", help="run beside one CPU-bound process (the busy run)")
+    ap.add_argument("--set", nargs="*", default=[], help="overrides key=YAML for every run of this call")
+    ap.add_argument("--adopt", type=Path, default=None, metavar="RUN")
+    ap.add_argument("--candidate", default=BASELINE)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--define", default=None, metavar="NAME", help="fix a new candidate: --define NAME --set k=v ...")
+    ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--final", default=None, metavar="CANDIDATE")
+    add_json_option(ap)
+    args = ap.parse_args()
+    out: Path = args.out
+    extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.define:
+        define(out, args.define, extra)
+        return
+    if args.summary:
+        summary(out, args.json)
+        return
+    man = manifest(out, args.store)
+    if args.final:
+        final(out, args.final, man)
+        return
+    if args.adopt:
+        adopt(args.adopt, args.candidate, args.seed, out, man, args.minutes)
+        return
+    todo = queue(args, out)
+    if not todo:
+        sys.exit("nothing to run: give --queue screen|finals, or --candidates NAME ... [--seeds ...]")
+    print(f"queue ({len(todo)} runs, one at a time, {args.minutes:g} min each): {todo}")
+    for name, seed in todo:
+        run_one(name, seed, out, man, args.minutes, extra, args.busy)
+
+
+if __name__ == "__main__":
+    main()
+    finish()

@@ -1,0 +1,106 @@
+"""benchmarks/recipe_hcd.py's rules (PROTOCOL.md): the paired comparison on validation rows, the decision words,
+candidate definitions fixed once, and the test split scored once per round."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def recipe() -> Any:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("recipe_hcd", ROOT / "benchmarks" / "recipe_hcd.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(labels: np.ndarray, p1: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    return {
+        "val_labels": labels.tolist(),
+        "val_p1_tta8": p1.tolist(),
+        "val_auroc_tta8": float(roc_auc_score(labels, p1)),
+        "val_ids_sha256": "same",
+    }
+
+
+def test_a_clearly_better_candidate_shows_a_gain_and_a_copy_does_not(recipe: Any) -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    base, better = {}, {}
+    for s in range(3):
+        noise = rng.normal(0, 1, 400)
+        base[s] = _record(labels, labels + 1.5 * noise)
+        better[s] = _record(labels, labels + 0.6 * noise)
+    gain = recipe.compare(better, base, n_boot=300)
+    assert gain["seeds"] == [0, 1, 2] and gain["mean_delta"] > 0 and gain["bootstrap_interval"][0] > 0
+    assert gain["t_interval"][0] < gain["mean_delta"] < gain["t_interval"][1]
+    assert recipe.decide("better", gain, busy=False, mixed=False) == "gain shown"
+    same = recipe.compare(base, base, n_boot=300)
+    assert same["mean_delta"] == 0 and same["bootstrap_interval"] == [0.0, 0.0]
+    assert recipe.decide("copy", same, busy=False, mixed=False) == "stopped: interval overlaps zero"
+    one = recipe.compare({0: better[0]}, base, n_boot=100)  # the screen: one seed
+    assert one["seeds"] == [0] and "t_interval" not in one
+    assert recipe.decide("better", one, busy=False, mixed=False) == "screen: advances (delta > 0)"
+    assert recipe.decide("better", gain, busy=True, mixed=False).startswith("busy")
+    base[0] = {**base[0], "val_ids_sha256": "other"}
+    with pytest.raises(SystemExit, match="validation rows differ"):
+        recipe.compare(better, base, n_boot=10)
+
+
+def test_a_defined_candidate_is_fixed_once(recipe: Any, tmp_path: Path) -> None:
+    recipe.define(tmp_path, "combo", {"crop": 96, "weight_decay": 0.05})
+    recipe.define(tmp_path, "combo", {"crop": 96, "weight_decay": 0.05})  # the same again: fine
+    assert recipe.overrides_of(tmp_path, "combo") == {"crop": 96, "weight_decay": 0.05}
+    with pytest.raises(SystemExit, match="already defined with other overrides"):
+        recipe.define(tmp_path, "combo", {"crop": 96})
+    with pytest.raises(SystemExit, match="one of PROTOCOL's candidates"):
+        recipe.define(tmp_path, "wd", {"weight_decay": 0.1})
+    with pytest.raises(SystemExit, match="unknown candidate"):
+        recipe.overrides_of(tmp_path, "nope")
+
+
+def test_every_candidate_builds_a_valid_config(recipe: Any, tmp_path: Path) -> None:
+    man = {"store": "S", "split_file": "S/splits/x.csv"}
+    for name in [*recipe.CANDIDATES, "baseline-ctl"]:
+        cfg = recipe.config_for(name, 1, tmp_path, man, 20.0, {})
+        assert cfg.seed == 1 and cfg.max_time == "20m" and cfg.split_file == "S/splits/x.csv"
+    assert recipe.config_for("wider", 0, tmp_path, man, 20.0, {}).model_args["filter_mult"] == 3
+    assert recipe.config_for("randcrop", 0, tmp_path, man, 20.0, {}).random_crop
+
+
+def test_the_test_split_is_scored_once_per_round(recipe: Any, tmp_path: Path) -> None:
+    (tmp_path / "final.started").write_text("baseline 2026-12-07T18:00:00Z abc\n")
+    with pytest.raises(SystemExit, match="already scored this round"):
+        recipe.final(tmp_path, "baseline", {"store": "S"})
+    (tmp_path / "final.started").unlink()
+    (tmp_path / "candidates").mkdir()
+    (tmp_path / "candidates" / "wd-s0.json").write_text(json.dumps({"candidate": "wd", "seed": 0}))
+    with pytest.raises(SystemExit, match="1 seed"):
+        recipe.final(tmp_path, "wd", {"store": "S"})
+    assert not (tmp_path / "final.started").exists()  # refused before any test row was read
+
+
+def test_the_vectorised_bootstrap_auroc_is_sklearns_on_each_resample(recipe: Any) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(labels + rng.normal(0, 1, 200), 1)  # rounded: many ties
+    counts = rng.multinomial(200, np.full(200, 1 / 200), size=20)
+    fast = recipe.weighted_auroc(scores, labels, counts)
+    for row, value in zip(counts, fast):
+        idx = np.repeat(np.arange(200), row)
+        assert value == pytest.approx(roc_auc_score(labels[idx], scores[idx]), abs=1e-12)

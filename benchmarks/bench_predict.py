@@ -122,7 +122,11 @@ def main() -> None:
             for backend in ("torch", "onnx"):
                 predictor = Predictor(run, backend=backend, batch_size=args.batch)
                 pre = predictor.bundle.preprocessing
-                tensors = [pre(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
+                # in the layout the backend reads without a copy (NCHW for ONNX Runtime, channels-last for torch)
+                tensors = [
+                    pre.network_input(pre.prepare(images[i : i + args.batch]), memory_format=predictor.memory_format)
+                    for i in range(0, len(images), args.batch)
+                ]
                 for suffix, tta in TTA.items():
                     views = 8 if tta else 1
                     bare = best_rate(

@@ -291,8 +291,9 @@ class Predictor:
         transforms of the network input built from that (``Preprocessing.network_input``).
         """
         prepared = images if isinstance(images, Prepared) else self.prepare(images, groups)
+        fmt = self.memory_format
         if not isinstance(self.bundle, EnsembleBundle):
-            x = self.bundle.preprocessing.network_input(prepared.get(self.bundle.preprocessing))
+            x = self.bundle.preprocessing.network_input(prepared.get(self.bundle.preprocessing), memory_format=fmt)
             return np.stack(
                 [self.probabilities_from_logits(self._logits(prepared, x, k, i == 0)) for i, k in enumerate(ks)]
             )
@@ -301,17 +302,23 @@ class Predictor:
             return np.concatenate(per_member)
         # the ensemble's ONNX graph: its second output holds each member's probabilities, N x M x C
         onnx = cast(OnnxBackend, self.backend)
-        x = self.bundle.preprocessing.network_input(prepared.get(self.bundle.preprocessing))
+        x = self.bundle.preprocessing.network_input(prepared.get(self.bundle.preprocessing), memory_format=fmt)
         n = len(prepared.fitted)
-        by_k = [onnx.outputs(dihedral_k(x, k))[1] for k in ks]
+        by_k = [onnx.outputs(dihedral_k(x, k, fmt))[1] for k in ks]
         return np.stack(by_k, axis=2).transpose(1, 2, 0, 3).reshape(-1, n, len(self.classes))
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout this predictor's backend reads without a copy: NCHW for ONNX Runtime, else channels-last."""
+        return torch.contiguous_format if isinstance(self.backend, OnnxBackend) else torch.channels_last
 
     def _logits(self, prepared: Prepared, x: torch.Tensor, k: int, first: bool) -> np.ndarray:
         """Logits of view ``k``; the first view's are kept on ``prepared``, with its pooled features when wanted."""
+        view = dihedral_k(x, k, self.memory_format)
         if first and self.keep_features and isinstance(self.backend, TorchBackend):
-            logits, prepared.features = self.backend.logits_and_features(dihedral_k(x, k))
+            logits, prepared.features = self.backend.logits_and_features(view)
         else:
-            logits = self.backend.logits(dihedral_k(x, k))
+            logits = self.backend.logits(view)
         if first:
             prepared.first_logits = logits
         return logits
@@ -339,7 +346,7 @@ class Predictor:
             return [UNCHECKED] * len(images)
         prepared = images if isinstance(images, Prepared) else self.prepare(images)
         pre = self.bundle.preprocessing
-        return judge(check, tissue_features(pre.as_float(prepared.get(pre)))).quality
+        return judge(check, tissue_features(prepared.get(pre))).quality  # the prepared uint8 batch itself
 
     def predict_batch(
         self,

@@ -268,7 +268,7 @@ def run_one(name: str, seed: int, out: Path, man: dict, minutes: float, extra: d
           f"{' BUSY' if record['busy'] else ''} -> {path}")  # fmt: skip
 
 
-def adopt(run: Path, name: str, seed: int, out: Path, man: dict, minutes: float) -> None:
+def adopt(run: Path, name: str, seed: int, out: Path, man: dict, minutes: float, busy: bool = False) -> None:
     """Record a run trained elsewhere on the frozen split (the lead's default-s{0,1,2}) as a candidate x seed."""
     path = record_path(out, name, seed)
     if path.is_file():
@@ -300,7 +300,8 @@ def adopt(run: Path, name: str, seed: int, out: Path, man: dict, minutes: float)
         "adopted": True,
         "forced_busy": False,
         "load_mean": None,
-        "busy": None,  # not sampled here: judge by images_per_s_median against the round's quiet runs
+        # not sampled here: --busy says the run was trained beside other work; else judge by images_per_s_median
+        "busy": True if busy else None,
         **run_facts(run),
         **score_val(run, man["store"]),
     }
@@ -510,7 +511,9 @@ def main() -> None:
     ap.add_argument("--queue", choices=["screen", "finals"], default=None)
     ap.add_argument("--candidates", nargs="+", default=[])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--busy", action="store_true", help="run beside one CPU-bound process (the busy run)")
+    ap.add_argument(
+        "--busy", action="store_true", help="run beside one CPU-bound process (the busy run); with --adopt: it was busy"
+    )
     ap.add_argument("--set", nargs="*", default=[], help="overrides key=YAML for every run of this call")
     ap.add_argument("--adopt", type=Path, default=None, metavar="RUN")
     ap.add_argument("--candidate", default=BASELINE)
@@ -533,7 +536,7 @@ def main() -> None:
         final(out, args.final, man)
         return
     if args.adopt:
-        adopt(args.adopt, args.candidate, args.seed, out, man, args.minutes)
+        adopt(args.adopt, args.candidate, args.seed, out, man, args.minutes, args.busy)
         return
     todo = queue(args, out)
     if not todo:

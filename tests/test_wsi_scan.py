@@ -236,3 +236,4 @@ def test_each_tile_carries_the_answer_under_the_referral_rule_fitted_for_it(
     inside = (answered.probability > lo + 1e-6) & (answered.probability < hi - 1e-6)
     assert not inside.any()  # every tile in the band was referred
     assert r.summary["referred_tiles"] == int(refer.sum())
+    assert r.summary["out_of_distribution_tiles"] == int((tiles.answer == "out of distribution").sum())

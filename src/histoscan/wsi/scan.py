@@ -352,7 +352,8 @@ def scan_slide(
         summary["identity_key"] = identity_key(identity)
         summary["model"] = identity["model"]
         summary["referred_tiles"] = int((answers == "refer").sum())  # under the rule fitted for these settings
-        summary["out_of_distribution_tiles"] = int((answers == "out of distribution").sum())  # tissue check or trust.ood
+        # answered 'out of distribution' by the tissue check or by the stored detector (trust.ood)
+        summary["out_of_distribution_tiles"] = int((answers == "out of distribution").sum())
         if stain_key is not None:  # per-group stain model: the slide's one estimate, and whether it was usable
             summary["stain_group_passed_through"] = (
                 stain_key in predictor.bundle.preprocessing.stain_groups.passed_through()

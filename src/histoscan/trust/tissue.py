@@ -65,7 +65,7 @@ def store_features(
     n = len(store)
     pick = np.sort(rng.choice(n, size=min(n, max_patches), replace=False))
     parts = [
-        tissue_features(preprocessing.to_float(store.batch(pick[s : s + batch]))) for s in range(0, len(pick), batch)
+        tissue_features(preprocessing.prepare(store.batch(pick[s : s + batch]))) for s in range(0, len(pick), batch)
     ]
     return np.concatenate(parts) if parts else np.zeros((0, len(FEATURE_NAMES)))
 

@@ -45,14 +45,21 @@ from histoscan.training.fit import train
 TTA = {"": False, "_tta": True}
 
 
-def best_rate(n: int, work: Callable[[], object], repeats: int) -> float:
-    """The best of ``repeats`` timings of ``work`` as images/s (after one warm-up)."""
-    work()
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
+def best_rates(n: int, works: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """The best of ``repeats`` timings of each of ``works`` as images/s, interleaved round by round.
+
+    Each is warmed up twice first (oneDNN builds its kernels for a new shape on the first calls); the rounds
+    alternate between the contenders so that a noisy moment of the machine falls on all of them alike.
+    """
+    for work in works.values():
         work()
-        best = max(best, n / (time.perf_counter() - t))
+        work()
+    best = dict.fromkeys(works, 0.0)
+    for _ in range(repeats):
+        for name, work in works.items():
+            t = time.perf_counter()
+            work()
+            best[name] = max(best[name], n / (time.perf_counter() - t))
     return best
 
 
@@ -116,9 +123,11 @@ def main() -> None:
             out[f"backend_speed_{variant}"] = speed.model_dump() if speed else None
             fit = read_bundle(run).preprocessing.fit_image
             images = np.concatenate([b.images for b in file_batches(files, folder, fit, args.batch, 2)])
-            decode = best_rate(
-                len(files), lambda fit=fit: sum(len(b.ids) for b in file_batches(files, folder, fit, args.batch, 2)), 1
-            )
+            decode = best_rates(
+                len(files),
+                {"decode": lambda fit=fit: sum(len(b.ids) for b in file_batches(files, folder, fit, args.batch, 2))},
+                args.repeats,
+            )["decode"]
             for backend in ("torch", "onnx"):
                 predictor = Predictor(run, backend=backend, batch_size=args.batch)
                 pre = predictor.bundle.preprocessing
@@ -127,22 +136,27 @@ def main() -> None:
                     pre.network_input(pre.prepare(images[i : i + args.batch]), memory_format=predictor.memory_format)
                     for i in range(0, len(images), args.batch)
                 ]
+                if variant == "default" and backend == "torch":
+                    out["torch_chunk"] = chunk_speedup(predictor, tensors, len(images), args.repeats)
                 for suffix, tta in TTA.items():
                     views = 8 if tta else 1
-                    bare = best_rate(
-                        len(images),
-                        lambda p=predictor, ts=tensors, v=views: [p.backend.logits(x) for x in ts for _ in range(v)],
-                        args.repeats,
-                    )
-                    in_memory = best_rate(
-                        len(images), lambda p=predictor, im=images, t=tta: p.predict_batch(im, tta=t), args.repeats
-                    )
 
                     def end_to_end(predictor: Predictor = predictor, tta: bool = tta) -> None:
                         table = predict_input(predictor, folder, tta=tta, workers=2)
                         write_predictions(table, work / "p.csv", force=True)
 
-                    e2e = best_rate(len(files), end_to_end, args.repeats)
+                    rates = best_rates(
+                        len(images),
+                        {
+                            "bare": lambda p=predictor, ts=tensors, v=views: [
+                                p.backend.logits(x) for x in ts for _ in range(v)
+                            ],
+                            "in_memory": lambda p=predictor, im=images, t=tta: p.predict_batch(im, tta=t),
+                            "e2e": end_to_end,
+                        },
+                        args.repeats,
+                    )
+                    bare, in_memory, e2e = rates["bare"], rates["in_memory"], rates["e2e"]
                     bound = 1.0 / (1.0 / decode + 1.0 / bare)
                     key = f"{backend}{suffix}"
                     rows[f"{variant}/{key}"] = {
@@ -173,6 +187,34 @@ def main() -> None:
         out["auto_backend"] = out["auto_backend_default"]
     rec.figures.update(out)
     rec.write()
+
+
+def chunk_speedup(predictor: Predictor, tensors: list[torch.Tensor], n: int, repeats: int) -> dict[str, object]:
+    """The torch backend in chunks of ``CPU_CHUNK`` against one pass per batch, side by side (img/s)."""
+    from histoscan.inference import backends
+
+    def run(chunk: int) -> Callable[[], object]:
+        def work() -> None:
+            saved, backends.CPU_CHUNK = backends.CPU_CHUNK, chunk
+            try:
+                for x in tensors:
+                    predictor.backend.logits(x)
+            finally:
+                backends.CPU_CHUNK = saved
+
+        return work
+
+    batch = len(tensors[0])
+    rates = best_rates(n, {"chunked": run(backends.CPU_CHUNK), "one_pass": run(batch)}, repeats)
+    print(f"torch backend, batch {batch}: chunks of {backends.CPU_CHUNK} {rates['chunked']:.0f} img/s, "
+          f"one pass {rates['one_pass']:.0f} img/s")  # fmt: skip
+    return {
+        "chunk": backends.CPU_CHUNK,
+        "batch": batch,
+        "chunked": round(rates["chunked"], 1),
+        "one_pass": round(rates["one_pass"], 1),
+        "speedup": round(rates["chunked"] / rates["one_pass"], 2),
+    }
 
 
 def store_sample(store: Path, n: int = 64) -> np.ndarray:

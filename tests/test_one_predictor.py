@@ -216,3 +216,20 @@ def test_onnx_answers_as_torch_on_the_prepare_once_path(tiny_run: Path, tmp_path
     assert np.abs(a.probabilities - b.probabilities).max() < 1e-4
     assert a.uncertainty is not None and b.uncertainty is not None
     assert np.abs(a.uncertainty - b.uncertainty).max() < 1e-4
+
+
+def test_the_torch_backend_runs_a_large_batch_in_chunks_with_the_same_logits(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU batch is run in chunks of CPU_CHUNK (faster in cache); logits and pooled features are those of one pass."""
+    backend = backends.TorchBackend(tiny_run, "cpu", precision="fp32")
+    side = backend.bundle.preprocessing.input_size
+    x = torch.rand(11, 3, side, side, generator=torch.Generator().manual_seed(0))
+    one_logits, one_features = backend.logits(x), backend.logits_and_features(x)[1]
+    monkeypatch.setattr(backends, "CPU_CHUNK", 4)  # 4 + 4 + 3: a ragged last chunk
+    chunked_logits, chunked_features = backend.logits_and_features(x)
+    assert chunked_logits.shape == one_logits.shape and chunked_features.shape == one_features.shape
+    assert np.abs(backend.logits(x) - one_logits).max() < 1e-5
+    assert np.abs(chunked_logits - one_logits).max() < 1e-5
+    assert np.abs(chunked_features - one_features).max() < 1e-5
+    assert backend.logits(x[:0]).shape == (0, one_logits.shape[1])  # an empty batch is no error

@@ -55,3 +55,19 @@ def test_topk_percentiles_equal_a_full_sort() -> None:
                 continue
             want = values[i][mask[i]].sort(dim=0).values[int(np.floor((m - 1) * q))]
             assert torch.equal(got[i], want), (q, i)
+
+
+def test_the_log_lookup_equals_log1p_bit_for_bit_and_the_od_matrix_its_formula() -> None:
+    """``apply_od_matrix`` looks ln(I + 1) up in a table: the same float32 values as ``log1p``, hence the same output."""
+    from histoscan.stain.colour import _log1p_planes, apply_od_matrix
+
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (5, 7, 9, 3), dtype=torch.uint8, generator=gen)
+    expected = batch.permute(0, 3, 1, 2).reshape(5, 3, 63).float().log1p()
+    assert torch.equal(_log1p_planes(batch), expected)
+    matrix = torch.eye(3).repeat(5, 1, 1) + 0.05 * torch.randn(5, 3, 3, generator=gen)
+    od = -torch.log((batch.float() + 1.0) / 256.0).reshape(5, 63, 3)  # each pixel's OD, a row vector
+    direct = (torch.exp(-(od @ matrix)) * 256.0 - 1.0 + 0.5).floor().clamp(0, 255).reshape(5, 7, 9, 3)
+    got = apply_od_matrix(batch, matrix).float()
+    assert (got - direct).abs().max() <= 1.0  # float32 rounding may move a value across a half
+    assert (got != direct).float().mean() < 0.01

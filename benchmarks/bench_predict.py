@@ -138,6 +138,7 @@ def main() -> None:
                 ]
                 if variant == "default" and backend == "torch":
                     out["torch_chunk"] = chunk_speedup(predictor, tensors, len(images), args.repeats)
+                    out["tissue_features_threads"] = tissue_threads(images, args.batch, args.repeats)
                 for suffix, tta in TTA.items():
                     views = 8 if tta else 1
 
@@ -214,6 +215,35 @@ def chunk_speedup(predictor: Predictor, tensors: list[torch.Tensor], n: int, rep
         "chunked": round(rates["chunked"], 1),
         "one_pass": round(rates["one_pass"], 1),
         "speedup": round(rates["chunked"] / rates["one_pass"], 2),
+    }
+
+
+def tissue_threads(images: np.ndarray, batch: int, repeats: int) -> dict[str, object]:
+    """The tissue check's statistics with their chunks spread over every core against one thread (img/s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from histoscan.rules import tissue
+
+    def run(threads: int | None) -> Callable[[], object]:
+        def work() -> None:
+            saved = tissue._pool
+            if threads is not None:
+                one = ThreadPoolExecutor(max_workers=threads)
+                tissue._pool = lambda: one  # type: ignore[assignment]
+            try:
+                for i in range(0, len(images), batch):
+                    tissue.tissue_features(images[i : i + batch])
+            finally:
+                tissue._pool = saved  # type: ignore[method-assign]
+
+        return work
+
+    rates = best_rates(len(images), {"every_core": run(None), "one_thread": run(1)}, repeats)
+    print(f"tissue check statistics: every core {rates['every_core']:.0f} img/s, one thread {rates['one_thread']:.0f}")
+    return {
+        "every_core": round(rates["every_core"], 1),
+        "one_thread": round(rates["one_thread"], 1),
+        "speedup": round(rates["every_core"] / rates["one_thread"], 2),
     }
 
 

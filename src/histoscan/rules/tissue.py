@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 
 from histoscan.preprocessing import Images, Preprocessing
 from histoscan.runfolder import TissueCheck
+from histoscan.system import available_cores
 from histoscan.thresholds import (
     FLAG_BLANK_TISSUE,
     FLAG_DARK_GREY,
@@ -75,9 +77,18 @@ def tissue_features(images: Images) -> np.ndarray:
     if n == 0:
         return np.zeros((0, len(FEATURE_NAMES)))
     # a few images at a time: their ~20 intermediate planes then stay in the core's cache (measured 1.5x);
-    # the per-image sums of every chunk are turned into the statistics once, over the whole batch
+    # the chunks run on every core (OpenCV releases the GIL: 1.5x on 2 cores, tissue_features_threads in
+    # benchmarks/bench_predict.py), and their per-image sums become the statistics once, over the whole batch
     step = max(1, _CHUNK_PIXELS // (h * w))
-    return _finish(np.concatenate([_sums(u[i : i + step]) for i in range(0, n, step)]), h, w)
+    chunks = [u[i : i + step] for i in range(0, n, step)]
+    sums = list(_pool().map(_sums, chunks)) if len(chunks) > 1 else [_sums(chunks[0])]
+    return _finish(np.concatenate(sums), h, w)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """The threads ``tissue_features`` spreads its chunks over (one per core; made on first use)."""
+    return ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="histoscan-tissue")
 
 
 #: pixels per chunk of ``tissue_features``: 16 patches of 96 x 96 px (a float32 plane of them, 0.6 MB, fits a

@@ -183,3 +183,23 @@ def test_vectorised_judge_equals_the_per_image_loop() -> None:
     assert verdict.quality == _reference_judge(check, rows)
     assert {*verdict.quality} >= {"ok", "dark", "blank", "uniform", "grayscale", "noise", "out of distribution"}
     assert [flag(r) for r in rows] == [_reference_flag(r) for r in rows]
+
+
+def test_spreading_the_chunks_over_threads_changes_no_value_and_survives_a_fork() -> None:
+    """The chunks run on a thread pool: the same rows as one thread; a forked child makes its own pool."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    from histoscan.rules import tissue
+
+    u = _generated()
+    u = np.concatenate([u] * (40 // len(u) + 1))[:40]  # 40 patches: several chunks
+    threaded = tissue_features(u)
+    serial = tissue._finish(np.concatenate([tissue._sums(u[i : i + 4]) for i in range(0, 40, 4)]), *u.shape[1:3])
+    assert np.array_equal(threaded, tissue_features(u))
+    assert np.allclose(threaded, serial, rtol=0, atol=1e-9)
+    assert isinstance(tissue._pool(), ThreadPoolExecutor)
+    ctx = multiprocessing.get_context("fork")  # the parent's pool exists; the child must not wait on it
+    with ctx.Pool(1) as child:
+        rows = child.apply_async(tissue_features, (u,)).get(timeout=60)
+    assert np.array_equal(rows, threaded)

@@ -11,6 +11,7 @@ names the problem (``quality``). Only the means, the covariance and the threshol
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,10 +86,19 @@ def tissue_features(images: Images) -> np.ndarray:
     return _finish(np.concatenate(sums), h, w)
 
 
-@functools.cache
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
 def _pool() -> ThreadPoolExecutor:
-    """The threads ``tissue_features`` spreads its chunks over (one per core; made on first use)."""
-    return ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="histoscan-tissue")
+    """The threads ``tissue_features`` spreads its chunks over: one per core, made on first use in each process.
+
+    Keyed by process id: a forked child (a server's worker, a slide batch's process) inherits the parent's
+    executor without its threads, and would wait on it for ever.
+    """
+    pid = os.getpid()
+    if pid not in _POOLS:
+        _POOLS[pid] = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="histoscan-tissue")
+    return _POOLS[pid]
 
 
 #: pixels per chunk of ``tissue_features``: 16 patches of 96 x 96 px (a float32 plane of them, 0.6 MB, fits a

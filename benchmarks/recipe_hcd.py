@@ -64,8 +64,14 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "wider": {"model_args.filter_mult": 3},
     "deeper": {"model_args.num_blocks": 5},
     "stain-consist": {"augment": "stain-medium", "stain_consistency": 12.0},
+    # added 2026-12-07 20:10 UTC, before any screen result (PROTOCOL.md, dated section): on a quiet machine
+    # cpu-default's 80 epochs end after about 11 of the 20 minutes; this one lets the budget plan the epochs
+    "long": {"max_epochs": 200},
 }
-SCREEN = [*[c for c in CANDIDATES if c != BASELINE], "baseline-ctl"]
+# the order run (PROTOCOL section 3 and its dated change of 2026-12-07 20:10: randcrop had started; then the
+# quiet control, long, the rest of the frozen order, and the drift control)
+SCREEN = ["randcrop", BASELINE, "long", *[c for c in CANDIDATES if c not in (BASELINE, "randcrop", "long")],
+          "baseline-ctl"]  # fmt: skip
 # fields that make a recipe (everything else: where, what, how it is shown)
 NOT_RECIPE = {"data", "out", "name", "seed", "split_file", "max_time", "progress", "resume", "num_workers", "threads"}
 
@@ -498,7 +504,8 @@ def queue(args: argparse.Namespace, out: Path) -> list[tuple[str, int]]:
         if not (out / "defined" / "combo.json").is_file():
             print("note: combo is not defined yet (--define combo --set ...): left out of this queue")
         combo = ["combo"] if (out / "defined" / "combo.json").is_file() else []
-        return ([(n, s) for n in best for s in (1, 2)] + [(c, s) for c in combo for s in (0, 1, 2)]
+        return ([(BASELINE, s) for s in (1, 2)] + [(n, s) for n in best for s in (1, 2)]
+                + [(c, s) for c in combo for s in (0, 1, 2)]
                 + [("stain-consist", s) for s in (1, 2)])  # fmt: skip
     return [(c, s) for c in args.candidates for s in args.seeds]
 

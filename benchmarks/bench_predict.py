@@ -139,6 +139,7 @@ def main() -> None:
                 if variant == "default" and backend == "torch":
                     out["torch_chunk"] = chunk_speedup(predictor, tensors, len(images), args.repeats)
                     out["tissue_features_threads"] = tissue_threads(images, args.batch, args.repeats)
+                    out["stain_log_lookup"] = stain_log_lookup(images, args.batch, args.repeats)
                 for suffix, tta in TTA.items():
                     views = 8 if tta else 1
 
@@ -220,23 +221,10 @@ def chunk_speedup(predictor: Predictor, tensors: list[torch.Tensor], n: int, rep
 
 def tissue_threads(images: np.ndarray, batch: int, repeats: int) -> dict[str, object]:
     """The tissue check's statistics with their chunks spread over every core against one thread (img/s)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from histoscan.rules import tissue
+    from histoscan.rules.tissue import tissue_features
 
     def run(threads: int | None) -> Callable[[], object]:
-        def work() -> None:
-            saved = tissue._pool
-            if threads is not None:
-                one = ThreadPoolExecutor(max_workers=threads)
-                tissue._pool = lambda: one  # type: ignore[assignment]
-            try:
-                for i in range(0, len(images), batch):
-                    tissue.tissue_features(images[i : i + batch])
-            finally:
-                tissue._pool = saved  # type: ignore[method-assign]
-
-        return work
+        return lambda: [tissue_features(images[i : i + batch], threads) for i in range(0, len(images), batch)]
 
     rates = best_rates(len(images), {"every_core": run(None), "one_thread": run(1)}, repeats)
     print(f"tissue check statistics: every core {rates['every_core']:.0f} img/s, one thread {rates['one_thread']:.0f}")
@@ -244,6 +232,26 @@ def tissue_threads(images: np.ndarray, batch: int, repeats: int) -> dict[str, ob
         "every_core": round(rates["every_core"], 1),
         "one_thread": round(rates["one_thread"], 1),
         "speedup": round(rates["every_core"] / rates["one_thread"], 2),
+    }
+
+
+def stain_log_lookup(images: np.ndarray, batch: int, repeats: int) -> dict[str, object]:
+    """ln(I + 1) of every value by table lookup (``_log1p_planes``) against torch's ``log1p`` (img/s)."""
+    from histoscan.stain.colour import _log1p_planes
+
+    batches = [torch.from_numpy(images[i : i + batch]) for i in range(0, len(images), batch)]
+
+    def computed() -> None:
+        for b in batches:
+            n, h, w, _ = b.shape
+            b.permute(0, 3, 1, 2).reshape(n, 3, h * w).float().log1p_()
+
+    rates = best_rates(len(images), {"lookup": lambda: [_log1p_planes(b) for b in batches], "log1p": computed}, repeats)
+    print(f"stain mapping's ln(I + 1): lookup {rates['lookup']:.0f} img/s, log1p {rates['log1p']:.0f}")
+    return {
+        "lookup": round(rates["lookup"], 1),
+        "log1p": round(rates["log1p"], 1),
+        "speedup": round(rates["lookup"] / rates["log1p"], 2),
     }
 
 

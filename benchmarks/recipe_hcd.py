@@ -279,6 +279,9 @@ def adopt(run: Path, name: str, seed: int, out: Path, man: dict, minutes: float,
     path = record_path(out, name, seed)
     if path.is_file():
         sys.exit(f"{path}: {name} seed {seed} is recorded already")
+    retired = path.parent / "adopted" / path.name
+    if retired.is_file():  # PROTOCOL, 2026-12-07 20:10: adopted runs that were not compute-matched were set aside
+        sys.exit(f"{retired}: an adopted {name} seed {seed} was set aside by the protocol; it is not adopted again")
     if not _finished(run):
         sys.exit(f"{run}: not a finished run (no training record in model.json)")
     if sha256(run / "split.csv") != man["split_sha256"]:
@@ -372,7 +375,7 @@ def summary(out: Path, json_out: Path | None) -> None:
     rec.tee()
     by = records(out)
     if BASELINE not in by:
-        sys.exit(f"{out}: no baseline recorded yet (adopt the lead's default-s0..2 with --adopt)")
+        sys.exit(f"{out}: no baseline recorded yet (the queue trains it first: --queue screen)")
     rows = []
     print(f"{'candidate':14s} {'seeds':7s} {'val AUROC (TTA x8)':>18s} {'delta':>8s} {'bootstrap 95%':>20s} "
           f"{'t 95% (seeds)':>20s} {'img/s':>6s}  busy  decision")  # fmt: skip

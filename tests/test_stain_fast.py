@@ -58,13 +58,22 @@ def test_topk_percentiles_equal_a_full_sort() -> None:
 
 
 def test_the_log_lookup_equals_log1p_bit_for_bit_and_the_od_matrix_its_formula() -> None:
-    """``apply_od_matrix`` looks ln(I + 1) up in a table: the same float32 values as ``log1p``, hence the same output."""
+    """``apply_od_matrix`` looks ln(I + 1) up in a table: on the CPU the float32 values ``log1p`` gives, by either
+    lookup (OpenCV's, or ``embedding`` as on a GPU), for contiguous and strided batches alike."""
     from histoscan.stain.colour import _log1p_planes, apply_od_matrix
 
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (5, 7, 9, 3), dtype=torch.uint8, generator=gen)
-    expected = batch.permute(0, 3, 1, 2).reshape(5, 3, 63).float().log1p()
-    assert torch.equal(_log1p_planes(batch), expected)
+    strided = [
+        batch,
+        torch.randint(0, 256, (5, 7, 12, 3), dtype=torch.uint8, generator=gen)[:, :, 1:10],  # a W slice
+        torch.randint(0, 256, (5, 3, 7, 9), dtype=torch.uint8, generator=gen).permute(0, 2, 3, 1),  # NCHW seen NHWC
+    ]
+    for b in strided:
+        expected = b.permute(0, 3, 1, 2).reshape(5, 3, 63).float().log1p()
+        assert torch.equal(_log1p_planes(b), expected)
+        assert torch.equal(_log1p_planes(b, opencv=True), expected)
+        assert torch.equal(_log1p_planes(b, opencv=False), expected)
     matrix = torch.eye(3).repeat(5, 1, 1) + 0.05 * torch.randn(5, 3, 3, generator=gen)
     od = -torch.log((batch.float() + 1.0) / 256.0).reshape(5, 63, 3)  # each pixel's OD, a row vector
     direct = (torch.exp(-(od @ matrix)) * 256.0 - 1.0 + 0.5).floor().clamp(0, 255).reshape(5, 7, 9, 3)

@@ -23,9 +23,9 @@ from histoscan.system import available_cores, hardware_id, native_bf16_cpu
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: images per forward pass of the torch backend on a CPU: a larger batch is run in chunks of this size. oneDNN's
-#: convolutions keep a chunk's activations in the cores' caches; on 2 cores the CPU default ran 2.2x faster in
-#: chunks of 64 than in one pass of 256 (bf16 and fp32 alike; ResNet-18 1.15x), measured side by side in
-#: benchmarks/bench_predict.py (``torch_chunk``). A GPU takes the whole batch at once.
+#: convolutions keep a chunk's activations in the cores' caches; on 2 cores the CPU default ran about twice as
+#: fast in chunks of 64 as in one pass of 256 (bf16 and fp32 alike; ResNet-18 at 80 px 1.15x), measured side by
+#: side in benchmarks/bench_predict.py (``torch_chunk``). A GPU takes the whole batch at once.
 CPU_CHUNK = 64
 
 

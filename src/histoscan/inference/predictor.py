@@ -170,6 +170,7 @@ class Predictor:
         else:
             raise ConfigError(f"backend {backend!r} is not one of torch, onnx, auto")
         self.batch_size = batch_size
+        self.threads = threads  # also the tissue check's (None: every core)
         self.device = torch.device(device if backend == "torch" else "cpu")
         check_fitted(self.bundle.fitted, self.member_count, str(self.run_dir / MODEL_FILE))
         self.ood_arrays: OodArrays | None = None  # the out-of-distribution detector's fitted arrays (trust.ood)
@@ -346,7 +347,7 @@ class Predictor:
             return [UNCHECKED] * len(images)
         prepared = images if isinstance(images, Prepared) else self.prepare(images)
         pre = self.bundle.preprocessing
-        return judge(check, tissue_features(prepared.get(pre))).quality  # the prepared uint8 batch itself
+        return judge(check, tissue_features(prepared.get(pre), self.threads)).quality  # the prepared uint8 batch
 
     def predict_batch(
         self,

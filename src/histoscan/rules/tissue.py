@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,11 +61,12 @@ _EPS = 1e-3
 _LOG_256 = float(np.log(256.0))
 
 
-def tissue_features(images: Images) -> np.ndarray:
+def tissue_features(images: Images, threads: int | None = None) -> np.ndarray:
     """N x len(FEATURE_NAMES) statistics of RGB patches (see ``FEATURE_NAMES``).
 
     ``images``: uint8 N x H x W x 3 (numpy or torch, what ``Preprocessing.prepare`` gives), or float [0, 1]
-    N x 3 x H x W (``Preprocessing.to_float``), read on the 8-bit grid it came from.
+    N x 3 x H x W (``Preprocessing.to_float``), read on the 8-bit grid it came from. ``threads``: how many
+    threads share the work (default: every core this process may use; a Predictor passes its ``threads``).
 
     Every statistic is a sum over pixels of a function of the pixel's 8-bit values, so it is computed from
     lookup tables (optical density, its square, its projection on the H&E plane's normal, all in float32
@@ -78,27 +80,31 @@ def tissue_features(images: Images) -> np.ndarray:
     if n == 0:
         return np.zeros((0, len(FEATURE_NAMES)))
     # a few images at a time: their ~20 intermediate planes then stay in the core's cache (measured 1.5x);
-    # the chunks run on every core (OpenCV releases the GIL: 1.5x on 2 cores, tissue_features_threads in
+    # the chunks run on ``threads`` threads (OpenCV releases the GIL: 1.5x on 2 cores, tissue_features_threads in
     # benchmarks/bench_predict.py), and their per-image sums become the statistics once, over the whole batch
     step = max(1, _CHUNK_PIXELS // (h * w))
     chunks = [u[i : i + step] for i in range(0, n, step)]
-    sums = list(_pool().map(_sums, chunks)) if len(chunks) > 1 else [_sums(chunks[0])]
+    workers = threads or available_cores()
+    sums = list(_pool(workers).map(_sums, chunks)) if len(chunks) > 1 and workers > 1 else [_sums(c) for c in chunks]
     return _finish(np.concatenate(sums), h, w)
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
-def _pool() -> ThreadPoolExecutor:
-    """The threads ``tissue_features`` spreads its chunks over: one per core, made on first use in each process.
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The ``workers`` threads ``tissue_features`` spreads its chunks over, made on first use in each process.
 
     Keyed by process id: a forked child (a server's worker, a slide batch's process) inherits the parent's
-    executor without its threads, and would wait on it for ever.
+    executor without its threads, and would wait on it for ever. Made under a lock: a server's request
+    threads may ask for it at once.
     """
-    pid = os.getpid()
-    if pid not in _POOLS:
-        _POOLS[pid] = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="histoscan-tissue")
-    return _POOLS[pid]
+    key = (os.getpid(), workers)
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="histoscan-tissue")
+        return _POOLS[key]
 
 
 #: pixels per chunk of ``tissue_features``: 16 patches of 96 x 96 px (a float32 plane of them, 0.6 MB, fits a

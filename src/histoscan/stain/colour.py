@@ -25,7 +25,7 @@ _WHITE = torch.tensor([0.950456, 1.0, 1.088754])
 
 
 _OD_TABLE = -torch.log((torch.arange(256, dtype=torch.float32) + 1.0) / _I0)
-# ln(I + 1) of every 8-bit intensity: the same float32 values ``log1p`` gives, looked up instead of computed
+# ln(I + 1) of every 8-bit intensity: the float32 values CPU ``log1p`` gives, looked up instead of computed
 _LOG1P_TABLE = torch.arange(256, dtype=torch.float32).log1p()
 
 
@@ -60,20 +60,21 @@ def apply_od_matrix(batch: Tensor, matrix: Tensor) -> Tensor:
     return out.to(torch.uint8).view(n, 3, h, w).permute(0, 2, 3, 1).contiguous()
 
 
-def _log1p_planes(batch: Tensor) -> Tensor:
-    """uint8 N x H x W x 3 -> float32 N x 3 x HW of ln(I + 1), bit for bit ``log1p`` of the float values.
+def _log1p_planes(batch: Tensor, opencv: bool | None = None) -> Tensor:
+    """uint8 N x H x W x 3 -> float32 N x 3 x HW of ln(I + 1): the values CPU ``log1p`` gives, looked up.
 
-    A lookup in a 256-entry table: on the CPU OpenCV's ``LUT`` on the channel planes (torch's ``log1p`` is
-    not vectorised there: measured 9x slower on a batch of 256 patches of 96 px; ``embedding`` 2.3x), on
-    other devices ``embedding``.
+    A lookup in a 256-entry table computed once by ``log1p`` on the CPU (so on the CPU bit for bit what the
+    logarithm gave; on a GPU within an ulp of its own ``log1p``): with ``opencv`` (default: on the CPU)
+    OpenCV's ``LUT`` on the channel planes (torch's ``log1p`` is not vectorised there: measured 9x slower on
+    a batch of 256 patches of 96 px, ``stain_log_lookup`` in benchmarks/bench_predict.py), else ``embedding``.
     """
     n, h, w, _ = batch.shape
     planes = batch.permute(0, 3, 1, 2).reshape(n * 3, h * w)
-    if batch.device.type == "cpu":
+    if opencv if opencv is not None else batch.device.type == "cpu":
         import cv2  # imported here: most commands never normalise stain
 
         table = _LOG1P_TABLE.numpy()
-        return torch.from_numpy(cv2.LUT(np.ascontiguousarray(planes.numpy()), table)).view(n, 3, h * w)
+        return torch.from_numpy(cv2.LUT(np.ascontiguousarray(planes.cpu().numpy()), table)).view(n, 3, h * w)
     return F.embedding(planes.int(), _LOG1P_TABLE.to(batch.device).view(256, 1)).view(n, 3, h * w)
 
 

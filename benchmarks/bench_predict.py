@@ -191,6 +191,14 @@ def main() -> None:
     rec.write()
 
 
+def side_by_side(n: int, label: str, works: dict[str, Callable[[], object]], repeats: int) -> dict[str, object]:
+    """Two contenders (the new one first, then what it replaced) timed by ``best_rates``: img/s and the ratio."""
+    rates = best_rates(n, works, repeats)
+    (new, a), (old, b) = rates.items()
+    print(f"{label}: {new} {a:.0f} img/s, {old} {b:.0f} img/s")
+    return {new: round(a, 1), old: round(b, 1), "speedup": round(a / b, 2)}
+
+
 def chunk_speedup(predictor: Predictor, tensors: list[torch.Tensor], n: int, repeats: int) -> dict[str, object]:
     """The torch backend in chunks of ``CPU_CHUNK`` against one pass per batch, side by side (img/s)."""
     from histoscan.inference import backends
@@ -207,16 +215,9 @@ def chunk_speedup(predictor: Predictor, tensors: list[torch.Tensor], n: int, rep
         return work
 
     batch = len(tensors[0])
-    rates = best_rates(n, {"chunked": run(backends.CPU_CHUNK), "one_pass": run(batch)}, repeats)
-    print(f"torch backend, batch {batch}: chunks of {backends.CPU_CHUNK} {rates['chunked']:.0f} img/s, "
-          f"one pass {rates['one_pass']:.0f} img/s")  # fmt: skip
-    return {
-        "chunk": backends.CPU_CHUNK,
-        "batch": batch,
-        "chunked": round(rates["chunked"], 1),
-        "one_pass": round(rates["one_pass"], 1),
-        "speedup": round(rates["chunked"] / rates["one_pass"], 2),
-    }
+    works = {"chunked": run(backends.CPU_CHUNK), "one_pass": run(batch)}
+    label = f"torch backend, batch {batch}, chunks of {backends.CPU_CHUNK}"
+    return {"chunk": backends.CPU_CHUNK, "batch": batch, **side_by_side(n, label, works, repeats)}
 
 
 def tissue_threads(images: np.ndarray, batch: int, repeats: int) -> dict[str, object]:
@@ -226,13 +227,8 @@ def tissue_threads(images: np.ndarray, batch: int, repeats: int) -> dict[str, ob
     def run(threads: int | None) -> Callable[[], object]:
         return lambda: [tissue_features(images[i : i + batch], threads) for i in range(0, len(images), batch)]
 
-    rates = best_rates(len(images), {"every_core": run(None), "one_thread": run(1)}, repeats)
-    print(f"tissue check statistics: every core {rates['every_core']:.0f} img/s, one thread {rates['one_thread']:.0f}")
-    return {
-        "every_core": round(rates["every_core"], 1),
-        "one_thread": round(rates["one_thread"], 1),
-        "speedup": round(rates["every_core"] / rates["one_thread"], 2),
-    }
+    works = {"every_core": run(None), "one_thread": run(1)}
+    return side_by_side(len(images), "tissue check statistics", works, repeats)
 
 
 def stain_log_lookup(images: np.ndarray, batch: int, repeats: int) -> dict[str, object]:
@@ -246,13 +242,8 @@ def stain_log_lookup(images: np.ndarray, batch: int, repeats: int) -> dict[str, 
             n, h, w, _ = b.shape
             b.permute(0, 3, 1, 2).reshape(n, 3, h * w).float().log1p_()
 
-    rates = best_rates(len(images), {"lookup": lambda: [_log1p_planes(b) for b in batches], "log1p": computed}, repeats)
-    print(f"stain mapping's ln(I + 1): lookup {rates['lookup']:.0f} img/s, log1p {rates['log1p']:.0f}")
-    return {
-        "lookup": round(rates["lookup"], 1),
-        "log1p": round(rates["log1p"], 1),
-        "speedup": round(rates["lookup"] / rates["log1p"], 2),
-    }
+    works = {"lookup": lambda: [_log1p_planes(b) for b in batches], "log1p": computed}
+    return side_by_side(len(images), "stain mapping's ln(I + 1)", works, repeats)
 
 
 def store_sample(store: Path, n: int = 64) -> np.ndarray:

@@ -65,8 +65,9 @@ def _log1p_planes(batch: Tensor, opencv: bool | None = None) -> Tensor:
 
     A lookup in a 256-entry table computed once by ``log1p`` on the CPU (so on the CPU bit for bit what the
     logarithm gave; on a GPU within an ulp of its own ``log1p``): with ``opencv`` (default: on the CPU)
-    OpenCV's ``LUT`` on the channel planes (torch's ``log1p`` is not vectorised there: measured 9x slower on
-    a batch of 256 patches of 96 px, ``stain_log_lookup`` in benchmarks/bench_predict.py), else ``embedding``.
+    OpenCV's ``LUT`` on the channel planes (torch's ``log1p`` is not vectorised there: an order of magnitude
+    slower on a batch of 256 patches of 96 px, ``stain_log_lookup`` in benchmarks/bench_predict.py), else
+    ``embedding`` (on a CPU batch laid out as channel planes, slower than OpenCV's ``LUT``).
     """
     n, h, w, _ = batch.shape
     planes = batch.permute(0, 3, 1, 2).reshape(n * 3, h * w)

@@ -16,6 +16,12 @@ a partial budget is not comparable).
   define:   python benchmarks/recipe_hcd.py --out OUT --define combo --set crop=96 weight_decay=0.05
   summary:  python benchmarks/recipe_hcd.py --out OUT --summary [--json OUT.json]    (validation rows only)
   final:    python benchmarks/recipe_hcd.py --store S --out OUT --final NAME            (the test split, once)
+  retrain:  python benchmarks/recipe_hcd.py --store S --out OUT --retrain NAME --seeds 0  (weights gone: for --final)
+
+A new machine keeps the committed records, not the run folders: ``--final`` needs every seed's weights, and
+``--retrain`` trains a recorded candidate x seed again (same recipe, seed and budget) into
+``runs/<name>-s<seed>-retrained``, its record in ``candidates/retrained/`` (which no comparison reads: the
+decision stays on the original records; both validation figures are reported).
 
 ``--set`` adds overrides to every run of this call (e.g. a smoke: ``--minutes 0.5 --set limit_train_batches=3``);
 they are recorded, and the summary names any candidate whose seeds ran with different ones.
@@ -142,7 +148,9 @@ def define(out: Path, name: str, overrides: dict[str, Any]) -> None:
     print(f"defined {name}: {overrides}")
 
 
-def config_for(name: str, seed: int, out: Path, man: dict[str, Any], minutes: float, extra: dict) -> TrainConfig:
+def config_for(
+    name: str, seed: int, out: Path, man: dict[str, Any], minutes: float, extra: dict, run_name: str | None = None
+) -> TrainConfig:
     values: dict[str, Any] = yaml.safe_load(resolve_config_path(BASE_CONFIG).read_text())
     for key, value in {**overrides_of(out, name), **extra}.items():
         if key.startswith("model_args."):
@@ -154,15 +162,25 @@ def config_for(name: str, seed: int, out: Path, man: dict[str, Any], minutes: fl
         split_file=man["split_file"],
         seed=seed,
         out=str(out / "runs"),
-        name=f"{name}-s{seed}",
+        name=run_name or f"{name}-s{seed}",
         max_time=f"{minutes:g}m",
         progress=False,
     )
     return TrainConfig.from_dict(values, source=f"candidate {name}")
 
 
-def record_path(out: Path, name: str, seed: int) -> Path:
-    return out / "candidates" / f"{name}-s{seed}.json"
+def record_path(out: Path, name: str, seed: int, retrained: bool = False) -> Path:
+    """A candidate x seed's record; ``retrained``: the record of its retraining (PROTOCOL, 2026-12-07 22:45)."""
+    return out / "candidates" / ("retrained" if retrained else "") / f"{name}-s{seed}.json"
+
+
+def weights_of(out: Path, name: str, seed: int, rec: dict[str, Any]) -> Path | None:
+    """The finished run folder whose weights stand for ``name`` x ``seed``: the recorded run's, or its retraining's
+    when the recorded one is gone (a new machine keeps the committed records, not the weights); None if neither."""
+    for run_dir in (Path(rec["run_dir"]), out / "runs" / f"{name}-s{seed}-retrained"):
+        if _finished(run_dir):
+            return run_dir
+    return None
 
 
 # ---- one candidate x seed ----------------------------------------------------------------------------------
@@ -230,12 +248,28 @@ def run_facts(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def run_one(name: str, seed: int, out: Path, man: dict, minutes: float, extra: dict, busy: bool) -> None:
-    path = record_path(out, name, seed)
+def run_one(
+    name: str, seed: int, out: Path, man: dict, minutes: float, extra: dict, busy: bool, retrain: bool = False
+) -> None:
+    """Train ``name`` at ``seed`` and record it; ``retrain``: train a recorded candidate x seed whose weights are
+    gone again, for ``--final`` only (its record goes to ``candidates/retrained/``, which no comparison reads)."""
+    path = record_path(out, name, seed, retrained=retrain)
     if path.is_file():
         print(f"[{name}-s{seed}] done already: {path}")
         return
-    cfg = config_for(name, seed, out, man, minutes, extra)
+    original: dict[str, Any] | None = None
+    if retrain:
+        recorded = record_path(out, name, seed)
+        if not recorded.is_file():
+            sys.exit(f"{recorded}: {name} seed {seed} was never recorded; train it with --candidates, not --retrain")
+        original = json.loads(recorded.read_text())
+        if original.get("adopted") or original.get("busy"):
+            sys.exit(f"{recorded}: an adopted or busy record is not compared, so it is not retrained for --final")
+        if weights_of(out, name, seed, original) is not None:
+            print(f"[{name}-s{seed}] its weights are here ({weights_of(out, name, seed, original)}): no retraining")
+            return
+        extra = dict(original["extra_overrides"])  # the recorded recipe exactly, whatever this call's --set
+    cfg = config_for(name, seed, out, man, minutes, extra, run_name=f"{name}-s{seed}-retrained" if retrain else None)
     run_dir = Path(cfg.out) / str(cfg.name)
     if run_dir.exists() and not _finished(run_dir):  # an interrupted training: a partial budget is not comparable
         aside = run_dir.with_name(f"{run_dir.name}.interrupted-{int(time.time())}")
@@ -252,6 +286,10 @@ def run_one(name: str, seed: int, out: Path, man: dict, minutes: float, extra: d
         if burner is not None:
             burner.kill()
             burner.wait()
+    retrains = {}
+    if original is not None:
+        keep = ("run_dir", "commit", "val_auroc_tta8")
+        retrains = {"retrains": {"record": str(record_path(out, name, seed)), **{k: original[k] for k in keep}}}
     record = {
         "candidate": name,
         "seed": seed,
@@ -263,6 +301,7 @@ def run_one(name: str, seed: int, out: Path, man: dict, minutes: float, extra: d
         "date": _now(),
         "adopted": False,
         "forced_busy": busy,
+        **retrains,
         **load.summary(),
         **run_facts(run_dir),
         **score_val(run_dir, man["store"]),
@@ -397,6 +436,13 @@ def summary(out: Path, json_out: Path | None) -> None:
               f"{f'[{boot[0]:+.4f}, {boot[1]:+.4f}]' if boot else '-':>20s} "
               f"{f'[{t[0]:+.4f}, {t[1]:+.4f}]' if t else '-':>20s} {speed:6.0f}  {'yes' if busy else 'no ':3s}   {decision}")  # fmt: skip
     rec.tables["candidates"] = rows
+    retrained = [json.loads(q.read_text()) for q in sorted((out / "candidates" / "retrained").glob("*.json"))]
+    if retrained:  # weights for --final only; listed so both validation figures are seen
+        rec.tables["retrained for --final (not compared)"] = [
+            {"candidate": r["candidate"], "seed": r["seed"], "val_auroc_tta8 recorded": r["retrains"]["val_auroc_tta8"],
+             "val_auroc_tta8 retrained": r["val_auroc_tta8"], "images_per_s": r["images_per_s_median"],
+             "busy": r["busy"]} for r in retrained
+        ]  # fmt: skip
     rec.figures["final"] = json.loads((out / "final.json").read_text()) if (out / "final.json").is_file() else None
     rec.notes.append("validation rows only; the test split is scored once, by --final (figures.final)")
 
@@ -429,16 +475,23 @@ def final(out: Path, name: str, man: dict, n_boot: int = 1000) -> None:
     seeds = records(out).get(name, {})
     if len(seeds) < 3:
         sys.exit(f"{name}: {len(seeds)} seed(s) recorded; the test split is scored for a candidate with 3 seeds")
+    weights = {s: weights_of(out, name, s, seeds[s]) for s in sorted(seeds)}
+    lost = [s for s, w in weights.items() if w is None]
+    if lost:  # checked before the test split counts as seen
+        sys.exit(f"{name}: the weights of seed(s) {lost} are gone ({[seeds[s]['run_dir'] for s in lost]}); "
+                 f"retrain them first: --retrain {name} --seeds {' '.join(map(str, lost))}")  # fmt: skip
     started.write_text(f"{name} {_now()} {_git_commit()}\n")  # from here on the test split counts as seen
     rec = Recorder("recipe_hcd_final", f"Recipe round 3: the test split, once ({name})", out / "final-envelope.json")
     rec.tee()
-    result: dict[str, Any] = {"candidate": name, "seeds": sorted(seeds), "date": _now(), "commit": _git_commit()}
+    result: dict[str, Any] = {"candidate": name, "seeds": sorted(seeds), "date": _now(), "commit": _git_commit(),
+                              "run_dirs": {s: str(w) for s, w in weights.items()}}  # fmt: skip
     probs: dict[str, list[np.ndarray]] = {"tta8": [], "no_tta": []}
     shifted: dict[str, list[np.ndarray]] = {}
     suite = shift_suite([shared_or_exit("idc"), shared_or_exit("lc25000-lung")])
     labels = np.empty(0)
     for s in sorted(seeds):
-        run_dir = Path(seeds[s]["run_dir"])
+        run_dir = weights[s]
+        assert run_dir is not None
         test, _ = RunFolder(run_dir).select_patches(man["store"], "test")
         labels = test.labels
         predictor = Predictor(run_dir, backend="torch", precision="fp32")
@@ -531,6 +584,10 @@ def main() -> None:
     ap.add_argument("--define", default=None, metavar="NAME", help="fix a new candidate: --define NAME --set k=v ...")
     ap.add_argument("--summary", action="store_true")
     ap.add_argument("--final", default=None, metavar="CANDIDATE")
+    ap.add_argument(
+        "--retrain", default=None, metavar="CANDIDATE",
+        help="train the --seeds of a recorded candidate whose weights are gone again, for --final only",
+    )  # fmt: skip
     add_json_option(ap)
     args = ap.parse_args()
     out: Path = args.out
@@ -547,6 +604,10 @@ def main() -> None:
         return
     if args.adopt:
         adopt(args.adopt, args.candidate, args.seed, out, man, args.minutes, args.busy)
+        return
+    if args.retrain:
+        for seed in args.seeds:
+            run_one(args.retrain, seed, out, man, args.minutes, extra, args.busy, retrain=True)
         return
     todo = queue(args, out)
     if not todo:

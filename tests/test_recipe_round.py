@@ -104,3 +104,51 @@ def test_the_vectorised_bootstrap_auroc_is_sklearns_on_each_resample(recipe: Any
     for row, value in zip(counts, fast):
         idx = np.repeat(np.arange(200), row)
         assert value == pytest.approx(roc_auc_score(labels[idx], scores[idx]), abs=1e-12)
+
+
+def _finished_run(run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True)
+    (run_dir / "model.json").write_text(json.dumps({"training": {"epochs": 3}}))
+    return run_dir
+
+
+def test_final_refuses_lost_weights_before_reading_the_test_split(recipe: Any, tmp_path: Path) -> None:
+    """A new machine keeps the records, not the run folders: --final names the seeds to retrain and reads nothing."""
+    (tmp_path / "candidates").mkdir()
+    for s in (0, 1, 2):
+        rec = {"candidate": "wd", "seed": s, "run_dir": str(tmp_path / "runs" / f"wd-s{s}")}
+        (tmp_path / "candidates" / f"wd-s{s}.json").write_text(json.dumps(rec))
+    _finished_run(tmp_path / "runs" / "wd-s0")
+    _finished_run(tmp_path / "runs" / "wd-s2-retrained")
+    with pytest.raises(SystemExit, match=r"seed\(s\) \[1\] are gone.*--retrain wd --seeds 1"):
+        recipe.final(tmp_path, "wd", {"store": "S"})
+    assert not (tmp_path / "final.started").exists()
+
+
+def test_weights_of_prefers_the_recorded_run_then_its_retraining(recipe: Any, tmp_path: Path) -> None:
+    rec = {"run_dir": str(tmp_path / "runs" / "long-s1")}
+    assert recipe.weights_of(tmp_path, "long", 1, rec) is None
+    retrained = _finished_run(tmp_path / "runs" / "long-s1-retrained")
+    assert recipe.weights_of(tmp_path, "long", 1, rec) == retrained
+    recorded = _finished_run(tmp_path / "runs" / "long-s1")
+    assert recipe.weights_of(tmp_path, "long", 1, rec) == recorded
+
+
+def test_a_retraining_is_never_compared(recipe: Any, tmp_path: Path) -> None:
+    """Records under candidates/retrained/ stand in for lost weights at --final; the decision reads only the originals."""
+    (tmp_path / "candidates" / "retrained").mkdir(parents=True)
+    (tmp_path / "candidates" / "wd-s0.json").write_text(json.dumps({"candidate": "wd", "seed": 0, "v": "original"}))
+    retrained = {"candidate": "wd", "seed": 0, "v": "retrained"}
+    (tmp_path / "candidates" / "retrained" / "wd-s0.json").write_text(json.dumps(retrained))
+    assert recipe.records(tmp_path) == {"wd": {0: {"candidate": "wd", "seed": 0, "v": "original"}}}
+
+
+def test_retrain_refuses_what_was_never_recorded_or_was_busy(recipe: Any, tmp_path: Path) -> None:
+    (tmp_path / "candidates").mkdir()
+    with pytest.raises(SystemExit, match="never recorded"):
+        recipe.run_one("wd", 1, tmp_path, {}, 20.0, {}, False, retrain=True)
+    busy = {"candidate": "wd", "seed": 1, "run_dir": str(tmp_path / "runs" / "wd-s1"), "busy": True}
+    (tmp_path / "candidates" / "wd-s1.json").write_text(json.dumps(busy))
+    with pytest.raises(SystemExit, match="not retrained"):
+        recipe.run_one("wd", 1, tmp_path, {}, 20.0, {}, False, retrain=True)
+    assert not (tmp_path / "runs").exists()  # nothing trained

@@ -416,6 +416,7 @@ def summary(out: Path, json_out: Path | None) -> None:
     if BASELINE not in by:
         sys.exit(f"{out}: no baseline recorded yet (the queue trains it first: --queue screen)")
     rows = []
+    best = screen_best(by)
     print(f"{'candidate':14s} {'seeds':7s} {'val AUROC (TTA x8)':>18s} {'delta':>8s} {'bootstrap 95%':>20s} "
           f"{'t 95% (seeds)':>20s} {'img/s':>6s}  busy  decision")  # fmt: skip
     for name, seeds in sorted(by.items(), key=lambda kv: kv[0] != BASELINE):
@@ -424,7 +425,7 @@ def summary(out: Path, json_out: Path | None) -> None:
         speed = np.median([seeds[s]["images_per_s_median"] or np.nan for s in seeds])
         busy = any(seeds[s].get("busy") for s in seeds)
         extras = {json.dumps(seeds[s]["extra_overrides"], sort_keys=True) for s in seeds}
-        decision = decide(name, cmp_, busy, len(extras) > 1)
+        decision = decide(name, cmp_, busy, len(extras) > 1, best)
         rows.append({"candidate": name, "seeds": sorted(seeds), "val_auroc_tta8": values,
                      "val_auroc_mean": float(np.mean(values)), "comparison": cmp_, "images_per_s": float(speed),
                      "busy": busy, "decision": decision,
@@ -447,8 +448,20 @@ def summary(out: Path, json_out: Path | None) -> None:
     rec.notes.append("validation rows only; the test split is scored once, by --final (figures.final)")
 
 
-def decide(name: str, cmp_: dict | None, busy: bool, mixed: bool) -> str:
-    """PROTOCOL section 4, as a word: what the rule says of this candidate now."""
+def screen_best(by: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """PROTOCOL section 4's screen: the three best candidates by d_0 with d_0 > 0 (stain-consist is not ranked)."""
+    screened = []
+    for name in CANDIDATES:
+        if name in (BASELINE, "stain-consist") or 0 not in by.get(name, {}) or 0 not in by.get(BASELINE, {}):
+            continue
+        cmp_ = compare({0: by[name][0]}, by[BASELINE])
+        if cmp_ and cmp_["mean_delta"] > 0:
+            screened.append((cmp_["mean_delta"], name))
+    return [n for _, n in sorted(screened, reverse=True)[:3]]
+
+
+def decide(name: str, cmp_: dict | None, busy: bool, mixed: bool, best: list[str] | None = None) -> str:
+    """PROTOCOL section 4, as a word: what the rule says of this candidate now (``best``: the screen's three)."""
     if name == BASELINE:
         return "control"
     if name == "baseline-ctl":
@@ -460,8 +473,19 @@ def decide(name: str, cmp_: dict | None, busy: bool, mixed: bool) -> str:
     if mixed:
         return "seeds ran with different --set overrides: not compared"
     lo = cmp_["bootstrap_interval"][0]
-    if len(cmp_["seeds"]) < 3:
-        return "screen: advances (delta > 0)" if cmp_["mean_delta"] > 0 else "screen: stops (delta <= 0)"
+    n = len(cmp_["seeds"])
+    if n == 1 and name not in CANDIDATES:  # combo, fp32: finals-only candidates
+        return "finals: 1 of 3 seeds"
+    if n == 1:
+        if name == "stain-consist":
+            return "not ranked: to the finals for the stain aim"
+        if cmp_["mean_delta"] <= 0:
+            return "screen: stops (delta <= 0)"
+        if best is not None and name not in best:
+            return "screen: stops (delta > 0, not in the best three)"
+        return "screen: advances (delta > 0)"
+    if n < 3:
+        return f"finals: {n} of 3 seeds"
     return "gain shown" if lo > 0 else "stopped: interval overlaps zero"
 
 
@@ -547,15 +571,7 @@ def queue(args: argparse.Namespace, out: Path) -> list[tuple[str, int]]:
     if args.queue == "screen":
         return [(c, 0) for c in SCREEN]
     if args.queue == "finals":
-        by = records(out)
-        screened = []
-        for name in CANDIDATES:
-            if name in (BASELINE,) or name not in by or 0 not in by[name] or BASELINE not in by:
-                continue
-            cmp_ = compare({0: by[name][0]}, by[BASELINE])
-            if cmp_ and cmp_["mean_delta"] > 0 and name != "stain-consist":
-                screened.append((cmp_["mean_delta"], name))
-        best = [n for _, n in sorted(screened, reverse=True)[:3]]
+        best = screen_best(records(out))
         print(f"finals: the screen's best with delta > 0: {best or 'none'}; combo and stain-consist at seeds 1, 2")
         if not (out / "defined" / "combo.json").is_file():
             print("note: combo is not defined yet (--define combo --set ...): left out of this queue")

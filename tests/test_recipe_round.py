@@ -53,7 +53,12 @@ def test_a_clearly_better_candidate_shows_a_gain_and_a_copy_does_not(recipe: Any
     assert recipe.decide("copy", same, busy=False, mixed=False) == "stopped: interval overlaps zero"
     one = recipe.compare({0: better[0]}, base, n_boot=100)  # the screen: one seed
     assert one["seeds"] == [0] and "t_interval" not in one
-    assert recipe.decide("better", one, busy=False, mixed=False) == "screen: advances (delta > 0)"
+    assert recipe.decide("wd", one, busy=False, mixed=False) == "screen: advances (delta > 0)"
+    assert recipe.decide("wd", one, False, False, best=["long", "wd"]) == "screen: advances (delta > 0)"
+    assert recipe.decide("wd", one, False, False, best=["long"]) == "screen: stops (delta > 0, not in the best three)"
+    assert recipe.decide("combo", one, busy=False, mixed=False) == "finals: 1 of 3 seeds"
+    two = recipe.compare({s: better[s] for s in (0, 1)}, base, n_boot=100)
+    assert recipe.decide("wd", two, busy=False, mixed=False) == "finals: 2 of 3 seeds"
     assert recipe.decide("better", gain, busy=True, mixed=False).startswith("busy")
     base[0] = {**base[0], "val_ids_sha256": "other"}
     with pytest.raises(SystemExit, match="validation rows differ"):
@@ -152,3 +157,17 @@ def test_retrain_refuses_what_was_never_recorded_or_was_busy(recipe: Any, tmp_pa
     with pytest.raises(SystemExit, match="not retrained"):
         recipe.run_one("wd", 1, tmp_path, {}, 20.0, {}, False, retrain=True)
     assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_the_screen_advances_its_three_best_with_a_gain(recipe: Any) -> None:
+    """PROTOCOL section 4: rank by d_0; at most three with d_0 > 0 go on; stain-consist is not ranked."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 300)
+    noise = rng.normal(0, 1, 300)
+    by = {"baseline": {0: _record(labels, labels + 1.0 * noise)}}
+    scales = {"long": 0.5, "deeper": 0.6, "crop96": 0.7, "wd": 0.8, "stain-consist": 0.1, "mixup": 2.0}
+    for name, scale in scales.items():
+        by[name] = {0: _record(labels, labels + scale * noise)}
+    assert recipe.screen_best(by) == ["long", "deeper", "crop96"]
+    del by["long"], by["deeper"], by["crop96"], by["wd"]
+    assert recipe.screen_best(by) == []  # mixup is worse, stain-consist is not ranked

@@ -23,6 +23,10 @@ A new machine keeps the committed records, not the run folders: ``--final`` need
 ``runs/<name>-s<seed>-retrained``, its record in ``candidates/retrained/`` (which no comparison reads: the
 decision stays on the original records; both validation figures are reported).
 
+The compute match holds within one CPU model: every record names its ``cpu``, and a candidate's seed is compared
+with the ``baseline`` of the same seed on the same CPU (``baseline-ctl`` is a seed-0 baseline); on a machine
+with no such baseline the queue trains it first (``candidates/controls/`` when the seed has one elsewhere).
+
 ``--set`` adds overrides to every run of this call (e.g. a smoke: ``--minutes 0.5 --set limit_train_batches=3``);
 they are recorded, and the summary names any candidate whose seeds ran with different ones.
 """
@@ -34,6 +38,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -45,7 +50,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Recorder, _git_commit, add_json_option, finish, load_average, shared_or_exit
+from _common import Recorder, _cpu_model, _git_commit, add_json_option, finish, load_average, shared_or_exit
 from histoscan.inference.predictor import Predictor
 from histoscan.metrics import auroc, bootstrap_interval
 from histoscan.runfolder import RunFolder
@@ -248,15 +253,46 @@ def run_facts(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def cpu_slug(cpu: str) -> str:
+    """A CPU model as a file-name part: ``Intel(R) Xeon(R) Processor`` -> ``intel-r-xeon-r-processor``."""
+    return re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")[:48] or "cpu"
+
+
+def ensure_control(seed: int, out: Path, man: dict, minutes: float, busy: bool) -> None:
+    """Train ``baseline`` at ``seed`` on this machine first when no baseline of that seed ran on this CPU model
+    (PROTOCOL, 2026-12-07 23:53); its record goes to ``candidates/controls/``."""
+    if busy or (seed, _cpu_model()) in controls(out):
+        return
+    print(f"[baseline-s{seed}] no baseline of seed {seed} on this CPU ({_cpu_model()}): training it first")
+    if not record_path(out, BASELINE, seed).is_file():  # the seed's first baseline: the usual place
+        run_one(BASELINE, seed, out, man, minutes, {}, False)
+        return
+    slug = cpu_slug(_cpu_model())
+    path = out / "candidates" / "controls" / f"{BASELINE}-s{seed}-{slug}.json"
+    run_one(BASELINE, seed, out, man, minutes, {}, False, path=path, run_name=f"{BASELINE}-s{seed}-{slug}")
+
+
 def run_one(
-    name: str, seed: int, out: Path, man: dict, minutes: float, extra: dict, busy: bool, retrain: bool = False
+    name: str,
+    seed: int,
+    out: Path,
+    man: dict,
+    minutes: float,
+    extra: dict,
+    busy: bool,
+    retrain: bool = False,
+    path: Path | None = None,
+    run_name: str | None = None,
 ) -> None:
     """Train ``name`` at ``seed`` and record it; ``retrain``: train a recorded candidate x seed whose weights are
-    gone again, for ``--final`` only (its record goes to ``candidates/retrained/``, which no comparison reads)."""
-    path = record_path(out, name, seed, retrained=retrain)
+    gone again, for ``--final`` only (its record goes to ``candidates/retrained/``, which no comparison reads).
+    ``path`` and ``run_name``: where a control trained on another machine goes (``ensure_control``)."""
+    path = path or record_path(out, name, seed, retrained=retrain)
     if path.is_file():
         print(f"[{name}-s{seed}] done already: {path}")
         return
+    if not retrain and path == record_path(out, name, seed) and name not in (BASELINE, "baseline-ctl"):
+        ensure_control(seed, out, man, minutes, busy)
     original: dict[str, Any] | None = None
     if retrain:
         recorded = record_path(out, name, seed)
@@ -269,7 +305,9 @@ def run_one(
             print(f"[{name}-s{seed}] its weights are here ({weights_of(out, name, seed, original)}): no retraining")
             return
         extra = dict(original["extra_overrides"])  # the recorded recipe exactly, whatever this call's --set
-    cfg = config_for(name, seed, out, man, minutes, extra, run_name=f"{name}-s{seed}-retrained" if retrain else None)
+    if retrain:
+        run_name = f"{name}-s{seed}-retrained"
+    cfg = config_for(name, seed, out, man, minutes, extra, run_name=run_name)
     run_dir = Path(cfg.out) / str(cfg.name)
     if run_dir.exists() and not _finished(run_dir):  # an interrupted training: a partial budget is not comparable
         aside = run_dir.with_name(f"{run_dir.name}.interrupted-{int(time.time())}")
@@ -301,6 +339,7 @@ def run_one(
         "date": _now(),
         "adopted": False,
         "forced_busy": busy,
+        "cpu": _cpu_model(),
         **retrains,
         **load.summary(),
         **run_facts(run_dir),
@@ -360,11 +399,39 @@ def adopt(run: Path, name: str, seed: int, out: Path, man: dict, minutes: float,
 
 # ---- the comparison (validation rows only) ------------------------------------------------------------------
 def records(out: Path) -> dict[str, dict[int, dict[str, Any]]]:
+    """Every candidate's records by seed (``candidates/*.json``; not the adopted, retrained or extra controls)."""
     by: dict[str, dict[int, dict[str, Any]]] = {}
     for path in sorted((out / "candidates").glob("*.json")):
         r = json.loads(path.read_text())
         by.setdefault(r["candidate"], {})[r["seed"]] = r
     return by
+
+
+def controls(out: Path) -> dict[tuple[int, str], dict[str, Any]]:
+    """The plain runs by (seed, CPU model): ``baseline``, ``baseline-ctl`` (a seed-0 baseline) and the baselines
+    trained on another machine (``candidates/controls/``). PROTOCOL, 2026-12-07 23:53: a candidate's seed is
+    compared with the baseline of the same seed on the same CPU model (the first such record when several)."""
+    found: dict[tuple[int, str], dict[str, Any]] = {}
+    for path in sorted((out / "candidates").glob("baseline-s*.json")) + sorted(
+        (out / "candidates").glob("baseline-ctl-s*.json")
+    ) + sorted((out / "candidates" / "controls").glob("*.json")):  # fmt: skip
+        r = json.loads(path.read_text())
+        if r["candidate"] in (BASELINE, "baseline-ctl") and not r.get("busy"):
+            found.setdefault((r["seed"], cpu_of(r)), r)
+    return found
+
+
+def cpu_of(record: dict[str, Any]) -> str:
+    """The CPU model a record trained on (PROTOCOL, 2026-12-07 23:53: every compared record names it)."""
+    if not record.get("cpu"):
+        raise SystemExit(f"{record['candidate']} seed {record['seed']}: the record names no CPU model ('cpu')")
+    return str(record["cpu"])
+
+
+def paired(cand: dict[int, dict], ctl: dict[tuple[int, str], dict]) -> tuple[dict[int, dict], dict[int, dict]]:
+    """The candidate's seeds that have a same-machine baseline, and those baselines (by seed)."""
+    keep = {s: r for s, r in cand.items() if (s, cpu_of(r)) in ctl}
+    return keep, {s: ctl[(s, cpu_of(r))] for s, r in keep.items()}
 
 
 def weighted_auroc(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -417,25 +484,35 @@ def summary(out: Path, json_out: Path | None) -> None:
         sys.exit(f"{out}: no baseline recorded yet (the queue trains it first: --queue screen)")
     rows = []
     best = screen_best(by)
+    ctl = controls(out)
     print(f"{'candidate':14s} {'seeds':7s} {'val AUROC (TTA x8)':>18s} {'delta':>8s} {'bootstrap 95%':>20s} "
-          f"{'t 95% (seeds)':>20s} {'img/s':>6s}  busy  decision")  # fmt: skip
+          f"{'t 95% (seeds)':>20s} {'img/s':>6s}  busy  {'same-CPU d0':>11s}  decision")  # fmt: skip
     for name, seeds in sorted(by.items(), key=lambda kv: kv[0] != BASELINE):
         values = [seeds[s]["val_auroc_tta8"] for s in sorted(seeds)]
-        cmp_ = compare(seeds, by[BASELINE]) if name != BASELINE else None
+        same_cpu = compare(*paired(seeds, ctl)) if name not in (BASELINE, "baseline-ctl") else None
+        screened = sorted(seeds) == [0] and name in CANDIDATES and name not in (BASELINE, "baseline-ctl")
+        # the screen was ranked against baseline seed 0 as written (PROTOCOL, 23:20 and 23:53); the finals pair
+        # every seed with the baseline of the same seed on the same CPU model
+        cmp_ = compare(seeds, {0: by[BASELINE][0]}) if screened else same_cpu
+        unpaired = sorted(set(seeds) - set(same_cpu["seeds"] if same_cpu else []))
         speed = np.median([seeds[s]["images_per_s_median"] or np.nan for s in seeds])
         busy = any(seeds[s].get("busy") for s in seeds)
         extras = {json.dumps(seeds[s]["extra_overrides"], sort_keys=True) for s in seeds}
         decision = decide(name, cmp_, busy, len(extras) > 1, best)
-        rows.append({"candidate": name, "seeds": sorted(seeds), "val_auroc_tta8": values,
-                     "val_auroc_mean": float(np.mean(values)), "comparison": cmp_, "images_per_s": float(speed),
-                     "busy": busy, "decision": decision,
+        if unpaired and not screened and name not in (BASELINE, "baseline-ctl"):
+            decision += f" (seed(s) {unpaired}: no baseline of that seed on their CPU yet)"
+        d0 = same_cpu["per_seed_delta"][same_cpu["seeds"].index(0)] if same_cpu and 0 in same_cpu["seeds"] else None
+        rows.append({"candidate": name, "seeds": sorted(seeds), "cpu": sorted({seeds[s].get("cpu") or "?" for s in seeds}),
+                     "val_auroc_tta8": values, "val_auroc_mean": float(np.mean(values)), "comparison": cmp_,
+                     "same_cpu_d0": d0, "images_per_s": float(speed), "busy": busy, "decision": decision,
                      "val_auroc_no_tta_mean": float(np.mean([seeds[s]["val_auroc_no_tta"] for s in seeds]))})  # fmt: skip
         boot = cmp_["bootstrap_interval"] if cmp_ else None
         t = cmp_.get("t_interval") if cmp_ else None
         print(f"{name:14s} {','.join(map(str, sorted(seeds))):7s} {np.mean(values):18.4f} "
               f"{(cmp_['mean_delta'] if cmp_ else 0):+8.4f} "
               f"{f'[{boot[0]:+.4f}, {boot[1]:+.4f}]' if boot else '-':>20s} "
-              f"{f'[{t[0]:+.4f}, {t[1]:+.4f}]' if t else '-':>20s} {speed:6.0f}  {'yes' if busy else 'no ':3s}   {decision}")  # fmt: skip
+              f"{f'[{t[0]:+.4f}, {t[1]:+.4f}]' if t else '-':>20s} {speed:6.0f}  {'yes' if busy else 'no ':3s}   "
+              f"{f'{d0:+.4f}' if d0 is not None else '-':>11s}  {decision}")  # fmt: skip
     rec.tables["candidates"] = rows
     retrained = [json.loads(q.read_text()) for q in sorted((out / "candidates" / "retrained").glob("*.json"))]
     if retrained:  # weights for --final only; listed so both validation figures are seen
@@ -454,7 +531,7 @@ def screen_best(by: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     for name in CANDIDATES:
         if name in (BASELINE, "stain-consist") or 0 not in by.get(name, {}) or 0 not in by.get(BASELINE, {}):
             continue
-        cmp_ = compare({0: by[name][0]}, by[BASELINE])
+        cmp_ = compare({0: by[name][0]}, {0: by[BASELINE][0]})  # as decided at 23:20 (PROTOCOL, 23:53)
         if cmp_ and cmp_["mean_delta"] > 0:
             screened.append((cmp_["mean_delta"], name))
     return [n for _, n in sorted(screened, reverse=True)[:3]]

@@ -171,3 +171,47 @@ def test_the_screen_advances_its_three_best_with_a_gain(recipe: Any) -> None:
     assert recipe.screen_best(by) == ["long", "deeper", "crop96"]
     del by["long"], by["deeper"], by["crop96"], by["wd"]
     assert recipe.screen_best(by) == []  # mixup is worse, stain-consist is not ranked
+
+
+def _write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def test_a_seed_is_compared_with_the_baseline_of_its_own_cpu(recipe: Any, tmp_path: Path) -> None:
+    """PROTOCOL 2026-12-07 23:53: the compute match holds within one CPU model; baseline-ctl is a seed-0 baseline."""
+    c = tmp_path / "candidates"
+    _write(c / "baseline-s0.json", {"candidate": "baseline", "seed": 0, "cpu": "AMD", "v": "b0-amd"})
+    _write(c / "baseline-s1.json", {"candidate": "baseline", "seed": 1, "cpu": "Intel", "v": "b1-intel"})
+    _write(c / "baseline-ctl-s0.json", {"candidate": "baseline-ctl", "seed": 0, "cpu": "Intel", "v": "ctl"})
+    _write(c / "controls" / "baseline-s1-amd.json", {"candidate": "baseline", "seed": 1, "cpu": "AMD", "v": "b1-amd"})
+    _write(c / "controls" / "baseline-s2-amd.json", {"candidate": "baseline", "seed": 2, "cpu": "AMD", "busy": True})
+    ctl = recipe.controls(tmp_path)
+    assert {k: v["v"] for k, v in ctl.items()} == {
+        (0, "AMD"): "b0-amd",
+        (1, "Intel"): "b1-intel",
+        (0, "Intel"): "ctl",
+        (1, "AMD"): "b1-amd",
+    }  # a busy control is no control
+    cand = {0: {"seed": 0, "cpu": "Intel"}, 1: {"seed": 1, "cpu": "AMD"}, 2: {"seed": 2, "cpu": "AMD"}}
+    kept, base = recipe.paired(cand, ctl)
+    assert sorted(kept) == [0, 1] and base[0]["v"] == "ctl" and base[1]["v"] == "b1-amd"
+    with pytest.raises(SystemExit, match="names no CPU model"):
+        recipe.paired({0: {"candidate": "wd", "seed": 0}}, ctl)
+
+
+def test_a_missing_same_cpu_baseline_is_trained_first(recipe: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    calls: list[tuple] = []
+    monkeypatch.setattr(recipe, "run_one", lambda *a, **k: calls.append((a[:2], k.get("path"), k.get("run_name"))))
+    monkeypatch.setattr(recipe, "_cpu_model", lambda: "Intel(R) Xeon(R) Processor")
+    recipe.ensure_control(1, tmp_path, {}, 20.0, False)  # no baseline seed 1 at all: the usual place
+    assert calls == [(("baseline", 1), None, None)]
+    _write(tmp_path / "candidates" / "baseline-s1.json", {"candidate": "baseline", "seed": 1, "cpu": "AMD EPYC"})
+    calls.clear()
+    recipe.ensure_control(1, tmp_path, {}, 20.0, False)  # one on another CPU: a control of this one beside it
+    path = tmp_path / "candidates" / "controls" / "baseline-s1-intel-r-xeon-r-processor.json"
+    assert calls == [(("baseline", 1), path, "baseline-s1-intel-r-xeon-r-processor")]
+    _write(path, {"candidate": "baseline", "seed": 1, "cpu": "Intel(R) Xeon(R) Processor"})
+    calls.clear()
+    recipe.ensure_control(1, tmp_path, {}, 20.0, False)  # there now: nothing to train
+    assert calls == []

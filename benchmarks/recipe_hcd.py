@@ -301,11 +301,11 @@ def run_one(
         original = json.loads(recorded.read_text())
         if original.get("adopted") or original.get("busy"):
             sys.exit(f"{recorded}: an adopted or busy record is not compared, so it is not retrained for --final")
-        if weights_of(out, name, seed, original) is not None:
-            print(f"[{name}-s{seed}] its weights are here ({weights_of(out, name, seed, original)}): no retraining")
+        here = weights_of(out, name, seed, original)
+        if here is not None:
+            print(f"[{name}-s{seed}] its weights are here ({here}): no retraining")
             return
         extra = dict(original["extra_overrides"])  # the recorded recipe exactly, whatever this call's --set
-    if retrain:
         run_name = f"{name}-s{seed}-retrained"
     cfg = config_for(name, seed, out, man, minutes, extra, run_name=run_name)
     run_dir = Path(cfg.out) / str(cfg.name)

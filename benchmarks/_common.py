@@ -63,14 +63,27 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name, with `` +AMX`` where its flags list ``amx_bf16``.
+
+    Virtual machines often report one generic model name (``Intel(R) Xeon(R) Processor``) for CPUs with and
+    without AMX, which nearly doubles bf16 training speed: the flag tells those machines apart
+    (benchmarks/PROTOCOL.md, 2026-12-08 01:55).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    name = flags = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not name:
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = value
+    name = name or platform.processor() or platform.machine()
+    return f"{name} +AMX" if "amx_bf16" in flags.split() else name
 
 
 def machine() -> dict[str, Any]:

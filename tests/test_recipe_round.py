@@ -215,3 +215,12 @@ def test_a_missing_same_cpu_baseline_is_trained_first(recipe: Any, tmp_path: Pat
     calls.clear()
     recipe.ensure_control(1, tmp_path, {}, 20.0, False)  # there now: nothing to train
     assert calls == []
+
+
+def test_the_cpu_label_tells_amx_machines_from_others_with_the_same_model_name(recipe: Any) -> None:
+    amx = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n"
+    plain = amx.replace(" amx_bf16 amx_tile", "")
+    assert recipe._cpu_model(amx) == "Intel(R) Xeon(R) Processor +AMX"
+    assert recipe._cpu_model(plain) == "Intel(R) Xeon(R) Processor"
+    assert recipe._cpu_model(plain + "processor\t: 1\n" + amx) == "Intel(R) Xeon(R) Processor"  # the first CPU's
+    assert recipe.cpu_slug(recipe._cpu_model(amx)) == "intel-r-xeon-r-processor-amx"

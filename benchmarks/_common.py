@@ -68,7 +68,7 @@ def _cpu_model(cpuinfo: str | None = None) -> str:
 
     Virtual machines often report one generic model name (``Intel(R) Xeon(R) Processor``) for CPUs with and
     without AMX, which nearly doubles bf16 training speed: the flag tells those machines apart
-    (benchmarks/PROTOCOL.md, 2026-12-08 01:55).
+    (benchmarks/PROTOCOL.md, 2026-12-08 01:50).
     """
     if cpuinfo is None:
         try:

@@ -259,15 +259,16 @@ def cpu_slug(cpu: str) -> str:
 
 
 def ensure_control(seed: int, out: Path, man: dict, minutes: float, busy: bool) -> None:
-    """Train ``baseline`` at ``seed`` on this machine first when no baseline of that seed ran on this CPU model
-    (PROTOCOL, 2026-12-07 23:53); its record goes to ``candidates/controls/``."""
-    if busy or (seed, _cpu_model()) in controls(out):
+    """Train ``baseline`` at ``seed`` on this machine first when no baseline of that seed ran on this CPU label
+    (PROTOCOL, 2026-12-07 23:53 and 2026-12-08 01:50); its record goes to ``candidates/controls/``."""
+    cpu = _cpu_model()
+    if busy or (seed, cpu) in controls(out):
         return
-    print(f"[baseline-s{seed}] no baseline of seed {seed} on this CPU ({_cpu_model()}): training it first")
+    print(f"[baseline-s{seed}] no baseline of seed {seed} on this CPU ({cpu}): training it first")
     if not record_path(out, BASELINE, seed).is_file():  # the seed's first baseline: the usual place
         run_one(BASELINE, seed, out, man, minutes, {}, False)
         return
-    slug = cpu_slug(_cpu_model())
+    slug = cpu_slug(cpu)
     path = out / "candidates" / "controls" / f"{BASELINE}-s{seed}-{slug}.json"
     run_one(BASELINE, seed, out, man, minutes, {}, False, path=path, run_name=f"{BASELINE}-s{seed}-{slug}")
 
